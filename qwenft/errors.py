@@ -1,0 +1,27 @@
+"""Domain errors. The CLI turns them into a one-line message, a hint and an exit code."""
+
+from __future__ import annotations
+
+
+class QwenftError(Exception):
+    """Bad usage or bad input: nothing was started or written. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class JobFailed(QwenftError):
+    """A launched job (training, export, ...) failed. Exit code 1; names the log to read."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None, returncode: int = 1) -> None:
+        super().__init__(message, hint)
+        self.returncode = returncode

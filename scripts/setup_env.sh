@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create .venv and install qwenft with its training stack.
+#
+#   scripts/setup_env.sh            # auto: CUDA path if an NVIDIA GPU answers, else the CPU lock
+#   QWENFT_INSTALL=cpu  scripts/setup_env.sh
+#   QWENFT_INSTALL=cuda scripts/setup_env.sh
+#
+# CPU path: exact versions from requirements/cpu.lock, installed with --no-deps so every machine
+# gets the same set (torch 2.13.0 CPU build, llamafactory 0.9.5, no torchvision, torchaudio
+# without its CUDA-linked libraries; see docs/install.md for why).
+# CUDA path: the ordinary resolver install of the package extras.
+# A stamp in the venv skips the work when the lock and pyproject.toml have not changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+MODE=${QWENFT_INSTALL:-auto}
+if [ "$MODE" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then MODE=cuda; else MODE=cpu; fi
+fi
+case "$MODE" in cpu|cuda) ;; *) echo "QWENFT_INSTALL must be auto, cpu or cuda (got '$MODE')" >&2; exit 2;; esac
+
+stamp_want="$MODE $(cat requirements/cpu.lock pyproject.toml | sha256sum | cut -c1-16)"
+stamp_file="$VENV/.qwenft-install"
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_want" ]; then
+  echo "setup: $VENV is up to date ($MODE install)"
+  exit 0
+fi
+
+echo "setup: creating $VENV ($MODE install) with $PYTHON"
+"$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+rm -f "$stamp_file"
+
+if [ "$MODE" = cpu ]; then
+  # torch first: its CPU wheel must be the one every other package sees; setuptools and wheel
+  # build the few source packages (deepspeed) in this venv rather than an isolated one.
+  "${PIP[@]}" install -q --no-deps "$(grep -E '^torch==' requirements/cpu.lock)" setuptools==84.2.1 wheel==0.48.0
+  # deepspeed is a source package whose setup.py imports torch: build it against the torch above.
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -r requirements/cpu.lock
+  # torchaudio's wheel ships CUDA-linked native libraries that cannot load beside CPU torch;
+  # without them torchaudio runs in its "no native library" mode, which text SFT needs (import only).
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  rm -f "$site"/torchaudio/lib/*.so
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+else
+  "${PIP[@]}" install -q -e ".[train,deepspeed,bitsandbytes,serve,dev]"
+fi
+
+"$VENV/bin/python" -c 'import torch, transformers, llamafactory; print("setup: torch", torch.__version__, "| transformers", transformers.__version__, "| llamafactory", llamafactory.__version__)'
+echo "$stamp_want" > "$stamp_file"
