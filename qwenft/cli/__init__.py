@@ -1,0 +1,256 @@
+"""The qwenft command line: parse, call one function of the core, print.
+
+The only place that chooses exit codes and writes to stderr. Nothing heavy (torch, transformers,
+llamafactory) is imported at module level, so `qwenft --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from qwenft import __version__
+from qwenft.errors import QwenftError
+
+app = typer.Typer(
+    name="qwenft",
+    help="Fine-tune Qwen models with LLaMA-Factory: checked data, complete configs, runs you can repeat.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Shared options, declared once.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Preset (tiny-qwen2, tiny-qwen3, ...), hub id or local folder.")
+]
+
+
+def err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn QwenftError into `error: ...` / `hint: ...` on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except QwenftError as exc:
+            if os.environ.get("QWENFT_DEBUG") == "1":
+                raise
+            err(f"error: {exc.message}")
+            if exc.hint:
+                err(f"hint: {exc.hint}")
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qwenft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Fine-tune Qwen models with LLaMA-Factory."""
+
+
+@app.command()
+@handle_errors
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Chat data: jsonl of {\"messages\": [...]}.")],
+    method: Annotated[str, typer.Option("--method", help="lora, qlora or full.")] = "lora",
+    model: ModelOpt = "tiny-qwen2",
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Run folder (default runs/<model>-<method>-<time>).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print YAML, env and command; write nothing.")] = False,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="Processes (GPUs) per node; default: all visible, else 1.")] = None,
+    deepspeed: Annotated[
+        str, typer.Option("--deepspeed", help="auto (z3 for full, none otherwise), none, z0, z2, z3, z2-offload, z3-offload.")
+    ] = "auto",
+    template: Annotated[str | None, typer.Option("--template", help="Override the template: qwen, qwen3, qwen3_nothink.")] = None,
+    thinking: Annotated[str, typer.Option("--thinking", help="Qwen3 hybrid: auto (from the data), on or off.")] = "auto",
+    cutoff_len: Annotated[int | None, typer.Option("--cutoff-len", help="Max tokens per sample.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="num_train_epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="learning_rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="per_device_train_batch_size.")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="gradient_accumulation_steps.")] = None,
+    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank.")] = None,
+    val_size: Annotated[float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")] = None,
+    dataset_dir: Annotated[Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Extra LLaMA-Factory keys from a YAML file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any LLaMA-Factory key (repeatable).")] = None,
+) -> None:
+    """Fine-tune a Qwen model on chat data (LoRA, QLoRA or full) through LLaMA-Factory."""
+    from qwenft import launcher
+    from qwenft.train import TrainRequest, execute_train, plan_train
+
+    req = TrainRequest(
+        method=method, model=model, data=data, output_dir=output_dir, gpus=gpus,
+        deepspeed=deepspeed, template=template, thinking=thinking, dataset_dir=dataset_dir,
+        config_file=config, set_items=set_ or [],
+        knobs={
+            "cutoff_len": cutoff_len, "num_train_epochs": epochs, "max_steps": max_steps,
+            "learning_rate": lr, "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": grad_accum, "lora_rank": lora_rank, "val_size": val_size,
+        },
+    )
+    if thinking not in ("auto", "on", "off"):
+        raise QwenftError(f"--thinking must be auto, on or off (got {thinking!r})")
+    plan = plan_train(req)
+    if dry_run:
+        typer.echo(f"# run folder (not created): {plan.run_dir}")
+        typer.echo(f"# dataset {plan.dataset_name} -> {plan.data_path} (registered in {plan.dataset_dir})")
+        typer.echo("# --- train.yaml ---")
+        typer.echo(plan.yaml_text, nl=False)
+        typer.echo("# --- environment ---")
+        for key, value in plan.env.items():
+            typer.echo(f"{key}={value}")
+        typer.echo("# --- command ---")
+        typer.echo(launcher.format_command(plan.argv, plan.env))
+        return
+    try:
+        result = execute_train(plan, progress=err)
+    except launcher.Interrupted:
+        err(f"interrupted: the run is marked interrupted in {plan.run_dir}")
+        raise
+    err(
+        f"done: {result['global_step']} steps, loss {result['first_loss']} -> {result['final_loss']}, "
+        f"{result['tokens_per_second'] or 0:.0f} tokens/s"
+    )
+    err(f"next: qwenft merge {result['run_dir']}")
+    typer.echo(result["run_dir"])
+
+
+@app.command()
+@handle_errors
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A LoRA/QLoRA run folder.")],
+    export_dir: Annotated[Path | None, typer.Option("--export-dir", help="Target (default RUN_DIR/merged).")] = None,
+) -> None:
+    """Merge a LoRA/QLoRA adapter into its base model with llamafactory-cli export."""
+    from qwenft.merge import execute_merge, plan_merge
+
+    result = execute_merge(plan_merge(run_dir, export_dir), progress=err)
+    err(f"next: qwenft chat {result['merged']}")
+    typer.echo(result["merged"])
+
+
+@app.command()
+@handle_errors
+def chat(
+    target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer once and exit.")] = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt (default: the run's).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (reproducible).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+) -> None:
+    """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop."""
+    from qwenft.chat import ChatSession, resolve_target
+
+    session = ChatSession(resolve_target(target, adapter), max_new_tokens, temperature, top_p, system)
+    err(f"loading {session.target.source} ...")
+    session.load()
+    if prompt is not None:
+        typer.echo(session.ask(prompt))
+        return
+    err("type a message; /reset clears the conversation, /system TEXT sets the system prompt, /exit quits")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            session.reset()
+            err("(conversation cleared)")
+            continue
+        if line.startswith("/system"):
+            session.system = line[len("/system"):].strip()
+            session.reset()
+            err(f"(system prompt set: {session.system!r}; conversation cleared)")
+            continue
+        typer.echo("assistant> ", nl=False)
+        session.ask(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        typer.echo("")
+
+
+@app.command("runs")
+@handle_errors
+def runs_cmd(
+    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """List run folders with status, method, model and final loss."""
+    from qwenft.runs import list_runs
+
+    rows = list_runs(root)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        err(f"no runs under {root}")
+        return
+    typer.echo(f"{'STATUS':<12} {'METHOD':<6} {'MODEL':<28} {'LOSS':>8}  RUN")
+    for r in rows:
+        loss = f"{r['final_loss']:.4f}" if isinstance(r["final_loss"], int | float) else "-"
+        typer.echo(f"{r['status'] or '-':<12} {r['method'] or '-':<6} {str(r['model'])[:28]:<28} {loss:>8}  {r['run_dir']}")
+
+
+@app.command()
+@handle_errors
+def models(as_json: JsonOpt = False) -> None:
+    """List the Qwen models and presets qwenft knows, with template and size."""
+    from qwenft.presets import FAMILIES, PRESETS
+
+    rows = [
+        {"name": p.name, "hub_id": p.hub_id, "family": p.family, "template": FAMILIES[p.family].template,
+         "params_b": round(p.arch.params / 1e9, 3), "thinking": FAMILIES[p.family].thinking}
+        for p in PRESETS.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'NAME':<28} {'FAMILY':<20} {'TEMPLATE':<14} {'PARAMS':>8}  HUB ID")
+    for r in rows:
+        typer.echo(f"{r['name']:<28} {r['family']:<20} {r['template']:<14} {r['params_b']:>7}B  {r['hub_id'] or '(embedded)'}")
+
+
+def _mount_subcommands() -> None:
+    from qwenft.cli import data
+
+    app.add_typer(data.app, name="data")
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,150 @@
+"""`qwenft chat`: talk to a merged model, a full fine-tune, base + adapter, or any Qwen model.
+
+Loads with transformers (and peft for an unmerged adapter), applies the model's chat template with
+the system prompt and thinking mode the run was trained with, and decodes greedily by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwenft import presets, runs
+from qwenft.errors import QwenftError
+
+
+@dataclass
+class ChatTarget:
+    model_path: str
+    adapter_path: str | None
+    system: str
+    enable_thinking: bool | None
+    model_kind: str
+    tiny_preset: str | None = None
+    source: str = ""
+
+
+def resolve_target(spec: str, adapter: Path | None = None) -> ChatTarget:
+    """A run folder (merged model if any, else base + adapter), a model folder, or a preset."""
+    path = Path(spec).expanduser()
+    if (path / runs.MANIFEST).is_file():
+        m = runs.read_manifest(path)
+        model = m["model"]
+        common = {"system": m.get("default_system", ""), "enable_thinking": m.get("enable_thinking")}
+        tiny = model["spec"].lower() if model["kind"] == "tiny" else None
+        merged = m.get("merged")
+        if adapter is None and merged and Path(merged).is_dir():
+            return ChatTarget(merged, None, model_kind="local", source=f"merged model {merged}",
+                              **common)
+        if m.get("method") == "full":
+            if not (path / "config.json").is_file():
+                raise QwenftError(f"{path} holds no trained weights (status: {m.get('status')})")
+            return ChatTarget(str(path.absolute()), None, model_kind="local", source=str(path), **common)
+        adapter_dir = Path(adapter) if adapter else path
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise QwenftError(
+                f"{adapter_dir} has no adapter (status: {m.get('status')})",
+                "chat with a run whose training completed; `qwenft runs` shows statuses",
+            )
+        return ChatTarget(model["path"], str(adapter_dir.absolute()), model_kind=model["kind"],
+                          tiny_preset=tiny, source=f"{model['spec']} + adapter {adapter_dir}", **common)
+    resolved = presets.resolve_model(spec)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise QwenftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    return ChatTarget(
+        resolved.path, str(Path(adapter).absolute()) if adapter else None, resolved.default_system,
+        False if resolved.thinking == "hybrid" else None, resolved.kind,
+        tiny_preset=spec.lower() if resolved.kind == "tiny" else None, source=resolved.path,
+    )
+
+
+@dataclass
+class ChatSession:
+    """A loaded model and the running conversation."""
+
+    target: ChatTarget
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+    _model: Any = None
+    _tokenizer: Any = None
+
+    def load(self) -> None:
+        import os
+
+        if self.target.model_kind in ("tiny", "local"):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self.target.tiny_preset:
+            from qwenft.tiny import ensure_tiny_model
+
+            ensure_tiny_model(self.target.tiny_preset)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.target.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.target.model_path, dtype="auto")
+        if self.target.adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.target.adapter_path)
+        self._model = model.eval()
+        if self.system is None:
+            self.system = self.target.system
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def ask(self, prompt: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer prompt given the conversation so far; stream pieces to on_text if given."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        if self._model is None:
+            self.load()
+        messages = ([{"role": "system", "content": self.system}] if self.system else [])
+        messages += [*self.history, {"role": "user", "content": prompt}]
+        kwargs: dict[str, Any] = {}
+        if self.target.enable_thinking is not None:
+            kwargs["enable_thinking"] = self.target.enable_thinking
+        inputs = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True, **kwargs
+        )
+        stop_ids = [t for t in (self._tokenizer.convert_tokens_to_ids(s)
+                                for s in ("<|im_end|>", "<|endoftext|>")) if t is not None]
+        gen: dict[str, Any] = {
+            **inputs, "max_new_tokens": self.max_new_tokens, "eos_token_id": stop_ids,
+            "pad_token_id": self._tokenizer.pad_token_id,
+        }
+        if self.temperature > 0:
+            gen.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.no_grad():
+                    self._model.generate(**gen, streamer=streamer)
+            except BaseException as exc:  # surfaced in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
+        worker.join()
+        if errors:
+            raise errors[0]
+        answer = "".join(pieces).strip()
+        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return answer

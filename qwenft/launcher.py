@@ -1,0 +1,188 @@
+"""Commands for llamafactory-cli, built as pure argv/env, and the one place that runs subprocesses.
+
+`build_*` functions are pure and tested apart from `run()`. `run()` streams the child's output
+live (progress bars intact) while logging it, runs the child in its own process group, and on
+Ctrl-C / SIGTERM stops that whole group (torchrun and every worker) before returning.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from qwenft.errors import QwenftError
+
+SETUP_HINT = "run `make setup` (or `scripts/setup_env.sh`) and use .venv/bin/qwenft"
+
+
+class Interrupted(QwenftError):
+    """The user (or a SIGTERM) stopped a launched job. Exit code 130."""
+
+    exit_code = 130
+
+
+def find_llamafactory_cli() -> str:
+    """Path of llamafactory-cli: on PATH first, then beside this interpreter (an unactivated venv)."""
+    found = shutil.which("llamafactory-cli")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "llamafactory-cli"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise QwenftError("llamafactory-cli was not found", SETUP_HINT)
+
+
+@dataclass
+class Distributed:
+    """How many processes per node and nodes; maps to LLaMA-Factory's torchrun variables."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    force_torchrun: bool = False
+
+    def env(self) -> dict[str, str]:
+        if not (self.force_torchrun or self.nproc_per_node > 1 or self.nnodes > 1):
+            return {}
+        env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(self.nproc_per_node)}
+        if self.nnodes > 1:
+            env.update(NNODES=str(self.nnodes), NODE_RANK=str(self.node_rank))
+        if self.master_addr:
+            env["MASTER_ADDR"] = self.master_addr
+        if self.master_port:
+            env["MASTER_PORT"] = str(self.master_port)
+        return env
+
+
+def offline_env(model_kind: str) -> dict[str, str]:
+    """Local and embedded models never need the hub: say so, so nothing waits on the network."""
+    if model_kind in ("tiny", "local"):
+        return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return {}
+
+
+def build_train_command(
+    cli: str, yaml_path: Path, dist: Distributed, model_kind: str
+) -> tuple[list[str], dict[str, str]]:
+    """argv and the environment variables qwenft sets for `llamafactory-cli train`."""
+    env = {**offline_env(model_kind), **dist.env()}
+    return [cli, "train", str(yaml_path)], env
+
+
+def build_export_command(cli: str, yaml_path: Path, model_kind: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for `llamafactory-cli export` (merging an adapter)."""
+    return [cli, "export", str(yaml_path)], offline_env(model_kind)
+
+
+def format_command(argv: list[str], env: dict[str, str]) -> str:
+    """A shell line a person can paste: VAR=value ... argv."""
+    import shlex
+
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
+
+
+Runner = Callable[..., Any]
+
+
+def run(
+    argv: list[str],
+    env: dict[str, str],
+    log_path: Path | None = None,
+    *,
+    cwd: Path | None = None,
+    echo: IO[bytes] | None = None,
+    popen: Runner = subprocess.Popen,
+    grace_s: float = 20.0,
+) -> int:
+    """Run argv with env added, tee its output to echo (stdout) and log_path, return its exit code.
+
+    On SIGINT/SIGTERM the child's whole process group gets SIGTERM (SIGKILL after grace_s) and
+    Interrupted is raised once it is gone.
+    """
+    echo = echo if echo is not None else sys.stdout.buffer
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in finally
+    stopped: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stopped:  # a second Ctrl-C: no more waiting
+            _signal_group(proc, signal.SIGKILL)
+            return
+        stopped.append(signum)
+        _signal_group(proc, signal.SIGTERM)
+        timer = threading.Timer(grace_s, _signal_group, (proc, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+    try:
+        proc = popen(
+            argv, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as exc:
+        if log:
+            log.close()
+        raise QwenftError(f"cannot start {argv[0]}: {exc}", SETUP_HINT) from exc
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            echo.write(chunk)
+            echo.flush()
+            if log:
+                log.write(chunk)
+                log.flush()
+        code = _wait_group(proc, grace_s if stopped else None)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if log:
+            log.close()
+    if stopped:
+        raise Interrupted(f"stopped by {signal.Signals(stopped[0]).name}")
+    return code
+
+
+def _signal_group(proc: Any, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group(proc: Any, grace_s: float | None) -> int:
+    """Wait for the child; after a stop, make sure no process of its group outlives it."""
+    if grace_s is None:
+        return proc.wait()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            return proc.returncode
+        time.sleep(0.2)
+    _signal_group(proc, signal.SIGKILL)
+    return proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,265 @@
+"""Qwen model knowledge as data: families, templates, default system prompts, architecture numbers.
+
+Pure data and lookups; nothing here touches the network or imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qwenft.errors import QwenftError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What LLaMA-Factory needs to know about a Qwen family to train and chat with it."""
+
+    name: str
+    template: str  # LLaMA-Factory template name
+    default_system: str  # the system prompt the model's own chat template inserts ("" = none)
+    thinking: str  # "none" | "hybrid" (Qwen3: <think> blocks, switchable) | "always"
+
+
+# The LLaMA-Factory `qwen` template's own default system ("You are Qwen, created by Alibaba Cloud...")
+# is Qwen2.5's; Qwen1.5 and Qwen2 chat templates insert "You are a helpful assistant." Setting
+# `default_system` per family makes training see the same prompt as inference.
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("qwen1.5", "qwen", "You are a helpful assistant.", "none"),
+        Family("qwen2", "qwen", "You are a helpful assistant.", "none"),
+        Family(
+            "qwen2.5", "qwen", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            "none",
+        ),
+        Family("qwen3", "qwen3", "", "hybrid"),
+        Family("qwen3-instruct-2507", "qwen3_nothink", "", "none"),
+        Family("qwen3-thinking-2507", "qwen3", "", "always"),
+    ]
+}
+
+TEMPLATES = ("qwen", "qwen3", "qwen3_nothink")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Architecture numbers, as in the model's config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    head_dim: int | None = None  # Qwen3 sets it explicitly; otherwise hidden / heads
+
+    @property
+    def params(self) -> int:
+        """Parameter count (dense decoder, biases on q/k/v for Qwen1.5/2/2.5 ignored: <0.1%)."""
+        hd = self.head_dim or self.hidden_size // self.num_attention_heads
+        attn = self.hidden_size * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        norms = 2 * self.hidden_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * (attn + mlp + norms) + embed + self.hidden_size
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str  # short name users may type, e.g. "qwen2.5-7b-instruct"
+    hub_id: str | None  # None for the embedded tiny models
+    family: str
+    arch: Arch
+
+
+def _a(h, i, layers, heads, kv, vocab, tied, head_dim=None) -> Arch:  # noqa: ANN001 - table helper
+    return Arch(h, i, layers, heads, kv, vocab, tied, head_dim)
+
+
+# Shapes shared by several releases (from the models' config.json files).
+_Q15_05, _Q15_18, _Q15_4, _Q15_7, _Q15_14 = (
+    _a(1024, 2816, 24, 16, 16, 151936, True),
+    _a(2048, 5504, 24, 16, 16, 151936, False),
+    _a(2560, 6912, 40, 20, 20, 151936, False),
+    _a(4096, 11008, 32, 32, 32, 151936, False),
+    _a(5120, 13696, 40, 40, 40, 152064, False),
+)
+_Q2_05, _Q2_15, _Q25_3, _Q2_7, _Q25_14, _Q25_32, _Q2_72 = (
+    _a(896, 4864, 24, 14, 2, 151936, True),
+    _a(1536, 8960, 28, 12, 2, 151936, True),
+    _a(2048, 11008, 36, 16, 2, 151936, True),
+    _a(3584, 18944, 28, 28, 4, 152064, False),
+    _a(5120, 13824, 48, 40, 8, 152064, False),
+    _a(5120, 27648, 64, 40, 8, 152064, False),
+    _a(8192, 29568, 80, 64, 8, 152064, False),
+)
+_Q3_06, _Q3_17, _Q3_4, _Q3_8, _Q3_14, _Q3_32 = (
+    _a(1024, 3072, 28, 16, 8, 151936, True, 128),
+    _a(2048, 6144, 28, 16, 8, 151936, True, 128),
+    _a(2560, 9728, 36, 32, 8, 151936, True, 128),
+    _a(4096, 12288, 36, 32, 8, 151936, False, 128),
+    _a(5120, 17408, 40, 40, 8, 151936, False, 128),
+    _a(5120, 25600, 64, 64, 8, 151936, False, 128),
+)
+TINY_ARCH = _a(64, 128, 2, 4, 2, 151936, True)
+TINY_ARCH_QWEN3 = _a(64, 128, 2, 4, 2, 151936, True, 16)
+
+
+def _presets() -> list[ModelPreset]:
+    out = [
+        ModelPreset("tiny-qwen2", None, "qwen2", TINY_ARCH),
+        ModelPreset("tiny-qwen3", None, "qwen3", TINY_ARCH_QWEN3),
+    ]
+    for size, arch in [("0.5B", _Q15_05), ("1.8B", _Q15_18), ("4B", _Q15_4), ("7B", _Q15_7),
+                       ("14B", _Q15_14)]:
+        for suffix in ("", "-Chat"):
+            out.append(ModelPreset("", f"Qwen/Qwen1.5-{size}{suffix}", "qwen1.5", arch))
+    for size, arch in [("0.5B", _Q2_05), ("1.5B", _Q2_15), ("7B", _Q2_7), ("72B", _Q2_72)]:
+        for suffix in ("", "-Instruct"):
+            out.append(ModelPreset("", f"Qwen/Qwen2-{size}{suffix}", "qwen2", arch))
+    for size, arch in [("0.5B", _Q2_05), ("1.5B", _Q2_15), ("3B", _Q25_3), ("7B", _Q2_7),
+                       ("14B", _Q25_14), ("32B", _Q25_32), ("72B", _Q2_72)]:
+        for suffix in ("", "-Instruct"):
+            out.append(ModelPreset("", f"Qwen/Qwen2.5-{size}{suffix}", "qwen2.5", arch))
+    for kind in ("Coder", "Math"):
+        for suffix in ("", "-Instruct"):
+            out.append(ModelPreset("", f"Qwen/Qwen2.5-{kind}-7B{suffix}", "qwen2.5", _Q2_7))
+    for size, arch in [("0.6B", _Q3_06), ("1.7B", _Q3_17), ("4B", _Q3_4), ("8B", _Q3_8),
+                       ("14B", _Q3_14), ("32B", _Q3_32)]:
+        for suffix in ("", "-Base"):
+            out.append(ModelPreset("", f"Qwen/Qwen3-{size}{suffix}", "qwen3", arch))
+    out.append(ModelPreset("", "Qwen/Qwen3-4B-Instruct-2507", "qwen3-instruct-2507", _Q3_4))
+    out.append(ModelPreset("", "Qwen/Qwen3-4B-Thinking-2507", "qwen3-thinking-2507", _Q3_4))
+    return [
+        p if p.name else ModelPreset(p.hub_id.split("/", 1)[1].lower(), p.hub_id, p.family, p.arch)
+        for p in out
+    ]
+
+
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in _presets()}
+_BY_HUB_ID: dict[str, ModelPreset] = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
+
+
+def family_from_name(name: str, model_type: str | None = None) -> str | None:
+    """Guess the Qwen family from a hub id or folder name (and config.json's model_type)."""
+    n = name.lower()
+    if "qwen3" in n or (model_type or "").startswith("qwen3"):
+        if "2507" in n and "thinking" in n:
+            return "qwen3-thinking-2507"
+        if "2507" in n and "instruct" in n:
+            return "qwen3-instruct-2507"
+        return "qwen3"
+    if "qwen2.5" in n or "qwen2_5" in n:
+        return "qwen2.5"
+    if "qwen1.5" in n or "qwen1_5" in n:
+        return "qwen1.5"
+    if "qwen2" in n or (model_type or "").startswith("qwen2"):
+        return "qwen2"
+    return None
+
+
+@dataclass
+class ResolvedModel:
+    """A model argument made concrete: where LLaMA-Factory loads it from and how to talk to it."""
+
+    spec: str  # what the user typed
+    kind: str  # "tiny" | "hub" | "local"
+    path: str  # model_name_or_path for LLaMA-Factory (hub id or absolute folder)
+    family: str
+    template: str
+    default_system: str
+    thinking: str
+    arch: Arch | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _from_family(spec: str, kind: str, path: str, family: str, arch: Arch | None) -> ResolvedModel:
+    fam = FAMILIES[family]
+    return ResolvedModel(spec, kind, path, family, fam.template, fam.default_system, fam.thinking, arch)
+
+
+def _arch_from_config(cfg: dict) -> Arch | None:
+    try:
+        return Arch(
+            cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+            cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)), cfg.get("head_dim"),
+        )
+    except KeyError:
+        return None
+
+
+def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
+    """Turn a preset name, hub id or local folder into a ResolvedModel; raise QwenftError if unknown.
+
+    Tiny presets resolve to their cache folder under QWENFT_HOME without building them (the
+    launcher builds them just before a real run, so that --dry-run writes nothing).
+    """
+    from qwenft.paths import qwenft_home
+
+    key = spec.strip()
+    preset = PRESETS.get(key.lower()) or _BY_HUB_ID.get(key.lower())
+    if preset is not None and preset.hub_id is None:
+        home = tiny_home or qwenft_home()
+        return _from_family(spec, "tiny", str(home / "models" / preset.name), preset.family, preset.arch)
+    if preset is not None:
+        return _from_family(spec, "hub", preset.hub_id, preset.family, preset.arch)
+
+    path = Path(key).expanduser()
+    looks_like_path = path.exists() or key.startswith((".", "/", "~")) or key.count("/") > 1
+    if looks_like_path:
+        if not path.is_dir():
+            raise QwenftError(
+                f"model folder not found: {key}",
+                "give a preset (see `qwenft models`), a hub id such as Qwen/Qwen2.5-7B-Instruct, "
+                "or an existing local model folder",
+            )
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise QwenftError(
+                f"{key} has no config.json, so it is not a Hugging Face model folder",
+                "point --model at the folder that holds config.json and the weights",
+            )
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise QwenftError(f"cannot read {cfg_file}: {exc}") from exc
+        marker = path / ".qwenft-tiny.json"
+        family = None
+        if marker.is_file():
+            family = PRESETS.get(json.loads(marker.read_text()).get("preset", ""), None)
+            family = family.family if family else None
+        family = family or family_from_name(path.resolve().name, cfg.get("model_type"))
+        if family is None:
+            raise QwenftError(
+                f"{key} does not look like a Qwen model (model_type {cfg.get('model_type')!r})",
+                "qwenft fine-tunes Qwen models; pass --template qwen|qwen3|qwen3_nothink to force one",
+            )
+        return _from_family(spec, "local", str(path.resolve()), family, _arch_from_config(cfg))
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", key):
+        family = family_from_name(key)
+        if family is None:
+            raise QwenftError(
+                f"{key} is not a Qwen model qwenft knows",
+                "use a Qwen hub id (see `qwenft models`), or pass --template qwen|qwen3|qwen3_nothink",
+            )
+        return _from_family(spec, "hub", key, family, None)
+
+    names = ", ".join(p.name for p in PRESETS.values() if p.hub_id is None)
+    raise QwenftError(
+        f"unknown model {key!r}",
+        f"use a preset ({names}, or see `qwenft models`), a hub id or a local model folder",
+    )
+
+
+def template_family(template: str) -> str:
+    """The family whose defaults a --template override implies (for default_system/thinking)."""
+    return {"qwen": "qwen2.5", "qwen3": "qwen3", "qwen3_nothink": "qwen3-instruct-2507"}[template]

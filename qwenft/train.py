@@ -1,0 +1,216 @@
+"""`qwenft train`: check everything, render the run folder, launch LLaMA-Factory, record the outcome.
+
+plan_train() reads and checks but writes nothing (it is all --dry-run needs); execute_train()
+builds the tiny model if needed, registers the dataset, creates the run folder atomically,
+launches `llamafactory-cli train` and finalizes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwenft import datasets, launcher, presets, render, runs
+from qwenft.errors import JobFailed, QwenftError
+from qwenft.paths import default_dataset_dir
+
+
+@dataclass
+class TrainRequest:
+    method: str
+    model: str
+    data: Path
+    output_dir: Path | None = None
+    gpus: int | None = None
+    deepspeed: str = "auto"
+    template: str | None = None
+    thinking: str = "auto"  # auto | on | off (Qwen3 hybrid models only)
+    dataset_dir: Path | None = None
+    config_file: Path | None = None
+    set_items: list[str] = field(default_factory=list)
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainPlan:
+    run_dir: Path
+    config: dict[str, Any]
+    yaml_text: str
+    argv: list[str]
+    env: dict[str, str]
+    model: presets.ResolvedModel
+    dataset_name: str
+    dataset_dir: Path
+    data_path: Path
+    data_sha256: str
+    deepspeed: str
+    files: dict[str, str]
+    manifest: dict[str, Any]
+
+
+def detect_gpus() -> list[dict[str, Any]]:
+    """Visible NVIDIA GPUs (name, memory GiB, compute capability) via nvidia-smi; [] if none."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, mem, cap = (x.strip() for x in line.split(","))
+        gpus.append({"name": name, "memory_gib": float(mem) / 1024, "compute_cap": float(cap)})
+    return gpus
+
+
+def _thinking_choice(req: TrainRequest, model: presets.ResolvedModel, data: Path) -> bool | None:
+    """enable_thinking for Qwen3 hybrid models, decided from the data unless the user chose."""
+    if model.thinking != "hybrid":
+        return None
+    if req.thinking in ("on", "off"):
+        return req.thinking == "on"
+    with_think, total = datasets.count_thinking_samples(data)
+    if with_think == 0:
+        return False
+    if with_think == total:
+        return True
+    raise QwenftError(
+        f"{with_think} of {total} samples in {data} have <think> blocks and the rest do not",
+        "decide with --thinking on (train reasoning) or --thinking off (train direct answers)",
+    )
+
+
+def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None) -> TrainPlan:
+    """Check every input and render the run; raises QwenftError and writes nothing."""
+    if req.method not in render.METHODS:
+        raise QwenftError(f"unknown method {req.method!r}", f"choose one of {', '.join(render.METHODS)}")
+    if req.deepspeed not in (*render.DEEPSPEED_STAGES, "auto"):
+        raise QwenftError(
+            f"unknown --deepspeed {req.deepspeed!r}",
+            f"choose auto or one of {', '.join(render.DEEPSPEED_STAGES)}",
+        )
+    gpus_seen = detect_gpus() if gpus_seen is None else gpus_seen
+    nproc = req.gpus if req.gpus is not None else max(1, len(gpus_seen))
+    if nproc < 1:
+        raise QwenftError(f"--gpus must be at least 1 (got {nproc})", "omit --gpus to use every visible GPU")
+    cli = launcher.find_llamafactory_cli()
+
+    data = Path(req.data).expanduser()
+    report = datasets.check_file(data)  # raises QwenftError when missing/unreadable
+    if not report.ok:
+        raise QwenftError(
+            f"{data} has {len(report.errors)} data error(s); nothing was started\n"
+            + datasets.format_report(report, max_per_kind=3).rstrip(),
+            f"fix them (`qwenft data check {data}` lists them all), then train again",
+        )
+    data = data.resolve()
+    sha = datasets.file_sha256(data)
+
+    model = presets.resolve_model(req.model)
+    if req.template:
+        if req.template not in presets.TEMPLATES:
+            raise QwenftError(
+                f"unknown template {req.template!r}", f"choose one of {', '.join(presets.TEMPLATES)}"
+            )
+        if req.template != model.template:
+            fam = presets.FAMILIES[presets.template_family(req.template)]
+            model.template, model.thinking = req.template, fam.thinking
+    enable_thinking = _thinking_choice(req, model, data)
+
+    config_file: dict[str, Any] = {}
+    if req.config_file:
+        try:
+            config_file = yaml.safe_load(Path(req.config_file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise QwenftError(f"cannot read --config {req.config_file}: {exc}") from exc
+        if not isinstance(config_file, dict):
+            raise QwenftError(f"--config {req.config_file} must hold a YAML mapping of keys")
+    set_values = render.parse_set(req.set_items)
+
+    stage = req.deepspeed
+    if stage == "auto":
+        stage = "z3" if req.method == "full" else "none"
+    run_dir = (Path(req.output_dir) if req.output_dir else runs.default_run_dir(req.model, req.method))
+    runs.check_new_run_dir(run_dir)
+    run_dir = run_dir.expanduser().absolute()
+    dataset_dir = (req.dataset_dir or default_dataset_dir()).expanduser().absolute()
+    dataset_name = datasets.dataset_name_for(data, sha)
+
+    files: dict[str, str] = {}
+    ds_path = None
+    if stage != "none":
+        files["deepspeed.json"] = render.deepspeed_config_text(stage)
+        ds_path = str(run_dir / "deepspeed.json")
+    spec = render.TrainSpec(
+        method=req.method, model_path=model.path, template=model.template,
+        default_system=model.default_system, dataset=dataset_name, dataset_dir=str(dataset_dir),
+        output_dir=str(run_dir), enable_thinking=enable_thinking, deepspeed_path=ds_path,
+        bf16=bool(gpus_seen) and all(g["compute_cap"] >= 8.0 for g in gpus_seen),
+        config_file=config_file, knobs=req.knobs, set_values=set_values,
+    )
+    config = render.build_train_config(spec)
+    yaml_text = render.to_yaml(config, header=f"qwenft {req.method} fine-tune of {req.model}")
+    files["train.yaml"] = yaml_text
+
+    dist = launcher.Distributed(nproc_per_node=nproc, force_torchrun=stage != "none")
+    argv, env = launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
+    manifest = runs.new_manifest(
+        kind="train",
+        method=req.method,
+        model=model.to_dict(),
+        template=model.template,
+        default_system=model.default_system,
+        enable_thinking=enable_thinking,
+        deepspeed=stage,
+        gpus=nproc,
+        dataset={"path": str(data), "sha256": sha, "name": dataset_name,
+                 "dataset_dir": str(dataset_dir), "samples": report.n_samples},
+        command=argv,
+        env=env,
+        versions=runs.package_versions(),
+    )
+    files[runs.MANIFEST] = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    return TrainPlan(run_dir, config, yaml_text, argv, env, model, dataset_name, dataset_dir,
+                     data, sha, stage, files, manifest)
+
+
+def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Prepare the model and dataset, create the run folder, launch training, finalize the record."""
+    if plan.model.kind == "tiny":
+        from qwenft.tiny import ensure_tiny_model
+
+        ensure_tiny_model(plan.model.spec.lower(), progress=progress)
+    datasets.register_dataset(plan.data_path, plan.dataset_name, plan.dataset_dir)
+    run_dir = runs.create_run_dir(plan.run_dir, plan.files)
+    progress(f"run folder: {run_dir}")
+    progress(f"launching: {launcher.format_command(plan.argv, plan.env)}")
+    log_path = run_dir / "train.log"
+    runs.update_manifest(run_dir, started=runs.now_iso(), log=str(log_path))
+    try:
+        code = launcher.run(plan.argv, plan.env, log_path, cwd=run_dir)
+    except launcher.Interrupted:
+        runs.update_manifest(run_dir, status="interrupted", ended=runs.now_iso())
+        raise
+    summary = runs.training_summary(run_dir)
+    status = "completed" if code == 0 else "failed"
+    runs.update_manifest(
+        run_dir, status=status, ended=runs.now_iso(), returncode=code, summary=summary,
+        final_loss=summary["final_loss"], tokens_per_second=summary["tokens_per_second"],
+    )
+    if code != 0:
+        raise JobFailed(
+            f"llamafactory-cli train exited with code {code}",
+            f"read the log: {log_path}", returncode=code,
+        )
+    return {"run_dir": str(run_dir), **summary}

@@ -1,0 +1,119 @@
+"""Rendering: every shipped config renders, parses and matches its golden file; layering rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwenft import render
+from qwenft.errors import QwenftError
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def spec(method: str, **kw) -> render.TrainSpec:
+    base = dict(
+        method=method, model_path="/models/qwen", template="qwen",
+        default_system="You are a helpful assistant.", dataset="chat-0123abcd",
+        dataset_dir="/data/qwenft", output_dir="/runs/r1",
+        deepspeed_path="/runs/r1/deepspeed.json" if method == "full" else None,
+    )
+    base.update(kw)
+    return render.TrainSpec(**base)
+
+
+@pytest.mark.parametrize("method", render.METHODS)
+def test_method_renders_golden_yaml(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    text = render.to_yaml(render.build_train_config(spec(method)), header=f"golden {method}")
+    golden = GOLDEN / f"{method}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+    cfg = yaml.safe_load(text)
+    assert "overwrite_output_dir" not in cfg
+    assert cfg["report_to"] == "none"
+    assert cfg["bf16"] is False
+    assert cfg["default_system"] == "You are a helpful assistant."
+    assert cfg["preprocessing_num_workers"] == 2
+    for section in ("### model", "### method", "### dataset", "### output", "### train", "### eval"):
+        assert section in text
+
+
+def test_qlora_uses_bnb_and_full_uses_deepspeed() -> None:
+    q = render.build_train_config(spec("qlora"))
+    assert (q["quantization_bit"], q["quantization_method"]) == (4, "bnb")
+    f = render.build_train_config(spec("full"))
+    assert f["finetuning_type"] == "full" and f["deepspeed"] == "/runs/r1/deepspeed.json"
+    fixed = render.build_train_config(spec("qlora", set_values={"quantization_method": "bitsandbytes"}))
+    assert fixed["quantization_method"] == "bnb"
+
+
+def test_layering_template_config_knobs_set() -> None:
+    cfg = render.build_train_config(spec(
+        "lora", config_file={"learning_rate": 1.0, "logging_steps": 7, "lora_alpha": 3},
+        knobs={"learning_rate": 2.0, "cutoff_len": None}, set_values={"lora_alpha": 64},
+    ))
+    assert cfg["learning_rate"] == 2.0  # knob beats --config
+    assert cfg["logging_steps"] == 7  # --config beats template
+    assert cfg["lora_alpha"] == 64  # --set beats everything
+    assert cfg["cutoff_len"] == 1024  # None knob keeps the template
+
+
+def test_no_val_size_turns_eval_off() -> None:
+    cfg = render.build_train_config(spec("lora", knobs={"val_size": 0}))
+    assert cfg["eval_strategy"] == "no" and "eval_steps" not in cfg
+
+
+@pytest.mark.parametrize(
+    ("items", "expected", "error"),
+    [
+        (["a=1"], {"a": 1}, None),
+        (["lr=1e-4", "flag=true", "name=x y"], {"lr": 1e-4, "flag": True, "name": "x y"}, None),
+        (["noequals"], None, "malformed --set"),
+        (["=3"], None, "malformed --set"),
+        (["bad key=3"], None, "malformed --set"),
+        (["a=[1,"], None, "not valid YAML"),
+    ],
+)
+def test_parse_set(items: list[str], expected: dict | None, error: str | None) -> None:
+    if error:
+        with pytest.raises(QwenftError, match=error):
+            render.parse_set(items)
+    else:
+        assert render.parse_set(items) == expected
+
+
+@pytest.mark.parametrize("key", ["output_dir", "dataset", "model_name_or_path", "template"])
+def test_owned_keys_cannot_be_overridden(key: str) -> None:
+    with pytest.raises(QwenftError, match=f"may not set {key}"):
+        render.build_train_config(spec("lora", set_values={key: "x"}))
+
+
+def test_overwrite_output_dir_refused() -> None:
+    with pytest.raises(QwenftError, match="disable resuming"):
+        render.build_train_config(spec("lora", config_file={"overwrite_output_dir": True}))
+
+
+@pytest.mark.parametrize("stage", [s for s in render.DEEPSPEED_STAGES if s != "none"])
+def test_every_deepspeed_config_parses(stage: str) -> None:
+    cfg = json.loads(render.deepspeed_config_text(stage))
+    want = int(stage[1])
+    assert cfg["zero_optimization"]["stage"] == want
+    assert ("offload_optimizer" in cfg["zero_optimization"]) == stage.endswith("offload")
+
+
+def test_every_shipped_template_is_package_data() -> None:
+    names = {p.name for p in resources.files("qwenft.configs").iterdir()}
+    assert {"lora.yaml", "qlora.yaml", "full.yaml", "merge.yaml"} <= names
+
+
+def test_merge_config_has_no_quantization() -> None:
+    cfg = render.build_merge_config("/m", "/runs/r1", "qwen", "sys", "/out")
+    assert cfg["finetuning_type"] == "lora" and cfg["export_legacy_format"] is False
+    assert "quantization_bit" not in cfg
