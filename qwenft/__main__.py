@@ -1,0 +1,5 @@
+"""python -m qwenft"""
+
+from qwenft.cli import main
+
+main()
