@@ -30,6 +30,12 @@ class Interrupted(QwenftError):
     exit_code = 130
 
 
+class Stopped(QwenftError):
+    """qwenft's own monitor stopped a job (e.g. the loss went NaN). Exit code 1."""
+
+    exit_code = 1
+
+
 def find_llamafactory_cli() -> str:
     """Path of llamafactory-cli: on PATH first, then beside this interpreter (an unactivated venv)."""
     found = shutil.which("llamafactory-cli")
@@ -104,26 +110,40 @@ def run(
     echo: IO[bytes] | None = None,
     popen: Runner = subprocess.Popen,
     grace_s: float = 20.0,
+    monitor: Callable[[], str | None] | None = None,
+    monitor_every_s: float = 2.0,
 ) -> int:
     """Run argv with env added, tee its output to echo (stdout) and log_path, return its exit code.
 
     On SIGINT/SIGTERM the child's whole process group gets SIGTERM (SIGKILL after grace_s) and
-    Interrupted is raised once it is gone.
+    Interrupted is raised once it is gone. `monitor` is polled while the child runs; when it
+    returns a reason, the group is stopped the same way and Stopped(reason) is raised.
     """
     echo = echo if echo is not None else sys.stdout.buffer
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in finally
-    stopped: list[int] = []
+    stopped: list[int | str] = []  # the signal number, or the monitor's reason
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def stop(why: int | str) -> None:
         if stopped:  # a second Ctrl-C: no more waiting
             _signal_group(proc, signal.SIGKILL)
             return
-        stopped.append(signum)
+        stopped.append(why)
         _signal_group(proc, signal.SIGTERM)
         timer = threading.Timer(grace_s, _signal_group, (proc, signal.SIGKILL))
         timer.daemon = True
         timer.start()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop(signum)
+
+    def watch() -> None:
+        while proc.poll() is None and not stopped:
+            reason = monitor() if monitor else None
+            if reason:
+                stop(reason)
+                return
+            time.sleep(monitor_every_s)
 
     try:
         proc = popen(
@@ -135,6 +155,8 @@ def run(
             log.close()
         raise QwenftError(f"cannot start {argv[0]}: {exc}", SETUP_HINT) from exc
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if monitor:
+        threading.Thread(target=watch, daemon=True).start()
     try:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
@@ -153,6 +175,8 @@ def run(
             signal.signal(s, handler)
         if log:
             log.close()
+    if stopped and isinstance(stopped[0], str):
+        raise Stopped(stopped[0])
     if stopped:
         raise Interrupted(f"stopped by {signal.Signals(stopped[0]).name}")
     return code

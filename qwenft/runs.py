@@ -131,6 +131,27 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+class LossWatch:
+    """Polled while training: a reason to stop when the loss is NaN/inf or exactly 0 for
+    `patience` consecutive logging steps (typical causes: fp16 on Qwen, a too-high learning rate)."""
+
+    def __init__(self, run_dir: Path, patience: int = 3) -> None:
+        self.run_dir, self.patience = Path(run_dir), patience
+
+    def __call__(self) -> str | None:
+        losses = [r.get("loss") for r in read_trainer_log(self.run_dir) if "loss" in r]
+        tail = losses[-self.patience:]
+        if len(tail) < self.patience:
+            return None
+        if all(not isinstance(x, int | float) or not math.isfinite(x) for x in tail):
+            return (f"the loss was NaN/inf for {self.patience} logging steps in a row; typical causes: "
+                    "fp16 with Qwen (use bf16 or fp32), a too-high learning rate")
+        if all(x == 0 for x in tail):
+            return (f"the loss was exactly 0 for {self.patience} logging steps in a row: nothing is "
+                    "being learned (typical causes: fp16 overflow with Qwen, labels all masked)")
+        return None
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """Every run folder directly under root (newest first), with its manifest's headline fields."""
     rows = []

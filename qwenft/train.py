@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ class TrainRequest:
     template: str | None = None
     thinking: str = "auto"  # auto | on | off (Qwen3 hybrid models only)
     dataset_dir: Path | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
     config_file: Path | None = None
     set_items: list[str] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +109,15 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     nproc = req.gpus if req.gpus is not None else max(1, len(gpus_seen))
     if nproc < 1:
         raise QwenftError(f"--gpus must be at least 1 (got {nproc})", "omit --gpus to use every visible GPU")
+    if req.nnodes < 1 or not 0 <= req.node_rank < req.nnodes:
+        raise QwenftError(
+            f"--node-rank must be in 0..{req.nnodes - 1} and --nnodes at least 1",
+            "number the machines 0, 1, ... with --node-rank; 0 is the master",
+        )
+    if req.nnodes > 1 and not req.master_addr:
+        raise QwenftError(
+            "--nnodes > 1 needs --master-addr", "pass the address of node 0 that every node can reach"
+        )
     cli = launcher.find_llamafactory_cli()
 
     data = Path(req.data).expanduser()
@@ -163,7 +177,10 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     yaml_text = render.to_yaml(config, header=f"qwenft {req.method} fine-tune of {req.model}")
     files["train.yaml"] = yaml_text
 
-    dist = launcher.Distributed(nproc_per_node=nproc, force_torchrun=stage != "none")
+    dist = launcher.Distributed(
+        nproc_per_node=nproc, nnodes=req.nnodes, node_rank=req.node_rank,
+        master_addr=req.master_addr, master_port=req.master_port, force_torchrun=stage != "none",
+    )
     argv, env = launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
     manifest = runs.new_manifest(
         kind="train",
@@ -174,6 +191,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         enable_thinking=enable_thinking,
         deepspeed=stage,
         gpus=nproc,
+        nnodes=req.nnodes,
         dataset={"path": str(data), "sha256": sha, "name": dataset_name,
                  "dataset_dir": str(dataset_dir), "samples": report.n_samples},
         command=argv,
@@ -187,22 +205,44 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
 
 def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Prepare the model and dataset, create the run folder, launch training, finalize the record."""
-    if plan.model.kind == "tiny":
-        from qwenft.tiny import ensure_tiny_model
-
-        ensure_tiny_model(plan.model.spec.lower(), progress=progress)
-    datasets.register_dataset(plan.data_path, plan.dataset_name, plan.dataset_dir)
+    _prepare_inputs(plan.model.kind, plan.model.spec, plan.data_path, plan.dataset_name, plan.dataset_dir,
+                    progress)
     run_dir = runs.create_run_dir(plan.run_dir, plan.files)
     progress(f"run folder: {run_dir}")
-    progress(f"launching: {launcher.format_command(plan.argv, plan.env)}")
+    return _launch(run_dir, plan.argv, plan.env, progress)
+
+
+def _prepare_inputs(kind: str, spec: str, data: Path, name: str, dataset_dir: Path,
+                    progress: Callable[[str], None]) -> None:
+    if kind == "tiny":
+        from qwenft.tiny import ensure_tiny_model
+
+        ensure_tiny_model(spec.lower(), progress=progress)
+    datasets.register_dataset(data, name, dataset_dir)
+
+
+def _launch(run_dir: Path, argv: list[str], env: dict[str, str],
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run `llamafactory-cli train` in run_dir under the loss watch; record how it ended."""
+    import resource
+
+    progress(f"launching: {launcher.format_command(argv, env)}")
     log_path = run_dir / "train.log"
-    runs.update_manifest(run_dir, started=runs.now_iso(), log=str(log_path))
+    started = time.monotonic()
+    runs.update_manifest(run_dir, status="running", started=runs.now_iso(), log=str(log_path))
+    resume_hint = f"resume with: qwenft resume {run_dir}"
     try:
-        code = launcher.run(plan.argv, plan.env, log_path, cwd=run_dir)
-    except launcher.Interrupted:
+        code = launcher.run(argv, env, log_path, cwd=run_dir, monitor=runs.LossWatch(run_dir))
+    except launcher.Interrupted as exc:
         runs.update_manifest(run_dir, status="interrupted", ended=runs.now_iso())
-        raise
+        raise launcher.Interrupted(f"{exc}; the run is marked interrupted", resume_hint) from None
+    except launcher.Stopped as exc:
+        runs.update_manifest(run_dir, status="failed", ended=runs.now_iso(), reason=str(exc))
+        raise JobFailed(f"training stopped: {exc}", f"read the log: {log_path}") from None
     summary = runs.training_summary(run_dir)
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+    summary["log"] = str(log_path)
     status = "completed" if code == 0 else "failed"
     runs.update_manifest(
         run_dir, status=status, ended=runs.now_iso(), returncode=code, summary=summary,
@@ -210,7 +250,46 @@ def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> d
     )
     if code != 0:
         raise JobFailed(
-            f"llamafactory-cli train exited with code {code}",
-            f"read the log: {log_path}", returncode=code,
+            f"llamafactory-cli train exited with code {code}", f"read the log: {log_path}; {resume_hint}",
+            returncode=code,
         )
     return {"run_dir": str(run_dir), **summary}
+
+
+def resume_train(
+    run_dir: Path, *, data: Path | None = None, method: str | None = None,
+    template: str | None = None, force: bool = False, progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Continue a run from its newest checkpoint (LLaMA-Factory restores step, optimizer and LR
+    schedule); refuse when the data, template or method differ from the manifest unless forced."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    m = runs.read_manifest(run_dir)
+    if m.get("status") == "completed" and not force:
+        raise QwenftError(f"{run_dir} already completed", "start a new run, or --force to run it again")
+    ds = m["dataset"]
+    data_path = Path(data).expanduser().resolve() if data else Path(ds["path"])
+    if not data_path.is_file():
+        raise QwenftError(f"the run's data file is gone: {data_path}", "pass --data with the same file")
+    problems = []
+    sha = datasets.file_sha256(data_path)
+    if sha != ds["sha256"]:
+        problems.append(f"the data changed (sha256 {sha[:12]} != {ds['sha256'][:12]} in the manifest)")
+    if method and method != m["method"]:
+        problems.append(f"method {method} != {m['method']}")
+    if template and template != m["template"]:
+        problems.append(f"template {template} != {m['template']}")
+    if problems and not force:
+        raise QwenftError(f"cannot resume {run_dir}: " + "; ".join(problems),
+                          "resume with the run's own inputs, or --force to continue anyway")
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1)
+    if not checkpoints:
+        raise QwenftError(f"{run_dir} has no checkpoint-* to resume from",
+                          "start a new run (lower save_steps to checkpoint more often)")
+    _prepare_inputs(m["model"]["kind"], m["model"]["spec"], Path(ds["path"]), ds["name"],
+                    Path(ds["dataset_dir"]), progress)
+    resumes = [*m.get("resumes", []), {"at": runs.now_iso(), "from": checkpoints[-1].name,
+                                       "forced": bool(problems), "problems": problems}]
+    runs.update_manifest(run_dir, resumes=resumes)
+    progress(f"resuming {run_dir} from {checkpoints[-1].name}")
+    return _launch(run_dir, m["command"], m["env"], progress)

@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: importing rich would cost ~0.15 s on every call
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -77,9 +78,11 @@ def _root(
 @app.command()
 @handle_errors
 def train(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Chat data: jsonl of {\"messages\": [...]}.")],
-    method: Annotated[str, typer.Option("--method", help="lora, qlora or full.")] = "lora",
-    model: ModelOpt = "tiny-qwen2",
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Chat data: jsonl of {\"messages\": [...]}.")
+    ] = None,
+    method: Annotated[str | None, typer.Option("--method", help="lora (default), qlora or full.")] = None,
+    model: ModelOpt = "",
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Run folder (default runs/<model>-<method>-<time>).")
     ] = None,
@@ -99,6 +102,12 @@ def train(
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank.")] = None,
     val_size: Annotated[float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")] = None,
     dataset_dir: Annotated[Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Machines taking part (torchrun NNODES).")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This machine's rank, 0 = master.")] = 0,
+    master_addr: Annotated[str | None, typer.Option("--master-addr", help="Address of node 0.")] = None,
+    master_port: Annotated[int | None, typer.Option("--master-port", help="Port on node 0.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue RUN_DIR from its newest checkpoint.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: continue despite changed inputs.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="Extra LLaMA-Factory keys from a YAML file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any LLaMA-Factory key (repeatable).")] = None,
 ) -> None:
@@ -106,9 +115,19 @@ def train(
     from qwenft import launcher
     from qwenft.train import TrainRequest, execute_train, plan_train
 
+    if resume is not None:
+        _report_training(_resume(resume, data, method, template, force))
+        return
+    if data is None or not model:
+        raise QwenftError(
+            f"{'--data' if data is None else '--model'} is required",
+            "qwenft train --model MODEL --data FILE.jsonl (MODEL: a preset such as tiny-qwen2, a hub id "
+            "or a folder; `qwenft models` lists presets)",
+        )
     req = TrainRequest(
-        method=method, model=model, data=data, output_dir=output_dir, gpus=gpus,
+        method=method or "lora", model=model, data=data, output_dir=output_dir, gpus=gpus,
         deepspeed=deepspeed, template=template, thinking=thinking, dataset_dir=dataset_dir,
+        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
         config_file=config, set_items=set_ or [],
         knobs={
             "cutoff_len": cutoff_len, "num_train_epochs": epochs, "max_steps": max_steps,
@@ -128,19 +147,49 @@ def train(
         for key, value in plan.env.items():
             typer.echo(f"{key}={value}")
         typer.echo("# --- command ---")
-        typer.echo(launcher.format_command(plan.argv, plan.env))
+        if nnodes == 1:
+            typer.echo(launcher.format_command(plan.argv, plan.env))
+            return
+        for rank in range(nnodes):
+            env = {**plan.env, "NODE_RANK": str(rank)}
+            typer.echo(f"# node {rank} of {nnodes}:")
+            typer.echo(launcher.format_command(plan.argv, env))
         return
-    try:
-        result = execute_train(plan, progress=err)
-    except launcher.Interrupted:
-        err(f"interrupted: the run is marked interrupted in {plan.run_dir}")
-        raise
+    _report_training(execute_train(plan, progress=err))
+
+
+def _resume(run_dir: Path, data: Path | None, method: str | None, template: str | None, force: bool) -> dict:
+    from qwenft.train import resume_train
+
+    return resume_train(run_dir, data=data, method=method, template=template, force=force, progress=err)
+
+
+def _report_training(result: dict) -> None:
+    """The end-of-training summary on stderr; the run folder on stdout (for scripts)."""
+    def num(key: str, fmt: str) -> str:
+        return format(result[key], fmt) if isinstance(result.get(key), int | float) else "-"
+
     err(
-        f"done: {result['global_step']} steps, loss {result['first_loss']} -> {result['final_loss']}, "
-        f"{result['tokens_per_second'] or 0:.0f} tokens/s"
+        f"done: {result['global_step']} steps in {num('wall_s', '.0f')} s | loss {num('first_loss', '.4f')} -> "
+        f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')}) | {num('tokens_per_second', '.0f')} "
+        f"real tokens/s | peak RSS {num('peak_rss_gib', '.2f')} GiB"
     )
+    err(f"log: {result['log']}" + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else ""))
     err(f"next: qwenft merge {result['run_dir']}")
     typer.echo(result["run_dir"])
+
+
+@app.command("resume")
+@handle_errors
+def resume_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="An interrupted or failed run folder.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Must match the run's data (sha256).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Must match the run's method.")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Must match the run's template.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Continue despite changed inputs.")] = False,
+) -> None:
+    """Continue a run from its newest checkpoint (same step, optimizer and LR schedule)."""
+    _report_training(_resume(run_dir, data, method, template, force))
 
 
 @app.command()
