@@ -121,6 +121,11 @@ def run(
     """
     echo = echo if echo is not None else sys.stdout.buffer
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    # llamafactory-cli starts `torchrun` by name: make the venv it lives in (not activated when
+    # qwenft is called as .venv/bin/qwenft) come first on PATH.
+    bin_dir = str(Path(argv[0]).parent) if os.sep in argv[0] else None
+    if bin_dir:
+        full_env["PATH"] = os.pathsep.join([bin_dir, full_env.get("PATH", "")])
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in finally
     stopped: list[int | str] = []  # the signal number, or the monitor's reason
 

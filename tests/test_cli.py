@@ -247,3 +247,55 @@ def test_models_lists_presets() -> None:
     assert by_name["qwen3-8b"]["template"] == "qwen3"
     assert by_name["qwen3-4b-instruct-2507"]["template"] == "qwen3_nothink"
     assert 7.0 < by_name["qwen2.5-7b-instruct"]["params_b"] < 7.8
+
+
+def test_multinode_dry_run_prints_every_node(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
+    result = invoke("train", "--model", local_model, "--data", chat_file, "--dry-run", "--gpus", "8",
+                    "--nnodes", "2", "--master-addr", "10.0.0.1", "--master-port", "29501")
+    assert result.exit_code == 0, result.output
+    for rank in (0, 1):
+        assert f"# node {rank} of 2:" in result.output
+        assert (f"FORCE_TORCHRUN=1 NPROC_PER_NODE=8 NNODES=2 NODE_RANK={rank} MASTER_ADDR=10.0.0.1 "
+                "MASTER_PORT=29501") in result.output
+    bad = invoke("train", "--model", local_model, "--data", chat_file, "--nnodes", "2")
+    assert bad.exit_code == 2 and "--master-addr" in bad.output
+    bad = invoke("train", "--model", local_model, "--data", chat_file, "--nnodes", "2",
+                 "--node-rank", "2", "--master-addr", "h")
+    assert bad.exit_code == 2 and "--node-rank" in bad.output
+
+
+def test_resume_refusals_and_force(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
+    assert invoke("train", "--model", local_model, "--data", chat_file, "-o", "r").exit_code == 0
+    done = invoke("resume", "r")
+    assert done.exit_code == 2 and "already completed" in done.output
+    manifest = json.loads(Path("r/qwenft.json").read_text())
+    Path("r/qwenft.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    no_ckpt = invoke("resume", "r")
+    assert no_ckpt.exit_code == 2 and "no checkpoint" in no_ckpt.output
+    Path("r/checkpoint-4").mkdir()
+    assert invoke("resume", "r", "--method", "full").exit_code == 2
+    assert "template qwen3 != qwen" in invoke("train", "--resume", "r", "--template", "qwen3").output
+    chat_file.write_text(chat_file.read_text() + chat_file.read_text())
+    changed = invoke("resume", "r")
+    assert changed.exit_code == 2 and "the data changed" in changed.output
+    assert len(read_calls(fake_cli)) == 1  # nothing launched by any refusal
+    forced = invoke("resume", "r", "--force")
+    assert forced.exit_code == 0, forced.output
+    calls = read_calls(fake_cli)
+    assert len(calls) == 2 and calls[1]["argv"] == calls[0]["argv"]
+    resumes = json.loads(Path("r/qwenft.json").read_text())["resumes"]
+    assert resumes[0]["from"] == "checkpoint-4" and resumes[0]["forced"] is True
+
+
+def test_loss_watch_stops_nan_and_zero(tmp_path: Path) -> None:
+    from qwenft.runs import LossWatch
+
+    log = tmp_path / "trainer_log.jsonl"
+    watch = LossWatch(tmp_path, patience=3)
+    assert watch() is None
+    log.write_text("".join(json.dumps({"loss": x}) + "\n" for x in (2.0, float("nan"), float("nan"))))
+    assert watch() is None  # only two in a row
+    log.write_text(log.read_text() + json.dumps({"loss": float("nan")}) + "\n")
+    assert "NaN" in watch()
+    log.write_text("".join(json.dumps({"loss": x}) + "\n" for x in (1.0, 0.0, 0.0, 0.0)))
+    assert "exactly 0" in watch()

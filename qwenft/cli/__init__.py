@@ -293,9 +293,10 @@ def models(as_json: JsonOpt = False) -> None:
 
 
 def _mount_subcommands() -> None:
-    from qwenft.cli import data
+    from qwenft.cli import data, plan
 
     app.add_typer(data.app, name="data")
+    app.command("plan")(plan.plan)
 
 
 _mount_subcommands()

@@ -1,0 +1,472 @@
+"""Predict peak GPU memory per device for a LLaMA-Factory fine-tuning run, before launching it.
+
+Plain arithmetic over the architecture numbers in `qwenft.presets.Arch`: no torch, no typer.
+The model and its constants are explained, with the calibration table, in docs/memory.md.
+
+Units: every internal quantity is in bytes. "GB" is decimal (1e9 bytes), "GiB" is binary (2**30).
+`--gpu-mem`/`gpu_mem_gb` is decimal GB, like `peak_gb`: a card sold as "24 GB" has 24 GiB =
+25.8 GB, so typing 24 leaves about 7% of headroom, which is about the estimator's error.
+
+Peak per device = static (weights + trainable states) + max(forward/backward transient,
+optimizer-step transient) + allocator slack + CUDA context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from qwenft.errors import QwenftError
+from qwenft.presets import Arch
+
+GB = 1e9
+GIB = 2**30
+
+METHODS = ("full", "freeze", "lora", "qlora")
+DEEPSPEED_STAGES = ("none", "z0", "z2", "z3", "z2-offload", "z3-offload")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANT_BITS = (4, 8)
+
+# --- constants (each one is explained in docs/memory.md) ------------------------------------
+BF16 = 2  # bytes per bf16 value
+FP32 = 4
+NF4_BITS_PER_PARAM = 4.127  # QLoRA paper: NF4 + double quantization (4 + 0.127 for the scales)
+INT8_SCALE_BYTES_PER_ROW = 4  # LLM.int8: one fp32 scale per output row
+LOGIT_BYTES = 14  # per (token x vocab) entry: bf16 logits + fp32 upcast, log-softmax, gradient
+CUDA_CONTEXT_BYTES = 1.0e9  # CUDA context, cuBLAS/cuDNN workspaces, kernels of loaded libraries
+NCCL_BYTES = 0.5e9  # NCCL communicator buffers when more than one GPU takes part
+ALLOCATOR_SLACK = 0.10  # PyTorch caching allocator: reserved - allocated at the peak
+DS_BUCKET_ELEMENTS = 5e8  # reduce/allgather bucket of configs/deepspeed/z0,z2*.json
+DS_SUB_GROUP_ELEMENTS = 1e9  # sub_group_size of configs/deepspeed/z3*.json
+FREEZE_TRAINABLE_LAYERS = 2  # LLaMA-Factory's freeze_trainable_layers default
+AUTO_BATCH_SIZES = (8, 4, 2, 1)
+
+_ZERO_STAGE = {"none": 0, "z0": 0, "z2": 2, "z3": 3, "z2-offload": 2, "z3-offload": 3}
+
+
+@dataclass
+class PlanInput:
+    """One training configuration to estimate."""
+
+    arch: Arch
+    method: str = "lora"  # full | freeze | lora | qlora
+    bits: int | None = None  # qlora: 4 (default) or 8
+    gpus: int = 1
+    deepspeed: str = "none"  # none | z0 | z2 | z3 | z2-offload | z3-offload
+    cutoff_len: int = 1024
+    batch_size: int = 1
+    lora_rank: int = 16
+    lora_target: str = "all"
+    gradient_checkpointing: bool = True
+    liger: bool = False
+    gpu_mem_gb: float | None = None  # decimal GB per device
+    # torch>=2.8 makes transformers default to the fused AdamW (no step temporaries); the
+    # non-fused (foreach) AdamW allocates one fp32 temporary the size of the stepped params.
+    fused_optimizer: bool = True
+
+
+@dataclass
+class Plan:
+    """A predicted per-device peak with its breakdown (bytes)."""
+
+    method: str
+    bits: int | None
+    deepspeed: str
+    gpus: int
+    batch_size: int
+    cutoff_len: int
+    peak_bytes: float
+    breakdown: dict[str, float]
+    cpu_offload_bytes: float
+    fits: bool | None
+    margin_gb: float | None
+    gpu_mem_gb: float | None
+    peak_phase: str  # "forward/backward" | "optimizer step"
+    total_params: int
+    trainable_params: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GB
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("peak_bytes")
+        d.pop("breakdown")
+        d.pop("cpu_offload_bytes")
+        return {
+            "method": self.method,
+            "peak_gb": round(self.peak_gb, 3),
+            "peak_gib": round(self.peak_gib, 3),
+            "breakdown": {k: round(v / GB, 3) for k, v in self.breakdown.items()},
+            "cpu_offload_gb": round(self.cpu_offload_bytes / GB, 3),
+            "units": "GB = 1e9 bytes, GiB = 2**30 bytes; per device",
+            **{k: v for k, v in d.items() if k != "method"},
+        }
+
+
+# --- architecture arithmetic ------------------------------------------------------------------
+
+
+def linear_shapes(arch: Arch) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer in one decoder layer."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    hd = arch.head_dim or h // arch.num_attention_heads
+    q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def linear_params(arch: Arch) -> int:
+    """Parameters in the decoder's linear layers (what bitsandbytes quantizes)."""
+    return arch.num_hidden_layers * sum(a * b for a, b in linear_shapes(arch).values())
+
+
+def embedding_params(arch: Arch) -> int:
+    """embed_tokens plus lm_head (one matrix when tied); they stay bf16 under QLoRA."""
+    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+
+
+def parse_lora_target(target: str) -> tuple[str, ...]:
+    """'all' or a comma list of projection names -> the modules; QwenftError if unknown."""
+    text = target.strip()
+    if text == "all":
+        return LORA_MODULES
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in LORA_MODULES]
+    if not names or bad:
+        raise QwenftError(
+            f"unknown --lora-target {', '.join(bad) or repr(target)}",
+            f"use all, or a comma list of {','.join(LORA_MODULES)}",
+        )
+    return names
+
+
+def lora_params(arch: Arch, rank: int, targets: tuple[str, ...] = LORA_MODULES) -> int:
+    """Adapter parameters: rank x (in + out) per targeted linear, per layer."""
+    shapes = linear_shapes(arch)
+    return arch.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def zero_model_states(
+    psi: float,
+    stage: int,
+    n: int,
+    param_bytes: int = BF16,
+    grad_bytes: int = BF16,
+    optim_bytes: int = 12,
+) -> dict[str, float]:
+    """Per-device bytes of parameters, gradients and optimizer states under ZeRO (Rajbhandari
+    et al. 2020): stage 0: (2+2+12)Ψ; 1: 4Ψ + 12Ψ/N; 2: 2Ψ + 14Ψ/N; 3: 16Ψ/N."""
+    p, g, o = param_bytes * psi, grad_bytes * psi, optim_bytes * psi
+    if stage == 0:
+        return {"params": p, "grads": g, "optimizer": o}
+    if stage == 1:
+        return {"params": p, "grads": g, "optimizer": o / n}
+    if stage == 2:
+        return {"params": p, "grads": g / n, "optimizer": o / n}
+    if stage == 3:
+        return {"params": p / n, "grads": g / n, "optimizer": o / n}
+    raise QwenftError(f"unknown ZeRO stage {stage}")
+
+
+def layer_activation_bytes_per_token(
+    arch: Arch, lora_targets: tuple[str, ...] = (), liger: bool = False
+) -> float:
+    """Bytes one decoder layer keeps for backward, per token (bf16, SDPA/flash attention).
+
+    Two RMSNorms keep their fp32 upcast input and bf16 output (6h each; Liger: 2h); attention
+    keeps q, k, v after RoPE, its output and o_proj's input copy (6q + 4kv); the SwiGLU MLP keeps
+    gate, up, silu(gate) and the product (8i; Liger recomputes silu: 6i). Each LoRA-wrapped
+    linear adds its dropout mask and bf16 input copy (3 bytes x in_features).
+    """
+    shapes = linear_shapes(arch)
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    norms = 2 * (2 * h if liger else 6 * h)
+    attn = 6 * q + 4 * kv
+    mlp = (6 if liger else 8) * i
+    lora = sum(3 * shapes[t][0] for t in lora_targets)
+    return norms + attn + mlp + lora
+
+
+# --- the estimator ----------------------------------------------------------------------------
+
+
+def _validate(inp: PlanInput) -> list[str]:
+    problems = []
+    if inp.method not in METHODS:
+        problems.append(f"unknown method {inp.method!r} (use {', '.join(METHODS)})")
+    if inp.deepspeed not in DEEPSPEED_STAGES:
+        problems.append(
+            f"unknown --deepspeed {inp.deepspeed!r} (use {', '.join(DEEPSPEED_STAGES)})"
+        )
+    for name in ("gpus", "cutoff_len", "batch_size", "lora_rank"):
+        value = getattr(inp, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(
+                f"--{name.replace('_', '-')} must be a positive whole number (got {value!r})"
+            )
+    if inp.bits is not None:
+        if inp.method in ("full", "freeze", "lora"):
+            problems.append(
+                f"--bits applies to qlora only (got --method {inp.method} --bits {inp.bits})"
+            )
+        elif inp.bits not in QUANT_BITS:
+            problems.append(f"--bits {inp.bits} is not supported by bitsandbytes (use 4 or 8)")
+    if inp.gpu_mem_gb is not None and not inp.gpu_mem_gb > 0:
+        problems.append(f"--gpu-mem must be above 0 GB (got {inp.gpu_mem_gb!r})")
+    return problems
+
+
+def estimate(inp: PlanInput) -> Plan:
+    """Predict the peak GPU memory per device for one configuration; QwenftError if invalid."""
+    problems = _validate(inp)
+    targets: tuple[str, ...] = ()
+    if inp.method in ("lora", "qlora"):
+        try:
+            targets = parse_lora_target(inp.lora_target)
+        except QwenftError as exc:
+            problems.append(exc.message)
+    if problems:
+        raise QwenftError(
+            "; ".join(problems),
+            "see `qwenft plan --help` for the accepted values",
+        )
+
+    arch, n, ds = inp.arch, inp.gpus, inp.deepspeed
+    stage, offload, uses_ds = _ZERO_STAGE[ds], ds.endswith("-offload"), ds != "none"
+    bits = (inp.bits or 4) if inp.method == "qlora" else None
+    tokens = inp.batch_size * inp.cutoff_len
+    h, L = arch.hidden_size, arch.num_hidden_layers
+    total = arch.params
+    lin, emb = linear_params(arch), embedding_params(arch)
+    layer_params = (total - emb - h) // L
+    notes: list[str] = []
+
+    # Which parameters train, and which sit frozen in bf16 (or quantized).
+    if inp.method == "full":
+        trainable, frozen = total, 0
+    elif inp.method == "freeze":
+        trainable = min(FREEZE_TRAINABLE_LAYERS, L) * layer_params
+        frozen = total - trainable
+    else:
+        trainable, frozen = lora_params(arch, inp.lora_rank, targets), total
+
+    # Frozen weights: bf16, or the decoder linears quantized (embeddings/lm_head/norms stay bf16).
+    if bits == 4:
+        frozen_bytes = lin * NF4_BITS_PER_PARAM / 8 + (total - lin) * BF16
+    elif bits == 8:
+        rows = L * sum(o for _, o in linear_shapes(arch).values())
+        frozen_bytes = lin * 1 + rows * INT8_SCALE_BYTES_PER_ROW + (total - lin) * BF16
+    else:
+        frozen_bytes = frozen * BF16
+
+    # Trainable states. With DeepSpeed (bf16 enabled) the module is bf16 and the optimizer keeps
+    # an fp32 master copy: 2 + 2 + 12 bytes. Without it, LLaMA-Factory upcasts trainable params
+    # to fp32: 4 + 4 + 8 bytes. Both are 16 bytes per trainable parameter.
+    pb, gb_, ob = (BF16, BF16, 12) if uses_ds else (FP32, FP32, 8)
+    states = zero_model_states(trainable, stage, n, pb, gb_, ob)
+    cpu = 0.0
+    if stage == 3 and not offload:
+        frozen_bytes /= n  # ZeRO-3 partitions every parameter, frozen ones too
+    if offload:
+        # optimizer states, fp32 master and fp32 gradients live in CPU RAM (per process)
+        cpu += states.pop("optimizer") + FP32 * trainable / n
+        states.pop("grads")
+        if stage == 3:  # z3-offload also offloads the bf16 parameters
+            cpu += states.pop("params") + frozen_bytes / n
+            frozen_bytes = 0.0
+    weights = frozen_bytes + states.pop("params", 0.0)
+    gradients = states.pop("grads", 0.0)
+    optimizer = states.pop("optimizer", 0.0)
+
+    # Activations kept for backward.
+    per_layer = layer_activation_bytes_per_token(arch, targets, inp.liger) * tokens
+    head = tokens * 6 * h  # final norm (fp32 + bf16) before lm_head
+    if inp.gradient_checkpointing:
+        # each layer's bf16 input is kept; one layer is recomputed in backward, with its gradients
+        activations = L * tokens * BF16 * h + 2 * per_layer + head
+    else:
+        activations = L * per_layer + head
+    logits = tokens * FP32 * 2 * h if inp.liger else tokens * arch.vocab_size * LOGIT_BYTES
+
+    # Buffers alive during forward/backward.
+    buffers = 0.0
+    largest_linear = max(a * b for a, b in linear_shapes(arch).values())
+    if bits:
+        buffers += BF16 * largest_linear  # one dequantized weight at a time
+    if uses_ds and stage in (0, 2):
+        buffers += BF16 * min(DS_BUCKET_ELEMENTS, trainable)  # contiguous reduce bucket
+    if stage == 3:
+        # gathered working set: the largest module (lm_head/embedding or one layer), plus its
+        # full gradient before reduce-scatter when the base itself trains
+        largest = max(arch.vocab_size * h, layer_params)
+        buffers += BF16 * largest * (2 if inp.method in ("full", "freeze") else 1)
+    if not uses_ds and n > 1:
+        buffers += gb_ * trainable  # DDP gradient buckets
+    fwd_bwd = activations + logits + buffers
+
+    # Optimizer step transient: DeepSpeed turns the bf16 gradient partition into an fp32 copy;
+    # a non-fused AdamW allocates one more fp32 temporary of the stepped size.
+    stepped = 0.0 if offload else trainable / (n if stage >= 1 else 1)
+    if stage == 3:
+        stepped = min(stepped, DS_SUB_GROUP_ELEMENTS)
+    step = (FP32 * stepped if uses_ds else 0.0) + (0.0 if inp.fused_optimizer else FP32 * stepped)
+
+    static = weights + gradients + optimizer
+    breakdown = {"weights": weights, "gradients": gradients, "optimizer_states": optimizer}
+    if fwd_bwd >= step:
+        phase = "forward/backward"
+        breakdown.update(activations=activations, logits_and_loss=logits, buffers=buffers)
+    else:
+        phase = "optimizer step"
+        breakdown.update(optimizer_step=step)
+    allocated = static + max(fwd_bwd, step)
+    breakdown["allocator_slack"] = ALLOCATOR_SLACK * allocated
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0.0)
+    peak = sum(breakdown.values())
+
+    if uses_ds and n == 1 and not offload and stage >= 2:
+        notes.append(
+            f"--deepspeed {ds} on one GPU partitions nothing: it buys nothing over none "
+            f"(use {ds}-offload to move optimizer states to CPU RAM)"
+        )
+    if offload:
+        notes.append(
+            f"offload keeps {cpu / GB:.1f} GB per process in CPU RAM "
+            f"({cpu * n / GB:.1f} GB for {n} GPU(s)); steps run on the CPU and are slow"
+        )
+    if inp.method == "qlora" and stage == 3:
+        notes.append("QLoRA with ZeRO-3 needs bitsandbytes>=0.43 and LLaMA-Factory's zero3 support")
+    if not inp.gradient_checkpointing:
+        notes.append("without gradient checkpointing every layer keeps its activations")
+    if not inp.liger and logits > 0.2 * peak:
+        notes.append(
+            f"logits and loss take {logits / GB:.1f} GB ({arch.vocab_size} vocab); "
+            "--liger fuses them away"
+        )
+
+    fits = margin = None
+    if inp.gpu_mem_gb is not None:
+        margin = inp.gpu_mem_gb - peak / GB
+        fits = margin >= 0
+        if fits and margin < 0.1 * inp.gpu_mem_gb:
+            notes.append("tight: less than 10% headroom, about the estimator's error")
+
+    return Plan(
+        method=inp.method,
+        bits=bits,
+        deepspeed=ds,
+        gpus=n,
+        batch_size=inp.batch_size,
+        cutoff_len=inp.cutoff_len,
+        peak_bytes=peak,
+        breakdown=breakdown,
+        cpu_offload_bytes=cpu,
+        fits=fits,
+        margin_gb=None if margin is None else round(margin, 3),
+        gpu_mem_gb=inp.gpu_mem_gb,
+        peak_phase=phase,
+        total_params=total,
+        trainable_params=int(trainable),
+        notes=notes,
+    )
+
+
+# --- choosing a method ------------------------------------------------------------------------
+
+
+def _candidates(method: str, gpus: int, deepspeed: str | None) -> list[str]:
+    if deepspeed not in (None, "auto"):
+        return [deepspeed]
+    if gpus == 1:
+        return ["none"]
+    if method in ("full", "freeze"):
+        return ["z2", "z3"]  # ZeRO-2 is faster when it fits; ZeRO-3 partitions the weights too
+    if method == "lora":
+        return ["none", "z3"]
+    return ["none"]
+
+
+def choose_method(
+    arch: Arch,
+    gpu_mem_gb: float,
+    gpus: int = 1,
+    cutoff_len: int = 1024,
+    batch_size: int | None = None,
+    lora_rank: int = 16,
+    lora_target: str = "all",
+    gradient_checkpointing: bool = True,
+    liger: bool = False,
+    deepspeed: str | None = None,
+) -> tuple[Plan, str]:
+    """The best method that fits: full -> LoRA -> QLoRA 8-bit -> QLoRA 4-bit, each with the
+    first DeepSpeed stage that fits and the largest batch size (of 8, 4, 2, 1) that fits.
+
+    Offload stages are never chosen on their own (they need large CPU RAM and run slowly); pass
+    `deepspeed` to force a stage. Returns the plan and a one-line explanation.
+    """
+    if gpu_mem_gb is None or not gpu_mem_gb > 0:
+        raise QwenftError(
+            "--method auto needs the memory of one GPU", "pass --gpu-mem GB (e.g. --gpu-mem 24)"
+        )
+    batches = (batch_size,) if batch_size is not None else AUTO_BATCH_SIZES
+    order = [("full", None), ("lora", None), ("qlora", 8), ("qlora", 4)]
+    tried: list[str] = []
+    smallest: Plan | None = None
+    for method, bits in order:
+        for ds in _candidates(method, gpus, deepspeed):
+            for b in batches:
+                plan = estimate(
+                    PlanInput(
+                        arch=arch,
+                        method=method,
+                        bits=bits,
+                        gpus=gpus,
+                        deepspeed=ds,
+                        cutoff_len=cutoff_len,
+                        batch_size=b,
+                        lora_rank=lora_rank,
+                        lora_target=lora_target,
+                        gradient_checkpointing=gradient_checkpointing,
+                        liger=liger,
+                        gpu_mem_gb=gpu_mem_gb,
+                    )
+                )
+                if smallest is None or plan.peak_bytes < smallest.peak_bytes:
+                    smallest = plan
+                if plan.fits:
+                    label = _label(plan)
+                    skipped = f" ({'; '.join(tried)})" if tried else ""
+                    why = f"{label} fits: {plan.peak_gb:.1f} of {gpu_mem_gb:g} GB per GPU{skipped}"
+                    return plan, why
+            where = "no DeepSpeed" if ds == "none" else ds
+            tried.append(f"{_label_of(method, bits)} with {where} needs {plan.peak_gb:.1f} GB")
+    assert smallest is not None
+    raise QwenftError(
+        f"nothing fits in {gpu_mem_gb:g} GB x {gpus} GPU(s): even {_label(smallest)} "
+        f"needs {smallest.peak_gb:.1f} GB per GPU",
+        "use more GPUs (--gpus), a shorter --cutoff-len, --liger, a smaller model, "
+        "or --deepspeed z3-offload",
+    )
+
+
+def _label_of(method: str, bits: int | None) -> str:
+    return {"full": "full", "freeze": "freeze", "lora": "LoRA"}.get(method) or f"QLoRA {bits}-bit"
+
+
+def _label(plan: Plan) -> str:
+    ds = "" if plan.deepspeed == "none" else f", DeepSpeed {plan.deepspeed}"
+    return f"{_label_of(plan.method, plan.bits)} (batch {plan.batch_size}{ds})"

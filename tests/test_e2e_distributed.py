@@ -1,0 +1,102 @@
+"""Several processes and machines, interruption and resume, with the real torchrun/DeepSpeed.
+
+Two CPU processes stand in for two GPUs (gloo backend); two torchrun launches on loopback stand
+in for two machines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_e2e import losses, manifest, qwenft
+
+pytestmark = pytest.mark.e2e
+
+SHORT = ["--max-steps", "3", "--batch-size", "1", "--grad-accum", "1", "--cutoff-len", "64",
+         "--val-size", "0", "--set", "logging_steps=1", "--set", "save_steps=1000"]
+
+
+def env_without_fake() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "FAKE_LF_RECORD"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage", ["z2", "z3"])
+def test_full_two_processes_deepspeed(tiny_home: Path, chat_file: Path, stage: str) -> None:
+    run = Path(f"runs/full-{stage}").absolute()
+    qwenft("train", "--model", "tiny-qwen2", "--method", "full", "--gpus", "2", "--deepspeed", stage,
+           "--data", chat_file, "-o", run, *SHORT)
+    m = manifest(run)
+    assert m["status"] == "completed" and m["summary"]["global_step"] == 3
+    assert m["env"]["FORCE_TORCHRUN"] == "1" and m["env"]["NPROC_PER_NODE"] == "2"
+    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == int(stage[1])
+    assert all(math.isfinite(x) and x > 0 for x in losses(run))
+    assert any(run.glob("*.safetensors"))
+
+
+def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        args = ["train", "--model", "tiny-qwen2", "--method", "lora", "--data", str(chat_file),
+                "-o", str(Path(f"runs/node{rank}").absolute()), "--gpus", "1", "--nnodes", "2",
+                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                *SHORT]
+        nodes.append(subprocess.Popen([sys.executable, "-m", "qwenft", *args], env=env_without_fake(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    for p, out in zip(nodes, outputs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    m0, m1 = manifest(Path("runs/node0")), manifest(Path("runs/node1"))
+    assert (m0["env"]["NNODES"], m0["env"]["NODE_RANK"], m1["env"]["NODE_RANK"]) == ("2", "0", "1")
+    assert m0["status"] == m1["status"] == "completed"
+    assert m0["summary"]["global_step"] == 3  # global rank 0 logs and saves
+    assert (Path("runs/node0") / "adapter_model.safetensors").is_file()
+
+
+def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path) -> None:
+    run = Path("runs/resume").absolute()
+    args = ["train", "--model", "tiny-qwen2", "--method", "lora", "--data", str(chat_file), "-o", str(run),
+            "--max-steps", "40", "--batch-size", "2", "--grad-accum", "1", "--cutoff-len", "64",
+            "--val-size", "0", "--lr", "1e-3", "--set", "lr_scheduler_type=linear",
+            "--set", "warmup_ratio=0", "--set", "logging_steps=1", "--set", "save_steps=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "qwenft", *args], env=env_without_fake(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-5" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert f"qwenft resume {run}" in stderr
+    m = manifest(run)
+    assert m["status"] == "interrupted"
+    state = json.loads((run / "trainer_state.json").read_text()) if (run / "trainer_state.json").exists() else {}
+    assert state.get("global_step", 0) < 40
+
+    qwenft("resume", run)
+    m = manifest(run)
+    assert m["status"] == "completed" and len(m["resumes"]) == 1
+    assert m["summary"]["global_step"] == 40
+    assert "Resuming training from" in (run / "train.log").read_text()
+    # the learning-rate schedule continued: linear decay, never back up to the initial value
+    rows = [json.loads(x) for x in (run / "trainer_log.jsonl").read_text().splitlines()]
+    by_step = {r["current_steps"]: r["lr"] for r in rows if "lr" in r}
+    lrs = [by_step[s] for s in sorted(by_step)]
+    assert sorted(by_step) == list(range(1, 41))
+    assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs

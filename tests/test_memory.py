@@ -1,0 +1,492 @@
+"""The memory estimator (qwenft.memory) and `qwenft plan`, calibrated against published numbers.
+
+Units. The Qwen guide's figures are written "GB" but read off nvidia-smi (which prints MiB, so
+20.17 "GB" is 20654 MiB / 1024) or torch's byte counts divided by 1024**3, as such tables usually
+are: we read them as GiB and compare against `Plan.peak_gib`. That reading is also the only
+self-consistent one: LoRA minus QLoRA measures 9.88e9 bytes as GiB (9.20e9 as GB), and the
+weights alone differ by 9.69e9 bytes, which GB would leave negative for everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from qwenft.errors import QwenftError
+from qwenft.memory import (
+    GB,
+    NF4_BITS_PER_PARAM,
+    PlanInput,
+    choose_method,
+    estimate,
+    linear_params,
+    lora_params,
+    zero_model_states,
+)
+from qwenft.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+Q2_7B = PRESETS["qwen2-7b-instruct"].arch
+Q25_05B = PRESETS["qwen2.5-0.5b-instruct"].arch
+
+# --- calibration: the Qwen guide ---------------------------------------------------------------
+# Source: QwenLM/Qwen2 (now QwenLM/Qwen2.5) examples/llama-factory/finetune-zh.md:
+# "使用上述训练配置，各个方法实测的显存占用如下" (measured with the configs above):
+# full 42.18GB, LoRA 20.17GB, QLoRA 10.97GB, with qwen2-7b-{full,lora,qlora}-sft.yaml:
+# Qwen/Qwen2-7B-Instruct, cutoff_len 1024, per_device_train_batch_size 1, bf16, LoRA rank 16 on all
+# linear layers (lora_dropout 0.05), QLoRA 4-bit bitsandbytes, LLaMA-Factory 0.8.4.dev0 defaults
+# (gradient checkpointing on, SDPA attention, transformers' then-default non-fused `adamw_torch`).
+# The full run's DeepSpeed stage and GPU count are not stated; ZeRO-3 on 4 GPUs and ZeRO-2 on
+# 8 GPUs both reproduce it.
+GUIDE = dict(
+    arch=Q2_7B,
+    cutoff_len=1024,
+    batch_size=1,
+    lora_rank=16,
+    lora_target="all",
+    gradient_checkpointing=True,
+    fused_optimizer=False,
+)
+CALIBRATION = [
+    # (id, settings, published GiB, tolerance)
+    ("lora", dict(method="lora"), 20.17, 0.10),
+    ("qlora-4bit", dict(method="qlora", bits=4), 10.97, 0.10),
+    ("full-z3-4gpu", dict(method="full", deepspeed="z3", gpus=4), 42.18, 0.10),
+    ("full-z2-8gpu", dict(method="full", deepspeed="z2", gpus=8), 42.18, 0.15),
+]
+
+
+@pytest.mark.parametrize(
+    ("settings", "published", "tol"), [c[1:] for c in CALIBRATION], ids=[c[0] for c in CALIBRATION]
+)
+def test_calibration_against_the_qwen_guide(settings: dict, published: float, tol: float) -> None:
+    plan = estimate(PlanInput(**GUIDE, **settings))
+    error = (plan.peak_gib - published) / published
+    assert abs(error) <= tol, f"predicted {plan.peak_gib:.2f} GiB vs published {published} GiB"
+
+
+def test_most_calibration_points_are_within_ten_percent() -> None:
+    errors = [
+        abs(estimate(PlanInput(**GUIDE, **s)).peak_gib - pub) / pub for _, s, pub, _ in CALIBRATION
+    ]
+    assert all(e <= 0.15 for e in errors)
+    assert sum(e <= 0.10 for e in errors) >= len(errors) - 1
+
+
+def test_lora_minus_qlora_is_the_weight_difference() -> None:
+    # the measured difference (as GiB: 9.88e9 bytes) is the bf16 -> NF4 saving on the linears
+    lora = estimate(PlanInput(**GUIDE, method="lora")).peak_bytes
+    qlora = estimate(PlanInput(**GUIDE, method="qlora", bits=4)).peak_bytes
+    measured = (20.17 - 10.97) * 2**30
+    assert abs((lora - qlora) - measured) / measured < 0.10
+
+
+# --- the ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+# Trillion Parameter Models", section 5 / figure 1): mixed-precision Adam keeps 16 bytes per
+# parameter: 2Ψ bf16 params + 2Ψ grads + 12Ψ (fp32 master, momentum, variance).
+PSI = 7.5e9
+
+
+@pytest.mark.parametrize(
+    ("stage", "n", "expected"),
+    [
+        (0, 1, 16 * PSI),
+        (0, 8, 16 * PSI),
+        (1, 8, 4 * PSI + 12 * PSI / 8),
+        (2, 8, 2 * PSI + 14 * PSI / 8),
+        (3, 8, 16 * PSI / 8),
+        (3, 64, 16 * PSI / 64),  # the paper's 7.5B / 64 GPUs example: 1.88 GB
+        (2, 64, 2 * PSI + 14 * PSI / 64),
+    ],
+)
+def test_zero_model_state_formulas(stage: int, n: int, expected: float) -> None:
+    assert sum(zero_model_states(PSI, stage, n).values()) == pytest.approx(expected)
+
+
+def test_zero_paper_examples_in_gb() -> None:
+    # figure 1 of the paper: Ψ = 7.5B, N = 64: 120 GB, 31.4 GB, 16.6 GB, 1.88 GB
+    for stage, gb in [(0, 120), (1, 31.4), (2, 16.6), (3, 1.88)]:
+        assert sum(zero_model_states(PSI, stage, 64).values()) / GB == pytest.approx(gb, rel=0.01)
+
+
+def test_full_finetuning_model_states_follow_zero_in_the_plan() -> None:
+    psi = Q2_7B.params
+    p = estimate(PlanInput(arch=Q2_7B, method="full", deepspeed="z2", gpus=8))
+    states = p.breakdown["weights"] + p.breakdown["gradients"] + p.breakdown["optimizer_states"]
+    assert states == pytest.approx(2 * psi + 14 * psi / 8)
+    p3 = estimate(PlanInput(arch=Q2_7B, method="full", deepspeed="z3", gpus=4))
+    states3 = p3.breakdown["weights"] + p3.breakdown["gradients"] + p3.breakdown["optimizer_states"]
+    assert states3 == pytest.approx(16 * psi / 4)
+
+
+# --- QLoRA paper (Dettmers et al. 2023, section 3): NF4 with double quantization costs
+# 4 + 0.127 bits per parameter (8/64 + 32/(64*256) for the scales).
+
+
+def test_nf4_double_quantization_bits() -> None:
+    assert NF4_BITS_PER_PARAM == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)
+
+
+def test_qlora_weights_are_nf4_linears_plus_bf16_embeddings() -> None:
+    lin = linear_params(Q2_7B)
+    p = estimate(PlanInput(arch=Q2_7B, method="qlora", bits=4))
+    adapters = 4 * lora_params(Q2_7B, 16)  # fp32 LoRA weights sit next to the frozen base
+    expected = lin * 4.127 / 8 + (Q2_7B.params - lin) * 2 + adapters
+    assert p.breakdown["weights"] == pytest.approx(expected)
+    p8 = estimate(PlanInput(arch=Q2_7B, method="qlora", bits=8))
+    assert p.breakdown["weights"] < p8.breakdown["weights"] < Q2_7B.params * 2
+
+
+def test_lora_parameter_count_for_qwen2_7b_rank16_all() -> None:
+    # rank x (in + out) per targeted linear, 28 layers: 40.37 M (PEFT prints 40,370,176)
+    assert lora_params(Q2_7B, 16) == 40_370_176
+
+
+# --- monotonicity -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora"])
+@pytest.mark.parametrize(
+    ("knob", "values"),
+    [
+        ("cutoff_len", [256, 512, 1024, 2048, 4096, 8192]),
+        ("batch_size", [1, 2, 4, 8]),
+    ],
+)
+def test_peak_grows_with_tokens(method: str, knob: str, values: list[int]) -> None:
+    peaks = [
+        estimate(PlanInput(arch=Q25_05B, method=method, **{knob: v})).peak_bytes for v in values
+    ]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_peak_grows_with_lora_rank(method: str) -> None:
+    peaks = [
+        estimate(PlanInput(arch=Q2_7B, method=method, lora_rank=r)).peak_bytes
+        for r in (8, 16, 32, 64, 128)
+    ]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+
+
+def test_method_ordering_and_switches() -> None:
+    def peak(**kw: object) -> float:
+        return estimate(PlanInput(arch=Q2_7B, **kw)).peak_bytes  # type: ignore[arg-type]
+
+    assert peak(method="qlora", bits=4) < peak(method="qlora", bits=8) < peak(method="lora")
+    assert peak(method="lora") < peak(method="freeze") < peak(method="full")
+    assert peak(method="lora", liger=True) < peak(method="lora")
+    assert peak(method="lora", gradient_checkpointing=False) > peak(method="lora") + 5 * GB
+    assert peak(method="lora", lora_target="q_proj,v_proj") < peak(method="lora")
+    full = [peak(method="full", deepspeed="z3", gpus=n) for n in (2, 4, 8)]
+    assert full == sorted(full, reverse=True)
+
+
+def test_offload_moves_states_to_cpu_ram() -> None:
+    on_gpu = estimate(PlanInput(arch=Q2_7B, method="full", deepspeed="z3", gpus=1))
+    off = estimate(PlanInput(arch=Q2_7B, method="full", deepspeed="z3-offload", gpus=1))
+    assert off.peak_bytes < on_gpu.peak_bytes / 5
+    assert off.cpu_offload_bytes == pytest.approx(18 * Q2_7B.params)  # bf16 + fp32 master/grad/m/v
+    assert on_gpu.cpu_offload_bytes == 0
+    assert any("CPU RAM" in n for n in off.notes)
+
+
+def test_z3_on_one_gpu_is_allowed_but_noted() -> None:
+    p = estimate(PlanInput(arch=Q25_05B, method="full", deepspeed="z3", gpus=1))
+    assert any("buys nothing" in n for n in p.notes)
+
+
+def test_fit_and_margin() -> None:
+    p = estimate(PlanInput(arch=Q2_7B, method="lora", gpu_mem_gb=80))
+    assert p.fits is True and p.margin_gb == pytest.approx(80 - p.peak_gb, abs=1e-3)
+    q = estimate(PlanInput(arch=Q2_7B, method="lora", gpu_mem_gb=16))
+    assert q.fits is False and q.margin_gb < 0
+    assert estimate(PlanInput(arch=Q2_7B)).fits is None
+
+
+def test_breakdown_sums_to_peak_and_to_dict_keys() -> None:
+    p = estimate(
+        PlanInput(arch=Q2_7B, method="full", deepspeed="z3", gpus=4, fused_optimizer=False)
+    )
+    assert sum(p.breakdown.values()) == pytest.approx(p.peak_bytes)
+    d = p.to_dict()
+    assert {"peak_gb", "peak_gib", "breakdown", "method", "fits", "margin_gb", "notes"} <= set(d)
+    assert d["peak_gib"] == pytest.approx(p.peak_bytes / 2**30, abs=1e-3)
+    assert sum(d["breakdown"].values()) == pytest.approx(d["peak_gb"], abs=0.01)
+    json.dumps(d)
+
+
+# --- choose_method ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "gpu_mem", "gpus", "method", "bits"),
+    [
+        (Q25_05B, 80, 1, "full", None),  # 0.5B fits fully on an 80 GB card
+        (Q2_7B, 80, 1, "lora", None),  # 7B full needs ~138 GB on one GPU
+        (Q2_7B, 24, 1, "lora", None),
+        (Q2_7B, 18, 1, "qlora", 8),
+        (Q2_7B, 12, 1, "qlora", 4),
+        (Q2_7B, 80, 8, "full", None),  # with 8 GPUs ZeRO makes full fit
+    ],
+)
+def test_choose_method_order(arch, gpu_mem, gpus, method, bits) -> None:  # noqa: ANN001
+    plan, why = choose_method(arch, gpu_mem, gpus=gpus)
+    assert (plan.method, plan.bits) == (method, bits)
+    assert plan.fits and plan.peak_gb <= gpu_mem
+    assert "\n" not in why and "fits" in why
+
+
+def test_choose_method_picks_stage_and_largest_batch() -> None:
+    plan, why = choose_method(Q2_7B, 80, gpus=8)
+    assert plan.deepspeed == "z2" and plan.batch_size in (1, 2, 4, 8)
+    if plan.batch_size < 8:
+        bigger = estimate(
+            PlanInput(
+                arch=Q2_7B,
+                method="full",
+                deepspeed="z2",
+                gpus=8,
+                batch_size=plan.batch_size * 2,
+                gpu_mem_gb=80,
+            )
+        )
+        assert not bigger.fits
+    fixed, _ = choose_method(Q2_7B, 24, gpus=1, batch_size=1)
+    assert fixed.batch_size == 1
+
+
+def test_choose_method_refuses_when_nothing_fits() -> None:
+    with pytest.raises(QwenftError, match="nothing fits"):
+        choose_method(PRESETS["qwen2-72b-instruct"].arch, 8, gpus=1)
+    with pytest.raises(QwenftError, match="memory of one GPU"):
+        choose_method(Q2_7B, None)  # type: ignore[arg-type]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(method="adapter"), "unknown method"),
+        (dict(deepspeed="z1"), "unknown --deepspeed"),
+        (dict(gpus=0), "--gpus must be a positive"),
+        (dict(gpus=-2), "--gpus must be a positive"),
+        (dict(cutoff_len=0), "--cutoff-len must be a positive"),
+        (dict(batch_size=-1), "--batch-size must be a positive"),
+        (dict(lora_rank=0), "--lora-rank must be a positive"),
+        (dict(method="qlora", bits=3), "--bits 3 is not supported by bitsandbytes"),
+        (dict(method="lora", bits=4), "--bits applies to qlora only"),
+        (dict(lora_target="q_proj,attn"), "unknown --lora-target attn"),
+        (dict(gpu_mem_gb=0), "--gpu-mem must be above 0"),
+    ],
+)
+def test_bad_input(overrides: dict, message: str) -> None:
+    with pytest.raises(QwenftError, match=message.replace("-", r"\-")):
+        estimate(PlanInput(**{"arch": Q25_05B, **overrides}))
+
+
+def test_bad_input_reports_every_problem_at_once() -> None:
+    with pytest.raises(QwenftError) as info:
+        estimate(PlanInput(arch=Q25_05B, gpus=0, cutoff_len=-1, batch_size=0))
+    assert all(k in info.value.message for k in ("--gpus", "--cutoff-len", "--batch-size"))
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    from qwenft.cli.plan import plan
+
+    a = typer.Typer()
+    a.command("plan")(plan)
+
+    @a.command()
+    def other() -> None:  # a second command keeps Typer in subcommand mode
+        """Dummy."""
+
+    return a
+
+
+runner = CliRunner()
+
+
+def test_cli_table(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "-m", "Qwen/Qwen2-7B-Instruct", "--gpu-mem", "24"])
+    assert r.exit_code == 0, r.output
+    for text in (
+        "weights",
+        "activations",
+        "logits + loss",
+        "CUDA context",
+        "predicted peak",
+        "fits in 24 GB: yes",
+    ):
+        assert text in r.output
+    r = runner.invoke(app, ["plan", "-m", "qwen2-7b-instruct", "--gpu-mem", "16"])
+    assert r.exit_code == 0 and "NO" in r.output and "short" in r.output
+
+
+def test_cli_json(app: typer.Typer) -> None:
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            "--model",
+            "qwen2-7b-instruct",
+            "--method",
+            "qlora",
+            "--bits",
+            "4",
+            "--cutoff-len",
+            "2048",
+            "--gpu-mem",
+            "24",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert {"peak_gb", "peak_gib", "breakdown", "method"} <= set(d)
+    assert d["method"] == "qlora" and d["bits"] == 4 and d["cutoff_len"] == 2048
+    assert d["fits"] is True and d["peak_gb"] > d["peak_gib"]
+
+
+def test_cli_auto(app: typer.Typer) -> None:
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            "-m",
+            "qwen2-7b-instruct",
+            "--method",
+            "auto",
+            "--gpu-mem",
+            "24",
+            "--gpus",
+            "1",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["method"] == "lora" and "fits" in d["explanation"]
+    r = runner.invoke(
+        app, ["plan", "-m", "qwen2-7b-instruct", "--method", "auto", "--gpu-mem", "24"]
+    )
+    assert r.exit_code == 0 and r.output.startswith("auto: LoRA")
+
+
+def test_cli_full_defaults_to_z3_like_train(app: typer.Typer) -> None:
+    r = runner.invoke(
+        app, ["plan", "-m", "qwen2-7b-instruct", "--method", "full", "--gpus", "4", "--json"]
+    )
+    assert json.loads(r.output)["deepspeed"] == "z3"
+
+
+def test_cli_local_folder_reads_config_json(app: typer.Typer, tmp_path: Path) -> None:
+    folder = tmp_path / "Qwen2.5-0.5B-local"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "hidden_size": 896,
+                "intermediate_size": 4864,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 14,
+                "num_key_value_heads": 2,
+                "vocab_size": 151936,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
+    r = runner.invoke(app, ["plan", "-m", str(folder), "--json"])
+    assert r.exit_code == 0, r.output
+    preset = runner.invoke(app, ["plan", "-m", "qwen2.5-0.5b-instruct", "--json"])
+    assert json.loads(r.output)["peak_gb"] == json.loads(preset.output)["peak_gb"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-m", "no-such-model"], "unknown model"),
+        (["-m", "Qwen/Qwen2.5-9B-Imaginary"], "no architecture numbers"),
+        (["-m", "qwen2-7b-instruct", "--gpus", "0"], "--gpus must be a positive"),
+        (["-m", "qwen2-7b-instruct", "--cutoff-len", "-5"], "--cutoff-len must be a positive"),
+        (["-m", "qwen2-7b-instruct", "--batch-size", "0"], "--batch-size must be a positive"),
+        (["-m", "qwen2-7b-instruct", "--lora-rank", "0"], "--lora-rank must be a positive"),
+        (["-m", "qwen2-7b-instruct", "--method", "qlora", "--bits", "3"], "--bits 3"),
+        (["-m", "qwen2-7b-instruct", "--deepspeed", "z9"], "unknown --deepspeed"),
+        (["-m", "qwen2-7b-instruct", "--method", "dora"], "unknown --method"),
+        (["-m", "qwen2-7b-instruct", "--method", "auto"], "needs the memory of one GPU"),
+        (["-m", "qwen2-72b-instruct", "--method", "auto", "--gpu-mem", "8"], "nothing fits"),
+    ],
+)
+def test_cli_bad_input_exits_2(app: typer.Typer, argv: list[str], message: str) -> None:
+    r = runner.invoke(app, ["plan", *argv])
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_z3_one_gpu_notes_it_buys_nothing(app: typer.Typer) -> None:
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            "-m",
+            "qwen2.5-0.5b-instruct",
+            "--method",
+            "full",
+            "--deepspeed",
+            "z3",
+            "--gpus",
+            "1",
+        ],
+    )
+    assert r.exit_code == 0 and "buys nothing" in r.output
+
+
+def test_plan_module_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, qwenft.memory, qwenft.cli.plan; "
+        "bad = [m for m in ('torch', 'transformers', 'llamafactory') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- scripts/measure_memory.py ------------------------------------------------------------------
+
+
+def test_measure_memory_without_a_gpu_says_so_and_exits_0(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "measure_memory", ROOT / "scripts" / "measure_memory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # importable
+    if module.cuda_status()[0]:
+        pytest.skip("a CUDA GPU is present; the CPU path is not taken")
+    out = tmp_path / "m.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "measure_memory.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "needs a CUDA GPU" in r.stdout
+    assert not out.exists()
