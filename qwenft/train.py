@@ -33,6 +33,7 @@ class TrainRequest:
     deepspeed: str = "auto"
     template: str | None = None
     thinking: str = "auto"  # auto | on | off (Qwen3 hybrid models only)
+    gpu_mem_gb: float | None = None  # for --method auto and the fit check; default: what GPUs report
     dataset_dir: Path | None = None
     nnodes: int = 1
     node_rank: int = 0
@@ -58,6 +59,7 @@ class TrainPlan:
     deepspeed: str
     files: dict[str, str]
     manifest: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # choices and warnings to show before launch
 
 
 def detect_gpus() -> list[dict[str, Any]]:
@@ -98,8 +100,10 @@ def _thinking_choice(req: TrainRequest, model: presets.ResolvedModel, data: Path
 
 def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None) -> TrainPlan:
     """Check every input and render the run; raises QwenftError and writes nothing."""
-    if req.method not in render.METHODS:
-        raise QwenftError(f"unknown method {req.method!r}", f"choose one of {', '.join(render.METHODS)}")
+    if req.method not in (*render.METHODS, "auto"):
+        raise QwenftError(
+            f"unknown method {req.method!r}", f"choose auto or one of {', '.join(render.METHODS)}"
+        )
     if req.deepspeed not in (*render.DEEPSPEED_STAGES, "auto"):
         raise QwenftError(
             f"unknown --deepspeed {req.deepspeed!r}",
@@ -141,6 +145,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
             fam = presets.FAMILIES[presets.template_family(req.template)]
             model.template, model.thinking = req.template, fam.thinking
     enable_thinking = _thinking_choice(req, model, data)
+    req, notes = _fit_to_memory(req, model, gpus_seen, nproc)
 
     config_file: dict[str, Any] = {}
     if req.config_file:
@@ -200,7 +205,55 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     )
     files[runs.MANIFEST] = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
     return TrainPlan(run_dir, config, yaml_text, argv, env, model, dataset_name, dataset_dir,
-                     data, sha, stage, files, manifest)
+                     data, sha, stage, files, manifest, notes)
+
+
+def _fit_to_memory(
+    req: TrainRequest, model: presets.ResolvedModel, gpus_seen: list[dict[str, Any]], nproc: int
+) -> tuple[TrainRequest, list[str]]:
+    """--method auto picks what fits (qwenft plan's choice); otherwise warn when the plan says the
+    run will not fit the GPUs in sight. Returns the (possibly filled-in) request and notes."""
+    from dataclasses import replace
+
+    from qwenft import memory
+
+    gpu_mem = req.gpu_mem_gb or (min(g["memory_gib"] for g in gpus_seen) * 2**30 / 1e9 if gpus_seen else None)
+    cutoff = req.knobs.get("cutoff_len") or render.load_template("lora")["cutoff_len"]
+    batch = req.knobs.get("per_device_train_batch_size")
+    if req.method == "auto":
+        if model.arch is None or gpu_mem is None:
+            raise QwenftError(
+                "--method auto needs the model's shape and the GPU memory",
+                "pass --gpu-mem GB (and a preset, hub id from `qwenft models` or a local folder)",
+            )
+        chosen, why = memory.choose_method(
+            model.arch, gpu_mem, gpus=nproc, cutoff_len=cutoff, batch_size=batch,
+            deepspeed=None if req.deepspeed == "auto" else req.deepspeed,
+        )
+        knobs = {**req.knobs, "per_device_train_batch_size": batch or chosen.batch_size}
+        if chosen.method == "qlora":
+            knobs["quantization_bit"] = chosen.bits
+        deepspeed = chosen.deepspeed if req.deepspeed == "auto" else req.deepspeed
+        return replace(req, method=chosen.method, deepspeed=deepspeed, knobs=knobs), [f"auto: {why}"]
+    if model.arch is None or gpu_mem is None:
+        return req, []
+    stage = req.deepspeed if req.deepspeed != "auto" else ("z3" if req.method == "full" else "none")
+    bits = req.knobs.get("quantization_bit") or (4 if req.method == "qlora" else None)
+    est = memory.estimate(memory.PlanInput(
+        arch=model.arch, method=req.method, bits=bits, gpus=nproc, deepspeed=stage,
+        cutoff_len=cutoff, batch_size=batch or 1, lora_rank=req.knobs.get("lora_rank") or 16,
+        gpu_mem_gb=gpu_mem,
+    ))
+    if est.fits is not False:
+        return req, []
+    note = (f"warning: qwenft plan predicts {est.peak_bytes / 1e9:.1f} GB per GPU for this run, "
+            f"more than the {gpu_mem:.1f} GB available")
+    try:
+        _, why = memory.choose_method(model.arch, gpu_mem, gpus=nproc, cutoff_len=cutoff)
+        note += f"; what would fit: {why}"
+    except QwenftError:
+        note += "; nothing qwenft plans fits: add GPUs or lower --cutoff-len"
+    return req, [note]
 
 
 def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:

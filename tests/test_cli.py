@@ -299,3 +299,29 @@ def test_loss_watch_stops_nan_and_zero(tmp_path: Path) -> None:
     assert "NaN" in watch()
     log.write_text("".join(json.dumps({"loss": x}) + "\n" for x in (1.0, 0.0, 0.0, 0.0)))
     assert "exactly 0" in watch()
+
+
+def test_method_auto_picks_what_fits(fake_cli: Path, chat_file: Path) -> None:
+    big = invoke("train", "--method", "auto", "--gpu-mem", "24", "--model", "Qwen/Qwen2.5-7B-Instruct",
+                 "--data", chat_file, "--dry-run")
+    assert big.exit_code == 0, big.output
+    assert "auto:" in big.output and "finetuning_type: lora" in big.output
+    small = invoke("train", "--method", "auto", "--gpu-mem", "80", "--model", "Qwen/Qwen2.5-0.5B-Instruct",
+                   "--data", chat_file, "--dry-run")
+    assert small.exit_code == 0 and "finetuning_type: full" in small.output
+    nothing = invoke("train", "--method", "auto", "--model", "Qwen/Qwen2.5-0.5B", "--data", chat_file)
+    assert nothing.exit_code == 2 and "--gpu-mem" in nothing.output
+
+
+def test_warns_when_plan_does_not_fit(fake_cli: Path, chat_file: Path) -> None:
+    from qwenft.train import TrainRequest, plan_train
+
+    gpus = [{"name": "RTX 4090", "memory_gib": 24.0, "compute_cap": 8.9}]
+    req = TrainRequest(method="full", model="Qwen/Qwen2.5-7B-Instruct", data=chat_file, deepspeed="none")
+    plan = plan_train(req, gpus_seen=gpus)
+    assert plan.notes and plan.notes[0].startswith("warning: qwenft plan predicts")
+    assert "what would fit" in plan.notes[0]
+    assert plan.config["bf16"] is True  # compute capability 8.9 supports bf16
+    ok = plan_train(TrainRequest(method="qlora", model="Qwen/Qwen2.5-0.5B-Instruct", data=chat_file),
+                    gpus_seen=gpus)
+    assert ok.notes == [] and ok.config["bf16"] is True

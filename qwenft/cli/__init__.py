@@ -81,7 +81,12 @@ def train(
     data: Annotated[
         Path | None, typer.Option("--data", "-d", help="Chat data: jsonl of {\"messages\": [...]}.")
     ] = None,
-    method: Annotated[str | None, typer.Option("--method", help="lora (default), qlora or full.")] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="lora (default), qlora, full, or auto (what fits --gpu-mem).")
+    ] = None,
+    gpu_mem: Annotated[
+        float | None, typer.Option("--gpu-mem", help="GB per GPU for --method auto (default: as reported).")
+    ] = None,
     model: ModelOpt = "",
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Run folder (default runs/<model>-<method>-<time>).")
@@ -125,7 +130,7 @@ def train(
             "or a folder; `qwenft models` lists presets)",
         )
     req = TrainRequest(
-        method=method or "lora", model=model, data=data, output_dir=output_dir, gpus=gpus,
+        method=method or "lora", model=model, gpu_mem_gb=gpu_mem, data=data, output_dir=output_dir, gpus=gpus,
         deepspeed=deepspeed, template=template, thinking=thinking, dataset_dir=dataset_dir,
         nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
         config_file=config, set_items=set_ or [],
@@ -138,6 +143,8 @@ def train(
     if thinking not in ("auto", "on", "off"):
         raise QwenftError(f"--thinking must be auto, on or off (got {thinking!r})")
     plan = plan_train(req)
+    for note in plan.notes:
+        err(note)
     if dry_run:
         typer.echo(f"# run folder (not created): {plan.run_dir}")
         typer.echo(f"# dataset {plan.dataset_name} -> {plan.data_path} (registered in {plan.dataset_dir})")
