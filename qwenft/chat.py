@@ -24,15 +24,28 @@ class ChatTarget:
     model_kind: str
     tiny_preset: str | None = None
     source: str = ""
+    template: str = "qwen"  # LLaMA-Factory's name, for engines that go through LLaMA-Factory
 
 
-def resolve_target(spec: str, adapter: Path | None = None) -> ChatTarget:
+def check_template(trained: str, requested: str | None, force: bool) -> str:
+    """The template must be the one the model was trained with, unless the user insists."""
+    if requested and requested != trained and not force:
+        raise QwenftError(
+            f"this model was trained with template {trained!r}, not {requested!r}",
+            "drop --template (the run's own is used), or add --force if you really mean it",
+        )
+    return requested or trained
+
+
+def resolve_target(spec: str, adapter: Path | None = None, template: str | None = None,
+                   force: bool = False) -> ChatTarget:
     """A run folder (merged model if any, else base + adapter), a model folder, or a preset."""
     path = Path(spec).expanduser()
     if (path / runs.MANIFEST).is_file():
         m = runs.read_manifest(path)
         model = m["model"]
-        common = {"system": m.get("default_system", ""), "enable_thinking": m.get("enable_thinking")}
+        common = {"system": m.get("default_system", ""), "enable_thinking": m.get("enable_thinking"),
+                  "template": check_template(m["template"], template, force)}
         tiny = model["spec"].lower() if model["kind"] == "tiny" else None
         merged = m.get("merged")
         if adapter is None and merged and Path(merged).is_dir():
@@ -57,6 +70,7 @@ def resolve_target(spec: str, adapter: Path | None = None) -> ChatTarget:
         resolved.path, str(Path(adapter).absolute()) if adapter else None, resolved.default_system,
         False if resolved.thinking == "hybrid" else None, resolved.kind,
         tiny_preset=spec.lower() if resolved.kind == "tiny" else None, source=resolved.path,
+        template=template or resolved.template,
     )
 
 
@@ -69,19 +83,42 @@ class ChatSession:
     temperature: float = 0.0
     top_p: float = 1.0
     system: str | None = None
+    backend: str = "transformers"  # or "vllm" (through LLaMA-Factory's vLLM engine)
     history: list[dict[str, str]] = field(default_factory=list)
     _model: Any = None
     _tokenizer: Any = None
 
     def load(self) -> None:
+        import importlib.util
         import os
 
+        if self.backend not in ("transformers", "vllm"):
+            raise QwenftError(f"unknown backend {self.backend!r}", "choose transformers or vllm")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise QwenftError(
+                "--backend vllm needs the vllm package, which is not installed",
+                "on a CUDA machine: pip install vllm; or use the default --backend transformers",
+            )
         if self.target.model_kind in ("tiny", "local"):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if self.target.tiny_preset:
             from qwenft.tiny import ensure_tiny_model
 
             ensure_tiny_model(self.target.tiny_preset)
+        if self.system is None:
+            self.system = self.target.system
+        if self.backend == "vllm":
+            from llamafactory.chat import ChatModel
+
+            args = {"model_name_or_path": self.target.model_path, "template": self.target.template,
+                    "infer_backend": "vllm", "default_system": self.system or None,
+                    "do_sample": self.temperature > 0, "max_new_tokens": self.max_new_tokens}
+            if self.target.adapter_path:
+                args.update(adapter_name_or_path=self.target.adapter_path, finetuning_type="lora")
+            if self.target.enable_thinking is not None:
+                args["enable_thinking"] = self.target.enable_thinking
+            self._model = ChatModel(args)
+            return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.target.model_path)
@@ -91,8 +128,6 @@ class ChatSession:
 
             model = PeftModel.from_pretrained(model, self.target.adapter_path)
         self._model = model.eval()
-        if self.system is None:
-            self.system = self.target.system
 
     def reset(self) -> None:
         self.history.clear()
@@ -106,6 +141,8 @@ class ChatSession:
 
         if self._model is None:
             self.load()
+        if self.backend == "vllm":
+            return self._ask_llamafactory(prompt, on_text)
         messages = ([{"role": "system", "content": self.system}] if self.system else [])
         messages += [*self.history, {"role": "user", "content": prompt}]
         kwargs: dict[str, Any] = {}
@@ -145,6 +182,18 @@ class ChatSession:
         worker.join()
         if errors:
             raise errors[0]
+        answer = "".join(pieces).strip()
+        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return answer
+
+    def _ask_llamafactory(self, prompt: str, on_text: Callable[[str], None] | None) -> str:
+        """The same turn through LLaMA-Factory's ChatModel (used for its vLLM engine)."""
+        messages = [*self.history, {"role": "user", "content": prompt}]
+        pieces = []
+        for piece in self._model.stream_chat(messages, system=self.system or None):
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
         answer = "".join(pieces).strip()
         self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return answer

@@ -76,7 +76,80 @@ def fix_generation_config(model_dir: Path) -> list[str]:
     return [f"generation_config.json: added {', '.join(missing)} to eos_token_id"] if missing else []
 
 
-def execute_merge(plan: MergePlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def ensure_chat_template(model_dir: Path, base_dir: str) -> list[str]:
+    """The exported tokenizer must carry the chat template; copy the base model's if it is missing."""
+    cfg_path = model_dir / "tokenizer_config.json"
+    has = (model_dir / "chat_template.jinja").is_file() or (
+        cfg_path.is_file() and "chat_template" in json.loads(cfg_path.read_text())
+    )
+    if has:
+        return []
+    src = Path(base_dir) / "chat_template.jinja"
+    if src.is_file():
+        shutil.copyfile(src, model_dir / "chat_template.jinja")
+        return ["chat_template.jinja: copied from the base model (the export had none)"]
+    raise JobFailed(
+        "the merged tokenizer has no chat template", "export again from a base model that has one"
+    )
+
+
+def generation_check(model_dir: Path, system: str, prompt: str, max_new_tokens: int = 64) -> dict:
+    """Greedy generation through the chat template: does it end on a stop token within the limit?"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
+    stop = list(QWEN_STOP_TOKENS.values())
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop, pad_token_id=stop[1])
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    stopped = bool(new) and new[-1] in stop
+    return {"prompt": prompt, "new_tokens": len(new), "stopped": stopped,
+            "text": tok.decode(new, skip_special_tokens=True)}
+
+
+def verify_logits(merged_dir: Path, base_dir: str, adapter_dir: Path, prompts: list[str]) -> float:
+    """Largest absolute difference between the merged model's logits and base + adapter's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+            diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
+            worst = max(worst, diff)
+    return worst
+
+
+def _first_user_message(data_path: str | None) -> str:
+    """A question the model was trained on (the check should see the trained behaviour)."""
+    try:
+        with open(data_path or "", encoding="utf-8-sig") as fh:
+            for line in fh:
+                for msg in json.loads(line).get("messages", []):
+                    if msg.get("role") == "user" and msg.get("content"):
+                        return msg["content"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return "Hello! Who are you?"
+
+
+def execute_merge(plan: MergePlan, progress: Callable[[str], None] = print, *,
+                  check: bool = True, verify: bool = False) -> dict[str, Any]:
     """Export into a staging folder, check it, rename it into place, record it in the manifest."""
     plan.target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.target.name}.", dir=plan.target.parent))
@@ -94,13 +167,34 @@ def execute_merge(plan: MergePlan, progress: Callable[[str], None] = print) -> d
         if not any(staging.glob("*.safetensors")):
             raise JobFailed("the export wrote no weights", f"read the log: {log_path}")
         fixes = fix_generation_config(staging)
+        fixes += ensure_chat_template(staging, plan.manifest["model"]["path"])
         for fix in fixes:
             progress(f"fixed {fix}")
+        checks: dict[str, Any] = {"fixes": fixes}
+        if check:
+            prompt = _first_user_message((plan.manifest.get("dataset") or {}).get("path"))
+            gen = generation_check(staging, plan.manifest.get("default_system", ""), prompt)
+            checks["generation"] = gen
+            progress(f"check: greedy answer {'ends on a stop token' if gen['stopped'] else 'did NOT stop'} "
+                     f"after {gen['new_tokens']} tokens")
+            if not gen["stopped"]:
+                progress("warning: the merged model did not stop within 64 tokens; if you fine-tuned a "
+                         "base model, train longer so it learns to end turns with <|im_end|>")
+        if verify:
+            worst = verify_logits(staging, plan.manifest["model"]["path"], plan.run_dir,
+                                  [_first_user_message((plan.manifest.get("dataset") or {}).get("path")),
+                                   "Write one sentence about the sea.", "1+1="])
+            checks["verify_max_abs_logit_diff"] = worst
+            progress(f"verify: largest |merged - (base + adapter)| logit difference: {worst:.2e}")
+            if worst > 1e-2:
+                raise JobFailed(f"the merged model's logits differ from base + adapter by {worst:.3g}",
+                                "the merge is not faithful; check the base model path in qwenft.json")
         if plan.target.exists():
             plan.target.rmdir()  # empty (checked in plan_merge)
         staging.rename(plan.target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    runs.update_manifest(plan.run_dir, merged=str(plan.target), merged_at=runs.now_iso())
-    return {"merged": str(plan.target), "fixes": fixes}
+    runs.update_manifest(plan.run_dir, merged=str(plan.target), merged_at=runs.now_iso(),
+                         merge_checks=checks)
+    return {"merged": str(plan.target), **checks}

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from qwenft import datasets, launcher, presets, render, runs
+from qwenft import cache, datasets, launcher, presets, render, runs
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.paths import default_dataset_dir
 
@@ -179,6 +179,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         config_file=config_file, knobs=req.knobs, set_values=set_values,
     )
     config = render.build_train_config(spec)
+    if "tokenized_path" not in config and req.nnodes == 1:
+        # Several nodes on one shared file system could race on the cache: only for one node.
+        config["tokenized_path"] = str(cache.tokenized_dir(config, sha, model.kind))
     yaml_text = render.to_yaml(config, header=f"qwenft {req.method} fine-tune of {req.model}")
     files["train.yaml"] = yaml_text
 
@@ -262,7 +265,7 @@ def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> d
                     progress)
     run_dir = runs.create_run_dir(plan.run_dir, plan.files)
     progress(f"run folder: {run_dir}")
-    return _launch(run_dir, plan.argv, plan.env, progress)
+    return _launch(run_dir, plan.argv, plan.env, progress, plan.config.get("tokenized_path"))
 
 
 def _prepare_inputs(kind: str, spec: str, data: Path, name: str, dataset_dir: Path,
@@ -275,14 +278,21 @@ def _prepare_inputs(kind: str, spec: str, data: Path, name: str, dataset_dir: Pa
 
 
 def _launch(run_dir: Path, argv: list[str], env: dict[str, str],
-            progress: Callable[[str], None]) -> dict[str, Any]:
+            progress: Callable[[str], None], tokenized: str | None) -> dict[str, Any]:
     """Run `llamafactory-cli train` in run_dir under the loss watch; record how it ended."""
     import resource
 
+    tokenized_path = Path(tokenized) if tokenized else None
+    cache_hit = False
+    if tokenized_path:
+        cache.discard_partial(tokenized_path)
+        cache_hit = cache.is_ready(tokenized_path)
+        progress(f"tokenized data: {'reusing' if cache_hit else 'will cache at'} {tokenized_path}")
     progress(f"launching: {launcher.format_command(argv, env)}")
     log_path = run_dir / "train.log"
     started = time.monotonic()
-    runs.update_manifest(run_dir, status="running", started=runs.now_iso(), log=str(log_path))
+    runs.update_manifest(run_dir, status="running", started=runs.now_iso(), log=str(log_path),
+                         tokenized_cache={"path": tokenized, "hit": cache_hit} if tokenized else None)
     resume_hint = f"resume with: qwenft resume {run_dir}"
     try:
         code = launcher.run(argv, env, log_path, cwd=run_dir, monitor=runs.LossWatch(run_dir))
@@ -292,6 +302,8 @@ def _launch(run_dir: Path, argv: list[str], env: dict[str, str],
     except launcher.Stopped as exc:
         runs.update_manifest(run_dir, status="failed", ended=runs.now_iso(), reason=str(exc))
         raise JobFailed(f"training stopped: {exc}", f"read the log: {log_path}") from None
+    if tokenized_path:
+        cache.mark_if_saved(tokenized_path, log_path.read_text(encoding="utf-8", errors="replace"))
     summary = runs.training_summary(run_dir)
     summary["wall_s"] = round(time.monotonic() - started, 1)
     summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
@@ -345,4 +357,5 @@ def resume_train(
                                        "forced": bool(problems), "problems": problems}]
     runs.update_manifest(run_dir, resumes=resumes)
     progress(f"resuming {run_dir} from {checkpoints[-1].name}")
-    return _launch(run_dir, m["command"], m["env"], progress)
+    tokenized = yaml.safe_load((run_dir / "train.yaml").read_text()).get("tokenized_path")
+    return _launch(run_dir, m["command"], m["env"], progress, tokenized)

@@ -5,6 +5,7 @@ prove that training works with the real LLaMA-Factory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def test_missing_llamafactory_cli_names_setup(
 
 def test_merge_flow_and_refusals(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
     assert invoke("train", "--model", local_model, "--data", chat_file, "-o", "r").exit_code == 0
-    result = invoke("merge", "r")
+    result = invoke("merge", "r", "--no-check")
     assert result.exit_code == 0, result.output
     merged = Path("r/merged")
     assert (merged / "model.safetensors").is_file()
@@ -215,7 +216,7 @@ def test_merge_flow_and_refusals(fake_cli: Path, local_model: Path, chat_file: P
     assert call["argv"][0] == "export" and call["yaml"]["adapter_name_or_path"] == str(Path("r").absolute())
     assert "quantization_bit" not in call["yaml"]
     assert json.loads(Path("r/qwenft.json").read_text())["merged"] == str(merged.absolute())
-    again = invoke("merge", "r")
+    again = invoke("merge", "r", "--no-check")
     assert again.exit_code == 2 and "already exists" in again.output
     assert invoke("train", "--method", "full", "--model", local_model, "--data", chat_file, "-o", "f").exit_code == 0
     refused = invoke("merge", "f")
@@ -228,7 +229,7 @@ def test_failed_merge_leaves_no_target(
 ) -> None:
     assert invoke("train", "--model", local_model, "--data", chat_file, "-o", "r").exit_code == 0
     monkeypatch.setenv("FAKE_LF_EXIT", "1")
-    assert invoke("merge", "r").exit_code == 1
+    assert invoke("merge", "r", "--no-check").exit_code == 1
     assert not Path("r/merged").exists()
     assert not [p for p in Path("r").iterdir() if p.name.startswith(".merged")]
 
@@ -325,3 +326,44 @@ def test_warns_when_plan_does_not_fit(fake_cli: Path, chat_file: Path) -> None:
     ok = plan_train(TrainRequest(method="qlora", model="Qwen/Qwen2.5-0.5B-Instruct", data=chat_file),
                     gpus_seen=gpus)
     assert ok.notes == [] and ok.config["bf16"] is True
+
+
+def test_tokenized_cache_key_covers_every_input(fake_cli: Path, local_model: Path, chat_file: Path,
+                                                tmp_path: Path) -> None:
+    from qwenft.train import TrainRequest, plan_train
+
+    def path(**kw) -> str:
+        base = dict(method="lora", model=str(local_model), data=chat_file)
+        base.update(kw)
+        return plan_train(TrainRequest(**base), gpus_seen=[]).config["tokenized_path"]
+
+    first = path()
+    assert first == path()  # same inputs, same cache
+    assert Path(first).is_relative_to(Path.cwd().parent / "home" / "tokenized")
+    other_data = write_jsonl(tmp_path / "other.jsonl", [json.loads(chat_file.read_text().splitlines()[0])])
+    variants = [
+        path(knobs={"cutoff_len": 512}),
+        path(template="qwen3"),
+        path(data=other_data),
+        path(set_items=["val_size=0.2"]),
+        path(set_items=["packing=true"]),
+    ]
+    assert len({first, *variants}) == 1 + len(variants)
+    (local_model / "tokenizer.json").write_text("{}")  # a different tokenizer
+    assert path() != first
+    multi = plan_train(TrainRequest(method="lora", model=str(local_model), data=chat_file, nnodes=2,
+                                    master_addr="h"), gpus_seen=[])
+    assert "tokenized_path" not in multi.config
+
+
+def test_chat_refusals(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
+    assert invoke("train", "--model", local_model, "--data", chat_file, "-o", "r").exit_code == 0
+    wrong = invoke("chat", "r", "--template", "qwen3", "--prompt", "hi")
+    assert wrong.exit_code == 2 and "trained with template 'qwen'" in wrong.output
+    if importlib.util.find_spec("vllm") is None:
+        vllm = invoke("chat", "r", "--backend", "vllm", "--prompt", "hi")
+        assert vllm.exit_code == 2 and "pip install vllm" in vllm.output
+    missing = invoke("chat", "./nowhere/model", "--prompt", "hi")
+    assert missing.exit_code == 2 and "model folder not found" in missing.output
+    not_adapter = invoke("chat", local_model, "--adapter", local_model, "--prompt", "hi")
+    assert not_adapter.exit_code == 2 and "not a LoRA adapter" in not_adapter.output

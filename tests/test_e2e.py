@@ -58,7 +58,11 @@ def test_lora_learns_then_merge_then_chat(tiny_home: Path, chat_file: Path) -> N
     assert m["summary"]["global_step"] == 80
     assert (run / "adapter_model.safetensors").is_file() and (run / "train.log").stat().st_size > 0
 
-    qwenft("merge", run)
+    out = qwenft("merge", run, "--verify")
+    assert "ends on a stop token" in out.stderr  # the trained answer ends with <|im_end|>
+    m = manifest(run)
+    assert m["merge_checks"]["generation"]["stopped"] is True
+    assert m["merge_checks"]["verify_max_abs_logit_diff"] < 1e-3
     merged = run / "merged"
     assert (merged / "model.safetensors").is_file()
     gen = json.loads((merged / "generation_config.json").read_text())
@@ -135,3 +139,18 @@ def test_sigterm_stops_every_worker_and_marks_interrupted(tiny_home: Path, chat_
     alive = [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == []
     assert manifest(run)["status"] == "interrupted"
+
+
+def test_repeat_run_reuses_tokenized_data(tiny_home: Path, chat_file: Path) -> None:
+    runs = [Path(f"runs/tok{i}").absolute() for i in range(3)]
+    qwenft("train", "--model", "tiny-qwen2", "--data", chat_file, "-o", runs[0], *QUICK)
+    qwenft("train", "--model", "tiny-qwen2", "--data", chat_file, "-o", runs[1], *QUICK)
+    qwenft("train", "--model", "tiny-qwen2", "--data", chat_file, "-o", runs[2], *QUICK[:6], "--cutoff-len", "96",
+           *QUICK[8:])
+    first, second, third = (manifest(r)["tokenized_cache"] for r in runs)
+    assert first["hit"] is False and "Tokenized dataset is saved" in (runs[0] / "train.log").read_text()
+    assert second == {"path": first["path"], "hit": True}
+    assert "Loaded tokenized dataset from" in (runs[1] / "train.log").read_text()
+    assert "Running tokenizer on dataset" not in (runs[1] / "train.log").read_text()
+    assert third["path"] != first["path"] and third["hit"] is False
+    assert all(manifest(r)["status"] == "completed" for r in runs)

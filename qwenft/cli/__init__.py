@@ -204,11 +204,17 @@ def resume_cmd(
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A LoRA/QLoRA run folder.")],
     export_dir: Annotated[Path | None, typer.Option("--export-dir", help="Target (default RUN_DIR/merged).")] = None,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Greedy-generate once to check the model stops.")
+    ] = True,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Compare merged logits with base + adapter on a few prompts.")
+    ] = False,
 ) -> None:
     """Merge a LoRA/QLoRA adapter into its base model with llamafactory-cli export."""
     from qwenft.merge import execute_merge, plan_merge
 
-    result = execute_merge(plan_merge(run_dir, export_dir), progress=err)
+    result = execute_merge(plan_merge(run_dir, export_dir), progress=err, check=check, verify=verify)
     err(f"next: qwenft chat {result['merged']}")
     typer.echo(result["merged"])
 
@@ -223,11 +229,15 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (reproducible).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    backend: Annotated[str, typer.Option("--backend", help="transformers, or vllm (CUDA, if installed).")] = "transformers",
+    template: Annotated[str | None, typer.Option("--template", help="Must match the run's (else --force).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Allow a --template other than the trained one.")] = False,
 ) -> None:
     """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop."""
     from qwenft.chat import ChatSession, resolve_target
 
-    session = ChatSession(resolve_target(target, adapter), max_new_tokens, temperature, top_p, system)
+    session = ChatSession(resolve_target(target, adapter, template, force), max_new_tokens, temperature,
+                          top_p, system, backend)
     err(f"loading {session.target.source} ...")
     session.load()
     if prompt is not None:

@@ -33,4 +33,5 @@ if code == 0 and argv and argv[0] == "export":
     out = Path(cfg["export_dir"])
     (out / "model.safetensors").write_bytes(b"0")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645}))
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
 sys.exit(code)
