@@ -19,8 +19,19 @@ from qwenft.paths import qwenft_home
 
 # Data arguments that change what LLaMA-Factory's preprocessing produces.
 KEY_FIELDS = (
-    "stage", "template", "default_system", "enable_thinking", "cutoff_len", "val_size", "seed",
-    "packing", "neat_packing", "max_samples", "train_on_prompt", "mask_history", "tool_format",
+    "stage",
+    "template",
+    "default_system",
+    "enable_thinking",
+    "cutoff_len",
+    "val_size",
+    "seed",
+    "packing",
+    "neat_packing",
+    "max_samples",
+    "train_on_prompt",
+    "mask_history",
+    "tool_format",
 )
 MARKER = ".qwenft-complete"
 SAVED_LINE = "Tokenized dataset is saved at"
@@ -35,8 +46,13 @@ def tokenizer_fingerprint(model_kind: str, model_path: str) -> str:
     folder = Path(model_path)
     if model_kind == "local" and folder.is_dir():
         h = hashlib.sha256()
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                     "chat_template.jinja"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+            "chat_template.jinja",
+        ):
             if (folder / name).is_file():
                 h.update(name.encode() + b"\0" + (folder / name).read_bytes())
         return f"local:{h.hexdigest()[:16]}"

@@ -37,39 +37,56 @@ def check_template(trained: str, requested: str | None, force: bool) -> str:
     return requested or trained
 
 
-def resolve_target(spec: str, adapter: Path | None = None, template: str | None = None,
-                   force: bool = False) -> ChatTarget:
+def resolve_target(
+    spec: str, adapter: Path | None = None, template: str | None = None, force: bool = False
+) -> ChatTarget:
     """A run folder (merged model if any, else base + adapter), a model folder, or a preset."""
     path = Path(spec).expanduser()
     if (path / runs.MANIFEST).is_file():
         m = runs.read_manifest(path)
         model = m["model"]
-        common = {"system": m.get("default_system", ""), "enable_thinking": m.get("enable_thinking"),
-                  "template": check_template(m["template"], template, force)}
+        common = {
+            "system": m.get("default_system", ""),
+            "enable_thinking": m.get("enable_thinking"),
+            "template": check_template(m["template"], template, force),
+        }
         tiny = model["spec"].lower() if model["kind"] == "tiny" else None
         merged = m.get("merged")
         if adapter is None and merged and Path(merged).is_dir():
-            return ChatTarget(merged, None, model_kind="local", source=f"merged model {merged}",
-                              **common)
+            return ChatTarget(
+                merged, None, model_kind="local", source=f"merged model {merged}", **common
+            )
         if m.get("method") == "full":
             if not (path / "config.json").is_file():
                 raise QwenftError(f"{path} holds no trained weights (status: {m.get('status')})")
-            return ChatTarget(str(path.absolute()), None, model_kind="local", source=str(path), **common)
+            return ChatTarget(
+                str(path.absolute()), None, model_kind="local", source=str(path), **common
+            )
         adapter_dir = Path(adapter) if adapter else path
         if not (adapter_dir / "adapter_config.json").is_file():
             raise QwenftError(
                 f"{adapter_dir} has no adapter (status: {m.get('status')})",
                 "chat with a run whose training completed; `qwenft runs` shows statuses",
             )
-        return ChatTarget(model["path"], str(adapter_dir.absolute()), model_kind=model["kind"],
-                          tiny_preset=tiny, source=f"{model['spec']} + adapter {adapter_dir}", **common)
+        return ChatTarget(
+            model["path"],
+            str(adapter_dir.absolute()),
+            model_kind=model["kind"],
+            tiny_preset=tiny,
+            source=f"{model['spec']} + adapter {adapter_dir}",
+            **common,
+        )
     resolved = presets.resolve_model(spec)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise QwenftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     return ChatTarget(
-        resolved.path, str(Path(adapter).absolute()) if adapter else None, resolved.default_system,
-        False if resolved.thinking == "hybrid" else None, resolved.kind,
-        tiny_preset=spec.lower() if resolved.kind == "tiny" else None, source=resolved.path,
+        resolved.path,
+        str(Path(adapter).absolute()) if adapter else None,
+        resolved.default_system,
+        False if resolved.thinking == "hybrid" else None,
+        resolved.kind,
+        tiny_preset=spec.lower() if resolved.kind == "tiny" else None,
+        source=resolved.path,
         template=template or resolved.template,
     )
 
@@ -110,9 +127,14 @@ class ChatSession:
         if self.backend == "vllm":
             from llamafactory.chat import ChatModel
 
-            args = {"model_name_or_path": self.target.model_path, "template": self.target.template,
-                    "infer_backend": "vllm", "default_system": self.system or None,
-                    "do_sample": self.temperature > 0, "max_new_tokens": self.max_new_tokens}
+            args = {
+                "model_name_or_path": self.target.model_path,
+                "template": self.target.template,
+                "infer_backend": "vllm",
+                "default_system": self.system or None,
+                "do_sample": self.temperature > 0,
+                "max_new_tokens": self.max_new_tokens,
+            }
             if self.target.adapter_path:
                 args.update(adapter_name_or_path=self.target.adapter_path, finetuning_type="lora")
             if self.target.enable_thinking is not None:
@@ -143,7 +165,7 @@ class ChatSession:
             self.load()
         if self.backend == "vllm":
             return self._ask_llamafactory(prompt, on_text)
-        messages = ([{"role": "system", "content": self.system}] if self.system else [])
+        messages = [{"role": "system", "content": self.system}] if self.system else []
         messages += [*self.history, {"role": "user", "content": prompt}]
         kwargs: dict[str, Any] = {}
         if self.target.enable_thinking is not None:
@@ -151,10 +173,17 @@ class ChatSession:
         inputs = self._tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True, **kwargs
         )
-        stop_ids = [t for t in (self._tokenizer.convert_tokens_to_ids(s)
-                                for s in ("<|im_end|>", "<|endoftext|>")) if t is not None]
+        stop_ids = [
+            t
+            for t in (
+                self._tokenizer.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>")
+            )
+            if t is not None
+        ]
         gen: dict[str, Any] = {
-            **inputs, "max_new_tokens": self.max_new_tokens, "eos_token_id": stop_ids,
+            **inputs,
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": stop_ids,
             "pad_token_id": self._tokenizer.pad_token_id,
         }
         if self.temperature > 0:
@@ -183,7 +212,10 @@ class ChatSession:
         if errors:
             raise errors[0]
         answer = "".join(pieces).strip()
-        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        self.history += [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ]
         return answer
 
     def _ask_llamafactory(self, prompt: str, on_text: Callable[[str], None] | None) -> str:
@@ -195,5 +227,8 @@ class ChatSession:
             if on_text:
                 on_text(piece)
         answer = "".join(pieces).strip()
-        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        self.history += [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ]
         return answer

@@ -7,6 +7,7 @@ Ctrl-C / SIGTERM stops that whole group (torchrun and every worker) before retur
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -86,7 +87,9 @@ def build_train_command(
     return [cli, "train", str(yaml_path)], env
 
 
-def build_export_command(cli: str, yaml_path: Path, model_kind: str) -> tuple[list[str], dict[str, str]]:
+def build_export_command(
+    cli: str, yaml_path: Path, model_kind: str
+) -> tuple[list[str], dict[str, str]]:
     """argv and environment for `llamafactory-cli export` (merging an adapter)."""
     return [cli, "export", str(yaml_path)], offline_env(model_kind)
 
@@ -152,8 +155,13 @@ def run(
 
     try:
         proc = popen(
-            argv, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            argv,
+            env=full_env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     except OSError as exc:
         if log:
@@ -215,3 +223,119 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+# --------------------------------------------------------------------------------------------------
+# long-running children (servers): start now, wait later
+
+
+class Process:
+    """A child started by start(): in its own process group, its output pumped to echo and a log.
+
+    While it is open, SIGINT/SIGTERM send SIGTERM to the child's group (a second one: SIGKILL) and
+    set `signalled`; the caller decides what that means. close() stops whatever is left.
+    """
+
+    def __init__(self, proc: Any, log: IO[bytes] | None, echo: IO[bytes], grace_s: float) -> None:
+        self.proc, self.grace_s, self.signalled = proc, grace_s, None
+        self._log, self._echo = log, echo
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def _copy_output(self) -> None:
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            with contextlib.suppress(ValueError, OSError):
+                self._echo.write(chunk)
+                self._echo.flush()
+            if self._log:
+                with contextlib.suppress(ValueError, OSError):
+                    self._log.write(chunk)
+                    self._log.flush()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.signalled is not None:  # a second Ctrl-C: no more waiting
+            _signal_group(self.proc, signal.SIGKILL)
+            return
+        self.signalled = signum
+        _signal_group(self.proc, signal.SIGTERM)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        """Wait for the child to end (a signal ends it); after a signal, for its whole group too."""
+        code = self.proc.wait()
+        if self.signalled is not None:
+            code = stop_group(self.proc, self.grace_s)
+        return code
+
+    def close(self) -> int:
+        """Stop the group if anything of it is left, flush the output, restore signal handlers."""
+        try:
+            code = stop_group(self.proc, self.grace_s)
+            self._pump.join(timeout=5)
+        finally:
+            for s, handler in self._old.items():
+                signal.signal(s, handler)
+            self._old = {}
+            if self._log:
+                self._log.close()
+                self._log = None
+        return code
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def start(
+    argv: list[str],
+    env: dict[str, str],
+    log_path: Path | None = None,
+    *,
+    cwd: Path | None = None,
+    echo: IO[bytes] | None = None,
+    popen: Runner = subprocess.Popen,
+    grace_s: float = 20.0,
+) -> Process:
+    """Start argv (env added) in its own process group and return at once; see Process."""
+    echo = echo if echo is not None else sys.stdout.buffer
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    bin_dir = str(Path(argv[0]).parent) if os.sep in argv[0] else None
+    if bin_dir:
+        full_env["PATH"] = os.pathsep.join([bin_dir, full_env.get("PATH", "")])
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed by Process.close
+    try:
+        proc = popen(
+            argv, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as exc:
+        if log:
+            log.close()
+        raise QwenftError(f"cannot start {argv[0]}: {exc}", SETUP_HINT) from exc
+    return Process(proc, log, echo, grace_s)
+
+
+def stop_group(proc: Any, grace_s: float = 20.0) -> int:
+    """SIGTERM the child's process group, wait until every member is gone (SIGKILL after grace_s)."""
+    if proc.poll() is not None and not _group_alive(proc.pid):
+        return int(proc.returncode)
+    _signal_group(proc, signal.SIGTERM)
+    return int(_wait_group(proc, grace_s))

@@ -53,8 +53,11 @@ def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
         raise QwenftError(f"{target} already exists and is not empty", "pass a new --export-dir")
     model = manifest["model"]
     config = render.build_merge_config(
-        model_path=model["path"], adapter_dir=str(run_dir), template=manifest["template"],
-        default_system=manifest.get("default_system", ""), export_dir="<staging>",
+        model_path=model["path"],
+        adapter_dir=str(run_dir),
+        template=manifest["template"],
+        default_system=manifest.get("default_system", ""),
+        export_dir="<staging>",
     )
     argv, env = launcher.build_export_command(
         launcher.find_llamafactory_cli(), run_dir / "merge.yaml", model["kind"]
@@ -73,7 +76,9 @@ def fix_generation_config(model_dir: Path) -> list[str]:
         gen["eos_token_id"] = eos_list + [QWEN_STOP_TOKENS[n] for n in missing]
         gen.setdefault("pad_token_id", QWEN_STOP_TOKENS["<|endoftext|>"])
         atomic_write_json(path, gen)
-    return [f"generation_config.json: added {', '.join(missing)} to eos_token_id"] if missing else []
+    return (
+        [f"generation_config.json: added {', '.join(missing)} to eos_token_id"] if missing else []
+    )
 
 
 def ensure_chat_template(model_dir: Path, base_dir: str) -> list[str]:
@@ -103,16 +108,26 @@ def generation_check(model_dir: Path, system: str, prompt: str, max_new_tokens: 
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                     return_dict=True)
+    inputs = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     stop = list(QWEN_STOP_TOKENS.values())
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop, pad_token_id=stop[1])
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=stop[1],
+        )
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
     stopped = bool(new) and new[-1] in stop
-    return {"prompt": prompt, "new_tokens": len(new), "stopped": stopped,
-            "text": tok.decode(new, skip_special_tokens=True)}
+    return {
+        "prompt": prompt,
+        "new_tokens": len(new),
+        "stopped": stopped,
+        "text": tok.decode(new, skip_special_tokens=True),
+    }
 
 
 def verify_logits(merged_dir: Path, base_dir: str, adapter_dir: Path, prompts: list[str]) -> float:
@@ -128,9 +143,15 @@ def verify_logits(merged_dir: Path, base_dir: str, adapter_dir: Path, prompts: l
     worst = 0.0
     with torch.no_grad():
         for prompt in prompts:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
-            diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )["input_ids"]
+            diff = (
+                (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
+            )
             worst = max(worst, diff)
     return worst
 
@@ -148,20 +169,28 @@ def _first_user_message(data_path: str | None) -> str:
     return "Hello! Who are you?"
 
 
-def execute_merge(plan: MergePlan, progress: Callable[[str], None] = print, *,
-                  check: bool = True, verify: bool = False) -> dict[str, Any]:
+def execute_merge(
+    plan: MergePlan,
+    progress: Callable[[str], None] = print,
+    *,
+    check: bool = True,
+    verify: bool = False,
+) -> dict[str, Any]:
     """Export into a staging folder, check it, rename it into place, record it in the manifest."""
     plan.target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.target.name}.", dir=plan.target.parent))
     try:
         config = {**plan.config, "export_dir": str(staging)}
-        atomic_write_text(plan.run_dir / "merge.yaml", render.to_yaml(config, header="qwenft merge"))
+        atomic_write_text(
+            plan.run_dir / "merge.yaml", render.to_yaml(config, header="qwenft merge")
+        )
         progress(f"merging {plan.run_dir} -> {plan.target}")
         log_path = plan.run_dir / "merge.log"
         code = launcher.run(plan.argv, plan.env, log_path, cwd=plan.run_dir)
         if code != 0:
             raise JobFailed(
-                f"llamafactory-cli export exited with code {code}", f"read the log: {log_path}",
+                f"llamafactory-cli export exited with code {code}",
+                f"read the log: {log_path}",
                 returncode=code,
             )
         if not any(staging.glob("*.safetensors")):
@@ -175,26 +204,40 @@ def execute_merge(plan: MergePlan, progress: Callable[[str], None] = print, *,
             prompt = _first_user_message((plan.manifest.get("dataset") or {}).get("path"))
             gen = generation_check(staging, plan.manifest.get("default_system", ""), prompt)
             checks["generation"] = gen
-            progress(f"check: greedy answer {'ends on a stop token' if gen['stopped'] else 'did NOT stop'} "
-                     f"after {gen['new_tokens']} tokens")
+            progress(
+                f"check: greedy answer {'ends on a stop token' if gen['stopped'] else 'did NOT stop'} "
+                f"after {gen['new_tokens']} tokens"
+            )
             if not gen["stopped"]:
-                progress("warning: the merged model did not stop within 64 tokens; if you fine-tuned a "
-                         "base model, train longer so it learns to end turns with <|im_end|>")
+                progress(
+                    "warning: the merged model did not stop within 64 tokens; if you fine-tuned a "
+                    "base model, train longer so it learns to end turns with <|im_end|>"
+                )
         if verify:
-            worst = verify_logits(staging, plan.manifest["model"]["path"], plan.run_dir,
-                                  [_first_user_message((plan.manifest.get("dataset") or {}).get("path")),
-                                   "Write one sentence about the sea.", "1+1="])
+            worst = verify_logits(
+                staging,
+                plan.manifest["model"]["path"],
+                plan.run_dir,
+                [
+                    _first_user_message((plan.manifest.get("dataset") or {}).get("path")),
+                    "Write one sentence about the sea.",
+                    "1+1=",
+                ],
+            )
             checks["verify_max_abs_logit_diff"] = worst
             progress(f"verify: largest |merged - (base + adapter)| logit difference: {worst:.2e}")
             if worst > 1e-2:
-                raise JobFailed(f"the merged model's logits differ from base + adapter by {worst:.3g}",
-                                "the merge is not faithful; check the base model path in qwenft.json")
+                raise JobFailed(
+                    f"the merged model's logits differ from base + adapter by {worst:.3g}",
+                    "the merge is not faithful; check the base model path in qwenft.json",
+                )
         if plan.target.exists():
             plan.target.rmdir()  # empty (checked in plan_merge)
         staging.rename(plan.target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    runs.update_manifest(plan.run_dir, merged=str(plan.target), merged_at=runs.now_iso(),
-                         merge_checks=checks)
+    runs.update_manifest(
+        plan.run_dir, merged=str(plan.target), merged_at=runs.now_iso(), merge_checks=checks
+    )
     return {"merged": str(plan.target), **checks}

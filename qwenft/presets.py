@@ -32,7 +32,9 @@ FAMILIES: dict[str, Family] = {
         Family("qwen1.5", "qwen", "You are a helpful assistant.", "none"),
         Family("qwen2", "qwen", "You are a helpful assistant.", "none"),
         Family(
-            "qwen2.5", "qwen", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            "qwen2.5",
+            "qwen",
+            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
             "none",
         ),
         Family("qwen3", "qwen3", "", "hybrid"),
@@ -114,22 +116,40 @@ def _presets() -> list[ModelPreset]:
         ModelPreset("tiny-qwen2", None, "qwen2", TINY_ARCH),
         ModelPreset("tiny-qwen3", None, "qwen3", TINY_ARCH_QWEN3),
     ]
-    for size, arch in [("0.5B", _Q15_05), ("1.8B", _Q15_18), ("4B", _Q15_4), ("7B", _Q15_7),
-                       ("14B", _Q15_14)]:
+    for size, arch in [
+        ("0.5B", _Q15_05),
+        ("1.8B", _Q15_18),
+        ("4B", _Q15_4),
+        ("7B", _Q15_7),
+        ("14B", _Q15_14),
+    ]:
         for suffix in ("", "-Chat"):
             out.append(ModelPreset("", f"Qwen/Qwen1.5-{size}{suffix}", "qwen1.5", arch))
     for size, arch in [("0.5B", _Q2_05), ("1.5B", _Q2_15), ("7B", _Q2_7), ("72B", _Q2_72)]:
         for suffix in ("", "-Instruct"):
             out.append(ModelPreset("", f"Qwen/Qwen2-{size}{suffix}", "qwen2", arch))
-    for size, arch in [("0.5B", _Q2_05), ("1.5B", _Q2_15), ("3B", _Q25_3), ("7B", _Q2_7),
-                       ("14B", _Q25_14), ("32B", _Q25_32), ("72B", _Q2_72)]:
+    for size, arch in [
+        ("0.5B", _Q2_05),
+        ("1.5B", _Q2_15),
+        ("3B", _Q25_3),
+        ("7B", _Q2_7),
+        ("14B", _Q25_14),
+        ("32B", _Q25_32),
+        ("72B", _Q2_72),
+    ]:
         for suffix in ("", "-Instruct"):
             out.append(ModelPreset("", f"Qwen/Qwen2.5-{size}{suffix}", "qwen2.5", arch))
     for kind in ("Coder", "Math"):
         for suffix in ("", "-Instruct"):
             out.append(ModelPreset("", f"Qwen/Qwen2.5-{kind}-7B{suffix}", "qwen2.5", _Q2_7))
-    for size, arch in [("0.6B", _Q3_06), ("1.7B", _Q3_17), ("4B", _Q3_4), ("8B", _Q3_8),
-                       ("14B", _Q3_14), ("32B", _Q3_32)]:
+    for size, arch in [
+        ("0.6B", _Q3_06),
+        ("1.7B", _Q3_17),
+        ("4B", _Q3_4),
+        ("8B", _Q3_8),
+        ("14B", _Q3_14),
+        ("32B", _Q3_32),
+    ]:
         for suffix in ("", "-Base"):
             out.append(ModelPreset("", f"Qwen/Qwen3-{size}{suffix}", "qwen3", arch))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Instruct-2507", "qwen3-instruct-2507", _Q3_4))
@@ -182,15 +202,22 @@ class ResolvedModel:
 
 def _from_family(spec: str, kind: str, path: str, family: str, arch: Arch | None) -> ResolvedModel:
     fam = FAMILIES[family]
-    return ResolvedModel(spec, kind, path, family, fam.template, fam.default_system, fam.thinking, arch)
+    return ResolvedModel(
+        spec, kind, path, family, fam.template, fam.default_system, fam.thinking, arch
+    )
 
 
 def _arch_from_config(cfg: dict) -> Arch | None:
     try:
         return Arch(
-            cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-            cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)), cfg.get("head_dim"),
+            cfg["hidden_size"],
+            cfg["intermediate_size"],
+            cfg["num_hidden_layers"],
+            cfg["num_attention_heads"],
+            cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            cfg["vocab_size"],
+            bool(cfg.get("tie_word_embeddings", False)),
+            cfg.get("head_dim"),
         )
     except KeyError:
         return None
@@ -208,7 +235,9 @@ def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
     preset = PRESETS.get(key.lower()) or _BY_HUB_ID.get(key.lower())
     if preset is not None and preset.hub_id is None:
         home = tiny_home or qwenft_home()
-        return _from_family(spec, "tiny", str(home / "models" / preset.name), preset.family, preset.arch)
+        return _from_family(
+            spec, "tiny", str(home / "models" / preset.name), preset.family, preset.arch
+        )
     if preset is not None:
         return _from_family(spec, "hub", preset.hub_id, preset.family, preset.arch)
 

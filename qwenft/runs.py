@@ -110,7 +110,9 @@ def read_trainer_log(run_dir: Path) -> list[dict[str, Any]]:
 def training_summary(run_dir: Path) -> dict[str, Any]:
     """Steps, losses and throughput from the files LLaMA-Factory wrote into the run folder."""
     run_dir = Path(run_dir)
-    losses = [r["loss"] for r in read_trainer_log(run_dir) if isinstance(r.get("loss"), int | float)]
+    losses = [
+        r["loss"] for r in read_trainer_log(run_dir) if isinstance(r.get("loss"), int | float)
+    ]
     results: dict[str, Any] = {}
     with contextlib.suppress(OSError, json.JSONDecodeError):
         results = json.loads((run_dir / "all_results.json").read_text())
@@ -127,7 +129,8 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
         "tokens_per_second": results.get("train_effective_tokens_per_sec"),
         "train_runtime_s": results.get("train_runtime"),
         "loss_plot": str(run_dir / "training_loss.png")
-        if (run_dir / "training_loss.png").is_file() else None,
+        if (run_dir / "training_loss.png").is_file()
+        else None,
     }
 
 
@@ -140,15 +143,19 @@ class LossWatch:
 
     def __call__(self) -> str | None:
         losses = [r.get("loss") for r in read_trainer_log(self.run_dir) if "loss" in r]
-        tail = losses[-self.patience:]
+        tail = losses[-self.patience :]
         if len(tail) < self.patience:
             return None
         if all(not isinstance(x, int | float) or not math.isfinite(x) for x in tail):
-            return (f"the loss was NaN/inf for {self.patience} logging steps in a row; typical causes: "
-                    "fp16 with Qwen (use bf16 or fp32), a too-high learning rate")
+            return (
+                f"the loss was NaN/inf for {self.patience} logging steps in a row; typical causes: "
+                "fp16 with Qwen (use bf16 or fp32), a too-high learning rate"
+            )
         if all(x == 0 for x in tail):
-            return (f"the loss was exactly 0 for {self.patience} logging steps in a row: nothing is "
-                    "being learned (typical causes: fp16 overflow with Qwen, labels all masked)")
+            return (
+                f"the loss was exactly 0 for {self.patience} logging steps in a row: nothing is "
+                "being learned (typical causes: fp16 overflow with Qwen, labels all masked)"
+            )
         return None
 
 
@@ -161,12 +168,14 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
                 m = json.loads(manifest_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 continue
-            rows.append({
-                "run_dir": str(manifest_path.parent),
-                "status": m.get("status"),
-                "method": m.get("method"),
-                "model": (m.get("model") or {}).get("spec"),
-                "final_loss": m.get("final_loss"),
-                "created": m.get("created"),
-            })
+            rows.append(
+                {
+                    "run_dir": str(manifest_path.parent),
+                    "status": m.get("status"),
+                    "method": m.get("method"),
+                    "model": (m.get("model") or {}).get("spec"),
+                    "final_loss": m.get("final_loss"),
+                    "created": m.get("created"),
+                }
+            )
     return sorted(rows, key=lambda r: r["created"] or "", reverse=True)

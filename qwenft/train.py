@@ -33,7 +33,9 @@ class TrainRequest:
     deepspeed: str = "auto"
     template: str | None = None
     thinking: str = "auto"  # auto | on | off (Qwen3 hybrid models only)
-    gpu_mem_gb: float | None = None  # for --method auto and the fit check; default: what GPUs report
+    gpu_mem_gb: float | None = (
+        None  # for --method auto and the fit check; default: what GPUs report
+    )
     dataset_dir: Path | None = None
     nnodes: int = 1
     node_rank: int = 0
@@ -70,7 +72,10 @@ def detect_gpus() -> list[dict[str, Any]]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -112,7 +117,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     gpus_seen = detect_gpus() if gpus_seen is None else gpus_seen
     nproc = req.gpus if req.gpus is not None else max(1, len(gpus_seen))
     if nproc < 1:
-        raise QwenftError(f"--gpus must be at least 1 (got {nproc})", "omit --gpus to use every visible GPU")
+        raise QwenftError(
+            f"--gpus must be at least 1 (got {nproc})", "omit --gpus to use every visible GPU"
+        )
     if req.nnodes < 1 or not 0 <= req.node_rank < req.nnodes:
         raise QwenftError(
             f"--node-rank must be in 0..{req.nnodes - 1} and --nnodes at least 1",
@@ -120,7 +127,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         )
     if req.nnodes > 1 and not req.master_addr:
         raise QwenftError(
-            "--nnodes > 1 needs --master-addr", "pass the address of node 0 that every node can reach"
+            "--nnodes > 1 needs --master-addr",
+            "pass the address of node 0 that every node can reach",
         )
     cli = launcher.find_llamafactory_cli()
 
@@ -139,7 +147,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     if req.template:
         if req.template not in presets.TEMPLATES:
             raise QwenftError(
-                f"unknown template {req.template!r}", f"choose one of {', '.join(presets.TEMPLATES)}"
+                f"unknown template {req.template!r}",
+                f"choose one of {', '.join(presets.TEMPLATES)}",
             )
         if req.template != model.template:
             fam = presets.FAMILIES[presets.template_family(req.template)]
@@ -160,7 +169,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     stage = req.deepspeed
     if stage == "auto":
         stage = "z3" if req.method == "full" else "none"
-    run_dir = (Path(req.output_dir) if req.output_dir else runs.default_run_dir(req.model, req.method))
+    run_dir = (
+        Path(req.output_dir) if req.output_dir else runs.default_run_dir(req.model, req.method)
+    )
     runs.check_new_run_dir(run_dir)
     run_dir = run_dir.expanduser().absolute()
     dataset_dir = (req.dataset_dir or default_dataset_dir()).expanduser().absolute()
@@ -172,11 +183,19 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         files["deepspeed.json"] = render.deepspeed_config_text(stage)
         ds_path = str(run_dir / "deepspeed.json")
     spec = render.TrainSpec(
-        method=req.method, model_path=model.path, template=model.template,
-        default_system=model.default_system, dataset=dataset_name, dataset_dir=str(dataset_dir),
-        output_dir=str(run_dir), enable_thinking=enable_thinking, deepspeed_path=ds_path,
+        method=req.method,
+        model_path=model.path,
+        template=model.template,
+        default_system=model.default_system,
+        dataset=dataset_name,
+        dataset_dir=str(dataset_dir),
+        output_dir=str(run_dir),
+        enable_thinking=enable_thinking,
+        deepspeed_path=ds_path,
         bf16=bool(gpus_seen) and all(g["compute_cap"] >= 8.0 for g in gpus_seen),
-        config_file=config_file, knobs=req.knobs, set_values=set_values,
+        config_file=config_file,
+        knobs=req.knobs,
+        set_values=set_values,
     )
     config = render.build_train_config(spec)
     if "tokenized_path" not in config and req.nnodes == 1:
@@ -186,8 +205,12 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     files["train.yaml"] = yaml_text
 
     dist = launcher.Distributed(
-        nproc_per_node=nproc, nnodes=req.nnodes, node_rank=req.node_rank,
-        master_addr=req.master_addr, master_port=req.master_port, force_torchrun=stage != "none",
+        nproc_per_node=nproc,
+        nnodes=req.nnodes,
+        node_rank=req.node_rank,
+        master_addr=req.master_addr,
+        master_port=req.master_port,
+        force_torchrun=stage != "none",
     )
     argv, env = launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
     manifest = runs.new_manifest(
@@ -200,15 +223,34 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         deepspeed=stage,
         gpus=nproc,
         nnodes=req.nnodes,
-        dataset={"path": str(data), "sha256": sha, "name": dataset_name,
-                 "dataset_dir": str(dataset_dir), "samples": report.n_samples},
+        dataset={
+            "path": str(data),
+            "sha256": sha,
+            "name": dataset_name,
+            "dataset_dir": str(dataset_dir),
+            "samples": report.n_samples,
+        },
         command=argv,
         env=env,
         versions=runs.package_versions(),
     )
     files[runs.MANIFEST] = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    return TrainPlan(run_dir, config, yaml_text, argv, env, model, dataset_name, dataset_dir,
-                     data, sha, stage, files, manifest, notes)
+    return TrainPlan(
+        run_dir,
+        config,
+        yaml_text,
+        argv,
+        env,
+        model,
+        dataset_name,
+        dataset_dir,
+        data,
+        sha,
+        stage,
+        files,
+        manifest,
+        notes,
+    )
 
 
 def _fit_to_memory(
@@ -220,7 +262,9 @@ def _fit_to_memory(
 
     from qwenft import memory
 
-    gpu_mem = req.gpu_mem_gb or (min(g["memory_gib"] for g in gpus_seen) * 2**30 / 1e9 if gpus_seen else None)
+    gpu_mem = req.gpu_mem_gb or (
+        min(g["memory_gib"] for g in gpus_seen) * 2**30 / 1e9 if gpus_seen else None
+    )
     cutoff = req.knobs.get("cutoff_len") or render.load_template("lora")["cutoff_len"]
     batch = req.knobs.get("per_device_train_batch_size")
     if req.method == "auto":
@@ -230,27 +274,43 @@ def _fit_to_memory(
                 "pass --gpu-mem GB (and a preset, hub id from `qwenft models` or a local folder)",
             )
         chosen, why = memory.choose_method(
-            model.arch, gpu_mem, gpus=nproc, cutoff_len=cutoff, batch_size=batch,
+            model.arch,
+            gpu_mem,
+            gpus=nproc,
+            cutoff_len=cutoff,
+            batch_size=batch,
             deepspeed=None if req.deepspeed == "auto" else req.deepspeed,
         )
         knobs = {**req.knobs, "per_device_train_batch_size": batch or chosen.batch_size}
         if chosen.method == "qlora":
             knobs["quantization_bit"] = chosen.bits
         deepspeed = chosen.deepspeed if req.deepspeed == "auto" else req.deepspeed
-        return replace(req, method=chosen.method, deepspeed=deepspeed, knobs=knobs), [f"auto: {why}"]
+        return replace(req, method=chosen.method, deepspeed=deepspeed, knobs=knobs), [
+            f"auto: {why}"
+        ]
     if model.arch is None or gpu_mem is None:
         return req, []
     stage = req.deepspeed if req.deepspeed != "auto" else ("z3" if req.method == "full" else "none")
     bits = req.knobs.get("quantization_bit") or (4 if req.method == "qlora" else None)
-    est = memory.estimate(memory.PlanInput(
-        arch=model.arch, method=req.method, bits=bits, gpus=nproc, deepspeed=stage,
-        cutoff_len=cutoff, batch_size=batch or 1, lora_rank=req.knobs.get("lora_rank") or 16,
-        gpu_mem_gb=gpu_mem,
-    ))
+    est = memory.estimate(
+        memory.PlanInput(
+            arch=model.arch,
+            method=req.method,
+            bits=bits,
+            gpus=nproc,
+            deepspeed=stage,
+            cutoff_len=cutoff,
+            batch_size=batch or 1,
+            lora_rank=req.knobs.get("lora_rank") or 16,
+            gpu_mem_gb=gpu_mem,
+        )
+    )
     if est.fits is not False:
         return req, []
-    note = (f"warning: qwenft plan predicts {est.peak_bytes / 1e9:.1f} GB per GPU for this run, "
-            f"more than the {gpu_mem:.1f} GB available")
+    note = (
+        f"warning: qwenft plan predicts {est.peak_bytes / 1e9:.1f} GB per GPU for this run, "
+        f"more than the {gpu_mem:.1f} GB available"
+    )
     try:
         _, why = memory.choose_method(model.arch, gpu_mem, gpus=nproc, cutoff_len=cutoff)
         note += f"; what would fit: {why}"
@@ -261,15 +321,22 @@ def _fit_to_memory(
 
 def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Prepare the model and dataset, create the run folder, launch training, finalize the record."""
-    _prepare_inputs(plan.model.kind, plan.model.spec, plan.data_path, plan.dataset_name, plan.dataset_dir,
-                    progress)
+    _prepare_inputs(
+        plan.model.kind,
+        plan.model.spec,
+        plan.data_path,
+        plan.dataset_name,
+        plan.dataset_dir,
+        progress,
+    )
     run_dir = runs.create_run_dir(plan.run_dir, plan.files)
     progress(f"run folder: {run_dir}")
     return _launch(run_dir, plan.argv, plan.env, progress, plan.config.get("tokenized_path"))
 
 
-def _prepare_inputs(kind: str, spec: str, data: Path, name: str, dataset_dir: Path,
-                    progress: Callable[[str], None]) -> None:
+def _prepare_inputs(
+    kind: str, spec: str, data: Path, name: str, dataset_dir: Path, progress: Callable[[str], None]
+) -> None:
     if kind == "tiny":
         from qwenft.tiny import ensure_tiny_model
 
@@ -277,8 +344,13 @@ def _prepare_inputs(kind: str, spec: str, data: Path, name: str, dataset_dir: Pa
     datasets.register_dataset(data, name, dataset_dir)
 
 
-def _launch(run_dir: Path, argv: list[str], env: dict[str, str],
-            progress: Callable[[str], None], tokenized: str | None) -> dict[str, Any]:
+def _launch(
+    run_dir: Path,
+    argv: list[str],
+    env: dict[str, str],
+    progress: Callable[[str], None],
+    tokenized: str | None,
+) -> dict[str, Any]:
     """Run `llamafactory-cli train` in run_dir under the loss watch; record how it ended."""
     import resource
 
@@ -291,8 +363,13 @@ def _launch(run_dir: Path, argv: list[str], env: dict[str, str],
     progress(f"launching: {launcher.format_command(argv, env)}")
     log_path = run_dir / "train.log"
     started = time.monotonic()
-    runs.update_manifest(run_dir, status="running", started=runs.now_iso(), log=str(log_path),
-                         tokenized_cache={"path": tokenized, "hit": cache_hit} if tokenized else None)
+    runs.update_manifest(
+        run_dir,
+        status="running",
+        started=runs.now_iso(),
+        log=str(log_path),
+        tokenized_cache={"path": tokenized, "hit": cache_hit} if tokenized else None,
+    )
     resume_hint = f"resume with: qwenft resume {run_dir}"
     try:
         code = launcher.run(argv, env, log_path, cwd=run_dir, monitor=runs.LossWatch(run_dir))
@@ -306,55 +383,93 @@ def _launch(run_dir: Path, argv: list[str], env: dict[str, str],
         cache.mark_if_saved(tokenized_path, log_path.read_text(encoding="utf-8", errors="replace"))
     summary = runs.training_summary(run_dir)
     summary["wall_s"] = round(time.monotonic() - started, 1)
-    summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+    summary["peak_rss_gib"] = round(
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2
+    )
     summary["log"] = str(log_path)
     status = "completed" if code == 0 else "failed"
     runs.update_manifest(
-        run_dir, status=status, ended=runs.now_iso(), returncode=code, summary=summary,
-        final_loss=summary["final_loss"], tokens_per_second=summary["tokens_per_second"],
+        run_dir,
+        status=status,
+        ended=runs.now_iso(),
+        returncode=code,
+        summary=summary,
+        final_loss=summary["final_loss"],
+        tokens_per_second=summary["tokens_per_second"],
     )
     if code != 0:
         raise JobFailed(
-            f"llamafactory-cli train exited with code {code}", f"read the log: {log_path}; {resume_hint}",
+            f"llamafactory-cli train exited with code {code}",
+            f"read the log: {log_path}; {resume_hint}",
             returncode=code,
         )
     return {"run_dir": str(run_dir), **summary}
 
 
 def resume_train(
-    run_dir: Path, *, data: Path | None = None, method: str | None = None,
-    template: str | None = None, force: bool = False, progress: Callable[[str], None] = print,
+    run_dir: Path,
+    *,
+    data: Path | None = None,
+    method: str | None = None,
+    template: str | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Continue a run from its newest checkpoint (LLaMA-Factory restores step, optimizer and LR
     schedule); refuse when the data, template or method differ from the manifest unless forced."""
     run_dir = Path(run_dir).expanduser().absolute()
     m = runs.read_manifest(run_dir)
     if m.get("status") == "completed" and not force:
-        raise QwenftError(f"{run_dir} already completed", "start a new run, or --force to run it again")
+        raise QwenftError(
+            f"{run_dir} already completed", "start a new run, or --force to run it again"
+        )
     ds = m["dataset"]
     data_path = Path(data).expanduser().resolve() if data else Path(ds["path"])
     if not data_path.is_file():
-        raise QwenftError(f"the run's data file is gone: {data_path}", "pass --data with the same file")
+        raise QwenftError(
+            f"the run's data file is gone: {data_path}", "pass --data with the same file"
+        )
     problems = []
     sha = datasets.file_sha256(data_path)
     if sha != ds["sha256"]:
-        problems.append(f"the data changed (sha256 {sha[:12]} != {ds['sha256'][:12]} in the manifest)")
+        problems.append(
+            f"the data changed (sha256 {sha[:12]} != {ds['sha256'][:12]} in the manifest)"
+        )
     if method and method != m["method"]:
         problems.append(f"method {method} != {m['method']}")
     if template and template != m["template"]:
         problems.append(f"template {template} != {m['template']}")
     if problems and not force:
-        raise QwenftError(f"cannot resume {run_dir}: " + "; ".join(problems),
-                          "resume with the run's own inputs, or --force to continue anyway")
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                         if p.name.split("-")[-1].isdigit() else -1)
+        raise QwenftError(
+            f"cannot resume {run_dir}: " + "; ".join(problems),
+            "resume with the run's own inputs, or --force to continue anyway",
+        )
+    checkpoints = sorted(
+        run_dir.glob("checkpoint-*"),
+        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+    )
     if not checkpoints:
-        raise QwenftError(f"{run_dir} has no checkpoint-* to resume from",
-                          "start a new run (lower save_steps to checkpoint more often)")
-    _prepare_inputs(m["model"]["kind"], m["model"]["spec"], Path(ds["path"]), ds["name"],
-                    Path(ds["dataset_dir"]), progress)
-    resumes = [*m.get("resumes", []), {"at": runs.now_iso(), "from": checkpoints[-1].name,
-                                       "forced": bool(problems), "problems": problems}]
+        raise QwenftError(
+            f"{run_dir} has no checkpoint-* to resume from",
+            "start a new run (lower save_steps to checkpoint more often)",
+        )
+    _prepare_inputs(
+        m["model"]["kind"],
+        m["model"]["spec"],
+        Path(ds["path"]),
+        ds["name"],
+        Path(ds["dataset_dir"]),
+        progress,
+    )
+    resumes = [
+        *m.get("resumes", []),
+        {
+            "at": runs.now_iso(),
+            "from": checkpoints[-1].name,
+            "forced": bool(problems),
+            "problems": problems,
+        },
+    ]
     runs.update_manifest(run_dir, resumes=resumes)
     progress(f"resuming {run_dir} from {checkpoints[-1].name}")
     tokenized = yaml.safe_load((run_dir / "train.yaml").read_text()).get("tokenized_path")

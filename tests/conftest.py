@@ -73,7 +73,9 @@ def read_calls(record: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -87,6 +89,8 @@ QA = [
 
 @pytest.fixture
 def chat_file(tmp_path: Path) -> Path:
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in QA]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in QA
+    ]
     return write_jsonl(tmp_path / "chat.jsonl", rows)

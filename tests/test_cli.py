@@ -26,11 +26,20 @@ def local_model(tmp_path: Path) -> Path:
     """A folder that looks like a Qwen2 checkpoint (config only: the fake CLI never loads it)."""
     d = tmp_path / "Qwen2-0.5B-Instruct"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
-        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-        "vocab_size": 151936, "tie_word_embeddings": True,
-    }))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "hidden_size": 896,
+                "intermediate_size": 4864,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 14,
+                "num_key_value_heads": 2,
+                "vocab_size": 151936,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
     return d
 
 
@@ -44,16 +53,29 @@ def written(work: Path, home: Path) -> list[str]:
 
 
 def test_help_for_every_command() -> None:
-    for cmd in ([], ["train"], ["merge"], ["chat"], ["runs"], ["models"], ["data"],
-                ["data", "check"], ["data", "convert"], ["data", "split"], ["data", "register"]):
+    for cmd in (
+        [],
+        ["train"],
+        ["merge"],
+        ["chat"],
+        ["runs"],
+        ["models"],
+        ["data"],
+        ["data", "check"],
+        ["data", "convert"],
+        ["data", "split"],
+        ["data", "register"],
+    ):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0, (cmd, result.output)
         assert "Usage" in result.output
 
 
 def test_cli_import_is_light() -> None:
-    code = ("import sys, qwenft.cli; heavy = [m for m in ('torch', 'transformers', 'llamafactory', "
-            "'peft', 'datasets') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, qwenft.cli; heavy = [m for m in ('torch', 'transformers', 'llamafactory', "
+        "'peft', 'datasets') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -62,7 +84,9 @@ def test_dry_run_prints_everything_and_writes_nothing(
     fake_cli: Path, local_model: Path, chat_file: Path, isolated: Path
 ) -> None:
     before = written(Path.cwd(), isolated)
-    result = invoke("train", "--model", local_model, "--data", chat_file, "--dry-run", "--gpus", "2")
+    result = invoke(
+        "train", "--model", local_model, "--data", chat_file, "--dry-run", "--gpus", "2"
+    )
     assert result.exit_code == 0, result.output
     assert "### model" in result.output and f"model_name_or_path: {local_model}" in result.output
     assert "FORCE_TORCHRUN=1" in result.output and "NPROC_PER_NODE=2" in result.output
@@ -72,9 +96,22 @@ def test_dry_run_prints_everything_and_writes_nothing(
     assert read_calls(fake_cli) == []
 
 
-def test_train_lora_records_run(fake_cli: Path, local_model: Path, chat_file: Path, isolated: Path) -> None:
-    result = invoke("train", "--model", local_model, "--data", chat_file, "-o", "runs/r1",
-                    "--max-steps", "2", "--set", "logging_steps=1")
+def test_train_lora_records_run(
+    fake_cli: Path, local_model: Path, chat_file: Path, isolated: Path
+) -> None:
+    result = invoke(
+        "train",
+        "--model",
+        local_model,
+        "--data",
+        chat_file,
+        "-o",
+        "runs/r1",
+        "--max-steps",
+        "2",
+        "--set",
+        "logging_steps=1",
+    )
     assert result.exit_code == 0, result.output
     (call,) = read_calls(fake_cli)
     run_dir = Path("runs/r1").absolute()
@@ -109,7 +146,9 @@ def test_gpus_2_uses_torchrun(fake_cli: Path, local_model: Path, chat_file: Path
 def test_full_uses_deepspeed_through_torchrun(
     fake_cli: Path, local_model: Path, chat_file: Path, flag: list[str], stage: int
 ) -> None:
-    result = invoke("train", "--method", "full", "--model", local_model, "--data", chat_file, "-o", "r", *flag)
+    result = invoke(
+        "train", "--method", "full", "--model", local_model, "--data", chat_file, "-o", "r", *flag
+    )
     assert result.exit_code == 0, result.output
     (call,) = read_calls(fake_cli)
     assert call["env"]["FORCE_TORCHRUN"] == "1" and call["env"]["NPROC_PER_NODE"] == "1"
@@ -119,7 +158,12 @@ def test_full_uses_deepspeed_through_torchrun(
 
 
 def test_qlora_uses_bnb(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
-    assert invoke("train", "--method", "qlora", "--model", local_model, "--data", chat_file, "-o", "r").exit_code == 0
+    assert (
+        invoke(
+            "train", "--method", "qlora", "--model", local_model, "--data", chat_file, "-o", "r"
+        ).exit_code
+        == 0
+    )
     (call,) = read_calls(fake_cli)
     assert call["yaml"]["quantization_bit"] == 4 and call["yaml"]["quantization_method"] == "bnb"
 
@@ -134,20 +178,33 @@ def test_failed_training_exits_1_and_marks_failed(
     assert json.loads(Path("r/qwenft.json").read_text())["status"] == "failed"
 
 
-def test_qwen3_template_and_thinking_from_data(fake_cli: Path, tmp_path: Path, chat_file: Path) -> None:
+def test_qwen3_template_and_thinking_from_data(
+    fake_cli: Path, tmp_path: Path, chat_file: Path
+) -> None:
     d = tmp_path / "Qwen3-0.6B"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     assert invoke("train", "--model", d, "--data", chat_file, "-o", "r").exit_code == 0
     (call,) = read_calls(fake_cli)
     assert call["yaml"]["template"] == "qwen3" and call["yaml"]["enable_thinking"] is False
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>x</think>b"}]},
-        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
-    ])
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "<think>x</think>b"},
+                ]
+            },
+            {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+        ],
+    )
     result = invoke("train", "--model", d, "--data", mixed, "-o", "r2")
     assert result.exit_code == 2 and "--thinking" in result.output
-    assert invoke("train", "--model", d, "--data", mixed, "-o", "r3", "--thinking", "on").exit_code == 0
+    assert (
+        invoke("train", "--model", d, "--data", mixed, "-o", "r3", "--thinking", "on").exit_code
+        == 0
+    )
     assert read_calls(fake_cli)[-1]["yaml"]["enable_thinking"] is True
 
 
@@ -169,12 +226,19 @@ def test_qwen3_template_and_thinking_from_data(fake_cli: Path, tmp_path: Path, c
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(
-    fake_cli: Path, local_model: Path, chat_file: Path, tmp_path: Path, isolated: Path,
-    args: list[str], message: str,
+    fake_cli: Path,
+    local_model: Path,
+    chat_file: Path,
+    tmp_path: Path,
+    isolated: Path,
+    args: list[str],
+    message: str,
 ) -> None:
     bare = tmp_path / "bare"
     bare.mkdir()
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}]
+    )
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
@@ -213,12 +277,19 @@ def test_merge_flow_and_refusals(fake_cli: Path, local_model: Path, chat_file: P
     assert gen["eos_token_id"] == [151645, 151643]  # <|endoftext|> added, and said so
     assert "added <|endoftext|>" in result.output
     call = read_calls(fake_cli)[-1]
-    assert call["argv"][0] == "export" and call["yaml"]["adapter_name_or_path"] == str(Path("r").absolute())
+    assert call["argv"][0] == "export" and call["yaml"]["adapter_name_or_path"] == str(
+        Path("r").absolute()
+    )
     assert "quantization_bit" not in call["yaml"]
     assert json.loads(Path("r/qwenft.json").read_text())["merged"] == str(merged.absolute())
     again = invoke("merge", "r", "--no-check")
     assert again.exit_code == 2 and "already exists" in again.output
-    assert invoke("train", "--method", "full", "--model", local_model, "--data", chat_file, "-o", "f").exit_code == 0
+    assert (
+        invoke(
+            "train", "--method", "full", "--model", local_model, "--data", chat_file, "-o", "f"
+        ).exit_code
+        == 0
+    )
     refused = invoke("merge", "f")
     assert refused.exit_code == 2 and "full fine-tune" in refused.output
     assert invoke("merge", "nowhere").exit_code == 2
@@ -235,9 +306,13 @@ def test_failed_merge_leaves_no_target(
 
 
 def test_runs_lists_runs(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
-    assert invoke("train", "--model", local_model, "--data", chat_file, "-o", "runs/a").exit_code == 0
+    assert (
+        invoke("train", "--model", local_model, "--data", chat_file, "-o", "runs/a").exit_code == 0
+    )
     rows = json.loads(invoke("runs", "--json").output)
-    assert [(r["status"], r["method"], r["final_loss"]) for r in rows] == [("completed", "lora", 2.0)]
+    assert [(r["status"], r["method"], r["final_loss"]) for r in rows] == [
+        ("completed", "lora", 2.0)
+    ]
     assert "completed" in invoke("runs").output
 
 
@@ -250,18 +325,47 @@ def test_models_lists_presets() -> None:
     assert 7.0 < by_name["qwen2.5-7b-instruct"]["params_b"] < 7.8
 
 
-def test_multinode_dry_run_prints_every_node(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
-    result = invoke("train", "--model", local_model, "--data", chat_file, "--dry-run", "--gpus", "8",
-                    "--nnodes", "2", "--master-addr", "10.0.0.1", "--master-port", "29501")
+def test_multinode_dry_run_prints_every_node(
+    fake_cli: Path, local_model: Path, chat_file: Path
+) -> None:
+    result = invoke(
+        "train",
+        "--model",
+        local_model,
+        "--data",
+        chat_file,
+        "--dry-run",
+        "--gpus",
+        "8",
+        "--nnodes",
+        "2",
+        "--master-addr",
+        "10.0.0.1",
+        "--master-port",
+        "29501",
+    )
     assert result.exit_code == 0, result.output
     for rank in (0, 1):
         assert f"# node {rank} of 2:" in result.output
-        assert (f"FORCE_TORCHRUN=1 NPROC_PER_NODE=8 NNODES=2 NODE_RANK={rank} MASTER_ADDR=10.0.0.1 "
-                "MASTER_PORT=29501") in result.output
+        assert (
+            f"FORCE_TORCHRUN=1 NPROC_PER_NODE=8 NNODES=2 NODE_RANK={rank} MASTER_ADDR=10.0.0.1 "
+            "MASTER_PORT=29501"
+        ) in result.output
     bad = invoke("train", "--model", local_model, "--data", chat_file, "--nnodes", "2")
     assert bad.exit_code == 2 and "--master-addr" in bad.output
-    bad = invoke("train", "--model", local_model, "--data", chat_file, "--nnodes", "2",
-                 "--node-rank", "2", "--master-addr", "h")
+    bad = invoke(
+        "train",
+        "--model",
+        local_model,
+        "--data",
+        chat_file,
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "2",
+        "--master-addr",
+        "h",
+    )
     assert bad.exit_code == 2 and "--node-rank" in bad.output
 
 
@@ -275,7 +379,9 @@ def test_resume_refusals_and_force(fake_cli: Path, local_model: Path, chat_file:
     assert no_ckpt.exit_code == 2 and "no checkpoint" in no_ckpt.output
     Path("r/checkpoint-4").mkdir()
     assert invoke("resume", "r", "--method", "full").exit_code == 2
-    assert "template qwen3 != qwen" in invoke("train", "--resume", "r", "--template", "qwen3").output
+    assert (
+        "template qwen3 != qwen" in invoke("train", "--resume", "r", "--template", "qwen3").output
+    )
     chat_file.write_text(chat_file.read_text() + chat_file.read_text())
     changed = invoke("resume", "r")
     assert changed.exit_code == 2 and "the data changed" in changed.output
@@ -294,7 +400,9 @@ def test_loss_watch_stops_nan_and_zero(tmp_path: Path) -> None:
     log = tmp_path / "trainer_log.jsonl"
     watch = LossWatch(tmp_path, patience=3)
     assert watch() is None
-    log.write_text("".join(json.dumps({"loss": x}) + "\n" for x in (2.0, float("nan"), float("nan"))))
+    log.write_text(
+        "".join(json.dumps({"loss": x}) + "\n" for x in (2.0, float("nan"), float("nan")))
+    )
     assert watch() is None  # only two in a row
     log.write_text(log.read_text() + json.dumps({"loss": float("nan")}) + "\n")
     assert "NaN" in watch()
@@ -303,14 +411,36 @@ def test_loss_watch_stops_nan_and_zero(tmp_path: Path) -> None:
 
 
 def test_method_auto_picks_what_fits(fake_cli: Path, chat_file: Path) -> None:
-    big = invoke("train", "--method", "auto", "--gpu-mem", "24", "--model", "Qwen/Qwen2.5-7B-Instruct",
-                 "--data", chat_file, "--dry-run")
+    big = invoke(
+        "train",
+        "--method",
+        "auto",
+        "--gpu-mem",
+        "24",
+        "--model",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "--data",
+        chat_file,
+        "--dry-run",
+    )
     assert big.exit_code == 0, big.output
     assert "auto:" in big.output and "finetuning_type: lora" in big.output
-    small = invoke("train", "--method", "auto", "--gpu-mem", "80", "--model", "Qwen/Qwen2.5-0.5B-Instruct",
-                   "--data", chat_file, "--dry-run")
+    small = invoke(
+        "train",
+        "--method",
+        "auto",
+        "--gpu-mem",
+        "80",
+        "--model",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "--data",
+        chat_file,
+        "--dry-run",
+    )
     assert small.exit_code == 0 and "finetuning_type: full" in small.output
-    nothing = invoke("train", "--method", "auto", "--model", "Qwen/Qwen2.5-0.5B", "--data", chat_file)
+    nothing = invoke(
+        "train", "--method", "auto", "--model", "Qwen/Qwen2.5-0.5B", "--data", chat_file
+    )
     assert nothing.exit_code == 2 and "--gpu-mem" in nothing.output
 
 
@@ -318,18 +448,23 @@ def test_warns_when_plan_does_not_fit(fake_cli: Path, chat_file: Path) -> None:
     from qwenft.train import TrainRequest, plan_train
 
     gpus = [{"name": "RTX 4090", "memory_gib": 24.0, "compute_cap": 8.9}]
-    req = TrainRequest(method="full", model="Qwen/Qwen2.5-7B-Instruct", data=chat_file, deepspeed="none")
+    req = TrainRequest(
+        method="full", model="Qwen/Qwen2.5-7B-Instruct", data=chat_file, deepspeed="none"
+    )
     plan = plan_train(req, gpus_seen=gpus)
     assert plan.notes and plan.notes[0].startswith("warning: qwenft plan predicts")
     assert "what would fit" in plan.notes[0]
     assert plan.config["bf16"] is True  # compute capability 8.9 supports bf16
-    ok = plan_train(TrainRequest(method="qlora", model="Qwen/Qwen2.5-0.5B-Instruct", data=chat_file),
-                    gpus_seen=gpus)
+    ok = plan_train(
+        TrainRequest(method="qlora", model="Qwen/Qwen2.5-0.5B-Instruct", data=chat_file),
+        gpus_seen=gpus,
+    )
     assert ok.notes == [] and ok.config["bf16"] is True
 
 
-def test_tokenized_cache_key_covers_every_input(fake_cli: Path, local_model: Path, chat_file: Path,
-                                                tmp_path: Path) -> None:
+def test_tokenized_cache_key_covers_every_input(
+    fake_cli: Path, local_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
     from qwenft.train import TrainRequest, plan_train
 
     def path(**kw) -> str:
@@ -340,7 +475,9 @@ def test_tokenized_cache_key_covers_every_input(fake_cli: Path, local_model: Pat
     first = path()
     assert first == path()  # same inputs, same cache
     assert Path(first).is_relative_to(Path.cwd().parent / "home" / "tokenized")
-    other_data = write_jsonl(tmp_path / "other.jsonl", [json.loads(chat_file.read_text().splitlines()[0])])
+    other_data = write_jsonl(
+        tmp_path / "other.jsonl", [json.loads(chat_file.read_text().splitlines()[0])]
+    )
     variants = [
         path(knobs={"cutoff_len": 512}),
         path(template="qwen3"),
@@ -351,8 +488,12 @@ def test_tokenized_cache_key_covers_every_input(fake_cli: Path, local_model: Pat
     assert len({first, *variants}) == 1 + len(variants)
     (local_model / "tokenizer.json").write_text("{}")  # a different tokenizer
     assert path() != first
-    multi = plan_train(TrainRequest(method="lora", model=str(local_model), data=chat_file, nnodes=2,
-                                    master_addr="h"), gpus_seen=[])
+    multi = plan_train(
+        TrainRequest(
+            method="lora", model=str(local_model), data=chat_file, nnodes=2, master_addr="h"
+        ),
+        gpus_seen=[],
+    )
     assert "tokenized_path" not in multi.config
 
 

@@ -16,17 +16,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QA, write_jsonl
+from tests.conftest import QA
 
 pytestmark = pytest.mark.e2e
 
 
 def qwenft(*args: object, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FAKE_LF_RECORD"}
-    proc = subprocess.run([sys.executable, "-m", "qwenft", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwenft", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"qwenft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"qwenft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -39,17 +46,61 @@ def manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "qwenft.json").read_text())
 
 
-QUICK = ["--max-steps", "4", "--batch-size", "2", "--grad-accum", "1", "--cutoff-len", "128",
-         "--val-size", "0", "--set", "logging_steps=1", "--set", "save_steps=1000"]
+QUICK = [
+    "--max-steps",
+    "4",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "1",
+    "--cutoff-len",
+    "128",
+    "--val-size",
+    "0",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "save_steps=1000",
+]
 
 
 def test_lora_learns_then_merge_then_chat(tiny_home: Path, chat_file: Path) -> None:
     run = Path("runs/lora").absolute()
-    qwenft("train", "--model", "tiny-qwen2", "--method", "lora", "--data", chat_file, "-o", run,
-           "--max-steps", "80", "--lr", "5e-3", "--batch-size", "4", "--grad-accum", "1",
-           "--lora-rank", "32", "--cutoff-len", "128", "--val-size", "0",
-           "--set", "lora_alpha=64", "--set", "lr_scheduler_type=constant", "--set", "warmup_ratio=0",
-           "--set", "logging_steps=5", "--set", "save_steps=1000")
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "lora",
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        "--max-steps",
+        "80",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--lora-rank",
+        "32",
+        "--cutoff-len",
+        "128",
+        "--val-size",
+        "0",
+        "--set",
+        "lora_alpha=64",
+        "--set",
+        "lr_scheduler_type=constant",
+        "--set",
+        "warmup_ratio=0",
+        "--set",
+        "logging_steps=5",
+        "--set",
+        "save_steps=1000",
+    )
     curve = losses(run)
     assert all(math.isfinite(x) and x > 0 for x in curve), curve
     assert curve[-1] <= curve[0] / 2, curve
@@ -68,19 +119,33 @@ def test_lora_learns_then_merge_then_chat(tiny_home: Path, chat_file: Path) -> N
     gen = json.loads((merged / "generation_config.json").read_text())
     assert {151645, 151643} <= set(gen["eos_token_id"])
     assert (merged / "chat_template.jinja").is_file() or "chat_template" in (
-        merged / "tokenizer_config.json").read_text()
+        merged / "tokenizer_config.json"
+    ).read_text()
 
     question, answer = QA[0]
     out = qwenft("chat", run, "--prompt", question, "--max-new-tokens", "30")
     assert out.stdout.strip() == answer, out.stdout
     # base + adapter (unmerged) gives the same greedy answer
-    out2 = qwenft("chat", "tiny-qwen2", "--adapter", run, "--prompt", question, "--max-new-tokens", "30")
+    out2 = qwenft(
+        "chat", "tiny-qwen2", "--adapter", run, "--prompt", question, "--max-new-tokens", "30"
+    )
     assert out2.stdout.strip() == answer
 
 
 def test_qlora_4bit_trains_then_merges(tiny_home: Path, chat_file: Path) -> None:
     run = Path("runs/qlora").absolute()
-    qwenft("train", "--model", "tiny-qwen2", "--method", "qlora", "--data", chat_file, "-o", run, *QUICK)
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "qlora",
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        *QUICK,
+    )
     log = (run / "train.log").read_text()
     assert "Quantizing model to 4 bit" in log  # bnb really used, not silently plain LoRA
     assert all(math.isfinite(x) for x in losses(run))
@@ -91,8 +156,24 @@ def test_qlora_4bit_trains_then_merges(tiny_home: Path, chat_file: Path) -> None
 
 def test_full_two_processes_deepspeed_zero3(tiny_home: Path, chat_file: Path) -> None:
     run = Path("runs/full").absolute()
-    qwenft("train", "--model", "tiny-qwen2", "--method", "full", "--gpus", "2", "--deepspeed", "z3",
-           "--data", chat_file, "-o", run, *QUICK[:-4], "--set", "save_steps=1000")
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "full",
+        "--gpus",
+        "2",
+        "--deepspeed",
+        "z3",
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        *QUICK[:-4],
+        "--set",
+        "save_steps=1000",
+    )
     m = manifest(run)
     assert m["status"] == "completed" and m["env"]["NPROC_PER_NODE"] == "2"
     log = (run / "train.log").read_text()
@@ -118,18 +199,52 @@ def test_sigterm_stops_every_worker_and_marks_interrupted(tiny_home: Path, chat_
     run = Path("runs/int").absolute()
     env = {k: v for k, v in os.environ.items() if k != "FAKE_LF_RECORD"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwenft", "train", "--model", "tiny-qwen2", "--method", "full",
-         "--gpus", "2", "--deepspeed", "none", "--data", str(chat_file), "-o", str(run),
-         "--max-steps", "100000", "--batch-size", "2", "--grad-accum", "1", "--val-size", "0",
-         "--cutoff-len", "64", "--set", "logging_steps=1", "--set", "save_steps=100000"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "qwenft",
+            "train",
+            "--model",
+            "tiny-qwen2",
+            "--method",
+            "full",
+            "--gpus",
+            "2",
+            "--deepspeed",
+            "none",
+            "--data",
+            str(chat_file),
+            "-o",
+            str(run),
+            "--max-steps",
+            "100000",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--val-size",
+            "0",
+            "--cutoff-len",
+            "64",
+            "--set",
+            "logging_steps=1",
+            "--set",
+            "save_steps=100000",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (run / "trainer_log.jsonl").exists():
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(1)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])
-               and p.pid != proc.pid]
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(run) in " ".join(p.info["cmdline"] or []) and p.pid != proc.pid
+    ]
     assert len(workers) >= 3  # llamafactory-cli, torchrun, and its two workers
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -145,10 +260,24 @@ def test_repeat_run_reuses_tokenized_data(tiny_home: Path, chat_file: Path) -> N
     runs = [Path(f"runs/tok{i}").absolute() for i in range(3)]
     qwenft("train", "--model", "tiny-qwen2", "--data", chat_file, "-o", runs[0], *QUICK)
     qwenft("train", "--model", "tiny-qwen2", "--data", chat_file, "-o", runs[1], *QUICK)
-    qwenft("train", "--model", "tiny-qwen2", "--data", chat_file, "-o", runs[2], *QUICK[:6], "--cutoff-len", "96",
-           *QUICK[8:])
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--data",
+        chat_file,
+        "-o",
+        runs[2],
+        *QUICK[:6],
+        "--cutoff-len",
+        "96",
+        *QUICK[8:],
+    )
     first, second, third = (manifest(r)["tokenized_cache"] for r in runs)
-    assert first["hit"] is False and "Tokenized dataset is saved" in (runs[0] / "train.log").read_text()
+    assert (
+        first["hit"] is False
+        and "Tokenized dataset is saved" in (runs[0] / "train.log").read_text()
+    )
     assert second == {"path": first["path"], "hit": True}
     assert "Loaded tokenized dataset from" in (runs[1] / "train.log").read_text()
     assert "Running tokenizer on dataset" not in (runs[1] / "train.log").read_text()

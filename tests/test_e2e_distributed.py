@@ -21,8 +21,22 @@ from tests.test_e2e import losses, manifest, qwenft
 
 pytestmark = pytest.mark.e2e
 
-SHORT = ["--max-steps", "3", "--batch-size", "1", "--grad-accum", "1", "--cutoff-len", "64",
-         "--val-size", "0", "--set", "logging_steps=1", "--set", "save_steps=1000"]
+SHORT = [
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "1",
+    "--grad-accum",
+    "1",
+    "--cutoff-len",
+    "64",
+    "--val-size",
+    "0",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "save_steps=1000",
+]
 
 
 def env_without_fake() -> dict[str, str]:
@@ -38,12 +52,28 @@ def free_port() -> int:
 @pytest.mark.parametrize("stage", ["z2", "z3"])
 def test_full_two_processes_deepspeed(tiny_home: Path, chat_file: Path, stage: str) -> None:
     run = Path(f"runs/full-{stage}").absolute()
-    qwenft("train", "--model", "tiny-qwen2", "--method", "full", "--gpus", "2", "--deepspeed", stage,
-           "--data", chat_file, "-o", run, *SHORT)
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "full",
+        "--gpus",
+        "2",
+        "--deepspeed",
+        stage,
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        *SHORT,
+    )
     m = manifest(run)
     assert m["status"] == "completed" and m["summary"]["global_step"] == 3
     assert m["env"]["FORCE_TORCHRUN"] == "1" and m["env"]["NPROC_PER_NODE"] == "2"
-    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == int(stage[1])
+    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == int(
+        stage[1]
+    )
     assert all(math.isfinite(x) and x > 0 for x in losses(run))
     assert any(run.glob("*.safetensors"))
 
@@ -52,12 +82,37 @@ def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
     port = free_port()
     nodes = []
     for rank in (0, 1):
-        args = ["train", "--model", "tiny-qwen2", "--method", "lora", "--data", str(chat_file),
-                "-o", str(Path(f"runs/node{rank}").absolute()), "--gpus", "1", "--nnodes", "2",
-                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                *SHORT]
-        nodes.append(subprocess.Popen([sys.executable, "-m", "qwenft", *args], env=env_without_fake(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        args = [
+            "train",
+            "--model",
+            "tiny-qwen2",
+            "--method",
+            "lora",
+            "--data",
+            str(chat_file),
+            "-o",
+            str(Path(f"runs/node{rank}").absolute()),
+            "--gpus",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            *SHORT,
+        ]
+        nodes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "qwenft", *args],
+                env=env_without_fake(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in nodes]
     for p, out in zip(nodes, outputs, strict=True):
         assert p.returncode == 0, out[-4000:]
@@ -70,15 +125,49 @@ def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
 
 def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path) -> None:
     run = Path("runs/resume").absolute()
-    args = ["train", "--model", "tiny-qwen2", "--method", "lora", "--data", str(chat_file), "-o", str(run),
-            "--max-steps", "40", "--batch-size", "2", "--grad-accum", "1", "--cutoff-len", "64",
-            "--val-size", "0", "--lr", "1e-3", "--set", "lr_scheduler_type=linear",
-            "--set", "warmup_ratio=0", "--set", "logging_steps=1", "--set", "save_steps=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "qwenft", *args], env=env_without_fake(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "lora",
+        "--data",
+        str(chat_file),
+        "-o",
+        str(run),
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--cutoff-len",
+        "64",
+        "--val-size",
+        "0",
+        "--lr",
+        "1e-3",
+        "--set",
+        "lr_scheduler_type=linear",
+        "--set",
+        "warmup_ratio=0",
+        "--set",
+        "logging_steps=1",
+        "--set",
+        "save_steps=5",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwenft", *args],
+        env=env_without_fake(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (run / "checkpoint-5" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stderr.read() if proc.stderr else ""
+        )
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -86,7 +175,11 @@ def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path
     assert f"qwenft resume {run}" in stderr
     m = manifest(run)
     assert m["status"] == "interrupted"
-    state = json.loads((run / "trainer_state.json").read_text()) if (run / "trainer_state.json").exists() else {}
+    state = (
+        json.loads((run / "trainer_state.json").read_text())
+        if (run / "trainer_state.json").exists()
+        else {}
+    )
     assert state.get("global_step", 0) < 40
 
     qwenft("resume", run)
@@ -99,4 +192,4 @@ def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path
     by_step = {r["current_steps"]: r["lr"] for r in rows if "lr" in r}
     lrs = [by_step[s] for s in sorted(by_step)]
     assert sorted(by_step) == list(range(1, 41))
-    assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)), lrs

@@ -34,7 +34,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Shared options, declared once.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Preset (tiny-qwen2, tiny-qwen3, ...), hub id or local folder.")
+    str,
+    typer.Option(
+        "--model", "-m", help="Preset (tiny-qwen2, tiny-qwen3, ...), hub id or local folder."
+    ),
 ]
 
 
@@ -79,42 +82,92 @@ def _root(
 @handle_errors
 def train(
     data: Annotated[
-        Path | None, typer.Option("--data", "-d", help="Chat data: jsonl of {\"messages\": [...]}.")
+        Path | None, typer.Option("--data", "-d", help='Chat data: jsonl of {"messages": [...]}.')
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", help="lora (default), qlora, full, or auto (what fits --gpu-mem).")
+        str | None,
+        typer.Option(
+            "--method", help="lora (default), qlora, full, or auto (what fits --gpu-mem)."
+        ),
     ] = None,
     gpu_mem: Annotated[
-        float | None, typer.Option("--gpu-mem", help="GB per GPU for --method auto (default: as reported).")
+        float | None,
+        typer.Option("--gpu-mem", help="GB per GPU for --method auto (default: as reported)."),
     ] = None,
     model: ModelOpt = "",
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", "-o", help="Run folder (default runs/<model>-<method>-<time>).")
+        Path | None,
+        typer.Option(
+            "--output-dir", "-o", help="Run folder (default runs/<model>-<method>-<time>)."
+        ),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print YAML, env and command; write nothing.")] = False,
-    gpus: Annotated[int | None, typer.Option("--gpus", help="Processes (GPUs) per node; default: all visible, else 1.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print YAML, env and command; write nothing.")
+    ] = False,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", help="Processes (GPUs) per node; default: all visible, else 1."),
+    ] = None,
     deepspeed: Annotated[
-        str, typer.Option("--deepspeed", help="auto (z3 for full, none otherwise), none, z0, z2, z3, z2-offload, z3-offload.")
+        str,
+        typer.Option(
+            "--deepspeed",
+            help="auto (z3 for full, none otherwise), none, z0, z2, z3, z2-offload, z3-offload.",
+        ),
     ] = "auto",
-    template: Annotated[str | None, typer.Option("--template", help="Override the template: qwen, qwen3, qwen3_nothink.")] = None,
-    thinking: Annotated[str, typer.Option("--thinking", help="Qwen3 hybrid: auto (from the data), on or off.")] = "auto",
-    cutoff_len: Annotated[int | None, typer.Option("--cutoff-len", help="Max tokens per sample.")] = None,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", help="Override the template: qwen, qwen3, qwen3_nothink."),
+    ] = None,
+    thinking: Annotated[
+        str, typer.Option("--thinking", help="Qwen3 hybrid: auto (from the data), on or off.")
+    ] = "auto",
+    cutoff_len: Annotated[
+        int | None, typer.Option("--cutoff-len", help="Max tokens per sample.")
+    ] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="num_train_epochs.")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.")
+    ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="learning_rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="per_device_train_batch_size.")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="gradient_accumulation_steps.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="per_device_train_batch_size.")
+    ] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option("--grad-accum", help="gradient_accumulation_steps.")
+    ] = None,
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank.")] = None,
-    val_size: Annotated[float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")] = None,
-    dataset_dir: Annotated[Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")] = None,
-    nnodes: Annotated[int, typer.Option("--nnodes", help="Machines taking part (torchrun NNODES).")] = 1,
-    node_rank: Annotated[int, typer.Option("--node-rank", help="This machine's rank, 0 = master.")] = 0,
-    master_addr: Annotated[str | None, typer.Option("--master-addr", help="Address of node 0.")] = None,
-    master_port: Annotated[int | None, typer.Option("--master-port", help="Port on node 0.")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue RUN_DIR from its newest checkpoint.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="With --resume: continue despite changed inputs.")] = False,
-    config: Annotated[Path | None, typer.Option("--config", help="Extra LLaMA-Factory keys from a YAML file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any LLaMA-Factory key (repeatable).")] = None,
+    val_size: Annotated[
+        float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")
+    ] = None,
+    dataset_dir: Annotated[
+        Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")
+    ] = None,
+    nnodes: Annotated[
+        int, typer.Option("--nnodes", help="Machines taking part (torchrun NNODES).")
+    ] = 1,
+    node_rank: Annotated[
+        int, typer.Option("--node-rank", help="This machine's rank, 0 = master.")
+    ] = 0,
+    master_addr: Annotated[
+        str | None, typer.Option("--master-addr", help="Address of node 0.")
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option("--master-port", help="Port on node 0.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue RUN_DIR from its newest checkpoint.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --resume: continue despite changed inputs.")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Extra LLaMA-Factory keys from a YAML file.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="key=value for any LLaMA-Factory key (repeatable)."),
+    ] = None,
 ) -> None:
     """Fine-tune a Qwen model on chat data (LoRA, QLoRA or full) through LLaMA-Factory."""
     from qwenft import launcher
@@ -130,14 +183,31 @@ def train(
             "or a folder; `qwenft models` lists presets)",
         )
     req = TrainRequest(
-        method=method or "lora", model=model, gpu_mem_gb=gpu_mem, data=data, output_dir=output_dir, gpus=gpus,
-        deepspeed=deepspeed, template=template, thinking=thinking, dataset_dir=dataset_dir,
-        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-        config_file=config, set_items=set_ or [],
+        method=method or "lora",
+        model=model,
+        gpu_mem_gb=gpu_mem,
+        data=data,
+        output_dir=output_dir,
+        gpus=gpus,
+        deepspeed=deepspeed,
+        template=template,
+        thinking=thinking,
+        dataset_dir=dataset_dir,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        config_file=config,
+        set_items=set_ or [],
         knobs={
-            "cutoff_len": cutoff_len, "num_train_epochs": epochs, "max_steps": max_steps,
-            "learning_rate": lr, "per_device_train_batch_size": batch_size,
-            "gradient_accumulation_steps": grad_accum, "lora_rank": lora_rank, "val_size": val_size,
+            "cutoff_len": cutoff_len,
+            "num_train_epochs": epochs,
+            "max_steps": max_steps,
+            "learning_rate": lr,
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "lora_rank": lora_rank,
+            "val_size": val_size,
         },
     )
     if thinking not in ("auto", "on", "off"):
@@ -147,7 +217,9 @@ def train(
         err(note)
     if dry_run:
         typer.echo(f"# run folder (not created): {plan.run_dir}")
-        typer.echo(f"# dataset {plan.dataset_name} -> {plan.data_path} (registered in {plan.dataset_dir})")
+        typer.echo(
+            f"# dataset {plan.dataset_name} -> {plan.data_path} (registered in {plan.dataset_dir})"
+        )
         typer.echo("# --- train.yaml ---")
         typer.echo(plan.yaml_text, nl=False)
         typer.echo("# --- environment ---")
@@ -165,14 +237,19 @@ def train(
     _report_training(execute_train(plan, progress=err))
 
 
-def _resume(run_dir: Path, data: Path | None, method: str | None, template: str | None, force: bool) -> dict:
+def _resume(
+    run_dir: Path, data: Path | None, method: str | None, template: str | None, force: bool
+) -> dict:
     from qwenft.train import resume_train
 
-    return resume_train(run_dir, data=data, method=method, template=template, force=force, progress=err)
+    return resume_train(
+        run_dir, data=data, method=method, template=template, force=force, progress=err
+    )
 
 
 def _report_training(result: dict) -> None:
     """The end-of-training summary on stderr; the run folder on stdout (for scripts)."""
+
     def num(key: str, fmt: str) -> str:
         return format(result[key], fmt) if isinstance(result.get(key), int | float) else "-"
 
@@ -181,7 +258,10 @@ def _report_training(result: dict) -> None:
         f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')}) | {num('tokens_per_second', '.0f')} "
         f"real tokens/s | peak RSS {num('peak_rss_gib', '.2f')} GiB"
     )
-    err(f"log: {result['log']}" + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else ""))
+    err(
+        f"log: {result['log']}"
+        + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else "")
+    )
     err(f"next: qwenft merge {result['run_dir']}")
     typer.echo(result["run_dir"])
 
@@ -190,10 +270,18 @@ def _report_training(result: dict) -> None:
 @handle_errors
 def resume_cmd(
     run_dir: Annotated[Path, typer.Argument(help="An interrupted or failed run folder.")],
-    data: Annotated[Path | None, typer.Option("--data", help="Must match the run's data (sha256).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Must match the run's method.")] = None,
-    template: Annotated[str | None, typer.Option("--template", help="Must match the run's template.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Continue despite changed inputs.")] = False,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Must match the run's data (sha256).")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="Must match the run's method.")
+    ] = None,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Must match the run's template.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Continue despite changed inputs.")
+    ] = False,
 ) -> None:
     """Continue a run from its newest checkpoint (same step, optimizer and LR schedule)."""
     _report_training(_resume(run_dir, data, method, template, force))
@@ -203,18 +291,26 @@ def resume_cmd(
 @handle_errors
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A LoRA/QLoRA run folder.")],
-    export_dir: Annotated[Path | None, typer.Option("--export-dir", help="Target (default RUN_DIR/merged).")] = None,
+    export_dir: Annotated[
+        Path | None, typer.Option("--export-dir", help="Target (default RUN_DIR/merged).")
+    ] = None,
     check: Annotated[
-        bool, typer.Option("--check/--no-check", help="Greedy-generate once to check the model stops.")
+        bool,
+        typer.Option("--check/--no-check", help="Greedy-generate once to check the model stops."),
     ] = True,
     verify: Annotated[
-        bool, typer.Option("--verify", help="Compare merged logits with base + adapter on a few prompts.")
+        bool,
+        typer.Option(
+            "--verify", help="Compare merged logits with base + adapter on a few prompts."
+        ),
     ] = False,
 ) -> None:
     """Merge a LoRA/QLoRA adapter into its base model with llamafactory-cli export."""
     from qwenft.merge import execute_merge, plan_merge
 
-    result = execute_merge(plan_merge(run_dir, export_dir), progress=err, check=check, verify=verify)
+    result = execute_merge(
+        plan_merge(run_dir, export_dir), progress=err, check=check, verify=verify
+    )
     err(f"next: qwenft chat {result['merged']}")
     typer.echo(result["merged"])
 
@@ -223,27 +319,49 @@ def merge(
 @handle_errors
 def chat(
     target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer once and exit.")] = None,
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")] = None,
-    system: Annotated[str | None, typer.Option("--system", help="System prompt (default: the run's).")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Answer once and exit.")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt (default: the run's).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (reproducible).")] = 0.0,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="0 = greedy (reproducible).")
+    ] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
-    backend: Annotated[str, typer.Option("--backend", help="transformers, or vllm (CUDA, if installed).")] = "transformers",
-    template: Annotated[str | None, typer.Option("--template", help="Must match the run's (else --force).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Allow a --template other than the trained one.")] = False,
+    backend: Annotated[
+        str, typer.Option("--backend", help="transformers, or vllm (CUDA, if installed).")
+    ] = "transformers",
+    template: Annotated[
+        str | None, typer.Option("--template", help="Must match the run's (else --force).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow a --template other than the trained one.")
+    ] = False,
 ) -> None:
     """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop."""
     from qwenft.chat import ChatSession, resolve_target
 
-    session = ChatSession(resolve_target(target, adapter, template, force), max_new_tokens, temperature,
-                          top_p, system, backend)
+    session = ChatSession(
+        resolve_target(target, adapter, template, force),
+        max_new_tokens,
+        temperature,
+        top_p,
+        system,
+        backend,
+    )
     err(f"loading {session.target.source} ...")
     session.load()
     if prompt is not None:
         typer.echo(session.ask(prompt))
         return
-    err("type a message; /reset clears the conversation, /system TEXT sets the system prompt, /exit quits")
+    err(
+        "type a message; /reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
+    )
     while True:
         try:
             line = input("you> ")
@@ -259,7 +377,7 @@ def chat(
             err("(conversation cleared)")
             continue
         if line.startswith("/system"):
-            session.system = line[len("/system"):].strip()
+            session.system = line[len("/system") :].strip()
             session.reset()
             err(f"(system prompt set: {session.system!r}; conversation cleared)")
             continue
@@ -287,7 +405,9 @@ def runs_cmd(
     typer.echo(f"{'STATUS':<12} {'METHOD':<6} {'MODEL':<28} {'LOSS':>8}  RUN")
     for r in rows:
         loss = f"{r['final_loss']:.4f}" if isinstance(r["final_loss"], int | float) else "-"
-        typer.echo(f"{r['status'] or '-':<12} {r['method'] or '-':<6} {str(r['model'])[:28]:<28} {loss:>8}  {r['run_dir']}")
+        typer.echo(
+            f"{r['status'] or '-':<12} {r['method'] or '-':<6} {str(r['model'])[:28]:<28} {loss:>8}  {r['run_dir']}"
+        )
 
 
 @app.command()
@@ -297,8 +417,14 @@ def models(as_json: JsonOpt = False) -> None:
     from qwenft.presets import FAMILIES, PRESETS
 
     rows = [
-        {"name": p.name, "hub_id": p.hub_id, "family": p.family, "template": FAMILIES[p.family].template,
-         "params_b": round(p.arch.params / 1e9, 3), "thinking": FAMILIES[p.family].thinking}
+        {
+            "name": p.name,
+            "hub_id": p.hub_id,
+            "family": p.family,
+            "template": FAMILIES[p.family].template,
+            "params_b": round(p.arch.params / 1e9, 3),
+            "thinking": FAMILIES[p.family].thinking,
+        }
         for p in PRESETS.values()
     ]
     if as_json:
@@ -306,7 +432,9 @@ def models(as_json: JsonOpt = False) -> None:
         return
     typer.echo(f"{'NAME':<28} {'FAMILY':<20} {'TEMPLATE':<14} {'PARAMS':>8}  HUB ID")
     for r in rows:
-        typer.echo(f"{r['name']:<28} {r['family']:<20} {r['template']:<14} {r['params_b']:>7}B  {r['hub_id'] or '(embedded)'}")
+        typer.echo(
+            f"{r['name']:<28} {r['family']:<20} {r['template']:<14} {r['params_b']:>7}B  {r['hub_id'] or '(embedded)'}"
+        )
 
 
 def _mount_subcommands() -> None:

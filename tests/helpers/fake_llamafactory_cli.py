@@ -3,6 +3,7 @@
 environment and the YAML it was given into $FAKE_LF_RECORD (JSON lines), writes the files a real
 run would leave in output_dir/export_dir, and exits with $FAKE_LF_EXIT (default 0).
 It proves nothing about training: the end-to-end tests drive the real LLaMA-Factory."""
+
 import json
 import os
 import sys
@@ -12,8 +13,15 @@ import yaml
 
 argv = sys.argv[1:]
 cfg = yaml.safe_load(Path(argv[1]).read_text()) if len(argv) > 1 else {}
-keys = ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-        "HF_HUB_OFFLINE")
+keys = (
+    "FORCE_TORCHRUN",
+    "NPROC_PER_NODE",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HF_HUB_OFFLINE",
+)
 record = {"argv": argv, "env": {k: os.environ[k] for k in keys if k in os.environ}, "yaml": cfg}
 with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
     fh.write(json.dumps(record) + "\n")
@@ -24,8 +32,9 @@ if code == 0 and argv and argv[0] == "train":
     with open(out / "trainer_log.jsonl", "w") as fh:
         for step, loss in ((1, 4.0), (2, 2.0)):
             fh.write(json.dumps({"current_steps": step, "total_steps": 2, "loss": loss}) + "\n")
-    (out / "all_results.json").write_text(json.dumps({"train_loss": 3.0,
-                                                      "train_effective_tokens_per_sec": 123.0}))
+    (out / "all_results.json").write_text(
+        json.dumps({"train_loss": 3.0, "train_effective_tokens_per_sec": 123.0})
+    )
     (out / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
     if cfg.get("finetuning_type") == "lora":
         (out / "adapter_config.json").write_text("{}")
