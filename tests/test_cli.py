@@ -508,3 +508,23 @@ def test_chat_refusals(fake_cli: Path, local_model: Path, chat_file: Path) -> No
     assert missing.exit_code == 2 and "model folder not found" in missing.output
     not_adapter = invoke("chat", local_model, "--adapter", local_model, "--prompt", "hi")
     assert not_adapter.exit_code == 2 and "not a LoRA adapter" in not_adapter.output
+
+
+def test_doctor_reports_and_fails_without_llamafactory_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output[result.output.index("[") :])}
+    assert rows["torch"]["ok"] and rows["llamafactory"]["ok"] and rows["llamafactory-cli"]["ok"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setattr("qwenft.launcher.find_llamafactory_cli", _raise_not_found)
+    broken = invoke("doctor")
+    assert broken.exit_code == 1 and "[ERR] llamafactory-cli" in broken.output
+    assert "make setup" in broken.output
+
+
+def _raise_not_found() -> str:
+    from qwenft.errors import QwenftError
+
+    raise QwenftError("llamafactory-cli was not found")

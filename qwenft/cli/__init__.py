@@ -437,6 +437,26 @@ def models(as_json: JsonOpt = False) -> None:
         )
 
 
+@app.command()
+@handle_errors
+def doctor(as_json: JsonOpt = False) -> None:
+    """Check the environment (packages, llamafactory-cli, GPUs, cache) and name the fixes."""
+    from qwenft.doctor import as_dicts, run_checks
+
+    err("checking the environment (imports torch in a subprocess, ~10 s) ...")
+    checks = run_checks()
+    if as_json:
+        typer.echo(json.dumps(as_dicts(checks), indent=2))
+    else:
+        for c in checks:
+            mark = "ok " if c.ok else ("ERR" if c.required else "-- ")
+            typer.echo(f"[{mark}] {c.name:<16} {c.detail}")
+            if not c.ok and c.fix:
+                typer.echo(f"      fix: {c.fix}")
+    if any(c.required and not c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 def _mount_subcommands() -> None:
     from qwenft.cli import data, plan
 
