@@ -76,6 +76,8 @@ def test_full_two_processes_deepspeed(tiny_home: Path, chat_file: Path, stage: s
     )
     assert all(math.isfinite(x) and x > 0 for x in losses(run))
     assert any(run.glob("*.safetensors"))
+    # the saved full model loads and answers (ZeRO-2 saves tied embeddings as a separate lm_head)
+    assert qwenft("chat", run, "--prompt", "hi", "--max-new-tokens", "5").returncode == 0
 
 
 def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
