@@ -1,0 +1,321 @@
+"""`qwenft data`: check, convert, split and register chat datasets.
+
+Thin commands: each calls one function of qwenft.datasets and prints its result. Nothing heavy is
+imported here; token statistics (`data check --model`) import LLaMA-Factory when they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from qwenft import datasets
+from qwenft.errors import QwenftError
+from qwenft.paths import default_dataset_dir
+
+app = typer.Typer(
+    help="Check, convert, split and register chat datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Overwrite / replace what is already there.")
+]
+DataArg = Annotated[
+    Path, typer.Argument(help="A .jsonl file (one JSON object per line) or a .json array.")
+]
+DEFAULT_STATS_MODEL = "tiny-qwen2"
+DEFAULT_CUTOFF_LEN = 2048  # LLaMA-Factory's own default
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _handle_errors(fn: F) -> F:
+    """QwenftError -> `error: ...` / `hint: ...` on stderr and its exit code (2 for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except QwenftError as exc:
+            if os.environ.get("QWENFT_DEBUG") == "1":
+                raise
+            _err(f"error: {exc.message}")
+            if exc.hint:
+                _err(f"hint: {exc.hint}")
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _stats_model(spec: str, template: str | None, data: Path) -> tuple[str, str, str, bool]:
+    """(tokenizer path, template, default_system, enable_thinking) as `qwenft train` would use
+    them for this model and data: the family's system prompt, and for Qwen3 hybrid models
+    thinking on only when the data has <think> blocks."""
+    from qwenft import presets
+
+    model = presets.resolve_model(spec)
+    path = model.path
+    tpl, thinking = model.template, model.thinking
+    if template is not None:
+        if template not in presets.TEMPLATES:
+            raise QwenftError(
+                f"unknown template {template!r}", f"choose one of {', '.join(presets.TEMPLATES)}"
+            )
+        if template != model.template:
+            tpl = template
+            thinking = presets.FAMILIES[presets.template_family(template)].thinking
+    enable_thinking = True  # LLaMA-Factory's default; only reasoning templates read it
+    if thinking == "hybrid":
+        enable_thinking = datasets.count_thinking_samples(data)[0] > 0
+    if model.kind == "tiny":
+        from qwenft.tiny import ensure_tiny_model
+
+        path = str(ensure_tiny_model(Path(model.path).name, progress=_err))
+    return path, tpl, model.default_system, enable_thinking
+
+
+def _format_stats(s: dict) -> str:
+    n = s["n_samples"]
+    ln = s["length"]
+    lines = [
+        f"tokens ({s['template']} template, {s['model']}, cutoff_len {s['cutoff_len']}): "
+        f"{n} sample{'s' if n != 1 else ''}"
+        + (f", {s['n_skipped']} skipped (errors)" if s["n_skipped"] else ""),
+        f"  length  min {ln['min']}  p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  "
+        f"max {ln['max']}  mean {ln['mean']}",
+    ]
+    if s["n_over_cutoff"]:
+        shown = ", ".join(map(str, s["over_cutoff_lines"][:10]))
+        more = " ..." if s["n_over_cutoff"] > 10 else ""
+        lines.append(
+            f"  over cutoff_len: {s['n_over_cutoff']} sample"
+            f"{'s' if s['n_over_cutoff'] != 1 else ''} (lines {shown}{more}), "
+            f"{s['tokens_cut']} tokens cut silently by LLaMA-Factory"
+        )
+    else:
+        lines.append("  over cutoff_len: none")
+    lines.append(
+        f"  tokens after cutoff: {s['tokens_after_cutoff']}, of which {s['loss_tokens']} count "
+        "toward the loss (assistant turns)"
+    )
+    if s["suggested_cutoff_len"] is not None:
+        lines.append(f"  suggested cutoff_len: {s['suggested_cutoff_len']} (p99 rounded up to 64)")
+    return "\n".join(lines)
+
+
+@app.command()
+@_handle_errors
+def check(
+    file: DataArg,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Also count tokens with this model's tokenizer and chat template: a preset "
+            f"(default {DEFAULT_STATS_MODEL} when --cutoff-len is given), hub id or local folder.",
+        ),
+    ] = None,
+    cutoff_len: Annotated[
+        int | None,
+        typer.Option(
+            "--cutoff-len",
+            min=1,
+            help=f"cutoff_len to measure against (default {DEFAULT_CUTOFF_LEN}); implies token "
+            "statistics.",
+        ),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", help="qwen, qwen3 or qwen3_nothink (default: the model's, as train)."
+        ),
+    ] = None,
+    max_shown: Annotated[
+        int, typer.Option("--max-shown", min=1, help="Problems shown per kind.")
+    ] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a chat dataset; exit 2 on errors.
+
+    Streams FILE and reports every problem with file:line and field, grouped by kind. With
+    --model or --cutoff-len it also counts tokens as LLaMA-Factory will (chat template included):
+    lengths, samples over cutoff_len, tokens cut, loss tokens and a suggested cutoff_len.
+    """
+    report = datasets.check_file(file)
+    stats = None
+    want_stats = model is not None or cutoff_len is not None
+    if want_stats and report.ok:
+        # Building the tiny model and loading LLaMA-Factory print to stdout: keep it for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            path, tpl, default_system, thinking = _stats_model(
+                model or DEFAULT_STATS_MODEL, template, report.path
+            )
+            stats = datasets.token_stats(
+                report.path,
+                Path(path),
+                tpl,
+                cutoff_len or DEFAULT_CUTOFF_LEN,
+                default_system=default_system,
+                enable_thinking=thinking,
+            )
+        stats["model"] = model or DEFAULT_STATS_MODEL
+    if as_json:
+        data = report.to_dict()
+        data["tokens"] = stats
+        _print_json(data)
+    else:
+        typer.echo(datasets.format_report(report, max_per_kind=max_shown))
+        if stats is not None:
+            typer.echo(_format_stats(stats))
+        elif want_stats:
+            typer.echo("token statistics skipped: fix the errors first")
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+@app.command()
+@_handle_errors
+def convert(
+    src: Annotated[Path, typer.Argument(help="Input .jsonl or .json file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl file.")],
+    fmt: Annotated[
+        str,
+        typer.Option("--from", help="Input format: alpaca, sharegpt, openai or auto (detect)."),
+    ] = "auto",
+    force: ForceOpt = False,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option("--skip-invalid", help="Write the rows that convert and report the others."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert alpaca/sharegpt/OpenAI data to messages.
+
+    Writes OUT atomically; rows that cannot be converted are listed with their lines, and then
+    nothing is written unless --skip-invalid.
+    """
+    report = datasets.convert_file(src, out, fmt, force=force, skip_invalid=skip_invalid)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        if report.written:
+            typer.echo(
+                f"converted {report.n_out} of {report.n_in} rows ({report.format}) to {report.out}"
+            )
+        for line in datasets.format_problems(report.problems, str(report.src)):
+            typer.echo(line)
+    if not report.written:
+        n = len(report.problems)
+        _err(
+            f"error: {n} row{'s' if n != 1 else ''} of {report.src} could not be converted; "
+            f"nothing was written"
+        )
+        _err("hint: fix those rows, or pass --skip-invalid to write the others")
+        raise typer.Exit(2)
+
+
+@app.command()
+@_handle_errors
+def split(
+    file: DataArg,
+    val_ratio: Annotated[
+        float, typer.Option("--val-ratio", help="Share of rows for validation, in (0, 1).")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same split.")] = 42,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Where to write (default: beside FILE).")
+    ] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split into train and val files (seeded).
+
+    Writes <stem>.train.jsonl and <stem>.val.jsonl; the same seed gives the same split.
+    """
+    train_path, val_path = datasets.split_file(file, val_ratio, seed, out_dir, force=force)
+    counts = {p: _count_lines(p) for p in (train_path, val_path)}
+    if as_json:
+        _print_json(
+            {
+                "train": str(train_path),
+                "val": str(val_path),
+                "n_train": counts[train_path],
+                "n_val": counts[val_path],
+                "seed": seed,
+                "val_ratio": val_ratio,
+            }
+        )
+    else:
+        typer.echo(f"train: {train_path} ({counts[train_path]} rows)")
+        typer.echo(f"val:   {val_path} ({counts[val_path]} rows)")
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+
+
+@app.command()
+@_handle_errors
+def register(
+    file: DataArg,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Dataset name (letters, digits, _-.); default <stem>-<sha8>."),
+    ] = None,
+    dataset_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-dir", help="Folder of dataset_info.json (default $QWENFT_HOME/datasets)."
+        ),
+    ] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a dataset, then add it to dataset_info.json.
+
+    The entry (absolute path, sharegpt formatting, role/content tags) is what LLaMA-Factory's
+    `dataset:` and `dataset_dir:` keys read. Safe to run from several shells at once.
+    """
+    if name is not None:
+        datasets.check_dataset_name(name)
+    report = datasets.check_file(file)
+    if not report.ok:
+        typer.echo(datasets.format_report(report), err=True)
+        raise QwenftError(
+            f"{report.path} has errors; it was not registered",
+            f"run `qwenft data check {file}` and fix them first",
+        )
+    name = name or datasets.dataset_name_for(report.path, datasets.file_sha256(report.path))
+    folder = dataset_dir if dataset_dir is not None else default_dataset_dir()
+    entry = datasets.register_dataset(
+        report.path, name, folder, force=force, has_tools=report.has_tools
+    )
+    folder = Path(folder).expanduser().absolute()
+    if as_json:
+        _print_json({"name": name, "dataset_dir": str(folder), "entry": entry})
+    else:
+        typer.echo(f"registered {name} -> {entry['file_name']}")
+        typer.echo(f"in {folder / 'dataset_info.json'}")
+        typer.echo(f"use it with: dataset: {name}  dataset_dir: {folder}")
