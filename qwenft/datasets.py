@@ -1652,6 +1652,9 @@ class LlamaFactoryEncoder:
     ) -> None:
         import copy
 
+        # Quiet LLaMA-Factory's loggers (they read this when first imported), but do not leak
+        # the setting into the environment that later child processes (training) inherit.
+        previous = os.environ.get("LLAMAFACTORY_VERBOSITY")
         os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
         try:
             from llamafactory.data.converter import SharegptDatasetConverter
@@ -1665,6 +1668,9 @@ class LlamaFactoryEncoder:
                 f"token statistics need LLaMA-Factory: {exc}",
                 "install the training extras: pip install 'qwenft[train]'",
             ) from None
+        finally:
+            if previous is None:
+                os.environ.pop("LLAMAFACTORY_VERBOSITY", None)
         if template not in TEMPLATES:
             raise QwenftError(
                 f"unknown LLaMA-Factory template {template!r}", "use qwen, qwen3 or qwen3_nothink"

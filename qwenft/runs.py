@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,19 @@ def check_new_run_dir(path: Path) -> None:
         )
 
 
-def create_run_dir(path: Path, files: dict[str, str]) -> Path:
-    """Create the run folder with its first files all at once: stage beside it, then rename."""
+def create_run_dir(
+    path: Path, files: dict[str, str], prepare: Callable[[Path], None] | None = None
+) -> Path:
+    """Create the run folder with its first files all at once: stage beside it, then rename.
+    `prepare(stage)` may add more files to the staged folder before the rename."""
     check_new_run_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         for name, text in files.items():
             (stage / name).write_text(text, encoding="utf-8")
+        if prepare:
+            prepare(stage)
         if path.exists():  # an empty folder the user made for us
             path.rmdir()
         os.rename(stage, path)

@@ -33,9 +33,9 @@ class TrainRequest:
     deepspeed: str = "auto"
     template: str | None = None
     thinking: str = "auto"  # auto | on | off (Qwen3 hybrid models only)
-    gpu_mem_gb: float | None = (
-        None  # for --method auto and the fit check; default: what GPUs report
-    )
+    # GB per GPU for --method auto and the fit check; default: what the GPUs report
+    gpu_mem_gb: float | None = None
+    overlength: str = "warn"  # samples longer than cutoff_len: warn | drop | fail
     dataset_dir: Path | None = None
     nnodes: int = 1
     node_rank: int = 0
@@ -62,6 +62,14 @@ class TrainPlan:
     files: dict[str, str]
     manifest: dict[str, Any]
     notes: list[str] = field(default_factory=list)  # choices and warnings to show before launch
+    overlength: str = "warn"
+    train_data: Path | None = (
+        None  # what LLaMA-Factory reads (a filtered copy with --overlength drop)
+    )
+
+
+OVERLENGTH = ("warn", "drop", "fail")
+FILTERED_DATA = "data.fit.jsonl"
 
 
 def detect_gpus() -> list[dict[str, Any]]:
@@ -175,7 +183,16 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     runs.check_new_run_dir(run_dir)
     run_dir = run_dir.expanduser().absolute()
     dataset_dir = (req.dataset_dir or default_dataset_dir()).expanduser().absolute()
+    if req.overlength not in OVERLENGTH:
+        raise QwenftError(
+            f"unknown --overlength {req.overlength!r}", f"choose one of {', '.join(OVERLENGTH)}"
+        )
     dataset_name = datasets.dataset_name_for(data, sha)
+    train_data = data
+    if req.overlength == "drop":
+        # Trained on a filtered copy inside the run folder, registered under a run-specific name.
+        train_data = run_dir / FILTERED_DATA
+        dataset_name = f"{dataset_name}-fit-{run_dir.name}"
 
     files: dict[str, str] = {}
     ds_path = None
@@ -200,7 +217,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     config = render.build_train_config(spec)
     if "tokenized_path" not in config and req.nnodes == 1:
         # Several nodes on one shared file system could race on the cache: only for one node.
-        config["tokenized_path"] = str(cache.tokenized_dir(config, sha, model.kind))
+        key_sha = sha if req.overlength != "drop" else f"{sha}:drop-overlength"
+        config["tokenized_path"] = str(cache.tokenized_dir(config, key_sha, model.kind))
     yaml_text = render.to_yaml(config, header=f"qwenft {req.method} fine-tune of {req.model}")
     files["train.yaml"] = yaml_text
 
@@ -229,7 +247,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
             "name": dataset_name,
             "dataset_dir": str(dataset_dir),
             "samples": report.n_samples,
+            "train_path": str(train_data),
         },
+        overlength={"mode": req.overlength},
         command=argv,
         env=env,
         versions=runs.package_versions(),
@@ -250,6 +270,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         files,
         manifest,
         notes,
+        req.overlength,
+        train_data,
     )
 
 
@@ -320,28 +342,88 @@ def _fit_to_memory(
 
 
 def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Prepare the model and dataset, create the run folder, launch training, finalize the record."""
-    _prepare_inputs(
-        plan.model.kind,
-        plan.model.spec,
-        plan.data_path,
-        plan.dataset_name,
-        plan.dataset_dir,
-        progress,
-    )
-    run_dir = runs.create_run_dir(plan.run_dir, plan.files)
+    """Prepare the model, measure over-long samples, create the run folder, register the data,
+    launch training and finalize the record. Refusals (--overlength fail) happen before any write."""
+    _ensure_model(plan.model.kind, plan.model.spec, progress)
+    stats = overlength_stats(plan, progress)
+    n_over = stats["n_over_cutoff"]
+    cutoff = plan.config["cutoff_len"]
+    if n_over and plan.overlength == "fail":
+        raise QwenftError(
+            f"{n_over} sample(s) exceed cutoff_len {cutoff} (lines {_lines(stats)}); nothing was started",
+            f"raise --cutoff-len (suggested: {stats['suggested_cutoff_len']}), shorten them, or "
+            "use --overlength drop",
+        )
+    if n_over and plan.overlength == "warn":
+        progress(
+            f"warning: {n_over} sample(s) exceed cutoff_len {cutoff} and lose {stats['tokens_cut']} "
+            f"tokens to truncation (lines {_lines(stats)}); suggested --cutoff-len "
+            f"{stats['suggested_cutoff_len']}, or --overlength drop|fail"
+        )
+    record = {
+        "mode": plan.overlength,
+        "n_over_cutoff": n_over,
+        "tokens_cut": stats["tokens_cut"],
+        "cutoff_len": cutoff,
+    }
+
+    def add_filtered_copy(stage: Path) -> None:
+        if plan.overlength != "drop":
+            return
+        kept, dropped = datasets.write_without_lines(
+            plan.data_path, stage / FILTERED_DATA, stats["over_cutoff_lines"]
+        )
+        record.update(
+            kept=kept, dropped=dropped, filtered_sha256=datasets.file_sha256(stage / FILTERED_DATA)
+        )
+        progress(f"--overlength drop: training on {kept} samples, {dropped} over-long dropped")
+
+    run_dir = runs.create_run_dir(plan.run_dir, plan.files, prepare=add_filtered_copy)
     progress(f"run folder: {run_dir}")
+    runs.update_manifest(run_dir, overlength=record)
+    datasets.register_dataset(
+        plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir
+    )
     return _launch(run_dir, plan.argv, plan.env, progress, plan.config.get("tokenized_path"))
 
 
-def _prepare_inputs(
-    kind: str, spec: str, data: Path, name: str, dataset_dir: Path, progress: Callable[[str], None]
-) -> None:
+def _lines(stats: dict[str, Any], shown: int = 5) -> str:
+    lines = stats["over_cutoff_lines"]
+    return ", ".join(map(str, lines[:shown])) + (", ..." if len(lines) > shown else "")
+
+
+def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Token counts of the data under the run's template and cutoff_len, exactly as LLaMA-Factory
+    will preprocess it; cached beside the tokenized data, so repeat runs pay nothing."""
+    from qwenft.fsutil import atomic_write_json
+
+    cfg = plan.config
+    tokenized = cfg.get("tokenized_path")
+    sidecar = Path(f"{tokenized}.overlength.json") if tokenized else None
+    if sidecar and sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    progress("measuring sample lengths with the run's tokenizer and template ...")
+    stats = datasets.token_stats(
+        plan.data_path,
+        Path(plan.model.path),
+        cfg["template"],
+        cfg["cutoff_len"],
+        default_system=cfg.get("default_system"),
+        enable_thinking=cfg.get("enable_thinking", True),
+        train_on_prompt=bool(cfg.get("train_on_prompt")),
+        mask_history=bool(cfg.get("mask_history")),
+        max_lines=None,
+    )
+    if sidecar:
+        atomic_write_json(sidecar, stats)
+    return stats
+
+
+def _ensure_model(kind: str, spec: str, progress: Callable[[str], None]) -> None:
     if kind == "tiny":
         from qwenft.tiny import ensure_tiny_model
 
         ensure_tiny_model(spec.lower(), progress=progress)
-    datasets.register_dataset(data, name, dataset_dir)
 
 
 def _launch(
@@ -453,13 +535,9 @@ def resume_train(
             f"{run_dir} has no checkpoint-* to resume from",
             "start a new run (lower save_steps to checkpoint more often)",
         )
-    _prepare_inputs(
-        m["model"]["kind"],
-        m["model"]["spec"],
-        Path(ds["path"]),
-        ds["name"],
-        Path(ds["dataset_dir"]),
-        progress,
+    _ensure_model(m["model"]["kind"], m["model"]["spec"], progress)
+    datasets.register_dataset(
+        Path(ds.get("train_path") or ds["path"]), ds["name"], Path(ds["dataset_dir"])
     )
     resumes = [
         *m.get("resumes", []),

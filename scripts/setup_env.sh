@@ -45,7 +45,7 @@ if [ "$MODE" = cpu ]; then
   rm -f "$site"/torchaudio/lib/*.so
   "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 else
-  "${PIP[@]}" install -q -e ".[train,deepspeed,bitsandbytes,serve,dev]"
+  "${PIP[@]}" install -q -e ".[train,deepspeed,bitsandbytes,serve,eval,dev]"
 fi
 
 "$VENV/bin/python" -c 'import torch, transformers, llamafactory; print("setup: torch", torch.__version__, "| transformers", transformers.__version__, "| llamafactory", llamafactory.__version__)'

@@ -21,6 +21,19 @@ from tests.conftest import read_calls, write_jsonl
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Command-building tests use config-only model folders (no tokenizer): stub the length
+    measurement, which the end-to-end tests run for real (test_e2e.py, overlength)."""
+    stats = {
+        "n_over_cutoff": 0,
+        "tokens_cut": 0,
+        "over_cutoff_lines": [],
+        "suggested_cutoff_len": 64,
+    }
+    monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
+
+
 @pytest.fixture
 def local_model(tmp_path: Path) -> Path:
     """A folder that looks like a Qwen2 checkpoint (config only: the fake CLI never loads it)."""

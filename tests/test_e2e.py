@@ -253,3 +253,40 @@ def test_repeat_run_reuses_tokenized_data(tiny_home: Path, chat_file: Path) -> N
     assert "Running tokenizer on dataset" not in (runs[1] / "train.log").read_text()
     assert third["path"] != first["path"] and third["hit"] is False
     assert all(manifest(r)["status"] == "completed" for r in runs)
+
+
+def test_overlength_warn_drop_fail(tiny_home: Path, tmp_path: Path) -> None:
+    long_answer = " ".join(f"word{i}" for i in range(200))
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in QA
+    ]
+    rows.insert(
+        1,
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me a long story."},
+                {"role": "assistant", "content": long_answer},
+            ]
+        },
+    )
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    base = ["--model", "tiny-qwen2", "--data", data, *QUICK[:6], "--cutoff-len", "64", *QUICK[8:]]
+
+    failed = qwenft("train", *base, "-o", "runs/fail", "--overlength", "fail", check=False)
+    assert failed.returncode == 2 and "1 sample(s) exceed cutoff_len 64 (lines 2)" in failed.stderr
+    assert not Path("runs/fail").exists()
+
+    warned = qwenft("train", *base, "-o", "runs/warn")
+    assert "1 sample(s) exceed cutoff_len 64 and lose" in warned.stderr
+    record = manifest(Path("runs/warn"))["overlength"]
+    assert record["n_over_cutoff"] == 1 and record["tokens_cut"] > 300
+
+    qwenft("train", *base, "-o", "runs/drop", "--overlength", "drop")
+    m = manifest(Path("runs/drop"))
+    assert (m["overlength"]["kept"], m["overlength"]["dropped"]) == (4, 1)
+    filtered = Path("runs/drop/data.fit.jsonl")
+    assert len(filtered.read_text().splitlines()) == 4 and long_answer not in filtered.read_text()
+    assert m["overlength"]["filtered_sha256"] != m["dataset"]["sha256"]
+    assert m["dataset"]["train_path"] == str(filtered.absolute())
+    assert m["status"] == "completed"

@@ -458,10 +458,12 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 
 def _mount_subcommands() -> None:
-    from qwenft.cli import data, plan
+    from qwenft.cli import data, plan, use
 
     app.add_typer(data.app, name="data")
     app.command("plan")(plan.plan)
+    app.command("serve")(use.serve)
+    app.command("eval")(use.eval_cmd)
 
 
 _mount_subcommands()

@@ -1,0 +1,102 @@
+"""`qwenft serve` and `qwenft eval`: use a fine-tuned model. Mounted by qwenft.cli."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qwenft.cli import err, handle_errors
+
+
+@handle_errors
+def serve(
+    target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on (0: any free port).")
+    ] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="QWENFT_API_KEY", help="Require this Bearer key."),
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the model to load.")
+    ] = 300.0,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (llamafactory-cli api) until Ctrl-C."""
+    from qwenft.serve import execute_serve, plan_serve
+
+    plan = plan_serve(
+        target, host=host, port=port, api_key=api_key or None, adapter=adapter, timeout_s=timeout
+    )
+    execute_serve(plan, progress=err, announce=typer.echo)
+
+
+@handle_errors
+def eval_cmd(
+    target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", "-d", help='Held-out chat data (jsonl of {"messages": [...]}).'),
+    ],
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir", "-o", help="Report folder (default RUN/eval, else ./eval-<model>)."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Compare with this model instead of the run's base."),
+    ] = None,
+    no_base: Annotated[
+        bool, typer.Option("--no-base", help="Skip the base model's eval loss.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing report.")] = False,
+    cutoff_len: Annotated[
+        int | None, typer.Option("--cutoff-len", help="Max tokens per sample (default: the run's).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="per_device_eval_batch_size.")
+    ] = 1,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Longest generated answer.")
+    ] = 256,
+    max_samples: Annotated[
+        int | None, typer.Option("--max-samples", help="Use only the first N samples.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print eval.json instead of the table.")
+    ] = False,
+) -> None:
+    """Eval loss and perplexity next to the base model, BLEU-4/ROUGE of generated answers."""
+    from qwenft.evaluate import execute_eval, format_table, plan_eval
+
+    plan = plan_eval(
+        target,
+        data,
+        output_dir=output_dir,
+        base=base,
+        no_base=no_base,
+        force=force,
+        cutoff_len=cutoff_len,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_samples=max_samples,
+    )
+    report = execute_eval(plan, progress=err)
+    sys.stderr.flush()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_table(report), nl=False)
+    err(f"report: {plan.out_dir}")

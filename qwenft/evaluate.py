@@ -1,0 +1,481 @@
+"""`qwenft eval`: how good is the fine-tune, next to its base, on held-out chat data.
+
+Three LLaMA-Factory runs, each through launcher.run: `do_eval` of the fine-tuned model (eval loss,
+perplexity = exp(loss), next-token accuracy), the same for its base model on the same data, and
+`do_predict` with `predict_with_generate` for the fine-tuned model (BLEU-4, ROUGE-1/2/L against the
+reference answers, predictions saved as jsonl). Everything is staged in a hidden folder beside the
+report folder and renamed into place when complete, so a report is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwenft import __version__, datasets, launcher, presets, render, runs
+from qwenft.chat import resolve_target
+from qwenft.errors import JobFailed, QwenftError
+from qwenft.fsutil import atomic_write_json, atomic_write_text
+from qwenft.paths import default_dataset_dir
+
+REPORT_JSON, REPORT_MD, PREDICTIONS = "eval.json", "eval.md", "predictions.jsonl"
+GEN_METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
+
+
+@dataclass
+class EvalModel:
+    """One model to evaluate: where LLaMA-Factory loads it from."""
+
+    role: str  # "fine-tuned" | "base"
+    model_path: str
+    adapter_path: str | None
+    model_kind: str
+    tiny_preset: str | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model_path, "adapter": self.adapter_path, "source": self.source}
+
+
+@dataclass
+class EvalPlan:
+    spec: str
+    run_dir: Path | None
+    out_dir: Path
+    log_path: Path
+    data_path: Path
+    sha256: str
+    n_samples: int
+    dataset_name: str
+    dataset_dir: Path
+    template: str
+    default_system: str
+    enable_thinking: bool | None
+    tuned: EvalModel
+    base: EvalModel | None
+    settings: dict[str, Any]
+    cli: str
+    force: bool
+    notes: list[str] = field(default_factory=list)
+
+    def jobs(self, stage: Path) -> list[tuple[str, EvalModel, dict[str, Any]]]:
+        """(name, model, LLaMA-Factory config) of each run, in order; output_dirs under stage."""
+        out = [
+            (
+                "tuned-eval",
+                self.tuned,
+                build_eval_config(self, self.tuned, stage / "tuned-eval", False),
+            )
+        ]
+        if self.base is not None:
+            out.append(
+                (
+                    "base-eval",
+                    self.base,
+                    build_eval_config(self, self.base, stage / "base-eval", False),
+                )
+            )
+        out.append(
+            (
+                "tuned-predict",
+                self.tuned,
+                build_eval_config(self, self.tuned, stage / "tuned-predict", True),
+            )
+        )
+        return out
+
+
+def _slug(text: str) -> str:
+    return (
+        re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text.rstrip("/")).name).strip("-.").lower() or "model"
+    )
+
+
+def _run_train_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load((run_dir / "train.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _model_of(role: str, spec: str) -> EvalModel:
+    m = presets.resolve_model(spec)
+    return EvalModel(role, m.path, None, m.kind, spec.lower() if m.kind == "tiny" else None, m.path)
+
+
+def plan_eval(
+    spec: str,
+    data: Path,
+    *,
+    output_dir: Path | None = None,
+    base: str | None = None,
+    no_base: bool = False,
+    force: bool = False,
+    cutoff_len: int | None = None,
+    batch_size: int = 1,
+    max_new_tokens: int = 256,
+    max_samples: int | None = None,
+    dataset_dir: Path | None = None,
+) -> EvalPlan:
+    """Check every input; raise QwenftError (writing nothing) when the evaluation cannot work."""
+    for name, value, low in (
+        ("--batch-size", batch_size, 1),
+        ("--max-new-tokens", max_new_tokens, 1),
+        ("--max-samples", max_samples, 1),
+        ("--cutoff-len", cutoff_len, 16),
+    ):
+        if value is not None and value < low:
+            raise QwenftError(f"{name} must be at least {low} (got {value})")
+    if base and no_base:
+        raise QwenftError("--base and --no-base contradict each other", "pass one of them")
+    cli = launcher.find_llamafactory_cli()
+
+    data = Path(data).expanduser()
+    report = datasets.check_file(data)  # QwenftError when missing/unreadable
+    if not report.ok:
+        raise QwenftError(
+            f"{data} has {len(report.errors)} data error(s); nothing was evaluated\n"
+            + datasets.format_report(report, max_per_kind=3).rstrip(),
+            f"fix them (`qwenft data check {data}` lists them all), then evaluate again",
+        )
+    data = data.resolve()
+    sha = datasets.file_sha256(data)
+
+    path = Path(spec).expanduser()
+    target = resolve_target(spec)  # QwenftError for a folder that is neither a run nor a model
+    notes: list[str] = []
+    run_dir: Path | None = None
+    train_cfg: dict[str, Any] = {}
+    base_model: EvalModel | None = None
+    if (path / runs.MANIFEST).is_file():
+        run_dir = path.absolute()
+        manifest = runs.read_manifest(run_dir)
+        template = manifest["template"]
+        train_cfg = _run_train_config(run_dir)
+        if not no_base and not base:
+            mm = manifest["model"]
+            base_model = EvalModel(
+                "base",
+                mm["path"],
+                None,
+                mm["kind"],
+                mm["spec"].lower() if mm["kind"] == "tiny" else None,
+                mm["spec"],
+            )
+        if (manifest.get("dataset") or {}).get("sha256") == sha:
+            notes.append(
+                "this is the data the run was trained on: the numbers measure fit, not "
+                "generalisation (use held-out data, e.g. from `qwenft data split`)"
+            )
+    else:
+        template = presets.resolve_model(spec).template
+    if base:
+        base_model = _model_of("base", base)
+    tuned = EvalModel(
+        "fine-tuned",
+        target.model_path,
+        target.adapter_path,
+        target.model_kind,
+        target.tiny_preset,
+        target.source,
+    )
+
+    out_dir = (
+        Path(output_dir).expanduser()
+        if output_dir
+        else (run_dir / "eval" if run_dir else Path(f"eval-{_slug(spec)}"))
+    )
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise QwenftError(
+            f"{out_dir} already holds an evaluation report",
+            "pass --force to replace it, or --output-dir for a new folder",
+        )
+    settings = {
+        "cutoff_len": cutoff_len or int(train_cfg.get("cutoff_len") or 1024),
+        "per_device_eval_batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "max_samples": max_samples,
+        "bf16": bool(train_cfg.get("bf16", False)),
+    }
+    ddir = (dataset_dir or default_dataset_dir()).expanduser().absolute()
+    return EvalPlan(
+        spec=spec,
+        run_dir=run_dir,
+        out_dir=out_dir,
+        log_path=out_dir.parent / f"{out_dir.name}.log",
+        data_path=data,
+        sha256=sha,
+        n_samples=report.n_valid,
+        dataset_name=datasets.dataset_name_for(data, sha),
+        dataset_dir=ddir,
+        template=template,
+        default_system=target.system,
+        enable_thinking=target.enable_thinking,
+        tuned=tuned,
+        base=base_model,
+        settings=settings,
+        cli=cli,
+        force=force,
+        notes=notes,
+    )
+
+
+def build_eval_config(
+    plan: EvalPlan, model: EvalModel, output_dir: Path, predict: bool
+) -> dict[str, Any]:
+    """The LLaMA-Factory config of one evaluation run: do_eval (loss) or do_predict (generation)."""
+    s = plan.settings
+    cfg: dict[str, Any] = {"model_name_or_path": model.model_path}
+    if model.adapter_path:
+        cfg["adapter_name_or_path"] = model.adapter_path
+    cfg.update(
+        stage="sft",
+        do_train=False,
+        finetuning_type="lora" if model.adapter_path else "full",
+        eval_dataset=plan.dataset_name,
+        dataset_dir=str(plan.dataset_dir),
+        template=plan.template,
+        default_system=plan.default_system,
+    )
+    if plan.enable_thinking is not None:
+        cfg["enable_thinking"] = plan.enable_thinking
+    cfg["cutoff_len"] = s["cutoff_len"]
+    if s.get("max_samples"):
+        cfg["max_samples"] = s["max_samples"]
+    cfg.update(
+        overwrite_cache=True,
+        output_dir=str(output_dir),
+        report_to="none",
+        per_device_eval_batch_size=s["per_device_eval_batch_size"],
+        bf16=s["bf16"],
+    )
+    if predict:
+        cfg.update(
+            do_predict=True,
+            predict_with_generate=True,
+            do_sample=False,
+            max_new_tokens=s["max_new_tokens"],
+        )
+    else:
+        cfg.update(do_eval=True, compute_accuracy=True)
+    return cfg
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss); None for a missing loss, inf where it overflows."""
+    if not isinstance(loss, int | float) or not math.isfinite(loss):
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def _loss_row(model: EvalModel, results: dict[str, Any]) -> dict[str, Any]:
+    loss = results.get("eval_loss")
+    return {
+        **model.to_dict(),
+        "eval_loss": loss,
+        "perplexity": perplexity(loss),
+        "token_accuracy": results.get("eval_accuracy"),
+        "runtime_s": results.get("eval_runtime"),
+    }
+
+
+def build_report(plan: EvalPlan, raw: Path, took_s: float) -> dict[str, Any]:
+    """eval.json's content from the files the LLaMA-Factory runs left under raw/."""
+    models = {
+        "fine-tuned": _loss_row(plan.tuned, _read_json(raw / "tuned-eval" / "eval_results.json"))
+    }
+    if plan.base is not None:
+        models["base"] = _loss_row(plan.base, _read_json(raw / "base-eval" / "eval_results.json"))
+    pred = _read_json(raw / "tuned-predict" / "predict_results.json")
+    generation = {k: pred.get(f"predict_{k}") for k in GEN_METRICS}
+    generation.update(
+        model="fine-tuned",
+        predictions=PREDICTIONS,
+        max_new_tokens=plan.settings["max_new_tokens"],
+        runtime_s=pred.get("predict_runtime"),
+    )
+    tuned_loss, base_loss = (
+        models["fine-tuned"]["eval_loss"],
+        (models.get("base") or {}).get("eval_loss"),
+    )
+    delta = (
+        tuned_loss - base_loss
+        if isinstance(tuned_loss, int | float) and isinstance(base_loss, int | float)
+        else None
+    )
+    return {
+        "qwenft_version": __version__,
+        "created": runs.now_iso(),
+        "target": plan.spec,
+        "run_dir": str(plan.run_dir) if plan.run_dir else None,
+        "template": plan.template,
+        "data": {
+            "path": str(plan.data_path),
+            "sha256": plan.sha256,
+            "samples": plan.n_samples,
+            "dataset": plan.dataset_name,
+        },
+        "settings": plan.settings,
+        "models": models,
+        "loss_change": delta,
+        "generation": generation,
+        "notes": plan.notes,
+        "wall_s": round(took_s, 1),
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if spec == "ppl":
+        return f"{value:.4g}" if value < 1e6 else f"{value:.3e}"
+    return format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a short markdown table (eval.md and what `qwenft eval` prints)."""
+    gen = report["generation"]
+    data = report["data"]
+    lines = [
+        f"# Evaluation of {report['target']}",
+        "",
+        f"Data: {data['path']} ({data['samples']} samples, sha256 {data['sha256'][:12]}), "
+        f"template {report['template']}.",
+        "",
+        "| model | eval loss | perplexity | token acc. | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for role, row in report["models"].items():
+        g = gen if gen.get("model") == role else {}
+        acc = row.get("token_accuracy")
+        cells = [
+            f"{role} ({row['source']})",
+            _fmt(row["eval_loss"], ".4f"),
+            _fmt(row["perplexity"], "ppl"),
+            _fmt(acc * 100 if isinstance(acc, int | float) else None, ".1f"),
+            *(_fmt(g.get(k), ".2f") for k in GEN_METRICS),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if report.get("loss_change") is not None:
+        change = report["loss_change"]
+        lines.append(
+            f"Eval loss {'fell' if change < 0 else 'rose'} by {abs(change):.4f} against the base model."
+        )
+    lines.append(
+        f"BLEU-4 and ROUGE (0-100) compare greedy answers (at most {gen['max_new_tokens']} new tokens) "
+        f"with the references; predictions: {gen['predictions']}."
+    )
+    for note in report.get("notes") or []:
+        lines.append(f"Note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the evaluation jobs in a staging folder, write the report, rename it into place."""
+    for model in (plan.tuned, plan.base):
+        if model is not None and model.tiny_preset:
+            from qwenft.tiny import ensure_tiny_model
+
+            ensure_tiny_model(model.tiny_preset, progress=progress)
+    datasets.register_dataset(plan.data_path, plan.dataset_name, plan.dataset_dir)
+    for note in plan.notes:
+        progress(f"note: {note}")
+    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{plan.out_dir.name}.", dir=plan.out_dir.parent))
+    started = time.monotonic()
+    try:
+        plan.log_path.write_bytes(b"")
+        jobs = plan.jobs(stage / "raw")
+        for i, (name, model, cfg) in enumerate(jobs, 1):
+            what = "generation metrics" if cfg.get("do_predict") else "eval loss"
+            progress(f"[{i}/{len(jobs)}] {what} of the {model.role} model ({model.source})")
+            yaml_path = stage / "raw" / f"{name}.yaml"
+            atomic_write_text(yaml_path, render.to_yaml(cfg, header=f"qwenft eval: {name}"))
+            argv = [plan.cli, "train", str(yaml_path)]
+            env = launcher.offline_env(model.model_kind)
+            code = launcher.run(argv, env, plan.log_path, cwd=stage, echo=sys.stderr.buffer)
+            if code != 0:
+                raise JobFailed(
+                    f"llamafactory-cli ({name}) exited with code {code}",
+                    f"read the log: {plan.log_path}",
+                    returncode=code,
+                )
+        predictions = stage / "raw" / "tuned-predict" / "generated_predictions.jsonl"
+        if not predictions.is_file():
+            raise JobFailed(
+                "the prediction run wrote no generated_predictions.jsonl",
+                f"read the log: {plan.log_path}",
+            )
+        os.replace(predictions, stage / PREDICTIONS)
+        report = build_report(plan, stage / "raw", time.monotonic() - started)
+        if report["models"]["fine-tuned"]["eval_loss"] is None:
+            raise JobFailed(
+                "the evaluation run reported no eval_loss", f"read the log: {plan.log_path}"
+            )
+        atomic_write_json(stage / REPORT_JSON, report)
+        atomic_write_text(stage / REPORT_MD, format_table(report))
+        _share_like_umask(stage)
+        _move_into_place(stage, plan.out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if plan.run_dir is not None:
+        runs.update_manifest(
+            plan.run_dir,
+            last_eval={"report": str(plan.out_dir / REPORT_JSON), "at": report["created"]},
+        )
+    report["report_dir"] = str(plan.out_dir)
+    return report
+
+
+def _share_like_umask(folder: Path) -> None:
+    """mkdtemp/mkstemp make 0700/0600 entries: give the report the permissions of a normal write."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _move_into_place(stage: Path, target: Path) -> None:
+    """Rename stage to target; an existing target (--force) is moved aside first, then deleted."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / target.name)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old / target.name, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,348 @@
+"""`qwenft serve`: LLaMA-Factory's OpenAI-compatible API (`llamafactory-cli api`) for a run or model.
+
+plan_serve() checks everything (target, host/key, port) and renders the config without writing
+anything; execute_serve() writes serve.yaml, starts the server in its own process group, waits
+until GET /v1/models answers, prints the base URL and a ready curl line, and on Ctrl-C / SIGTERM
+stops the whole group before returning.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwenft import launcher, presets, render, runs
+from qwenft.chat import ChatTarget, resolve_target
+from qwenft.errors import JobFailed, QwenftError
+
+
+@dataclass
+class ServePlan:
+    target: ChatTarget
+    template: str
+    run_dir: Path | None  # the run folder served, if any (serve.yaml and serve.log go there)
+    host: str
+    port: int
+    api_key: str | None
+    model_name: str
+    config: dict[str, Any]
+    yaml_text: str
+    argv: list[str]
+    env: dict[str, str]
+    timeout_s: float
+
+    @property
+    def base_url(self) -> str:
+        """The URL a client on this machine uses (a wildcard bind is reached through loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/v1"
+
+    def curl_line(self) -> str:
+        body = json.dumps(
+            {"model": self.model_name, "messages": [{"role": "user", "content": "Hello!"}]},
+            ensure_ascii=False,
+        )
+        parts = [
+            "curl",
+            f"{self.base_url}/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+        ]
+        if self.api_key:
+            parts += ["-H", f"Authorization: Bearer {self.api_key}"]
+        parts += ["-d", body]
+        return " ".join(shlex.quote(p) for p in parts)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, api_key: str | None) -> str:
+    """Refuse a non-loopback bind without an API key (LLaMA-Factory's own default is 0.0.0.0, no key)."""
+    host = host.strip().strip("[]")
+    if not host:
+        raise QwenftError(
+            "--host must not be empty", "use 127.0.0.1 (the default) to serve this machine only"
+        )
+    if not is_loopback(host) and not api_key:
+        raise QwenftError(
+            f"refusing to serve on {host} without an API key: anyone who can reach this machine "
+            "could use the model",
+            "pass --api-key KEY (or set QWENFT_API_KEY), or keep the default --host 127.0.0.1",
+        )
+    return host
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port(host: str, port: int) -> int:
+    """port (a free one for 0), if this process could bind host:port now; QwenftError otherwise."""
+    if not 0 <= port <= 65535:
+        raise QwenftError(f"--port must be between 1 and 65535 (got {port})", "the default is 8000")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise QwenftError(
+            f"cannot resolve --host {host}: {exc.strerror}", "pass an IP address such as 127.0.0.1"
+        ) from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except PermissionError:
+            raise QwenftError(
+                f"no permission to bind {host}:{port}", "use a port above 1023"
+            ) from None
+        except OSError as exc:
+            if exc.errno == 98:  # EADDRINUSE
+                raise QwenftError(
+                    f"port {port} on {host} is already in use",
+                    f"stop what listens there, or pass another free port, e.g. --port {free_port(host)}",
+                ) from None
+            raise QwenftError(
+                f"cannot bind {host}:{port}: {exc.strerror or exc}",
+                "pass an address of this machine, e.g. 127.0.0.1",
+            ) from None
+        return int(s.getsockname()[1]) if port == 0 else port
+
+
+def resolve_serve_target(
+    spec: str, adapter: Path | None = None
+) -> tuple[ChatTarget, str, Path | None]:
+    """The model (and adapter) to serve, its template, and its run folder when spec is one."""
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise QwenftError(
+            f"{spec} is a file, not a model or run folder",
+            "pass a run folder made by `qwenft train`, a model folder, or a preset",
+        )
+    target = resolve_target(spec, adapter)  # QwenftError for a folder that is neither
+    if (path / runs.MANIFEST).is_file():
+        return target, runs.read_manifest(path)["template"], path.absolute()
+    return target, presets.resolve_model(spec).template, None
+
+
+def model_name_for(spec: str, run_dir: Path | None) -> str:
+    """The id /v1/models reports: the run folder's or model's name."""
+    if run_dir is not None:
+        return run_dir.name
+    return Path(spec.rstrip("/")).name or spec
+
+
+def build_serve_config(target: ChatTarget, template: str) -> dict[str, Any]:
+    """The `llamafactory-cli api` config: model, adapter, template and system prompt of the run."""
+    cfg: dict[str, Any] = {"model_name_or_path": target.model_path}
+    if target.adapter_path:
+        cfg["adapter_name_or_path"] = target.adapter_path
+        cfg["finetuning_type"] = "lora"
+    cfg.update(template=template, default_system=target.system, infer_backend="huggingface")
+    if target.enable_thinking is not None:
+        cfg["enable_thinking"] = target.enable_thinking
+    return cfg
+
+
+def build_serve_command(
+    cli: str,
+    yaml_path: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    model_name: str,
+    model_kind: str,
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for `llamafactory-cli api`. API_KEY is always set (empty = no key) so a
+    key in the caller's environment never silently applies."""
+    env = {
+        **launcher.offline_env(model_kind),
+        "API_HOST": host,
+        "API_PORT": str(port),
+        "API_KEY": api_key or "",
+        "API_MODEL_NAME": model_name,
+    }
+    return [cli, "api", str(yaml_path)], env
+
+
+def plan_serve(
+    spec: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    adapter: Path | None = None,
+    timeout_s: float = 300.0,
+) -> ServePlan:
+    """Check every input and render the config; raise QwenftError (writing nothing) otherwise."""
+    host = check_host(host, api_key)
+    if timeout_s <= 0:
+        raise QwenftError(f"--timeout must be positive (got {timeout_s})")
+    cli = launcher.find_llamafactory_cli()
+    target, template, run_dir = resolve_serve_target(spec, adapter)
+    port = check_port(host, port)
+    model_name = model_name_for(spec, run_dir)
+    config = build_serve_config(target, template)
+    yaml_text = render.to_yaml(config, header=f"qwenft serve {target.source}")
+    yaml_path = (run_dir or Path("<temp>")) / "serve.yaml"
+    argv, env = build_serve_command(
+        cli, yaml_path, host, port, api_key, model_name, target.model_kind
+    )
+    return ServePlan(
+        target,
+        template,
+        run_dir,
+        host,
+        port,
+        api_key,
+        model_name,
+        config,
+        yaml_text,
+        argv,
+        env,
+        timeout_s,
+    )
+
+
+def probe(url: str, api_key: str | None, timeout_s: float = 2.0) -> int | None:
+    """The HTTP status of GET url (None when nothing answers); never through a proxy."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def wait_ready(
+    proc: launcher.Process,
+    url: str,
+    api_key: str | None,
+    timeout_s: float,
+    progress: Callable[[str], None],
+    every_s: float = 10.0,
+    poll_s: float = 0.5,
+) -> float:
+    """Poll url until it answers 200; return the seconds it took. Raises when the server exits,
+    a signal arrives (Interrupted) or timeout_s passes (JobFailed; the server is stopped)."""
+    started = time.monotonic()
+    next_note = started + every_s
+    while True:
+        if proc.signalled is not None:
+            raise launcher.Interrupted("stopped before the server was ready")
+        code = proc.poll()
+        if code is not None:
+            raise JobFailed(
+                f"the server exited with code {code} before it was ready", returncode=code or 1
+            )
+        status = probe(url, api_key)
+        if status == 200:
+            return time.monotonic() - started
+        if status == 401:
+            raise JobFailed(f"the server at {url} refused qwenft's own API key (401)")
+        now = time.monotonic()
+        if now - started > timeout_s:
+            raise JobFailed(
+                f"the server did not answer within {timeout_s:.0f} s",
+                "a large model may need longer: pass --timeout SECONDS",
+            )
+        if now >= next_note:
+            progress(f"waiting for the server to load the model ... {now - started:.0f} s")
+            next_note = now + every_s
+        time.sleep(poll_s)
+
+
+def execute_serve(
+    plan: ServePlan,
+    progress: Callable[[str], None] = print,
+    announce: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write serve.yaml, start the server, wait until it answers, serve until Ctrl-C / SIGTERM.
+
+    Returns how it ended ({"stopped_by": signal name, ...}). JobFailed when the server fails to
+    start or exits on its own; Interrupted when stopped before it was ready.
+    """
+    if plan.target.tiny_preset:
+        from qwenft.tiny import ensure_tiny_model
+
+        ensure_tiny_model(plan.target.tiny_preset, progress=progress)
+    temp_dir = None
+    if plan.run_dir is not None:
+        yaml_path, log_path = plan.run_dir / "serve.yaml", plan.run_dir / "serve.log"
+    else:
+        temp_dir = Path(tempfile.mkdtemp(prefix="qwenft-serve-"))
+        yaml_path, log_path = temp_dir / "serve.yaml", None
+    argv = [*plan.argv[:-1], str(yaml_path)]
+    try:
+        from qwenft.fsutil import atomic_write_text
+
+        atomic_write_text(yaml_path, plan.yaml_text)
+        progress(f"serving {plan.target.source} (template {plan.template})")
+        progress(f"launching: {launcher.format_command(argv, _shown_env(plan.env))}")
+        with launcher.start(
+            argv, plan.env, log_path, cwd=plan.run_dir, echo=sys.stderr.buffer
+        ) as proc:
+            try:
+                took = wait_ready(
+                    proc, f"{plan.base_url}/models", plan.api_key, plan.timeout_s, progress
+                )
+            except JobFailed as exc:
+                if log_path:
+                    exc.hint = exc.hint or f"read the log: {log_path}"
+                raise
+            where = "every interface" if not is_loopback(plan.host) else "this machine only"
+            announce(f"ready in {took:.0f} s: {plan.base_url} (model {plan.model_name!r}, {where})")
+            announce(plan.curl_line())
+            announce("press Ctrl-C to stop")
+            code = proc.wait()
+            if proc.signalled is None:
+                hint = f"read the log: {log_path}" if log_path else None
+                raise JobFailed(
+                    f"the server exited on its own with code {code}", hint, returncode=code or 1
+                )
+            import signal
+
+            stopped_by = signal.Signals(proc.signalled).name
+        progress(f"server stopped ({stopped_by}); no processes left")
+        return {
+            "stopped_by": stopped_by,
+            "base_url": plan.base_url,
+            "log": str(log_path) if log_path else None,
+        }
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _shown_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment as printed: the key itself is never echoed into logs."""
+    return {k: ("***" if k == "API_KEY" and v else v) for k, v in env.items()}

@@ -1,0 +1,490 @@
+"""`qwenft serve` and `qwenft eval`: refusals and report assembly through typer's CliRunner (with
+stand-in llamafactory-cli scripts), then end to end with the real LLaMA-Factory on the tiny Qwen."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from qwenft import serve as serve_mod
+from qwenft.cli.use import eval_cmd, serve
+from tests.conftest import QA, read_calls, write_jsonl
+
+app = typer.Typer()
+app.command("serve")(serve)
+app.command("eval")(eval_cmd)
+runner = CliRunner()
+
+# The same two commands as a program, for the end-to-end tests (signals need a real process).
+APP_SCRIPT = (
+    "import typer\nfrom qwenft.cli.use import serve, eval_cmd\napp = typer.Typer()\n"
+    "app.command('serve')(serve)\napp.command('eval')(eval_cmd)\napp()\n"
+)
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def listing(*roots: Path) -> list[str]:
+    return sorted(str(p) for root in roots for p in root.rglob("*"))
+
+
+@pytest.fixture
+def local_model(tmp_path: Path) -> Path:
+    d = tmp_path / "Qwen2-0.5B-Instruct"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    return d
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, local_model: Path, chat_file: Path) -> Path:
+    """A completed LoRA run folder as `qwenft train` leaves it (no real weights)."""
+    d = tmp_path / "runs" / "lora"
+    d.mkdir(parents=True)
+    (d / "qwenft.json").write_text(
+        json.dumps(
+            {
+                "status": "completed",
+                "method": "lora",
+                "template": "qwen",
+                "default_system": "You are a helpful assistant.",
+                "enable_thinking": None,
+                "model": {"spec": str(local_model), "kind": "local", "path": str(local_model)},
+                "dataset": {"path": str(chat_file), "sha256": "0" * 64},
+            }
+        )
+    )
+    (d / "adapter_config.json").write_text("{}")
+    (d / "train.yaml").write_text("cutoff_len: 128\nbf16: false\n")
+    return d
+
+
+FAKE_EVAL_CLI = """
+import json, os, sys
+from pathlib import Path
+import yaml
+cfg = yaml.safe_load(Path(sys.argv[2]).read_text())
+with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
+    fh.write(json.dumps({"argv": sys.argv[1:], "yaml": cfg}) + "\\n")
+out = Path(cfg["output_dir"]); out.mkdir(parents=True, exist_ok=True)
+if cfg.get("do_predict"):
+    (out / "predict_results.json").write_text(json.dumps(
+        {"predict_bleu-4": 50.0, "predict_rouge-1": 60.0, "predict_rouge-2": 40.0, "predict_rouge-l": 55.0}))
+    (out / "generated_predictions.jsonl").write_text('{"prompt": "p", "predict": "a", "label": "a"}\\n')
+else:
+    loss = 0.5 if cfg.get("adapter_name_or_path") else 2.0
+    (out / "eval_results.json").write_text(json.dumps({"eval_loss": loss, "eval_accuracy": 0.25}))
+sys.exit(int(os.environ.get("FAKE_LF_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_eval_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "evalbin"
+    bin_dir.mkdir()
+    shim = bin_dir / "llamafactory-cli"
+    shim.write_text(f"#!{sys.executable}\n{FAKE_EVAL_CLI}")
+    shim.chmod(0o755)
+    record = tmp_path / "lf-eval-calls.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LF_RECORD", str(record))
+    return record
+
+
+def test_help_exits_zero() -> None:
+    for cmd in ("serve", "eval"):
+        result = invoke(cmd, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output, result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# serve: pure parts
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.10", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert serve_mod.is_loopback(host) is loopback
+
+
+def test_serve_config_and_env_from_run_manifest(run_dir: Path, local_model: Path) -> None:
+    target, template, rd = serve_mod.resolve_serve_target(str(run_dir))
+    assert rd == run_dir and template == "qwen"
+    cfg = serve_mod.build_serve_config(target, template)
+    assert cfg == {
+        "model_name_or_path": str(local_model),
+        "adapter_name_or_path": str(run_dir),
+        "finetuning_type": "lora",
+        "template": "qwen",
+        "default_system": "You are a helpful assistant.",
+        "infer_backend": "huggingface",
+    }
+    argv, env = serve_mod.build_serve_command(
+        "lf", Path("s.yaml"), "127.0.0.1", 8000, None, "lora", "local"
+    )
+    assert argv == ["lf", "api", "s.yaml"]
+    # an API_KEY in the caller's environment must not silently apply: always set, empty = no key
+    assert env["API_KEY"] == "" and env["API_HOST"] == "127.0.0.1" and env["API_PORT"] == "8000"
+    assert env["API_MODEL_NAME"] == "lora" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_serve_merged_model_is_preferred(run_dir: Path, local_model: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    m = json.loads((run_dir / "qwenft.json").read_text())
+    (run_dir / "qwenft.json").write_text(json.dumps({**m, "merged": str(merged)}))
+    target, template, _ = serve_mod.resolve_serve_target(str(run_dir))
+    cfg = serve_mod.build_serve_config(target, template)
+    assert cfg["model_name_or_path"] == str(merged) and "adapter_name_or_path" not in cfg
+
+
+def test_plan_serve_curl_line_and_free_port(run_dir: Path, fake_cli: Path) -> None:
+    plan = serve_mod.plan_serve(str(run_dir), host="127.0.0.1", port=0, api_key="sk-test")
+    assert 0 < plan.port < 65536 and plan.base_url == f"http://127.0.0.1:{plan.port}/v1"
+    line = plan.curl_line()
+    assert f"http://127.0.0.1:{plan.port}/v1/chat/completions" in line
+    assert "Authorization: Bearer sk-test" in line and '"model": "lora"' in line
+    assert not (run_dir / "serve.yaml").exists()  # planning writes nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# serve: bad input -> exit 2, nothing started or written
+
+
+def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path: Path, fake_cli: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hi")
+    before = listing(tmp_path)
+    result = invoke("serve", folder)
+    assert result.exit_code == 2, result.output
+    assert "not a Hugging Face model folder" in result.output
+    assert read_calls(fake_cli) == [] and listing(tmp_path) == before
+
+
+def test_serve_refuses_a_missing_folder_and_a_run_without_adapter(
+    tmp_path: Path, run_dir: Path, fake_cli: Path
+) -> None:
+    result = invoke("serve", tmp_path / "nope")
+    assert result.exit_code == 2 and "not found" in result.output
+    (run_dir / "adapter_config.json").unlink()
+    result = invoke("serve", run_dir)
+    assert result.exit_code == 2 and "has no adapter" in result.output
+    assert read_calls(fake_cli) == [] and not (run_dir / "serve.yaml").exists()
+
+
+def test_serve_refuses_a_port_in_use(run_dir: Path, fake_cli: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("serve", run_dir, "--port", port)
+    assert result.exit_code == 2, result.output
+    assert (
+        f"port {port} on 127.0.0.1 is already in use" in result.output and "hint: " in result.output
+    )
+    assert read_calls(fake_cli) == [] and not (run_dir / "serve.yaml").exists()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10"])
+def test_serve_refuses_a_public_host_without_key(
+    run_dir: Path, fake_cli: Path, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QWENFT_API_KEY", raising=False)
+    result = invoke("serve", run_dir, "--host", host)
+    assert result.exit_code == 2, result.output
+    assert f"refusing to serve on {host} without an API key" in result.output
+    assert "--api-key" in result.output
+    assert read_calls(fake_cli) == [] and not (run_dir / "serve.yaml").exists()
+
+
+def test_serve_reports_a_server_that_dies_while_loading(
+    run_dir: Path, fake_cli: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_LF_EXIT", "3")
+    result = invoke("serve", run_dir, "--port", 0)
+    assert result.exit_code == 1, result.output
+    assert "exited with code 3 before it was ready" in result.output
+    assert f"read the log: {run_dir / 'serve.log'}" in result.output
+    call = read_calls(fake_cli)[0]
+    assert call["argv"] == ["api", str(run_dir / "serve.yaml")]
+    assert (
+        call["yaml"]["adapter_name_or_path"] == str(run_dir) and call["yaml"]["template"] == "qwen"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_refuses_data_that_fails_the_check(
+    run_dir: Path, tmp_path: Path, fake_eval_cli: Path, isolated: Path
+) -> None:
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"messages": [{"role": "assistant", "content": "hi"}]}, {"text": "no messages"}],
+    )
+    before = listing(tmp_path)
+    result = invoke("eval", run_dir, "--data", bad)
+    assert result.exit_code == 2, result.output
+    assert (
+        "data error(s); nothing was evaluated" in result.output
+        and "qwenft data check" in result.output
+    )
+    assert read_calls(fake_eval_cli) == [] and listing(tmp_path) == before
+
+
+def test_eval_writes_report_and_refuses_to_overwrite(
+    run_dir: Path, chat_file: Path, fake_eval_cli: Path, isolated: Path
+) -> None:
+    result = invoke("eval", run_dir, "--data", chat_file, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    calls = read_calls(fake_eval_cli)
+    assert [c["yaml"].get("do_predict", False) for c in calls] == [False, False, True]
+    tuned, base, predict = (c["yaml"] for c in calls)
+    assert tuned["adapter_name_or_path"] == str(run_dir) and "adapter_name_or_path" not in base
+    for cfg in (tuned, base, predict):
+        assert cfg["do_train"] is False and cfg["template"] == "qwen" and cfg["cutoff_len"] == 128
+        assert cfg["eval_dataset"].startswith("chat-") and cfg["per_device_eval_batch_size"] == 2
+    assert predict["predict_with_generate"] is True and predict["do_sample"] is False
+    info = json.loads((isolated / "datasets" / "dataset_info.json").read_text())
+    assert tuned["eval_dataset"] in info
+
+    out = run_dir / "eval"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval.json",
+        "eval.md",
+        "predictions.jsonl",
+        "raw",
+    ]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["models"]["fine-tuned"]["eval_loss"] == 0.5
+    assert report["models"]["fine-tuned"]["perplexity"] == pytest.approx(math.exp(0.5))
+    assert report["models"]["base"]["perplexity"] == pytest.approx(math.exp(2.0))
+    assert report["loss_change"] == pytest.approx(-1.5)
+    assert report["generation"]["bleu-4"] == 50.0 and report["generation"]["rouge-l"] == 55.0
+    md = (out / "eval.md").read_text()
+    assert "| fine-tuned" in md and "| base" in md and md in result.stdout
+    assert json.loads((run_dir / "qwenft.json").read_text())["last_eval"]["report"] == str(
+        out / "eval.json"
+    )
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no staging left
+
+    again = invoke("eval", run_dir, "--data", chat_file)
+    assert again.exit_code == 2 and "already holds an evaluation report" in again.output
+    assert len(read_calls(fake_eval_cli)) == 3
+    forced = invoke("eval", run_dir, "--data", chat_file, "--force", "--no-base", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert len(read_calls(fake_eval_cli)) == 5
+    assert "base" not in json.loads((out / "eval.json").read_text())["models"]
+
+
+def test_eval_failure_leaves_old_report_and_names_log(
+    run_dir: Path, chat_file: Path, fake_eval_cli: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_LF_EXIT", "1")
+    result = invoke("eval", run_dir, "--data", chat_file)
+    assert result.exit_code == 1, result.output
+    assert f"read the log: {run_dir / 'eval.log'}" in result.output
+    assert not (run_dir / "eval").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: the real LLaMA-Factory on the tiny Qwen
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}
+
+
+@pytest.mark.e2e
+def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None:
+    import openai
+    import psutil
+
+    from qwenft.tiny import ensure_tiny_model
+
+    ensure_tiny_model("tiny-qwen2", progress=None)
+    port, key = serve_mod.free_port(), "sk-qwenft-test"
+    err_log = open(tmp_path / "serve.err", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            APP_SCRIPT,
+            "serve",
+            "tiny-qwen2",
+            "--port",
+            str(port),
+            "--api-key",
+            key,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=err_log,
+        text=True,
+        env=_env(),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        got: list[str] = []
+        deadline = time.monotonic() + 240
+        while not any(x.startswith("press Ctrl-C") for x in got):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "serve.err"
+            ).read_text()[-3000:]
+            try:
+                got.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        assert got[0].startswith("ready in") and f"http://127.0.0.1:{port}/v1" in got[0]
+        assert got[1].startswith("curl ") and f"Bearer {key}" in got[1]
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert family  # the llamafactory-cli api server
+
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60
+        )
+        assert [m.id for m in client.models.list().data] == ["tiny-qwen2"]
+        msgs = [{"role": "user", "content": "Hello"}]
+        reply = client.chat.completions.create(
+            model="tiny-qwen2", messages=msgs, max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-qwen2", messages=msgs, max_tokens=8, temperature=0, stream=True
+            )
+        )
+        assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        wrong = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError) as caught:
+            wrong.models.list()
+        assert caught.value.status_code == 401
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err_log.close()
+    time.sleep(0.5)
+    assert [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert "server stopped (SIGTERM); no processes left" in (tmp_path / "serve.err").read_text()
+    with socket.socket() as s:  # the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.e2e
+def test_eval_lora_run_beats_its_base_end_to_end(
+    tiny_home: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    from tests.test_e2e import qwenft
+
+    run = Path("runs/lora").absolute()
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "lora",
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        "--max-steps",
+        "10",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--lora-rank",
+        "32",
+        "--cutoff-len",
+        "128",
+        "--val-size",
+        "0",
+        "--set",
+        "lora_alpha=64",
+        "--set",
+        "lr_scheduler_type=constant",
+        "--set",
+        "warmup_ratio=0",
+        "--set",
+        "logging_steps=5",
+        "--set",
+        "save_steps=1000",
+        "--set",
+        "plot_loss=false",
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            APP_SCRIPT,
+            "eval",
+            str(run),
+            "--data",
+            str(chat_file),
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    printed = json.loads(
+        out.stdout
+    )  # stdout holds only the report; LLaMA-Factory's output is on stderr
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert printed["models"] == report["models"]
+    tuned, base = report["models"]["fine-tuned"], report["models"]["base"]
+    assert math.isfinite(tuned["eval_loss"]) and math.isfinite(base["eval_loss"])
+    assert tuned["eval_loss"] < base["eval_loss"]
+    assert tuned["perplexity"] == pytest.approx(math.exp(tuned["eval_loss"]))
+    for metric in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+        assert 0 <= report["generation"][metric] <= 100
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(QA) and {"prompt", "predict", "label"} <= set(preds[0])
+    md = (run / "eval" / "eval.md").read_text()
+    assert "| fine-tuned" in md and "| base" in md and "BLEU-4" in md
