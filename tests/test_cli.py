@@ -78,6 +78,11 @@ def test_help_for_every_command() -> None:
         ["data", "convert"],
         ["data", "split"],
         ["data", "register"],
+        ["plan"],
+        ["serve"],
+        ["eval"],
+        ["resume"],
+        ["doctor"],
     ):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0, (cmd, result.output)
