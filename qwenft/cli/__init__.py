@@ -1,22 +1,20 @@
 """The qwenft command line: parse, call one function of the core, print.
 
-The only place that chooses exit codes and writes to stderr. Nothing heavy (torch, transformers,
+Errors become exit codes in qwenft.cli.common; the other command modules (data, plan, use) are
+mounted at the end. Nothing heavy (torch, transformers,
 llamafactory) is imported at module level, so `qwenft --help` stays fast.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
 from qwenft import __version__
+from qwenft.cli.common import JsonOpt, err, handle_errors, print_json
 from qwenft.errors import QwenftError
 
 app = typer.Typer(
@@ -29,38 +27,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Shared options, declared once.
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ModelOpt = Annotated[
     str,
     typer.Option(
         "--model", "-m", help="Preset (tiny-qwen2, tiny-qwen3, ...), hub id or local folder."
     ),
 ]
-
-
-def err(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def handle_errors(fn: F) -> F:
-    """Turn QwenftError into `error: ...` / `hint: ...` on stderr and its exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except QwenftError as exc:
-            if os.environ.get("QWENFT_DEBUG") == "1":
-                raise
-            err(f"error: {exc.message}")
-            if exc.hint:
-                err(f"hint: {exc.hint}")
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _version(value: bool) -> None:
@@ -397,7 +369,7 @@ def runs_cmd(
 
     rows = list_runs(root)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     if not rows:
         err(f"no runs under {root}")
@@ -428,7 +400,7 @@ def models(as_json: JsonOpt = False) -> None:
         for p in PRESETS.values()
     ]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     typer.echo(f"{'NAME':<28} {'FAMILY':<20} {'TEMPLATE':<14} {'PARAMS':>8}  HUB ID")
     for r in rows:
@@ -446,7 +418,7 @@ def doctor(as_json: JsonOpt = False) -> None:
     err("checking the environment (imports torch in a subprocess, ~10 s) ...")
     checks = run_checks()
     if as_json:
-        typer.echo(json.dumps(as_dicts(checks), indent=2))
+        print_json(as_dicts(checks))
     else:
         for c in checks:
             mark = "ok " if c.ok else ("ERR" if c.required else "-- ")

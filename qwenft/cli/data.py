@@ -7,17 +7,14 @@ imported here; token statistics (`data check --model`) import LLaMA-Factory when
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
 from qwenft import datasets
+from qwenft.cli.common import JsonOpt, err, handle_errors, print_json
 from qwenft.errors import QwenftError
 from qwenft.paths import default_dataset_dir
 
@@ -28,9 +25,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Overwrite / replace what is already there.")
 ]
@@ -39,32 +33,6 @@ DataArg = Annotated[
 ]
 DEFAULT_STATS_MODEL = "tiny-qwen2"
 DEFAULT_CUTOFF_LEN = 2048  # LLaMA-Factory's own default
-
-
-def _err(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def _handle_errors(fn: F) -> F:
-    """QwenftError -> `error: ...` / `hint: ...` on stderr and its exit code (2 for bad input)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except QwenftError as exc:
-            if os.environ.get("QWENFT_DEBUG") == "1":
-                raise
-            _err(f"error: {exc.message}")
-            if exc.hint:
-                _err(f"hint: {exc.hint}")
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _stats_model(spec: str, template: str | None, data: Path) -> tuple[str, str, str, bool]:
@@ -90,7 +58,7 @@ def _stats_model(spec: str, template: str | None, data: Path) -> tuple[str, str,
     if model.kind == "tiny":
         from qwenft.tiny import ensure_tiny_model
 
-        path = str(ensure_tiny_model(Path(model.path).name, progress=_err))
+        path = str(ensure_tiny_model(Path(model.path).name, progress=err))
     return path, tpl, model.default_system, enable_thinking
 
 
@@ -124,7 +92,7 @@ def _format_stats(s: dict) -> str:
 
 
 @app.command()
-@_handle_errors
+@handle_errors
 def check(
     file: DataArg,
     model: Annotated[
@@ -183,7 +151,7 @@ def check(
     if as_json:
         data = report.to_dict()
         data["tokens"] = stats
-        _print_json(data)
+        print_json(data)
     else:
         typer.echo(datasets.format_report(report, max_per_kind=max_shown))
         if stats is not None:
@@ -195,7 +163,7 @@ def check(
 
 
 @app.command()
-@_handle_errors
+@handle_errors
 def convert(
     src: Annotated[Path, typer.Argument(help="Input .jsonl or .json file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl file.")],
@@ -217,7 +185,7 @@ def convert(
     """
     report = datasets.convert_file(src, out, fmt, force=force, skip_invalid=skip_invalid)
     if as_json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
     else:
         if report.written:
             typer.echo(
@@ -227,16 +195,16 @@ def convert(
             typer.echo(line)
     if not report.written:
         n = len(report.problems)
-        _err(
+        err(
             f"error: {n} row{'s' if n != 1 else ''} of {report.src} could not be converted; "
             f"nothing was written"
         )
-        _err("hint: fix those rows, or pass --skip-invalid to write the others")
+        err("hint: fix those rows, or pass --skip-invalid to write the others")
         raise typer.Exit(2)
 
 
 @app.command()
-@_handle_errors
+@handle_errors
 def split(
     file: DataArg,
     val_ratio: Annotated[
@@ -256,7 +224,7 @@ def split(
     train_path, val_path = datasets.split_file(file, val_ratio, seed, out_dir, force=force)
     counts = {p: _count_lines(p) for p in (train_path, val_path)}
     if as_json:
-        _print_json(
+        print_json(
             {
                 "train": str(train_path),
                 "val": str(val_path),
@@ -277,7 +245,7 @@ def _count_lines(path: Path) -> int:
 
 
 @app.command()
-@_handle_errors
+@handle_errors
 def register(
     file: DataArg,
     name: Annotated[
@@ -314,7 +282,7 @@ def register(
     )
     folder = Path(folder).expanduser().absolute()
     if as_json:
-        _print_json({"name": name, "dataset_dir": str(folder), "entry": entry})
+        print_json({"name": name, "dataset_dir": str(folder), "entry": entry})
     else:
         typer.echo(f"registered {name} -> {entry['file_name']}")
         typer.echo(f"in {folder / 'dataset_info.json'}")

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from qwenft.cli.common import JsonOpt, handle_errors
 from qwenft.errors import QwenftError
 
 _LABELS = {
@@ -25,6 +26,7 @@ _LABELS = {
 }
 
 
+@handle_errors
 def plan(
     model: Annotated[
         str,
@@ -73,29 +75,23 @@ def plan(
         float | None,
         typer.Option("--gpu-mem", help="Memory of one GPU in GB (1e9 bytes), e.g. 24 or 80."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Predict peak GPU memory per device, with a breakdown, and whether it fits --gpu-mem."""
-    try:
-        result, why = _plan(
-            model,
-            method,
-            bits,
-            gpus,
-            deepspeed,
-            cutoff_len,
-            batch_size,
-            lora_rank,
-            lora_target,
-            gradient_checkpointing,
-            liger,
-            gpu_mem,
-        )
-    except QwenftError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
-        raise typer.Exit(2) from None
+    result, why = _plan(
+        model,
+        method,
+        bits,
+        gpus,
+        deepspeed,
+        cutoff_len,
+        batch_size,
+        lora_rank,
+        lora_target,
+        gradient_checkpointing,
+        liger,
+        gpu_mem,
+    )
     if as_json:
         out = {"model": model, **result.to_dict()}
         if why:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from qwenft.cli import err, handle_errors
+from qwenft.cli.common import err, handle_errors
 
 
 @handle_errors
