@@ -122,76 +122,19 @@ def run(
     Interrupted is raised once it is gone. `monitor` is polled while the child runs; when it
     returns a reason, the group is stopped the same way and Stopped(reason) is raised.
     """
-    echo = echo if echo is not None else sys.stdout.buffer
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    # llamafactory-cli starts `torchrun` by name: make the venv it lives in (not activated when
-    # qwenft is called as .venv/bin/qwenft) come first on PATH.
-    bin_dir = str(Path(argv[0]).parent) if os.sep in argv[0] else None
-    if bin_dir:
-        full_env["PATH"] = os.pathsep.join([bin_dir, full_env.get("PATH", "")])
-    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in finally
-    stopped: list[int | str] = []  # the signal number, or the monitor's reason
-
-    def stop(why: int | str) -> None:
-        if stopped:  # a second Ctrl-C: no more waiting
-            _signal_group(proc, signal.SIGKILL)
-            return
-        stopped.append(why)
-        _signal_group(proc, signal.SIGTERM)
-        timer = threading.Timer(grace_s, _signal_group, (proc, signal.SIGKILL))
-        timer.daemon = True
-        timer.start()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop(signum)
-
-    def watch() -> None:
-        while proc.poll() is None and not stopped:
-            reason = monitor() if monitor else None
-            if reason:
-                stop(reason)
-                return
-            time.sleep(monitor_every_s)
-
-    try:
-        proc = popen(
-            argv,
-            env=full_env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        if log:
-            log.close()
-        raise QwenftError(f"cannot start {argv[0]}: {exc}", SETUP_HINT) from exc
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    if monitor:
-        threading.Thread(target=watch, daemon=True).start()
-    try:
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            echo.write(chunk)
-            echo.flush()
-            if log:
-                log.write(chunk)
-                log.flush()
-        code = _wait_group(proc, grace_s if stopped else None)
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if log:
-            log.close()
-    if stopped and isinstance(stopped[0], str):
-        raise Stopped(stopped[0])
-    if stopped:
-        raise Interrupted(f"stopped by {signal.Signals(stopped[0]).name}")
+    reason = None
+    with start(argv, env, log_path, cwd=cwd, echo=echo, popen=popen, grace_s=grace_s) as proc:
+        next_check = time.monotonic() + monitor_every_s
+        while proc.poll() is None and proc.signalled is None and reason is None:
+            if monitor and time.monotonic() >= next_check:
+                reason = monitor()
+                next_check = time.monotonic() + monitor_every_s
+            time.sleep(0.1)
+        code = proc.close()  # after a stop: SIGTERM the group, SIGKILL what outlives grace_s
+    if reason:
+        raise Stopped(reason)
+    if proc.signalled is not None:
+        raise Interrupted(f"stopped by {signal.Signals(proc.signalled).name}")
     return code
 
 
@@ -243,7 +186,9 @@ class Process:
         self._pump.start()
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._old = {
+                s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+            }
 
     @property
     def pid(self) -> int:
@@ -323,8 +268,13 @@ def start(
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed by Process.close
     try:
         proc = popen(
-            argv, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            argv,
+            env=full_env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     except OSError as exc:
         if log:
