@@ -68,7 +68,6 @@ _TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # as LLa
 _THOUGHT_RE = re.compile(r"<think>\n(.*?)\n</think>\n\n", re.DOTALL)
 
 _HINT_CONVERT = "convert it with `qwenft data convert FILE -o OUT.jsonl --from auto`"
-_HINT_CHECK = "run `qwenft data check FILE` to see every problem with its line"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -846,6 +845,20 @@ def check_file(path: Path) -> CheckReport:
     )
 
 
+def require_valid(path: Path, not_done: str) -> CheckReport:
+    """check_file, raising QwenftError with the grouped problems when the file has errors.
+
+    not_done says what was not done because of them, e.g. "nothing was started"."""
+    report = check_file(path)
+    if not report.ok:
+        raise QwenftError(
+            f"{report.path} has {report.n_errors} data error(s); {not_done}\n"
+            + format_report(report, max_per_kind=3).rstrip(),
+            f"fix them (`qwenft data check {report.path}` lists them all), then try again",
+        )
+    return report
+
+
 def format_problems(
     problems: list[Problem], name: str, max_per_kind: int = 5, counts: dict[str, int] | None = None
 ) -> list[str]:
@@ -1436,16 +1449,8 @@ def split_file(
             f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}",
             "e.g. --val-ratio 0.1",
         )
-    report = check_file(path)
+    report = require_valid(path, "not splitting it")
     src = report.path
-    if not report.ok:
-        first = report.errors[0] if report.errors else None
-        where = f" (first: line {first.line}: {first.message})" if first and first.line else ""
-        raise QwenftError(
-            f"{src} has {report.n_errors} error{'s' if report.n_errors != 1 else ''}{where}; "
-            "not splitting it",
-            _HINT_CHECK.replace("FILE", str(src)),
-        )
     n = report.n_samples
     if n < 2:
         raise QwenftError(f"{src} has {n} sample; a split needs at least 2", "add samples")

@@ -143,15 +143,8 @@ def plan_eval(
         raise QwenftError("--base and --no-base contradict each other", "pass one of them")
     cli = launcher.find_llamafactory_cli()
 
-    data = Path(data).expanduser()
-    report = datasets.check_file(data)  # QwenftError when missing/unreadable
-    if not report.ok:
-        raise QwenftError(
-            f"{data} has {len(report.errors)} data error(s); nothing was evaluated\n"
-            + datasets.format_report(report, max_per_kind=3).rstrip(),
-            f"fix them (`qwenft data check {data}` lists them all), then evaluate again",
-        )
-    data = data.resolve()
+    report = datasets.require_valid(Path(data).expanduser(), "nothing was evaluated")
+    data = report.path.resolve()
     sha = datasets.file_sha256(data)
 
     path = Path(spec).expanduser()

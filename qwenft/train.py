@@ -140,15 +140,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         )
     cli = launcher.find_llamafactory_cli()
 
-    data = Path(req.data).expanduser()
-    report = datasets.check_file(data)  # raises QwenftError when missing/unreadable
-    if not report.ok:
-        raise QwenftError(
-            f"{data} has {len(report.errors)} data error(s); nothing was started\n"
-            + datasets.format_report(report, max_per_kind=3).rstrip(),
-            f"fix them (`qwenft data check {data}` lists them all), then train again",
-        )
-    data = data.resolve()
+    report = datasets.require_valid(Path(req.data).expanduser(), "nothing was started")
+    data = report.path.resolve()
     sha = datasets.file_sha256(data)
 
     model = presets.resolve_model(req.model)

@@ -636,8 +636,8 @@ SPLIT_ERRORS = [
     ("ratio_negative", lines(GOOD, GOOD), {"val_ratio": -0.1}, "between 0 and 1"),
     ("ratio_big", lines(GOOD, GOOD), {"val_ratio": 1.5}, "between 0 and 1"),
     ("one_row", lines(GOOD), {}, "at least 2"),
-    ("bad_rows", lines(GOOD, GOOD, row(U, U)), {}, "has 1 error"),
-    ("empty", b"", {}, "has 1 error"),
+    ("bad_rows", lines(GOOD, GOOD, row(U, U)), {}, "has 1 data error"),
+    ("empty", b"", {}, "has 1 data error"),
 ]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QA
+from tests.conftest import QA, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

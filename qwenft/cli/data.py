@@ -268,13 +268,7 @@ def register(
     """
     if name is not None:
         datasets.check_dataset_name(name)
-    report = datasets.check_file(file)
-    if not report.ok:
-        typer.echo(datasets.format_report(report), err=True)
-        raise QwenftError(
-            f"{report.path} has errors; it was not registered",
-            f"run `qwenft data check {file}` and fix them first",
-        )
+    report = datasets.require_valid(file, "it was not registered")
     name = name or datasets.dataset_name_for(report.path, datasets.file_sha256(report.path))
     folder = dataset_dir if dataset_dir is not None else default_dataset_dir()
     entry = datasets.register_dataset(
