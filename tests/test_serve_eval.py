@@ -16,23 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from qwenft import serve as serve_mod
-from qwenft.cli.use import eval_cmd, serve
+from qwenft.cli import app
 from tests.conftest import QA, read_calls, write_jsonl
 
-app = typer.Typer()
-app.command("serve")(serve)
-app.command("eval")(eval_cmd)
 runner = CliRunner()
-
-# The same two commands as a program, for the end-to-end tests (signals need a real process).
-APP_SCRIPT = (
-    "import typer\nfrom qwenft.cli.use import serve, eval_cmd\napp = typer.Typer()\n"
-    "app.command('serve')(serve)\napp.command('eval')(eval_cmd)\napp()\n"
-)
 
 
 def invoke(*args: object):
@@ -339,8 +329,8 @@ def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-c",
-            APP_SCRIPT,
+            "-m",
+            "qwenft",
             "serve",
             "tiny-qwen2",
             "--port",
@@ -412,7 +402,7 @@ def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None
 def test_eval_lora_run_beats_its_base_end_to_end(
     tiny_home: Path, chat_file: Path, tmp_path: Path
 ) -> None:
-    from tests.test_e2e import qwenft
+    from tests.test_e2e import LEARN, qwenft
 
     run = Path("runs/lora").absolute()
     qwenft(
@@ -427,36 +417,15 @@ def test_eval_lora_run_beats_its_base_end_to_end(
         run,
         "--max-steps",
         "10",
-        "--lr",
-        "5e-3",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--lora-rank",
-        "32",
-        "--cutoff-len",
-        "128",
-        "--val-size",
-        "0",
-        "--set",
-        "lora_alpha=64",
-        "--set",
-        "lr_scheduler_type=constant",
-        "--set",
-        "warmup_ratio=0",
-        "--set",
-        "logging_steps=5",
-        "--set",
-        "save_steps=1000",
+        *LEARN,
         "--set",
         "plot_loss=false",
     )
     out = subprocess.run(
         [
             sys.executable,
-            "-c",
-            APP_SCRIPT,
+            "-m",
+            "qwenft",
             "eval",
             str(run),
             "--data",
