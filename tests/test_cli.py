@@ -241,6 +241,7 @@ def test_qwen3_template_and_thinking_from_data(
         (["--data", "{bad}"], "data error"),
         (["-o", "{occupied}"], "already exists and is not empty"),
         (["--set", "output_dir=/tmp/x"], "may not set output_dir"),
+        (["--overlength", "sometimes"], "unknown --overlength"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(

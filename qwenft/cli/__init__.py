@@ -112,6 +112,13 @@ def train(
     val_size: Annotated[
         float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")
     ] = None,
+    overlength: Annotated[
+        str,
+        typer.Option(
+            "--overlength",
+            help="Samples over --cutoff-len: warn (count the tokens lost), drop, or fail.",
+        ),
+    ] = "warn",
     dataset_dir: Annotated[
         Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")
     ] = None,
@@ -158,6 +165,7 @@ def train(
         method=method or "lora",
         model=model,
         gpu_mem_gb=gpu_mem,
+        overlength=overlength,
         data=data,
         output_dir=output_dir,
         gpus=gpus,
