@@ -132,7 +132,7 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
         "final_loss": losses[-1] if losses else None,
         "best_loss": min(finite) if finite else None,
         "train_loss": results.get("train_loss"),
-        "tokens_per_second": results.get("train_effective_tokens_per_sec"),
+        "tokens_per_second": results.get("effective_tokens_per_sec"),
         "train_runtime_s": results.get("train_runtime"),
         "loss_plot": str(run_dir / "training_loss.png")
         if (run_dir / "training_loss.png").is_file()

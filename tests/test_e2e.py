@@ -81,6 +81,7 @@ def test_lora_learns_then_merge_then_chat(tiny_home: Path, chat_file: Path) -> N
     assert curve[-1] <= curve[0] / 2, curve
     m = manifest(run)
     assert m["status"] == "completed" and m["final_loss"] == curve[-1]
+    assert m["tokens_per_second"] > 0  # LLaMA-Factory's effective (non-pad) tokens/s
     assert m["summary"]["global_step"] == 80
     assert (run / "adapter_model.safetensors").is_file() and (run / "train.log").stat().st_size > 0
 

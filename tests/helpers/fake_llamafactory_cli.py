@@ -33,7 +33,7 @@ if code == 0 and argv and argv[0] == "train":
         for step, loss in ((1, 4.0), (2, 2.0)):
             fh.write(json.dumps({"current_steps": step, "total_steps": 2, "loss": loss}) + "\n")
     (out / "all_results.json").write_text(
-        json.dumps({"train_loss": 3.0, "train_effective_tokens_per_sec": 123.0})
+        json.dumps({"train_loss": 3.0, "effective_tokens_per_sec": 123.0})
     )
     (out / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
     if cfg.get("finetuning_type") == "lora":
