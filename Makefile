@@ -6,7 +6,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint clean-venv
+.PHONY: setup demo test test-fast lint bench bench-gpu clean-venv
 
 setup:
 	@scripts/setup_env.sh
@@ -25,3 +25,9 @@ lint: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: setup
+	$(PY) scripts/bench.py
+
+bench-gpu: setup
+	scripts/bench_gpu.sh

@@ -72,6 +72,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "train": (
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
+        "train_sampling_strategy",
         "learning_rate",
         "num_train_epochs",
         "max_steps",

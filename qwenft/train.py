@@ -281,7 +281,7 @@ def _fit_to_memory(
         min(g["memory_gib"] for g in gpus_seen) * 2**30 / 1e9 if gpus_seen else None
     )
     cutoff = req.knobs.get("cutoff_len") or render.load_template("lora")["cutoff_len"]
-    batch = req.knobs.get("per_device_train_batch_size")
+    given_batch = req.knobs.get("per_device_train_batch_size")
     if req.method == "auto":
         if model.arch is None or gpu_mem is None:
             raise QwenftError(
@@ -293,10 +293,10 @@ def _fit_to_memory(
             gpu_mem,
             gpus=nproc,
             cutoff_len=cutoff,
-            batch_size=batch,
+            batch_size=given_batch,
             deepspeed=None if req.deepspeed == "auto" else req.deepspeed,
         )
-        knobs = {**req.knobs, "per_device_train_batch_size": batch or chosen.batch_size}
+        knobs = {**req.knobs, "per_device_train_batch_size": given_batch or chosen.batch_size}
         if chosen.method == "qlora":
             knobs["quantization_bit"] = chosen.bits
         deepspeed = chosen.deepspeed if req.deepspeed == "auto" else req.deepspeed
@@ -306,6 +306,7 @@ def _fit_to_memory(
     if model.arch is None or gpu_mem is None:
         return req, []
     stage = req.deepspeed if req.deepspeed != "auto" else ("z3" if req.method == "full" else "none")
+    template = render.load_template(req.method)  # the run's defaults where no knob was given
     bits = req.knobs.get("quantization_bit") or (4 if req.method == "qlora" else None)
     est = memory.estimate(
         memory.PlanInput(
@@ -315,8 +316,8 @@ def _fit_to_memory(
             gpus=nproc,
             deepspeed=stage,
             cutoff_len=cutoff,
-            batch_size=batch or 1,
-            lora_rank=req.knobs.get("lora_rank") or 16,
+            batch_size=given_batch or template["per_device_train_batch_size"],
+            lora_rank=req.knobs.get("lora_rank") or template.get("lora_rank", 16),
             gpu_mem_gb=gpu_mem,
         )
     )
