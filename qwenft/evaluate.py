@@ -129,6 +129,7 @@ def plan_eval(
     max_new_tokens: int = 256,
     max_samples: int | None = None,
     dataset_dir: Path | None = None,
+    template: str | None = None,
 ) -> EvalPlan:
     """Check every input; raise QwenftError (writing nothing) when the evaluation cannot work."""
     for name, value, low in (
@@ -148,7 +149,9 @@ def plan_eval(
     sha = datasets.file_sha256(data)
 
     path = Path(spec).expanduser()
-    target = resolve_target(spec)  # QwenftError for a folder that is neither a run nor a model
+    # QwenftError for a folder that is neither a run nor a model, or a --template other than the
+    # run's trained one (unless --force)
+    target = resolve_target(spec, None, template, force)
     notes: list[str] = []
     run_dir: Path | None = None
     train_cfg: dict[str, Any] = {}
@@ -156,7 +159,7 @@ def plan_eval(
     if (path / runs.MANIFEST).is_file():
         run_dir = path.absolute()
         manifest = runs.read_manifest(run_dir)
-        template = manifest["template"]
+        template = target.template
         train_cfg = _run_train_config(run_dir)
         if not no_base and not base:
             mm = manifest["model"]
@@ -174,7 +177,7 @@ def plan_eval(
                 "generalisation (use held-out data, e.g. from `qwenft data split`)"
             )
     else:
-        template = presets.resolve_model(spec).template
+        template = target.template
     if base:
         base_model = _model_of("base", base)
     tuned = EvalModel(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft import launcher, presets, render, runs
+from qwenft import launcher, render, runs
 from qwenft.chat import ChatTarget, resolve_target
 from qwenft.errors import JobFailed, QwenftError
 
@@ -137,19 +137,20 @@ def check_port(host: str, port: int) -> int:
 
 
 def resolve_serve_target(
-    spec: str, adapter: Path | None = None
+    spec: str, adapter: Path | None = None, template: str | None = None, force: bool = False
 ) -> tuple[ChatTarget, str, Path | None]:
-    """The model (and adapter) to serve, its template, and its run folder when spec is one."""
+    """The model (and adapter) to serve, its template, and its run folder when spec is one.
+
+    A --template other than the run's trained one is refused unless force."""
     path = Path(spec).expanduser()
     if path.exists() and not path.is_dir():
         raise QwenftError(
             f"{spec} is a file, not a model or run folder",
             "pass a run folder made by `qwenft train`, a model folder, or a preset",
         )
-    target = resolve_target(spec, adapter)  # QwenftError for a folder that is neither
-    if (path / runs.MANIFEST).is_file():
-        return target, runs.read_manifest(path)["template"], path.absolute()
-    return target, presets.resolve_model(spec).template, None
+    target = resolve_target(spec, adapter, template, force)  # QwenftError: neither run nor model
+    run_dir = path.absolute() if (path / runs.MANIFEST).is_file() else None
+    return target, target.template, run_dir
 
 
 def model_name_for(spec: str, run_dir: Path | None) -> str:
@@ -199,13 +200,15 @@ def plan_serve(
     api_key: str | None = None,
     adapter: Path | None = None,
     timeout_s: float = 300.0,
+    template: str | None = None,
+    force: bool = False,
 ) -> ServePlan:
     """Check every input and render the config; raise QwenftError (writing nothing) otherwise."""
     host = check_host(host, api_key)
     if timeout_s <= 0:
         raise QwenftError(f"--timeout must be positive (got {timeout_s})")
     cli = launcher.find_llamafactory_cli()
-    target, template, run_dir = resolve_serve_target(spec, adapter)
+    target, template, run_dir = resolve_serve_target(spec, adapter, template, force)
     port = check_port(host, port)
     model_name = model_name_for(spec, run_dir)
     config = build_serve_config(target, template)

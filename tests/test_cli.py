@@ -342,6 +342,9 @@ def test_models_lists_presets() -> None:
     assert by_name["qwen3-8b"]["template"] == "qwen3"
     assert by_name["qwen3-4b-instruct-2507"]["template"] == "qwen3_nothink"
     assert 7.0 < by_name["qwen2.5-7b-instruct"]["params_b"] < 7.8
+    arch = by_name["qwen2.5-7b-instruct"]["architecture"]
+    assert (arch["hidden_size"], arch["num_key_value_heads"], arch["vocab_size"]) == (3584, 4, 152064)
+    assert by_name["qwen2.5-7b-instruct"]["default_system"].startswith("You are Qwen")
 
 
 def test_multinode_dry_run_prints_every_node(

@@ -457,3 +457,13 @@ def test_eval_lora_run_beats_its_base_end_to_end(
     assert len(preds) == len(QA) and {"prompt", "predict", "label"} <= set(preds[0])
     md = (run / "eval" / "eval.md").read_text()
     assert "| fine-tuned" in md and "| base" in md and "BLEU-4" in md
+
+
+def test_serve_and_eval_refuse_a_template_other_than_the_trained_one(
+    run_dir: Path, chat_file: Path, fake_cli: Path
+) -> None:
+    for cmd in (["serve", str(run_dir)], ["eval", str(run_dir), "--data", str(chat_file)]):
+        result = invoke(*cmd, "--template", "qwen3")
+        assert result.exit_code == 2, result.output
+        assert "trained with template 'qwen', not 'qwen3'" in result.output
+    assert read_calls(fake_cli) == []

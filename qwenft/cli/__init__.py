@@ -394,6 +394,8 @@ def runs_cmd(
 @handle_errors
 def models(as_json: JsonOpt = False) -> None:
     """List the Qwen models and presets qwenft knows, with template and size."""
+    from dataclasses import asdict
+
     from qwenft.presets import FAMILIES, PRESETS
 
     rows = [
@@ -402,8 +404,10 @@ def models(as_json: JsonOpt = False) -> None:
             "hub_id": p.hub_id,
             "family": p.family,
             "template": FAMILIES[p.family].template,
-            "params_b": round(p.arch.params / 1e9, 3),
+            "default_system": FAMILIES[p.family].default_system,
             "thinking": FAMILIES[p.family].thinking,
+            "params_b": round(p.arch.params / 1e9, 3),
+            "architecture": asdict(p.arch),
         }
         for p in PRESETS.values()
     ]

@@ -31,12 +31,25 @@ def serve(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the model to load.")
     ] = 300.0,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Must match the run's (else --force).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow a --template other than the trained one.")
+    ] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (llamafactory-cli api) until Ctrl-C."""
     from qwenft.serve import execute_serve, plan_serve
 
     plan = plan_serve(
-        target, host=host, port=port, api_key=api_key or None, adapter=adapter, timeout_s=timeout
+        target,
+        host=host,
+        port=port,
+        api_key=api_key or None,
+        adapter=adapter,
+        timeout_s=timeout,
+        template=template,
+        force=force,
     )
     execute_serve(plan, progress=err, announce=typer.echo)
 
@@ -61,7 +74,15 @@ def eval_cmd(
     no_base: Annotated[
         bool, typer.Option("--no-base", help="Skip the base model's eval loss.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing report.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing report; allow a --template other than the run's."
+        ),
+    ] = False,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Must match the run's (else --force).")
+    ] = None,
     cutoff_len: Annotated[
         int | None, typer.Option("--cutoff-len", help="Max tokens per sample (default: the run's).")
     ] = None,
@@ -92,6 +113,7 @@ def eval_cmd(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_samples=max_samples,
+        template=template,
     )
     report = execute_eval(plan, progress=err)
     sys.stderr.flush()
