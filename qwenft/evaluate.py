@@ -27,7 +27,7 @@ import yaml
 from qwenft import __version__, datasets, launcher, presets, render, runs
 from qwenft.chat import resolve_target
 from qwenft.errors import JobFailed, QwenftError
-from qwenft.fsutil import atomic_write_json, atomic_write_text
+from qwenft.fsutil import atomic_write_json, atomic_write_text, share_like_umask
 from qwenft.paths import default_dataset_dir
 
 REPORT_JSON, REPORT_MD, PREDICTIONS = "eval.json", "eval.md", "predictions.jsonl"
@@ -438,7 +438,7 @@ def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dic
             )
         atomic_write_json(stage / REPORT_JSON, report)
         atomic_write_text(stage / REPORT_MD, format_table(report))
-        _share_like_umask(stage)
+        share_like_umask(stage)
         _move_into_place(stage, plan.out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -450,15 +450,6 @@ def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dic
         )
     report["report_dir"] = str(plan.out_dir)
     return report
-
-
-def _share_like_umask(folder: Path) -> None:
-    """mkdtemp/mkstemp make 0700/0600 entries: give the report the permissions of a normal write."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [folder, *folder.rglob("*")]:
-        if not p.is_symlink():
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _move_into_place(stage: Path, target: Path) -> None:

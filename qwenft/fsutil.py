@@ -12,12 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
+def umask_mode(mode: int) -> int:
+    """mode as a plain open()/mkdir() would create it: mkstemp/mkdtemp make private 0600/0700."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
+def share_like_umask(folder: Path) -> None:
+    """Give a finished mkdtemp-staged folder (and everything in it) the modes a plain mkdir/open
+    would have, before it is renamed into place."""
+    folder = Path(folder)
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(umask_mode(0o777 if p.is_dir() else 0o666))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text to a temporary file beside path, fsync it, then rename it over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode(0o666))
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

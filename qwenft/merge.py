@@ -16,7 +16,7 @@ from typing import Any
 
 from qwenft import launcher, render, runs
 from qwenft.errors import JobFailed, QwenftError
-from qwenft.fsutil import atomic_write_json, atomic_write_text
+from qwenft.fsutil import atomic_write_json, atomic_write_text, share_like_umask
 
 # Qwen chat models stop on <|im_end|>; base models on <|endoftext|>. A fine-tuned model needs both,
 # or generation after fine-tuning a base model never stops.
@@ -231,6 +231,7 @@ def execute_merge(
                     f"the merged model's logits differ from base + adapter by {worst:.3g}",
                     "the merge is not faithful; check the base model path in qwenft.json",
                 )
+        share_like_umask(staging)
         if plan.target.exists():
             plan.target.rmdir()  # empty (checked in plan_merge)
         staging.rename(plan.target)

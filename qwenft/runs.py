@@ -17,7 +17,7 @@ from typing import Any
 
 from qwenft import __version__
 from qwenft.errors import QwenftError
-from qwenft.fsutil import atomic_write_json
+from qwenft.fsutil import atomic_write_json, share_like_umask
 
 MANIFEST = "qwenft.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -56,6 +56,7 @@ def create_run_dir(
             (stage / name).write_text(text, encoding="utf-8")
         if prepare:
             prepare(stage)
+        share_like_umask(stage)
         if path.exists():  # an empty folder the user made for us
             path.rmdir()
         os.rename(stage, path)

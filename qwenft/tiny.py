@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.errors import QwenftError
-from qwenft.fsutil import atomic_write_json, file_lock
+from qwenft.fsutil import atomic_write_json, file_lock, share_like_umask, umask_mode
 from qwenft.paths import qwenft_home
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
@@ -334,7 +334,7 @@ def ensure_vocab(home: Path | None = None) -> Path:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, umask_mode(0o666))
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -456,21 +456,6 @@ def _build_into(out: Path, preset: str, vocab_file: Path) -> None:
         raise RuntimeError(f"save_pretrained wrote no model.safetensors in {out}")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _make_shareable(folder: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600 entries; give the finished build the usual umask modes."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for entry in folder.iterdir():
-        if entry.is_file() and not entry.is_symlink():
-            os.chmod(entry, 0o666 & ~mask)
-
-
 def ensure_tiny_model(
     preset: str, home: Path | None = None, progress: Callable[[str], Any] | None = print
 ) -> Path:
@@ -500,7 +485,7 @@ def ensure_tiny_model(
         try:
             _build_into(tmp, preset, vocab_file)
             atomic_write_json(tmp / MARKER_NAME, _marker(preset))
-            _make_shareable(tmp)
+            share_like_umask(tmp)
             if target.exists() or target.is_symlink():
                 # An incomplete or outdated build: move it aside, then delete it.
                 stale = Path(tempfile.mkdtemp(prefix=f".{preset}.stale-", dir=models))

@@ -150,6 +150,13 @@ def test_train_lora_records_run(
     assert manifest["dataset"]["sha256"] and manifest["command"][1:] == call["argv"]
     assert "fake llamafactory-cli train" in (run_dir / "train.log").read_text()
     assert yaml.safe_load((run_dir / "train.yaml").read_text()) == cfg
+    # staged with mkdtemp/mkstemp, but ends with the modes a plain mkdir/open would give
+    from qwenft.fsutil import umask_mode
+
+    assert run_dir.stat().st_mode & 0o777 == umask_mode(0o777)
+    assert (run_dir / "train.yaml").stat().st_mode & 0o777 == umask_mode(0o666)
+    info_path = Path(cfg["dataset_dir"]) / "dataset_info.json"
+    assert info_path.stat().st_mode & 0o777 == umask_mode(0o666)
 
 
 def test_gpus_2_uses_torchrun(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
