@@ -14,7 +14,16 @@ from typing import Annotated
 import typer
 
 from qwenft import __version__
-from qwenft.cli.common import JsonOpt, err, handle_errors, print_json
+from qwenft.cli.common import (
+    AdapterOpt,
+    ForceTemplateOpt,
+    JsonOpt,
+    TargetArg,
+    TemplateOpt,
+    err,
+    handle_errors,
+    print_json,
+)
 from qwenft.errors import QwenftError
 
 app = typer.Typer(
@@ -298,13 +307,11 @@ def merge(
 @app.command()
 @handle_errors
 def chat(
-    target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
+    target: TargetArg,
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="Answer once and exit.")
     ] = None,
-    adapter: Annotated[
-        Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
-    ] = None,
+    adapter: AdapterOpt = None,
     system: Annotated[
         str | None, typer.Option("--system", help="System prompt (default: the run's).")
     ] = None,
@@ -316,12 +323,8 @@ def chat(
     backend: Annotated[
         str, typer.Option("--backend", help="transformers, or vllm (CUDA, if installed).")
     ] = "transformers",
-    template: Annotated[
-        str | None, typer.Option("--template", help="Must match the run's (else --force).")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Allow a --template other than the trained one.")
-    ] = False,
+    template: TemplateOpt = None,
+    force: ForceTemplateOpt = False,
 ) -> None:
     """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop."""
     from qwenft.chat import ChatSession, resolve_target

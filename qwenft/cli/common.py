@@ -10,6 +10,7 @@ import functools
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -19,6 +20,16 @@ from qwenft.errors import QwenftError
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+TargetArg = Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")]
+AdapterOpt = Annotated[
+    Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
+]
+TemplateOpt = Annotated[
+    str | None, typer.Option("--template", help="Must match the run's (else --force).")
+]
+ForceTemplateOpt = Annotated[
+    bool, typer.Option("--force", help="Allow a --template other than the trained one.")
+]
 
 
 def err(message: str) -> None:

@@ -9,12 +9,19 @@ from typing import Annotated
 
 import typer
 
-from qwenft.cli.common import err, handle_errors
+from qwenft.cli.common import (
+    AdapterOpt,
+    ForceTemplateOpt,
+    TargetArg,
+    TemplateOpt,
+    err,
+    handle_errors,
+)
 
 
 @handle_errors
 def serve(
-    target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
+    target: TargetArg,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key.")
     ] = "127.0.0.1",
@@ -25,18 +32,12 @@ def serve(
         str | None,
         typer.Option("--api-key", envvar="QWENFT_API_KEY", help="Require this Bearer key."),
     ] = None,
-    adapter: Annotated[
-        Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
-    ] = None,
+    adapter: AdapterOpt = None,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the model to load.")
     ] = 300.0,
-    template: Annotated[
-        str | None, typer.Option("--template", help="Must match the run's (else --force).")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Allow a --template other than the trained one.")
-    ] = False,
+    template: TemplateOpt = None,
+    force: ForceTemplateOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (llamafactory-cli api) until Ctrl-C."""
     from qwenft.serve import execute_serve, plan_serve
@@ -56,7 +57,7 @@ def serve(
 
 @handle_errors
 def eval_cmd(
-    target: Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")],
+    target: TargetArg,
     data: Annotated[
         Path,
         typer.Option("--data", "-d", help='Held-out chat data (jsonl of {"messages": [...]}).'),
@@ -80,9 +81,7 @@ def eval_cmd(
             "--force", help="Replace an existing report; allow a --template other than the run's."
         ),
     ] = False,
-    template: Annotated[
-        str | None, typer.Option("--template", help="Must match the run's (else --force).")
-    ] = None,
+    template: TemplateOpt = None,
     cutoff_len: Annotated[
         int | None, typer.Option("--cutoff-len", help="Max tokens per sample (default: the run's).")
     ] = None,
