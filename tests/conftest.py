@@ -68,6 +68,30 @@ def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return record
 
 
+def env_without_fake() -> dict[str, str]:
+    """The environment for a real end-to-end child: without the stand-in CLI's record file."""
+    return {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}
+
+
+QWEN2_05B_CONFIG = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+
+
+def write_model_folder(folder: Path, config: dict | None = None) -> Path:
+    """A folder that looks like a checkpoint: config.json only (nothing here loads weights)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or QWEN2_05B_CONFIG))
+    return folder
+
+
 def read_calls(record: Path) -> list[dict]:
     return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
 

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qwenft.cli import app
-from tests.conftest import read_calls, write_jsonl
+from tests.conftest import read_calls, write_jsonl, write_model_folder
 
 runner = CliRunner()
 
@@ -37,23 +37,7 @@ def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def local_model(tmp_path: Path) -> Path:
     """A folder that looks like a Qwen2 checkpoint (config only: the fake CLI never loads it)."""
-    d = tmp_path / "Qwen2-0.5B-Instruct"
-    d.mkdir()
-    (d / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "qwen2",
-                "hidden_size": 896,
-                "intermediate_size": 4864,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 14,
-                "num_key_value_heads": 2,
-                "vocab_size": 151936,
-                "tie_word_embeddings": True,
-            }
-        )
-    )
-    return d
+    return write_model_folder(tmp_path / "Qwen2-0.5B-Instruct")
 
 
 def invoke(*args: str):
@@ -350,7 +334,11 @@ def test_models_lists_presets() -> None:
     assert by_name["qwen3-4b-instruct-2507"]["template"] == "qwen3_nothink"
     assert 7.0 < by_name["qwen2.5-7b-instruct"]["params_b"] < 7.8
     arch = by_name["qwen2.5-7b-instruct"]["architecture"]
-    assert (arch["hidden_size"], arch["num_key_value_heads"], arch["vocab_size"]) == (3584, 4, 152064)
+    assert (arch["hidden_size"], arch["num_key_value_heads"], arch["vocab_size"]) == (
+        3584,
+        4,
+        152064,
+    )
     assert by_name["qwen2.5-7b-instruct"]["default_system"].startswith("You are Qwen")
 
 

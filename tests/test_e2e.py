@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,19 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QA, write_jsonl
+from tests.conftest import QA, env_without_fake, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
 
 def qwenft(*args: object, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FAKE_LF_RECORD"}
     proc = subprocess.run(
         [sys.executable, "-m", "qwenft", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=env_without_fake(),
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -143,7 +141,6 @@ def test_sigterm_stops_every_worker_and_marks_interrupted(tiny_home: Path, chat_
     import psutil
 
     run = Path("runs/int").absolute()
-    env = {k: v for k, v in os.environ.items() if k != "FAKE_LF_RECORD"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -177,7 +174,7 @@ def test_sigterm_stops_every_worker_and_marks_interrupted(tiny_home: Path, chat_
             "--set",
             "save_steps=100000",
         ],
-        env=env,
+        env=env_without_fake(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

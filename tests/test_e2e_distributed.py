@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import env_without_fake
 from tests.test_e2e import losses, manifest, qwenft
 
 pytestmark = pytest.mark.e2e
@@ -37,10 +37,6 @@ SHORT = [
     "--set",
     "save_steps=1000",
 ]
-
-
-def env_without_fake() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "FAKE_LF_RECORD"}
 
 
 def free_port() -> int:

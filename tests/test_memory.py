@@ -30,6 +30,7 @@ from qwenft.memory import (
     zero_model_states,
 )
 from qwenft.presets import PRESETS
+from tests.conftest import write_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 Q2_7B = PRESETS["qwen2-7b-instruct"].arch
@@ -393,22 +394,7 @@ def test_cli_full_defaults_to_z3_like_train(app: typer.Typer) -> None:
 
 
 def test_cli_local_folder_reads_config_json(app: typer.Typer, tmp_path: Path) -> None:
-    folder = tmp_path / "Qwen2.5-0.5B-local"
-    folder.mkdir()
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "qwen2",
-                "hidden_size": 896,
-                "intermediate_size": 4864,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 14,
-                "num_key_value_heads": 2,
-                "vocab_size": 151936,
-                "tie_word_embeddings": True,
-            }
-        )
-    )
+    folder = write_model_folder(tmp_path / "Qwen2.5-0.5B-local")
     r = runner.invoke(app, ["plan", "-m", str(folder), "--json"])
     assert r.exit_code == 0, r.output
     preset = runner.invoke(app, ["plan", "-m", "qwen2.5-0.5b-instruct", "--json"])

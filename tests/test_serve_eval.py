@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from qwenft import serve as serve_mod
 from qwenft.cli import app
-from tests.conftest import QA, read_calls, write_jsonl
+from tests.conftest import QA, env_without_fake, read_calls, write_jsonl
 
 runner = CliRunner()
 
@@ -312,10 +312,6 @@ def test_eval_failure_leaves_old_report_and_names_log(
 # end to end: the real LLaMA-Factory on the tiny Qwen
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}
-
-
 @pytest.mark.e2e
 def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None:
     import openai
@@ -341,7 +337,7 @@ def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None
         stdout=subprocess.PIPE,
         stderr=err_log,
         text=True,
-        env=_env(),
+        env=env_without_fake(),
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -439,7 +435,7 @@ def test_eval_lora_run_beats_its_base_end_to_end(
         capture_output=True,
         text=True,
         timeout=600,
-        env=_env(),
+        env=env_without_fake(),
     )
     assert out.returncode == 0, out.stderr[-4000:]
     printed = json.loads(
