@@ -6,7 +6,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint bench bench-gpu clean-venv
+.PHONY: setup demo test test-fast test-model test-e2e lint bench bench-gpu clean-venv
 
 setup:
 	@scripts/setup_env.sh
@@ -14,11 +14,22 @@ setup:
 demo: setup
 	@scripts/demo.sh
 
+# Tiers (tests/README.md), marked by tests/conftest.py from the fixtures each test uses:
+#   test        everything, end to end included (what .ci/run runs)
+#   test-fast   no model, no LLaMA-Factory launch; fails if torch/transformers/llamafactory get imported
+#   test-model  the tiny models and tokenizers in-process, no LLaMA-Factory launch
+#   test-e2e    the real LLaMA-Factory in child processes
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not model"
+
+test-model: setup
+	$(PY) -m pytest -q -m "model and not e2e"
+
+test-e2e: setup
+	$(PY) -m pytest -q -m e2e --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check qwenft tests scripts

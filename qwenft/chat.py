@@ -8,94 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from qwenft import presets, runs
 from qwenft.errors import QwenftError
-
-
-@dataclass
-class ChatTarget:
-    model_path: str
-    adapter_path: str | None
-    system: str
-    enable_thinking: bool | None
-    model_kind: str
-    tiny_preset: str | None = None
-    source: str = ""
-    template: str = "qwen"  # LLaMA-Factory's name, for engines that go through LLaMA-Factory
-
-
-def check_template(trained: str, requested: str | None, force: bool) -> str:
-    """The template must be the one the model was trained with, unless the user insists."""
-    if requested and requested != trained and not force:
-        raise QwenftError(
-            f"this model was trained with template {trained!r}, not {requested!r}",
-            "drop --template (the run's own is used), or add --force if you really mean it",
-        )
-    return requested or trained
-
-
-def resolve_target(
-    spec: str, adapter: Path | None = None, template: str | None = None, force: bool = False
-) -> ChatTarget:
-    """A run folder (merged model if any, else base + adapter), a model folder, or a preset."""
-    path = Path(spec).expanduser()
-    if (path / runs.MANIFEST).is_file():
-        m = runs.read_manifest(path)
-        model = m["model"]
-        common = {
-            "system": m.get("default_system", ""),
-            "enable_thinking": m.get("enable_thinking"),
-            "template": check_template(m["template"], template, force),
-        }
-        tiny = model["spec"].lower() if model["kind"] == "tiny" else None
-        merged = m.get("merged")
-        if adapter is None and merged and Path(merged).is_dir():
-            return ChatTarget(
-                merged, None, model_kind="local", source=f"merged model {merged}", **common
-            )
-        if m.get("method") == "full":
-            if not (path / "config.json").is_file():
-                raise QwenftError(f"{path} holds no trained weights (status: {m.get('status')})")
-            return ChatTarget(
-                str(path.absolute()), None, model_kind="local", source=str(path), **common
-            )
-        adapter_dir = Path(adapter) if adapter else path
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise QwenftError(
-                f"{adapter_dir} has no adapter (status: {m.get('status')})",
-                "chat with a run whose training completed; `qwenft runs` shows statuses",
-            )
-        return ChatTarget(
-            model["path"],
-            str(adapter_dir.absolute()),
-            model_kind=model["kind"],
-            tiny_preset=tiny,
-            source=f"{model['spec']} + adapter {adapter_dir}",
-            **common,
-        )
-    resolved = presets.resolve_model(spec)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise QwenftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    return ChatTarget(
-        resolved.path,
-        str(Path(adapter).absolute()) if adapter else None,
-        resolved.default_system,
-        False if resolved.thinking == "hybrid" else None,
-        resolved.kind,
-        tiny_preset=spec.lower() if resolved.kind == "tiny" else None,
-        source=resolved.path,
-        template=template or resolved.template,
-    )
+from qwenft.models.target import ModelTarget
 
 
 @dataclass
 class ChatSession:
     """A loaded model and the running conversation."""
 
-    target: ChatTarget
+    target: ModelTarget
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -118,10 +41,7 @@ class ChatSession:
             )
         if self.target.model_kind in ("tiny", "local"):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if self.target.tiny_preset:
-            from qwenft.tiny import ensure_tiny_model
-
-            ensure_tiny_model(self.target.tiny_preset)
+        self.target.ensure_built()
         if self.system is None:
             self.system = self.target.system
         if self.backend == "vllm":

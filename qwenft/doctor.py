@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qwenft import launcher, runs
 from qwenft.errors import QwenftError
+from qwenft.lf import launcher
 from qwenft.paths import qwenft_home
+from qwenft.runs.manifest import package_versions
 
 SETUP = "run `make setup` (scripts/setup_env.sh) and use .venv/bin/qwenft"
 
@@ -40,9 +40,7 @@ print(json.dumps(out))
 
 def _imports(*modules: str) -> dict[str, tuple[bool, str]]:
     """Import in one fresh interpreter (a broken CUDA library must not crash this process)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_PROBE, *modules], capture_output=True, text=True, timeout=300
-    )
+    proc = launcher.capture([sys.executable, "-c", _IMPORT_PROBE, *modules], timeout_s=300)
     try:
         return {
             k: (v[0], v[1]) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()
@@ -60,7 +58,7 @@ def run_checks() -> list[Check]:
         checks.append(Check("llamafactory-cli", True, launcher.find_llamafactory_cli()))
     except QwenftError:
         checks.append(Check("llamafactory-cli", False, "not found", SETUP))
-    versions = runs.package_versions()
+    versions = package_versions()
     probe = ("torch", "transformers", "llamafactory", "peft")
     has_tv = importlib.util.find_spec("torchvision") is not None
     imported = _imports(*probe, *(["torchvision"] if has_tv else []))
@@ -117,9 +115,8 @@ def run_checks() -> list[Check]:
 
 
 def _gpus() -> list[str]:
-    from qwenft.train import detect_gpus
-
-    return [f"{g['name']} {g['memory_gib']:.0f} GiB (cc {g['compute_cap']})" for g in detect_gpus()]
+    gpus = launcher.detect_gpus()
+    return [f"{g['name']} {g['memory_gib']:.0f} GiB (cc {g['compute_cap']})" for g in gpus]
 
 
 def as_dicts(checks: list[Check]) -> list[dict]:

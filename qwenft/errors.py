@@ -25,3 +25,23 @@ class JobFailed(QwenftError):
     def __init__(self, message: str, hint: str | None = None, returncode: int = 1) -> None:
         super().__init__(message, hint)
         self.returncode = returncode
+
+
+class Interrupted(QwenftError):
+    """The user (or a SIGTERM) stopped a launched job. Exit code 130."""
+
+    exit_code = 130
+
+
+class Stopped(QwenftError):
+    """qwenft's own monitor stopped a job (e.g. the loss went NaN). Exit code 1."""
+
+    exit_code = 1
+
+
+class RowError(Exception):
+    """One data row cannot be converted; caught per row and reported with its line (data.convert)."""
+
+    def __init__(self, kind: str, message: str, fld: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.field = kind, message, fld

@@ -13,9 +13,7 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,29 +22,21 @@ from typing import Any
 
 import yaml
 
-from qwenft import __version__, datasets, launcher, presets, render, runs
-from qwenft.chat import resolve_target
+from qwenft import __version__
+from qwenft import settings as run_settings
+from qwenft.choices import Thinking
+from qwenft.data import check, reader, registry
 from qwenft.errors import JobFailed, QwenftError
-from qwenft.fsutil import atomic_write_json, atomic_write_text, share_like_umask
+from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
+from qwenft.lf import launcher, render
+from qwenft.models import presets
+from qwenft.models.target import ModelTarget, base_target, resolve_target
 from qwenft.paths import default_dataset_dir
+from qwenft.runs.manifest import now_iso, update_manifest
 
+REPLACE_HINT = "pass --force to replace it, or --output-dir for a new folder"
 REPORT_JSON, REPORT_MD, PREDICTIONS = "eval.json", "eval.md", "predictions.jsonl"
 GEN_METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-
-
-@dataclass
-class EvalModel:
-    """One model to evaluate: where LLaMA-Factory loads it from."""
-
-    role: str  # "fine-tuned" | "base"
-    model_path: str
-    adapter_path: str | None
-    model_kind: str
-    tiny_preset: str | None
-    source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model_path, "adapter": self.adapter_path, "source": self.source}
 
 
 @dataclass
@@ -63,14 +53,14 @@ class EvalPlan:
     template: str
     default_system: str
     enable_thinking: bool | None
-    tuned: EvalModel
-    base: EvalModel | None
+    tuned: ModelTarget
+    base: ModelTarget | None
     settings: dict[str, Any]
     cli: str
     force: bool
     notes: list[str] = field(default_factory=list)
 
-    def jobs(self, stage: Path) -> list[tuple[str, EvalModel, dict[str, Any]]]:
+    def jobs(self, stage: Path) -> list[tuple[str, ModelTarget, dict[str, Any]]]:
         """(name, model, LLaMA-Factory config) of each run, in order; output_dirs under stage."""
         out = [
             (
@@ -111,11 +101,6 @@ def _run_train_config(run_dir: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _model_of(role: str, spec: str) -> EvalModel:
-    m = presets.resolve_model(spec)
-    return EvalModel(role, m.path, None, m.kind, spec.lower() if m.kind == "tiny" else None, m.path)
-
-
 def plan_eval(
     spec: str,
     data: Path,
@@ -144,50 +129,34 @@ def plan_eval(
         raise QwenftError("--base and --no-base contradict each other", "pass one of them")
     cli = launcher.find_llamafactory_cli()
 
-    report = datasets.require_valid(Path(data).expanduser(), "nothing was evaluated")
+    report = check.require_valid(Path(data).expanduser(), "nothing was evaluated")
     data = report.path.resolve()
-    sha = datasets.file_sha256(data)
+    sha = reader.file_sha256(data)
 
-    path = Path(spec).expanduser()
     # QwenftError for a folder that is neither a run nor a model, or a --template other than the
     # run's trained one (unless --force)
-    target = resolve_target(spec, None, template, force)
+    tuned = resolve_target(spec, None, template, force)
     notes: list[str] = []
-    run_dir: Path | None = None
+    run_dir, manifest = tuned.run_dir, tuned.manifest
     train_cfg: dict[str, Any] = {}
-    base_model: EvalModel | None = None
-    if (path / runs.MANIFEST).is_file():
-        run_dir = path.absolute()
-        manifest = runs.read_manifest(run_dir)
-        template = target.template
-        train_cfg = _run_train_config(run_dir)
+    base_model: ModelTarget | None = None
+    if manifest is None:
+        # A model as it comes: thinking follows the data, by the rule `train` uses.
+        tuned.enable_thinking = run_settings.thinking_choice(
+            Thinking.AUTO, run_settings.model_for(spec, template), data
+        )
+    else:
+        train_cfg = _run_train_config(tuned.run_dir)
         if not no_base and not base:
-            mm = manifest["model"]
-            base_model = EvalModel(
-                "base",
-                mm["path"],
-                None,
-                mm["kind"],
-                mm["spec"].lower() if mm["kind"] == "tiny" else None,
-                mm["spec"],
-            )
-        if (manifest.get("dataset") or {}).get("sha256") == sha:
+            base_model = base_target(manifest.model, tuned.template)
+            base_model.source = manifest.model.spec
+        if manifest.dataset.sha256 == sha:
             notes.append(
                 "this is the data the run was trained on: the numbers measure fit, not "
                 "generalisation (use held-out data, e.g. from `qwenft data split`)"
             )
-    else:
-        template = target.template
     if base:
-        base_model = _model_of("base", base)
-    tuned = EvalModel(
-        "fine-tuned",
-        target.model_path,
-        target.adapter_path,
-        target.model_kind,
-        target.tiny_preset,
-        target.source,
-    )
+        base_model = base_target(presets.resolve_model(base))
 
     out_dir = (
         Path(output_dir).expanduser()
@@ -195,13 +164,11 @@ def plan_eval(
         else (run_dir / "eval" if run_dir else Path(f"eval-{_slug(spec)}"))
     )
     out_dir = out_dir.absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise QwenftError(
-            f"{out_dir} already holds an evaluation report",
-            "pass --force to replace it, or --output-dir for a new folder",
-        )
+    if not force:
+        refuse_existing(out_dir, REPLACE_HINT, "already holds an evaluation report")
+    cutoff_default = train_cfg.get("cutoff_len") or run_settings.default_cutoff_len()
     settings = {
-        "cutoff_len": cutoff_len or int(train_cfg.get("cutoff_len") or 1024),
+        "cutoff_len": cutoff_len or int(cutoff_default),
         "per_device_eval_batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "max_samples": max_samples,
@@ -216,11 +183,11 @@ def plan_eval(
         data_path=data,
         sha256=sha,
         n_samples=report.n_valid,
-        dataset_name=datasets.dataset_name_for(data, sha),
+        dataset_name=registry.dataset_name_for(data, sha),
         dataset_dir=ddir,
-        template=template,
-        default_system=target.system,
-        enable_thinking=target.enable_thinking,
+        template=tuned.template,
+        default_system=tuned.system,
+        enable_thinking=tuned.enable_thinking,
         tuned=tuned,
         base=base_model,
         settings=settings,
@@ -231,7 +198,7 @@ def plan_eval(
 
 
 def build_eval_config(
-    plan: EvalPlan, model: EvalModel, output_dir: Path, predict: bool
+    plan: EvalPlan, model: ModelTarget, output_dir: Path, predict: bool
 ) -> dict[str, Any]:
     """The LLaMA-Factory config of one evaluation run: do_eval (loss) or do_predict (generation)."""
     s = plan.settings
@@ -289,7 +256,7 @@ def perplexity(loss: float | None) -> float | None:
         return math.inf
 
 
-def _loss_row(model: EvalModel, results: dict[str, Any]) -> dict[str, Any]:
+def _loss_row(model: ModelTarget, results: dict[str, Any]) -> dict[str, Any]:
     loss = results.get("eval_loss")
     return {
         **model.to_dict(),
@@ -326,7 +293,7 @@ def build_report(plan: EvalPlan, raw: Path, took_s: float) -> dict[str, Any]:
     )
     return {
         "qwenft_version": __version__,
-        "created": runs.now_iso(),
+        "created": now_iso(),
         "target": plan.spec,
         "run_dir": str(plan.run_dir) if plan.run_dir else None,
         "template": plan.template,
@@ -397,22 +364,19 @@ def format_table(report: dict[str, Any]) -> str:
 def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the evaluation jobs in a staging folder, write the report, rename it into place."""
     for model in (plan.tuned, plan.base):
-        if model is not None and model.tiny_preset:
-            from qwenft.tiny import ensure_tiny_model
-
-            ensure_tiny_model(model.tiny_preset, progress=progress)
-    datasets.register_dataset(plan.data_path, plan.dataset_name, plan.dataset_dir)
+        if model is not None:
+            model.ensure_built(progress)
+    registry.register_dataset(plan.data_path, plan.dataset_name, plan.dataset_dir)
     for note in plan.notes:
         progress(f"note: {note}")
-    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{plan.out_dir.name}.", dir=plan.out_dir.parent))
-    started = time.monotonic()
-    try:
+    with staged_dir(plan.out_dir, replace=plan.force, hint=REPLACE_HINT) as stage:
+        started = time.monotonic()
         plan.log_path.write_bytes(b"")
         jobs = plan.jobs(stage / "raw")
         for i, (name, model, cfg) in enumerate(jobs, 1):
             what = "generation metrics" if cfg.get("do_predict") else "eval loss"
-            progress(f"[{i}/{len(jobs)}] {what} of the {model.role} model ({model.source})")
+            role = "fine-tuned" if name.startswith("tuned") else "base"
+            progress(f"[{i}/{len(jobs)}] {what} of the {role} model ({model.source})")
             yaml_path = stage / "raw" / f"{name}.yaml"
             atomic_write_text(yaml_path, render.to_yaml(cfg, header=f"qwenft eval: {name}"))
             argv = [plan.cli, "train", str(yaml_path)]
@@ -438,31 +402,10 @@ def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dic
             )
         atomic_write_json(stage / REPORT_JSON, report)
         atomic_write_text(stage / REPORT_MD, format_table(report))
-        share_like_umask(stage)
-        _move_into_place(stage, plan.out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     if plan.run_dir is not None:
-        runs.update_manifest(
+        update_manifest(
             plan.run_dir,
             last_eval={"report": str(plan.out_dir / REPORT_JSON), "at": report["created"]},
         )
     report["report_dir"] = str(plan.out_dir)
     return report
-
-
-def _move_into_place(stage: Path, target: Path) -> None:
-    """Rename stage to target; an existing target (--force) is moved aside first, then deleted."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, old / target.name)
-    try:
-        os.rename(stage, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old / target.name, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

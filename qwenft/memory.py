@@ -1,6 +1,6 @@
 """Predict peak GPU memory per device for a LLaMA-Factory fine-tuning run, before launching it.
 
-Plain arithmetic over the architecture numbers in `qwenft.presets.Arch`: no torch, no typer.
+Plain arithmetic over the architecture numbers in `qwenft.models.presets.Arch`: no torch, no typer.
 The model and its constants are explained, with the calibration table, in docs/memory.md.
 
 Units: every internal quantity is in bytes. "GB" is decimal (1e9 bytes), "GiB" is binary (2**30).
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from qwenft.choices import DeepSpeed, Method
 from qwenft.errors import QwenftError
-from qwenft.presets import Arch
+from qwenft.models.presets import Arch
 
 GB = 1e9
 GIB = 2**30
 
-METHODS = ("full", "freeze", "lora", "qlora")
-DEEPSPEED_STAGES = ("none", "z0", "z2", "z3", "z2-offload", "z3-offload")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANT_BITS = (4, 8)
 
@@ -206,11 +205,11 @@ def layer_activation_bytes_per_token(
 
 def _validate(inp: PlanInput) -> list[str]:
     problems = []
-    if inp.method not in METHODS:
-        problems.append(f"unknown method {inp.method!r} (use {', '.join(METHODS)})")
-    if inp.deepspeed not in DEEPSPEED_STAGES:
+    if inp.method not in Method.values():
+        problems.append(f"unknown method {inp.method!r} (use {', '.join(Method.values())})")
+    if inp.deepspeed not in DeepSpeed.values():
         problems.append(
-            f"unknown --deepspeed {inp.deepspeed!r} (use {', '.join(DEEPSPEED_STAGES)})"
+            f"unknown --deepspeed {inp.deepspeed!r} (use {', '.join(DeepSpeed.values())})"
         )
     for name in ("gpus", "cutoff_len", "batch_size", "lora_rank"):
         value = getattr(inp, name)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft import launcher, render, runs
 from qwenft.errors import JobFailed, QwenftError
-from qwenft.fsutil import atomic_write_json, atomic_write_text, share_like_umask
+from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
+from qwenft.lf import launcher, render
+from qwenft.models.target import ModelTarget, resolve_target
+from qwenft.runs.manifest import now_iso, read_manifest, update_manifest
 
 # Qwen chat models stop on <|im_end|>; base models on <|endoftext|>. A fine-tuned model needs both,
 # or generation after fine-tuning a base model never stops.
@@ -27,42 +28,38 @@ QWEN_STOP_TOKENS = {"<|im_end|>": 151645, "<|endoftext|>": 151643}
 class MergePlan:
     run_dir: Path
     target: Path
-    manifest: dict[str, Any]
+    source: ModelTarget  # the run's base model + adapter
     config: dict[str, Any]
     argv: list[str]
     env: dict[str, str]
 
 
+MERGE_HINT = "pass a new --export-dir"
+
+
 def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
     """Check the run and the target; raise QwenftError (writing nothing) when merging cannot work."""
     run_dir = Path(run_dir).expanduser().absolute()
-    manifest = runs.read_manifest(run_dir)
-    method = manifest.get("method")
-    if method == "full":
+    manifest = read_manifest(run_dir)
+    if manifest.method in ("full", "freeze"):
         raise QwenftError(
-            f"{run_dir} is a full fine-tune: its weights are already a complete model",
+            f"{run_dir} is a {manifest.method} fine-tune: its weights are already a complete model",
             f"chat with it directly: qwenft chat {run_dir}",
         )
-    if not (run_dir / "adapter_config.json").is_file():
-        raise QwenftError(
-            f"{run_dir} has no adapter (status: {manifest.get('status')})",
-            "merge a run whose training completed; `qwenft runs` shows statuses",
-        )
+    source = resolve_target(str(run_dir), adapter=run_dir)  # base + adapter, never the merged one
     target = Path(export_dir).expanduser().absolute() if export_dir else run_dir / "merged"
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise QwenftError(f"{target} already exists and is not empty", "pass a new --export-dir")
-    model = manifest["model"]
+    refuse_existing(target, MERGE_HINT)
     config = render.build_merge_config(
-        model_path=model["path"],
+        model_path=source.model_path,
         adapter_dir=str(run_dir),
-        template=manifest["template"],
-        default_system=manifest.get("default_system", ""),
+        template=source.template,
+        default_system=source.system,
         export_dir="<staging>",
     )
     argv, env = launcher.build_export_command(
-        launcher.find_llamafactory_cli(), run_dir / "merge.yaml", model["kind"]
+        launcher.find_llamafactory_cli(), run_dir / "merge.yaml", source.model_kind
     )
-    return MergePlan(run_dir, target, manifest, config, argv, env)
+    return MergePlan(run_dir, target, source, config, argv, env)
 
 
 def fix_generation_config(model_dir: Path) -> list[str]:
@@ -177,9 +174,9 @@ def execute_merge(
     verify: bool = False,
 ) -> dict[str, Any]:
     """Export into a staging folder, check it, rename it into place, record it in the manifest."""
-    plan.target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{plan.target.name}.", dir=plan.target.parent))
-    try:
+    plan.source.ensure_built(progress)
+    data_path = plan.source.manifest.dataset.path if plan.source.manifest else None
+    with staged_dir(plan.target, hint=MERGE_HINT) as staging:
         config = {**plan.config, "export_dir": str(staging)}
         atomic_write_text(
             plan.run_dir / "merge.yaml", render.to_yaml(config, header="qwenft merge")
@@ -196,13 +193,13 @@ def execute_merge(
         if not any(staging.glob("*.safetensors")):
             raise JobFailed("the export wrote no weights", f"read the log: {log_path}")
         fixes = fix_generation_config(staging)
-        fixes += ensure_chat_template(staging, plan.manifest["model"]["path"])
+        fixes += ensure_chat_template(staging, plan.source.model_path)
         for fix in fixes:
             progress(f"fixed {fix}")
         checks: dict[str, Any] = {"fixes": fixes}
         if check:
-            prompt = _first_user_message((plan.manifest.get("dataset") or {}).get("path"))
-            gen = generation_check(staging, plan.manifest.get("default_system", ""), prompt)
+            prompt = _first_user_message(data_path)
+            gen = generation_check(staging, plan.source.system, prompt)
             checks["generation"] = gen
             progress(
                 f"check: greedy answer {'ends on a stop token' if gen['stopped'] else 'did NOT stop'} "
@@ -216,10 +213,10 @@ def execute_merge(
         if verify:
             worst = verify_logits(
                 staging,
-                plan.manifest["model"]["path"],
+                plan.source.model_path,
                 plan.run_dir,
                 [
-                    _first_user_message((plan.manifest.get("dataset") or {}).get("path")),
+                    _first_user_message(data_path),
                     "Write one sentence about the sea.",
                     "1+1=",
                 ],
@@ -231,14 +228,5 @@ def execute_merge(
                     f"the merged model's logits differ from base + adapter by {worst:.3g}",
                     "the merge is not faithful; check the base model path in qwenft.json",
                 )
-        share_like_umask(staging)
-        if plan.target.exists():
-            plan.target.rmdir()  # empty (checked in plan_merge)
-        staging.rename(plan.target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    runs.update_manifest(
-        plan.run_dir, merged=str(plan.target), merged_at=runs.now_iso(), merge_checks=checks
-    )
+    update_manifest(plan.run_dir, merged=str(plan.target), merged_at=now_iso(), merge_checks=checks)
     return {"merged": str(plan.target), **checks}

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft import launcher, render, runs
-from qwenft.chat import ChatTarget, resolve_target
-from qwenft.errors import JobFailed, QwenftError
+from qwenft.errors import Interrupted, JobFailed, QwenftError
+from qwenft.lf import launcher, render
+from qwenft.models.target import ModelTarget, resolve_target
 
 
 @dataclass
 class ServePlan:
-    target: ChatTarget
+    target: ModelTarget
     template: str
     run_dir: Path | None  # the run folder served, if any (serve.yaml and serve.log go there)
     host: str
@@ -138,7 +138,7 @@ def check_port(host: str, port: int) -> int:
 
 def resolve_serve_target(
     spec: str, adapter: Path | None = None, template: str | None = None, force: bool = False
-) -> tuple[ChatTarget, str, Path | None]:
+) -> tuple[ModelTarget, str, Path | None]:
     """The model (and adapter) to serve, its template, and its run folder when spec is one.
 
     A --template other than the run's trained one is refused unless force."""
@@ -149,8 +149,7 @@ def resolve_serve_target(
             "pass a run folder made by `qwenft train`, a model folder, or a preset",
         )
     target = resolve_target(spec, adapter, template, force)  # QwenftError: neither run nor model
-    run_dir = path.absolute() if (path / runs.MANIFEST).is_file() else None
-    return target, target.template, run_dir
+    return target, target.template, target.run_dir
 
 
 def model_name_for(spec: str, run_dir: Path | None) -> str:
@@ -160,7 +159,7 @@ def model_name_for(spec: str, run_dir: Path | None) -> str:
     return Path(spec.rstrip("/")).name or spec
 
 
-def build_serve_config(target: ChatTarget, template: str) -> dict[str, Any]:
+def build_serve_config(target: ModelTarget, template: str) -> dict[str, Any]:
     """The `llamafactory-cli api` config: model, adapter, template and system prompt of the run."""
     cfg: dict[str, Any] = {"model_name_or_path": target.model_path}
     if target.adapter_path:
@@ -261,7 +260,7 @@ def wait_ready(
     next_note = started + every_s
     while True:
         if proc.signalled is not None:
-            raise launcher.Interrupted("stopped before the server was ready")
+            raise Interrupted("stopped before the server was ready")
         code = proc.poll()
         if code is not None:
             raise JobFailed(
@@ -294,10 +293,7 @@ def execute_serve(
     Returns how it ended ({"stopped_by": signal name, ...}). JobFailed when the server fails to
     start or exits on its own; Interrupted when stopped before it was ready.
     """
-    if plan.target.tiny_preset:
-        from qwenft.tiny import ensure_tiny_model
-
-        ensure_tiny_model(plan.target.tiny_preset, progress=progress)
+    plan.target.ensure_built(progress)
     temp_dir = None
     if plan.run_dir is not None:
         yaml_path, log_path = plan.run_dir / "serve.yaml", plan.run_dir / "serve.log"

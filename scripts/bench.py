@@ -4,7 +4,7 @@
 Run by `make bench` (or `.venv/bin/python scripts/bench.py [--quick]`). Every comparison runs both
 sides interleaved in this one process (A, B, A, B, ... after a warm-up of each), and reports
 medians and the ratio of medians: absolute times are never compared across runs. Results go to
-docs/benchmarks.md (prose, then a table) and docs/benchmarks.json.
+docs/benchmarks.md (prose, then a table) and docs/benchmarks.json, written by bench_report.py.
 
 Everything is offline: the embedded tiny Qwen (10M parameters, real Qwen vocabulary) is built in a
 private QWENFT_HOME from the Qwen vocabulary already on this machine; the chat data is generated.
@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_report import findings, machine_short, write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -36,6 +38,7 @@ BIN = Path(sys.executable).parent  # .venv/bin when run as .venv/bin/python scri
 TINY = "tiny-qwen2"
 PAD_ID = 151643  # <|endoftext|>: the pad token of the tiny Qwen (and of real Qwen2/2.5)
 DEFAULT_SYSTEM = "You are a helpful assistant."
+HELDOUT_CUTOFF_LEN = 4096  # over any generated row (each stays under 1,000 tokens): none is cut
 
 # The Qwen guide's qwen2-7b-lora-sft.yaml recipe keys that issue 7 compares against qwenft's
 # defaults: micro-batch 1 x gradient accumulation 16, no packing, 16 preprocessing workers.
@@ -112,13 +115,9 @@ def machine() -> dict[str, Any]:
             from importlib.metadata import version
 
             versions[pkg] = version(pkg)
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            gpu = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
-            ).stdout.strip() or None  # fmt: skip
+    from qwenft.lf.launcher import detect_gpus
+
+    gpu = "\n".join(g["name"] for g in detect_gpus()) or None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -128,10 +127,6 @@ def machine() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "versions": versions,
     }
-
-
-def machine_short(m: dict[str, Any]) -> str:
-    return f"{m['cores']}-core {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
 
 
 def run_timed(
@@ -300,7 +295,7 @@ class Bench:
             if src:
                 shutil.copyfile(src, vocab)
         os.environ["QWENFT_HOME"] = str(self.home)
-        from qwenft.tiny import ensure_tiny_model
+        from qwenft.models.tiny import ensure_tiny_model
 
         return ensure_tiny_model(TINY, home=self.home, progress=say)
 
@@ -486,32 +481,31 @@ def bench_cache(b: Bench, reps: int, rows: int) -> list[dict[str, Any]]:
 # 5. default recipe vs the guide's
 
 
-def _encode_row(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """LLaMA-Factory's `qwen` template: prompt tokens masked, assistant answers + <|im_end|>\\n."""
-    system = DEFAULT_SYSTEM
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    ids: list[int] = []
-    labels: list[int] = []
+def encode_heldout(
+    model_dir: Path, rows: list[dict[str, Any]]
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each row as LLaMA-Factory's SFT preprocessing makes them with the
+    `qwen` template the recipes train with (prompt tokens masked): qwenft's own encoder."""
+    from qwenft.data.tokens import LlamaFactoryEncoder
 
-    def add(text: str, train: bool) -> None:
-        piece = tok.encode(text, add_special_tokens=False)
-        ids.extend(piece)
-        labels.extend(piece if train else [-100] * len(piece))
-
-    add(f"<|im_start|>system\n{system}<|im_end|>\n", False)
-    for user, assistant in zip(messages[::2], messages[1::2], strict=True):
-        add(f"<|im_start|>user\n{user['content']}<|im_end|>\n<|im_start|>assistant\n", False)
-        add(f"{assistant['content']}<|im_end|>\n", True)
-    return ids, labels
+    encoder = LlamaFactoryEncoder(
+        model_dir, "qwen", HELDOUT_CUTOFF_LEN, default_system=DEFAULT_SYSTEM
+    )
+    out = []
+    for k, enc in enumerate(encoder.encode(rows)):
+        if enc is None or enc[0] > HELDOUT_CUTOFF_LEN:
+            raise BenchError(f"held-out row {k} would be dropped or cut by LLaMA-Factory")
+        out.append((enc[1], enc[2]))
+    return out
 
 
-def heldout_loss(model_dir: Path, adapter_dir: Path | None, rows: list[dict[str, Any]]) -> float:
+def heldout_loss(
+    model_dir: Path, adapter_dir: Path | None, encoded: list[tuple[list[int], list[int]]]
+) -> float:
     """Mean per-token loss on the assistant tokens of held-out rows (same for every recipe)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -523,8 +517,7 @@ def heldout_loss(model_dir: Path, adapter_dir: Path | None, rows: list[dict[str,
     base = model.get_base_model() if adapter_dir is not None else model
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in rows:
-            ids, labels = _encode_row(tok, row["messages"])
+        for ids, labels in encoded:
             hidden = base.model(input_ids=torch.tensor([ids])).last_hidden_state[0, :-1]
             target = torch.tensor(labels[1:])
             keep = target != -100
@@ -547,7 +540,7 @@ def recipe_config(
     b: Bench, model_dir: Path, dataset_dir: Path, run: Path, recipe: dict[str, Any], lr: float
 ) -> dict[str, Any]:
     """qwenft's rendered LoRA config, with the recipe keys of `recipe` laid over it."""
-    from qwenft import render
+    from qwenft.lf import render
 
     cfg = render.build_train_config(
         render.TrainSpec(
@@ -558,8 +551,10 @@ def recipe_config(
             dataset="bench_recipe",
             dataset_dir=str(dataset_dir),
             output_dir=str(run),
-            knobs={"val_size": 0, "learning_rate": lr, "num_train_epochs": 1.0},
-            set_values={
+            overrides={
+                "val_size": 0,
+                "learning_rate": lr,
+                "num_train_epochs": 1.0,
                 "logging_steps": 1,
                 "save_steps": 100000,
                 "plot_loss": False,
@@ -579,13 +574,13 @@ def recipe_of(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def bench_recipe(b: Bench, model_dir: Path, reps: int, rows: int, lr: float, explore: bool):
     say(f"recipe: qwenft default LoRA recipe vs the Qwen guide's ({rows} rows, 1 epoch, lr {lr})")
-    from qwenft import datasets as qds
+    from qwenft.data.registry import dataset_entry
 
     d = b.work / "recipe"
     b.wipe(d)
     train = write_jsonl(d / "train.jsonl", make_chat_rows(rows, seed=5))
-    heldout = make_chat_rows(48 if b.quick else 96, seed=6)
-    info = {"bench_recipe": qds.dataset_entry(train)}
+    heldout = encode_heldout(model_dir, make_chat_rows(48 if b.quick else 96, seed=6))
+    info = {"bench_recipe": dataset_entry(train)}
     (d / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
     # What qwenft renders today (configs/lora.yaml, workers capped to the cores), keys it leaves
@@ -718,173 +713,6 @@ def bench_recipe(b: Bench, model_dir: Path, reps: int, rows: int, lr: float, exp
         "recipes": sums,
     }
     return rows_out, detail
-
-
-# --------------------------------------------------------------------------------------------
-# report
-
-
-def fmt(x: Any, unit: str = "") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if unit == "s":
-            return f"{x:.2f} s"
-        if unit == "tok/s":
-            return f"{x:.0f} tok/s"
-        if unit == "loss":
-            return f"{x:.4f}"
-        return f"{x:.2f}"
-    return str(x)
-
-
-def write_report(out_dir: Path, data: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmarks.json").write_text(json.dumps(data, indent=2) + "\n")
-    m = data["machine"]
-    mshort = machine_short(m)
-    lines = [
-        "# Benchmarks",
-        "",
-        "Generated by `make bench` (`scripts/bench.py`"
-        + (" --quick" if data["quick"] else "")
-        + f") on {data['date']}. Raw numbers: [benchmarks.json](benchmarks.json).",
-        "",
-        "## Method",
-        "",
-        "Each comparison runs both sides in the same `make bench` process, interleaved (A, B, A, B, ...)"
-        " after a discarded warm-up of each side (the recipe runs, minutes each, have no warm-up:"
-        " their tokens/s comes from `train_runtime`, which leaves start-up out); the table shows"
-        " medians and the ratio of the two"
-        " medians. Absolute times are never compared across runs. **The machine was shared**: other"
-        " people's test suites ran on the same cores during the measurement (load average "
-        f"{data['load_before']} before, {data['load_after']} after), so absolute times are noisy"
-        " and only the interleaved ratios mean anything.",
-        "",
-        "- Everything runs offline on the embedded `tiny-qwen2` (10M parameters, 2 layers, hidden 64,"
-        " the real 151,936-token Qwen vocabulary) built in a private `QWENFT_HOME`. The chat data"
-        " is generated: copy, reverse, count and describe tasks with a long-tailed length"
-        " (median ~110 tokens, a long tail several times that; every row under `cutoff_len`,"
-        " so nothing is cut or dropped).",
-        "- **Start-up**: wall time of the command until exit.",
-        "- **Wrapper overhead**: `qwenft train` (data check, hashing, registration, run folder,"
-        " manifest, launch) against `llamafactory-cli train` given a copy of the very `train.yaml`"
-        " qwenft rendered (only `output_dir` changed). Both read the same warm tokenized cache.",
-        "- **Repeat run**: time from launching `qwenft train` until the first line of"
-        " `trainer_log.jsonl` (the first optimizer step, `logging_steps: 1`). A first run starts"
-        " with no tokenized cache and an empty datasets cache; a repeat run reuses the cache of"
-        " the previous run.",
-        "- **Recipe**: the LoRA config qwenft renders, once with the guide's recipe keys"
-        " (`qwen2-7b-lora-sft.yaml`: micro-batch 1 x gradient accumulation 16, no packing, 16"
-        " preprocessing workers) and once with qwenft's defaults; everything else equal (lr,"
-        " schedule, LoRA rank, seed), one epoch over the same rows, so both see the same training"
-        " tokens. Real tokens/s = non-padding tokens of the tokenized data / `train_runtime`"
-        " (LLaMA-Factory's own `effective_tokens_per_sec` counts the padding of packed rows, so"
-        " it is not used). The loss is measured after training on the same held-out rows for"
-        " every recipe (assistant tokens only, LLaMA-Factory's `qwen` template).",
-        "",
-    ]
-    lines += ["## Findings", ""] + [f"- {f}" for f in data["findings"]] + [""]
-    lines += [
-        "## Results",
-        "",
-        "| what | qwenft | baseline | ratio | target | met | repetitions | machine |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["results"]:
-        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
-        lines.append(
-            f"| {r['what']} | {fmt(r['qwenft'], r['unit'])} | {fmt(r['baseline'], r['unit'])} | "
-            f"{r['ratio']:.2f} ({r['ratio_means']}) | {r['target']} | {met} | {r['reps']} | "
-            f"{mshort} |"
-        )
-    rec = data.get("recipe")
-    if rec:
-        lines += [
-            "",
-            "## Recipes tried",
-            "",
-            f"{rec['rows']} generated rows ({next(iter(rec['recipes'].values()))['real_tokens']}"
-            f" real tokens), one epoch, learning rate {rec['learning_rate']}, held-out loss on"
-            f" {rec['heldout_rows']} other rows (untrained: {rec['untrained_heldout_loss']:.4f}).",
-            "Rows other than guide and qwenft default ran once (no repetitions): read them as a"
-            " rough guide.",
-            "",
-            "| recipe | keys | real tok/s | x guide | wall | optimizer steps | held-out loss |"
-            " vs guide | train loss (last 20% of steps) | runs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        g = rec["recipes"]["guide"]
-        for name, s in rec["recipes"].items():
-            keys = ", ".join(f"{k}={v}" for k, v in s["recipe"].items())
-            lines.append(
-                f"| {name} | {keys} | {s['real_tokens_per_s']:.0f} | "
-                f"{s['real_tokens_per_s'] / g['real_tokens_per_s']:.2f}x | {s['wall_s']:.1f} s | "
-                f"{s['optimizer_steps']} | {s['heldout_loss']:.4f} | "
-                f"{(s['heldout_loss'] / g['heldout_loss'] - 1) * 100:+.1f}% | "
-                f"{s['train_loss_last_20pct']:.4f} | {s['reps']} |"
-            )
-    v = m["versions"]
-    lines += [
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
-        f"{m['gpu'] or 'no GPU'}; Python {m['python']}, {m['os']}; "
-        + ", ".join(f"{k} {val}" for k, val in v.items())
-        + ".",
-        "",
-        "GPU: `scripts/bench_gpu.sh` runs the recipe comparison on randomly initialised models of"
-        " Qwen2.5-0.5B and Qwen2.5-7B shape on a CUDA machine (tokens/s and peak GPU memory); it"
-        " has not been run for these numbers.",
-        "",
-    ]
-    (out_dir / "benchmarks.md").write_text("\n".join(lines))
-
-
-def findings(results: list[dict[str, Any]], recipe: dict[str, Any] | None) -> list[str]:
-    out = []
-    by = {r["id"]: r for r in results}
-    for key in ("startup_root", "startup_train"):
-        if key in by:
-            r = by[key]
-            out.append(
-                f"{r['what'].split(': ', 1)[1]}: {r['ratio']:.0f}x faster"
-                f" ({r['qwenft']:.2f} s vs {r['baseline']:.2f} s; target 15x:"
-                f" {'met' if r['met'] else 'MISSED'})."
-            )
-    if "overhead" in by:
-        r = by["overhead"]
-        out.append(
-            f"`qwenft train` costs {(r['ratio'] - 1) * 100:+.1f}% wall time over"
-            f" `llamafactory-cli train` on the same YAML ({r['qwenft']:.1f} s vs"
-            f" {r['baseline']:.1f} s; target <= +10%: {'met' if r['met'] else 'MISSED'})."
-        )
-    if "cache_first_step" in by:
-        r = by["cache_first_step"]
-        out.append(
-            f"A repeat run reaches its first training step {r['ratio']:.2f}x sooner than the first"
-            f" run ({r['qwenft']:.1f} s vs {r['baseline']:.1f} s): the tokenized data is reused"
-            f" instead of tokenized again (target: clearly lower: {'met' if r['met'] else 'MISSED'})."
-        )
-    if "recipe_tokens_per_s" in by:
-        s, lo = by["recipe_tokens_per_s"], by["recipe_loss"]
-        out.append(
-            f"qwenft's default LoRA recipe trains at {s['ratio']:.2f}x the guide's real tokens/s"
-            f" ({s['qwenft']:.0f} vs {s['baseline']:.0f}; target 1.3x:"
-            f" {'met' if s['met'] else 'MISSED'}) with a held-out loss"
-            f" {(lo['ratio'] - 1) * 100:+.1f}% vs the guide's ({lo['qwenft']:.4f} vs"
-            f" {lo['baseline']:.4f}; target <= +2%: {'met' if lo['met'] else 'MISSED'})."
-        )
-        if recipe:
-            drop = recipe["untrained_heldout_loss"] - lo["baseline"]
-            out.append(
-                f"Caveat: in {recipe['recipes']['guide']['optimizer_steps']} optimizer steps the"
-                f" tiny model's held-out loss moved only {drop:.3f} from the untrained"
-                f" {recipe['untrained_heldout_loss']:.4f} on either side, so the loss check shows"
-                " the recipe does not hurt early training; it cannot show long-run parity. The"
-                " 4 x 4 recipe takes the same optimizer steps over the same samples as 1 x 16 (the"
-                " loss is normalised per token across accumulation), so parity is expected."
-            )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def timed(code: str, *args: str) -> tuple[float, float, str]:
 CHECK = """
 import sys
 from pathlib import Path
-from qwenft.datasets import check_file
+from qwenft.data.check import check_file
 r = check_file(Path(sys.argv[1]))
 print(r.n_samples, r.n_errors)
 """
@@ -92,7 +92,7 @@ print(r.n_samples, r.n_errors)
 OURS = """
 import json, sys
 from pathlib import Path
-from qwenft.datasets import LlamaFactoryEncoder, iter_token_lengths
+from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths
 enc = LlamaFactoryEncoder(sys.argv[2], "qwen", int(sys.argv[3]), default_system="You are a helpful assistant.")
 print(json.dumps([[kept, loss] for _, _, kept, loss in iter_token_lengths(Path(sys.argv[1]), enc)]))
 """
@@ -100,7 +100,7 @@ print(json.dumps([[kept, loss] for _, _, kept, loss in iter_token_lengths(Path(s
 LLAMAFACTORY = """
 import json, os, sys, tempfile
 from pathlib import Path
-from qwenft.datasets import register_dataset
+from qwenft.data.registry import register_dataset
 from llamafactory.hparams import get_train_args
 from llamafactory.model import load_tokenizer
 from llamafactory.data import get_template_and_fix_tokenizer, get_dataset
@@ -129,7 +129,7 @@ def main() -> int:
     if args.quick:
         args.check_mb, args.samples = 100.0, 10_000
 
-    from qwenft.tiny import ensure_tiny_model
+    from qwenft.models.tiny import ensure_tiny_model
 
     model = str(ensure_tiny_model("tiny-qwen2", progress=None))
     results: dict = {"machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0]}

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, "scripts")
 sys.path.insert(0, ".")
 import bench  # noqa: E402  (scripts/bench.py: data generator, recipe configs, real-token count)
-from qwenft.presets import PRESETS  # noqa: E402
-from qwenft.tiny import build_tokenizer, ensure_vocab  # noqa: E402
+from qwenft.models.presets import PRESETS  # noqa: E402
+from qwenft.models.tiny import build_tokenizer, ensure_vocab  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--models", default="qwen2.5-0.5b-instruct,qwen2.5-7b-instruct")

@@ -80,8 +80,8 @@ def build_model(preset_name: str, out: Path) -> str:
     import torch
     import transformers
 
-    from qwenft.presets import FAMILIES, PRESETS
-    from qwenft.tiny import build_tokenizer, ensure_vocab
+    from qwenft.models.presets import FAMILIES, PRESETS
+    from qwenft.models.tiny import build_tokenizer, ensure_vocab
 
     preset = PRESETS[preset_name]
     a = preset.arch
@@ -187,7 +187,7 @@ def lf_args(args: argparse.Namespace, model_dir: Path, template: str, work: Path
 
 def predict(args: argparse.Namespace) -> dict:
     from qwenft.memory import PlanInput, estimate
-    from qwenft.presets import PRESETS
+    from qwenft.models.presets import PRESETS
 
     plan = estimate(
         PlanInput(
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"measure_memory: needs a CUDA GPU ({why}); nothing was measured.")
         return 0
-    from qwenft.presets import PRESETS
+    from qwenft.models.presets import PRESETS
 
     if args.model not in PRESETS or PRESETS[args.model].hub_id is None:
         print(

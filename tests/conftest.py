@@ -1,34 +1,136 @@
-"""Shared fixtures: every test gets its own QWENFT_HOME and working folder; the tiny models are
-built once per session and linked into each test's home."""
+"""Shared fixtures and the test tiers.
+
+Every test gets its own QWENFT_HOME and working folder (`isolated`). The tiny models are built once
+per session and linked into a test's home (`tiny_home`); trained runs that several tests only read
+are trained once per session in a session home (`lora_run`, `quick_runs`).
+
+Tiers are set here from the fixtures a test uses, never by hand (tests/README.md):
+  model  the test needs the Qwen vocabulary or the tiny models (MODEL_FIXTURES);
+  e2e    it launches the real LLaMA-Factory in child processes (E2E_FIXTURES); also `model`.
+Everything else is the fast tier (`make test-fast`, `-m "not model"`), which must not import torch,
+transformers or llamafactory: when only fast tests are selected, a test (or a module's collection)
+that imports one of them fails the run, named."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.builders import chat_rows, write_jsonl
+from tests.helpers.e2e import LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft
+
 FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
 
+# --------------------------------------------------------------------------------------------------
+# tiers
 
-@pytest.fixture(scope="session")
-def vocab_file() -> Path:
-    """The real Qwen vocabulary, fetched once into the default home (~/.cache/qwenft)."""
-    from qwenft.tiny import ensure_vocab
+MODEL_FIXTURES = {"vocab_file", "shared_home", "tiny_home"}
+E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "quick_runs"}
+HEAVY_MODULES = ("torch", "transformers", "llamafactory")
 
-    return ensure_vocab()
+_fast_session = pytest.StashKey[bool]()
+_heavy_before = pytest.StashKey[set]()
+_heavy_report = pytest.StashKey[list]()
+_heavy_first_seen: dict[str, str] = {}  # module -> where it was first imported in this process
 
 
-@pytest.fixture(scope="session")
-def shared_home(tmp_path_factory: pytest.TempPathFactory, vocab_file: Path) -> Path:
-    home = tmp_path_factory.mktemp("qwenft-home")
-    (home / "vocab").mkdir()
-    (home / "vocab" / "qwen.tiktoken").symlink_to(vocab_file)
-    (home / "models").mkdir()
-    return home
+@pytest.hookimpl(tryfirst=True)  # before -m deselects on these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.model)
+        elif used & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A fast-tier session: every selected test is fast (what `make test-fast` selects)."""
+    session.config.stash[_fast_session] = bool(session.items) and not any(
+        item.get_closest_marker("model") for item in session.items
+    )
+
+
+def _heavy_loaded() -> set[str]:
+    return {m for m in HEAVY_MODULES if m in sys.modules}
+
+
+def _note_heavy(before: set[str], where: str) -> set[str]:
+    new = _heavy_loaded() - before
+    for module in new:
+        _heavy_first_seen.setdefault(module, where)
+    return new
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _note_heavy(set(), "something loaded before collection (a conftest or a pytest plugin)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    before = _heavy_loaded()
+    yield
+    _note_heavy(before, f"importing {collector.nodeid or collector.name} (collection)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_heavy_before] = _heavy_loaded()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    new = _note_heavy(item.stash.get(_heavy_before, set()), item.nodeid)
+    if not new or not item.config.stash.get(_fast_session, False):
+        return
+    item.stash[_heavy_before] = _heavy_loaded()  # report each import once
+    message = (
+        f"fast tier: {item.nodeid} imported {', '.join(sorted(new))} (during {report.when}); "
+        "a test that needs the model stack must use a model fixture "
+        f"({', '.join(sorted(MODEL_FIXTURES | E2E_FIXTURES))}) so it is marked `model`"
+    )
+    if report.passed:
+        report.outcome = "failed"
+        report.longrepr = message
+    else:
+        report.sections.append(("fast tier", message))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Whatever slipped past the per-test check (a collection-time import) fails the run here."""
+    if not session.config.stash.get(_fast_session, False):
+        return
+    heavy = sorted(_heavy_loaded())
+    if not heavy:
+        return
+    lines = [f"{m} was imported by {_heavy_first_seen.get(m, 'an unknown import')}" for m in heavy]
+    session.config.stash[_heavy_report] = lines
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    lines = config.stash.get(_heavy_report, [])
+    if lines:
+        terminalreporter.write_sep(
+            "=", "FAILED: the fast tier imported the model stack", red=True, bold=True
+        )
+        for line in lines:
+            terminalreporter.write_line(line, red=True)
+        terminalreporter.write_line(
+            "fast-tier tests must not import torch, transformers or llamafactory: move the import "
+            "into a test that uses a model fixture (tests/README.md)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# every test: its own home and working folder
 
 
 @pytest.fixture(autouse=True)
@@ -45,18 +147,15 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def tiny_home(shared_home: Path, isolated: Path) -> Path:
-    """This test's home, with the session's vocab and tiny models linked in (built on first use)."""
-    for name in ("vocab", "models"):
-        link = isolated / name
-        if not link.exists():
-            link.symlink_to(shared_home / name)
-    return isolated
+def chat_file(tmp_path: Path) -> Path:
+    """The four QA conversations (helpers.builders.QA) as chat JSONL."""
+    return write_jsonl(tmp_path / "chat.jsonl", chat_rows())
 
 
 @pytest.fixture
 def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A recording llamafactory-cli first on PATH; returns the JSON-lines record file."""
+    """The recording llamafactory-cli (helpers/fake_llamafactory_cli.py) first on PATH; returns
+    the JSON-lines record file (read it with helpers.builders.read_calls)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "llamafactory-cli"
@@ -68,53 +167,98 @@ def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return record
 
 
-def env_without_fake() -> dict[str, str]:
-    """The environment for a real end-to-end child: without the stand-in CLI's record file."""
-    return {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}
+@pytest.fixture
+def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stub `qwenft train`'s length measurement, which loads the model's tokenizer (and with it
+    transformers and LLaMA-Factory): for command-building tests on config-only model folders. The
+    end-to-end tests run it for real (test_e2e.py, overlength)."""
+    stats = {
+        "n_over_cutoff": 0,
+        "tokens_cut": 0,
+        "over_cutoff_lines": [],
+        "suggested_cutoff_len": 64,
+    }
+    monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
 
 
-QWEN2_05B_CONFIG = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
+# --------------------------------------------------------------------------------------------------
+# model tier: the real Qwen vocabulary and the tiny models
 
 
-def write_model_folder(folder: Path, config: dict | None = None) -> Path:
-    """A folder that looks like a checkpoint: config.json only (nothing here loads weights)."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config or QWEN2_05B_CONFIG))
-    return folder
+@pytest.fixture(scope="session")
+def vocab_file() -> Path:
+    """The real Qwen vocabulary, fetched once into the default home (~/.cache/qwenft)."""
+    from qwenft.models.tiny import ensure_vocab
+
+    return ensure_vocab()
 
 
-def read_calls(record: Path) -> list[dict]:
-    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory: pytest.TempPathFactory, vocab_file: Path) -> Path:
+    """The session's vocab and tiny models (built on first use, by whichever test needs one)."""
+    home = tmp_path_factory.mktemp("qwenft-home")
+    (home / "vocab").mkdir()
+    (home / "vocab" / "qwen.tiktoken").symlink_to(vocab_file)
+    (home / "models").mkdir()
+    return home
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-    )
-    return path
-
-
-QA = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("中国的首都是哪里？", "中国的首都是北京。"),
-    ("Name three primary colors.", "Red, blue and yellow."),
-    ("What is 12 times 12?", "12 times 12 is 144."),
-]
+def _link_models(home: Path, shared_home: Path) -> Path:
+    for name in ("vocab", "models"):
+        link = home / name
+        if not link.exists():
+            link.symlink_to(shared_home / name)
+    return home
 
 
 @pytest.fixture
-def chat_file(tmp_path: Path) -> Path:
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in QA
-    ]
-    return write_jsonl(tmp_path / "chat.jsonl", rows)
+def tiny_home(shared_home: Path, isolated: Path) -> Path:
+    """This test's home, with the session's vocab and tiny models linked in (built on first use)."""
+    return _link_models(isolated, shared_home)
+
+
+# --------------------------------------------------------------------------------------------------
+# e2e tier: the real LLaMA-Factory
+
+
+@pytest.fixture
+def qwenft(tiny_home: Path) -> Qwenft:
+    """`qwenft(*args)` runs `python -m qwenft ...` in this test's home and folder with the real
+    llamafactory-cli; `qwenft.popen(*args)` starts it without waiting."""
+    return Qwenft()
+
+
+@pytest.fixture(scope="session")
+def e2e_home(tmp_path_factory: pytest.TempPathFactory, shared_home: Path) -> Qwenft:
+    """A session home and folder for the shared runs below: tests must not write into it (copy a
+    run with helpers.e2e.copy_run first)."""
+    root = tmp_path_factory.mktemp("e2e-session")
+    (root / "home").mkdir()
+    (root / "work").mkdir()
+    home = _link_models(root / "home", shared_home)
+    write_jsonl(root / "chat.jsonl", chat_rows())
+    return Qwenft(home=home, cwd=root / "work")
+
+
+@pytest.fixture(scope="session")
+def lora_run(e2e_home: Qwenft) -> Path:
+    """The session's trained LoRA run: tiny-qwen2 learns the four QA rows (LEARN, 80 steps).
+    It is also the first run on the chat data in the session home: it tokenizes and caches it."""
+    run = e2e_home.cwd / "runs" / "lora"
+    data = e2e_home.cwd.parent / "chat.jsonl"
+    args = ["--model", "tiny-qwen2", "--method", "lora", "--data", data, "-o", run]
+    e2e_home("train", *args, "--max-steps", LEARN_STEPS, *LEARN)
+    return run
+
+
+@pytest.fixture(scope="session")
+def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
+    """Two quick runs after `lora_run` in the same home, on the same data: `qlora` (4-bit, same
+    data arguments: reuses lora_run's tokenized data) and `cutoff96` (LoRA, another cutoff_len:
+    a new cache entry)."""
+    data = e2e_home.cwd.parent / "chat.jsonl"
+    runs = {"qlora": e2e_home.cwd / "runs" / "qlora", "cutoff96": e2e_home.cwd / "runs" / "c96"}
+    base = ["--model", "tiny-qwen2", "--data", data]
+    e2e_home("train", *base, "--method", "qlora", "-o", runs["qlora"], *QUICK)
+    e2e_home("train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96)
+    return runs

@@ -13,35 +13,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from qwenft.cli import app
-from tests.conftest import read_calls, write_jsonl, write_model_folder
+from tests.helpers.builders import read_calls, write_jsonl, write_model_folder
+from tests.helpers.cli import invoke
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Command-building tests use config-only model folders (no tokenizer): stub the length
-    measurement, which the end-to-end tests run for real (test_e2e.py, overlength)."""
-    stats = {
-        "n_over_cutoff": 0,
-        "tokens_cut": 0,
-        "over_cutoff_lines": [],
-        "suggested_cutoff_len": 64,
-    }
-    monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
+# Command-building tests use config-only model folders (no tokenizer): the length measurement is
+# stubbed (tests/conftest.py), the end-to-end tests run it for real (test_e2e.py, overlength).
+pytestmark = pytest.mark.usefixtures("no_token_stats")
 
 
 @pytest.fixture
 def local_model(tmp_path: Path) -> Path:
     """A folder that looks like a Qwen2 checkpoint (config only: the fake CLI never loads it)."""
     return write_model_folder(tmp_path / "Qwen2-0.5B-Instruct")
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def written(work: Path, home: Path) -> list[str]:
@@ -224,11 +208,11 @@ def test_qwen3_template_and_thinking_from_data(
         (["--model", "no-such-preset"], "unknown model"),
         (["--model", "./not-there"], "model folder not found"),
         (["--model", "{bare}"], "no config.json"),
-        (["--method", "dpo"], "unknown method"),
+        (["--method", "dpo"], "unknown --method"),
         (["--set", "oops"], "malformed --set"),
         (["--gpus", "0"], "--gpus must be at least 1"),
         (["--deepspeed", "z9"], "unknown --deepspeed"),
-        (["--template", "llama3"], "unknown template"),
+        (["--template", "llama3"], "unknown --template"),
         (["--data", "{bad}"], "data error"),
         (["-o", "{occupied}"], "already exists and is not empty"),
         (["--set", "output_dir=/tmp/x"], "may not set output_dir"),
@@ -412,7 +396,7 @@ def test_resume_refusals_and_force(fake_cli: Path, local_model: Path, chat_file:
 
 
 def test_loss_watch_stops_nan_and_zero(tmp_path: Path) -> None:
-    from qwenft.runs import LossWatch
+    from qwenft.runs.watch import LossWatch
 
     log = tmp_path / "trainer_log.jsonl"
     watch = LossWatch(tmp_path, patience=3)
@@ -535,7 +519,7 @@ def test_doctor_reports_and_fails_without_llamafactory_cli(
     rows = {r["name"]: r for r in json.loads(result.output[result.output.index("[") :])}
     assert rows["torch"]["ok"] and rows["llamafactory"]["ok"] and rows["llamafactory-cli"]["ok"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setattr("qwenft.launcher.find_llamafactory_cli", _raise_not_found)
+    monkeypatch.setattr("qwenft.lf.launcher.find_llamafactory_cli", _raise_not_found)
     broken = invoke("doctor")
     assert broken.exit_code == 1 and "[ERR] llamafactory-cli" in broken.output
     assert "make setup" in broken.output

@@ -1,4 +1,4 @@
-"""qwenft.datasets and `qwenft data`: check, convert, split, register, token statistics."""
+"""qwenft.data and `qwenft data`: check, convert, split, register, token statistics."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
-from qwenft import datasets as ds
 from qwenft.cli import data as data_cli
+from qwenft.data import reader
+from qwenft.data.check import check_file, count_thinking_samples, file_has_tools, format_report
+from qwenft.data.convert import convert_file
+from qwenft.data.reader import file_sha256
+from qwenft.data.registry import check_dataset_name, dataset_name_for, register_dataset
+from qwenft.data.split import split_file, write_without_lines
+from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths, token_stats
 from qwenft.errors import QwenftError
+from tests.helpers import cli
 
 U = {"role": "user", "content": "Hi"}
 A = {"role": "assistant", "content": "Hello!"}
@@ -66,7 +72,8 @@ def app() -> typer.Typer:
 
 
 def invoke(app: typer.Typer, *args: object):
-    return CliRunner().invoke(app, ["data", *map(str, args)])
+    """`data ARGS` against the `app` fixture (only the data sub-app)."""
+    return cli.invoke("data", *args, app=app)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,9 +117,9 @@ GOOD_CASES = [
 @table("case_id,content,name,n", GOOD_CASES)
 def test_good_files_pass(tmp_path: Path, app, case_id, content, name, n) -> None:
     path = write(tmp_path, content, name)
-    report = ds.check_file(path)
-    assert report.ok, ds.format_report(report)
-    assert report.n_errors == 0 and report.n_warnings == 0, ds.format_report(report)
+    report = check_file(path)
+    assert report.ok, format_report(report)
+    assert report.n_errors == 0 and report.n_warnings == 0, format_report(report)
     assert (report.n_samples, report.n_valid) == (n, n)
     result = invoke(app, "check", path)
     assert result.exit_code == 0, result.output
@@ -120,8 +127,10 @@ def test_good_files_pass(tmp_path: Path, app, case_id, content, name, n) -> None
 
 def test_sample_data_in_repo_passes() -> None:
     root = Path(__file__).resolve().parent.parent
-    for path in sorted((root / "data").glob("*.jsonl")):
-        assert ds.check_file(path).ok, path
+    paths = sorted((root / "data").glob("*.jsonl"))
+    assert paths  # the repo ships sample data: a moved folder must not pass this by checking nothing
+    for path in paths:
+        assert check_file(path).ok, path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,13 +239,13 @@ def registry(tmp_path: Path) -> Path:
 @table("case_id,content,name,kind,line", BAD_CASES)
 def test_malformed_corpus(tmp_path: Path, app, registry: Path, case_id, content, name, kind, line):
     path = write(tmp_path, content, name)
-    report = ds.check_file(path)
+    report = check_file(path)
     assert not report.ok
     found = [p for p in report.problems if p.kind == kind]
-    assert found, ds.format_report(report)
+    assert found, format_report(report)
     assert found[0].severity == "error"
-    assert found[0].line == line, ds.format_report(report)
-    text = ds.format_report(report)
+    assert found[0].line == line, format_report(report)
+    text = format_report(report)
     assert f"{path}:{line}" in text if line else f"error {kind}" in text
 
     result = invoke(app, "check", path)
@@ -269,7 +278,7 @@ BAD_INPUT = [
 def test_unusable_paths(tmp_path: Path, app, case_id, make, message) -> None:
     path = make(tmp_path)
     with pytest.raises(QwenftError, match=message) as exc:
-        ds.check_file(path)
+        check_file(path)
     assert exc.value.hint
     result = invoke(app, "check", path)
     assert result.exit_code == 2
@@ -279,18 +288,18 @@ def test_unusable_paths(tmp_path: Path, app, case_id, make, message) -> None:
 
 def test_a_row_with_several_problems_reports_each(tmp_path: Path) -> None:
     path = write(tmp_path, row({"role": "bot", "content": ""}, {"role": "assistant", "content": 3}))
-    kinds = {p.kind for p in ds.check_file(path).problems}
+    kinds = {p.kind for p in check_file(path).problems}
     assert {"bad_role", "empty_content", "bad_content"} <= kinds
 
 
 def test_counts_cover_problems_beyond_those_kept(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(ds, "MAX_KEPT_PER_KIND", 3)
+    monkeypatch.setattr(reader, "MAX_KEPT_PER_KIND", 3)
     path = write(tmp_path, lines(*[row(U, U)] * 10, GOOD))
-    report = ds.check_file(path)
+    report = check_file(path)
     assert report.counts["not_alternating"] == 10 and report.n_errors == 10
     assert len(report.errors) == 3
     assert (report.n_samples, report.n_valid) == (11, 1)
-    text = ds.format_report(report, max_per_kind=2)
+    text = format_report(report, max_per_kind=2)
     assert "error not_alternating (10)" in text and "... and 8 more" in text
     d = report.to_dict()
     assert d["problems_truncated"] and d["counts"]["not_alternating"] == 10
@@ -316,16 +325,16 @@ WARN_CASES = [
 @table("case_id,content,kind,line,fld", WARN_CASES)
 def test_warnings(tmp_path: Path, app, case_id, content, kind, line, fld) -> None:
     path = write(tmp_path, content)
-    report = ds.check_file(path)
+    report = check_file(path)
     assert report.ok and report.n_valid == report.n_samples
     found = [p for p in report.warnings if p.kind == kind]
-    assert found and found[0].line == line and found[0].field == fld, ds.format_report(report)
+    assert found and found[0].line == line and found[0].field == fld, format_report(report)
     assert invoke(app, "check", path).exit_code == 0
 
 
 def test_duplicates_name_the_first_line(tmp_path: Path) -> None:
     path = write(tmp_path, lines(GOOD, row(S, U, A), GOOD, GOOD))
-    dups = [p for p in ds.check_file(path).warnings if p.kind == "duplicate"]
+    dups = [p for p in check_file(path).warnings if p.kind == "duplicate"]
     assert [(p.line, p.message) for p in dups] == [
         (3, "same sample as line 1"), (4, "same sample as line 1")]
 
@@ -336,7 +345,7 @@ def test_duplicates_name_the_first_line(tmp_path: Path) -> None:
 
 def test_register_writes_the_entry(tmp_path: Path) -> None:
     path = write(tmp_path, lines(GOOD))
-    entry = ds.register_dataset(path, "chat", tmp_path / "reg")
+    entry = register_dataset(path, "chat", tmp_path / "reg")
     info = json.loads((tmp_path / "reg" / "dataset_info.json").read_text())
     assert info == {"chat": entry}
     assert entry == {
@@ -352,25 +361,25 @@ def test_register_writes_the_entry(tmp_path: Path) -> None:
 def test_register_maps_tools_only_when_the_file_has_them(tmp_path: Path) -> None:
     plain = write(tmp_path, lines(GOOD), "plain.jsonl")
     tools = write(tmp_path, lines(GOOD, row(U, CALL, RESULT, A, tools=TOOLS)), "tools.jsonl")
-    assert "tools" not in ds.register_dataset(plain, "p", tmp_path)["columns"]
-    assert ds.register_dataset(tools, "t", tmp_path)["columns"]["tools"] == "tools"
-    assert ds.file_has_tools(tools) and not ds.file_has_tools(plain)
+    assert "tools" not in register_dataset(plain, "p", tmp_path)["columns"]
+    assert register_dataset(tools, "t", tmp_path)["columns"]["tools"] == "tools"
+    assert file_has_tools(tools) and not file_has_tools(plain)
 
 
 def test_register_default_dir_and_relative_path(tmp_path: Path, isolated: Path) -> None:
     write(Path.cwd(), lines(GOOD), "rel.jsonl")
-    entry = ds.register_dataset(Path("rel.jsonl"), "rel")
+    entry = register_dataset(Path("rel.jsonl"), "rel")
     assert entry["file_name"] == str(Path.cwd() / "rel.jsonl")
     assert json.loads((isolated / "datasets" / "dataset_info.json").read_text())["rel"] == entry
 
 
 def test_register_is_idempotent_and_keeps_other_entries(tmp_path: Path, registry: Path) -> None:
     path = write(tmp_path, lines(GOOD))
-    ds.register_dataset(path, "chat", registry)
+    register_dataset(path, "chat", registry)
     info_file = registry / "dataset_info.json"
     first = info_file.read_bytes()
     mtime = info_file.stat().st_mtime_ns
-    ds.register_dataset(path, "chat", registry)
+    register_dataset(path, "chat", registry)
     assert info_file.read_bytes() == first and info_file.stat().st_mtime_ns == mtime
     info = json.loads(first)
     assert info["old"] == {"file_name": "old.jsonl"} and list(info) == ["old", "chat"]
@@ -379,15 +388,15 @@ def test_register_is_idempotent_and_keeps_other_entries(tmp_path: Path, registry
 def test_register_refuses_another_file_unless_force(tmp_path: Path, registry: Path) -> None:
     a = write(tmp_path, lines(GOOD), "a.jsonl")
     b = write(tmp_path, lines(GOOD), "b.jsonl")
-    ds.register_dataset(a, "chat", registry)
+    register_dataset(a, "chat", registry)
     before = (registry / "dataset_info.json").read_bytes()
     with pytest.raises(QwenftError, match="already registered") as exc:
-        ds.register_dataset(b, "chat", registry)
+        register_dataset(b, "chat", registry)
     assert "--force" in exc.value.hint
     assert (registry / "dataset_info.json").read_bytes() == before
     with pytest.raises(QwenftError, match="already registered"):
-        ds.register_dataset(b, "old", registry)
-    assert ds.register_dataset(b, "chat", registry, force=True)["file_name"] == str(b)
+        register_dataset(b, "old", registry)
+    assert register_dataset(b, "chat", registry, force=True)["file_name"] == str(b)
     info = json.loads((registry / "dataset_info.json").read_text())
     assert info["chat"]["file_name"] == str(b) and info["old"] == {"file_name": "old.jsonl"}
 
@@ -400,10 +409,10 @@ def test_register_refuses_another_file_unless_force(tmp_path: Path, registry: Pa
 def test_dataset_names(tmp_path: Path, name: str, ok: bool) -> None:
     path = write(tmp_path, lines(GOOD))
     if ok:
-        assert ds.register_dataset(path, name, tmp_path / "reg")["file_name"] == str(path)
+        assert register_dataset(path, name, tmp_path / "reg")["file_name"] == str(path)
     else:
         with pytest.raises(QwenftError, match="invalid dataset name"):
-            ds.register_dataset(path, name, tmp_path / "reg")
+            register_dataset(path, name, tmp_path / "reg")
         assert not (tmp_path / "reg").exists()
 
 
@@ -415,14 +424,14 @@ def test_register_never_overwrites_a_broken_dataset_info(tmp_path: Path, content
     path = write(tmp_path, lines(GOOD))
     (tmp_path / "dataset_info.json").write_text(content)
     with pytest.raises(QwenftError, match=message):
-        ds.register_dataset(path, "chat", tmp_path)
+        register_dataset(path, "chat", tmp_path)
     assert (tmp_path / "dataset_info.json").read_text() == content
 
 
 def _register_many(args: tuple[str, str, int]) -> None:
     folder, data, worker = args
     for k in range(3):
-        ds.register_dataset(Path(data), f"w{worker}-{k}", Path(folder))
+        register_dataset(Path(data), f"w{worker}-{k}", Path(folder))
 
 
 def test_concurrent_registrations_all_land(tmp_path: Path) -> None:
@@ -438,12 +447,12 @@ def test_concurrent_registrations_all_land(tmp_path: Path) -> None:
 
 def test_dataset_name_for_is_stable_and_clean(tmp_path: Path) -> None:
     path = write(tmp_path, lines(GOOD), "My Chat (v2)!.jsonl")
-    sha = ds.file_sha256(path)
+    sha = file_sha256(path)
     assert len(sha) == 64
-    name = ds.dataset_name_for(path, sha)
+    name = dataset_name_for(path, sha)
     assert name == f"My-Chat-v2-{sha[:8]}"
-    assert ds.check_dataset_name(name) == name
-    assert ds.dataset_name_for(Path("...jsonl"), sha) == f"data-{sha[:8]}"
+    assert check_dataset_name(name) == name
+    assert dataset_name_for(Path("...jsonl"), sha) == f"data-{sha[:8]}"
 
 
 def test_register_cli(tmp_path: Path, app) -> None:
@@ -451,7 +460,7 @@ def test_register_cli(tmp_path: Path, app) -> None:
     result = invoke(app, "register", path, "--dataset-dir", tmp_path / "reg", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
-    assert out["name"] == ds.dataset_name_for(path, ds.file_sha256(path))
+    assert out["name"] == dataset_name_for(path, file_sha256(path))
     assert out["entry"]["file_name"] == str(path)
     result = invoke(app, "register", path, "--name", "bad name", "--dataset-dir", tmp_path / "reg")
     assert result.exit_code == 2 and "invalid dataset name" in result.output
@@ -519,11 +528,11 @@ CONVERT_CASES = [
 def test_convert(tmp_path: Path, app, case_id, fmt, rows, expected) -> None:
     src = write(tmp_path, lines(*rows), "in.jsonl")
     out = tmp_path / "out.jsonl"
-    report = ds.convert_file(src, out, fmt)
+    report = convert_file(src, out, fmt)
     assert report.written and (report.n_in, report.n_out) == (len(rows), len(expected))
     assert [json.loads(x) for x in out.read_text().splitlines()] == expected
-    check = ds.check_file(out)
-    assert check.ok and check.n_warnings == 0, ds.format_report(check)
+    check = check_file(out)
+    assert check.ok and check.n_warnings == 0, format_report(check)
     result = invoke(app, "convert", src, "-o", tmp_path / "cli.jsonl", "--from", fmt)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli.jsonl").read_bytes() == out.read_bytes()
@@ -531,13 +540,13 @@ def test_convert(tmp_path: Path, app, case_id, fmt, rows, expected) -> None:
 
 def test_convert_json_array_and_detected_format(tmp_path: Path) -> None:
     src = write(tmp_path, json.dumps([{"instruction": "Q", "output": "A"}] * 2).encode(), "in.json")
-    report = ds.convert_file(src, tmp_path / "out.jsonl")
+    report = convert_file(src, tmp_path / "out.jsonl")
     assert report.format == "alpaca" and report.n_out == 2
 
 
 def test_convert_reports_lone_surrogates(folder: Path) -> None:
     src = write(folder, b'{"instruction": "\\ud83d", "output": "x"}\n', "in.jsonl")
-    report = ds.convert_file(src, folder / "out.jsonl")
+    report = convert_file(src, folder / "out.jsonl")
     assert not report.written
     assert [(p.kind, p.line) for p in report.problems] == [("invalid_unicode", 1)]
 
@@ -547,14 +556,14 @@ def test_convert_bad_rows_write_nothing_unless_skipped(folder: Path, app) -> Non
             {"instruction": "Q", "output": ""}, {"instruction": "Q", "output": "B"}]
     src = write(folder, lines(*rows), "in.jsonl")
     out = folder / "out.jsonl"
-    report = ds.convert_file(src, out)
+    report = convert_file(src, out)
     assert not report.written and not out.exists()
     assert [p.line for p in report.problems] == [2, 3, 4]
     assert os.listdir(folder) == ["in.jsonl"]
     result = invoke(app, "convert", src, "-o", out)
     assert result.exit_code == 2 and not out.exists()
     assert f"{src}:2" in result.output and "nothing was written" in result.output
-    report = ds.convert_file(src, out, skip_invalid=True)
+    report = convert_file(src, out, skip_invalid=True)
     assert report.written and report.n_out == 2 and len(out.read_text().splitlines()) == 2
 
 
@@ -576,14 +585,14 @@ def test_convert_errors(folder: Path, case_id, build, message) -> None:
     args = build(src, folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(QwenftError, match=message):
-        ds.convert_file(*args)
+        convert_file(*args)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_convert_force_overwrites(tmp_path: Path) -> None:
     src = write(tmp_path, lines(GOOD), "in.jsonl")
     out = write(tmp_path, b"old\n", "out.jsonl")
-    ds.convert_file(src, out, force=True)
+    convert_file(src, out, force=True)
     assert json.loads(out.read_text()) == GOOD
 
 
@@ -594,15 +603,15 @@ def test_convert_force_overwrites(tmp_path: Path) -> None:
 def test_split_is_deterministic(tmp_path: Path, app) -> None:
     rows = [row({"role": "user", "content": f"q{i}"}, A) for i in range(100)]
     src = write(tmp_path, b"\xef\xbb\xbf" + lines(*rows).replace(b"\n", b"\r\n"))
-    train, val = ds.split_file(src, 0.1, 7)
+    train, val = split_file(src, 0.1, 7)
     assert (train.name, val.name) == ("data.train.jsonl", "data.val.jsonl")
     t1, v1 = train.read_bytes(), val.read_bytes()
     assert len(t1.splitlines()) == 90 and len(v1.splitlines()) == 10
     assert sorted(t1.splitlines() + v1.splitlines()) == sorted(r.rstrip(b"\n") for r in rows)
-    assert ds.check_file(train).ok and ds.check_file(val).ok
+    assert check_file(train).ok and check_file(val).ok
     with pytest.raises(QwenftError, match="already exists"):
-        ds.split_file(src, 0.1, 7)
-    ds.split_file(src, 0.1, 7, force=True)
+        split_file(src, 0.1, 7)
+    split_file(src, 0.1, 7, force=True)
     assert (train.read_bytes(), val.read_bytes()) == (t1, v1)
     out = tmp_path / "other"
     result = invoke(app, "split", src, "--val-ratio", "0.1", "--seed", "8", "--out-dir", out,
@@ -617,16 +626,16 @@ def test_split_is_deterministic(tmp_path: Path, app) -> None:
                                               (3, 0.5, (1, 2))])
 def test_split_keeps_a_row_on_each_side(tmp_path: Path, n, ratio, expected) -> None:
     src = write(tmp_path, lines(*[row({"role": "user", "content": f"q{i}"}, A) for i in range(n)]))
-    train, val = ds.split_file(src, ratio)
+    train, val = split_file(src, ratio)
     assert (len(train.read_text().splitlines()), len(val.read_text().splitlines())) == expected
 
 
 def test_split_json_array(tmp_path: Path) -> None:
     src = write(tmp_path, json.dumps([{"messages": [{"role": "user", "content": f"q{i}"}, A]}
                                       for i in range(10)], indent=2).encode(), "arr.json")
-    train, val = ds.split_file(src, 0.2)
+    train, val = split_file(src, 0.2)
     assert train.name == "arr.train.jsonl"
-    assert ds.check_file(train).n_samples == 8 and ds.check_file(val).n_samples == 2
+    assert check_file(train).n_samples == 8 and check_file(val).n_samples == 2
 
 
 SPLIT_ERRORS = [
@@ -645,7 +654,7 @@ SPLIT_ERRORS = [
 def test_split_errors(folder: Path, app, case_id, content, kwargs, message) -> None:
     src = write(folder, content)
     with pytest.raises(QwenftError, match=message):
-        ds.split_file(src, **kwargs)
+        split_file(src, **kwargs)
     assert os.listdir(folder) == ["data.jsonl"]
     ratio = kwargs.get("val_ratio", 0.1)
     result = invoke(app, "split", src, "--val-ratio", ratio)
@@ -656,12 +665,12 @@ def test_split_errors(folder: Path, app, case_id, content, kwargs, message) -> N
 def test_write_without_lines(tmp_path: Path) -> None:
     src = write(tmp_path, lines(GOOD, b"\n", GOOD2, row(S, U, A, U, A)))
     out = tmp_path / "kept.jsonl"
-    assert ds.write_without_lines(src, out, {3}) == (2, 1)
+    assert write_without_lines(src, out, {3}) == (2, 1)
     assert [json.loads(x) for x in out.read_text().splitlines()] == [GOOD, {"messages": [S, U, A, U, A]}]
     with pytest.raises(QwenftError, match="already exists"):
-        ds.write_without_lines(src, out, {1})
+        write_without_lines(src, out, {1})
     arr = write(tmp_path, json.dumps([GOOD, GOOD2], indent=2).encode(), "arr.json")
-    assert ds.write_without_lines(arr, out, {2}, force=True) == (1, 1)
+    assert write_without_lines(arr, out, {2}, force=True) == (1, 1)
     assert json.loads(out.read_text()) == GOOD2
 
 
@@ -669,8 +678,8 @@ def test_count_thinking_samples(tmp_path: Path) -> None:
     think = {"role": "assistant", "content": "<think>\nhm\n</think>\n\nYes."}
     user_think = {"role": "user", "content": "what does <think> do?"}
     path = write(tmp_path, lines(GOOD, row(U, think), row(user_think, A), b"oops\n", row(U, think)))
-    assert ds.count_thinking_samples(path) == (2, 4)
-    assert ds.count_thinking_samples(write(tmp_path, lines(GOOD), "b.jsonl")) == (0, 1)
+    assert count_thinking_samples(path) == (2, 4)
+    assert count_thinking_samples(write(tmp_path, lines(GOOD), "b.jsonl")) == (0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -696,8 +705,8 @@ def test_check_json_output(tmp_path: Path, app) -> None:
 def test_check_without_model_stays_light(tmp_path: Path) -> None:
     path = write(tmp_path, lines(GOOD))
     code = (
-        "import sys; from qwenft.cli.data import app; from qwenft import datasets;"
-        f"datasets.check_file({str(path)!r});"
+        "import sys; from qwenft.cli.data import app; from qwenft.data.check import check_file;"
+        f"check_file({str(path)!r});"
         "heavy = [m for m in ('torch', 'transformers', 'llamafactory') if m in sys.modules];"
         "assert not heavy, heavy"
     )
@@ -730,7 +739,7 @@ def _llamafactory_lengths(tmp: Path, data: Path, model_dir: Path, template: str,
     from llamafactory.model import load_tokenizer
     from transformers import Seq2SeqTrainingArguments
 
-    ds.register_dataset(data, "stats", tmp)
+    register_dataset(data, "stats", tmp)
     model_args = ModelArguments(model_name_or_path=str(model_dir), cache_dir=str(tmp / "cache"))
     data_args = DataArguments(template=template, dataset="stats", dataset_dir=str(tmp),
                               cutoff_len=cutoff, default_system=default_system,
@@ -749,22 +758,21 @@ def _llamafactory_lengths(tmp: Path, data: Path, model_dir: Path, template: str,
 ])
 def test_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkeypatch, preset,
                                          template, default_system, cutoff) -> None:
-    pytest.importorskip("llamafactory")
-    from qwenft.tiny import ensure_tiny_model
+    from qwenft.models.tiny import ensure_tiny_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model_dir = ensure_tiny_model(preset, progress=None)
     data = write(tmp_path, lines(*STATS_ROWS))
-    assert ds.check_file(data).ok
+    assert check_file(data).ok
     expected = _llamafactory_lengths(tmp_path, data, model_dir, template, cutoff, default_system)
     assert len(expected) == len(STATS_ROWS)
 
-    encoder = ds.LlamaFactoryEncoder(model_dir, template, cutoff, default_system=default_system)
-    rows = list(ds.iter_token_lengths(data, encoder, batch_size=4))
+    encoder = LlamaFactoryEncoder(model_dir, template, cutoff, default_system=default_system)
+    rows = list(iter_token_lengths(data, encoder, batch_size=4))
     assert [(kept, loss) for _, _, kept, loss in rows] == expected
     assert [line for line, *_ in rows] == list(range(1, len(STATS_ROWS) + 1))
 
-    stats = ds.token_stats(data, model_dir, template, cutoff, encoder=encoder)
+    stats = token_stats(data, model_dir, template, cutoff, encoder=encoder)
     full = sorted(f for _, f, _, _ in rows)
     assert stats["n_samples"] == len(STATS_ROWS) and stats["n_skipped"] == 0
     assert (stats["length"]["min"], stats["length"]["max"]) == (full[0], full[-1])
@@ -779,7 +787,6 @@ def test_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkey
 
 
 def test_check_cli_with_token_stats(tmp_path: Path, tiny_home: Path, app) -> None:
-    pytest.importorskip("llamafactory")
     data = write(tmp_path, lines(*STATS_ROWS, row(U, U)))
     result = invoke(app, "check", data, "--cutoff-len", "64")
     assert result.exit_code == 2 and "token statistics skipped" in result.output
@@ -790,39 +797,48 @@ def test_check_cli_with_token_stats(tmp_path: Path, tiny_home: Path, app) -> Non
     tokens = json.loads(result.stdout)["tokens"]
     assert tokens["model"] == "tiny-qwen2" and tokens["template"] == "qwen"
     assert tokens["n_samples"] == len(STATS_ROWS) and tokens["n_over_cutoff"] >= 5
+    # STATS_ROWS mix reasoning and plain answers: refused as `train` refuses it, until chosen
     result = invoke(app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64")
+    assert result.exit_code == 2 and "have <think> blocks and the rest do not" in result.output
+    result = invoke(
+        app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64", "--thinking", "on"
+    )
     assert result.exit_code == 0, result.output
     assert "qwen3 template" in result.output and "suggested cutoff_len" in result.output
     result = invoke(app, "check", data, "--cutoff-len", "64", "--template", "llama3")
-    assert result.exit_code == 2 and "unknown template" in result.output
+    assert result.exit_code == 2 and "unknown --template" in result.output
 
 
 def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_home: Path, app):
-    pytest.importorskip("llamafactory")
-    from qwenft.tiny import ensure_tiny_model
+    from qwenft.models.tiny import ensure_tiny_model
 
     model_dir = ensure_tiny_model("tiny-qwen3", progress=None)
     plain = write(tmp_path, lines(GOOD, GOOD2), "plain.jsonl")
-    think = write(tmp_path, lines(row(U, {"role": "assistant", "content": THINK}), GOOD2), "t.jsonl")
-    for path, thinking in ((plain, False), (think, True)):
+    think = write(tmp_path, lines(row(U, {"role": "assistant", "content": THINK})), "t.jsonl")
+    mixed = write(
+        tmp_path, lines(row(U, {"role": "assistant", "content": THINK}), GOOD2), "mixed.jsonl"
+    )
+    for path, thinking in ((plain, False), (think, True), (mixed, "refused")):
         result = invoke(app, "check", path, "--model", "tiny-qwen3", "--json")
+        if thinking == "refused":  # as train: 1 of 2 samples reason, the user must choose
+            assert result.exit_code == 2 and "--thinking on" in result.output
+            continue
         assert result.exit_code == 0, result.output
         tokens = json.loads(result.stdout)["tokens"]
-        expected = ds.token_stats(path, model_dir, "qwen3", 2048, default_system="",
+        expected = token_stats(path, model_dir, "qwen3", 1024, default_system="",
                                   enable_thinking=thinking)
         assert tokens["loss_tokens"] == expected["loss_tokens"]
         assert tokens["length"] == expected["length"]
 
 
 def test_token_stats_bad_arguments(tmp_path: Path, tiny_home: Path) -> None:
-    pytest.importorskip("llamafactory")
-    from qwenft.tiny import ensure_tiny_model
+    from qwenft.models.tiny import ensure_tiny_model
 
     data = write(tmp_path, lines(GOOD))
     model_dir = ensure_tiny_model("tiny-qwen2", progress=None)
     with pytest.raises(QwenftError, match="unknown LLaMA-Factory template"):
-        ds.token_stats(data, model_dir, "no-such-template", 64)
+        token_stats(data, model_dir, "no-such-template", 64)
     with pytest.raises(QwenftError, match="cutoff"):
-        ds.token_stats(data, model_dir, "qwen", 0)
+        token_stats(data, model_dir, "qwen", 0)
     with pytest.raises(QwenftError, match="cannot load the tokenizer"):
-        ds.token_stats(data, tmp_path / "no-model", "qwen", 64)
+        token_stats(data, tmp_path / "no-model", "qwen", 64)

@@ -8,45 +8,17 @@ from __future__ import annotations
 import json
 import math
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import env_without_fake
-from tests.test_e2e import losses, manifest, qwenft
-
-pytestmark = pytest.mark.e2e
-
-SHORT = [
-    "--max-steps",
-    "3",
-    "--batch-size",
-    "1",
-    "--grad-accum",
-    "1",
-    "--cutoff-len",
-    "64",
-    "--val-size",
-    "0",
-    "--set",
-    "logging_steps=1",
-    "--set",
-    "save_steps=1000",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.e2e import SHORT, Qwenft, free_port, losses, manifest
 
 
 @pytest.mark.parametrize("stage", ["z2", "z3"])
-def test_full_two_processes_deepspeed(tiny_home: Path, chat_file: Path, stage: str) -> None:
+def test_full_two_processes_deepspeed(qwenft: Qwenft, chat_file: Path, stage: str) -> None:
     run = Path(f"runs/full-{stage}").absolute()
     qwenft(
         "train",
@@ -76,7 +48,7 @@ def test_full_two_processes_deepspeed(tiny_home: Path, chat_file: Path, stage: s
     assert qwenft("chat", run, "--prompt", "hi", "--max-new-tokens", "5").returncode == 0
 
 
-def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
+def test_two_nodes_on_loopback(qwenft: Qwenft, chat_file: Path) -> None:
     port = free_port()
     nodes = []
     for rank in (0, 1):
@@ -103,13 +75,7 @@ def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
             *SHORT,
         ]
         nodes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "qwenft", *args],
-                env=env_without_fake(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+            qwenft.popen(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     outputs = [p.communicate(timeout=600)[0] for p in nodes]
     for p, out in zip(nodes, outputs, strict=True):
@@ -121,7 +87,7 @@ def test_two_nodes_on_loopback(tiny_home: Path, chat_file: Path) -> None:
     assert (Path("runs/node0") / "adapter_model.safetensors").is_file()
 
 
-def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path) -> None:
+def test_interrupt_after_checkpoint_then_resume(qwenft: Qwenft, chat_file: Path) -> None:
     run = Path("runs/resume").absolute()
     args = [
         "train",
@@ -154,13 +120,7 @@ def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path
         "--set",
         "save_steps=5",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwenft", *args],
-        env=env_without_fake(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = qwenft.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (run / "checkpoint-5" / "trainer_state.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, (
@@ -173,16 +133,19 @@ def test_interrupt_after_checkpoint_then_resume(tiny_home: Path, chat_file: Path
     assert f"qwenft resume {run}" in stderr
     m = manifest(run)
     assert m["status"] == "interrupted"
-    state = (
-        json.loads((run / "trainer_state.json").read_text())
-        if (run / "trainer_state.json").exists()
-        else {}
-    )
-    assert state.get("global_step", 0) < 40
+    # stopped short of the end: the newest checkpoint is before step 40 and the final state that
+    # Trainer writes only when training ends is not there
+    saved = sorted(int(p.name.removeprefix("checkpoint-")) for p in run.glob("checkpoint-*"))
+    assert saved and 5 <= saved[-1] < 40 and saved[-1] % 5 == 0, saved
+    state = json.loads((run / f"checkpoint-{saved[-1]}" / "trainer_state.json").read_text())
+    assert state["global_step"] == saved[-1] < 40
+    assert not (run / "trainer_state.json").exists()
 
     qwenft("resume", run)
     m = manifest(run)
     assert m["status"] == "completed" and len(m["resumes"]) == 1
+    assert m["resumes"][0]["from"] == f"checkpoint-{saved[-1]}"
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 40
     assert m["summary"]["global_step"] == 40
     assert "Resuming training from" in (run / "train.log").read_text()
     # the learning-rate schedule continued: linear decay, never back up to the initial value

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenft import launcher
+from qwenft.lf import launcher
 
 
 def test_run_tees_output_and_returns_code(tmp_path: Path) -> None:

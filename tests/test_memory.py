@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from qwenft.errors import QwenftError
 from qwenft.memory import (
@@ -29,8 +28,9 @@ from qwenft.memory import (
     lora_params,
     zero_model_states,
 )
-from qwenft.presets import PRESETS
-from tests.conftest import write_model_folder
+from qwenft.models.presets import PRESETS
+from tests.helpers.builders import write_model_folder
+from tests.helpers.cli import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 Q2_7B = PRESETS["qwen2-7b-instruct"].arch
@@ -317,11 +317,11 @@ def app() -> typer.Typer:
     return a
 
 
-runner = CliRunner()
-
-
 def test_cli_table(app: typer.Typer) -> None:
-    r = runner.invoke(app, ["plan", "-m", "Qwen/Qwen2-7B-Instruct", "--gpu-mem", "24"])
+    # --batch-size 1: without it plan shows train's recipe batch (4), which does not fit 24 GB
+    r = invoke(
+        "plan", "-m", "Qwen/Qwen2-7B-Instruct", "--gpu-mem", "24", "--batch-size", "1", app=app
+    )
     assert r.exit_code == 0, r.output
     for text in (
         "weights",
@@ -332,14 +332,13 @@ def test_cli_table(app: typer.Typer) -> None:
         "fits in 24 GB: yes",
     ):
         assert text in r.output
-    r = runner.invoke(app, ["plan", "-m", "qwen2-7b-instruct", "--gpu-mem", "16"])
+    r = invoke("plan", "-m", "qwen2-7b-instruct", "--gpu-mem", "16", app=app)
     assert r.exit_code == 0 and "NO" in r.output and "short" in r.output
 
 
 def test_cli_json(app: typer.Typer) -> None:
-    r = runner.invoke(
-        app,
-        [
+    r = invoke(
+        *[
             "plan",
             "--model",
             "qwen2-7b-instruct",
@@ -349,10 +348,13 @@ def test_cli_json(app: typer.Typer) -> None:
             "4",
             "--cutoff-len",
             "2048",
+            "--batch-size",
+            "1",  # train's recipe batch (4) at 2048 tokens does not fit 24 GB
             "--gpu-mem",
             "24",
             "--json",
         ],
+        app=app,
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -362,9 +364,8 @@ def test_cli_json(app: typer.Typer) -> None:
 
 
 def test_cli_auto(app: typer.Typer) -> None:
-    r = runner.invoke(
-        app,
-        [
+    r = invoke(
+        *[
             "plan",
             "-m",
             "qwen2-7b-instruct",
@@ -376,28 +377,27 @@ def test_cli_auto(app: typer.Typer) -> None:
             "1",
             "--json",
         ],
+        app=app,
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["method"] == "lora" and "fits" in d["explanation"]
-    r = runner.invoke(
-        app, ["plan", "-m", "qwen2-7b-instruct", "--method", "auto", "--gpu-mem", "24"]
-    )
+    r = invoke("plan", "-m", "qwen2-7b-instruct", "--method", "auto", "--gpu-mem", "24", app=app)
     assert r.exit_code == 0 and r.output.startswith("auto: LoRA")
 
 
 def test_cli_full_defaults_to_z3_like_train(app: typer.Typer) -> None:
-    r = runner.invoke(
-        app, ["plan", "-m", "qwen2-7b-instruct", "--method", "full", "--gpus", "4", "--json"]
+    r = invoke(
+        "plan", "-m", "qwen2-7b-instruct", "--method", "full", "--gpus", "4", "--json", app=app
     )
     assert json.loads(r.output)["deepspeed"] == "z3"
 
 
 def test_cli_local_folder_reads_config_json(app: typer.Typer, tmp_path: Path) -> None:
     folder = write_model_folder(tmp_path / "Qwen2.5-0.5B-local")
-    r = runner.invoke(app, ["plan", "-m", str(folder), "--json"])
+    r = invoke("plan", "-m", str(folder), "--json", app=app)
     assert r.exit_code == 0, r.output
-    preset = runner.invoke(app, ["plan", "-m", "qwen2.5-0.5b-instruct", "--json"])
+    preset = invoke("plan", "-m", "qwen2.5-0.5b-instruct", "--json", app=app)
     assert json.loads(r.output)["peak_gb"] == json.loads(preset.output)["peak_gb"]
 
 
@@ -406,7 +406,7 @@ def test_cli_local_folder_reads_config_json(app: typer.Typer, tmp_path: Path) ->
     [
         (["-m", "no-such-model"], "unknown model"),
         (["-m", "Qwen/Qwen2.5-9B-Imaginary"], "no architecture numbers"),
-        (["-m", "qwen2-7b-instruct", "--gpus", "0"], "--gpus must be a positive"),
+        (["-m", "qwen2-7b-instruct", "--gpus", "0"], "--gpus must be at least 1"),
         (["-m", "qwen2-7b-instruct", "--cutoff-len", "-5"], "--cutoff-len must be a positive"),
         (["-m", "qwen2-7b-instruct", "--batch-size", "0"], "--batch-size must be a positive"),
         (["-m", "qwen2-7b-instruct", "--lora-rank", "0"], "--lora-rank must be a positive"),
@@ -418,16 +418,15 @@ def test_cli_local_folder_reads_config_json(app: typer.Typer, tmp_path: Path) ->
     ],
 )
 def test_cli_bad_input_exits_2(app: typer.Typer, argv: list[str], message: str) -> None:
-    r = runner.invoke(app, ["plan", *argv])
+    r = invoke("plan", *argv, app=app)
     assert r.exit_code == 2, r.output
     assert "error:" in r.output and message in r.output
     assert "Traceback" not in r.output
 
 
 def test_cli_z3_one_gpu_notes_it_buys_nothing(app: typer.Typer) -> None:
-    r = runner.invoke(
-        app,
-        [
+    r = invoke(
+        *[
             "plan",
             "-m",
             "qwen2.5-0.5b-instruct",
@@ -438,6 +437,7 @@ def test_cli_z3_one_gpu_notes_it_buys_nothing(app: typer.Typer) -> None:
             "--gpus",
             "1",
         ],
+        app=app,
     )
     assert r.exit_code == 0 and "buys nothing" in r.output
 
@@ -462,8 +462,23 @@ def test_measure_memory_without_a_gpu_says_so_and_exits_0(tmp_path: Path) -> Non
         "measure_memory", ROOT / "scripts" / "measure_memory.py"
     )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # importable
-    if module.cuda_status()[0]:
+    spec.loader.exec_module(module)  # importable (without torch: it is imported where needed)
+    assert callable(module.cuda_status)
+    # asked in a child: cuda_status() imports torch, which this (fast-tier) process must not
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import measure_memory as m; "
+            "print(m.cuda_status()[0])",
+            str(ROOT / "scripts"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0 and probe.stdout.strip() in ("True", "False"), probe.stderr
+    if probe.stdout.strip() == "True":
         pytest.skip("a CUDA GPU is present; the CPU path is not taken")
     out = tmp_path / "m.json"
     r = subprocess.run(

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qwenft import render
+from qwenft import settings
+from qwenft.choices import DeepSpeed, Method
 from qwenft.errors import QwenftError
+from qwenft.lf import render
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -27,7 +29,7 @@ def spec(method: str, **kw) -> render.TrainSpec:
     return render.TrainSpec(**base)
 
 
-@pytest.mark.parametrize("method", render.METHODS)
+@pytest.mark.parametrize("method", Method.values())
 def test_method_renders_golden_yaml(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     text = render.to_yaml(render.build_train_config(spec(method)), header=f"golden {method}")
@@ -50,15 +52,20 @@ def test_qlora_uses_bnb_and_full_uses_deepspeed() -> None:
     assert (q["quantization_bit"], q["quantization_method"]) == (4, "bnb")
     f = render.build_train_config(spec("full"))
     assert f["finetuning_type"] == "full" and f["deepspeed"] == "/runs/r1/deepspeed.json"
-    fixed = render.build_train_config(spec("qlora", set_values={"quantization_method": "bitsandbytes"}))
+    fixed = render.build_train_config(spec("qlora", overrides={"quantization_method": "bitsandbytes"}))
     assert fixed["quantization_method"] == "bnb"
 
 
-def test_layering_template_config_knobs_set() -> None:
-    cfg = render.build_train_config(spec(
-        "lora", config_file={"learning_rate": 1.0, "logging_steps": 7, "lora_alpha": 3},
-        knobs={"learning_rate": 2.0, "cutoff_len": None}, set_values={"lora_alpha": 64},
+def test_layering_template_config_knobs_set(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("learning_rate: 1.0\nlogging_steps: 7\nlora_alpha: 3\n")
+    run = settings.resolve(settings.RunRequest(
+        model="qwen2-7b-instruct", config_file=extra,
+        knobs={"learning_rate": 2.0, "cutoff_len": None}, set_items=["lora_alpha=64"],
     ))
+    cfg = render.build_train_config(spec("lora", overrides=run.overrides))
+    # what the resolver shows is what renders
+    assert all(cfg[k] == v for k, v in run.overrides.items()) and cfg["cutoff_len"] == run.cutoff_len
     assert cfg["learning_rate"] == 2.0  # knob beats --config
     assert cfg["logging_steps"] == 7  # --config beats template
     assert cfg["lora_alpha"] == 64  # --set beats everything
@@ -66,7 +73,7 @@ def test_layering_template_config_knobs_set() -> None:
 
 
 def test_no_val_size_turns_eval_off() -> None:
-    cfg = render.build_train_config(spec("lora", knobs={"val_size": 0}))
+    cfg = render.build_train_config(spec("lora", overrides={"val_size": 0}))
     assert cfg["eval_strategy"] == "no" and "eval_steps" not in cfg
 
 
@@ -92,15 +99,15 @@ def test_parse_set(items: list[str], expected: dict | None, error: str | None) -
 @pytest.mark.parametrize("key", ["output_dir", "dataset", "model_name_or_path", "template"])
 def test_owned_keys_cannot_be_overridden(key: str) -> None:
     with pytest.raises(QwenftError, match=f"may not set {key}"):
-        render.build_train_config(spec("lora", set_values={key: "x"}))
+        render.build_train_config(spec("lora", overrides={key: "x"}))
 
 
 def test_overwrite_output_dir_refused() -> None:
     with pytest.raises(QwenftError, match="disable resuming"):
-        render.build_train_config(spec("lora", config_file={"overwrite_output_dir": True}))
+        render.build_train_config(spec("lora", overrides={"overwrite_output_dir": True}))
 
 
-@pytest.mark.parametrize("stage", [s for s in render.DEEPSPEED_STAGES if s != "none"])
+@pytest.mark.parametrize("stage", [s for s in DeepSpeed.values() if s != "none"])
 def test_every_deepspeed_config_parses(stage: str) -> None:
     cfg = json.loads(render.deepspeed_config_text(stage))
     want = int(stage[1])

@@ -5,28 +5,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from qwenft import serve as serve_mod
-from qwenft.cli import app
-from tests.conftest import QA, env_without_fake, read_calls, write_jsonl
-
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
+from qwenft.models.presets import resolve_model
+from qwenft.runs.manifest import DatasetRecord, Manifest
+from tests.helpers.builders import QA, read_calls, write_jsonl, write_model_folder
+from tests.helpers.cli import invoke
+from tests.helpers.e2e import Qwenft, copy_run
 
 
 def listing(*roots: Path) -> list[str]:
@@ -35,10 +29,7 @@ def listing(*roots: Path) -> list[str]:
 
 @pytest.fixture
 def local_model(tmp_path: Path) -> Path:
-    d = tmp_path / "Qwen2-0.5B-Instruct"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    return d
+    return write_model_folder(tmp_path / "Qwen2-0.5B-Instruct", {"model_type": "qwen2"})
 
 
 @pytest.fixture
@@ -46,54 +37,21 @@ def run_dir(tmp_path: Path, local_model: Path, chat_file: Path) -> Path:
     """A completed LoRA run folder as `qwenft train` leaves it (no real weights)."""
     d = tmp_path / "runs" / "lora"
     d.mkdir(parents=True)
-    (d / "qwenft.json").write_text(
-        json.dumps(
-            {
-                "status": "completed",
-                "method": "lora",
-                "template": "qwen",
-                "default_system": "You are a helpful assistant.",
-                "enable_thinking": None,
-                "model": {"spec": str(local_model), "kind": "local", "path": str(local_model)},
-                "dataset": {"path": str(chat_file), "sha256": "0" * 64},
-            }
-        )
+    manifest = Manifest(
+        method="lora",
+        model=resolve_model(str(local_model)),
+        template="qwen",
+        default_system="You are a helpful assistant.",
+        enable_thinking=None,
+        dataset=DatasetRecord(str(chat_file), "0" * 64, "chat-00000000", str(tmp_path / "ds")),
+        command=["llamafactory-cli", "train", str(d / "train.yaml")],
+        env={},
+        status="completed",
     )
+    (d / "qwenft.json").write_text(manifest.to_json())
     (d / "adapter_config.json").write_text("{}")
     (d / "train.yaml").write_text("cutoff_len: 128\nbf16: false\n")
     return d
-
-
-FAKE_EVAL_CLI = """
-import json, os, sys
-from pathlib import Path
-import yaml
-cfg = yaml.safe_load(Path(sys.argv[2]).read_text())
-with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
-    fh.write(json.dumps({"argv": sys.argv[1:], "yaml": cfg}) + "\\n")
-out = Path(cfg["output_dir"]); out.mkdir(parents=True, exist_ok=True)
-if cfg.get("do_predict"):
-    (out / "predict_results.json").write_text(json.dumps(
-        {"predict_bleu-4": 50.0, "predict_rouge-1": 60.0, "predict_rouge-2": 40.0, "predict_rouge-l": 55.0}))
-    (out / "generated_predictions.jsonl").write_text('{"prompt": "p", "predict": "a", "label": "a"}\\n')
-else:
-    loss = 0.5 if cfg.get("adapter_name_or_path") else 2.0
-    (out / "eval_results.json").write_text(json.dumps({"eval_loss": loss, "eval_accuracy": 0.25}))
-sys.exit(int(os.environ.get("FAKE_LF_EXIT", "0")))
-"""
-
-
-@pytest.fixture
-def fake_eval_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bin_dir = tmp_path / "evalbin"
-    bin_dir.mkdir()
-    shim = bin_dir / "llamafactory-cli"
-    shim.write_text(f"#!{sys.executable}\n{FAKE_EVAL_CLI}")
-    shim.chmod(0o755)
-    record = tmp_path / "lf-eval-calls.jsonl"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_LF_RECORD", str(record))
-    return record
 
 
 def test_help_exits_zero() -> None:
@@ -236,7 +194,7 @@ def test_serve_reports_a_server_that_dies_while_loading(
 
 
 def test_eval_refuses_data_that_fails_the_check(
-    run_dir: Path, tmp_path: Path, fake_eval_cli: Path, isolated: Path
+    run_dir: Path, tmp_path: Path, fake_cli: Path, isolated: Path
 ) -> None:
     bad = write_jsonl(
         tmp_path / "bad.jsonl",
@@ -249,15 +207,15 @@ def test_eval_refuses_data_that_fails_the_check(
         "data error(s); nothing was evaluated" in result.output
         and "qwenft data check" in result.output
     )
-    assert read_calls(fake_eval_cli) == [] and listing(tmp_path) == before
+    assert read_calls(fake_cli) == [] and listing(tmp_path) == before
 
 
 def test_eval_writes_report_and_refuses_to_overwrite(
-    run_dir: Path, chat_file: Path, fake_eval_cli: Path, isolated: Path
+    run_dir: Path, chat_file: Path, fake_cli: Path, isolated: Path
 ) -> None:
     result = invoke("eval", run_dir, "--data", chat_file, "--batch-size", 2)
     assert result.exit_code == 0, result.output
-    calls = read_calls(fake_eval_cli)
+    calls = read_calls(fake_cli)
     assert [c["yaml"].get("do_predict", False) for c in calls] == [False, False, True]
     tuned, base, predict = (c["yaml"] for c in calls)
     assert tuned["adapter_name_or_path"] == str(run_dir) and "adapter_name_or_path" not in base
@@ -290,15 +248,15 @@ def test_eval_writes_report_and_refuses_to_overwrite(
 
     again = invoke("eval", run_dir, "--data", chat_file)
     assert again.exit_code == 2 and "already holds an evaluation report" in again.output
-    assert len(read_calls(fake_eval_cli)) == 3
+    assert len(read_calls(fake_cli)) == 3
     forced = invoke("eval", run_dir, "--data", chat_file, "--force", "--no-base", "--json")
     assert forced.exit_code == 0, forced.output
-    assert len(read_calls(fake_eval_cli)) == 5
+    assert len(read_calls(fake_cli)) == 5
     assert "base" not in json.loads((out / "eval.json").read_text())["models"]
 
 
 def test_eval_failure_leaves_old_report_and_names_log(
-    run_dir: Path, chat_file: Path, fake_eval_cli: Path, monkeypatch: pytest.MonkeyPatch
+    run_dir: Path, chat_file: Path, fake_cli: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_LF_EXIT", "1")
     result = invoke("eval", run_dir, "--data", chat_file)
@@ -312,32 +270,25 @@ def test_eval_failure_leaves_old_report_and_names_log(
 # end to end: the real LLaMA-Factory on the tiny Qwen
 
 
-@pytest.mark.e2e
-def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None:
+def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
     import openai
     import psutil
 
-    from qwenft.tiny import ensure_tiny_model
+    from qwenft.models.tiny import ensure_tiny_model
 
     ensure_tiny_model("tiny-qwen2", progress=None)
     port, key = serve_mod.free_port(), "sk-qwenft-test"
     err_log = open(tmp_path / "serve.err", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qwenft",
-            "serve",
-            "tiny-qwen2",
-            "--port",
-            str(port),
-            "--api-key",
-            key,
-        ],
+    proc = qwenft.popen(
+        "serve",
+        "tiny-qwen2",
+        "--port",
+        port,
+        "--api-key",
+        key,
         stdout=subprocess.PIPE,
         stderr=err_log,
         text=True,
-        env=env_without_fake(),
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -394,48 +345,22 @@ def test_serve_openai_client_end_to_end(tiny_home: Path, tmp_path: Path) -> None
         s.bind(("127.0.0.1", port))
 
 
-@pytest.mark.e2e
 def test_eval_lora_run_beats_its_base_end_to_end(
-    tiny_home: Path, chat_file: Path, tmp_path: Path
+    lora_run: Path, qwenft: Qwenft, chat_file: Path, tmp_path: Path
 ) -> None:
-    from tests.test_e2e import LEARN, qwenft
-
-    run = Path("runs/lora").absolute()
-    qwenft(
-        "train",
-        "--model",
-        "tiny-qwen2",
-        "--method",
-        "lora",
+    run = copy_run(lora_run, tmp_path / "lora")  # eval writes its report into the run folder
+    out = qwenft(
+        "eval",
+        run,
         "--data",
         chat_file,
-        "-o",
-        run,
-        "--max-steps",
-        "10",
-        *LEARN,
-        "--set",
-        "plot_loss=false",
-    )
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwenft",
-            "eval",
-            str(run),
-            "--data",
-            str(chat_file),
-            "--batch-size",
-            "4",
-            "--max-new-tokens",
-            "16",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--json",
         timeout=600,
-        env=env_without_fake(),
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     printed = json.loads(

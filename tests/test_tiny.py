@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qwenft.errors import QwenftError
-from qwenft.tiny import (
+from qwenft.models.tiny import (
     ADDED_TOKENS,
     QWEN_PATTERN,
     QWEN_TIKTOKEN_SHA256,
@@ -23,16 +24,15 @@ from qwenft.tiny import (
     is_tiny_preset,
 )
 
-pytest.importorskip("transformers")
+# Checked without importing it: collecting this module must not pull transformers into the fast
+# tier (tests/conftest.py); the tests that load it use the vocab_file fixture (tier `model`).
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("transformers is not installed", allow_module_level=True)
 tiktoken = pytest.importorskip("tiktoken")
 
 
-@pytest.fixture(scope="session")
-def vocab_file() -> Path:
-    # Fetched once into the default QWENFT_HOME; the builds below reuse it via QWENFT_QWEN_TIKTOKEN.
-    return ensure_vocab()
-
-
+# vocab_file (tests/conftest.py): the real vocabulary, fetched once into the default QWENFT_HOME;
+# the builds below reuse it via QWENFT_QWEN_TIKTOKEN.
 @pytest.fixture(scope="session")
 def tiny_env(vocab_file: Path, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
@@ -104,7 +104,7 @@ def test_presets_and_names():
 
 def test_import_stays_light():
     code = (
-        "import sys, qwenft.tiny; assert 'torch' not in sys.modules, 'torch'; "
+        "import sys, qwenft.models.tiny; assert 'torch' not in sys.modules, 'torch'; "
         "assert 'transformers' not in sys.modules, 'transformers'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,12 +14,25 @@ from typing import Annotated
 import typer
 
 from qwenft import __version__
+from qwenft.choices import (
+    AUTO,
+    DEFAULT_METHOD,
+    DEFAULT_OVERLENGTH,
+    Method,
+    Template,
+    Thinking,
+)
 from qwenft.cli.common import (
     AdapterOpt,
+    DeepSpeedOpt,
     ForceTemplateOpt,
     JsonOpt,
+    MethodOpt,
+    OverlengthOpt,
     TargetArg,
     TemplateOpt,
+    ThinkingOpt,
+    choice_option,
     err,
     handle_errors,
     print_json,
@@ -65,12 +78,7 @@ def train(
     data: Annotated[
         Path | None, typer.Option("--data", "-d", help='Chat data: jsonl of {"messages": [...]}.')
     ] = None,
-    method: Annotated[
-        str | None,
-        typer.Option(
-            "--method", help="lora (default), qlora, full, or auto (what fits --gpu-mem)."
-        ),
-    ] = None,
+    method: MethodOpt = None,
     gpu_mem: Annotated[
         float | None,
         typer.Option("--gpu-mem", help="GB per GPU for --method auto (default: as reported)."),
@@ -89,20 +97,12 @@ def train(
         int | None,
         typer.Option("--gpus", help="Processes (GPUs) per node; default: all visible, else 1."),
     ] = None,
-    deepspeed: Annotated[
-        str,
-        typer.Option(
-            "--deepspeed",
-            help="auto (z3 for full, none otherwise), none, z0, z2, z3, z2-offload, z3-offload.",
-        ),
-    ] = "auto",
+    deepspeed: DeepSpeedOpt = AUTO,
     template: Annotated[
         str | None,
-        typer.Option("--template", help="Override the template: qwen, qwen3, qwen3_nothink."),
+        choice_option("--template", Template.values(), "Override the model's template."),
     ] = None,
-    thinking: Annotated[
-        str, typer.Option("--thinking", help="Qwen3 hybrid: auto (from the data), on or off.")
-    ] = "auto",
+    thinking: ThinkingOpt = Thinking.AUTO.value,
     cutoff_len: Annotated[
         int | None, typer.Option("--cutoff-len", help="Max tokens per sample.")
     ] = None,
@@ -121,13 +121,7 @@ def train(
     val_size: Annotated[
         float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")
     ] = None,
-    overlength: Annotated[
-        str,
-        typer.Option(
-            "--overlength",
-            help="Samples over --cutoff-len: warn (count the tokens lost), drop, or fail.",
-        ),
-    ] = "warn",
+    overlength: OverlengthOpt = DEFAULT_OVERLENGTH.value,
     dataset_dir: Annotated[
         Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")
     ] = None,
@@ -158,7 +152,7 @@ def train(
     ] = None,
 ) -> None:
     """Fine-tune a Qwen model on chat data (LoRA, QLoRA or full) through LLaMA-Factory."""
-    from qwenft import launcher
+    from qwenft.lf import launcher
     from qwenft.train import TrainRequest, execute_train, plan_train
 
     if resume is not None:
@@ -171,7 +165,7 @@ def train(
             "or a folder; `qwenft models` lists presets)",
         )
     req = TrainRequest(
-        method=method or "lora",
+        method=method or DEFAULT_METHOD.value,
         model=model,
         gpu_mem_gb=gpu_mem,
         overlength=overlength,
@@ -199,8 +193,6 @@ def train(
             "val_size": val_size,
         },
     )
-    if thinking not in ("auto", "on", "off"):
-        raise QwenftError(f"--thinking must be auto, on or off (got {thinking!r})")
     plan = plan_train(req)
     for note in plan.notes:
         err(note)
@@ -263,10 +255,11 @@ def resume_cmd(
         Path | None, typer.Option("--data", help="Must match the run's data (sha256).")
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", help="Must match the run's method.")
+        str | None, choice_option("--method", Method.values(), "Must match the run's method.")
     ] = None,
     template: Annotated[
-        str | None, typer.Option("--template", help="Must match the run's template.")
+        str | None,
+        choice_option("--template", Template.values(), "Must match the run's template."),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Continue despite changed inputs.")
@@ -327,7 +320,8 @@ def chat(
     force: ForceTemplateOpt = False,
 ) -> None:
     """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop."""
-    from qwenft.chat import ChatSession, resolve_target
+    from qwenft.chat import ChatSession
+    from qwenft.models.target import resolve_target
 
     session = ChatSession(
         resolve_target(target, adapter, template, force),
@@ -376,7 +370,7 @@ def runs_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """List run folders with status, method, model and final loss."""
-    from qwenft.runs import list_runs
+    from qwenft.runs.folder import list_runs
 
     rows = list_runs(root)
     if as_json:
@@ -399,7 +393,7 @@ def models(as_json: JsonOpt = False) -> None:
     """List the Qwen models and presets qwenft knows, with template and size."""
     from dataclasses import asdict
 
-    from qwenft.presets import FAMILIES, PRESETS
+    from qwenft.models.presets import FAMILIES, PRESETS
 
     rows = [
         {

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from qwenft.choices import AUTO, DeepSpeed, Method, Overlength, Template, Thinking
 from qwenft.errors import QwenftError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,11 +25,52 @@ TargetArg = Annotated[str, typer.Argument(help="A run folder, a model folder or 
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
 ]
+
+
+def choice_option(name: str, choices: tuple[str, ...], help: str) -> Any:
+    """An option whose choices (from qwenft.choices) show in --help as its metavar; the core
+    checks the value, so a wrong one gets qwenft's own `error:` line and hint (exit 2)."""
+    return typer.Option(name, metavar=f"[{'|'.join(choices)}]", help=help)
+
+
 TemplateOpt = Annotated[
-    str | None, typer.Option("--template", help="Must match the run's (else --force).")
+    str | None,
+    choice_option("--template", Template.values(), "Must match the run's (else --force)."),
 ]
 ForceTemplateOpt = Annotated[
     bool, typer.Option("--force", help="Allow a --template other than the trained one.")
+]
+MethodOpt = Annotated[
+    str | None,
+    choice_option(
+        "--method",
+        (AUTO, *Method.values()),
+        "How to train (default lora); auto: what fits --gpu-mem.",
+    ),
+]
+DeepSpeedOpt = Annotated[
+    str,
+    choice_option(
+        "--deepspeed",
+        (AUTO, *DeepSpeed.values()),
+        "DeepSpeed config; auto: z3 for full, none otherwise.",
+    ),
+]
+ThinkingOpt = Annotated[
+    str,
+    choice_option(
+        "--thinking",
+        Thinking.values(),
+        "Qwen3 hybrid models: train reasoning; auto: from the data.",
+    ),
+]
+OverlengthOpt = Annotated[
+    str,
+    choice_option(
+        "--overlength",
+        Overlength.values(),
+        "Samples over --cutoff-len: warn (count the tokens lost), drop, or fail.",
+    ),
 ]
 
 

@@ -1,6 +1,6 @@
 """`qwenft data`: check, convert, split and register chat datasets.
 
-Thin commands: each calls one function of qwenft.datasets and prints its result. Nothing heavy is
+Thin commands: each calls one function of qwenft.data and prints its result. Nothing heavy is
 imported here; token statistics (`data check --model`) import LLaMA-Factory when they run.
 """
 
@@ -13,9 +13,20 @@ from typing import Annotated
 
 import typer
 
-from qwenft import datasets
-from qwenft.cli.common import JsonOpt, err, handle_errors, print_json
-from qwenft.errors import QwenftError
+from qwenft.choices import Template, Thinking
+from qwenft.cli.common import JsonOpt, ThinkingOpt, choice_option, err, handle_errors, print_json
+from qwenft.data.check import (
+    check_file,
+    format_problems,
+    format_report,
+    require_valid,
+)
+from qwenft.data.convert import convert_file
+from qwenft.data.reader import file_sha256
+from qwenft.data.registry import check_dataset_name, dataset_name_for, register_dataset
+from qwenft.data.split import split_file
+from qwenft.data.tokens import token_stats
+from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
 
 app = typer.Typer(
@@ -32,34 +43,36 @@ DataArg = Annotated[
     Path, typer.Argument(help="A .jsonl file (one JSON object per line) or a .json array.")
 ]
 DEFAULT_STATS_MODEL = "tiny-qwen2"
-DEFAULT_CUTOFF_LEN = 2048  # LLaMA-Factory's own default
 
 
-def _stats_model(spec: str, template: str | None, data: Path) -> tuple[str, str, str, bool]:
-    """(tokenizer path, template, default_system, enable_thinking) as `qwenft train` would use
-    them for this model and data: the family's system prompt, and for Qwen3 hybrid models
-    thinking on only when the data has <think> blocks."""
-    from qwenft import presets
+def _token_stats(
+    spec: str, template: str | None, thinking: str, cutoff_len: int | None, data: Path
+) -> dict:
+    """Token statistics under the settings `qwenft train` would use for this model and data (one
+    resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule)."""
+    from qwenft import settings
 
-    model = presets.resolve_model(spec)
-    path = model.path
-    tpl, thinking = model.template, model.thinking
-    if template is not None:
-        if template not in presets.TEMPLATES:
-            raise QwenftError(
-                f"unknown template {template!r}", f"choose one of {', '.join(presets.TEMPLATES)}"
-            )
-        if template != model.template:
-            tpl = template
-            thinking = presets.FAMILIES[presets.template_family(template)].thinking
-    enable_thinking = True  # LLaMA-Factory's default; only reasoning templates read it
-    if thinking == "hybrid":
-        enable_thinking = datasets.count_thinking_samples(data)[0] > 0
-    if model.kind == "tiny":
-        from qwenft.tiny import ensure_tiny_model
-
-        path = str(ensure_tiny_model(Path(model.path).name, progress=err))
-    return path, tpl, model.default_system, enable_thinking
+    run = settings.resolve(
+        settings.RunRequest(
+            model=spec,
+            template=template,
+            thinking=thinking,
+            data=data,
+            knobs={"cutoff_len": cutoff_len},
+        )
+    )
+    target = base_target(run.model)
+    target.ensure_built(progress=err)
+    return token_stats(
+        data,
+        Path(target.model_path),
+        run.template,
+        run.cutoff_len,
+        default_system=run.default_system,
+        enable_thinking=True if run.enable_thinking is None else run.enable_thinking,
+        train_on_prompt=bool(run.values.get("train_on_prompt")),
+        mask_history=bool(run.values.get("mask_history")),
+    )
 
 
 def _format_stats(s: dict) -> str:
@@ -109,16 +122,14 @@ def check(
         typer.Option(
             "--cutoff-len",
             min=1,
-            help=f"cutoff_len to measure against (default {DEFAULT_CUTOFF_LEN}); implies token "
-            "statistics.",
+            help="cutoff_len to measure against (default: train's); implies token statistics.",
         ),
     ] = None,
     template: Annotated[
         str | None,
-        typer.Option(
-            "--template", help="qwen, qwen3 or qwen3_nothink (default: the model's, as train)."
-        ),
+        choice_option("--template", Template.values(), "Override the model's template (as train)."),
     ] = None,
+    thinking: ThinkingOpt = Thinking.AUTO.value,
     max_shown: Annotated[
         int, typer.Option("--max-shown", min=1, help="Problems shown per kind.")
     ] = 5,
@@ -130,22 +141,18 @@ def check(
     --model or --cutoff-len it also counts tokens as LLaMA-Factory will (chat template included):
     lengths, samples over cutoff_len, tokens cut, loss tokens and a suggested cutoff_len.
     """
-    report = datasets.check_file(file)
+    report = check_file(file)
     stats = None
     want_stats = model is not None or cutoff_len is not None
     if want_stats and report.ok:
         # Building the tiny model and loading LLaMA-Factory print to stdout: keep it for results.
         with contextlib.redirect_stdout(sys.stderr):
-            path, tpl, default_system, thinking = _stats_model(
-                model or DEFAULT_STATS_MODEL, template, report.path
-            )
-            stats = datasets.token_stats(
+            stats = _token_stats(
+                model or DEFAULT_STATS_MODEL,
+                template,
+                thinking,
+                cutoff_len,
                 report.path,
-                Path(path),
-                tpl,
-                cutoff_len or DEFAULT_CUTOFF_LEN,
-                default_system=default_system,
-                enable_thinking=thinking,
             )
         stats["model"] = model or DEFAULT_STATS_MODEL
     if as_json:
@@ -153,7 +160,7 @@ def check(
         data["tokens"] = stats
         print_json(data)
     else:
-        typer.echo(datasets.format_report(report, max_per_kind=max_shown))
+        typer.echo(format_report(report, max_per_kind=max_shown))
         if stats is not None:
             typer.echo(_format_stats(stats))
         elif want_stats:
@@ -183,7 +190,7 @@ def convert(
     Writes OUT atomically; rows that cannot be converted are listed with their lines, and then
     nothing is written unless --skip-invalid.
     """
-    report = datasets.convert_file(src, out, fmt, force=force, skip_invalid=skip_invalid)
+    report = convert_file(src, out, fmt, force=force, skip_invalid=skip_invalid)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -191,7 +198,7 @@ def convert(
             typer.echo(
                 f"converted {report.n_out} of {report.n_in} rows ({report.format}) to {report.out}"
             )
-        for line in datasets.format_problems(report.problems, str(report.src)):
+        for line in format_problems(report.problems, str(report.src)):
             typer.echo(line)
     if not report.written:
         n = len(report.problems)
@@ -221,7 +228,7 @@ def split(
 
     Writes <stem>.train.jsonl and <stem>.val.jsonl; the same seed gives the same split.
     """
-    train_path, val_path = datasets.split_file(file, val_ratio, seed, out_dir, force=force)
+    train_path, val_path = split_file(file, val_ratio, seed, out_dir, force=force)
     counts = {p: _count_lines(p) for p in (train_path, val_path)}
     if as_json:
         print_json(
@@ -267,13 +274,11 @@ def register(
     `dataset:` and `dataset_dir:` keys read. Safe to run from several shells at once.
     """
     if name is not None:
-        datasets.check_dataset_name(name)
-    report = datasets.require_valid(file, "it was not registered")
-    name = name or datasets.dataset_name_for(report.path, datasets.file_sha256(report.path))
+        check_dataset_name(name)
+    report = require_valid(file, "it was not registered")
+    name = name or dataset_name_for(report.path, file_sha256(report.path))
     folder = dataset_dir if dataset_dir is not None else default_dataset_dir()
-    entry = datasets.register_dataset(
-        report.path, name, folder, force=force, has_tools=report.has_tools
-    )
+    entry = register_dataset(report.path, name, folder, force=force, has_tools=report.has_tools)
     folder = Path(folder).expanduser().absolute()
     if as_json:
         print_json({"name": name, "dataset_dir": str(folder), "entry": entry})

@@ -10,8 +10,13 @@ from typing import Annotated
 
 import typer
 
-from qwenft.cli.common import JsonOpt, handle_errors
-from qwenft.errors import QwenftError
+from qwenft.choices import AUTO, DEFAULT_METHOD
+from qwenft.cli.common import (
+    DeepSpeedOpt,
+    JsonOpt,
+    MethodOpt,
+    handle_errors,
+)
 
 _LABELS = {
     "weights": "weights",
@@ -32,35 +37,30 @@ def plan(
         str,
         typer.Option("--model", "-m", help="Preset, hub id from `qwenft models`, or local folder."),
     ],
-    method: Annotated[
-        str,
-        typer.Option(
-            "--method", help="full, freeze, lora, qlora, or auto (best that fits --gpu-mem)."
-        ),
-    ] = "lora",
+    method: MethodOpt = None,
     bits: Annotated[
         int | None, typer.Option("--bits", help="QLoRA quantization: 4 (default) or 8.")
     ] = None,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs (processes) sharing the run.")] = 1,
-    deepspeed: Annotated[
-        str,
-        typer.Option(
-            "--deepspeed",
-            help="auto (as train: z3 for full, none otherwise), none, z0, z2, z3, "
-            "z2-offload, z3-offload.",
-        ),
-    ] = "auto",
+    deepspeed: DeepSpeedOpt = AUTO,
     cutoff_len: Annotated[
-        int, typer.Option("--cutoff-len", help="Tokens per sample (the worst case).")
-    ] = 1024,
+        int | None,
+        typer.Option("--cutoff-len", help="Tokens per sample, the worst case (default: train's)."),
+    ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", help="per_device_train_batch_size (auto: largest that fits)."),
+        typer.Option(
+            "--batch-size",
+            help="per_device_train_batch_size (default: train's; auto: the largest that fits).",
+        ),
     ] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")] = 16,
+    lora_rank: Annotated[
+        int | None, typer.Option("--lora-rank", help="LoRA rank (default: train's).")
+    ] = None,
     lora_target: Annotated[
-        str, typer.Option("--lora-target", help="all, or a comma list such as q_proj,v_proj.")
-    ] = "all",
+        str | None,
+        typer.Option("--lora-target", help="all, or a comma list such as q_proj,v_proj."),
+    ] = None,
     gradient_checkpointing: Annotated[
         bool,
         typer.Option(
@@ -77,97 +77,43 @@ def plan(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Predict peak GPU memory per device, with a breakdown, and whether it fits --gpu-mem."""
-    result, why = _plan(
-        model,
-        method,
-        bits,
-        gpus,
-        deepspeed,
-        cutoff_len,
-        batch_size,
-        lora_rank,
-        lora_target,
-        gradient_checkpointing,
-        liger,
-        gpu_mem,
+    """Predict peak GPU memory per device, with a breakdown, and whether it fits --gpu-mem.
+
+    The defaults (cutoff_len, batch size, LoRA rank and target, DeepSpeed stage) are the ones
+    `qwenft train` uses for the same options."""
+    from qwenft import memory, settings
+
+    knobs = {
+        "quantization_bit": bits,
+        "cutoff_len": cutoff_len,
+        "per_device_train_batch_size": batch_size,
+        "lora_rank": lora_rank,
+        "lora_target": lora_target,
+        "disable_gradient_checkpointing": None if gradient_checkpointing else True,
+        "enable_liger_kernel": liger or None,
+    }
+    run = settings.resolve(
+        settings.RunRequest(
+            model=model,
+            method=method or DEFAULT_METHOD.value,
+            deepspeed=deepspeed,
+            gpus=gpus,
+            gpu_mem_gb=gpu_mem,
+            knobs=knobs,
+        )
     )
+    inp = run.plan_input()
+    result = run.auto_plan or memory.estimate(inp)
+    why = run.notes[0].removeprefix("auto: ") if run.auto_plan else None
     if as_json:
         out = {"model": model, **result.to_dict()}
         if why:
             out["explanation"] = why
         typer.echo(json.dumps(out, indent=2))
         return
-    _print_table(model, result, why, lora_rank, lora_target, gradient_checkpointing, liger)
-
-
-def _plan(
-    model: str,
-    method: str,
-    bits: int | None,
-    gpus: int,
-    deepspeed: str,
-    cutoff_len: int,
-    batch_size: int | None,
-    lora_rank: int,
-    lora_target: str,
-    gradient_checkpointing: bool,
-    liger: bool,
-    gpu_mem: float | None,
-):  # noqa: ANN202 - (Plan, str | None)
-    from qwenft import memory
-    from qwenft.presets import resolve_model
-
-    if deepspeed != "auto" and deepspeed not in memory.DEEPSPEED_STAGES:
-        raise QwenftError(
-            f"unknown --deepspeed {deepspeed!r}",
-            f"choose auto or one of {', '.join(memory.DEEPSPEED_STAGES)}",
-        )
-    if method not in (*memory.METHODS, "auto"):
-        raise QwenftError(
-            f"unknown --method {method!r}", f"choose auto or one of {', '.join(memory.METHODS)}"
-        )
-    resolved = resolve_model(model)
-    if resolved.arch is None:
-        raise QwenftError(
-            f"qwenft has no architecture numbers for {model}, so it cannot plan memory for it",
-            "use a model listed by `qwenft models`, or download it and pass the local folder "
-            "(its config.json is read)",
-        )
-    if method == "auto":
-        if bits is not None:
-            raise QwenftError(
-                "--bits does not apply to --method auto", "auto tries 8-bit, then 4-bit"
-            )
-        return memory.choose_method(
-            resolved.arch,
-            gpu_mem,
-            gpus=gpus,
-            cutoff_len=cutoff_len,
-            batch_size=batch_size,
-            lora_rank=lora_rank,
-            lora_target=lora_target,
-            gradient_checkpointing=gradient_checkpointing,
-            liger=liger,
-            deepspeed=None if deepspeed == "auto" else deepspeed,
-        )
-    if deepspeed == "auto":
-        deepspeed = "z3" if method == "full" else "none"
-    inp = memory.PlanInput(
-        arch=resolved.arch,
-        method=method,
-        bits=bits,
-        gpus=gpus,
-        deepspeed=deepspeed,
-        cutoff_len=cutoff_len,
-        batch_size=1 if batch_size is None else batch_size,
-        lora_rank=lora_rank,
-        lora_target=lora_target,
-        gradient_checkpointing=gradient_checkpointing,
-        liger=liger,
-        gpu_mem_gb=gpu_mem,
+    _print_table(
+        model, result, why, inp.lora_rank, inp.lora_target, inp.gradient_checkpointing, inp.liger
     )
-    return memory.estimate(inp), None
 
 
 def _print_table(

@@ -1,7 +1,15 @@
 #!/usr/bin/env python3
 """A stand-in for llamafactory-cli in unit tests of command building: it records argv, the
 environment and the YAML it was given into $FAKE_LF_RECORD (JSON lines), writes the files a real
-run would leave in output_dir/export_dir, and exits with $FAKE_LF_EXIT (default 0).
+run would leave behind, and exits with $FAKE_LF_EXIT (default 0).
+
+- `train` with do_train (the default): trainer_log.jsonl, all_results.json, trainer_state.json
+  (and adapter_config.json for LoRA) in output_dir;
+- `train` with do_train: false (what `qwenft eval` launches): eval_results.json (eval_loss 0.5
+  with an adapter, 2.0 without) or, with do_predict, predict_results.json and
+  generated_predictions.jsonl;
+- `export`: a merged model's files in export_dir.
+
 It proves nothing about training: the end-to-end tests drive the real LLaMA-Factory."""
 
 import json
@@ -27,7 +35,23 @@ with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
     fh.write(json.dumps(record) + "\n")
 print("fake llamafactory-cli", " ".join(argv), flush=True)
 code = int(os.environ.get("FAKE_LF_EXIT", "0"))
-if code == 0 and argv and argv[0] == "train":
+if code == 0 and argv and argv[0] == "train" and cfg.get("do_train", True) is False:
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("do_predict"):
+        scores = {"bleu-4": 50.0, "rouge-1": 60.0, "rouge-2": 40.0, "rouge-l": 55.0}
+        (out / "predict_results.json").write_text(
+            json.dumps({f"predict_{k}": v for k, v in scores.items()})
+        )
+        (out / "generated_predictions.jsonl").write_text(
+            json.dumps({"prompt": "p", "predict": "a", "label": "a"}) + "\n"
+        )
+    else:
+        loss = 0.5 if cfg.get("adapter_name_or_path") else 2.0
+        (out / "eval_results.json").write_text(
+            json.dumps({"eval_loss": loss, "eval_accuracy": 0.25})
+        )
+elif code == 0 and argv and argv[0] == "train":
     out = Path(cfg["output_dir"])
     with open(out / "trainer_log.jsonl", "w") as fh:
         for step, loss in ((1, 4.0), (2, 2.0)):

@@ -199,6 +199,15 @@ class ResolvedModel:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ResolvedModel:
+        """The inverse of to_dict (as a run manifest stores it)."""
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        arch = fields.get("arch")
+        if isinstance(arch, dict):
+            fields["arch"] = Arch(**arch)
+        return cls(**fields)
+
 
 def _from_family(spec: str, kind: str, path: str, family: str, arch: Arch | None) -> ResolvedModel:
     fam = FAMILIES[family]

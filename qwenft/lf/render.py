@@ -15,10 +15,8 @@ from typing import Any
 
 import yaml
 
+from qwenft.choices import DeepSpeed, Method
 from qwenft.errors import QwenftError
-
-METHODS = ("lora", "qlora", "full")
-DEEPSPEED_STAGES = ("none", "z0", "z2", "z3", "z2-offload", "z3-offload")
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "model": (
@@ -106,8 +104,9 @@ def load_template(name: str) -> dict[str, Any]:
 
 def deepspeed_config_text(stage: str) -> str:
     """The JSON text of configs/deepspeed/<stage>.json."""
-    if stage not in DEEPSPEED_STAGES or stage == "none":
-        raise QwenftError(f"no DeepSpeed config for {stage!r}", f"choose one of {DEEPSPEED_STAGES}")
+    if stage == DeepSpeed.NONE:
+        raise QwenftError("no DeepSpeed config for 'none'")
+    stage = DeepSpeed.parse(stage, "--deepspeed")
     return resources.files("qwenft.configs.deepspeed").joinpath(f"{stage}.json").read_text()
 
 
@@ -150,9 +149,8 @@ class TrainSpec:
     enable_thinking: bool | None = None
     deepspeed_path: str | None = None
     bf16: bool = False
-    config_file: dict[str, Any] = field(default_factory=dict)  # --config extra.yaml
-    knobs: dict[str, Any] = field(default_factory=dict)  # --cutoff-len, --lr, ...
-    set_values: dict[str, Any] = field(default_factory=dict)  # --set key=value
+    # --config FILE < the knobs (--cutoff-len, --lr, ...) < --set key=value, already layered
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 # Keys that qwenft owns: overriding them would point the run somewhere its manifest does not say.
@@ -167,14 +165,12 @@ OWNED_KEYS = {
 
 
 def build_train_config(spec: TrainSpec) -> dict[str, Any]:
-    """Layer template < --config file < knobs < --set over qwenft's own keys; cross-field rules."""
-    if spec.method not in METHODS:
-        raise QwenftError(f"unknown method {spec.method!r}", f"choose one of {', '.join(METHODS)}")
-    for source, values in (("--config", spec.config_file), ("--set", spec.set_values)):
-        for key in values:
-            if key in OWNED_KEYS:
-                raise QwenftError(f"{source} may not set {key}", f"use {OWNED_KEYS[key]} instead")
-    cfg = load_template(spec.method)
+    """Layer the method's template < qwenft's own keys < the person's overrides; cross-field rules."""
+    method = Method.parse(spec.method, "--method")
+    for key in spec.overrides:
+        if key in OWNED_KEYS:
+            raise QwenftError(f"--config/--set may not set {key}", f"use {OWNED_KEYS[key]} instead")
+    cfg = load_template(method)
     cfg.update(
         model_name_or_path=spec.model_path,
         dataset=spec.dataset,
@@ -189,9 +185,7 @@ def build_train_config(spec: TrainSpec) -> dict[str, Any]:
         cfg["enable_thinking"] = spec.enable_thinking
     if spec.deepspeed_path:
         cfg["deepspeed"] = spec.deepspeed_path
-    cfg.update(spec.config_file)
-    cfg.update({k: v for k, v in spec.knobs.items() if v is not None})
-    cfg.update(spec.set_values)
+    cfg.update(spec.overrides)
     if cfg.get("overwrite_output_dir"):
         raise QwenftError(
             "overwrite_output_dir would disable resuming from checkpoints",

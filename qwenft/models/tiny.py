@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.errors import QwenftError
-from qwenft.fsutil import atomic_write_json, file_lock, share_like_umask, umask_mode
+from qwenft.fsutil import atomic_write_json, file_lock, staged_dir, umask_mode
+from qwenft.lf import launcher
 from qwenft.paths import qwenft_home
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
@@ -40,7 +39,10 @@ VOCAB_ENV = "QWENFT_QWEN_TIKTOKEN"
 BUILD_VERSION = 1
 MARKER_NAME = ".qwenft-tiny.json"
 SEED = 1234
-EMBED_STD = 0.5  # see "Making the tiny model learn" in FACTS.md: std 0.02 embeddings stall LoRA
+# Embeddings of std 0.5: with the default 0.02 and tied embeddings, logits stay within about
+# +-1.3, so LoRA cannot lower the loss below ~10.7 (ln 151936 - 1.3); at 0.5 the tiny model learns
+# a few question/answer rows word for word (docs/tiny-models.md).
+EMBED_STD = 0.5
 
 # Qwen's pre-tokenizer: like cl100k but digits are split one by one (\p{N}, not \p{N}{1,3}).
 QWEN_PATTERN = (
@@ -278,12 +280,7 @@ def _vocab_bytes_from_pip() -> bytes:
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             "--disable-pip-version-check", "-q", DASHSCOPE_REQUIREMENT, "-d", tmp,
         ]  # fmt: skip
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise QwenftError(
-                f"Could not fetch Qwen's vocabulary with pip: {exc}", _fetch_hint()
-            ) from exc
+        proc = launcher.capture(cmd, timeout_s=600)
         wheels = sorted(Path(tmp).glob("dashscope-*.whl"))
         if proc.returncode != 0 or not wheels:
             lines = (proc.stderr or proc.stdout or "").strip().splitlines()
@@ -481,19 +478,8 @@ def ensure_tiny_model(
             return target
         say(f"Building {preset} ({TINY_PRESETS[preset]['architecture']}) in {target} ...")
         start = time.monotonic()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{preset}.build-", dir=models))
-        try:
+        with staged_dir(target, replace=True) as tmp:  # replaces an incomplete or outdated build
             _build_into(tmp, preset, vocab_file)
             atomic_write_json(tmp / MARKER_NAME, _marker(preset))
-            share_like_umask(tmp)
-            if target.exists() or target.is_symlink():
-                # An incomplete or outdated build: move it aside, then delete it.
-                stale = Path(tempfile.mkdtemp(prefix=f".{preset}.stale-", dir=models))
-                os.rename(target, stale / preset)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         say(f"Built {preset} in {time.monotonic() - start:.1f} s.")
     return target

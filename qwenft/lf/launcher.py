@@ -20,21 +20,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from qwenft.errors import QwenftError
+from qwenft.errors import Interrupted, QwenftError, Stopped
 
 SETUP_HINT = "run `make setup` (or `scripts/setup_env.sh`) and use .venv/bin/qwenft"
 
 
-class Interrupted(QwenftError):
-    """The user (or a SIGTERM) stopped a launched job. Exit code 130."""
+@dataclass
+class Captured:
+    """What a short command printed, and how it ended."""
 
-    exit_code = 130
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-class Stopped(QwenftError):
-    """qwenft's own monitor stopped a job (e.g. the loss went NaN). Exit code 1."""
+def capture(argv: list[str], timeout_s: float, env: dict[str, str] | None = None) -> Captured:
+    """Run a short command to read its output (probes, nvidia-smi, pip download): no shell, no
+    exception for a non-zero exit; a command that cannot start or times out gives code 127/124."""
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, **env} if env else None,
+        )
+    except subprocess.TimeoutExpired:
+        return Captured(124, "", f"{argv[0]} did not finish in {timeout_s:g} s")
+    except OSError as exc:
+        return Captured(127, "", f"cannot run {argv[0]}: {exc}")
+    return Captured(proc.returncode, proc.stdout, proc.stderr)
 
-    exit_code = 1
+
+def detect_gpus() -> list[dict[str, Any]]:
+    """Visible NVIDIA GPUs (name, memory GiB, compute capability) via nvidia-smi; [] if none."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    out = capture(
+        [exe, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"], 20
+    )
+    if out.returncode != 0:
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        name, mem, cap = (x.strip() for x in line.split(","))
+        gpus.append({"name": name, "memory_gib": float(mem) / 1024, "compute_cap": float(cap)})
+    return gpus
 
 
 def find_llamafactory_cli() -> str:

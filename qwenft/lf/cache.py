@@ -40,7 +40,7 @@ SAVED_LINE = "Tokenized dataset is saved at"
 def tokenizer_fingerprint(model_kind: str, model_path: str) -> str:
     """What identifies the tokenizer: its files' hashes for a local folder, else the name."""
     if model_kind == "tiny":
-        from qwenft.tiny import BUILD_VERSION, QWEN_TIKTOKEN_SHA256
+        from qwenft.models.tiny import BUILD_VERSION, QWEN_TIKTOKEN_SHA256
 
         return f"tiny:{Path(model_path).name}:v{BUILD_VERSION}:{QWEN_TIKTOKEN_SHA256[:16]}"
     folder = Path(model_path)

@@ -1,0 +1,1 @@
+"""Chat datasets: read, check, convert, split, register, measure; nothing here prints or exits."""

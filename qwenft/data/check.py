@@ -1,0 +1,600 @@
+"""Checking chat samples against the shape qwenft trains on, with every problem's line.
+
+The shape is JSON lines (or a JSON array in a ``.json`` file) of
+``{"messages": [{"role": ..., "content": ...}, ...], "tools": "<JSON list>"?}`` objects,
+registered with LLaMA-Factory as ``formatting: sharegpt`` with role/content tags. Roles:
+``system`` (first only), ``user``, ``assistant``, and for tool use ``function_call`` (the
+assistant calls a function; content is ``{"name": ..., "arguments": {...}}`` or a list of them,
+as JSON text) and ``tool`` (the function's result). A sample's ``tools`` field is the JSON text
+of the list of functions offered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwenft.data.reader import (
+    BAD,
+    BOM,
+    DECODER,
+    Collector,
+    Problem,
+    iter_rows,
+    jtype,
+    open_data_file,
+)
+from qwenft.errors import QwenftError
+
+SYSTEM, USER, ASSISTANT, FUNCTION_CALL, TOOL = (
+    "system",
+    "user",
+    "assistant",
+    "function_call",
+    "tool",
+)
+ROLES = (SYSTEM, USER, ASSISTANT, FUNCTION_CALL, TOOL)
+SAMPLE_KEYS = ("messages", "tools")
+MESSAGE_KEYS = ("role", "content")
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # as LLaMA-Factory's
+_THOUGHT_RE = re.compile(r"<think>\n(.*?)\n</think>\n\n", re.DOTALL)
+
+_HINT_CONVERT = "convert it with `qwenft data convert FILE -o OUT.jsonl --from auto`"
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class CheckReport:
+    """What check_file found. ``problems`` keeps the first MAX_KEPT_PER_KIND of each kind;
+    ``counts``, ``n_errors`` and ``n_warnings`` count all of them."""
+
+    path: Path
+    n_samples: int  # rows read (valid or not); blank lines are not rows
+    n_valid: int  # rows without errors
+    problems: list[Problem]
+    counts: dict[str, int] = field(default_factory=dict)  # kind -> number found
+    n_errors: int = 0
+    n_warnings: int = 0
+    format: str = "jsonl"  # "jsonl" | "json" (a JSON array)
+    has_tools: bool = False  # some row has a "tools" key (the dataset entry then maps that column)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return self.n_errors == 0
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "ok": self.ok,
+            "n_samples": self.n_samples,
+            "n_valid": self.n_valid,
+            "n_errors": self.n_errors,
+            "n_warnings": self.n_warnings,
+            "has_tools": self.has_tools,
+            "counts": dict(self.counts),
+            "problems": [p.to_dict() for p in self.problems],
+            "problems_truncated": len(self.problems) < self.n_errors + self.n_warnings,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# checking one sample
+
+
+def _has_surrogate(v: Any, path: str) -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (unencodable as UTF-8)."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            found = _has_surrogate(x, f"{path}[{i}]")
+            if found:
+                return found
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            found = _has_surrogate(x, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    return None
+
+
+_ROLE_HINTS = {
+    "human": 'ShareGPT names: use "user" (or convert the file with --from sharegpt)',
+    "gpt": 'ShareGPT names: use "assistant" (or convert the file with --from sharegpt)',
+    "bot": 'use "assistant"',
+    "model": 'use "assistant"',
+    "observation": 'use "tool" for a function result',
+    "function": 'use "tool" for a function result',
+    "developer": 'use "system"',
+}
+
+
+def _tool_names(tools: Any, line: int, col: Collector) -> set[str] | None:
+    """Validate a sample's tools field; return the function names offered (None if invalid)."""
+    if not isinstance(tools, str):
+        col.error(
+            "bad_tools",
+            line,
+            "tools",
+            f"tools must be a string holding a JSON list (LLaMA-Factory json-decodes it), got a "
+            f"{jtype(tools)}; {_HINT_CONVERT.replace('auto', 'openai')}",
+        )
+        return None
+    if not tools.strip():
+        return set()
+    try:
+        decoded = json.loads(tools)
+    except ValueError as exc:
+        col.error("bad_tools", line, "tools", f"tools is not valid JSON: {exc}")
+        return None
+    if not isinstance(decoded, list):
+        col.error(
+            "bad_tools",
+            line,
+            "tools",
+            f"tools must decode to a JSON list of functions, got a {jtype(decoded)}",
+        )
+        return None
+    names = set()
+    for k, tool in enumerate(decoded):
+        fn = (
+            tool.get("function")
+            if isinstance(tool, dict) and tool.get("type") == "function"
+            else tool
+        )
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            col.error(
+                "bad_tools",
+                line,
+                f"tools[{k}]",
+                'each tool must be an object with a "name" (optionally wrapped as '
+                '{"type": "function", "function": {...}})',
+            )
+            return None
+        names.add(name)
+    return names
+
+
+def _function_call_names(content: str) -> tuple[list[str] | None, str]:
+    """Parse a function_call turn the way LLaMA-Factory does: (names, "") or (None, why)."""
+    match = _TOOL_CALL_RE.search(content)
+    if match is not None:
+        json_part = match.group(1)
+    else:
+        thought = _THOUGHT_RE.search(content)
+        json_part = content.replace(thought.group(0), "") if thought else content
+    try:
+        calls = json.loads(json_part)
+    except ValueError:
+        return None, (
+            'a function_call turn must hold JSON: {"name": "...", "arguments": {...}} or a list of '
+            "them"
+        )
+    if not isinstance(calls, list):
+        calls = [calls]
+    if not calls:
+        return None, "a function_call turn holds an empty list of calls"
+    names = []
+    for k, call in enumerate(calls):
+        if not isinstance(call, dict):
+            return None, f"call {k + 1} is a {jtype(call)}, not an object with name and arguments"
+        name = call.get("name")
+        if not isinstance(name, str) or not name:
+            return None, f'call {k + 1} has no "name"'
+        if "arguments" not in call:
+            return None, f'call {k + 1} ({name}) has no "arguments" (LLaMA-Factory fails on it)'
+        names.append(name)
+    return names, ""
+
+
+_ROLE_CODE = {SYSTEM: "s", USER: "u", ASSISTANT: "a", FUNCTION_CALL: "f", TOOL: "t"}
+_ORDER_RE = re.compile(r"s?(?:ua)+")
+
+
+def _fast_ok(msgs: Any) -> bool:
+    """True for the common clean sample (system?, then user/assistant pairs, plain string content);
+    anything else goes through the full rules, which also explain what is wrong."""
+    if type(msgs) is not list or not msgs:
+        return False
+    codes = []
+    try:
+        for m in msgs:
+            if len(m) != 2:
+                return False
+            c = m["content"]
+            if type(c) is not str or not c or c.isspace():
+                return False
+            codes.append(_ROLE_CODE[m["role"]])
+    except (TypeError, KeyError):
+        return False
+    return _ORDER_RE.fullmatch("".join(codes)) is not None
+
+
+class Checker:
+    """The per-sample rules. Keeps the cross-row state (types of extra keys, tools seen)."""
+
+    def __init__(self, col: Collector) -> None:
+        self.col = col
+        self.types: dict[str, tuple[str, int]] = {}  # extra key -> (JSON type, first line)
+        self.has_tools = False
+
+    def _track_type(self, key: str, value: Any, line: int, fld: str) -> None:
+        t = jtype(value)
+        if t is None:
+            return
+        seen = self.types.get(key)
+        if seen is None:
+            self.types[key] = (t, line)
+        elif seen[0] != t:
+            self.col.error(
+                "mixed_types",
+                line,
+                fld,
+                f"{fld} is a {t} here but a {seen[0]} at line {seen[1]}: LLaMA-Factory's JSON "
+                "loader fails on a field whose type changes; remove the field or make it one type",
+            )
+
+    def check(self, obj: Any, line: int, raw: bytes = b"") -> bool:
+        """Record the problems of one sample; True if it has no errors."""
+        if type(obj) is dict and len(obj) == 1 and _fast_ok(obj.get("messages")):
+            if not (raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw)):
+                return True
+        return self._check(obj, line, raw)
+
+    def _check(self, obj: Any, line: int, raw: bytes) -> bool:
+        col = self.col
+        before = col.n_errors
+        if not isinstance(obj, dict):
+            col.error(
+                "not_object",
+                line,
+                None,
+                'each sample must be a JSON object {"messages": [...]}, '
+                f"got a {jtype(obj) or 'null'}",
+            )
+            return False
+        if "messages" not in obj:
+            keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
+            msg = f'no "messages" list (keys: {keys})'
+            if "conversations" in obj:
+                msg += f"; this looks like ShareGPT: {_HINT_CONVERT}"
+            elif "instruction" in obj or "output" in obj:
+                msg += f"; this looks like Alpaca: {_HINT_CONVERT}"
+            col.error("missing_messages", line, "messages", msg)
+        for key, value in obj.items():
+            if key in SAMPLE_KEYS:
+                continue
+            if key == "system":
+                why = (
+                    "is ignored by LLaMA-Factory: put the system prompt first in messages "
+                    'as role "system"'
+                )
+            else:
+                why = "is not used by LLaMA-Factory"
+            col.warning("unknown_key", line, key, f'unknown key "{key}" {why}')
+            self._track_type(key, value, line, key)
+        tool_names: set[str] | None = set()
+        if "tools" in obj:
+            self.has_tools = True
+            if obj["tools"] is not None:
+                tool_names = _tool_names(obj["tools"], line, col)
+        if raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw):
+            where = _has_surrogate(obj, "")
+            if where:
+                col.error(
+                    "invalid_unicode",
+                    line,
+                    where,
+                    "lone UTF-16 surrogate escape (e.g. \\ud83d without its pair): a broken emoji "
+                    "that cannot be encoded as UTF-8; LLaMA-Factory fails to load it",
+                )
+        if "messages" in obj and not _fast_ok(obj["messages"]):
+            self._check_messages(obj["messages"], line, tool_names)
+        return col.n_errors == before
+
+    def _check_messages(self, msgs: Any, line: int, tool_names: set[str] | None) -> None:
+        col = self.col
+        if not isinstance(msgs, list):
+            col.error(
+                "messages_not_list",
+                line,
+                "messages",
+                f"messages must be a list, got a {jtype(msgs) or 'null'}",
+            )
+            return
+        if not msgs:
+            col.error("empty_messages", line, "messages", "messages is empty")
+            return
+        roles: list[str | None] = []
+        called: list[tuple[int, list[str]]] = []
+        for i, m in enumerate(msgs):
+            f = f"messages[{i}]"
+            if not isinstance(m, dict):
+                col.error(
+                    "bad_message",
+                    line,
+                    f,
+                    "each message must be an object with role and content, "
+                    f"got a {jtype(m) or 'null'}",
+                )
+                roles.append(None)
+                continue
+            role = m.get("role")
+            if "role" not in m:
+                col.error("missing_role", line, f"{f}.role", "message has no role")
+                role = None
+            elif not isinstance(role, str) or role not in ROLES:
+                hint = _ROLE_HINTS.get(role.lower(), "") if isinstance(role, str) else ""
+                col.error(
+                    "bad_role",
+                    line,
+                    f"{f}.role",
+                    f"role {json.dumps(role, ensure_ascii=False)} is not one of {', '.join(ROLES)}"
+                    + (f"; {hint}" if hint else ""),
+                )
+                role = None
+            roles.append(role)
+            if "content" not in m:
+                extra = (
+                    "; OpenAI tool_calls: convert with --from openai" if "tool_calls" in m else ""
+                )
+                col.error("missing_content", line, f"{f}.content", "message has no content" + extra)
+            else:
+                content = m["content"]
+                if not isinstance(content, str):
+                    extra = ""
+                    if isinstance(content, list):
+                        extra = "; OpenAI content parts: convert with --from openai"
+                    col.error(
+                        "bad_content",
+                        line,
+                        f"{f}.content",
+                        f"content must be a string, got {jtype(content) or 'null'}{extra}",
+                    )
+                elif not content:
+                    col.error("empty_content", line, f"{f}.content", "content is empty")
+                elif content.isspace():
+                    col.warning("blank_content", line, f"{f}.content", "content is only whitespace")
+                elif role == FUNCTION_CALL:
+                    names, why = _function_call_names(content)
+                    if names is None:
+                        col.error("bad_function_call", line, f"{f}.content", why)
+                    else:
+                        called.append((i, names))
+            for key, value in m.items():
+                if key not in MESSAGE_KEYS:
+                    extra = ""
+                    if key == "tool_calls":
+                        extra = " (OpenAI tool_calls are dropped: convert with --from openai)"
+                    col.warning(
+                        "unknown_key",
+                        line,
+                        f"{f}.{key}",
+                        f'unknown key "{key}" is not used by LLaMA-Factory{extra}',
+                    )
+                    self._track_type(f"messages[].{key}", value, line, f"{f}.{key}")
+        if tool_names is not None:
+            for i, names in called:
+                if not tool_names:
+                    col.warning(
+                        "no_tools",
+                        line,
+                        f"messages[{i}]",
+                        "function_call turn but the sample offers no tools: the model learns to "
+                        "call functions it was never shown",
+                    )
+                    break
+                missing = [n for n in names if n not in tool_names]
+                if missing:
+                    col.warning(
+                        "unknown_function",
+                        line,
+                        f"messages[{i}].content",
+                        f"calls {', '.join(missing)}, which is not in the sample's tools",
+                    )
+        if None in roles:
+            return
+        self._check_order(roles, line)
+
+    def _check_order(self, roles: list[Any], line: int) -> None:
+        col = self.col
+        start = 1 if roles[0] == SYSTEM else 0
+        misplaced = [i for i in range(start, len(roles)) if roles[i] == SYSTEM]
+        for i in misplaced:
+            col.error(
+                "system_not_first",
+                line,
+                f"messages[{i}].role",
+                "a system message may only come first",
+            )
+        if misplaced:
+            return
+        turns = roles[start:]
+        if not turns:
+            col.error(
+                "no_turns",
+                line,
+                "messages",
+                "only a system message: add a user turn and the assistant's reply",
+            )
+            return
+        for j, role in enumerate(turns):
+            f = f"messages[{j + start}].role"
+            prev = turns[j - 1] if j else None
+            msg = None
+            if j == 0:
+                if role != USER:
+                    where = "after the system message" if start else "of a sample"
+                    msg = f"the first turn {where} must be user, got {role}"
+            elif role == TOOL and prev != FUNCTION_CALL:
+                msg = f"a tool turn must answer a function_call turn, but follows {prev}"
+            elif prev == FUNCTION_CALL and role != TOOL:
+                msg = f"a function_call turn must be answered by a tool turn, got {role}"
+            elif j % 2 == 1 and role not in (ASSISTANT, FUNCTION_CALL):
+                msg = f"expected assistant after {prev}, got {role} ({prev} twice in a row?)"
+            elif j % 2 == 0 and role not in (USER, TOOL):
+                msg = f"expected user after {prev}, got {role} ({prev} twice in a row?)"
+            if msg:
+                col.error("not_alternating", line, f, msg)
+                return
+        if turns[-1] not in (ASSISTANT, FUNCTION_CALL):
+            col.error(
+                "bad_last_turn",
+                line,
+                f"messages[{len(roles) - 1}].role",
+                f"the sample ends with a {turns[-1]} turn: the last turn must be the assistant's "
+                "reply (LLaMA-Factory drops such samples)",
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# check
+
+
+def check_file(path: Path) -> CheckReport:
+    """Stream through a .jsonl (or .json array) chat file and report every problem with its line."""
+    path, fh, mode = open_data_file(path)
+    col = Collector()
+    checker = Checker(col)
+    seen: dict[int, int] = {}  # hash of the row's bytes -> first line
+    n_samples = n_valid = 0
+    with fh:
+        try:
+            for line, value, raw in iter_rows(fh, mode, col):
+                n_samples += 1
+                if value is BAD or not checker.check(value, line, raw):
+                    continue
+                n_valid += 1
+                first = seen.setdefault(hash(raw), line)
+                if first != line:
+                    col.warning("duplicate", line, None, f"same sample as line {first}")
+        except OSError as exc:
+            raise QwenftError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if n_samples == 0 and col.n_errors == 0:
+        what = "an empty JSON array" if mode == "json" else "empty (no samples)"
+        col.error("empty_file", None, None, f"the file is {what}")
+    return CheckReport(
+        path=path,
+        n_samples=n_samples,
+        n_valid=n_valid,
+        problems=col.problems,
+        counts=dict(col.counts),
+        n_errors=col.n_errors,
+        n_warnings=col.n_warnings,
+        format=mode,
+        has_tools=checker.has_tools,
+    )
+
+
+def require_valid(path: Path, not_done: str) -> CheckReport:
+    """check_file, raising QwenftError with the grouped problems when the file has errors.
+
+    not_done says what was not done because of them, e.g. "nothing was started"."""
+    report = check_file(path)
+    if not report.ok:
+        raise QwenftError(
+            f"{report.path} has {report.n_errors} data error(s); {not_done}\n"
+            + format_report(report, max_per_kind=3).rstrip(),
+            f"fix them (`qwenft data check {report.path}` lists them all), then try again",
+        )
+    return report
+
+
+def format_problems(
+    problems: list[Problem], name: str, max_per_kind: int = 5, counts: dict[str, int] | None = None
+) -> list[str]:
+    """Problems grouped by kind (errors first, most frequent first), each kind counted, the first
+    few shown as `name:line field: message`."""
+    counts = counts or {}
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.severity, p.kind), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != "error", -counts.get(k[1], len(groups[k])), k[1]))
+    lines = []
+    for severity, kind in order:
+        probs = groups[(severity, kind)]
+        total = max(counts.get(kind, 0), len(probs))
+        lines.append(f"{severity} {kind} ({total})")
+        for p in probs[:max_per_kind]:
+            where = name if p.line is None else f"{name}:{p.line}"
+            fld = f" {p.field}" if p.field else ""
+            lines.append(f"  {where}{fld}: {p.message}")
+        if total > max_per_kind:
+            lines.append(f"  ... and {total - max_per_kind} more")
+    return lines
+
+
+def format_report(report: CheckReport, max_per_kind: int = 5) -> str:
+    """The report as text: a summary line, then the problems grouped by kind and counted."""
+    n = report.n_samples
+    summary = (
+        f"{report.path}: {n} sample{'s' if n != 1 else ''}, {report.n_valid} valid, "
+        f"{report.n_errors} error{'s' if report.n_errors != 1 else ''}, "
+        f"{report.n_warnings} warning{'s' if report.n_warnings != 1 else ''}"
+    )
+    lines = format_problems(report.problems, str(report.path), max_per_kind, report.counts)
+    return "\n".join([summary, *lines])
+
+
+def file_has_tools(path: Path) -> bool:
+    """Whether any row of the file has a "tools" key."""
+    path, fh, mode = open_data_file(path)
+    col = Collector()
+    with fh:
+        if mode == "jsonl":
+            for raw in fh:
+                if b'"tools"' in raw:
+                    raw = raw.strip()
+                    raw = raw[3:] if raw.startswith(BOM) else raw
+                    with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+                        obj = DECODER.decode(raw.decode("utf-8"))
+                        if isinstance(obj, dict) and "tools" in obj:
+                            return True
+            return False
+        return any(isinstance(v, dict) and "tools" in v for _, v, _ in iter_rows(fh, mode, col))
+
+
+def count_thinking_samples(path: Path) -> tuple[int, int]:
+    """(samples with <think> or </think> in an assistant turn, samples with a messages list).
+
+    The same test LLaMA-Factory's reasoning templates (qwen3) make before adding an empty
+    thought to a reply.
+    """
+    path, fh, mode = open_data_file(path)
+    with_think = total = 0
+    with fh:
+        for _line, value, raw in iter_rows(fh, mode, Collector()):
+            if not (isinstance(value, dict) and isinstance(value.get("messages"), list)):
+                continue
+            total += 1
+            if b"think>" not in raw:
+                continue
+            for m in value["messages"]:
+                if isinstance(m, dict) and m.get("role") == ASSISTANT:
+                    content = m.get("content")
+                    if isinstance(content, str) and ("<think>" in content or "</think>" in content):
+                        with_think += 1
+                        break
+    return with_think, total

@@ -1,0 +1,141 @@
+"""LLaMA-Factory's dataset_info.json: dataset names, entries and registering files in it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, file_has_tools
+from qwenft.data.reader import SUFFIXES, jtype
+from qwenft.errors import QwenftError
+from qwenft.fsutil import atomic_write_json, file_lock
+from qwenft.paths import default_dataset_dir
+
+# The LLaMA-Factory dataset_info.json entry for this shape (tags as LLaMA-Factory 0.9.5 names them).
+DATASET_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": USER,
+    "assistant_tag": ASSISTANT,
+    "system_tag": SYSTEM,
+    "observation_tag": TOOL,
+    "function_tag": FUNCTION_CALL,
+}
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def dataset_name_for(path: Path, sha256: str) -> str:
+    """A stable default dataset name: <stem>-<sha256[:8]>, limited to letters, digits and _.-"""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-.")[:64] or "data"
+    return f"{stem}-{sha256[:8]}"
+
+
+def dataset_entry(path: Path, *, has_tools: bool = False) -> dict:
+    """The LLaMA-Factory dataset_info.json entry for a messages-format file at path."""
+    columns = {"messages": "messages"}
+    if has_tools:  # only then: LLaMA-Factory fails (KeyError) on a mapped column no row has
+        columns["tools"] = "tools"
+    return {
+        "file_name": str(Path(path).expanduser().absolute()),
+        "formatting": "sharegpt",
+        "columns": columns,
+        "tags": dict(DATASET_TAGS),
+    }
+
+
+def _read_dataset_info(info_path: Path) -> dict:
+    try:
+        text = info_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QwenftError(f"cannot read {info_path}: {exc}") from None
+    try:
+        info = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise QwenftError(
+            f"{info_path} is not valid JSON ({exc}); it was left as it is",
+            "fix or move that file, then register again",
+        ) from None
+    if not isinstance(info, dict):
+        raise QwenftError(
+            f"{info_path} must hold a JSON object of dataset entries, not a {jtype(info)}",
+            "fix or move that file, then register again",
+        )
+    return info
+
+
+def check_dataset_name(name: str) -> str:
+    """name, if it is a valid dataset name; QwenftError otherwise."""
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.fullmatch(name)
+        or name in (".", "..")
+        or len(name) > 200
+    ):
+        raise QwenftError(
+            f"invalid dataset name {name!r}",
+            "use letters, digits, '_', '-' and '.' only (no spaces or commas), e.g. my-chat-v1",
+        )
+    return name
+
+
+def register_dataset(
+    path: Path,
+    name: str,
+    dataset_dir: Path | None = None,
+    *,
+    force: bool = False,
+    has_tools: bool | None = None,
+) -> dict:
+    """Add or update entry `name` in dataset_dir/dataset_info.json (atomic, under a file lock).
+
+    Same name and same file: updated in place (idempotent). Same name, another file: QwenftError
+    unless force. Other entries are kept as they are. has_tools None: scan the file for a tools key.
+    """
+    check_dataset_name(name)
+    path = Path(path).expanduser().absolute()
+    if path.suffix.lower() not in SUFFIXES:
+        raise QwenftError(
+            f"{path}: unsupported file type {path.suffix or '(no extension)'!r}",
+            "register a .jsonl (or .json array) file in the messages format",
+        )
+    if not path.is_file():
+        raise QwenftError(f"data file not found: {path}", "check the path")
+    dataset_dir = Path(
+        dataset_dir if dataset_dir is not None else default_dataset_dir()
+    ).expanduser()
+    dataset_dir = dataset_dir.absolute()
+    if dataset_dir.exists() and not dataset_dir.is_dir():
+        raise QwenftError(
+            f"dataset folder {dataset_dir} is a file", "pass a folder to --dataset-dir"
+        )
+    if has_tools is None:
+        has_tools = file_has_tools(path)
+    entry = dataset_entry(path, has_tools=has_tools)
+    info_path = dataset_dir / "dataset_info.json"
+    if info_path.exists():
+        _read_dataset_info(info_path)  # fail early, before creating anything
+    with file_lock(dataset_dir / ".dataset_info.lock"):
+        info = _read_dataset_info(info_path)
+        old = info.get(name)
+        if old == entry:
+            return entry
+        if old is not None and not force:
+            old_file = old.get("file_name") if isinstance(old, dict) else None
+            old_path = (
+                os.path.normpath(os.path.join(dataset_dir, old_file))
+                if isinstance(old_file, str)
+                else None
+            )
+            if old_path != os.path.normpath(str(path)):
+                raise QwenftError(
+                    f"dataset {name!r} is already registered in {info_path} for "
+                    f"{old_file if old_file else 'another source'}",
+                    "pick another --name, or pass --force to point it at this file",
+                )
+        info[name] = entry
+        atomic_write_json(info_path, info)
+    return entry

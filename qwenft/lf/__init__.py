@@ -1,0 +1,1 @@
+"""LLaMA-Factory: rendering its YAML, launching its CLI (every subprocess), its tokenized-data cache."""

@@ -1,0 +1,113 @@
+"""The model to load: a run folder (its merged model if any, else base + adapter; a full
+fine-tune's own weights), a model folder, a preset or a hub id, with the template, system prompt
+and thinking mode it was trained with. `chat`, `serve`, `eval` and `merge` all start here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwenft.errors import QwenftError
+from qwenft.models import presets
+from qwenft.runs.manifest import MANIFEST, Manifest, read_manifest
+
+
+@dataclass
+class ModelTarget:
+    model_path: str  # model_name_or_path: a hub id or an absolute folder
+    adapter_path: str | None
+    system: str
+    enable_thinking: bool | None
+    model_kind: str  # "tiny" | "hub" | "local"
+    tiny_preset: str | None = None
+    source: str = ""  # what to show: "merged model ...", "base + adapter ..."
+    template: str = "qwen"  # LLaMA-Factory's name, for engines that go through LLaMA-Factory
+    run_dir: Path | None = None  # when the target is a run folder
+    manifest: Manifest | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model_path, "adapter": self.adapter_path, "source": self.source}
+
+    def ensure_built(self, progress: Callable[[str], None] = print) -> None:
+        """Build the embedded tiny model if the target is one and it is not cached yet."""
+        if self.tiny_preset:
+            from qwenft.models.tiny import ensure_tiny_model
+
+            ensure_tiny_model(self.tiny_preset, progress=progress)
+
+
+def check_template(trained: str, requested: str | None, force: bool) -> str:
+    """The template must be the one the model was trained with, unless the user insists."""
+    if requested and requested != trained and not force:
+        raise QwenftError(
+            f"this model was trained with template {trained!r}, not {requested!r}",
+            "drop --template (the run's own is used), or add --force if you really mean it",
+        )
+    return requested or trained
+
+
+def base_target(model: presets.ResolvedModel, template: str | None = None) -> ModelTarget:
+    """A model as it comes (preset, hub id, folder): its family's system prompt, thinking off."""
+    return ModelTarget(
+        model.path,
+        None,
+        model.default_system,
+        False if model.thinking == "hybrid" else None,
+        model.kind,
+        tiny_preset=model.spec.lower() if model.kind == "tiny" else None,
+        source=model.path,
+        template=template or model.template,
+    )
+
+
+def resolve_target(
+    spec: str, adapter: Path | None = None, template: str | None = None, force: bool = False
+) -> ModelTarget:
+    """A run folder (merged model if any, else base + adapter), a model folder, or a preset."""
+    path = Path(spec).expanduser()
+    if (path / MANIFEST).is_file():
+        return _run_target(path.absolute(), adapter, template, force)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise QwenftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    target = base_target(presets.resolve_model(spec), template)
+    if adapter is not None:
+        target.adapter_path = str(Path(adapter).absolute())
+    return target
+
+
+def _run_target(
+    run_dir: Path, adapter: Path | None, template: str | None, force: bool
+) -> ModelTarget:
+    m = read_manifest(run_dir)
+    common: dict[str, Any] = {
+        "system": m.default_system,
+        "enable_thinking": m.enable_thinking,
+        "template": check_template(m.template, template, force),
+        "run_dir": run_dir,
+        "manifest": m,
+    }
+    if adapter is None and m.merged and Path(m.merged).is_dir():
+        return ModelTarget(
+            m.merged, None, model_kind="local", source=f"merged model {m.merged}", **common
+        )
+    if m.method in ("full", "freeze"):
+        if not (run_dir / "config.json").is_file():
+            raise QwenftError(f"{run_dir} holds no trained weights (status: {m.status})")
+        return ModelTarget(str(run_dir), None, model_kind="local", source=str(run_dir), **common)
+    adapter_dir = Path(adapter) if adapter else run_dir
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise QwenftError(
+            f"{adapter_dir} has no adapter (status: {m.status})",
+            "use a run whose training completed; `qwenft runs` shows statuses",
+        )
+    return ModelTarget(
+        m.model.path,
+        str(adapter_dir.absolute()),
+        model_kind=m.model.kind,
+        tiny_preset=m.model.spec.lower() if m.model.kind == "tiny" else None,
+        source=f"{m.model.spec} + adapter {adapter_dir}",
+        **common,
+    )

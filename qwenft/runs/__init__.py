@@ -1,0 +1,1 @@
+"""Run folders: the typed manifest (qwenft.json), creating and listing folders, the loss watch."""

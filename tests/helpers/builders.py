@@ -1,0 +1,61 @@
+"""Builders shared by the test modules: data files, stand-in model folders, the fake CLI's record.
+
+Nothing here imports torch, transformers or llamafactory (the fast tier must not)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+QWEN2_05B_CONFIG = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+
+QA = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("中国的首都是哪里？", "中国的首都是北京。"),
+    ("Name three primary colors.", "Red, blue and yellow."),
+    ("What is 12 times 12?", "12 times 12 is 144."),
+]
+
+
+def chat_rows(pairs: list[tuple[str, str]] = QA) -> list[dict]:
+    """One user/assistant conversation per (question, answer) pair."""
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in pairs
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+def write_model_folder(folder: Path, config: dict | None = None) -> Path:
+    """A folder that looks like a checkpoint: config.json only (nothing here loads weights)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or QWEN2_05B_CONFIG))
+    return folder
+
+
+def read_calls(record: Path) -> list[dict]:
+    """The fake llamafactory-cli's record: one dict (argv, env, yaml) per launch."""
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+
+def env_without_fake(**overrides: str) -> dict[str, str]:
+    """The environment for a real end-to-end child: without the stand-in CLI's record file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}
+    env.update(overrides)
+    return env

@@ -1,0 +1,99 @@
+"""End-to-end helpers: `python -m qwenft ...` as a user runs it, and what a run folder holds.
+
+The conftest's `qwenft` fixture hands tests a `Qwenft` bound to their home; a test that asks for
+it (or for a trained run) is marked `e2e` automatically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers.builders import env_without_fake
+
+# A few quick steps: enough to prove a pipeline runs.
+QUICK = (
+    "--max-steps 4 --batch-size 2 --grad-accum 1 --cutoff-len 128 --val-size 0 "
+    "--set logging_steps=1 --set save_steps=1000"
+).split()
+# QUICK with another cutoff_len (so another tokenized-data cache key).
+QUICK_CUTOFF_96 = [*QUICK[:6], "--cutoff-len", "96", *QUICK[8:]]
+# Makes the tiny model learn the 4 QA rows (FACTS.md): rank-32 LoRA on all linears, lr 5e-3
+# constant; by 80 steps the loss has fallen >100x and greedy answers are the trained ones.
+LEARN = (
+    "--lr 5e-3 --batch-size 4 --grad-accum 1 --lora-rank 32 --cutoff-len 128 --val-size 0 "
+    "--set lora_alpha=64 --set lr_scheduler_type=constant --set warmup_ratio=0 "
+    "--set logging_steps=5 --set save_steps=1000"
+).split()
+LEARN_STEPS = 80
+# Three steps, one sample a step: the distributed tests.
+SHORT = (
+    "--max-steps 3 --batch-size 1 --grad-accum 1 --cutoff-len 64 --val-size 0 "
+    "--set logging_steps=1 --set save_steps=1000"
+).split()
+
+
+class Qwenft:
+    """Runs `python -m qwenft ARGS` in a child with the real llamafactory-cli (no stand-in).
+
+    `home` pins QWENFT_HOME and `cwd` the working folder; None keeps the caller's (a test's own,
+    from the autouse `isolated` fixture)."""
+
+    def __init__(self, home: Path | None = None, cwd: Path | None = None) -> None:
+        self.home = home
+        self.cwd = cwd
+
+    @property
+    def env(self) -> dict[str, str]:
+        return env_without_fake(**({"QWENFT_HOME": str(self.home)} if self.home else {}))
+
+    def argv(self, *args: object) -> list[str]:
+        return [sys.executable, "-m", "qwenft", *map(str, args)]
+
+    def __call__(
+        self, *args: object, timeout: int = 900, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.cwd,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"qwenft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def popen(self, *args: object, **kw: object) -> subprocess.Popen:
+        """Start `qwenft ARGS` without waiting (kw go to Popen: stdout, stderr, text...)."""
+        return subprocess.Popen(self.argv(*args), env=self.env, cwd=self.cwd, **kw)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in trainer_log(run_dir) if "loss" in r]
+
+
+def trainer_log(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "qwenft.json").read_text())
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A private copy of a shared run folder, for a test that writes into it (merge, eval)."""
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

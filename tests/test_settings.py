@@ -1,0 +1,210 @@
+"""One home for each rule: qwenft.choices and the settings resolver that train, plan, data check
+and eval share. Each bug that came from a rule written twice has its regression test here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwenft import settings
+from qwenft.choices import AUTO, DeepSpeed, Method, Overlength, Template, Thinking, auto_deepspeed
+from qwenft.errors import QwenftError
+from qwenft.lf import render
+from tests.helpers.builders import read_calls, write_jsonl, write_model_folder
+from tests.helpers.cli import invoke
+
+QWEN3_CONFIG = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+
+
+def rows(thinking: list[bool]) -> list[dict]:
+    """One chat row per flag; the answer reasons (<think> block) where the flag is set."""
+    out = []
+    for i, think in enumerate(thinking):
+        answer = f"<think>\nstep {i}\n</think>\n\nanswer {i}" if think else f"answer {i}"
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
+    return out
+
+
+@pytest.fixture
+def qwen3_model(tmp_path: Path) -> Path:
+    return write_model_folder(tmp_path / "Qwen3-0.6B", {**QWEN3_CONFIG, "hidden_size": 64})
+
+
+# --------------------------------------------------------------------------------------------------
+# the choices: one list each, shown in every --help that takes them
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "choices"),
+    [
+        (["train"], "--method", (AUTO, *Method.values())),
+        (["plan"], "--method", (AUTO, *Method.values())),
+        (["train"], "--deepspeed", (AUTO, *DeepSpeed.values())),
+        (["plan"], "--deepspeed", (AUTO, *DeepSpeed.values())),
+        (["train"], "--template", Template.values()),
+        (["data", "check"], "--template", Template.values()),
+        (["chat"], "--template", Template.values()),
+        (["serve"], "--template", Template.values()),
+        (["eval"], "--template", Template.values()),
+        (["resume"], "--template", Template.values()),
+        (["resume"], "--method", Method.values()),
+        (["train"], "--thinking", Thinking.values()),
+        (["data", "check"], "--thinking", Thinking.values()),
+        (["train"], "--overlength", Overlength.values()),
+    ],
+)
+def test_every_help_shows_the_one_list_of_choices(
+    command: list[str], option: str, choices: tuple[str, ...]
+) -> None:
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"{option} [{'|'.join(choices)}]" in result.output
+
+
+def test_choices_have_one_home() -> None:
+    assert Method.values() == ("lora", "qlora", "full", "freeze")
+    assert auto_deepspeed("full") == "z3"
+    assert {auto_deepspeed(m) for m in ("lora", "qlora", "freeze")} == {"none"}
+    for method in Method.values():  # every method has a recipe that renders
+        assert render.load_template(method)["finetuning_type"] in ("lora", "full", "freeze")
+    with pytest.raises(QwenftError, match="unknown --method 'dpo'") as info:
+        Method.parse("dpo", "--method", auto=True)
+    assert info.value.hint == "choose one of auto, lora, qlora, full, freeze"
+
+
+# --------------------------------------------------------------------------------------------------
+# bug: plan accepted --method freeze, train refused it
+
+
+def test_freeze_is_planned_and_trained(
+    fake_cli: Path,
+    no_token_stats: None,
+    tmp_path: Path,
+    chat_file: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    plan = invoke("plan", "-m", "qwen2-7b-instruct", "--method", "freeze", "--json")
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.output)["method"] == "freeze"
+    model = write_model_folder(tmp_path / "Qwen2-0.5B-Instruct")
+    train = invoke("train", "-m", model, "--data", chat_file, "--method", "freeze", "-o", "r")
+    assert train.exit_code == 0, train.output
+    cfg = read_calls(fake_cli)[-1]["yaml"]
+    assert cfg["finetuning_type"] == "freeze" and cfg["freeze_trainable_layers"] == 2
+    assert "deepspeed" not in cfg  # auto: no DeepSpeed for freeze, as plan says
+
+
+# --------------------------------------------------------------------------------------------------
+# bug: "auto DeepSpeed = ZeRO-3 for full" was written three times; the plan input two ways
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze"])
+def test_plan_and_train_take_the_same_deepspeed_and_plan_input(
+    fake_cli: Path, tmp_path: Path, chat_file: Path, method: str
+) -> None:
+    plan = invoke("plan", "-m", "qwen2-0.5b-instruct", "--method", method, "--json")
+    assert plan.exit_code == 0, plan.output
+    shown = json.loads(plan.output)
+    run = settings.resolve(settings.RunRequest(model="qwen2-0.5b-instruct", method=method))
+    inp = run.plan_input()
+    assert shown["deepspeed"] == run.deepspeed == auto_deepspeed(method)
+    # plan shows the batch size and cutoff train renders from the same recipe
+    assert (shown["batch_size"], shown["cutoff_len"]) == (inp.batch_size, inp.cutoff_len)
+    model = write_model_folder(tmp_path / "Qwen2-0.5B-Instruct")
+    train = invoke("train", "-m", model, "--data", chat_file, "--method", method, "--dry-run")
+    assert train.exit_code == 0, train.output
+    cfg = yaml.safe_load(train.output.split("# --- train.yaml ---")[1].split("# ---")[0])
+    assert cfg["per_device_train_batch_size"] == inp.batch_size
+    assert cfg["cutoff_len"] == inp.cutoff_len
+    assert ("deepspeed" in cfg) == (run.deepspeed != "none")
+
+
+def test_config_and_set_reach_the_memory_plan(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("cutoff_len: 4096\nlora_rank: 8\n")
+    run = settings.resolve(
+        settings.RunRequest(
+            model="qwen2-7b-instruct",
+            config_file=extra,
+            set_items=["per_device_train_batch_size=2"],
+        )
+    )
+    inp = run.plan_input()
+    assert (inp.cutoff_len, inp.lora_rank, inp.batch_size) == (4096, 8, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# bug: some samples with <think>: train refused, data check silently switched thinking on
+
+
+@pytest.mark.parametrize(
+    ("flags", "thinking", "expected"),
+    [
+        ([True, True], "auto", True),
+        ([False, False], "auto", False),
+        ([True, False], "auto", "2 have <think>"),
+        ([True, False], "on", True),
+        ([True, False], "off", False),
+    ],
+)
+def test_one_thinking_rule(
+    tmp_path: Path, qwen3_model: Path, flags: list[bool], thinking: str, expected: object
+) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", rows(flags))
+    model = settings.model_for(str(qwen3_model), None)
+    if isinstance(expected, str):
+        with pytest.raises(QwenftError, match="1 of 2 samples") as info:
+            settings.thinking_choice(thinking, model, data)
+        assert "--thinking on" in (info.value.hint or "")
+    else:
+        assert settings.thinking_choice(thinking, model, data) is expected
+    # a template without a thinking switch ignores the data
+    assert (
+        settings.thinking_choice(thinking, settings.model_for(str(qwen3_model), "qwen"), data)
+        is None
+    )
+
+
+def test_mixed_thinking_data_is_refused_by_train_and_data_check_alike(
+    fake_cli: Path, tmp_path: Path, qwen3_model: Path
+) -> None:
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows([True, False]))
+    train = invoke("train", "-m", qwen3_model, "--data", data, "--dry-run")
+    check = invoke("data", "check", data, "--model", qwen3_model)
+    for result in (train, check):
+        assert result.exit_code == 2, result.output
+        assert "1 of 2 samples" in result.output and "--thinking on" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# bug: data check measured against cutoff 2048, train cut at 1024
+
+
+def test_data_check_and_eval_default_to_trains_cutoff() -> None:
+    assert settings.default_cutoff_len() == render.load_template("lora")["cutoff_len"]
+    for method in Method.values():
+        run = settings.resolve(settings.RunRequest(model="qwen2-0.5b-instruct", method=method))
+        assert run.cutoff_len == settings.default_cutoff_len()
+
+
+def test_data_check_measures_against_trains_cutoff(
+    fake_cli: Path, tiny_home: Path, chat_file: Path
+) -> None:
+    checked = invoke("data", "check", chat_file, "--model", "tiny-qwen2", "--json")
+    assert checked.exit_code == 0, checked.output
+    stats = json.loads(checked.output[checked.output.index("{") :])["tokens"]
+    dry = invoke("train", "-m", "tiny-qwen2", "--data", chat_file, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    cfg = yaml.safe_load(dry.output.split("# --- train.yaml ---")[1].split("# ---")[0])
+    assert stats["cutoff_len"] == cfg["cutoff_len"] == 1024
+    assert stats["template"] == cfg["template"]
