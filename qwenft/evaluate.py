@@ -30,7 +30,7 @@ from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 from qwenft.lf import launcher, render
 from qwenft.models import presets
-from qwenft.models.target import ModelTarget, base_target, resolve_target
+from qwenft.models.target import ModelTarget, base_target, check_thinking, resolve_target
 from qwenft.paths import default_dataset_dir
 from qwenft.runs.manifest import now_iso, update_manifest
 
@@ -115,6 +115,7 @@ def plan_eval(
     max_samples: int | None = None,
     dataset_dir: Path | None = None,
     template: str | None = None,
+    thinking: str = Thinking.AUTO.value,
 ) -> EvalPlan:
     """Check every input; raise QwenftError (writing nothing) when the evaluation cannot work."""
     for name, value, low in (
@@ -143,9 +144,10 @@ def plan_eval(
     if manifest is None:
         # A model as it comes: thinking follows the data, by the rule `train` uses.
         tuned.enable_thinking = run_settings.thinking_choice(
-            Thinking.AUTO, run_settings.model_for(spec, template), data
+            thinking, run_settings.model_for(spec, template), data
         )
     else:
+        tuned.enable_thinking = check_thinking(manifest.enable_thinking, thinking, force)
         train_cfg = _run_train_config(tuned.run_dir)
         if not no_base and not base:
             base_model = base_target(manifest.model, tuned.template)

@@ -208,3 +208,26 @@ def test_data_check_measures_against_trains_cutoff(
     cfg = yaml.safe_load(dry.output.split("# --- train.yaml ---")[1].split("# ---")[0])
     assert stats["cutoff_len"] == cfg["cutoff_len"] == 1024
     assert stats["template"] == cfg["template"]
+
+
+def test_eval_follows_the_same_thinking_rule(
+    fake_cli: Path, no_token_stats: None, tmp_path: Path, qwen3_model: Path
+) -> None:
+    from qwenft.evaluate import plan_eval
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows([True, False]))
+    refused = invoke("eval", qwen3_model, "--data", mixed)
+    assert refused.exit_code == 2 and "1 of 2 samples" in refused.output
+    assert "--thinking on" in refused.output
+    assert plan_eval(str(qwen3_model), mixed, thinking="on").enable_thinking is True
+    reasoning = write_jsonl(tmp_path / "think.jsonl", rows([True, True]))
+    assert plan_eval(str(qwen3_model), reasoning).enable_thinking is True
+    # a run keeps the mode it was trained with
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows([False, False]))
+    trained = invoke("train", "-m", qwen3_model, "--data", plain, "-o", "run")
+    assert trained.exit_code == 0, trained.output
+    (Path("run") / "adapter_config.json").write_text("{}")
+    assert plan_eval("run", reasoning).enable_thinking is False
+    wrong = invoke("eval", "run", "--data", reasoning, "--thinking", "on")
+    assert wrong.exit_code == 2 and "trained with thinking off" in wrong.output
+    assert plan_eval("run", reasoning, thinking="on", force=True).enable_thinking is True

@@ -9,11 +9,13 @@ from typing import Annotated
 
 import typer
 
+from qwenft.choices import Thinking
 from qwenft.cli.common import (
     AdapterOpt,
     ForceTemplateOpt,
     TargetArg,
     TemplateOpt,
+    ThinkingOpt,
     err,
     handle_errors,
 )
@@ -78,10 +80,12 @@ def eval_cmd(
     force: Annotated[
         bool,
         typer.Option(
-            "--force", help="Replace an existing report; allow a --template other than the run's."
+            "--force",
+            help="Replace an existing report; allow a --template/--thinking other than the run's.",
         ),
     ] = False,
     template: TemplateOpt = None,
+    thinking: ThinkingOpt = Thinking.AUTO.value,
     cutoff_len: Annotated[
         int | None, typer.Option("--cutoff-len", help="Max tokens per sample (default: the run's).")
     ] = None,
@@ -113,6 +117,7 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         max_samples=max_samples,
         template=template,
+        thinking=thinking,
     )
     report = execute_eval(plan, progress=err)
     sys.stderr.flush()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwenft.choices import Thinking
 from qwenft.errors import QwenftError
 from qwenft.models import presets
 from qwenft.runs.manifest import MANIFEST, Manifest, read_manifest
@@ -47,6 +48,19 @@ def check_template(trained: str, requested: str | None, force: bool) -> str:
             "drop --template (the run's own is used), or add --force if you really mean it",
         )
     return requested or trained
+
+
+def check_thinking(trained: bool | None, requested: str, force: bool) -> bool | None:
+    """--thinking on/off must match how the run was trained (auto: the run's), unless forced."""
+    if requested == Thinking.AUTO or trained is None:
+        return trained
+    wanted = requested == Thinking.ON
+    if wanted != trained and not force:
+        raise QwenftError(
+            f"this model was trained with thinking {'on' if trained else 'off'}, not {requested}",
+            "drop --thinking (the run's own mode is used), or add --force if you really mean it",
+        )
+    return wanted
 
 
 def base_target(model: presets.ResolvedModel, template: str | None = None) -> ModelTarget:
