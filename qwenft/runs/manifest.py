@@ -135,7 +135,9 @@ def read_manifest(run_dir: Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise QwenftError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict) or data.get("schema_version", 0) > SCHEMA_VERSION:
+    if not isinstance(data, dict):
+        raise QwenftError(f"{path} is not a complete qwenft manifest (not a JSON object)")
+    if data.get("schema_version", 0) > SCHEMA_VERSION:
         raise QwenftError(
             f"{path} was written by a newer qwenft (schema {data.get('schema_version')})",
             "upgrade qwenft to read this run",

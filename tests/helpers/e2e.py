@@ -21,7 +21,7 @@ QUICK = (
 ).split()
 # QUICK with another cutoff_len (so another tokenized-data cache key).
 QUICK_CUTOFF_96 = [*QUICK[:6], "--cutoff-len", "96", *QUICK[8:]]
-# Makes the tiny model learn the 4 QA rows (FACTS.md): rank-32 LoRA on all linears, lr 5e-3
+# Makes the tiny model learn the 4 QA rows (docs/tiny-models.md): rank-32 LoRA on all linears, lr 5e-3
 # constant; by 80 steps the loss has fallen >100x and greedy answers are the trained ones.
 LEARN = (
     "--lr 5e-3 --batch-size 4 --grad-accum 1 --lora-rank 32 --cutoff-len 128 --val-size 0 "
