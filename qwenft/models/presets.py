@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qwenft.choices import Template
 from qwenft.errors import QwenftError
 
 
@@ -42,8 +43,6 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3-thinking-2507", "qwen3", "", "always"),
     ]
 }
-
-TEMPLATES = ("qwen", "qwen3", "qwen3_nothink")
 
 
 @dataclass(frozen=True)
@@ -300,4 +299,8 @@ def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
 
 def template_family(template: str) -> str:
     """The family whose defaults a --template override implies (for default_system/thinking)."""
-    return {"qwen": "qwen2.5", "qwen3": "qwen3", "qwen3_nothink": "qwen3-instruct-2507"}[template]
+    return {
+        Template.QWEN: "qwen2.5",
+        Template.QWEN3: "qwen3",
+        Template.QWEN3_NOTHINK: "qwen3-instruct-2507",
+    }[Template(template)]
