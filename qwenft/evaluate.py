@@ -377,7 +377,7 @@ def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dic
         jobs = plan.jobs(stage / "raw")
         for i, (name, model, cfg) in enumerate(jobs, 1):
             what = "generation metrics" if cfg.get("do_predict") else "eval loss"
-            role = "fine-tuned" if name.startswith("tuned") else "base"
+            role = "fine-tuned" if model is plan.tuned else "base"
             progress(f"[{i}/{len(jobs)}] {what} of the {role} model ({model.source})")
             yaml_path = stage / "raw" / f"{name}.yaml"
             atomic_write_text(yaml_path, render.to_yaml(cfg, header=f"qwenft eval: {name}"))

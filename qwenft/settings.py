@@ -54,7 +54,7 @@ class RunSettings:
     gpus: int = 1
     gpu_mem_gb: float | None = None
     auto_plan: Any = None  # memory.Plan behind --method auto
-    notes: list[str] = field(default_factory=list)  # choices and warnings to show before launch
+    auto_why: str | None = None  # its one-line explanation
 
     @property
     def template(self) -> str:
@@ -230,7 +230,7 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         overrides=overrides,
         values={**recipe(plan.method), **overrides},
         auto_plan=plan,
-        notes=[*settings.notes, f"auto: {why}"],
+        auto_why=why,
     )
 
 

@@ -107,7 +107,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         min(g["memory_gib"] for g in gpus_seen) * 2**30 / 1e9 if gpus_seen else None
     )
     run = settings.resolve(replace(req, data=data, gpus=nproc, gpu_mem_gb=gpu_mem))
-    notes = list(run.notes)
+    notes = [f"auto: {run.auto_why}"] if run.auto_why else []
     warning = settings.fit_warning(run)
     if warning:
         notes.append(warning)

@@ -104,7 +104,7 @@ def plan(
     )
     inp = run.plan_input()
     result = run.auto_plan or memory.estimate(inp)
-    why = run.notes[0].removeprefix("auto: ") if run.auto_plan else None
+    why = run.auto_why
     if as_json:
         out = {"model": model, **result.to_dict()}
         if why:
