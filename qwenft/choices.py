@@ -1,5 +1,5 @@
 """Every choice qwenft offers, in one place: methods, templates, DeepSpeed stages, thinking modes,
-over-length policies. The CLI shows these as the choices of every option that takes them, and the
+over-length policies, training stages and the data kinds they take. The CLI shows these as the choices of every option that takes them, and the
 core checks against the same lists, so `plan`, `train`, `data check` and `eval` cannot disagree.
 
 Pure data (it imports only errors): presets, the core and the CLI import it.
@@ -77,6 +77,39 @@ class Overlength(Choice):
     DROP = "drop"
     FAIL = "fail"
 
+
+class DataKind(Choice):
+    """What a data file holds, by its rows' shape (qwenft.data names it; each stage takes one):
+    sft {"messages"}; preference {"messages" ending with a user turn, "chosen", "rejected"};
+    kto {"messages" ending with an assistant turn, "label": bool}; pt {"text"} or a .txt file."""
+
+    SFT = "sft"
+    PREFERENCE = "preference"
+    KTO = "kto"
+    PT = "pt"
+
+
+class Stage(Choice):
+    """LLaMA-Factory's training stages qwenft runs (`stage:`; dpo, orpo and simpo are its `dpo`
+    stage with another `pref_loss`)."""
+
+    SFT = "sft"
+    PT = "pt"
+    DPO = "dpo"
+    ORPO = "orpo"
+    SIMPO = "simpo"
+    KTO = "kto"
+
+
+# The data kind each stage trains on.
+STAGE_DATA = {
+    Stage.SFT: DataKind.SFT,
+    Stage.PT: DataKind.PT,
+    Stage.DPO: DataKind.PREFERENCE,
+    Stage.ORPO: DataKind.PREFERENCE,
+    Stage.SIMPO: DataKind.PREFERENCE,
+    Stage.KTO: DataKind.KTO,
+}
 
 DEFAULT_METHOD = Method.LORA
 DEFAULT_OVERLENGTH = Overlength.WARN

@@ -9,11 +9,11 @@ report folder and renamed into place when complete, so a report is whole or abse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +32,9 @@ from qwenft.lf import launcher, render
 from qwenft.models import presets
 from qwenft.models.target import ModelTarget, base_target, check_thinking, resolve_target
 from qwenft.paths import default_dataset_dir
+from qwenft.runs.lock import RunLock
 from qwenft.runs.manifest import now_iso, update_manifest
+from qwenft.runs.progress import surface_log
 
 REPLACE_HINT = "pass --force to replace it, or --output-dir for a new folder"
 REPORT_JSON, REPORT_MD, PREDICTIONS = "eval.json", "eval.md", "predictions.jsonl"
@@ -185,7 +187,7 @@ def plan_eval(
         data_path=data,
         sha256=sha,
         n_samples=report.n_valid,
-        dataset_name=registry.dataset_name_for(data, sha),
+        dataset_name=registry.auto_dataset_name(data, sha, ddir),
         dataset_dir=ddir,
         template=tuned.template,
         default_system=tuned.system,
@@ -363,8 +365,17 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the evaluation jobs in a staging folder, write the report, rename it into place."""
+def execute_eval(
+    plan: EvalPlan, progress: Callable[[str], None] = print, *, verbose: bool = False
+) -> dict[str, Any]:
+    """Run the evaluation jobs in a staging folder, write the report, rename it into place.
+    LLaMA-Factory's output goes to plan.log_path (and to stderr too when `verbose`). A run folder
+    is locked meanwhile: evaluating a run that is still training is refused."""
+    with RunLock(plan.run_dir, "eval") if plan.run_dir else contextlib.nullcontext():
+        return _eval_locked(plan, progress, verbose)
+
+
+def _eval_locked(plan: EvalPlan, progress: Callable[[str], None], verbose: bool) -> dict[str, Any]:
     for model in (plan.tuned, plan.base):
         if model is not None:
             model.ensure_built(progress)
@@ -375,16 +386,27 @@ def execute_eval(plan: EvalPlan, progress: Callable[[str], None] = print) -> dic
         started = time.monotonic()
         plan.log_path.write_bytes(b"")
         jobs = plan.jobs(stage / "raw")
+        progress(
+            f"measuring {min(plan.n_samples, plan.settings.get('max_samples') or plan.n_samples)} "
+            f"samples of {plan.data_path.name}; log: {plan.log_path}"
+            + ("" if verbose else " (-v shows it here too)")
+        )
         for i, (name, model, cfg) in enumerate(jobs, 1):
             what = "generation metrics" if cfg.get("do_predict") else "eval loss"
             role = "fine-tuned" if model is plan.tuned else "base"
-            progress(f"[{i}/{len(jobs)}] {what} of the {role} model ({model.source})")
+            progress(f"[{i}/{len(jobs)}] {what} of the {role} model ({model.source}) ...")
             yaml_path = stage / "raw" / f"{name}.yaml"
             atomic_write_text(yaml_path, render.to_yaml(cfg, header=f"qwenft eval: {name}"))
             argv = [plan.cli, "train", str(yaml_path)]
             env = launcher.offline_env(model.model_kind)
-            code = launcher.run(argv, env, plan.log_path, cwd=stage, echo=sys.stderr.buffer)
+            job_started = time.monotonic()
+            code = launcher.run(
+                argv, env, plan.log_path, cwd=stage, echo=launcher.child_echo(verbose)
+            )
+            if code == 0:
+                progress(f"[{i}/{len(jobs)}] done in {time.monotonic() - job_started:.0f} s")
             if code != 0:
+                surface_log(plan.log_path, progress)
                 raise JobFailed(
                     f"llamafactory-cli ({name}) exited with code {code}",
                     f"read the log: {plan.log_path}",

@@ -17,7 +17,9 @@ from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 from qwenft.lf import launcher, render
 from qwenft.models.target import ModelTarget, resolve_target
+from qwenft.runs.lock import RunLock
 from qwenft.runs.manifest import now_iso, read_manifest, update_manifest
+from qwenft.runs.progress import surface_log
 
 # Qwen chat models stop on <|im_end|>; base models on <|endoftext|>. A fine-tuned model needs both,
 # or generation after fine-tuning a base model never stops.
@@ -172,8 +174,22 @@ def execute_merge(
     *,
     check: bool = True,
     verify: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Export into a staging folder, check it, rename it into place, record it in the manifest."""
+    """Export into a staging folder, check it, rename it into place, record it in the manifest.
+    The export's output goes to RUN/merge.log (and to stderr too when `verbose`). Holds the run's
+    lock: a merge of a run that is still training (or being merged) is refused."""
+    with RunLock(plan.run_dir, "merge"):
+        return _merge_locked(plan, progress, check, verify, verbose)
+
+
+def _merge_locked(
+    plan: MergePlan,
+    progress: Callable[[str], None],
+    check: bool,
+    verify: bool,
+    verbose: bool,
+) -> dict[str, Any]:
     plan.source.ensure_built(progress)
     data_path = plan.source.manifest.dataset.path if plan.source.manifest else None
     with staged_dir(plan.target, hint=MERGE_HINT) as staging:
@@ -181,10 +197,16 @@ def execute_merge(
         atomic_write_text(
             plan.run_dir / "merge.yaml", render.to_yaml(config, header="qwenft merge")
         )
-        progress(f"merging {plan.run_dir} -> {plan.target}")
         log_path = plan.run_dir / "merge.log"
-        code = launcher.run(plan.argv, plan.env, log_path, cwd=plan.run_dir)
+        progress(
+            f"merging the adapter of {plan.run_dir} into {plan.source.model_path} -> {plan.target}"
+        )
+        progress(f"log: {log_path}" + ("" if verbose else " (-v shows it here too)"))
+        code = launcher.run(
+            plan.argv, plan.env, log_path, cwd=plan.run_dir, echo=launcher.child_echo(verbose)
+        )
         if code != 0:
+            surface_log(log_path, progress)
             raise JobFailed(
                 f"llamafactory-cli export exited with code {code}",
                 f"read the log: {log_path}",
@@ -199,6 +221,7 @@ def execute_merge(
         checks: dict[str, Any] = {"fixes": fixes}
         if check:
             prompt = _first_user_message(data_path)
+            progress("checking the merged model stops (a greedy answer to a trained question) ...")
             gen = generation_check(staging, plan.source.system, prompt)
             checks["generation"] = gen
             progress(
@@ -211,6 +234,7 @@ def execute_merge(
                     "base model, train longer so it learns to end turns with <|im_end|>"
                 )
         if verify:
+            progress("verifying: merged logits against base + adapter on 3 prompts ...")
             worst = verify_logits(
                 staging,
                 plan.source.model_path,

@@ -1,9 +1,17 @@
 """`qwenft serve`: LLaMA-Factory's OpenAI-compatible API (`llamafactory-cli api`) for a run or model.
 
 plan_serve() checks everything (target, host/key, port) and renders the config without writing
-anything; execute_serve() writes serve.yaml, starts the server in its own process group, waits
-until GET /v1/models answers, prints the base URL and a ready curl line, and on Ctrl-C / SIGTERM
-stops the whole group before returning.
+anything; execute_serve() writes serve.yaml, starts the server under the launcher's supervisor (a
+killed `qwenft serve` leaves no server behind: the port is free again within seconds), waits until
+GET /v1/models answers, prints the base URL and a ready curl line, and on Ctrl-C / SIGTERM / SIGHUP
+stops the server before returning.
+
+The server is LLaMA-Factory's own (`llamafactory-cli api`), started through this module
+(`python -m qwenft.serve CLI api YAML`, see `guarded_api`), which adds request checks to its app:
+an invalid request (malformed JSON, no messages, `max_tokens` <= 0, an unknown model name, a prompt
+longer than the model's context) gets a 400 with an OpenAI-style error body naming the problem,
+never a 500 with a traceback. The checks themselves (`check_chat_request`, `check_context`) are
+pure functions.
 """
 
 from __future__ import annotations
@@ -308,7 +316,7 @@ def execute_serve(
         progress(f"serving {plan.target.source} (template {plan.template})")
         progress(f"launching: {launcher.format_command(argv, _shown_env(plan.env))}")
         with launcher.start(
-            argv, plan.env, log_path, cwd=plan.run_dir, echo=sys.stderr.buffer
+            guarded_argv(argv), plan.env, log_path, cwd=plan.run_dir, echo=sys.stderr.buffer
         ) as proc:
             try:
                 took = wait_ready(
@@ -345,3 +353,296 @@ def execute_serve(
 def _shown_env(env: dict[str, str]) -> dict[str, str]:
     """The environment as printed: the key itself is never echoed into logs."""
     return {k: ("***" if k == "API_KEY" and v else v) for k, v in env.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# request checks: 400 with a clear message for what LLaMA-Factory would answer with a 500 (or 422)
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    """The OpenAI error object (openai clients show error.message)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _is_positive_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return isinstance(value, int) and value > 0
+
+
+def check_chat_request(body: Any, served_model: str) -> tuple[str, str | None] | None:
+    """(message, param) when a /v1/chat/completions body is invalid, None when it may go on.
+
+    Checks what LLaMA-Factory does not (or answers with a 500 or 422): the body is an object, `model`
+    names the served model (the one GET /v1/models lists), `messages` is a non-empty list of
+    objects with a role, `max_tokens` and `n` are positive integers."""
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object", None
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return f"'model' is required: this server serves {served_model!r}", "model"
+    if model != served_model:
+        return (
+            f"unknown model {model!r}: this server serves {served_model!r} (GET /v1/models)",
+            "model",
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {role, content} objects", "messages"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"messages[{i}] must be an object with a 'role' and a 'content'", "messages"
+    for key in ("max_tokens", "n"):
+        if body.get(key) is not None and not _is_positive_int(body[key]):
+            return f"'{key}' must be a positive integer (got {body[key]!r})", key
+    return None
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, context: int) -> str | None:
+    """The message when a prompt (and the tokens asked for) do not fit the model's context."""
+    if prompt_tokens >= context:
+        return (
+            f"the prompt is {prompt_tokens} tokens, longer than the model's context of {context} "
+            "tokens (max_position_embeddings): shorten the messages"
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > context:
+        return (
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"model's context of {context} tokens: ask for at most {context - prompt_tokens} tokens"
+        )
+    return None
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """One line from FastAPI's RequestValidationError.errors()."""
+    parts = []
+    for err in errors[:3]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts or ["the body does not match the chat API"])
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(x.get("text") or "" for x in content if isinstance(x, dict))
+    return ""
+
+
+ROLES = {"user": "user", "assistant": "assistant", "function": "function", "tool": "observation"}
+
+
+def count_prompt_tokens(engine: Any, body: dict[str, Any]) -> int:
+    """The prompt's length as LLaMA-Factory's HF engine builds it (template.encode_oneturn)."""
+    messages = list(body["messages"])
+    system = None
+    if messages and messages[0].get("role") == "system":
+        system = _text(messages.pop(0).get("content"))
+    paired = [
+        {"role": ROLES.get(m["role"], m["role"]), "content": _text(m.get("content"))}
+        for m in messages
+    ]
+    paired.append({"role": "assistant", "content": ""})
+    tools = body.get("tools")
+    tools_json = (
+        json.dumps([t.get("function") for t in tools if isinstance(t, dict)], ensure_ascii=False)
+        if isinstance(tools, list) and tools
+        else None
+    )
+    prompt_ids, _ = engine.template.encode_oneturn(engine.tokenizer, paired, system, tools_json)
+    return len(prompt_ids)
+
+
+def model_context(engine: Any) -> int | None:
+    """max_position_embeddings of the served model's config (None when unknown)."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    config = getattr(config, "text_config", None) or config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+class RequestChecks:
+    """ASGI middleware (inside LLaMA-Factory's app): checks POST .../chat/completions bodies from an
+    authorized client before the app sees them, and turns an exception raised before the response
+    started into a JSON 500 without a traceback (the traceback goes to the server's log)."""
+
+    def __init__(self, app: Any, chat_model: Any) -> None:
+        import os
+
+        self.app, self.chat_model = app, chat_model
+        self.api_key = os.getenv("API_KEY")
+        self.served_model = os.getenv("API_MODEL_NAME", "gpt-3.5-turbo")  # LLaMA-Factory's default
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        if not self.api_key:
+            return True
+        headers = dict(scope.get("headers") or [])
+        return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.api_key}"
+
+    def problem(self, raw: bytes) -> tuple[str, str | None] | None:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"the request body is not valid JSON: {exc}", None
+        problem = check_chat_request(body, self.served_model)
+        if problem:
+            return problem
+        engine = getattr(self.chat_model, "engine", None)
+        try:
+            context = model_context(engine)
+            prompt = count_prompt_tokens(engine, body) if context else None
+        except Exception:  # noqa: BLE001 - counting is best effort; LLaMA-Factory checks the rest
+            return None
+        if context and prompt is not None:
+            max_tokens = body.get("max_tokens")
+            message = check_context(prompt, int(max_tokens) if max_tokens else None, context)
+            if message:
+                return message, "messages"
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        if (
+            scope["method"] == "POST"
+            and scope["path"].rstrip("/").endswith("/chat/completions")
+            and self._authorized(scope)
+        ):
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            raw = b"".join(chunks)
+            problem = self.problem(raw)
+            if problem:
+                await self._json(send, 400, error_body(*problem))
+                return
+            receive = _replay(raw, receive)
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            message = f"the server failed on this request ({type(exc).__name__}: {exc})"
+            await self._json(send, 500, error_body(message, kind="server_error"))
+
+    @staticmethod
+    async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _replay(raw: bytes, receive: Any) -> Any:
+    """An ASGI receive that hands over the body already read, then defers to receive."""
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def install_request_checks(app: Any, chat_model: Any) -> None:
+    """Add RequestChecks (inside the CORS middleware) and a 400 for FastAPI's validation errors
+    (its default is 422) to LLaMA-Factory's app."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.middleware import Middleware
+
+    async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=400, content=error_body(validation_message(exc.errors())))
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.user_middleware.append(Middleware(RequestChecks, chat_model=chat_model))
+
+
+def guarded_argv(argv: list[str]) -> list[str]:
+    """`llamafactory-cli api YAML` run through guarded_api (this module as a script)."""
+    return [sys.executable, "-m", "qwenft.serve", *argv]
+
+
+class _PatchApp:
+    """A meta-path finder: when llamafactory.api.app is imported, wrap its create_app so that the
+    app run_api() builds gets install_request_checks. Nothing is imported before LLaMA-Factory
+    itself imports it."""
+
+    name = "llamafactory.api.app"
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module: Any) -> None:
+            exec_module(module)
+            create_app = module.create_app
+
+            def guarded_create_app(chat_model: Any) -> Any:
+                app = create_app(chat_model)
+                install_request_checks(app, chat_model)
+                return app
+
+            module.create_app = guarded_create_app
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
+
+
+def guarded_api(args: list[str]) -> int:
+    """`python -m qwenft.serve CLI api YAML`: run llamafactory-cli (a Python script) in this
+    process with the request checks installed; anything else is exec'd unchanged."""
+    import os
+    import runpy
+
+    if not args:
+        print("usage: python -m qwenft.serve LLAMAFACTORY_CLI api YAML", file=sys.stderr)
+        return 2
+    cli = args[0]
+    try:
+        with open(cli, "rb") as fh:
+            first = fh.readline()
+    except OSError:
+        first = b""
+    if not (first.startswith(b"#!") and b"python" in first):
+        os.execvp(cli, args)  # not a Python entry point: run it as it is, without the checks
+    sys.meta_path.insert(0, _PatchApp())
+    sys.argv = list(args)
+    sys.path[0] = os.path.dirname(os.path.abspath(cli))  # as running the script itself would
+    runpy.run_path(cli, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(guarded_api(sys.argv[1:]))

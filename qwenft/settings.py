@@ -39,6 +39,7 @@ class RunRequest:
     config_file: Path | None = None
     set_items: list[str] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)  # LLaMA-Factory key -> value or None
+    cpu_procs: int | None = None  # processes on a machine without GPUs (instead of gpus)
 
 
 @dataclass
@@ -129,6 +130,9 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         raise QwenftError(f"cannot read --config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise QwenftError(f"--config {path} must hold a YAML mapping of keys")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise QwenftError(f"--config {path}: keys must be names, not {bad[0]!r}")
     return data
 
 
@@ -167,6 +171,173 @@ def thinking_choice(thinking: str, model: presets.ResolvedModel, data: Path | No
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Every knob is checked before launch (one home: train, plan, data check and eval all resolve here).
+
+# The LLaMA-Factory keys that qwenft options set: messages and hints name the option with the key.
+# `train`'s knobs (qwenft/cli/__init__.py), and the ones only `plan` has (--bits, --lora-target).
+KEY_OPTIONS: dict[str, str] = {
+    "cutoff_len": "--cutoff-len",
+    "num_train_epochs": "--epochs",
+    "max_steps": "--max-steps",
+    "learning_rate": "--lr",
+    "per_device_train_batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum",
+    "lora_rank": "--lora-rank",
+    "val_size": "--val-size",
+    "save_steps": "--save-steps",
+    "logging_steps": "--logging-steps",
+    "quantization_bit": "--bits",
+    "lora_target": "--lora-target",
+}
+
+
+def _above_zero(v: float) -> bool:
+    return v > 0
+
+
+def _at_least_one(v: float) -> bool:
+    return v >= 1
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v < 1
+
+
+WHOLE = "a positive whole number"
+
+# key -> (test, what it must be, hint). LLaMA-Factory would take most of these and then train
+# nothing, a whole epoch instead of a few steps (max_steps <= 0 means "by epochs"), or fail late.
+RANGES: dict[str, tuple[Any, str, str]] = {
+    "max_steps": (_above_zero, WHOLE, "leave it out to train for --epochs"),
+    "num_train_epochs": (_above_zero, "positive", "e.g. --epochs 3"),
+    "learning_rate": (_above_zero, "positive", "e.g. --lr 1e-4 (LoRA) or --lr 1e-5 (full)"),
+    "per_device_train_batch_size": (_at_least_one, WHOLE, "e.g. --batch-size 4"),
+    "gradient_accumulation_steps": (_at_least_one, WHOLE, "e.g. --grad-accum 4"),
+    "cutoff_len": (_at_least_one, WHOLE, "`qwenft data check --model M` suggests one"),
+    "lora_rank": (_at_least_one, WHOLE, "e.g. --lora-rank 16"),
+    "val_size": (_fraction, "in [0, 1)", "a share of the samples held out, e.g. 0.1; 0 = none"),
+    "save_steps": (_above_zero, "positive", "steps between checkpoints, e.g. 500"),
+    "logging_steps": (_above_zero, "positive", "steps between loss lines, e.g. 10"),
+    "per_device_eval_batch_size": (_at_least_one, WHOLE, "e.g. 4"),
+}
+
+
+def key_label(key: str) -> str:
+    """How messages name a LLaMA-Factory key: with the qwenft option that sets it, if any."""
+    option = KEY_OPTIONS.get(key)
+    return f"{option} ({key})" if option else key
+
+
+def bad_value(key: str, must: str, value: Any, origin: str = "") -> str:
+    """The refusal of a value, naming the qwenft option first, then the key and where the value
+    came from: "--lr must be positive, got 0.0 (learning_rate, from --set learning_rate=0)"."""
+    option = KEY_OPTIONS.get(key)
+    notes = ", ".join(n for n in (key if option else "", origin) if n)
+    shown = "null" if value is None else repr(value)
+    return f"{option or key} must be {must}, got {shown}" + (f" ({notes})" if notes else "")
+
+
+def checked_overrides(req: RunRequest) -> dict[str, Any]:
+    """The person's keys, layered (--config < knobs < --set) and checked: --config and --set keys
+    must be LLaMA-Factory training arguments (qwenft.lf.args: its own dataclasses) with values of
+    the declared type, and every key in RANGES must be in range, whichever layer set it. The
+    message names the qwenft option and where the value came from; raises QwenftError."""
+    config = read_config_file(req.config_file)
+    knobs = {k: v for k, v in req.knobs.items() if v is not None}
+    sets = render.parse_set(req.set_items)
+    origin: dict[str, str] = {k: f"from --config {req.config_file}" for k in config}
+    origin.update({k: "" for k in knobs})
+    for item in req.set_items:
+        origin[item.partition("=")[0].strip()] = f"from --set {item.strip()}"
+    overrides = {**config, **knobs, **sets}
+    free = [k for k in overrides if k not in knobs or k in sets]  # keys typed as text, not options
+    if free:
+        overrides.update(_check_lf_keys({k: overrides[k] for k in free}, origin))
+    for key, value in overrides.items():
+        if key not in RANGES:
+            continue
+        test, must, hint = RANGES[key]
+        number = render._as_number(value)  # --config's 1e-4 is YAML 1.1 text
+        if not isinstance(number, int | float) or isinstance(number, bool):
+            raise QwenftError(bad_value(key, "a number", value, origin.get(key, "")), hint)
+        if not test(number):
+            raise QwenftError(bad_value(key, must, value, origin.get(key, "")), hint)
+    return overrides
+
+
+def _check_lf_keys(given: dict[str, Any], origin: dict[str, str]) -> dict[str, Any]:
+    """given with each value as LLaMA-Factory needs it; QwenftError for an unknown key or a value
+    of the wrong type. Unchecked when LLaMA-Factory's table cannot be had (not installed here)."""
+    from qwenft.lf import args
+
+    table = args.table()
+    if table is None:
+        return given
+    lf = f"LLaMA-Factory {table.versions.get('llamafactory', '')}".rstrip()
+    unknown = [k for k in given if k not in table]
+    if unknown and not args.allow_extra_keys():
+        key = unknown[0]
+        close = table.suggest(key)
+        hint = (
+            "did you mean " + " or ".join(key_label(k) for k in close) + "?"
+            if close
+            else "check the spelling: `llamafactory-cli train -h` lists every argument"
+        )
+        more = f"; also unknown: {', '.join(map(repr, unknown[1:]))}" if unknown[1:] else ""
+        raise QwenftError(
+            f"{lf} has no training argument {key!r} ({origin.get(key) or 'given'}){more}", hint
+        )
+    out = dict(given)
+    for key, value in given.items():
+        if key not in table:
+            continue
+        try:
+            out[key] = table.coerce(key, value)
+        except args.BadValue as exc:
+            raise QwenftError(
+                bad_value(key, f"{exc} for {lf}", value, origin.get(key, "")),
+                "leave the key out to keep the default"
+                if value is None
+                else (f"set it with {KEY_OPTIONS[key]}" if key in KEY_OPTIONS else None),
+            ) from None
+    return out
+
+
+def processes_per_node(
+    gpus: int | None, cpu_procs: int | None, gpus_seen: list[dict[str, Any]]
+) -> int:
+    """How many processes `train` starts on this machine: --gpus N where GPUs are visible,
+    --cpu-procs N where none are (CPU processes, gloo), else every visible GPU or 1. --gpus on a
+    machine without GPUs is refused rather than quietly run as CPU processes."""
+    for option, n in (("--gpus", gpus), ("--cpu-procs", cpu_procs)):
+        if n is not None and n < 1:
+            raise QwenftError(
+                f"{option} must be at least 1 (got {n})", "omit it to use every visible GPU"
+            )
+    if gpus is not None and cpu_procs is not None:
+        raise QwenftError(
+            "--gpus and --cpu-procs exclude each other",
+            "--gpus N on a machine with GPUs, --cpu-procs N on one without",
+        )
+    if cpu_procs is not None:
+        if gpus_seen:
+            raise QwenftError(
+                f"--cpu-procs is for machines without GPUs, and {len(gpus_seen)} GPU(s) are "
+                "visible here",
+                f"use --gpus {cpu_procs}",
+            )
+        return cpu_procs
+    if gpus is not None:
+        if not gpus_seen:
+            raise QwenftError(
+                f"--gpus {gpus}: no GPU is visible on this machine (nvidia-smi finds none)",
+                f"to train with {gpus} CPU process(es) instead, pass --cpu-procs {gpus}",
+            )
+        return gpus
+    return max(1, len(gpus_seen))
+
+
 def resolve(req: RunRequest) -> RunSettings:
     """Check every choice of the request and fill in every default; raises QwenftError."""
     method = Method.parse(req.method, "--method", auto=True)
@@ -176,13 +347,9 @@ def resolve(req: RunRequest) -> RunSettings:
         raise QwenftError(
             f"--gpus must be at least 1 (got {req.gpus})", "omit --gpus to use every visible GPU"
         )
+    overrides = checked_overrides(req)  # before the model and the data: refusals cost nothing
     model = model_for(req.model, req.template)
     enable_thinking = thinking_choice(req.thinking, model, req.data)
-    overrides = {
-        **read_config_file(req.config_file),
-        **{k: v for k, v in req.knobs.items() if v is not None},
-        **render.parse_set(req.set_items),
-    }
     settings = RunSettings(
         model=model,
         method=method,
@@ -259,3 +426,94 @@ def fit_warning(settings: RunSettings) -> str | None:
     except QwenftError:
         note += "; nothing qwenft plans fits: add GPUs or lower --cutoff-len"
     return note
+
+
+# --------------------------------------------------------------------------------------------------
+# Step settings that follow the run's length (issue 11, item 3). `train` calls step_defaults() from
+# plan_train, so the rendered train.yaml (and with it --dry-run and resume) carries the values.
+
+LOSS_POINTS = 50  # a loss point every ~2 % of the run
+CHECKPOINTS = 10  # a checkpoint every ~10 %: Ctrl-C loses at most about a tenth of the run
+EVALUATIONS = 4  # evaluations during the run (LLaMA-Factory adds one after training)
+EVAL_SHARE = 2  # all evaluations together read at most 1/EVAL_SHARE of the samples training reads
+MIN_HELD_OUT = 2  # a smaller default split is dropped (and LLaMA-Factory reads val_size 1 as 100 %)
+
+
+def held_out_count(val_size: Any, n_samples: int) -> int:
+    """Samples LLaMA-Factory holds out for val_size: a count above 1, else a share rounded up
+    (datasets' train_test_split)."""
+    import math
+
+    if not isinstance(val_size, int | float) or val_size <= 1e-6:
+        return 0
+    if val_size > 1:
+        return min(int(val_size), n_samples)
+    return min(math.ceil(val_size * n_samples), n_samples)
+
+
+def planned_steps(values: dict[str, Any], n_samples: int, processes: int = 1) -> int:
+    """The optimizer steps the run will take, counted as the transformers Trainer counts them:
+    max_steps when set, else ceil(epochs x ceil(batches per process / grad_accum)) over the samples
+    left after the held-out split. (Packing changes the count; this ignores it.)"""
+    import math
+
+    max_steps = values.get("max_steps")
+    if isinstance(max_steps, int | float) and max_steps > 0:
+        return int(max_steps)
+    n_train = max(1, n_samples - held_out_count(values.get("val_size"), n_samples))
+    batch = int(values.get("per_device_train_batch_size") or 1)
+    accum = int(values.get("gradient_accumulation_steps") or 1)
+    batches = math.ceil(math.ceil(n_train / max(1, processes)) / batch)
+    updates = max(math.ceil(batches / accum), 1)
+    return max(1, math.ceil(updates * float(values.get("num_train_epochs") or 1)))
+
+
+def step_defaults(
+    values: dict[str, Any], overrides: dict[str, Any], n_samples: int, processes: int = 1
+) -> dict[str, Any]:
+    """logging_steps, save_steps and the evaluation schedule for a run of this length, for every
+    key the person did not set (--config, --set, --logging-steps, --save-steps, --val-size...);
+    returns only the keys to change. `values` is the recipe with the overrides over it, T the
+    planned optimizer steps (planned_steps):
+
+    - logging_steps = max(1, T // 50), never sparser than the recipe's: ~50 loss points, so a
+      10-step run logs every step and the summary, loss plot and NaN/zero-loss watch work;
+    - save_steps = max(1, T // 10), never sparser than the recipe's: Ctrl-C loses at most ~10 %;
+    - with a held-out split and eval_strategy steps: eval_steps = ceil(T / 4), never sparser than
+      the recipe's, and the recipe's split (val_size 0.1) is capped so that all evaluations
+      together (T // eval_steps + 1 with LLaMA-Factory's final one) read at most half the samples
+      training reads; below 2 held-out samples the split is dropped (val_size 0: no evaluation).
+      A val_size the person chose is kept as it is.
+    """
+    import math
+
+    out: dict[str, Any] = {}
+
+    def capped(key: str, steps: int) -> None:
+        if key in overrides:
+            return
+        recipe_value = values.get(key)
+        if isinstance(recipe_value, int) and recipe_value > 0:
+            steps = min(steps, recipe_value)
+        out[key] = max(1, steps)
+
+    total = planned_steps(values, n_samples, processes)
+    val_size = values.get("val_size") or 0
+    if val_size and str(values.get("eval_strategy", "no")) == "steps":
+        capped("eval_steps", math.ceil(total / EVALUATIONS))
+        every = int(out.get("eval_steps") or values.get("eval_steps") or 1)
+        if "val_size" not in overrides:
+            per_step = (
+                int(values.get("per_device_train_batch_size") or 1)
+                * int(values.get("gradient_accumulation_steps") or 1)
+                * max(1, processes)
+            )
+            budget = total * per_step // (EVAL_SHARE * (total // every + 1))
+            if held_out_count(val_size, n_samples) > budget:
+                out["val_size"] = budget if budget >= MIN_HELD_OUT else 0.0
+                if not out["val_size"]:
+                    out.pop("eval_steps", None)
+                total = planned_steps({**values, **out}, n_samples, processes)
+    capped("logging_steps", total // LOSS_POINTS)
+    capped("save_steps", total // CHECKPOINTS)
+    return out

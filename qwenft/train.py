@@ -8,6 +8,9 @@ launches `llamafactory-cli train` and finalizes the manifest.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,6 +28,7 @@ from qwenft.models import presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
 from qwenft.runs.folder import check_new_run_dir, create_run_dir, default_run_dir
+from qwenft.runs.lock import RunLock, newest_complete_checkpoint, set_aside_incomplete_checkpoints
 from qwenft.runs.manifest import (
     MANIFEST,
     DatasetRecord,
@@ -34,6 +38,7 @@ from qwenft.runs.manifest import (
     read_manifest,
     update_manifest,
 )
+from qwenft.runs.progress import Monitor, TrainProgress, surface_log
 from qwenft.runs.watch import LossWatch, training_summary
 from qwenft.settings import RunRequest
 
@@ -72,6 +77,8 @@ class TrainPlan:
     train_data: Path | None = (
         None  # what LLaMA-Factory reads (a filtered copy with --overlength drop)
     )
+    # steps, logging_steps, save_steps, eval_steps, held_out, samples, per_step: see schedule()
+    schedule: dict[str, Any] = field(default_factory=dict)
 
 
 FILTERED_DATA = "data.fit.jsonl"
@@ -81,7 +88,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     """Check every input and render the run; raises QwenftError and writes nothing."""
     overlength = Overlength.parse(req.overlength, "--overlength")
     gpus_seen = launcher.detect_gpus() if gpus_seen is None else gpus_seen
-    nproc = req.gpus if req.gpus is not None else max(1, len(gpus_seen))
+    nproc = settings.processes_per_node(req.gpus, req.cpu_procs, gpus_seen)
     if req.nnodes < 1 or not 0 <= req.node_rank < req.nnodes:
         raise QwenftError(
             f"--node-rank must be in 0..{req.nnodes - 1} and --nnodes at least 1",
@@ -117,12 +124,16 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     check_new_run_dir(run_dir)
     run_dir = run_dir.expanduser().absolute()
     dataset_dir = (req.dataset_dir or default_dataset_dir()).expanduser().absolute()
-    dataset_name = registry.dataset_name_for(data, sha)
+    dataset_name = registry.auto_dataset_name(data, sha, dataset_dir)
     train_data = data
     if overlength == Overlength.DROP:
         # Trained on a filtered copy inside the run folder, registered under a run-specific name.
         train_data = run_dir / FILTERED_DATA
         dataset_name = f"{dataset_name}-fit-{run_dir.name}"
+
+    # logging_steps, save_steps and the evaluation follow the run's length (settings.step_defaults)
+    processes = nproc * req.nnodes
+    derived = settings.step_defaults(run.values, run.overrides, report.n_samples, processes)
 
     files: dict[str, str] = {}
     ds_path = None
@@ -140,7 +151,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         enable_thinking=run.enable_thinking,
         deepspeed_path=ds_path,
         bf16=bool(gpus_seen) and all(g["compute_cap"] >= 8.0 for g in gpus_seen),
-        overrides=run.overrides,
+        overrides={**run.overrides, **derived},
     )
     config = render.build_train_config(spec)
     if "tokenized_path" not in config and req.nnodes == 1:
@@ -199,16 +210,82 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         notes,
         overlength,
         train_data,
+        schedule(config, report.n_samples, processes),
     )
 
 
-def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def schedule(config: dict[str, Any], n_samples: int, processes: int) -> dict[str, Any]:
+    """The run's length and step settings as train.yaml has them (what the first lines show)."""
+    val = config.get("val_size") or 0
+    evaluates = bool(val) and str(config.get("eval_strategy", "no")) != "no"
+    return {
+        "steps": settings.planned_steps(config, n_samples, processes),
+        "samples": n_samples,
+        "held_out": settings.held_out_count(val, n_samples) if evaluates else 0,
+        "per_step": int(config.get("per_device_train_batch_size") or 1)
+        * int(config.get("gradient_accumulation_steps") or 1)
+        * processes,
+        "batch": config.get("per_device_train_batch_size"),
+        "grad_accum": config.get("gradient_accumulation_steps"),
+        "processes": processes,
+        "logging_steps": config.get("logging_steps"),
+        "save_steps": config.get("save_steps"),
+        "eval_steps": config.get("eval_steps") if evaluates else None,
+    }
+
+
+def _every(n: Any, what: str) -> str:
+    return f"{what} every {'step' if n == 1 else f'{n} steps'}"
+
+
+def describe(plan: TrainPlan) -> list[str]:
+    """What will happen, in two lines: the model, method and data; the run's length and steps."""
+    m, sch = plan.manifest, plan.schedule
+    lines = [
+        f"{m.method} fine-tune of {m.model.spec} (template {m.template}) on {plan.data_path.name}: "
+        f"{sch['samples']} samples"
+        + (f", {sch['held_out']} held out" if sch.get("held_out") else "")
+    ]
+    if sch:
+        procs = sch["processes"]
+        evaluation = (
+            _every(sch["eval_steps"], "eval loss") if sch.get("eval_steps") else "no eval split"
+        )
+        lines.append(
+            f"{'about ' if 'max_steps' not in plan.config else ''}{sch['steps']} steps of "
+            f"{sch['per_step']} samples (batch {sch['batch']} x grad-accum {sch['grad_accum']} x "
+            f"{procs} process{'es' if procs != 1 else ''}); "
+            f"{_every(sch['logging_steps'], 'loss')}, {_every(sch['save_steps'], 'checkpoint')}, "
+            f"{evaluation}"
+        )
+    return lines
+
+
+def execute_train(
+    plan: TrainPlan, progress: Callable[[str], None] = print, *, verbose: bool = False
+) -> dict[str, Any]:
     """Prepare the model, measure over-long samples, create the run folder, register the data,
-    launch training and finalize the record. Refusals (--overlength fail) happen before any write."""
+    launch training and finalize the record. Refusals (--overlength fail) happen before any write.
+    LLaMA-Factory's output goes to the run's train.log (and to stderr too when `verbose`)."""
+    for line in describe(plan):
+        progress(line)
     base_target(plan.model).ensure_built(progress)
     stats = overlength_stats(plan, progress)
     n_over = stats["n_over_cutoff"]
     cutoff = plan.config["cutoff_len"]
+    if n_over and n_over == stats.get("n_samples") and plan.overlength != "fail":
+        # Every sample would be truncated (warn) or dropped, leaving nothing to train on (drop).
+        raise QwenftError(
+            f"all {n_over} samples exceed cutoff_len {cutoff}"
+            + (
+                ": --overlength drop would leave nothing to train on"
+                if plan.overlength == "drop"
+                else ", so every one would be cut short"
+            )
+            + "; nothing was started",
+            f"raise --cutoff-len (suggested: {stats['suggested_cutoff_len']}, from the longest "
+            "samples); `qwenft data check --model M` shows the lengths",
+        )
     if n_over and plan.overlength == "fail":
         raise QwenftError(
             f"{n_over} sample(s) exceed cutoff_len {cutoff} (lines {_lines(stats)}); nothing was started",
@@ -241,11 +318,14 @@ def execute_train(plan: TrainPlan, progress: Callable[[str], None] = print) -> d
 
     run_dir = create_run_dir(plan.run_dir, plan.files, prepare=add_filtered_copy)
     progress(f"run folder: {run_dir}")
-    update_manifest(run_dir, overlength=record)
-    registry.register_dataset(
-        plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir
-    )
-    return _launch(run_dir, plan.argv, plan.env, progress, plan.config.get("tokenized_path"))
+    with RunLock(run_dir, "train") as lock:
+        update_manifest(run_dir, overlength=record)
+        registry.register_dataset(
+            plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir
+        )
+        return _launch(
+            run_dir, lock, plan.argv, plan.env, progress, plan.config.get("tokenized_path"), verbose
+        )
 
 
 def _lines(stats: dict[str, Any], shown: int = 5) -> str:
@@ -282,49 +362,79 @@ def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[s
 
 def _launch(
     run_dir: Path,
+    lock: RunLock,
     argv: list[str],
     env: dict[str, str],
     progress: Callable[[str], None],
     tokenized: str | None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run `llamafactory-cli train` in run_dir under the loss watch; record how it ended."""
-    import resource
-
+    """Run `llamafactory-cli train` in run_dir under the loss watch and qwenft's progress line;
+    record how it ended. LLaMA-Factory's output goes to train.log (and stderr when `verbose`).
+    The caller holds the run's lock; the launched processes hold it too until the last is gone."""
     tokenized_path = Path(tokenized) if tokenized else None
     cache_hit = False
     if tokenized_path:
         cache.discard_partial(tokenized_path)
         cache_hit = cache.is_ready(tokenized_path)
         progress(f"tokenized data: {'reusing' if cache_hit else 'will cache at'} {tokenized_path}")
-    progress(f"launching: {launcher.format_command(argv, env)}")
     log_path = run_dir / "train.log"
+    if verbose:
+        progress(f"launching: {launcher.format_command(argv, env)}")
+    progress(f"log: {log_path}" + ("" if verbose else " (-v shows it here too)"))
     started = time.monotonic()
     update_manifest(
         run_dir,
         status="running",
         started=now_iso(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
         log=str(log_path),
         tokenized_cache={"path": tokenized, "hit": cache_hit} if tokenized else None,
     )
-    resume_hint = f"resume with: qwenft resume {run_dir}"
+    # With -v LLaMA-Factory's own progress bars are on stderr: no second progress line.
+    watch = (
+        Monitor(LossWatch(run_dir))
+        if verbose
+        else Monitor(TrainProgress(run_dir, log_path, sys.stderr), LossWatch(run_dir))
+    )
+    memory: dict[str, Any] = {}  # the launcher's peak of the whole process tree
     try:
-        code = launcher.run(argv, env, log_path, cwd=run_dir, monitor=LossWatch(run_dir))
+        code = launcher.run(
+            argv,
+            env,
+            log_path,
+            cwd=run_dir,
+            echo=launcher.child_echo(verbose),
+            monitor=watch,
+            stats=memory,
+            hold_fds=[lock.fileno()],
+        )
     except Interrupted as exc:
+        watch.close()
         update_manifest(run_dir, status="interrupted", ended=now_iso())
-        raise Interrupted(f"{exc}; the run is marked interrupted", resume_hint) from None
+        raise Interrupted(
+            f"{exc}; the run is marked interrupted", _resume_hint(run_dir, interrupted=True)
+        ) from None
     except Stopped as exc:
+        watch.close()
         update_manifest(run_dir, status="failed", ended=now_iso(), reason=str(exc))
+        surface_log(log_path, progress)
         raise JobFailed(f"training stopped: {exc}", f"read the log: {log_path}") from None
+    finally:
+        watch.close()
     if tokenized_path:
         cache.mark_if_saved(tokenized_path, log_path.read_text(encoding="utf-8", errors="replace"))
     summary = training_summary(run_dir)
     summary["wall_s"] = round(time.monotonic() - started, 1)
-    summary["peak_rss_gib"] = round(
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2
-    )
+    # Summed over every process of the run (torchrun and each worker): proportional set size,
+    # which counts the pages the workers share (torch's libraries) once; RSS where /proc has no PSS.
+    peak = memory.get("peak_pss_bytes") or memory.get("peak_rss_bytes")
+    summary["peak_mem_gib"] = round(peak / 2**30, 2) if peak else None
+    summary["processes"] = memory.get("max_processes")
     summary["log"] = str(log_path)
     status = "completed" if code == 0 else "failed"
-    update_manifest(
+    manifest = update_manifest(
         run_dir,
         status=status,
         ended=now_iso(),
@@ -334,12 +444,29 @@ def _launch(
         tokens_per_second=summary["tokens_per_second"],
     )
     if code != 0:
+        surface_log(log_path, progress)
         raise JobFailed(
             f"llamafactory-cli train exited with code {code}",
-            f"read the log: {log_path}; {resume_hint}",
+            f"read the log: {log_path}; {_resume_hint(run_dir)}",
             returncode=code,
         )
-    return {"run_dir": str(run_dir), **summary}
+    return {"run_dir": str(run_dir), "method": manifest.method, **summary}
+
+
+def _resume_hint(run_dir: Path, interrupted: bool = False) -> str:
+    """How to go on: resume from a checkpoint, or (before the first one) start again."""
+    if newest_complete_checkpoint(run_dir) is not None:
+        return f"resume with: qwenft resume {run_dir}"
+    try:
+        due = yaml.safe_load((run_dir / "train.yaml").read_text()).get("save_steps")
+    except (OSError, yaml.YAMLError, AttributeError):
+        due = None
+    when = f" (the first was due at step {due})" if due else ""
+    return (
+        f"no checkpoint was written{when}, so there is nothing to resume; start again with the "
+        f"same `qwenft train` command (with a new --output-dir, or after removing {run_dir})"
+        + ("; --save-steps N checkpoints more often" if interrupted else "")
+    )
 
 
 def resume_train(
@@ -350,11 +477,29 @@ def resume_train(
     template: str | None = None,
     force: bool = False,
     progress: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Continue a run from its newest checkpoint (LLaMA-Factory restores step, optimizer and LR
     schedule); refuse when the data, template or method differ from the manifest unless forced."""
     run_dir = Path(run_dir).expanduser().absolute()
+    read_manifest(run_dir)  # a run folder at all, before anything else is said about it
+    with RunLock(run_dir, "resume") as lock:  # a live run (or a second resume) is refused here
+        return _resume_locked(run_dir, lock, data, method, template, force, progress, verbose)
+
+
+def _resume_locked(
+    run_dir: Path,
+    lock: RunLock,
+    data: Path | None,
+    method: str | None,
+    template: str | None,
+    force: bool,
+    progress: Callable[[str], None],
+    verbose: bool,
+) -> dict[str, Any]:
     m = read_manifest(run_dir)
+    if m.status == "running":  # marked running, yet nobody holds its lock: its process died
+        progress(f"{run_dir} was left running by a process that died (pid {m.pid}); resuming it")
     if m.status == "completed" and not force:
         raise QwenftError(
             f"{run_dir} already completed", "start a new run, or --force to run it again"
@@ -378,14 +523,14 @@ def resume_train(
             f"cannot resume {run_dir}: " + "; ".join(problems),
             "resume with the run's own inputs, or --force to continue anyway",
         )
-    checkpoints = sorted(
-        run_dir.glob("checkpoint-*"),
-        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-    )
-    if not checkpoints:
+    # LLaMA-Factory resumes from the highest checkpoint-N: one cut short by a kill is set aside.
+    for moved in set_aside_incomplete_checkpoints(run_dir):
+        progress(f"set aside a checkpoint that was never completely written: {moved.name}")
+    checkpoint = newest_complete_checkpoint(run_dir)
+    if checkpoint is None:
         raise QwenftError(
-            f"{run_dir} has no checkpoint-* to resume from",
-            "start a new run (lower save_steps to checkpoint more often)",
+            f"{run_dir} has no complete checkpoint to resume from",
+            "start a new run (--save-steps N checkpoints more often)",
         )
     base_target(m.model).ensure_built(progress)
     registry.register_dataset(Path(ds.train_path or ds.path), ds.name, Path(ds.dataset_dir))
@@ -393,12 +538,12 @@ def resume_train(
         *m.resumes,
         {
             "at": now_iso(),
-            "from": checkpoints[-1].name,
+            "from": checkpoint.name,
             "forced": bool(problems),
             "problems": problems,
         },
     ]
     update_manifest(run_dir, resumes=resumes)
-    progress(f"resuming {run_dir} from {checkpoints[-1].name}")
+    progress(f"resuming {run_dir} from {checkpoint.name}")
     tokenized = yaml.safe_load((run_dir / "train.yaml").read_text()).get("tokenized_path")
-    return _launch(run_dir, m.command, m.env, progress, tokenized)
+    return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose)

@@ -17,7 +17,12 @@ from qwenft.data import reader
 from qwenft.data.check import check_file, count_thinking_samples, file_has_tools, format_report
 from qwenft.data.convert import convert_file
 from qwenft.data.reader import file_sha256
-from qwenft.data.registry import check_dataset_name, dataset_name_for, register_dataset
+from qwenft.data.registry import (
+    auto_dataset_name,
+    check_dataset_name,
+    dataset_name_for,
+    register_dataset,
+)
 from qwenft.data.split import split_file, write_without_lines
 from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths, token_stats
 from qwenft.errors import QwenftError
@@ -268,7 +273,7 @@ BAD_INPUT = [
     # (id, make path, message part)
     ("missing_file", lambda t: t / "nope.jsonl", "not found"),
     ("folder", lambda t: t, "is a folder"),
-    ("txt_extension", lambda t: write(t, lines(GOOD), "a.txt"), "unsupported file type"),
+    ("tsv_extension", lambda t: write(t, lines(GOOD), "a.tsv"), "unsupported file type"),
     ("csv_extension", lambda t: write(t, b"a,b\n", "a.csv"), "unsupported file type"),
     ("no_extension", lambda t: write(t, lines(GOOD), "data"), "unsupported file type"),
 ]
@@ -312,7 +317,7 @@ WARN_CASES = [
     # (id, content, kind, line, field)
     ("unknown_top_key", lines(GOOD, row(U, A, id=7)), "unknown_key", 2, "id"),
     ("top_level_system", row(U, A, system="Be brief."), "unknown_key", 1, "system"),
-    ("unknown_message_key", row(U, {**A, "weight": 0}), "unknown_key", 1, "messages[1].weight"),
+    ("unknown_message_key", row(U, {**A, "name": "bob"}), "unknown_key", 1, "messages[1].name"),
     ("duplicate", lines(GOOD, row(S, U, A), GOOD, GOOD), "duplicate", 3, None),
     ("blank_content", row(U, {"role": "assistant", "content": "  \n"}), "blank_content", 1,
      "messages[1].content"),
@@ -464,6 +469,27 @@ def test_register_cli(tmp_path: Path, app) -> None:
     assert out["entry"]["file_name"] == str(path)
     result = invoke(app, "register", path, "--name", "bad name", "--dataset-dir", tmp_path / "reg")
     assert result.exit_code == 2 and "invalid dataset name" in result.output
+
+
+def test_a_copy_of_a_registered_file_gets_its_own_automatic_name(tmp_path: Path, app) -> None:
+    """The same data file in two places (a copy, a second clone): the name qwenft picks for the
+    copy never clashes with the original's, and each path keeps its own name when asked again."""
+    reg = tmp_path / "reg"
+    first = write(tmp_path, lines(GOOD), "chat.jsonl")
+    (tmp_path / "clone").mkdir()
+    copy = write(tmp_path / "clone", lines(GOOD), "chat.jsonl")
+    name = auto_dataset_name(first, file_sha256(first), reg)
+    assert name == dataset_name_for(first, file_sha256(first))
+    register_dataset(first, name, reg)
+    copy_name = auto_dataset_name(copy, file_sha256(copy), reg)
+    assert copy_name != name and copy_name.startswith(name + "-")
+    assert auto_dataset_name(first, file_sha256(first), reg) == name
+    result = invoke(app, "register", copy, "--dataset-dir", reg, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["name"] == copy_name
+    assert auto_dataset_name(copy, file_sha256(copy), reg) == copy_name
+    info = json.loads((reg / "dataset_info.json").read_text())
+    assert (info[name]["file_name"], info[copy_name]["file_name"]) == (str(first), str(copy))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,12 +70,28 @@ def test_qlora_4bit_trains_then_merges(
 
 
 def test_tiny_qwen3_uses_qwen3_template(qwenft: Qwenft, chat_file: Path) -> None:
+    # Also the terminal (issue 11): a 10-step run with no logging_steps/save_steps given.
     run = Path("runs/q3").absolute()
-    qwenft("train", "--model", "tiny-qwen3", "--data", chat_file, "-o", run, *QUICK)
+    ten = "--max-steps 10 --batch-size 2 --grad-accum 1 --cutoff-len 128 --val-size 0".split()
+    out = qwenft("train", "--model", "tiny-qwen3", "--data", chat_file, "-o", run, *ten)
     m = manifest(run)
     assert m["template"] == "qwen3" and m["enable_thinking"] is False
     assert "template: qwen3\n" in (run / "train.yaml").read_text()
     assert all(math.isfinite(x) for x in losses(run))
+    # RUN=$(qwenft train ...): stdout is the run folder and nothing else
+    assert out.stdout == f"{run}\n"
+    # the step settings follow the run's length: a loss point and a checkpoint every step
+    assert len(losses(run)) == 10 and (run / "checkpoint-1" / "trainer_state.json").is_file()
+    assert m["summary"]["first_loss"] is not None and m["summary"]["loss_plot"]
+    # stderr: qwenft's lines (plan, phases, progress, summary); LLaMA-Factory's only in the log
+    err = out.stderr
+    assert err.startswith("lora fine-tune of tiny-qwen3 (template qwen3) on chat.jsonl: 4 samples")
+    assert "10 steps of 2 samples" in err and "loss every step, checkpoint every step" in err
+    assert "starting LLaMA-Factory ..." in err and "done: 10 steps" in err
+    assert "step 10/10 100% | loss " in err and " tok/s | " in err
+    for lf_line in ("[INFO|", "Running tokenizer", "***** Running training", "it/s]"):
+        assert lf_line not in err, lf_line
+        assert lf_line in (run / "train.log").read_text() or lf_line == "Running tokenizer"
 
 
 def test_sigterm_stops_every_worker_and_marks_interrupted(qwenft: Qwenft, chat_file: Path) -> None:
@@ -88,7 +104,7 @@ def test_sigterm_stops_every_worker_and_marks_interrupted(qwenft: Qwenft, chat_f
         "tiny-qwen2",
         "--method",
         "full",
-        "--gpus",
+        "--cpu-procs",
         "2",
         "--deepspeed",
         "none",

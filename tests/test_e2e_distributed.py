@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from qwenft.runs.lock import checkpoint_is_complete
 from tests.helpers.e2e import SHORT, Qwenft, free_port, losses, manifest
 
 
@@ -26,7 +29,7 @@ def test_full_two_processes_deepspeed(qwenft: Qwenft, chat_file: Path, stage: st
         "tiny-qwen2",
         "--method",
         "full",
-        "--gpus",
+        "--cpu-procs",
         "2",
         "--deepspeed",
         stage,
@@ -62,7 +65,7 @@ def test_two_nodes_on_loopback(qwenft: Qwenft, chat_file: Path) -> None:
             str(chat_file),
             "-o",
             str(Path(f"runs/node{rank}").absolute()),
-            "--gpus",
+            "--cpu-procs",
             "1",
             "--nnodes",
             "2",
@@ -141,7 +144,27 @@ def test_interrupt_after_checkpoint_then_resume(qwenft: Qwenft, chat_file: Path)
     assert state["global_step"] == saved[-1] < 40
     assert not (run / "trainer_state.json").exists()
 
-    qwenft("resume", run)
+    # A kill that lands while the next checkpoint is written leaves it without trainer_state.json
+    # (transformers writes it last); LLaMA-Factory would pick it, as the highest, and fail.
+    half = run / f"checkpoint-{saved[-1] + 5}"
+    shutil.copytree(run / f"checkpoint-{saved[-1]}", half)
+    (half / "trainer_state.json").unlink()
+
+    resume = qwenft.popen("resume", run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = run / ".qwenft.lock"  # the resume holds it (and records itself) from its start
+    while '"action": "resume"' not in lock.read_text() and resume.poll() is None:
+        time.sleep(0.1)
+    second = qwenft("resume", run, check=False)  # one writer per run folder
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by qwenft resume (pid {resume.pid}" in second.stderr
+    out, err = resume.communicate(timeout=600)
+    assert resume.returncode == 0, err
+    assert out.strip() == str(run)
+    assert (
+        f"set aside a checkpoint that was never completely written: .incomplete-{half.name}" in err
+    )
+    assert (run / f".incomplete-{half.name}").is_dir()
+    assert checkpoint_is_complete(half)  # written again, whole, by the resumed training
     m = manifest(run)
     assert m["status"] == "completed" and len(m["resumes"]) == 1
     assert m["resumes"][0]["from"] == f"checkpoint-{saved[-1]}"
@@ -154,3 +177,49 @@ def test_interrupt_after_checkpoint_then_resume(qwenft: Qwenft, chat_file: Path)
     lrs = [by_step[s] for s in sorted(by_step)]
     assert sorted(by_step) == list(range(1, 41))
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)), lrs
+
+
+def test_sigkill_of_qwenft_stops_torchrun_and_its_workers(qwenft: Qwenft, chat_file: Path) -> None:
+    """kill -9 of `qwenft train` on two processes: torchrun's workers (each in a session of its
+    own) and everything else LLaMA-Factory started are gone within 5 s (qwenft/lf/supervise.py)."""
+    import psutil
+
+    run = Path("runs/killed").absolute()
+    long = ["--max-steps", "500", *SHORT[2:]]  # SHORT, but it would run for minutes
+    args = ["train", "--model", "tiny-qwen2", "--method", "lora", "--cpu-procs", "2"]
+    proc = qwenft.popen(
+        *args,
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        *long,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "trainer_log.jsonl").exists():  # the workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        sessions = {p.pid: os.getsid(p.pid) for p in family}
+        assert len(set(sessions.values())) >= 3  # the supervisor's and one for each worker
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        while time.monotonic() - killed < 5 and any(
+            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family
+        ):
+            time.sleep(0.1)
+        left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], f"still running 5 s after qwenft was killed: {left}"
+        # The manifest still says "running"; `qwenft runs` tells it died, and resume may take it.
+        assert manifest(run)["status"] == "running"
+        rows = json.loads(qwenft("runs", "--json").stdout)
+        assert [r["status"] for r in rows if r["run_dir"] == str(run)] == ["died"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stderr:
+            proc.stderr.close()

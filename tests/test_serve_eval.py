@@ -11,12 +11,15 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from qwenft import serve as serve_mod
 from qwenft.models.presets import resolve_model
+from qwenft.runs.lock import LOCK_NAME
 from qwenft.runs.manifest import DatasetRecord, Manifest
 from tests.helpers.builders import QA, read_calls, write_jsonl, write_model_folder
 from tests.helpers.cli import invoke
@@ -121,6 +124,159 @@ def test_plan_serve_curl_line_and_free_port(run_dir: Path, fake_cli: Path) -> No
     assert f"http://127.0.0.1:{plan.port}/v1/chat/completions" in line
     assert "Authorization: Bearer sk-test" in line and '"model": "lora"' in line
     assert not (run_dir / "serve.yaml").exists()  # planning writes nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# serve: invalid requests get a 400 naming the problem (checks added to LLaMA-Factory's app)
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        ([1], "must be a JSON object", None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "'model' is required", "model"),
+        (
+            {"model": "gpt-4", "messages": []},
+            "unknown model 'gpt-4': this server serves 'lora'",
+            "model",
+        ),
+        ({"model": "lora"}, "'messages' must be a non-empty list", "messages"),
+        ({"model": "lora", "messages": ["hi"]}, "messages[0] must be an object", "messages"),
+        (
+            {"model": "lora", "messages": [{"role": "user"}], "max_tokens": 0},
+            "'max_tokens' must be a positive integer (got 0)",
+            "max_tokens",
+        ),
+        (
+            {"model": "lora", "messages": [{"role": "user"}], "max_tokens": -5},
+            "(got -5)",
+            "max_tokens",
+        ),
+        (
+            {"model": "lora", "messages": [{"role": "user"}], "max_tokens": "8"},
+            "(got '8')",
+            "max_tokens",
+        ),
+        (
+            {"model": "lora", "messages": [{"role": "user"}], "max_tokens": True},
+            "(got True)",
+            "max_tokens",
+        ),
+        (
+            {"model": "lora", "messages": [{"role": "user"}], "n": 0},
+            "'n' must be a positive integer",
+            "n",
+        ),
+    ],
+)
+def test_invalid_chat_requests_are_named(body: object, message: str, param: str | None) -> None:
+    got = serve_mod.check_chat_request(body, "lora")
+    assert got is not None and message in got[0] and got[1] == param
+
+
+def test_valid_chat_requests_pass_and_context_is_checked() -> None:
+    ok = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8.0}
+    assert serve_mod.check_chat_request(ok, "lora") is None
+    assert serve_mod.check_context(10, None, 100) is None
+    assert serve_mod.check_context(10, 90, 100) is None
+    assert "longer than the model's context of 100" in (
+        serve_mod.check_context(100, None, 100) or ""
+    )
+    assert "ask for at most 90 tokens" in (serve_mod.check_context(10, 91, 100) or "")
+
+
+class FakeEngine:
+    """What RequestChecks reads of LLaMA-Factory's HF engine: one token per word of the prompt."""
+
+    class template:  # noqa: N801
+        @staticmethod
+        def encode_oneturn(tokenizer, messages, system, tools):  # noqa: ANN001, ANN205
+            words = sum(len(m["content"].split()) for m in messages) + len((system or "").split())
+            return list(range(words)), []
+
+    tokenizer = None
+    model = type("M", (), {"config": type("C", (), {"max_position_embeddings": 50})()})()
+
+
+def asgi_post(app: object, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST body to /v1/chat/completions of an ASGI app in two chunks; (status, JSON body)."""
+    import asyncio
+
+    chunks = [
+        {"type": "http.request", "body": body[:5], "more_body": True},
+        {"type": "http.request", "body": body[5:], "more_body": False},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_request_checks_answer_400_and_pass_good_requests_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("API_MODEL_NAME", "lora")
+    monkeypatch.setenv("API_KEY", "sk-1")
+    seen: list[bytes] = []
+
+    async def app(scope: dict, receive, send) -> None:  # noqa: ANN001 - LLaMA-Factory's app
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message["body"], message.get("more_body", False)
+        seen.append(body)
+        if b"boom" in body:
+            raise RuntimeError("generation failed")
+        assert (await receive())["type"] == "http.disconnect"  # as a streaming response listens
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    checks = serve_mod.RequestChecks(app, type("ChatModel", (), {"engine": FakeEngine()})())
+    key = {"Authorization": "Bearer sk-1"}
+
+    def post(body: object, headers: dict | None = key) -> tuple[int, dict]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return asgi_post(checks, raw, headers)
+
+    status, out = post(b'{"model": "lora", "messages": [')
+    assert status == 400 and "not valid JSON" in out["error"]["message"]
+    status, out = post(
+        {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}
+    )
+    assert (status, out["error"]["param"]) == (400, "max_tokens")
+    assert out["error"]["type"] == "invalid_request_error"
+    status, out = post({"model": "lora", "messages": [{"role": "user", "content": "w " * 60}]})
+    assert (
+        status == 400
+        and "60 tokens, longer than the model's context of 50" in out["error"]["message"]
+    )
+    status, out = post(
+        {"model": "lora", "messages": [{"role": "user", "content": "w " * 10}], "max_tokens": 41}
+    )
+    assert status == 400 and "ask for at most 40 tokens" in out["error"]["message"]
+    assert seen == []  # none of them reached the app
+
+    good = {"model": "lora", "messages": [{"role": "user", "content": "w " * 10}], "max_tokens": 40}
+    assert post(good) == (200, {"ok": True})
+    assert json.loads(seen[-1]) == good  # the body reached the app whole
+    status, out = post({**good, "messages": [{"role": "user", "content": "boom"}]})
+    assert status == 500 and out["error"]["message"] == (
+        "the server failed on this request (RuntimeError: generation failed)"
+    )
+    # without the key the app answers (its own 401), unchecked
+    assert post({"model": "x"}, headers={}) == (200, {"ok": True})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +400,7 @@ def test_eval_writes_report_and_refuses_to_overwrite(
     assert json.loads((run_dir / "qwenft.json").read_text())["last_eval"]["report"] == str(
         out / "eval.json"
     )
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no staging left
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]  # no staging left
 
     again = invoke("eval", run_dir, "--data", chat_file)
     assert again.exit_code == 2 and "already holds an evaluation report" in again.output
@@ -263,7 +419,7 @@ def test_eval_failure_leaves_old_report_and_names_log(
     assert result.exit_code == 1, result.output
     assert f"read the log: {run_dir / 'eval.log'}" in result.output
     assert not (run_dir / "eval").exists()
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,6 +480,31 @@ def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
             )
         )
         assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        # invalid requests: a 400 naming the problem, never a 500
+        too_long = [{"role": "user", "content": "hi " * 33000}]  # tiny-qwen2: 32768 positions
+        for kwargs, needle in [
+            ({"max_tokens": 0}, "'max_tokens' must be a positive integer"),
+            ({"model": "gpt-4o"}, "unknown model 'gpt-4o': this server serves 'tiny-qwen2'"),
+            ({"messages": too_long}, "longer than the model's context of 32768 tokens"),
+            ({"max_tokens": 40000}, "exceeds the model's context of 32768 tokens"),
+            ({"messages": [{"role": "wizard", "content": "hi"}]}, "invalid request: messages"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.chat.completions.create(
+                    **{"model": "tiny-qwen2", "messages": msgs, "max_tokens": 8, **kwargs}
+                )
+            assert bad.value.status_code == 400 and needle in bad.value.message, bad.value
+        raw = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=b'{"model": "tiny-qwen2", "messages": [',
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(raw, timeout=30)
+        assert http.value.code == 400
+        assert "not valid JSON" in json.loads(http.value.read())["error"]["message"]
+        assert client.chat.completions.create(model="tiny-qwen2", messages=msgs, max_tokens=2)
+
         wrong = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
         )
@@ -343,6 +524,48 @@ def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def test_serve_killed_with_sigkill_leaves_nothing_and_frees_its_port(
+    qwenft: Qwenft, tmp_path: Path
+) -> None:
+    import psutil
+
+    from qwenft.models.tiny import ensure_tiny_model
+
+    ensure_tiny_model("tiny-qwen2", progress=None)
+    port = serve_mod.free_port()
+    err_log = open(tmp_path / "serve.err", "w")  # noqa: SIM115
+    proc = qwenft.popen(
+        "serve", "tiny-qwen2", "--port", port, stdout=subprocess.PIPE, stderr=err_log, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # "ready in ...", the curl line, "press Ctrl-C to stop"
+            if line.startswith("press Ctrl-C"):
+                break
+            assert time.monotonic() < deadline
+        assert proc.poll() is None, (tmp_path / "serve.err").read_text()[-3000:]
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 2  # the supervisor and the server
+        proc.kill()  # kill -9: qwenft runs no cleanup at all
+        proc.wait()
+        killed = time.monotonic()
+        while time.monotonic() - killed < 5 and any(
+            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family
+        ):
+            time.sleep(0.1)
+        left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], f"still running 5 s after qwenft was killed: {left}"
+        assert serve_mod.probe(f"http://127.0.0.1:{port}/v1/models", None, 1.0) is None
+        with socket.socket() as s:  # the port is free again
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err_log.close()
 
 
 def test_eval_lora_run_beats_its_base_end_to_end(

@@ -231,3 +231,40 @@ def test_eval_follows_the_same_thinking_rule(
     wrong = invoke("eval", "run", "--data", reasoning, "--thinking", "on")
     assert wrong.exit_code == 2 and "trained with thinking off" in wrong.output
     assert plan_eval("run", reasoning, thinking="on", force=True).enable_thinking is True
+
+
+# --------------------------------------------------------------------------------------------------
+# bug: --max-steps 0 was dropped in rendering (a whole epoch trained); the knob -> LLaMA-Factory
+# key map lived only in the CLI, so messages could not name the option
+
+
+def test_every_train_knob_has_its_option_in_the_one_map(
+    monkeypatch: pytest.MonkeyPatch, chat_file: Path
+) -> None:
+    import qwenft.train
+
+    seen: list = []
+
+    def capture(req, gpus_seen=None):  # noqa: ANN001, ANN202
+        seen.append(req)
+        raise QwenftError("stop here")
+
+    monkeypatch.setattr(qwenft.train, "plan_train", capture)
+    invoke("train", "-m", "qwen2-7b-instruct", "--data", chat_file)
+    (req,) = seen
+    help_text = invoke("train", "--help").output
+    for key in req.knobs:
+        assert key in settings.KEY_OPTIONS, key
+        assert settings.KEY_OPTIONS[key] in help_text, key
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        settings.RunRequest(model="qwen2-7b-instruct", knobs={"max_steps": 0}),
+        settings.RunRequest(model="qwen2-7b-instruct", set_items=["max_steps=-1"]),
+    ],
+)
+def test_max_steps_below_one_is_refused_not_dropped(request_: settings.RunRequest) -> None:
+    with pytest.raises(QwenftError, match="--max-steps must be a positive whole number"):
+        settings.resolve(request_)

@@ -32,10 +32,12 @@ from qwenft.cli.common import (
     TargetArg,
     TemplateOpt,
     ThinkingOpt,
+    VerboseOpt,
     choice_option,
     err,
     handle_errors,
     print_json,
+    stdout_for_results,
 )
 from qwenft.errors import QwenftError
 
@@ -95,7 +97,18 @@ def train(
     ] = False,
     gpus: Annotated[
         int | None,
-        typer.Option("--gpus", help="Processes (GPUs) per node; default: all visible, else 1."),
+        typer.Option(
+            "--gpus",
+            help="GPUs (processes) per node; default: all visible, else 1. Refused where no GPU "
+            "is visible: see --cpu-procs.",
+        ),
+    ] = None,
+    cpu_procs: Annotated[
+        int | None,
+        typer.Option(
+            "--cpu-procs",
+            help="CPU processes per node, on a machine without GPUs (instead of --gpus).",
+        ),
     ] = None,
     deepspeed: DeepSpeedOpt = AUTO,
     template: Annotated[
@@ -150,13 +163,30 @@ def train(
         list[str] | None,
         typer.Option("--set", help="key=value for any LLaMA-Factory key (repeatable)."),
     ] = None,
+    logging_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--logging-steps", help="Steps between loss points (default: ~2 % of the run)."
+        ),
+    ] = None,
+    save_steps: Annotated[
+        int | None,
+        typer.Option("--save-steps", help="Steps between checkpoints (default: ~10 % of the run)."),
+    ] = None,
+    verbose: VerboseOpt = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run's manifest instead of its folder.")
+    ] = False,
 ) -> None:
-    """Fine-tune a Qwen model on chat data (LoRA, QLoRA or full) through LLaMA-Factory."""
+    """Fine-tune a Qwen model on chat data (LoRA, QLoRA or full) through LLaMA-Factory.
+
+    stdout carries only the run folder (or --json: its manifest), so RUN=$(qwenft train ...)
+    works; progress and the summary go to stderr, LLaMA-Factory's output to RUN/train.log."""
     from qwenft.lf import launcher
     from qwenft.train import TrainRequest, execute_train, plan_train
 
     if resume is not None:
-        _report_training(_resume(resume, data, method, template, force))
+        _report_training(_resume(resume, data, method, template, force, verbose), as_json)
         return
     if data is None or not model:
         raise QwenftError(
@@ -172,6 +202,7 @@ def train(
         data=data,
         output_dir=output_dir,
         gpus=gpus,
+        cpu_procs=cpu_procs,
         deepspeed=deepspeed,
         template=template,
         thinking=thinking,
@@ -193,6 +224,8 @@ def train(
             "val_size": val_size,
         },
     )
+    # the step options are named knobs too (settings.step_defaults leaves what is set alone)
+    req.knobs.update(logging_steps=logging_steps, save_steps=save_steps)
     plan = plan_train(req)
     for note in plan.notes:
         err(note)
@@ -215,21 +248,35 @@ def train(
             typer.echo(f"# node {rank} of {nnodes}:")
             typer.echo(launcher.format_command(plan.argv, env))
         return
-    _report_training(execute_train(plan, progress=err))
+    with stdout_for_results():
+        result = execute_train(plan, progress=err, verbose=verbose)
+    _report_training(result, as_json)
 
 
 def _resume(
-    run_dir: Path, data: Path | None, method: str | None, template: str | None, force: bool
+    run_dir: Path,
+    data: Path | None,
+    method: str | None,
+    template: str | None,
+    force: bool,
+    verbose: bool = False,
 ) -> dict:
     from qwenft.train import resume_train
 
-    return resume_train(
-        run_dir, data=data, method=method, template=template, force=force, progress=err
-    )
+    with stdout_for_results():
+        return resume_train(
+            run_dir,
+            data=data,
+            method=method,
+            template=template,
+            force=force,
+            progress=err,
+            verbose=verbose,
+        )
 
 
-def _report_training(result: dict) -> None:
-    """The end-of-training summary on stderr; the run folder on stdout (for scripts)."""
+def _report_training(result: dict, as_json: bool = False) -> None:
+    """The end-of-training summary on stderr; the run folder (or its manifest) on stdout."""
 
     def num(key: str, fmt: str) -> str:
         return format(result[key], fmt) if isinstance(result.get(key), int | float) else "-"
@@ -237,14 +284,27 @@ def _report_training(result: dict) -> None:
     err(
         f"done: {result['global_step']} steps in {num('wall_s', '.0f')} s | loss {num('first_loss', '.4f')} -> "
         f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')}) | {num('tokens_per_second', '.0f')} "
-        f"real tokens/s | peak RSS {num('peak_rss_gib', '.2f')} GiB"
+        f"real tokens/s | peak memory {num('peak_mem_gib', '.2f')} GiB ({num('processes', 'd')} processes)"
     )
     err(
         f"log: {result['log']}"
         + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else "")
     )
-    err(f"next: qwenft merge {result['run_dir']}")
-    typer.echo(result["run_dir"])
+    if result.get("method") in ("full", "freeze"):  # its own weights: nothing to merge
+        err(f"next: qwenft chat {result['run_dir']}")
+    else:
+        err(f"next: qwenft merge {result['run_dir']} (or qwenft chat {result['run_dir']})")
+    _print_result(Path(result["run_dir"]), result["run_dir"], as_json)
+
+
+def _print_result(run_dir: Path, text: str, as_json: bool) -> None:
+    """stdout: `text` (a folder), or with --json the run's manifest (qwenft.json)."""
+    if as_json:
+        from qwenft.runs.manifest import read_manifest
+
+        typer.echo(read_manifest(run_dir).to_json().rstrip("\n"))
+    else:
+        typer.echo(text)
 
 
 @app.command("resume")
@@ -264,9 +324,10 @@ def resume_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Continue despite changed inputs.")
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Continue a run from its newest checkpoint (same step, optimizer and LR schedule)."""
-    _report_training(_resume(run_dir, data, method, template, force))
+    _report_training(_resume(run_dir, data, method, template, force, verbose))
 
 
 @app.command()
@@ -286,15 +347,22 @@ def merge(
             "--verify", help="Compare merged logits with base + adapter on a few prompts."
         ),
     ] = False,
+    verbose: VerboseOpt = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run's manifest instead of the merged folder.")
+    ] = False,
 ) -> None:
-    """Merge a LoRA/QLoRA adapter into its base model with llamafactory-cli export."""
+    """Merge a LoRA/QLoRA adapter into its base model with llamafactory-cli export.
+
+    stdout carries only the merged folder (or --json: the run's manifest); the export's output
+    goes to RUN/merge.log."""
     from qwenft.merge import execute_merge, plan_merge
 
-    result = execute_merge(
-        plan_merge(run_dir, export_dir), progress=err, check=check, verify=verify
-    )
+    plan = plan_merge(run_dir, export_dir)
+    with stdout_for_results():
+        result = execute_merge(plan, progress=err, check=check, verify=verify, verbose=verbose)
     err(f"next: qwenft chat {result['merged']}")
-    typer.echo(result["merged"])
+    _print_result(plan.run_dir, result["merged"], as_json)
 
 
 @app.command()
@@ -363,30 +431,6 @@ def chat(
         typer.echo("")
 
 
-@app.command("runs")
-@handle_errors
-def runs_cmd(
-    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
-    as_json: JsonOpt = False,
-) -> None:
-    """List run folders with status, method, model and final loss."""
-    from qwenft.runs.folder import list_runs
-
-    rows = list_runs(root)
-    if as_json:
-        print_json(rows)
-        return
-    if not rows:
-        err(f"no runs under {root}")
-        return
-    typer.echo(f"{'STATUS':<12} {'METHOD':<6} {'MODEL':<28} {'LOSS':>8}  RUN")
-    for r in rows:
-        loss = f"{r['final_loss']:.4f}" if isinstance(r["final_loss"], int | float) else "-"
-        typer.echo(
-            f"{r['status'] or '-':<12} {r['method'] or '-':<6} {str(r['model'])[:28]:<28} {loss:>8}  {r['run_dir']}"
-        )
-
-
 @app.command()
 @handle_errors
 def models(as_json: JsonOpt = False) -> None:
@@ -439,9 +483,10 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 
 def _mount_subcommands() -> None:
-    from qwenft.cli import data, plan, use
+    from qwenft.cli import data, plan, runs, use
 
     app.add_typer(data.app, name="data")
+    app.add_typer(runs.app, name="runs")
     app.command("plan")(plan.plan)
     app.command("serve")(use.serve)
     app.command("eval")(use.eval_cmd)

@@ -6,9 +6,11 @@ The only place that turns domain errors into exit codes and messages (`error: ..
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,6 +23,12 @@ from qwenft.errors import QwenftError
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Stream LLaMA-Factory's output to stderr too (it is always logged)."
+    ),
+]
 TargetArg = Annotated[str, typer.Argument(help="A run folder, a model folder or a preset.")]
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", help="A LoRA adapter folder to apply.")
@@ -77,6 +85,13 @@ OverlengthOpt = Annotated[
 def err(message: str) -> None:
     """A line on stderr (progress, warnings, errors); stdout stays for results."""
     typer.echo(message, err=True)
+
+
+def stdout_for_results() -> contextlib.AbstractContextManager[Any]:
+    """Around the work of a command whose stdout carries only its result (`RUN=$(qwenft train
+    ...)`): whatever a library prints to sys.stdout meanwhile (DeepSpeed's accelerator warning
+    when LLaMA-Factory is imported in-process, ...) goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def print_json(data: Any) -> None:

@@ -1,4 +1,5 @@
-"""`qwenft data`: check, convert, split and register chat datasets.
+"""`qwenft data`: check, convert, split and register datasets of every kind (sft, preference, kto,
+pt: qwenft.data.kinds).
 
 Thin commands: each calls one function of qwenft.data and prints its result. Nothing heavy is
 imported here; token statistics (`data check --model`) import LLaMA-Factory when they run.
@@ -21,16 +22,16 @@ from qwenft.data.check import (
     format_report,
     require_valid,
 )
-from qwenft.data.convert import convert_file
+from qwenft.data.convert import CONVERT_FORMATS, convert_file, parse_fill
 from qwenft.data.reader import file_sha256
-from qwenft.data.registry import check_dataset_name, dataset_name_for, register_dataset
+from qwenft.data.registry import auto_dataset_name, check_dataset_name, register_dataset
 from qwenft.data.split import split_file
 from qwenft.data.tokens import token_stats
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
 
 app = typer.Typer(
-    help="Check, convert, split and register chat datasets.",
+    help="Check, convert, split and register datasets (chat, preference pairs, KTO, text).",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -40,13 +41,22 @@ ForceOpt = Annotated[
     bool, typer.Option("--force", help="Overwrite / replace what is already there.")
 ]
 DataArg = Annotated[
-    Path, typer.Argument(help="A .jsonl file (one JSON object per line) or a .json array.")
+    Path,
+    typer.Argument(
+        help="A .jsonl file (one JSON object per line), a .json array, or a .txt of pre-training "
+        "text (one document per blank-line-separated block)."
+    ),
 ]
 DEFAULT_STATS_MODEL = "tiny-qwen2"
 
 
 def _token_stats(
-    spec: str, template: str | None, thinking: str, cutoff_len: int | None, data: Path
+    spec: str,
+    template: str | None,
+    thinking: str,
+    cutoff_len: int | None,
+    data: Path,
+    kind: str = "sft",
 ) -> dict:
     """Token statistics under the settings `qwenft train` would use for this model and data (one
     resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule)."""
@@ -72,32 +82,55 @@ def _token_stats(
         enable_thinking=True if run.enable_thinking is None else run.enable_thinking,
         train_on_prompt=bool(run.values.get("train_on_prompt")),
         mask_history=bool(run.values.get("mask_history")),
+        kind=kind,
+    )
+
+
+def _length_line(label: str, ln: dict) -> str:
+    return (
+        f"  {label}  min {ln['min']}  p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  "
+        f"max {ln['max']}  mean {ln['mean']}"
     )
 
 
 def _format_stats(s: dict) -> str:
     n = s["n_samples"]
-    ln = s["length"]
+    kind = s.get("kind", "sft")
     lines = [
         f"tokens ({s['template']} template, {s['model']}, cutoff_len {s['cutoff_len']}): "
-        f"{n} sample{'s' if n != 1 else ''}"
+        f"{n} {'pair' if kind == 'preference' else 'sample'}{'s' if n != 1 else ''}"
         + (f", {s['n_skipped']} skipped (errors)" if s["n_skipped"] else ""),
-        f"  length  min {ln['min']}  p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  "
-        f"max {ln['max']}  mean {ln['mean']}",
     ]
+    if "pairs" in s:
+        for side in ("chosen", "rejected"):
+            lines.append(_length_line(f"prompt+{side}", s["pairs"][side]["length"]))
+        lines.append(_length_line("longer side  ", s["length"]))
+    else:
+        lines.append(_length_line("length", s["length"]))
     if s["n_over_cutoff"]:
         shown = ", ".join(map(str, s["over_cutoff_lines"][:10]))
         more = " ..." if s["n_over_cutoff"] > 10 else ""
+        what = "pair" if kind == "preference" else "sample"
         lines.append(
-            f"  over cutoff_len: {s['n_over_cutoff']} sample"
+            f"  over cutoff_len: {s['n_over_cutoff']} {what}"
             f"{'s' if s['n_over_cutoff'] != 1 else ''} (lines {shown}{more}), "
             f"{s['tokens_cut']} tokens cut silently by LLaMA-Factory"
+            + (
+                " (without packing; with it, texts run on into the next block)"
+                if kind == "pt"
+                else ""
+            )
         )
     else:
         lines.append("  over cutoff_len: none")
+    trained = {
+        "preference": "chosen and rejected answers",
+        "kto": "the last answer",
+        "pt": "every token",
+    }.get(kind, "assistant turns")
     lines.append(
         f"  tokens after cutoff: {s['tokens_after_cutoff']}, of which {s['loss_tokens']} count "
-        "toward the loss (assistant turns)"
+        f"toward the loss ({trained})"
     )
     if s["suggested_cutoff_len"] is not None:
         lines.append(f"  suggested cutoff_len: {s['suggested_cutoff_len']} (p99 rounded up to 64)")
@@ -135,11 +168,13 @@ def check(
     ] = 5,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a chat dataset; exit 2 on errors.
+    """Check a dataset; exit 2 on errors.
 
-    Streams FILE and reports every problem with file:line and field, grouped by kind. With
-    --model or --cutoff-len it also counts tokens as LLaMA-Factory will (chat template included):
-    lengths, samples over cutoff_len, tokens cut, loss tokens and a suggested cutoff_len.
+    Names the file's data kind (sft, preference, kto, pt), streams FILE and reports every problem
+    with file:line and field, grouped by kind. With --model or --cutoff-len it also counts tokens
+    as LLaMA-Factory will for that kind (chat template included; pairs as prompt+chosen and
+    prompt+rejected): lengths, samples over cutoff_len, tokens cut, loss tokens and a suggested
+    cutoff_len.
     """
     report = check_file(file)
     stats = None
@@ -153,6 +188,7 @@ def check(
                 thinking,
                 cutoff_len,
                 report.path,
+                report.kind,
             )
         stats["model"] = model or DEFAULT_STATS_MODEL
     if as_json:
@@ -176,8 +212,23 @@ def convert(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl file.")],
     fmt: Annotated[
         str,
-        typer.Option("--from", help="Input format: alpaca, sharegpt, openai or auto (detect)."),
+        choice_option(
+            "--from",
+            CONVERT_FORMATS,
+            "Input format (auto: detect from the first row). alpaca and sharegpt include "
+            "LLaMA-Factory's ranking and KTO variants; trl (= ultrafeedback) reads prompt + "
+            'chosen/rejected or prompt/completion/label; text reads {"text"} rows or .txt.',
+        ),
     ] = "auto",
+    fill: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fill",
+            metavar="NAME=VALUE",
+            help="Replace {{NAME}} placeholders (LLaMA-Factory's identity.json) with VALUE; "
+            "repeatable.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     skip_invalid: Annotated[
         bool,
@@ -185,23 +236,28 @@ def convert(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Convert alpaca/sharegpt/OpenAI data to messages.
+    """Convert alpaca/sharegpt/OpenAI/TRL/text data to qwenft's shapes.
 
-    Writes OUT atomically; rows that cannot be converted are listed with their lines, and then
-    nothing is written unless --skip-invalid.
+    Chat rows become messages (sft), pairs become messages + chosen + rejected (preference),
+    labelled rows messages + label (kto), text {"text"} rows (pt). Writes OUT atomically; rows that
+    cannot be converted are listed with their lines, and then nothing is written unless
+    --skip-invalid.
     """
-    report = convert_file(src, out, fmt, force=force, skip_invalid=skip_invalid)
+    report = convert_file(
+        src, out, fmt, force=force, skip_invalid=skip_invalid, fill=parse_fill(fill)
+    )
     if as_json:
         print_json(report.to_dict())
     else:
         if report.written:
             typer.echo(
-                f"converted {report.n_out} of {report.n_in} rows ({report.format}) to {report.out}"
+                f"converted {report.n_out} of {report.n_in} rows ({report.format} -> "
+                f"{report.kind} data) to {report.out}"
             )
         for line in format_problems(report.problems, str(report.src)):
             typer.echo(line)
     if not report.written:
-        n = len(report.problems)
+        n = report.n_errors
         err(
             f"error: {n} row{'s' if n != 1 else ''} of {report.src} could not be converted; "
             f"nothing was written"
@@ -270,19 +326,23 @@ def register(
 ) -> None:
     """Check a dataset, then add it to dataset_info.json.
 
-    The entry (absolute path, sharegpt formatting, role/content tags) is what LLaMA-Factory's
-    `dataset:` and `dataset_dir:` keys read. Safe to run from several shells at once.
+    The entry (absolute path; for chat kinds sharegpt formatting with role/content tags, plus
+    ranking and chosen/rejected for pairs or the label as kto_tag; the text column for pt) is what
+    LLaMA-Factory's `dataset:` and `dataset_dir:` keys read. A .txt file is refused: convert it to
+    jsonl first. Safe to run from several shells at once.
     """
     if name is not None:
         check_dataset_name(name)
-    report = require_valid(file, "it was not registered")
-    name = name or dataset_name_for(report.path, file_sha256(report.path))
+    report = require_valid(file, "it was not registered", kind=None)
     folder = dataset_dir if dataset_dir is not None else default_dataset_dir()
-    entry = register_dataset(report.path, name, folder, force=force, has_tools=report.has_tools)
+    name = name or auto_dataset_name(report.path, file_sha256(report.path), folder)
+    entry = register_dataset(
+        report.path, name, folder, force=force, has_tools=report.has_tools, kind=report.kind
+    )
     folder = Path(folder).expanduser().absolute()
     if as_json:
-        print_json({"name": name, "dataset_dir": str(folder), "entry": entry})
+        print_json({"name": name, "dataset_dir": str(folder), "kind": report.kind, "entry": entry})
     else:
-        typer.echo(f"registered {name} -> {entry['file_name']}")
+        typer.echo(f"registered {name} ({report.kind} data) -> {entry['file_name']}")
         typer.echo(f"in {folder / 'dataset_info.json'}")
         typer.echo(f"use it with: dataset: {name}  dataset_dir: {folder}")

@@ -16,8 +16,10 @@ from qwenft.cli.common import (
     TargetArg,
     TemplateOpt,
     ThinkingOpt,
+    VerboseOpt,
     err,
     handle_errors,
+    stdout_for_results,
 )
 
 
@@ -101,6 +103,7 @@ def eval_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print eval.json instead of the table.")
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Eval loss and perplexity next to the base model, BLEU-4/ROUGE of generated answers."""
     from qwenft.evaluate import execute_eval, format_table, plan_eval
@@ -119,7 +122,8 @@ def eval_cmd(
         template=template,
         thinking=thinking,
     )
-    report = execute_eval(plan, progress=err)
+    with stdout_for_results():
+        report = execute_eval(plan, progress=err, verbose=verbose)
     sys.stderr.flush()
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))

@@ -1,6 +1,10 @@
-"""Checking chat samples against the shape qwenft trains on, with every problem's line.
+"""Checking data files against the shapes qwenft trains on, with every problem's line.
 
-The shape is JSON lines (or a JSON array in a ``.json`` file) of
+check_file reads the file and names its kind (qwenft.choices.DataKind: sft, preference, kto, pt);
+the kinds and their own rules live in qwenft.data.kinds. This module holds the messages rules the
+chat kinds share (the Checker) and the report.
+
+The chat shape is JSON lines (or a JSON array in a ``.json`` file) of
 ``{"messages": [{"role": ..., "content": ...}, ...], "tools": "<JSON list>"?}`` objects,
 registered with LLaMA-Factory as ``formatting: sharegpt`` with role/content tags. Roles:
 ``system`` (first only), ``user``, ``assistant``, and for tool use ``function_call`` (the
@@ -41,6 +45,11 @@ ROLES = (SYSTEM, USER, ASSISTANT, FUNCTION_CALL, TOOL)
 SAMPLE_KEYS = ("messages", "tools")
 MESSAGE_KEYS = ("role", "content")
 
+WEIGHT_ZERO_WHY = (
+    '"weight": 0 (OpenAI\'s "do not train on this turn") cannot be honoured: LLaMA-Factory trains '
+    "every assistant turn of a row; drop the weight to train on the turn, or end the row before it"
+)
+
 _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
 _TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # as LLaMA-Factory's
 _THOUGHT_RE = re.compile(r"<think>\n(.*?)\n</think>\n\n", re.DOTALL)
@@ -64,8 +73,9 @@ class CheckReport:
     counts: dict[str, int] = field(default_factory=dict)  # kind -> number found
     n_errors: int = 0
     n_warnings: int = 0
-    format: str = "jsonl"  # "jsonl" | "json" (a JSON array)
+    format: str = "jsonl"  # "jsonl" | "json" (a JSON array) | "txt" (pre-training text blocks)
     has_tools: bool = False  # some row has a "tools" key (the dataset entry then maps that column)
+    kind: str = "sft"  # a qwenft.choices.DataKind value: what the rows hold
 
     @property
     def errors(self) -> list[Problem]:
@@ -83,6 +93,7 @@ class CheckReport:
         return {
             "path": str(self.path),
             "format": self.format,
+            "kind": self.kind,
             "ok": self.ok,
             "n_samples": self.n_samples,
             "n_valid": self.n_valid,
@@ -211,9 +222,10 @@ def _function_call_names(content: str) -> tuple[list[str] | None, str]:
 
 _ROLE_CODE = {SYSTEM: "s", USER: "u", ASSISTANT: "a", FUNCTION_CALL: "f", TOOL: "t"}
 _ORDER_RE = re.compile(r"s?(?:ua)+")
+_CONTEXT_ORDER_RE = re.compile(r"s?(?:ua)*u")  # a preference row's context: ends with the user
 
 
-def _fast_ok(msgs: Any) -> bool:
+def _fast_ok(msgs: Any, order: re.Pattern = _ORDER_RE) -> bool:
     """True for the common clean sample (system?, then user/assistant pairs, plain string content);
     anything else goes through the full rules, which also explain what is wrong."""
     if type(msgs) is not list or not msgs:
@@ -229,16 +241,32 @@ def _fast_ok(msgs: Any) -> bool:
             codes.append(_ROLE_CODE[m["role"]])
     except (TypeError, KeyError):
         return False
-    return _ORDER_RE.fullmatch("".join(codes)) is not None
+    return order.fullmatch("".join(codes)) is not None
 
 
 class Checker:
-    """The per-sample rules. Keeps the cross-row state (types of extra keys, tools seen)."""
+    """The messages rules of one sample. Keeps the cross-row state (types of extra keys, tools).
 
-    def __init__(self, col: Collector) -> None:
+    context_only: the messages are a preference row's context, ending with the user turn (or a
+    tool result) that the row's chosen and rejected answer. row_keys: top-level keys the caller's
+    kind rules handle (no unknown-key warning). key_notes: why a key LLaMA-Factory knows is not
+    read for this kind of data (its warning says so, never "not used by LLaMA-Factory")."""
+
+    def __init__(
+        self,
+        col: Collector,
+        *,
+        context_only: bool = False,
+        row_keys: tuple[str, ...] = (),
+        key_notes: dict[str, str] | None = None,
+    ) -> None:
         self.col = col
         self.types: dict[str, tuple[str, int]] = {}  # extra key -> (JSON type, first line)
         self.has_tools = False
+        self.context_only = context_only
+        self.row_keys = row_keys
+        self.key_notes = key_notes or {}
+        self._order = _CONTEXT_ORDER_RE if context_only else _ORDER_RE
 
     def _track_type(self, key: str, value: Any, line: int, fld: str) -> None:
         t = jtype(value)
@@ -258,7 +286,12 @@ class Checker:
 
     def check(self, obj: Any, line: int, raw: bytes = b"") -> bool:
         """Record the problems of one sample; True if it has no errors."""
-        if type(obj) is dict and len(obj) == 1 and _fast_ok(obj.get("messages")):
+        if (
+            type(obj) is dict
+            and len(obj) == 1
+            and not self.context_only
+            and _fast_ok(obj.get("messages"))
+        ):
             if not (raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw)):
                 return True
         return self._check(obj, line, raw)
@@ -277,23 +310,16 @@ class Checker:
             return False
         if "messages" not in obj:
             keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
-            msg = f'no "messages" list (keys: {keys})'
-            if "conversations" in obj:
-                msg += f"; this looks like ShareGPT: {_HINT_CONVERT}"
-            elif "instruction" in obj or "output" in obj:
-                msg += f"; this looks like Alpaca: {_HINT_CONVERT}"
-            col.error("missing_messages", line, "messages", msg)
+            col.error("missing_messages", line, "messages", f'no "messages" list (keys: {keys})')
         for key, value in obj.items():
-            if key in SAMPLE_KEYS:
+            if key in SAMPLE_KEYS or key in self.row_keys:
                 continue
-            if key == "system":
-                why = (
-                    "is ignored by LLaMA-Factory: put the system prompt first in messages "
-                    'as role "system"'
-                )
+            note = self.key_notes.get(key)
+            if note:
+                msg = f'key "{key}" {note}'
             else:
-                why = "is not used by LLaMA-Factory"
-            col.warning("unknown_key", line, key, f'unknown key "{key}" {why}')
+                msg = f'unknown key "{key}" is not used by LLaMA-Factory'
+            col.warning("unknown_key", line, key, msg)
             self._track_type(key, value, line, key)
         tool_names: set[str] | None = set()
         if "tools" in obj:
@@ -310,7 +336,7 @@ class Checker:
                     "lone UTF-16 surrogate escape (e.g. \\ud83d without its pair): a broken emoji "
                     "that cannot be encoded as UTF-8; LLaMA-Factory fails to load it",
                 )
-        if "messages" in obj and not _fast_ok(obj["messages"]):
+        if "messages" in obj and not _fast_ok(obj["messages"], self._order):
             self._check_messages(obj["messages"], line, tool_names)
         return col.n_errors == before
 
@@ -384,6 +410,9 @@ class Checker:
                     else:
                         called.append((i, names))
             for key, value in m.items():
+                if key == "weight":
+                    self._check_weight(value, role, line, f"{f}.weight")
+                    continue
                 if key not in MESSAGE_KEYS:
                     extra = ""
                     if key == "tool_calls":
@@ -417,6 +446,19 @@ class Checker:
         if None in roles:
             return
         self._check_order(roles, line)
+
+    def _check_weight(self, value: Any, role: str | None, line: int, fld: str) -> None:
+        """OpenAI's per-turn weight: 1 changes nothing (LLaMA-Factory trains every assistant turn);
+        0 on a trained turn cannot be honoured, so the row is refused rather than trained on it."""
+        if type(value) not in (int, float) or value not in (0, 1):
+            self.col.error(
+                "bad_weight",
+                line,
+                fld,
+                f"weight must be 0 or 1 (OpenAI's per-turn flag), got {json.dumps(value)}",
+            )
+        elif value == 0 and role in (ASSISTANT, FUNCTION_CALL):
+            self.col.error("weight_zero", line, fld, WEIGHT_ZERO_WHY)
 
     def _check_order(self, roles: list[Any], line: int) -> None:
         col = self.col
@@ -459,6 +501,17 @@ class Checker:
             if msg:
                 col.error("not_alternating", line, f, msg)
                 return
+        if self.context_only:
+            if turns[-1] not in (USER, TOOL):
+                col.error(
+                    "bad_last_turn",
+                    line,
+                    f"messages[{len(roles) - 1}].role",
+                    f"the context ends with a {turns[-1]} turn: a preference row's messages end "
+                    "with the user turn that chosen and rejected answer (the answers go in chosen "
+                    "and rejected, not in messages)",
+                )
+            return
         if turns[-1] not in (ASSISTANT, FUNCTION_CALL):
             col.error(
                 "bad_last_turn",
@@ -473,11 +526,15 @@ class Checker:
 # check
 
 
-def check_file(path: Path) -> CheckReport:
-    """Stream through a .jsonl (or .json array) chat file and report every problem with its line."""
+def check_file(path: Path, kind: str | None = None) -> CheckReport:
+    """Stream through a .jsonl / .json array / .txt data file and report every problem with its
+    line. kind None: the file's kind is its first row's, and a row of another kind is an error;
+    a DataKind value: rows of any other kind are errors (wrong_kind)."""
+    from qwenft.data.kinds import RowRules
+
     path, fh, mode = open_data_file(path)
     col = Collector()
-    checker = Checker(col)
+    checker = RowRules(col, kind, mode)
     seen: dict[int, int] = {}  # hash of the row's bytes -> first line
     n_samples = n_valid = 0
     with fh:
@@ -492,6 +549,7 @@ def check_file(path: Path) -> CheckReport:
                     col.warning("duplicate", line, None, f"same sample as line {first}")
         except OSError as exc:
             raise QwenftError(f"cannot read {path}: {exc.strerror or exc}") from None
+    checker.finish()
     if n_samples == 0 and col.n_errors == 0:
         what = "an empty JSON array" if mode == "json" else "empty (no samples)"
         col.error("empty_file", None, None, f"the file is {what}")
@@ -505,14 +563,16 @@ def check_file(path: Path) -> CheckReport:
         n_warnings=col.n_warnings,
         format=mode,
         has_tools=checker.has_tools,
+        kind=checker.file_kind,
     )
 
 
-def require_valid(path: Path, not_done: str) -> CheckReport:
+def require_valid(path: Path, not_done: str, kind: str | None = "sft") -> CheckReport:
     """check_file, raising QwenftError with the grouped problems when the file has errors.
 
-    not_done says what was not done because of them, e.g. "nothing was started"."""
-    report = check_file(path)
+    not_done says what was not done because of them, e.g. "nothing was started". kind: the data
+    kind the caller takes (default sft: training and evaluating chat data); None takes any."""
+    report = check_file(path, kind)
     if not report.ok:
         raise QwenftError(
             f"{report.path} has {report.n_errors} data error(s); {not_done}\n"
@@ -550,7 +610,8 @@ def format_report(report: CheckReport, max_per_kind: int = 5) -> str:
     """The report as text: a summary line, then the problems grouped by kind and counted."""
     n = report.n_samples
     summary = (
-        f"{report.path}: {n} sample{'s' if n != 1 else ''}, {report.n_valid} valid, "
+        f"{report.path}: {report.kind} data, {n} sample{'s' if n != 1 else ''}, "
+        f"{report.n_valid} valid, "
         f"{report.n_errors} error{'s' if report.n_errors != 1 else ''}, "
         f"{report.n_warnings} warning{'s' if report.n_warnings != 1 else ''}"
     )
@@ -577,7 +638,8 @@ def file_has_tools(path: Path) -> bool:
 
 
 def count_thinking_samples(path: Path) -> tuple[int, int]:
-    """(samples with <think> or </think> in an assistant turn, samples with a messages list).
+    """(samples with <think> or </think> in an assistant turn or a pair's answer, samples with a
+    messages list).
 
     The same test LLaMA-Factory's reasoning templates (qwen3) make before adding an empty
     thought to a reply.
@@ -591,7 +653,8 @@ def count_thinking_samples(path: Path) -> tuple[int, int]:
             total += 1
             if b"think>" not in raw:
                 continue
-            for m in value["messages"]:
+            answers = [*value["messages"], value.get("chosen"), value.get("rejected")]
+            for m in answers:  # a preference pair's answers are chosen and rejected
                 if isinstance(m, dict) and m.get("role") == ASSISTANT:
                     content = m.get("content")
                     if isinstance(content, str) and ("<think>" in content or "</think>" in content):

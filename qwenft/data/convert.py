@@ -1,20 +1,32 @@
-"""Converting alpaca, sharegpt and openai rows to the messages format, written atomically."""
+"""Converting rows to qwenft's shapes (qwenft.data.kinds), written atomically.
+
+Sources: alpaca (plain, ranking with chosen/rejected, KTO with kto_tag), sharegpt (the same three),
+OpenAI chat (messages; with chosen/rejected or label too), TRL / UltraFeedback (prompt with
+chosen/rejected as strings or message lists, or prompt/completion/label) and text corpora
+({"text"} rows or a .txt file). What changes training is never dropped: a KTO label is kept, a
+turn with weight 0 or multimodal data refuses the row with the reason, and {{name}} placeholders
+can be filled (fill=) or are reported.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, Checker
+from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, WEIGHT_ZERO_WHY
+from qwenft.data.kinds import MULTIMODAL_KEYS, PT, RowRules
 from qwenft.data.reader import BAD, Collector, Problem, dump_row, iter_rows, jtype, open_data_file
 from qwenft.errors import QwenftError, RowError
 from qwenft.fsutil import AtomicOutput, check_out_path
 
-CONVERT_FORMATS = ("alpaca", "sharegpt", "openai", "auto")
+# ultrafeedback is trl under the name its users know (prompt, chosen and rejected message lists).
+CONVERT_FORMATS = ("alpaca", "sharegpt", "openai", "trl", "ultrafeedback", "text", "auto")
+_PLACEHOLDER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,8 +42,10 @@ class ConvertReport:
     format: str  # the source format used (detected when asked for "auto")
     n_in: int  # rows read
     n_out: int  # rows written (0 when nothing was written)
-    problems: list[Problem]
+    problems: list[Problem]  # errors: rows not converted; warnings: rows written with a remark
     written: bool  # False: some rows could not be converted and skip_invalid was off
+    kind: str = "sft"  # the data kind written (qwenft.choices.DataKind value)
+    n_errors: int = 0  # rows not converted (problems keeps the first few of each kind)
 
     @property
     def ok(self) -> bool:
@@ -42,6 +56,7 @@ class ConvertReport:
             "src": str(self.src),
             "out": str(self.out),
             "format": self.format,
+            "kind": self.kind,
             "n_in": self.n_in,
             "n_out": self.n_out,
             "written": self.written,
@@ -70,6 +85,13 @@ def _tools_text(tools: Any) -> str | None:
     return json.dumps(tools, ensure_ascii=False)
 
 
+_MULTIMODAL_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "video", "file")
+_MULTIMODAL_WHY = (
+    "multimodal data is not supported yet: qwenft trains on text only, and would not show the "
+    "model these files; keep such rows out (--skip-invalid writes the others)"
+)
+
+
 def _text(content: Any, fld: str) -> str:
     """An OpenAI content value (string, None or a list of parts) as plain text."""
     if content is None:
@@ -91,22 +113,138 @@ def _text(content: Any, fld: str) -> str:
                 parts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, dict) else jtype(part)
+                if kind in _MULTIMODAL_PARTS:
+                    raise RowError(
+                        "multimodal", f"content part {k} is {kind}: {_MULTIMODAL_WHY}", fld
+                    )
                 raise RowError("bad_content", f"content part of type {kind!r} is not text", fld)
         return "".join(parts)
     raise RowError("bad_content", f"content must be a string, got {jtype(content)}", fld)
 
 
-def _from_alpaca(obj: dict) -> dict:
-    def s(key: str) -> str:
-        v = obj.get(key)
-        if v is None:
-            return ""
-        if not isinstance(v, str):
-            raise RowError("bad_field", f"{key} must be a string, got {jtype(v)}", key)
-        return v
+def _refuse_multimodal(obj: dict) -> None:
+    for key in MULTIMODAL_KEYS:
+        if obj.get(key) not in (None, "", []):
+            raise RowError("multimodal", f'"{key}": {_MULTIMODAL_WHY}', key)
 
+
+def _weight(turn: dict, role: str, fld: str) -> None:
+    """OpenAI's per-turn weight: 1 (or absent, or null) changes nothing and is dropped; 0 on a
+    trained turn cannot be honoured (LLaMA-Factory trains every assistant turn): the row is refused."""
+    if "weight" not in turn or turn["weight"] is None:
+        return
+    value = turn["weight"]
+    if type(value) not in (int, float) or value not in (0, 1):
+        raise RowError("bad_weight", f"weight must be 0 or 1, got {json.dumps(value)}", fld)
+    if value == 0 and role in (ASSISTANT, FUNCTION_CALL):
+        raise RowError("weight_zero", WEIGHT_ZERO_WHY, fld)
+
+
+def _label(obj: dict) -> bool | None:
+    """The KTO label (label, or LLaMA-Factory's kto_tag), None when the row has none."""
+    key = "label" if "label" in obj else "kto_tag" if "kto_tag" in obj else None
+    if key is None:
+        return None
+    value = obj[key]
+    if type(value) is not bool:
+        raise RowError(
+            "bad_label",
+            f"{key} must be true or false (a JSON boolean), got {jtype(value) or 'null'} "
+            f"{value!r}; it is not guessed",
+            key,
+        )
+    return value
+
+
+def _str_field(obj: dict, key: str) -> str:
+    v = obj.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise RowError("bad_field", f"{key} must be a string, got {jtype(v)}", key)
+    return v
+
+
+def _turns(value: Any, fld: str, default_role: str) -> list[dict]:
+    """A prompt, completion or preference side in any of the common forms, as messages: a string
+    (one turn of default_role), one message (role/content or from/value), or a list of them."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowError(
+            "bad_field", f"{fld} must be a string or messages, got {jtype(value) or 'null'}", fld
+        )
+    if all(isinstance(t, dict) and "from" in t for t in value):
+        return _sharegpt_turns(value, fld)
+    return _openai_turns(value, fld)
+
+
+def _with_tools(out: dict, obj: dict) -> dict:
+    tools = _tools_text(obj.get("tools") if obj.get("tools") is not None else obj.get("functions"))
+    if tools is not None:
+        out["tools"] = tools
+    return out
+
+
+def _pair(context: list[dict], chosen: list[dict], rejected: list[dict]) -> dict:
+    """A preference row: the shared context, then chosen's and rejected's last (assistant) turn.
+
+    chosen and rejected may repeat the context (UltraFeedback: [user, assistant] each): what comes
+    before their last turns must then be the same in both, and agree with the context."""
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns:
+            raise RowError("empty_side", f"{side} is empty", side)
+        if turns[-1]["role"] not in (ASSISTANT, FUNCTION_CALL):
+            raise RowError(
+                "bad_side", f"{side} must end with an assistant turn, got {turns[-1]['role']}", side
+            )
+    prefix = chosen[:-1]
+    if prefix != rejected[:-1]:
+        raise RowError(
+            "prefix_mismatch",
+            "chosen and rejected differ before their last turn: a pair answers one conversation",
+            "rejected",
+        )
+    if prefix:
+        if prefix[: len(context)] != context:
+            raise RowError(
+                "prefix_mismatch",
+                "the prompt is not the conversation chosen and rejected start with",
+                "prompt",
+            )
+        context = prefix
+    return {"messages": context, "chosen": chosen[-1], "rejected": rejected[-1]}
+
+
+def _finish(context: list[dict], obj: dict, answer: list[dict] | None) -> dict:
+    """The row of the kind obj's keys ask for: a pair (chosen/rejected), KTO (label or kto_tag)
+    or SFT; context is the conversation before the answer."""
+    if "chosen" in obj or "rejected" in obj:
+        if answer:
+            raise RowError(
+                "bad_field",
+                "a row with chosen/rejected has no single answer besides them",
+                "output",
+            )
+        sides = {}
+        for side in ("chosen", "rejected"):
+            if obj.get(side) is None:
+                raise RowError("missing_side", f'no "{side}"', side)
+            sides[side] = _turns(obj[side], side, ASSISTANT)
+        return _with_tools(_pair(context, sides["chosen"], sides["rejected"]), obj)
+    label = _label(obj)
+    out: dict[str, Any] = {"messages": context + (answer or [])}
+    if label is not None:
+        out["label"] = label
+    return _with_tools(out, obj)
+
+
+def _from_alpaca(obj: dict) -> dict:
+    _refuse_multimodal(obj)
     messages = []
-    system = s("system")
+    system = _str_field(obj, "system")
     if system:
         messages.append({"role": SYSTEM, "content": system})
     history = obj.get("history") or []
@@ -120,13 +258,16 @@ def _from_alpaca(obj: dict) -> dict:
                 "bad_field", "each history item must be [prompt, response]", f"history[{k}]"
             )
         messages += [{"role": USER, "content": pair[0]}, {"role": ASSISTANT, "content": pair[1]}]
-    query = "\n".join(x for x in (s("instruction"), s("input")) if x)  # as LLaMA-Factory joins them
+    # as LLaMA-Factory joins them
+    query = "\n".join(x for x in (_str_field(obj, "instruction"), _str_field(obj, "input")) if x)
     if not query:
         raise RowError("empty_content", "instruction and input are both empty", "instruction")
+    messages.append({"role": USER, "content": query})
+    if "chosen" in obj or "rejected" in obj:
+        return _finish(messages, obj, None)
     if "output" not in obj:
         raise RowError("missing_field", 'no "output"', "output")
-    messages += [{"role": USER, "content": query}, {"role": ASSISTANT, "content": s("output")}]
-    return {"messages": messages}
+    return _finish(messages, obj, [{"role": ASSISTANT, "content": _str_field(obj, "output")}])
 
 
 _SHAREGPT_ROLES = {
@@ -141,13 +282,10 @@ _SHAREGPT_ROLES = {
 }
 
 
-def _from_sharegpt(obj: dict) -> dict:
-    conv = obj.get("conversations")
-    if not isinstance(conv, list):
-        raise RowError("missing_field", 'no "conversations" list', "conversations")
+def _sharegpt_turns(conv: list, fld: str) -> list[dict]:
     messages = []
     for k, turn in enumerate(conv):
-        f = f"conversations[{k}]"
+        f = f"{fld}[{k}]"
         if not isinstance(turn, dict):
             raise RowError("bad_message", "each turn must be an object with from and value", f)
         who = turn.get("from")
@@ -165,21 +303,24 @@ def _from_sharegpt(obj: dict) -> dict:
                 f"value must be a string, got {jtype(value) or 'null'}",
                 f + ".value",
             )
+        _weight(turn, role, f + ".weight")
         messages.append({"role": role, "content": value})
+    return messages
+
+
+def _from_sharegpt(obj: dict) -> dict:
+    _refuse_multimodal(obj)
+    conv = obj.get("conversations")
+    if not isinstance(conv, list):
+        raise RowError("missing_field", 'no "conversations" list', "conversations")
+    messages = _sharegpt_turns(conv, "conversations")
     system = obj.get("system")
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == SYSTEM):
         messages.insert(0, {"role": SYSTEM, "content": system})
-    out: dict[str, Any] = {"messages": messages}
-    tools = _tools_text(obj.get("tools"))
-    if tools is not None:
-        out["tools"] = tools
-    return out
+    return _finish(messages, obj, None)
 
 
-def _from_openai(obj: dict) -> dict:
-    msgs = obj.get("messages")
-    if not isinstance(msgs, list):
-        raise RowError("missing_field", 'no "messages" list', "messages")
+def _openai_turns(msgs: list, fld: str) -> list[dict]:
     messages: list[dict] = []
     pending_tool: list[str] = []
 
@@ -194,7 +335,7 @@ def _from_openai(obj: dict) -> dict:
             pending_tool.clear()
 
     for k, m in enumerate(msgs):
-        f = f"messages[{k}]"
+        f = f"{fld}[{k}]"
         if not isinstance(m, dict):
             raise RowError("bad_message", "each message must be an object", f)
         role = m.get("role")
@@ -207,12 +348,13 @@ def _from_openai(obj: dict) -> dict:
             messages.append({"role": SYSTEM, "content": text})
         elif role == "user":
             messages.append({"role": USER, "content": text})
-        elif role == "assistant":
+        elif role in ("assistant", "function_call"):
             calls = m.get("tool_calls") or (
                 [{"function": m["function_call"]}] if m.get("function_call") else []
             )
+            _weight(m, ASSISTANT, f + ".weight")
             if not calls:
-                messages.append({"role": ASSISTANT, "content": text})
+                messages.append({"role": role, "content": text})
                 continue
             if not isinstance(calls, list):
                 raise RowError("bad_function_call", "tool_calls must be a list", f + ".tool_calls")
@@ -239,22 +381,55 @@ def _from_openai(obj: dict) -> dict:
                 f + ".role",
             )
     flush_tools()
-    out: dict[str, Any] = {"messages": messages}
-    tools = _tools_text(obj.get("tools") if obj.get("tools") is not None else obj.get("functions"))
-    if tools is not None:
-        out["tools"] = tools
-    return out
+    return messages
+
+
+def _from_openai(obj: dict) -> dict:
+    _refuse_multimodal(obj)
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list):
+        raise RowError("missing_field", 'no "messages" list', "messages")
+    messages = _openai_turns(msgs, "messages")
+    system = obj.get("system")
+    if isinstance(system, str) and system and not (messages and messages[0]["role"] == SYSTEM):
+        messages.insert(0, {"role": SYSTEM, "content": system})  # a top-level system prompt
+    return _finish(messages, obj, None)
+
+
+def _from_trl(obj: dict) -> dict:
+    """TRL's preference (prompt?, chosen, rejected), prompt-completion and KTO (prompt,
+    completion, label) rows, as strings or message lists; UltraFeedback binarized is the
+    preference one with chosen and rejected repeating the prompt."""
+    _refuse_multimodal(obj)
+    prompt = obj.get("prompt")
+    context = [] if prompt is None else _turns(prompt, "prompt", USER)
+    if "chosen" in obj or "rejected" in obj:
+        return _finish(context, obj, None)
+    if "completion" not in obj:
+        raise RowError("missing_field", 'no "chosen"/"rejected" and no "completion"', "completion")
+    return _finish(context, obj, _turns(obj["completion"], "completion", ASSISTANT))
+
+
+def _from_text(obj: dict) -> dict:
+    _refuse_multimodal(obj)
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise RowError("bad_text", f"text must be a string, got {jtype(text) or 'null'}", "text")
+    return {"text": text}
 
 
 _CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "alpaca": _from_alpaca,
     "sharegpt": _from_sharegpt,
     "openai": _from_openai,
+    "trl": _from_trl,
+    "ultrafeedback": _from_trl,
+    "text": _from_text,
 }
 
 
 def detect_format(obj: Any) -> str | None:
-    """alpaca | sharegpt | openai for one sample, or None."""
+    """alpaca | sharegpt | openai | trl | text for one sample, or None."""
     if not isinstance(obj, dict):
         return None
     if "conversations" in obj:
@@ -263,22 +438,63 @@ def detect_format(obj: Any) -> str | None:
         return "openai"
     if "instruction" in obj or "output" in obj:
         return "alpaca"
+    if "prompt" in obj or "chosen" in obj or "rejected" in obj or "completion" in obj:
+        return "trl"
+    if "text" in obj:
+        return "text"
     return None
 
 
+def parse_fill(items: list[str] | None) -> dict[str, str]:
+    """--fill NAME=VALUE options as a mapping; QwenftError for a malformed one."""
+    fill: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        name = name.strip().strip("{}")
+        if not sep or not _PLACEHOLDER_NAME_RE.fullmatch(name):
+            raise QwenftError(
+                f"--fill {item!r}: expected NAME=VALUE", "e.g. --fill name=MyBot --fill author=Me"
+            )
+        fill[name] = value
+    return fill
+
+
+def _fill(value: Any, marks: dict[str, str]) -> Any:
+    """Every {{name}} placeholder in the strings of value replaced by its fill."""
+    if isinstance(value, str):
+        if "{{" in value:
+            for mark, text in marks.items():
+                value = value.replace(mark, text)
+        return value
+    if isinstance(value, list):
+        return [_fill(v, marks) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, marks) for k, v in value.items()}
+    return value
+
+
 def convert_file(
-    src: Path, out: Path, fmt: str = "auto", *, force: bool = False, skip_invalid: bool = False
+    src: Path,
+    out: Path,
+    fmt: str = "auto",
+    *,
+    force: bool = False,
+    skip_invalid: bool = False,
+    fill: dict[str, str] | None = None,
 ) -> ConvertReport:
-    """Convert alpaca / sharegpt / openai rows to the messages format, written atomically to out.
+    """Convert rows to qwenft's shapes (sft, preference, kto or pt), written atomically to out.
 
     Rows that cannot be converted (or that would not pass check_file) are reported with their
     lines. Unless skip_invalid, any such row means nothing is written (report.written is False).
+    fill: {name: text} for {{name}} placeholders; those left are reported as warnings.
     """
     if fmt not in CONVERT_FORMATS:
         raise QwenftError(f"unknown format {fmt!r}", f"use one of {', '.join(CONVERT_FORMATS)}")
+    marks = {"{{" + k + "}}": v for k, v in (fill or {}).items()}
     src_path, fh, mode = open_data_file(src)
     out_path = check_out_path(out, force, src_path)
     col = Collector()
+    rules = RowRules(Collector())
     n_in = n_out = 0
     created_dir = None
     if not out_path.parent.exists():
@@ -300,10 +516,11 @@ def convert_file(
                             if isinstance(value, dict)
                             else jtype(value)
                         )
+                        choices = "|".join(f for f in CONVERT_FORMATS if f != "auto")
                         raise QwenftError(
                             f"{src_path}:{line}: cannot tell the format from this row "
                             f"(keys: {keys})",
-                            "pass --from alpaca|sharegpt|openai",
+                            f"pass --from {choices}",
                         )
                 if not isinstance(value, dict):
                     col.error(
@@ -318,16 +535,32 @@ def convert_file(
                 except RowError as exc:
                     col.error(exc.kind, line, exc.field, exc.message)
                     continue
-                scratch = Collector()
+                if marks:
+                    row = _fill(row, marks)
                 dumped = dump_row(row)
-                if not Checker(scratch).check(row, line, dumped):
-                    first = next(p for p in scratch.problems if p.severity == "error")
-                    col.error(first.kind, line, first.field, f"after conversion: {first.message}")
+                seen = len(rules.col.problems)
+                errors_before = rules.col.n_errors
+                ok = rules.check(row, line, dumped)
+                new = rules.col.problems[seen:]
+                if not ok or rules.col.n_errors != errors_before:
+                    first = next((p for p in new if p.severity == "error"), None)
+                    if first is None:
+                        col.error("invalid_row", line, None, "after conversion: the row is invalid")
+                    else:
+                        col.error(
+                            first.kind, line, first.field, f"after conversion: {first.message}"
+                        )
                     continue
+                for p in new:
+                    col.warning(p.kind, line, p.field, p.message)
                 tmp.fh.write(dumped + b"\n")
                 n_out += 1
         if n_in == 0:
             raise QwenftError(f"{src_path} has no rows to convert", "is it the right file?")
+        rules.finish()
+        for p in rules.col.problems:
+            if p.line is None:  # file-level remarks (e.g. KTO labels all alike)
+                col.warning(p.kind, None, p.field, p.message)
         written = n_out > 0 and (col.n_errors == 0 or skip_invalid)
         if written:
             tmp.commit()
@@ -351,4 +584,46 @@ def convert_file(
         n_out=n_out,
         problems=col.problems,
         written=written,
+        kind=rules.file_kind,
+        n_errors=col.n_errors,
     )
+
+
+def materialize_pt_jsonl(src: Path, dst: Path) -> int:
+    """Write pre-training data src (a .txt file of blank-line-separated documents, or {"text"}
+    jsonl) to dst as {"text": ...} JSON lines, atomically (dst is replaced); the rows written.
+
+    LLaMA-Factory reads a .txt file line by line: training on a .txt goes through this copy (in
+    the run folder) so that a document stays one sample. A row that is not pre-training text
+    raises QwenftError naming its line (check the file first: check_file(src, "pt"))."""
+    src_path, fh, mode = open_data_file(src)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    col = Collector()
+    tmp = AtomicOutput(dst)
+    n = 0
+    try:
+        with fh:
+            for line, value, _raw in iter_rows(fh, mode, col):
+                text = value.get("text") if isinstance(value, dict) else None
+                if value is BAD or not isinstance(text, str):
+                    why = (
+                        col.problems[-1].message
+                        if value is BAD and col.problems
+                        else ('not a {"text": "..."} row')
+                    )
+                    raise QwenftError(
+                        f"{src_path}:{line}: {why}", f"check it: qwenft data check {src_path}"
+                    )
+                tmp.fh.write(dump_row({"text": text}) + b"\n")
+                n += 1
+        if col.n_errors:
+            p = col.problems[0]
+            raise QwenftError(f"{src_path}:{p.line}: {p.message}")
+        if n == 0:
+            raise QwenftError(f"{src_path} holds no {PT} text", "is it the right file?")
+        tmp.commit()
+    except BaseException:
+        tmp.discard()
+        raise
+    return n

@@ -1,4 +1,5 @@
-"""Reading chat data files row by row: .jsonl or a .json array, BOM, strict JSON, size limits.
+"""Reading data files row by row: .jsonl or a .json array (BOM, strict JSON, size limits), and
+.txt pre-training text (one {"text": ...} row per blank-line-separated block).
 
 Every row comes back with its line number; what cannot be read is recorded as a Problem in a
 Collector, never raised. Nothing here prints or exits.
@@ -17,7 +18,8 @@ from typing import IO, Any
 
 from qwenft.errors import QwenftError
 
-SUFFIXES = (".jsonl", ".json")
+SUFFIXES = (".jsonl", ".json")  # JSON data, as LLaMA-Factory reads it
+TEXT_SUFFIXES = (".txt",)  # pre-training text: one document per blank-line-separated block
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one chat sample this long fits no cutoff_len; keeps memory flat
 MAX_KEPT_PER_KIND = 1000  # problems kept in memory per kind; all are counted
 BOM = b"\xef\xbb\xbf"
@@ -98,15 +100,18 @@ def _loads(text: str) -> Any:
 
 
 def open_data_file(path: Path) -> tuple[Path, IO[bytes], str]:
-    """Open a .jsonl/.json data file for binary reading; QwenftError if it cannot be used."""
+    """Open a .jsonl/.json/.txt data file for binary reading; QwenftError if it cannot be used.
+
+    The mode: "jsonl", "json" (a JSON array) or "txt" (pre-training text blocks)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise QwenftError(f"{path} is a folder, not a data file", "pass the .jsonl file itself")
-    if path.suffix.lower() not in SUFFIXES:
+    if path.suffix.lower() not in SUFFIXES + TEXT_SUFFIXES:
         raise QwenftError(
             f"{path}: unsupported file type {path.suffix or '(no extension)'!r}",
-            "qwenft reads .jsonl (one JSON object per line) or .json (a JSON array); "
-            "LLaMA-Factory picks its loader from the extension",
+            "qwenft reads .jsonl (one JSON object per line), .json (a JSON array) or .txt "
+            "(pre-training text, one document per blank-line-separated block); LLaMA-Factory "
+            "picks its loader from the extension",
         )
     try:
         fh = open(path, "rb")  # the caller closes it
@@ -116,7 +121,7 @@ def open_data_file(path: Path) -> tuple[Path, IO[bytes], str]:
         ) from None
     except OSError as exc:
         raise QwenftError(f"cannot read {path}: {exc.strerror or exc}") from None
-    mode = "jsonl"
+    mode = "txt" if path.suffix.lower() in TEXT_SUFFIXES else "jsonl"
     if path.suffix.lower() == ".json":
         head = fh.read(4096)
         fh.seek(0)
@@ -130,6 +135,8 @@ def iter_rows(fh: IO[bytes], mode: str, col: Collector) -> Iterator[tuple[int, A
     """Yield (line, parsed value or BAD, one-line JSON bytes) per row; record read problems."""
     if mode == "json":
         yield from _iter_json_array(fh, col)
+    elif mode == "txt":
+        yield from _iter_text_blocks(fh, col)
     else:
         yield from _iter_jsonl(fh, col)
 
@@ -195,6 +202,83 @@ def _iter_jsonl(fh: IO[bytes], col: Collector) -> Iterator[tuple[int, Any, bytes
             yield lineno, BAD, raw
             continue
         yield lineno, value, raw
+
+
+def _iter_text_blocks(fh: IO[bytes], col: Collector) -> Iterator[tuple[int, Any, bytes]]:
+    """One {"text": block} per run of non-blank lines (line endings as \\n, the lines as they are),
+    numbered by the block's first line; a block that cannot be read is BAD (its problem recorded).
+    LLaMA-Factory itself would read a .txt line by line: qwenft writes these rows to jsonl first."""
+    readline = fh.readline
+    lineno = start = size = 0
+    parts: list[str] = []
+    bad = False
+
+    def block() -> tuple[int, Any, bytes]:
+        if bad:
+            return start, BAD, b""
+        value = {"text": "\n".join(parts)}
+        return start, value, dump_row(value)
+
+    while True:
+        raw = readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            break
+        lineno += 1
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[3:]
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:  # skip the rest of the line without holding it
+                chunk = readline(1 << 20)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            raw = b"x"  # not blank: the block goes on, and is already bad
+            if not bad:
+                col.error(
+                    "line_too_long",
+                    lineno,
+                    None,
+                    f"line over the {MAX_LINE_BYTES // 2**20} MiB limit for one document",
+                )
+            bad, start = True, start or lineno
+            continue
+        if not raw.strip():
+            if parts or bad:
+                yield block()
+            parts, bad, start, size = [], False, 0, 0
+            continue
+        start = start or lineno
+        size += len(raw)
+        if b"\x00" in raw:
+            if not bad:
+                col.error("nul_byte", lineno, None, "NUL byte: the file is binary or corrupt")
+            bad = True
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not bad:
+                col.error(
+                    "invalid_utf8",
+                    lineno,
+                    None,
+                    f"invalid UTF-8 at byte {exc.start + 1} of the line "
+                    f"({raw[exc.start : exc.start + 4]!r}); save the file as UTF-8",
+                )
+            bad = True
+            continue
+        if size > MAX_LINE_BYTES and not bad:
+            col.error(
+                "line_too_long",
+                start,
+                None,
+                f"the block starting here is over {MAX_LINE_BYTES // 2**20} MiB, the limit for one "
+                "document: separate documents with a blank line",
+            )
+            bad = True
+        if not bad:
+            parts.append(text.rstrip("\r\n"))
+    if parts or bad:
+        yield block()
 
 
 def _json_error_text(exc: ValueError, text: str, lineno: int) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
+from qwenft.choices import DataKind
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, file_has_tools
-from qwenft.data.reader import SUFFIXES, jtype
+from qwenft.data.kinds import detect_file_kind
+from qwenft.data.reader import SUFFIXES, TEXT_SUFFIXES, jtype
 from qwenft.errors import QwenftError
 from qwenft.fsutil import atomic_write_json, file_lock
 from qwenft.paths import default_dataset_dir
@@ -32,17 +35,53 @@ def dataset_name_for(path: Path, sha256: str) -> str:
     return f"{stem}-{sha256[:8]}"
 
 
-def dataset_entry(path: Path, *, has_tools: bool = False) -> dict:
-    """The LLaMA-Factory dataset_info.json entry for a messages-format file at path."""
+def auto_dataset_name(path: Path, sha256: str, dataset_dir: Path | None = None) -> str:
+    """The name qwenft picks itself for a file: dataset_name_for(), unless dataset_info.json already
+    holds that name for another path (a copy of the file elsewhere, a second clone of a project);
+    then the same name with a digest of this path added. Deterministic for a path and its content,
+    so a resumed run finds its own entry; a name qwenft chose is never the user's problem."""
+    base = dataset_name_for(path, sha256)
+    path = Path(path).expanduser().absolute()
+    info_path = (
+        Path(dataset_dir or default_dataset_dir()).expanduser().absolute() / "dataset_info.json"
+    )
+    old = _read_dataset_info(info_path).get(base)
+    if old is None or _entry_path(old, info_path.parent) == os.path.normpath(str(path)):
+        return base
+    return f"{base}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def _entry_path(entry: object, dataset_dir: Path) -> str | None:
+    """The normalized absolute file an entry of dataset_info.json points at, if any."""
+    file_name = entry.get("file_name") if isinstance(entry, dict) else None
+    if not isinstance(file_name, str):
+        return None
+    return os.path.normpath(os.path.join(dataset_dir, file_name))
+
+
+def dataset_entry(path: Path, *, kind: str = "sft", has_tools: bool = False) -> dict:
+    """The LLaMA-Factory 0.9.5 dataset_info.json entry for a file of one data kind at path.
+
+    sft: sharegpt formatting, role/content tags, the messages column; preference: the same with
+    ``ranking: true`` and the chosen/rejected columns (LLaMA-Factory reads each side's role and
+    content with the same tags); kto: the label column as ``kto_tag``; pt: the text column as the
+    prompt (LLaMA-Factory's c4_demo entry)."""
+    kind = DataKind.parse(kind, "data kind")
+    file_name = str(Path(path).expanduser().absolute())
+    if kind == DataKind.PT:
+        return {"file_name": file_name, "columns": {"prompt": "text"}}
     columns = {"messages": "messages"}
+    if kind == DataKind.PREFERENCE:
+        columns.update(chosen="chosen", rejected="rejected")
+    elif kind == DataKind.KTO:
+        columns["kto_tag"] = "label"
     if has_tools:  # only then: LLaMA-Factory fails (KeyError) on a mapped column no row has
         columns["tools"] = "tools"
-    return {
-        "file_name": str(Path(path).expanduser().absolute()),
-        "formatting": "sharegpt",
-        "columns": columns,
-        "tags": dict(DATASET_TAGS),
-    }
+    entry: dict = {"file_name": file_name, "formatting": "sharegpt"}
+    if kind == DataKind.PREFERENCE:
+        entry["ranking"] = True
+    entry.update(columns=columns, tags=dict(DATASET_TAGS))
+    return entry
 
 
 def _read_dataset_info(info_path: Path) -> dict:
@@ -89,14 +128,25 @@ def register_dataset(
     *,
     force: bool = False,
     has_tools: bool | None = None,
+    kind: str | None = None,
 ) -> dict:
     """Add or update entry `name` in dataset_dir/dataset_info.json (atomic, under a file lock).
 
     Same name and same file: updated in place (idempotent). Same name, another file: QwenftError
     unless force. Other entries are kept as they are. has_tools None: scan the file for a tools key.
+    kind None: the file's data kind, from its first rows (qwenft.data.kinds.detect_file_kind).
+    A .txt file is refused: LLaMA-Factory would read it line by line (register a jsonl copy,
+    qwenft.data.convert.materialize_pt_jsonl or `qwenft data convert`).
     """
     check_dataset_name(name)
     path = Path(path).expanduser().absolute()
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        raise QwenftError(
+            f"{path}: LLaMA-Factory reads a .txt file line by line, not one document per "
+            "blank-line-separated block as qwenft does; it was not registered",
+            f"convert it to JSON lines first: qwenft data convert {path} -o "
+            f"{path.with_suffix('.jsonl')}, then register that file",
+        )
     if path.suffix.lower() not in SUFFIXES:
         raise QwenftError(
             f"{path}: unsupported file type {path.suffix or '(no extension)'!r}",
@@ -112,9 +162,11 @@ def register_dataset(
         raise QwenftError(
             f"dataset folder {dataset_dir} is a file", "pass a folder to --dataset-dir"
         )
+    if kind is None:
+        kind = detect_file_kind(path) or DataKind.SFT.value
     if has_tools is None:
-        has_tools = file_has_tools(path)
-    entry = dataset_entry(path, has_tools=has_tools)
+        has_tools = kind != DataKind.PT and file_has_tools(path)
+    entry = dataset_entry(path, kind=kind, has_tools=has_tools)
     info_path = dataset_dir / "dataset_info.json"
     if info_path.exists():
         _read_dataset_info(info_path)  # fail early, before creating anything
@@ -124,16 +176,11 @@ def register_dataset(
         if old == entry:
             return entry
         if old is not None and not force:
-            old_file = old.get("file_name") if isinstance(old, dict) else None
-            old_path = (
-                os.path.normpath(os.path.join(dataset_dir, old_file))
-                if isinstance(old_file, str)
-                else None
-            )
+            old_path = _entry_path(old, dataset_dir)
             if old_path != os.path.normpath(str(path)):
                 raise QwenftError(
                     f"dataset {name!r} is already registered in {info_path} for "
-                    f"{old_file if old_file else 'another source'}",
+                    f"{old_path or 'another source'}",
                     "pick another --name, or pass --force to point it at this file",
                 )
         info[name] = entry

@@ -21,13 +21,13 @@ def split_file(
     force: bool = False,
 ) -> tuple[Path, Path]:
     """Write <stem>.train.jsonl and <stem>.val.jsonl: a seeded random val_ratio of the rows for
-    validation, both in file order."""
+    validation, both in file order. Any data kind; a .txt file's blocks become {"text"} rows."""
     if not (isinstance(val_ratio, (int, float)) and 0 < val_ratio < 1):
         raise QwenftError(
             f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}",
             "e.g. --val-ratio 0.1",
         )
-    report = require_valid(path, "not splitting it")
+    report = require_valid(path, "not splitting it", kind=None)
     src = report.path
     n = report.n_samples
     if n < 2:

@@ -1,8 +1,10 @@
 """Commands for llamafactory-cli, built as pure argv/env, and the one place that runs subprocesses.
 
 `build_*` functions are pure and tested apart from `run()`. `run()` streams the child's output
-live (progress bars intact) while logging it, runs the child in its own process group, and on
-Ctrl-C / SIGTERM stops that whole group (torchrun and every worker) before returning.
+live (progress bars intact) while logging it, and on Ctrl-C / SIGTERM / SIGHUP stops the child and
+everything it started (torchrun and every worker) before returning. Every long child (`run()`,
+`start()`) runs under qwenft/lf/supervise.py, so nothing it started outlives qwenft, even when
+qwenft itself is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from qwenft.errors import Interrupted, QwenftError, Stopped
+from qwenft.lf import supervise
 
 SETUP_HINT = "run `make setup` (or `scripts/setup_env.sh`) and use .venv/bin/qwenft"
 
@@ -134,6 +137,25 @@ def format_command(argv: list[str], env: dict[str, str]) -> str:
 
 
 Runner = Callable[..., Any]
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # a closed terminal = a SIGTERM
+SUPERVISOR = Path(__file__).with_name("supervise.py")
+ORPHAN_GRACE_S = 3.0  # when qwenft itself dies: SIGTERM, then SIGKILL after this
+
+
+class _Discard:
+    """An output that drops what it is given (a child's output that only its log keeps)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def child_echo(verbose: bool) -> IO[bytes]:
+    """Where a LLaMA-Factory child's output goes besides its log: stderr with -v, else nowhere
+    (stdout carries only qwenft's results)."""
+    return sys.stderr.buffer if verbose else _Discard()  # type: ignore[return-value]
 
 
 def run(
@@ -147,22 +169,47 @@ def run(
     grace_s: float = 20.0,
     monitor: Callable[[], str | None] | None = None,
     monitor_every_s: float = 2.0,
+    stats: dict[str, Any] | None = None,
+    sample_every_s: float = 1.0,
+    hold_fds: Sequence[int] = (),
 ) -> int:
     """Run argv with env added, tee its output to echo (stdout) and log_path, return its exit code.
 
-    On SIGINT/SIGTERM the child's whole process group gets SIGTERM (SIGKILL after grace_s) and
-    Interrupted is raised once it is gone. `monitor` is polled while the child runs; when it
-    returns a reason, the group is stopped the same way and Stopped(reason) is raised.
+    The child runs under the supervisor (see start()). On SIGINT/SIGTERM/SIGHUP the whole child tree
+    gets SIGTERM (SIGKILL after grace_s) and Interrupted is raised once it is gone. `monitor` is
+    polled while the child runs; when it returns a reason, the tree is stopped the same way and
+    Stopped(reason) is raised.
+
+    `stats`, when given, is filled (also when Interrupted/Stopped is raised) with the memory of the
+    whole child tree, sampled every sample_every_s from /proc:
+    `peak_rss_bytes` (the peak of the summed RSS of every process: all workers, not the largest),
+    `peak_pss_bytes` (the same with shared pages split between the processes sharing them; None
+    where /proc has no smaps_rollup), `max_processes` and `samples`.
+
+    `hold_fds` (e.g. a RunLock's fileno()) stay open in the supervisor, not in the child, until the
+    whole tree is gone: a run folder's lock outlives a killed qwenft until its workers are stopped.
     """
     reason = None
-    with start(argv, env, log_path, cwd=cwd, echo=echo, popen=popen, grace_s=grace_s) as proc:
-        next_check = time.monotonic() + monitor_every_s
-        while proc.poll() is None and proc.signalled is None and reason is None:
-            if monitor and time.monotonic() >= next_check:
-                reason = monitor()
-                next_check = time.monotonic() + monitor_every_s
-            time.sleep(0.1)
-        code = proc.close()  # after a stop: SIGTERM the group, SIGKILL what outlives grace_s
+    memory = TreeMemory()
+    try:
+        with start(
+            argv, env, log_path, cwd=cwd, echo=echo, popen=popen, grace_s=grace_s, hold_fds=hold_fds
+        ) as proc:
+            now = time.monotonic()
+            next_check, next_sample = now + monitor_every_s, now
+            while proc.poll() is None and proc.signalled is None and reason is None:
+                now = time.monotonic()
+                if now >= next_sample:
+                    memory.sample(proc.pid, proc.supervised)
+                    next_sample = now + sample_every_s
+                if monitor and now >= next_check:
+                    reason = monitor()
+                    next_check = time.monotonic() + monitor_every_s
+                time.sleep(0.1)
+            code = proc.close()  # after a stop: SIGTERM the tree, SIGKILL what outlives grace_s
+    finally:
+        if stats is not None:
+            stats.update(memory.as_dict())
     if reason:
         raise Stopped(reason)
     if proc.signalled is not None:
@@ -170,24 +217,42 @@ def run(
     return code
 
 
+class TreeMemory:
+    """The peak of the summed memory of a child tree, sampled from /proc."""
+
+    def __init__(self) -> None:
+        self.peak_rss = 0
+        self.peak_pss: int | None = None
+        self.max_processes = 0
+        self.samples = 0
+
+    def sample(self, root: int, supervised: bool) -> None:
+        pids = supervise.descendants(root)  # the supervisor itself (a small python) left out
+        if not supervised:
+            pids = [root, *pids]
+        if not pids:
+            return
+        rss, pss = supervise.tree_memory(pids)
+        self.samples += 1
+        self.max_processes = max(self.max_processes, len(pids))
+        self.peak_rss = max(self.peak_rss, rss)
+        if pss is not None:
+            self.peak_pss = max(self.peak_pss or 0, pss)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "peak_rss_bytes": self.peak_rss or None,
+            "peak_pss_bytes": self.peak_pss,
+            "max_processes": self.max_processes,
+            "samples": self.samples,
+        }
+
+
 def _signal_group(proc: Any, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _wait_group(proc: Any, grace_s: float | None) -> int:
-    """Wait for the child; after a stop, make sure no process of its group outlives it."""
-    if grace_s is None:
-        return proc.wait()
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None and not _group_alive(proc.pid):
-            return proc.returncode
-        time.sleep(0.2)
-    _signal_group(proc, signal.SIGKILL)
-    return proc.wait()
 
 
 def _group_alive(pgid: int) -> bool:
@@ -205,22 +270,30 @@ def _group_alive(pgid: int) -> bool:
 
 
 class Process:
-    """A child started by start(): in its own process group, its output pumped to echo and a log.
+    """A child started by start(), under the supervisor, its output pumped to echo and a log.
 
-    While it is open, SIGINT/SIGTERM send SIGTERM to the child's group (a second one: SIGKILL) and
-    set `signalled`; the caller decides what that means. close() stops whatever is left.
+    While it is open, SIGINT/SIGTERM/SIGHUP send SIGTERM to the supervisor, which stops the whole
+    tree (a second signal: at once), and set `signalled`; the caller decides what that means.
+    close() stops whatever is left. Without the supervisor (start(..., supervised=False)) the
+    child's process group is signalled instead.
     """
 
-    def __init__(self, proc: Any, log: IO[bytes] | None, echo: IO[bytes], grace_s: float) -> None:
+    def __init__(
+        self,
+        proc: Any,
+        log: IO[bytes] | None,
+        echo: IO[bytes],
+        grace_s: float,
+        supervised: bool = False,
+    ) -> None:
         self.proc, self.grace_s, self.signalled = proc, grace_s, None
+        self.supervised = supervised
         self._log, self._echo = log, echo
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._old = {
-                s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
-            }
+            self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     @property
     def pid(self) -> int:
@@ -244,26 +317,29 @@ class Process:
                     self._log.flush()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self.signalled is not None:  # a second Ctrl-C: no more waiting
-            _signal_group(self.proc, signal.SIGKILL)
-            return
-        self.signalled = signum
-        _signal_group(self.proc, signal.SIGTERM)
+        first = self.signalled is None
+        if first:
+            self.signalled = signum
+        if self.supervised:  # the supervisor: a first SIGTERM stops the tree, a second kills it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+        else:
+            _signal_group(self.proc, signal.SIGTERM if first else signal.SIGKILL)
 
     def poll(self) -> int | None:
         return self.proc.poll()
 
     def wait(self) -> int:
-        """Wait for the child to end (a signal ends it); after a signal, for its whole group too."""
+        """Wait for the child to end (a signal ends it); after a signal, for its whole tree too."""
         code = self.proc.wait()
         if self.signalled is not None:
-            code = stop_group(self.proc, self.grace_s)
+            code = stop_group(self.proc, self.grace_s, supervised=self.supervised)
         return code
 
     def close(self) -> int:
-        """Stop the group if anything of it is left, flush the output, restore signal handlers."""
+        """Stop the tree if anything of it is left, flush the output, restore signal handlers."""
         try:
-            code = stop_group(self.proc, self.grace_s)
+            code = stop_group(self.proc, self.grace_s, supervised=self.supervised)
             self._pump.join(timeout=5)
         finally:
             for s, handler in self._old.items():
@@ -281,6 +357,33 @@ class Process:
         self.close()
 
 
+def supervised_argv(argv: list[str], grace_s: float) -> list[str]:
+    """argv run under qwenft/lf/supervise.py, bound to this process (see that module)."""
+    return [
+        sys.executable,
+        str(SUPERVISOR),
+        "--parent",
+        str(os.getpid()),
+        "--grace",
+        f"{grace_s:g}",
+        "--orphan-grace",
+        f"{min(grace_s, ORPHAN_GRACE_S):g}",
+        "--",
+        *argv,
+    ]
+
+
+def _check_program(program: str, path: str) -> None:
+    """QwenftError when program cannot be started (the supervisor would only say so later)."""
+    found = program if os.sep in program else shutil.which(program, path=path)
+    if not found or not os.path.isfile(found):
+        raise QwenftError(
+            f"cannot start {program}: [Errno 2] No such file or directory", SETUP_HINT
+        )
+    if not os.access(found, os.X_OK):
+        raise QwenftError(f"cannot start {program}: [Errno 13] Permission denied", SETUP_HINT)
+
+
 def start(
     argv: list[str],
     env: dict[str, str],
@@ -290,13 +393,25 @@ def start(
     echo: IO[bytes] | None = None,
     popen: Runner = subprocess.Popen,
     grace_s: float = 20.0,
+    supervised: bool = True,
+    hold_fds: Sequence[int] = (),
 ) -> Process:
-    """Start argv (env added) in its own process group and return at once; see Process."""
+    """Start argv (env added) and return at once; see Process.
+
+    The child runs under qwenft/lf/supervise.py, in a session of its own: when this process dies
+    in any way (kill -9 included), the supervisor stops every process the child started, workers
+    in sessions of their own included, within a few seconds. Call it from the main thread: the
+    kernel's parent-death signal follows the thread that started the child (the supervisor tells a
+    thread's exit from the process's, but only the main thread's handlers catch SIGTERM/SIGHUP).
+    """
     echo = echo if echo is not None else sys.stdout.buffer
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     bin_dir = str(Path(argv[0]).parent) if os.sep in argv[0] else None
     if bin_dir:
         full_env["PATH"] = os.pathsep.join([bin_dir, full_env.get("PATH", "")])
+    if supervised:
+        _check_program(argv[0], full_env.get("PATH", ""))
+        argv = supervised_argv(argv, grace_s)
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed by Process.close
     try:
         proc = popen(
@@ -307,17 +422,38 @@ def start(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **({"pass_fds": tuple(hold_fds)} if hold_fds else {}),
         )
     except OSError as exc:
         if log:
             log.close()
         raise QwenftError(f"cannot start {argv[0]}: {exc}", SETUP_HINT) from exc
-    return Process(proc, log, echo, grace_s)
+    return Process(proc, log, echo, grace_s, supervised)
 
 
-def stop_group(proc: Any, grace_s: float = 20.0) -> int:
-    """SIGTERM the child's process group, wait until every member is gone (SIGKILL after grace_s)."""
+def stop_group(proc: Any, grace_s: float = 20.0, *, supervised: bool = False) -> int:
+    """Stop the child and everything it started; its exit code once all of it is gone.
+
+    Supervised: SIGTERM the supervisor, which stops the tree (SIGKILL after grace_s) and then
+    exits; should it not, its descendants and it are SIGKILLed from here. Otherwise: SIGTERM the
+    child's process group and wait until every member is gone (SIGKILL after grace_s)."""
+    if supervised:
+        if proc.poll() is not None:
+            return int(proc.returncode)  # the supervisor only ends once the tree is gone
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            return int(proc.wait(timeout=grace_s + 10))
+        except subprocess.TimeoutExpired:
+            supervise.kill_tree(proc.pid, signal.SIGKILL, include_root=True)
+            return int(proc.wait())
     if proc.poll() is not None and not _group_alive(proc.pid):
         return int(proc.returncode)
     _signal_group(proc, signal.SIGTERM)
-    return int(_wait_group(proc, grace_s))
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            return int(proc.returncode)
+        time.sleep(0.2)
+    _signal_group(proc, signal.SIGKILL)
+    return int(proc.wait())

@@ -84,12 +84,34 @@ def resolve_target(
     path = Path(spec).expanduser()
     if (path / MANIFEST).is_file():
         return _run_target(path.absolute(), adapter, template, force)
+    if adapter is not None and not Path(adapter).expanduser().exists():
+        raise QwenftError(f"adapter folder not found: {adapter}", "check the path")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise QwenftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    if not path.exists() and _looks_like_folder(spec):
+        raise QwenftError(
+            f"run folder or model folder not found: {spec}",
+            "check the path: `qwenft runs` lists run folders; or give a preset (`qwenft models`) "
+            "or a Qwen hub id such as Qwen/Qwen2.5-7B-Instruct",
+        )
     target = base_target(presets.resolve_model(spec), template)
     if adapter is not None:
         target.adapter_path = str(Path(adapter).absolute())
     return target
+
+
+def _looks_like_folder(spec: str) -> bool:
+    """A spec meant as a path rather than a preset or hub id: ./x, /x, ~/x, a/b/c, or a/b where
+    the folder a exists here (runs/typo: the runs folder is there, so a run was meant)."""
+    key = spec.strip()
+    known = {p.name.lower() for p in presets.PRESETS.values()}
+    known |= {p.hub_id.lower() for p in presets.PRESETS.values() if p.hub_id}
+    if key.lower() in known:
+        return False
+    if key.startswith((".", "/", "~")) or key.count("/") > 1:
+        return True
+    head, sep, _ = key.partition("/")
+    return bool(sep) and Path(head).expanduser().is_dir()
 
 
 def _run_target(

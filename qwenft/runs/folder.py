@@ -1,16 +1,27 @@
-"""Run folders: naming a new one, creating it whole (staged, then renamed), listing them."""
+"""Run folders: naming a new one, creating it whole (staged, then renamed), finding them (under
+folders the user names and in QWENFT_HOME's record), telling a live run from a dead one, removing."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import re
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from qwenft.errors import QwenftError
-from qwenft.fsutil import refuse_existing, staged_dir
-from qwenft.runs.manifest import MANIFEST, read_manifest
+from qwenft.fsutil import atomic_write_json, refuse_existing, staged_dir
+from qwenft.paths import qwenft_home
+from qwenft.runs.manifest import MANIFEST, Manifest, read_manifest
+from qwenft.runs.watch import read_trainer_log
 
 
 def default_run_dir(model_spec: str, method: str, root: Path | None = None) -> Path:
@@ -40,27 +51,122 @@ def create_run_dir(
             (stage / name).write_text(text, encoding="utf-8")
         if prepare:
             prepare(stage)
+    record_run(path)
     return path.resolve()
 
 
-def list_runs(root: Path) -> list[dict[str, Any]]:
-    """Every run folder directly under root (newest first), with its manifest's headline fields;
-    folders whose manifest cannot be read are left out."""
-    rows = []
-    if root.is_dir():
-        for manifest_path in root.glob(f"*/{MANIFEST}"):
-            try:
-                m = read_manifest(manifest_path.parent)
-            except QwenftError:
-                continue
-            rows.append(
-                {
-                    "run_dir": str(manifest_path.parent),
-                    "status": m.status,
-                    "method": m.method,
-                    "model": m.model.spec,
-                    "final_loss": m.final_loss,
-                    "created": m.created,
-                }
-            )
+def index_dir() -> Path:
+    """QWENFT_HOME/runs: one small file per run qwenft created, wherever its folder is."""
+    return qwenft_home() / "runs"
+
+
+def _index_file(run_dir: Path) -> Path:
+    run_dir = Path(run_dir).absolute()
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+    return index_dir() / f"{run_dir.name[:60]}-{digest}.json"
+
+
+def record_run(run_dir: Path) -> None:
+    """Remember a new run folder in QWENFT_HOME, so `qwenft runs` finds it from anywhere."""
+    atomic_write_json(_index_file(run_dir), {"run_dir": str(Path(run_dir).absolute())})
+
+
+def recorded_runs() -> list[Path]:
+    """The run folders recorded in QWENFT_HOME that still exist."""
+    found = []
+    for entry in sorted(index_dir().glob("*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            path = Path(json.loads(entry.read_text(encoding="utf-8"))["run_dir"])
+            if (path / MANIFEST).is_file():
+                found.append(path)
+    return found
+
+
+def run_state(run_dir: Path, m: Manifest) -> str:
+    """The manifest's status, except that a run marked running whose process is gone is `died`
+    (killed with -9, out of memory, the machine went down). Liveness is the run folder's lock,
+    which the kernel drops when its holder dies; a run started on another host is trusted."""
+    from qwenft.runs.lock import pid_alive, run_is_live
+
+    if m.status != "running" or (m.host and m.host != socket.gethostname()):
+        return m.status
+    live = run_is_live(run_dir)
+    if live is None and m.pid:  # no lock file to ask: the process it recorded
+        live = pid_alive(m.pid)
+    return "died" if live is False else "running"
+
+
+def run_row(run_dir: Path, m: Manifest) -> dict[str, Any]:
+    """The headline fields `qwenft runs` shows for one run."""
+    log = read_trainer_log(run_dir)
+    last = log[-1] if log else {}
+    summary = m.summary or {}
+    started = _parse_time(m.started)
+    ended = _parse_time(m.ended)
+    state = run_state(run_dir, m)
+    if started is not None and ended is None and state == "running":
+        ended = time.time()
+    return {
+        "run_dir": str(run_dir),
+        "status": state,
+        "stage": m.stage,
+        "method": m.method,
+        "model": m.model.spec,
+        "started": m.started,
+        "steps_done": summary.get("global_step") or last.get("current_steps"),
+        "steps_planned": last.get("total_steps"),
+        "duration_s": round(ended - started) if started is not None and ended else None,
+        "final_loss": m.final_loss,
+        "created": m.created,
+        "log": m.log,
+    }
+
+
+def _parse_time(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    try:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return None
+
+
+def list_runs(roots: list[Path], *, recorded: bool = True) -> list[dict[str, Any]]:
+    """Every run folder directly under each root, plus (recorded) those QWENFT_HOME knows, newest
+    first, each once; folders whose manifest cannot be read are left out."""
+    candidates = [
+        p.parent.absolute() for root in roots if root.is_dir() for p in root.glob(f"*/{MANIFEST}")
+    ]
+    if recorded:
+        candidates += recorded_runs()
+    rows, seen = [], set()
+    for run_dir in candidates:
+        key = os.path.realpath(run_dir)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            m = read_manifest(run_dir)
+        except QwenftError:
+            continue
+        rows.append(run_row(run_dir, m))
     return sorted(rows, key=lambda r: r["created"] or "", reverse=True)
+
+
+def remove_run(run_dir: Path) -> Path:
+    """Delete a run folder that is not running: moved aside first (one rename), then removed,
+    so it is never left half-deleted under its own name. A live run is refused."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    m = read_manifest(run_dir)
+    if run_state(run_dir, m) == "running":
+        where = f"pid {m.pid} on {m.host}" if m.pid else "another process"
+        raise QwenftError(
+            f"{run_dir} is running ({where}); it was not removed",
+            "stop it first (Ctrl-C in its terminal, or kill that process)",
+        )
+    trash = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.rm-", dir=run_dir.parent))
+    os.rename(run_dir, trash / run_dir.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        _index_file(run_dir).unlink()
+    return run_dir

@@ -70,6 +70,7 @@ class Manifest:
     gpus: int = 1
     nnodes: int = 1
     kind: str = "train"
+    stage: str = "sft"  # LLaMA-Factory's stage
     versions: dict[str, str | None] = field(default_factory=dict)
     overlength: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
@@ -78,6 +79,8 @@ class Manifest:
     created: str = field(default_factory=now_iso)
     # set as the run goes
     started: str | None = None
+    host: str | None = None  # where the process running it (pid) lives
+    pid: int | None = None
     ended: str | None = None
     log: str | None = None
     reason: str | None = None
@@ -126,6 +129,10 @@ class Manifest:
 def read_manifest(run_dir: Path) -> Manifest:
     """The manifest of a run folder, or QwenftError naming what is wrong."""
     path = Path(run_dir) / MANIFEST
+    if not Path(run_dir).exists():
+        raise QwenftError(
+            f"run folder not found: {run_dir}", "`qwenft runs` lists the runs qwenft knows"
+        )
     if not path.is_file():
         raise QwenftError(
             f"{run_dir} is not a qwenft run folder (no {MANIFEST})",

@@ -59,3 +59,45 @@ def env_without_fake(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}
     env.update(overrides)
     return env
+
+
+def run_manifest(**changes: object):
+    """A complete run manifest (qwenft.runs.manifest.Manifest) of a LoRA run, fields changed."""
+    from qwenft.models.presets import resolve_model
+    from qwenft.runs.manifest import DatasetRecord, Manifest
+
+    m = Manifest(
+        method="lora",
+        model=resolve_model("qwen2-0.5b-instruct"),
+        template="qwen",
+        default_system="You are a helpful assistant.",
+        enable_thinking=None,
+        dataset=DatasetRecord("/data/chat.jsonl", "ab" * 32, "chat-abababab", "/ds"),
+        command=["llamafactory-cli", "train", "train.yaml"],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    for key, value in changes.items():
+        setattr(m, key, value)
+    return m
+
+
+def write_safetensors(path: Path, nbytes: int = 8, truncate: int = 0) -> None:
+    """A .safetensors file holding one tensor of nbytes (its last `truncate` bytes cut off)."""
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}
+    )
+    data = len(header).to_bytes(8, "little") + header.encode() + b"\0" * nbytes
+    path.write_bytes(data[: len(data) - truncate])
+
+
+def write_checkpoint(
+    run: Path, step: int, *, state: str | None = '{"global_step": 1}', **kw: int
+) -> Path:
+    """A LoRA checkpoint-<step> folder as transformers writes it (state None: cut short before
+    trainer_state.json, which it writes last)."""
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    write_safetensors(folder / "adapter_model.safetensors", **kw)
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for llamafactory-cli in unit tests of command building: it records argv, the
 environment and the YAML it was given into $FAKE_LF_RECORD (JSON lines), writes the files a real
-run would leave behind, and exits with $FAKE_LF_EXIT (default 0).
+run would leave behind, prints $FAKE_LF_SAY (if set) and exits with $FAKE_LF_EXIT (default 0).
 
 - `train` with do_train (the default): trainer_log.jsonl, all_results.json, trainer_state.json
   (and adapter_config.json for LoRA) in output_dir;
@@ -34,6 +34,8 @@ record = {"argv": argv, "env": {k: os.environ[k] for k in keys if k in os.enviro
 with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
     fh.write(json.dumps(record) + "\n")
 print("fake llamafactory-cli", " ".join(argv), flush=True)
+if os.environ.get("FAKE_LF_SAY"):  # what a failing run would print (the log scan's input)
+    print(os.environ["FAKE_LF_SAY"], flush=True)
 code = int(os.environ.get("FAKE_LF_EXIT", "0"))
 if code == 0 and argv and argv[0] == "train" and cfg.get("do_train", True) is False:
     out = Path(cfg["output_dir"])

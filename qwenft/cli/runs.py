@@ -1,0 +1,103 @@
+"""`qwenft runs`: list the runs (under ./runs, folders named with --dir, and those recorded in
+QWENFT_HOME), and `qwenft runs rm RUN` to delete one that is not running. Mounted by qwenft.cli."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from qwenft.cli.common import JsonOpt, err, handle_errors, print_json
+
+app = typer.Typer(
+    help="List runs (status, stage/method, steps, duration, loss); `runs rm RUN` deletes one.",
+    invoke_without_command=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+@handle_errors
+def runs(
+    ctx: typer.Context,
+    dirs: Annotated[
+        list[Path] | None,
+        typer.Option("--dir", help="Also list the run folders under DIR (repeatable)."),
+    ] = None,
+    tail: Annotated[
+        int,
+        typer.Option(
+            "--tail", help="Show the last N lines of the log of runs that died or failed."
+        ),
+    ] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs: ./runs, every --dir, and the runs qwenft recorded in QWENFT_HOME."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from qwenft.runs.folder import list_runs
+
+    roots = [Path("runs"), *(dirs or [])]
+    rows = list_runs(roots)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        err(f"no runs under {', '.join(map(str, roots))} or recorded in QWENFT_HOME")
+        return
+    typer.echo(
+        f"{'STATUS':<11} {'STARTED':<16} {'STAGE/METHOD':<13} {'STEPS':>11} {'TIME':>7} "
+        f"{'LOSS':>8}  RUN"
+    )
+    for r in rows:
+        typer.echo(
+            f"{r['status'] or '-':<11} {_started(r['started']):<16} "
+            f"{r['stage'] + '/' + r['method']:<13} {_steps(r):>11} {_duration(r['duration_s']):>7} "
+            f"{_loss(r['final_loss']):>8}  {r['run_dir']}"
+        )
+        if tail > 0 and r["status"] in ("died", "failed") and r["log"]:
+            for line in _last_lines(Path(r["log"]), tail):
+                typer.echo(f"    | {line}")
+
+
+@app.command("rm")
+@handle_errors
+def rm(run_dir: Annotated[Path, typer.Argument(help="The run folder to delete.")]) -> None:
+    """Delete a run folder (refused while the run is live)."""
+    from qwenft.runs.folder import remove_run
+
+    err(f"removed {remove_run(run_dir)}")
+
+
+def _started(stamp: str | None) -> str:
+    return stamp[:16].replace("T", " ") if stamp else "-"
+
+
+def _steps(r: dict[str, Any]) -> str:
+    done, planned = r["steps_done"], r["steps_planned"]
+    if done is None:
+        return "-"
+    return f"{done}/{planned}" if planned else str(done)
+
+
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+def _last_lines(path: Path, n: int) -> list[str]:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return [line.rstrip("\n") for line in deque(fh, maxlen=n)]
+    except OSError as exc:
+        return [f"(cannot read {path}: {exc})"]

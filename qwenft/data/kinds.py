@@ -1,0 +1,429 @@
+"""The data kinds (qwenft.choices.DataKind), how a row shows its kind, and each kind's own rules.
+
+One file holds one kind, each the shape LLaMA-Factory 0.9.5 reads for one training stage:
+
+- sft: ``{"messages": [..., assistant]}`` (the chat rules of qwenft.data.check.Checker);
+- preference (dpo, orpo, simpo): ``{"messages": [..., user], "chosen": {"role": "assistant",
+  "content": ...}, "rejected": {...}}``, registered as sharegpt with ``ranking: true``;
+- kto: ``{"messages": [..., assistant], "label": true|false}``, the label is the ``kto_tag`` column;
+- pt: ``{"text": ...}``, or a .txt file read as one document per blank-line-separated block.
+
+RowRules applies the rules of the file's kind to each row, plus the rules every kind shares:
+multimodal keys are refused (qwenft trains text only), ``{{name}}`` placeholders are reported.
+Nothing here prints, exits or imports LLaMA-Factory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qwenft.choices import DataKind
+from qwenft.data.check import (
+    _SURROGATE_ESCAPE_RE,
+    ASSISTANT,
+    FUNCTION_CALL,
+    Checker,
+    _has_surrogate,
+)
+from qwenft.data.reader import Collector, iter_rows, jtype, open_data_file
+
+SFT, PREFERENCE, KTO, PT = (
+    DataKind.SFT.value,
+    DataKind.PREFERENCE.value,
+    DataKind.KTO.value,
+    DataKind.PT.value,
+)
+SIDES = ("chosen", "rejected")
+LABEL = "label"
+TEXT = "text"
+MULTIMODAL_KEYS = ("images", "videos", "audios")
+PLACEHOLDER_RE = re.compile(rb"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")  # LLaMA-Factory's identity.json
+
+# What each kind's rows look like, for messages naming a kind.
+SHAPES = {
+    SFT: '{"messages": [..., assistant]}',
+    PREFERENCE: '{"messages": [..., user], "chosen": {...}, "rejected": {...}}',
+    KTO: '{"messages": [..., assistant], "label": true|false}',
+    PT: '{"text": "..."}',
+}
+
+_CONVERT = "convert it with `qwenft data convert FILE -o OUT.jsonl`"
+
+# Keys LLaMA-Factory reads in some kind of data: the note says where (never "not used").
+_KEY_WHAT = {
+    "chosen": "(a preference pair's preferred answer)",
+    "rejected": "(a preference pair's rejected answer)",
+    "label": "(KTO's label)",
+    "kto_tag": "(LLaMA-Factory's KTO label column)",
+    "text": "(pre-training text)",
+    "tools": "(the functions a conversation offers)",
+    "messages": "(a conversation)",
+    "conversations": "(ShareGPT's conversation)",
+    "instruction": "(Alpaca's prompt)",
+    "input": "(Alpaca's input)",
+    "output": "(Alpaca's answer)",
+    "history": "(Alpaca's history)",
+    "prompt": "(TRL's prompt)",
+    "completion": "(TRL's completion)",
+}
+
+
+def _key_notes(kind: str) -> dict[str, str]:
+    notes = {
+        key: f"{what} is not read for {kind} data: remove it, or give this kind's rows their own file"
+        for key, what in _KEY_WHAT.items()
+    }
+    notes["system"] = (
+        "(a system prompt column) is not read by the entry qwenft registers: put the system "
+        'prompt first in messages as role "system" (`qwenft data convert` does it)'
+    )
+    if kind == KTO:
+        notes["kto_tag"] = (
+            "(LLaMA-Factory's KTO label column) is not read here: qwenft reads the label from "
+            f'"label" ({_CONVERT} renames it)'
+        )
+    return notes
+
+
+# --------------------------------------------------------------------------------------------------
+# which kind a row is
+
+
+def row_kind(obj: Any) -> str | None:
+    """The kind of one row in qwenft's shapes, by its keys; None when it is in none of them."""
+    if type(obj) is not dict:
+        return None
+    if "messages" in obj:
+        if "chosen" in obj or "rejected" in obj:
+            return PREFERENCE
+        if LABEL in obj or "kto_tag" in obj:
+            return KTO
+        return SFT
+    if TEXT in obj:
+        return PT
+    return None
+
+
+def foreign_shape(obj: Any) -> str | None:
+    """What a row that is in none of qwenft's shapes looks like (a shape `data convert` reads)."""
+    if not isinstance(obj, dict):
+        return None
+    pair = "chosen" in obj or "rejected" in obj
+    kto = "kto_tag" in obj or LABEL in obj
+    if "conversations" in obj:
+        return (
+            "LLaMA-Factory's sharegpt preference (ranking) data"
+            if pair
+            else "LLaMA-Factory's sharegpt KTO data"
+            if kto
+            else "ShareGPT"
+        )
+    if "instruction" in obj or "output" in obj:
+        return (
+            "LLaMA-Factory's alpaca preference (ranking) data"
+            if pair
+            else "LLaMA-Factory's alpaca KTO data"
+            if kto
+            else "Alpaca"
+        )
+    if pair:
+        return "TRL / UltraFeedback preference data"
+    if "prompt" in obj and "completion" in obj:
+        return "TRL KTO data" if kto else "TRL prompt-completion data"
+    return None
+
+
+def detect_file_kind(path: Path, max_rows: int = 1000) -> str | None:
+    """The kind of the first row (of the first max_rows) that shows one; None if none does."""
+    path, fh, mode = open_data_file(path)
+    if mode == "txt":
+        fh.close()
+        return PT
+    with fh:
+        for n, (_line, value, _raw) in enumerate(iter_rows(fh, mode, Collector())):
+            kind = row_kind(value)
+            if kind is not None or n >= max_rows:
+                return kind
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the rules of each kind
+
+
+class RowRules:
+    """Checks rows of one file against its kind's rules; records problems in col.
+
+    kind None: the kind of the first row that shows one is the file's, and a later row of another
+    kind is an error (mixed_kinds). A DataKind value: the kind the caller takes, and any row of
+    another kind is an error (wrong_kind). Rows in no kind's shape are checked as the file's kind
+    (sft until one shows) and refused with what they look like.
+    """
+
+    def __init__(self, col: Collector, kind: str | None = None, mode: str = "jsonl") -> None:
+        if kind is not None:
+            kind = DataKind.parse(kind, "data kind")
+        self.col = col
+        self.mode = mode  # reader mode: "txt" rows are blocks of a text file
+        self.expected = kind
+        self.kind: str | None = kind
+        self.kind_line: int | None = None
+        self.labels: Counter[bool] = Counter()
+        self._checkers: dict[str, Checker] = {}
+
+    @property
+    def file_kind(self) -> str:
+        return self.kind or SFT
+
+    @property
+    def has_tools(self) -> bool:
+        return any(c.has_tools for c in self._checkers.values())
+
+    def _checker(self, kind: str) -> Checker:
+        checker = self._checkers.get(kind)
+        if checker is None:
+            row_keys = {PREFERENCE: SIDES, KTO: (LABEL,), PT: (TEXT,)}.get(kind, ())
+            checker = Checker(
+                self.col,
+                context_only=kind == PREFERENCE,
+                row_keys=(*row_keys, *MULTIMODAL_KEYS),
+                key_notes=_key_notes(kind),
+            )
+            self._checkers[kind] = checker
+        return checker
+
+    def check(self, obj: Any, line: int, raw: bytes = b"") -> bool:
+        """Record the problems of one row; True if it has no errors."""
+        kind = row_kind(obj)
+        if kind is not None and kind != self.kind:
+            if self.kind is None:
+                self.kind, self.kind_line = kind, line
+            else:
+                self._other_kind(kind, line)
+                return False
+        kind = self.file_kind
+        if kind == SFT and type(obj) is dict and len(obj) == 1 and b"{{" not in raw:
+            return self._checker(SFT).check(obj, line, raw)  # the common clean row, fast
+        col = self.col
+        before = col.n_errors
+        if isinstance(obj, dict) and row_kind(obj) is None:
+            keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
+            shape = foreign_shape(obj)
+            missing = "text" if kind == PT else "messages"
+            msg = f'no "{missing}" (keys: {keys})'
+            if shape:
+                msg += f"; this looks like {shape}: {_CONVERT}"
+            col.error(f"missing_{missing}", line, missing, msg)
+            return False
+        if isinstance(obj, dict):
+            self._check_common(obj, line, raw)
+        if kind == PT:
+            self._check_pt(obj, line, raw)
+        else:
+            self._checker(kind).check(obj, line, raw)
+            if isinstance(obj, dict) and kind == PREFERENCE:
+                self._check_sides(obj, line)
+            elif isinstance(obj, dict) and kind == KTO:
+                self._check_label(obj, line)
+        return col.n_errors == before
+
+    def _other_kind(self, kind: str, line: int) -> None:
+        if self.expected is not None:
+            self.col.error(
+                "wrong_kind",
+                line,
+                None,
+                f"this row is {kind} data ({SHAPES[kind]}), but {self.expected} data "
+                f"({SHAPES[self.expected]}) is wanted here",
+            )
+        else:
+            self.col.error(
+                "mixed_kinds",
+                line,
+                None,
+                f"this row is {kind} data ({SHAPES[kind]}), but the file is {self.kind} data from "
+                f"line {self.kind_line} on: one file holds one kind; put each in its own file",
+            )
+
+    def _check_common(self, obj: dict, line: int, raw: bytes) -> None:
+        col = self.col
+        for key in MULTIMODAL_KEYS:
+            if key in obj:
+                if obj[key] in (None, "", []):
+                    col.warning(
+                        "unknown_key", line, key, f'empty "{key}" ignored (text-only training)'
+                    )
+                else:
+                    col.error(
+                        "multimodal",
+                        line,
+                        key,
+                        f'multimodal data ("{key}") is not supported yet: qwenft trains on text '
+                        "only, and would not show the model these files; remove the key, or keep "
+                        "such rows out",
+                    )
+        if b"{{" in raw:
+            names = sorted({m.decode() for m in PLACEHOLDER_RE.findall(raw)})
+            if names:
+                marks = ", ".join("{{" + n + "}}" for n in names)
+                fills = " ".join(f"--fill {n}=..." for n in names)
+                col.warning(
+                    "placeholder",
+                    line,
+                    None,
+                    f"{marks} placeholder{'s' if len(names) > 1 else ''} (as in LLaMA-Factory's "
+                    f"identity.json) would be trained as written: fill them with "
+                    f"`qwenft data convert FILE -o OUT.jsonl {fills}`",
+                )
+
+    def _check_sides(self, obj: dict, line: int) -> None:
+        col = self.col
+        sides = {}
+        for side in SIDES:
+            if side not in obj:
+                col.error(
+                    "missing_side",
+                    line,
+                    side,
+                    f'no "{side}": a preference row needs both chosen and rejected',
+                )
+                continue
+            value = obj[side]
+            if not isinstance(value, dict):
+                hint = f"; {_CONVERT} --from trl" if isinstance(value, (str, list)) else ""
+                col.error(
+                    "bad_side",
+                    line,
+                    side,
+                    f'{side} must be {{"role": "assistant", "content": "..."}}, got a '
+                    f"{jtype(value) or 'null'}{hint}",
+                )
+                continue
+            role, content = value.get("role"), value.get("content")
+            if role not in (ASSISTANT, FUNCTION_CALL):
+                col.error(
+                    "bad_side",
+                    line,
+                    f"{side}.role",
+                    f"{side}'s role must be assistant (or function_call), got "
+                    f"{jtype(role) and repr(role) or 'none'}",
+                )
+                continue
+            if not isinstance(content, str):
+                col.error(
+                    "bad_side",
+                    line,
+                    f"{side}.content",
+                    f"{side}'s content must be a string, got {jtype(content) or 'null'}",
+                )
+                continue
+            if not content.strip():
+                col.error("empty_side", line, f"{side}.content", f"{side} is empty")
+                continue
+            for key in value:
+                if key not in ("role", "content"):
+                    col.warning(
+                        "unknown_key",
+                        line,
+                        f"{side}.{key}",
+                        f'unknown key "{key}" is not used by LLaMA-Factory',
+                    )
+            sides[side] = (role, content)
+        if len(sides) == 2 and sides["chosen"] == sides["rejected"]:
+            col.error(
+                "same_sides",
+                line,
+                "rejected",
+                "chosen and rejected are identical: the pair teaches nothing",
+            )
+
+    def _check_label(self, obj: dict, line: int) -> None:
+        if LABEL not in obj:
+            self.col.error(
+                "bad_label",
+                line,
+                "kto_tag",
+                f'the KTO label must be named "label" (true or false); {_CONVERT} renames kto_tag',
+            )
+            return
+        label = obj[LABEL]
+        if type(label) is not bool:
+            self.col.error(
+                "bad_label",
+                line,
+                LABEL,
+                f"label must be true or false (a JSON boolean), got {jtype(label) or 'null'} "
+                f"{label!r}: LLaMA-Factory drops a row whose label is not a boolean",
+            )
+            return
+        self.labels[label] += 1
+
+    def _check_pt(self, obj: Any, line: int, raw: bytes) -> None:
+        col = self.col
+        if not isinstance(obj, dict):
+            col.error(
+                "not_object",
+                line,
+                None,
+                f'each row must be a JSON object {{"text": "..."}}, got a {jtype(obj) or "null"}',
+            )
+            return
+        text = obj.get(TEXT)
+        if not isinstance(text, str):
+            col.error("bad_text", line, TEXT, f"text must be a string, got {jtype(text) or 'null'}")
+        elif not text.strip():
+            col.error(
+                "empty_text",
+                line,
+                TEXT,
+                "text is empty: LLaMA-Factory would train on the end-of-text token alone",
+            )
+        elif self.mode == "txt" and text.lstrip()[:1] == "{" and text.rstrip()[-1:] == "}":
+            col.warning(
+                "txt_json",
+                line,
+                None,
+                "this block of a .txt file looks like JSON: a .txt file is read as plain text "
+                "(one document per blank-line-separated block); name the file .jsonl if it holds "
+                "JSON lines",
+            )
+        checker = self._checker(PT)
+        notes = checker.key_notes
+        for key, value in obj.items():
+            if key in (TEXT, *MULTIMODAL_KEYS):
+                continue
+            msg = notes.get(key)
+            col.warning(
+                "unknown_key",
+                line,
+                key,
+                f'key "{key}" {msg}'
+                if msg
+                else f'unknown key "{key}" is not used by LLaMA-Factory',
+            )
+            checker._track_type(key, value, line, key)
+        if raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw):
+            where = _has_surrogate(obj, "")
+            if where:
+                col.error(
+                    "invalid_unicode",
+                    line,
+                    where,
+                    "lone UTF-16 surrogate escape (e.g. \\ud83d without its pair): a broken emoji "
+                    "that cannot be encoded as UTF-8; LLaMA-Factory fails to load it",
+                )
+
+    def finish(self) -> None:
+        """The file-level rules, after the last row."""
+        if self.file_kind == KTO and len(self.labels) == 1:
+            (label,) = self.labels
+            self.col.warning(
+                "one_label",
+                None,
+                LABEL,
+                f"every row is labelled {str(label).lower()}: KTO learns from both desirable "
+                "(true) and undesirable (false) answers",
+            )
