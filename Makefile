@@ -6,10 +6,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast test-model test-e2e lint bench bench-gpu clean-venv
+.PHONY: setup setup-gguf demo test test-fast test-model test-e2e lint bench bench-gpu clean-venv
 
 setup:
 	@scripts/setup_env.sh
+
+# setup plus the gguf extra (llama-cpp-python, built once): what the tests of `qwenft export` need
+setup-gguf:
+	@QWENFT_GGUF=1 scripts/setup_env.sh
 
 demo: setup
 	@scripts/demo.sh
@@ -19,7 +23,7 @@ demo: setup
 #   test-fast   no model, no LLaMA-Factory launch; fails if torch/transformers/llamafactory get imported
 #   test-model  the tiny models and tokenizers in-process, no LLaMA-Factory launch
 #   test-e2e    the real LLaMA-Factory in child processes
-test: setup
+test: setup-gguf
 	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
@@ -28,7 +32,7 @@ test-fast: setup
 test-model: setup
 	$(PY) -m pytest -q -m "model and not e2e"
 
-test-e2e: setup
+test-e2e: setup-gguf
 	$(PY) -m pytest -q -m e2e --durations=15
 
 lint: setup

@@ -2,16 +2,126 @@
 
 Loads with transformers (and peft for an unmerged adapter), applies the model's chat template with
 the system prompt and thinking mode the run was trained with, and decodes greedily by default.
+
+A reply's reasoning (a Qwen3 ``<think>`` block) is kept apart from its answer (Reply.reasoning),
+and not carried into the history (as Qwen3's chat template drops past thoughts). With tools (an
+OpenAI tools list, ``--tools``) the conversation goes through LLaMA-Factory's own chat engine, so
+the prompt is built by the run's template and tool format exactly as in training and serving, and
+the model's calls are parsed by that template's tool extractor (Reply.calls); the caller answers
+them with tool_results().
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwenft.errors import QwenftError
 from qwenft.models.target import ModelTarget
+
+_OPEN, _CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a reply: a leading <think> ... </think> block is the reasoning (a block
+    never closed, e.g. cut by max_new_tokens, is all reasoning)."""
+    stripped = text.lstrip()
+    if not stripped.startswith(_OPEN):
+        return "", text.strip()
+    body = stripped[len(_OPEN) :]
+    if _CLOSE not in body:
+        return body.strip(), ""
+    reasoning, answer = body.split(_CLOSE, 1)
+    return reasoning.strip(), answer.strip()
+
+
+class _ThoughtRouter:
+    """Routes streamed pieces: the text of a leading <think> block to on_reasoning, the rest to
+    on_text (either may be None)."""
+
+    def __init__(
+        self,
+        on_text: Callable[[str], None] | None,
+        on_reasoning: Callable[[str], None] | None,
+    ) -> None:
+        self.on_text, self.on_reasoning = on_text, on_reasoning
+        self.buffer = ""
+        self.state = "start"  # start -> thinking -> answer, or start -> answer
+        self.after_thought = False  # the newlines after </think> are not part of the answer
+
+    def _emit(self, sink: Callable[[str], None] | None, text: str) -> None:
+        if sink and text:
+            sink(text)
+
+    def feed(self, piece: str) -> None:
+        self.buffer += piece
+        if self.state == "start":
+            head = self.buffer.lstrip()
+            if head.startswith(_OPEN):
+                self.state, self.buffer = "thinking", head[len(_OPEN) :]
+            elif _OPEN.startswith(head):
+                return  # not decided yet
+            else:
+                self.state = "answer"
+        if self.state == "thinking":
+            if _CLOSE in self.buffer:
+                thought, rest = self.buffer.split(_CLOSE, 1)
+                self._emit(self.on_reasoning, thought)
+                self.state, self.buffer, self.after_thought = "answer", rest, True
+            else:  # keep a tail that may be the start of </think>
+                keep = len(_CLOSE) - 1
+                out, self.buffer = self.buffer[:-keep], self.buffer[-keep:]
+                self._emit(self.on_reasoning, out)
+                return
+        if self.state == "answer":
+            if self.after_thought:
+                self.buffer = self.buffer.lstrip("\n")
+                if not self.buffer:
+                    return
+                self.after_thought = False
+            self._emit(self.on_text, self.buffer)
+            self.buffer = ""
+
+    def close(self) -> None:
+        sink = self.on_reasoning if self.state == "thinking" else self.on_text
+        self._emit(sink, self.buffer)
+        self.buffer = ""
+
+
+@dataclass
+class Reply:
+    """One model turn: its answer text, its reasoning (Qwen3 <think>, may be empty), and the tool
+    calls it makes as (name, arguments JSON text), empty when it answers."""
+
+    answer: str
+    reasoning: str = ""
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_tools(text: str, source: str = "--tools") -> list[dict[str, Any]]:
+    """An OpenAI tools list (or a list of bare function definitions), checked."""
+    try:
+        tools = json.loads(text)
+    except ValueError as exc:
+        raise QwenftError(f"{source} is not valid JSON: {exc}") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not tools:
+        raise QwenftError(
+            f"{source} must hold a JSON list of tools",
+            'e.g. [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]',
+        )
+    for k, tool in enumerate(tools):
+        fn = (
+            tool.get("function")
+            if isinstance(tool, dict) and tool.get("type") == "function"
+            else tool
+        )
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise QwenftError(f"{source}: tool {k + 1} has no function name")
+    return tools
 
 
 @dataclass
@@ -23,17 +133,35 @@ class ChatSession:
     temperature: float = 0.0
     top_p: float = 1.0
     system: str | None = None
-    backend: str = "transformers"  # or "vllm" (through LLaMA-Factory's vLLM engine)
+    backend: str = "transformers"  # "vllm" (LLaMA-Factory's vLLM engine), "llama.cpp" (the GGUF)
     history: list[dict[str, str]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None  # an OpenAI tools list: calls are parsed (--tools)
+    enable_thinking: bool | None = None  # None: the run's own mode (target.enable_thinking)
     _model: Any = None
     _tokenizer: Any = None
+
+    @property
+    def thinking(self) -> bool | None:
+        return self.target.enable_thinking if self.enable_thinking is None else self.enable_thinking
+
+    @property
+    def via_llamafactory(self) -> bool:
+        """Through LLaMA-Factory's chat engine: vLLM, or tools (the run's tool format)."""
+        return self.backend == "vllm" or bool(self.tools)
 
     def load(self) -> None:
         import importlib.util
         import os
 
-        if self.backend not in ("transformers", "vllm"):
-            raise QwenftError(f"unknown backend {self.backend!r}", "choose transformers or vllm")
+        if self.backend not in BACKENDS:
+            raise QwenftError(
+                f"unknown backend {self.backend!r}", f"choose one of {', '.join(BACKENDS)}"
+            )
+        if self.backend == "llama.cpp" and self.tools:
+            raise QwenftError(
+                "--tools goes through LLaMA-Factory's engine, not --backend llama.cpp",
+                "drop --backend llama.cpp to chat with tools",
+            )
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise QwenftError(
                 "--backend vllm needs the vllm package, which is not installed",
@@ -44,26 +172,32 @@ class ChatSession:
         self.target.ensure_built()
         if self.system is None:
             self.system = self.target.system
-        if self.backend == "vllm":
+        if self.via_llamafactory:
             from llamafactory.chat import ChatModel
 
             args = {
                 "model_name_or_path": self.target.model_path,
                 "template": self.target.template,
-                "infer_backend": "vllm",
+                "infer_backend": "vllm" if self.backend == "vllm" else "huggingface",
                 "default_system": self.system or None,
                 "do_sample": self.temperature > 0,
                 "max_new_tokens": self.max_new_tokens,
             }
+            if self.temperature > 0:
+                args.update(temperature=self.temperature, top_p=self.top_p)
             if self.target.adapter_path:
                 args.update(adapter_name_or_path=self.target.adapter_path, finetuning_type="lora")
-            if self.target.enable_thinking is not None:
-                args["enable_thinking"] = self.target.enable_thinking
+            if self.thinking is not None:
+                args["enable_thinking"] = self.thinking
             self._model = ChatModel(args)
             return
+        if self.backend == "llama.cpp":  # the GGUF, prompted with the run's tokenizer template
+            self._model = _load_gguf(self.target)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.target.model_path)
+        if self.backend == "llama.cpp":
+            return
         model = AutoModelForCausalLM.from_pretrained(self.target.model_path, dtype="auto")
         if self.target.adapter_path:
             from peft import PeftModel
@@ -74,32 +208,133 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
-    def ask(self, prompt: str, on_text: Callable[[str], None] | None = None) -> str:
-        """Answer prompt given the conversation so far; stream pieces to on_text if given."""
-        import threading
+    def ask(
+        self,
+        prompt: str,
+        on_text: Callable[[str], None] | None = None,
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> str:
+        """Answer prompt given the conversation so far; stream pieces to on_text (the reasoning's
+        to on_reasoning) if given. The answer (with tools: see send)."""
+        return self.send(prompt, on_text, on_reasoning).answer
 
-        import torch
-        from transformers import TextIteratorStreamer
-
+    def send(
+        self,
+        prompt: str,
+        on_text: Callable[[str], None] | None = None,
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """The model's turn after the user's prompt: an answer, or tool calls (with tools) that
+        tool_results() answers."""
         if self._model is None:
             self.load()
-        if self.backend == "vllm":
-            return self._ask_llamafactory(prompt, on_text)
+        self.history.append({"role": "user", "content": prompt})
+        return self._turn(on_text, on_reasoning)
+
+    def tool_results(
+        self,
+        results: list[str],
+        on_text: Callable[[str], None] | None = None,
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """Give the results of the last reply's calls (in their order) and let the model go on."""
+        if not self.history or self.history[-1]["role"] != "function":
+            raise QwenftError("no tool call is waiting for a result")
+        # parallel results in one turn, as LLaMA-Factory trains them
+        content = "\n</tool_response>\n<tool_response>\n".join(results)
+        self.history.append({"role": "observation", "content": content})
+        return self._turn(on_text, on_reasoning)
+
+    def _turn(
+        self, on_text: Callable[[str], None] | None, on_reasoning: Callable[[str], None] | None
+    ) -> Reply:
+        # with tools the answer is shown once it is known not to be a call
+        router = _ThoughtRouter(None if self.tools else on_text, on_reasoning)
+        pieces: list[str] = []
+
+        def collect(piece: str) -> None:
+            pieces.append(piece)
+            router.feed(piece)
+
+        try:
+            if self.via_llamafactory:
+                self._generate_llamafactory(collect)
+            elif self.backend == "llama.cpp":
+                self._generate_llamacpp(collect)
+            else:
+                self._generate_transformers(collect)
+        except BaseException:
+            self.history.pop()  # the turn that got no answer
+            raise
+        router.close()
+        reasoning, answer = split_reasoning("".join(pieces))
+        calls: list[tuple[str, str]] = []
+        if self.tools:
+            found = self._model.engine.template.extract_tool(answer)
+            if isinstance(found, list) and found:
+                calls = [(c.name, c.arguments) for c in found]
+        if calls:
+            content = json.dumps(
+                [{"name": n, "arguments": json.loads(a)} for n, a in calls], ensure_ascii=False
+            )
+            self.history.append({"role": "function", "content": content})
+            return Reply("", reasoning, calls)
+        if self.tools and on_text and answer:
+            on_text(answer)
+        self.history.append({"role": "assistant", "content": answer})
+        return Reply(answer, reasoning)
+
+    def _prompt(self, **kwargs: Any) -> Any:
+        """The conversation through the model's chat template, in the run's thinking mode."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [*self.history, {"role": "user", "content": prompt}]
-        kwargs: dict[str, Any] = {}
-        if self.target.enable_thinking is not None:
-            kwargs["enable_thinking"] = self.target.enable_thinking
-        inputs = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True, **kwargs
+        messages += self.history
+        if self.thinking is not None:
+            kwargs["enable_thinking"] = self.thinking
+        return self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=True, **kwargs
         )
-        stop_ids = [
+
+    def _stop_ids(self) -> list[int]:
+        return [
             t
             for t in (
                 self._tokenizer.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>")
             )
             if t is not None
         ]
+
+    def _generate_llamacpp(self, collect: Callable[[str], None]) -> None:
+        """The turn from the run's GGUF export (llama-cpp-python), prompted with the same chat
+        template and thinking mode as the transformers backend (export verified they agree)."""
+        import codecs
+
+        ids = list(self._prompt()["input_ids"])
+        stop = set(self._stop_ids())
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        greedy = self.temperature <= 0
+        self._model.reset()
+        for n, token in enumerate(
+            self._model.generate(
+                ids,
+                temp=0.0 if greedy else self.temperature,
+                top_k=1 if greedy else 0,
+                top_p=1.0 if greedy else self.top_p,
+                repeat_penalty=1.0,
+            )
+        ):
+            if token in stop or n >= self.max_new_tokens:
+                break
+            collect(decoder.decode(self._model.detokenize([token])))
+        collect(decoder.decode(b"", final=True))
+
+    def _generate_transformers(self, collect: Callable[[str], None]) -> None:
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        inputs = self._prompt(return_tensors="pt")
+        stop_ids = self._stop_ids()
         gen: dict[str, Any] = {
             **inputs,
             "max_new_tokens": self.max_new_tokens,
@@ -123,32 +358,128 @@ class ChatSession:
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
-        pieces = []
         for piece in streamer:
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
+            collect(piece)
         worker.join()
         if errors:
             raise errors[0]
-        answer = "".join(pieces).strip()
-        self.history += [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": answer},
-        ]
-        return answer
 
-    def _ask_llamafactory(self, prompt: str, on_text: Callable[[str], None] | None) -> str:
-        """The same turn through LLaMA-Factory's ChatModel (used for its vLLM engine)."""
-        messages = [*self.history, {"role": "user", "content": prompt}]
-        pieces = []
-        for piece in self._model.stream_chat(messages, system=self.system or None):
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
-        answer = "".join(pieces).strip()
-        self.history += [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": answer},
-        ]
-        return answer
+    def _generate_llamafactory(self, collect: Callable[[str], None]) -> None:
+        """The same turn through LLaMA-Factory's ChatModel (its vLLM engine, or tools)."""
+        tools = None
+        if self.tools:
+            tools = json.dumps(
+                [t.get("function", t) if t.get("type") == "function" else t for t in self.tools],
+                ensure_ascii=False,
+            )
+        for piece in self._model.stream_chat(
+            list(self.history), system=self.system or None, tools=tools
+        ):
+            collect(piece)
+
+
+BACKENDS = ("transformers", "vllm", "llama.cpp")
+
+
+def _load_gguf(target: ModelTarget) -> Any:
+    """llama-cpp-python's Llama over the run's GGUF export."""
+    from qwenft.export import exported_gguf, require_llama_cpp
+
+    require_llama_cpp("--backend llama.cpp")
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=str(exported_gguf(target.run_dir, target.manifest)), n_ctx=4096, verbose=False
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the command's conversation (qwenft.cli: `chat`)
+
+
+def chat_thinking(trained: bool | None, requested: str, force: bool = False) -> bool | None:
+    """The thinking mode to chat in: None (auto) keeps the run's. A run trained with thinking on
+    trained both of Qwen3's modes when its data mixed reasoning and direct answers, so off is
+    allowed; on after a run trained with thinking off (its thoughts removed) needs --force."""
+    requested = str(requested).lower()
+    if requested == "auto":
+        return None
+    if trained is None:
+        raise QwenftError(
+            f"--thinking {requested}: this model's template has no thinking mode",
+            "drop --thinking (a Qwen3 hybrid model with the qwen3 template has one)",
+        )
+    wanted = requested == "on"
+    if wanted and trained is False and not force:
+        raise QwenftError(
+            "this run was trained with thinking off (its thoughts removed), not on",
+            "drop --thinking, or add --force if you really mean it",
+        )
+    return wanted
+
+
+def _dim(text: str, stream: Any) -> str:
+    return f"\033[2m{text}\033[0m" if getattr(stream, "isatty", lambda: False)() else text
+
+
+class ReasoningPrinter:
+    """Prints streamed reasoning on stderr as `thinking: ...` (dim on a terminal), apart from the
+    answer on stdout."""
+
+    def __init__(self, stream: Any = None) -> None:
+        import sys
+
+        self.stream = stream or sys.stderr
+        self.started = False
+
+    def __call__(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip("\n")
+            if not piece:
+                return
+            self.stream.write(_dim("thinking: ", self.stream))
+            self.started = True
+        self.stream.write(_dim(piece.replace("\n", "\nthinking: "), self.stream))
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.started:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.started = False
+
+
+def read_result(prompt: str) -> str:
+    """A tool's result typed by the user; the prompt goes to stderr (stdout carries the
+    conversation)."""
+    import sys
+
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
+
+
+def run_turn(
+    session: ChatSession,
+    prompt: str,
+    out: Callable[[str], None],
+    read: Callable[[str], str] = read_result,
+    stream: bool = True,
+) -> Reply:
+    """One user turn of `qwenft chat`: the reasoning on stderr, the answer through out (streamed
+    when stream); each tool call shown as `tool call: NAME ARGUMENTS`, its result read with
+    read(`result of NAME> `), until the model answers. EOFError from read ends the turn at the
+    call."""
+    thinking = ReasoningPrinter()
+    on_text = out if stream else None
+    reply = session.send(prompt, on_text, thinking)
+    thinking.end()
+    while reply.calls:
+        for name, arguments in reply.calls:
+            out(f"tool call: {name} {arguments}\n")
+        results = [read(f"result of {name}> ") for name, _ in reply.calls]
+        reply = session.tool_results(results, on_text, thinking)
+        thinking.end()
+    if not stream:
+        out(reply.answer)
+    return reply

@@ -111,6 +111,15 @@ STAGE_DATA = {
     Stage.KTO: DataKind.KTO,
 }
 
+
+class GgufQuant(Choice):
+    """`qwenft export --format gguf --quant`: GGUF weight types (llama.cpp's names)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_K_M = "q4_k_m"
+
+
 DEFAULT_METHOD = Method.LORA
 DEFAULT_OVERLENGTH = Overlength.WARN
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qwenft.errors import QwenftError
+from qwenft.export import INSTALL_HINT as GGUF_INSTALL_HINT
 from qwenft.lf import launcher
 from qwenft.paths import qwenft_home
 from qwenft.runs.manifest import package_versions
@@ -65,9 +66,10 @@ def run_checks() -> list[Check]:
     for module in probe:
         ok, detail = imported[module]
         checks.append(Check(module, ok, detail, SETUP))
-    for module, why in (
-        ("deepspeed", "full fine-tuning and --deepspeed"),
-        ("bitsandbytes", "--method qlora"),
+    for module, why, fix in (
+        ("deepspeed", "full fine-tuning and --deepspeed", "pip install -e '.[deepspeed]'"),
+        ("bitsandbytes", "--method qlora", "pip install -e '.[bitsandbytes]'"),
+        ("llama-cpp-python", "qwenft export --format gguf", GGUF_INSTALL_HINT),
     ):
         present = versions.get(module) is not None
         checks.append(
@@ -75,7 +77,7 @@ def run_checks() -> list[Check]:
                 module,
                 present,
                 versions.get(module) or f"missing (needed for {why})",
-                f"pip install -e '.[{module}]'",
+                fix,
                 required=False,
             )
         )

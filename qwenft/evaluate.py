@@ -1,10 +1,21 @@
-"""`qwenft eval`: how good is the fine-tune, next to its base, on held-out chat data.
+"""`qwenft eval`: how good is the fine-tune, next to its base, on held-out data.
 
-Three LLaMA-Factory runs, each through launcher.run: `do_eval` of the fine-tuned model (eval loss,
-perplexity = exp(loss), next-token accuracy), the same for its base model on the same data, and
-`do_predict` with `predict_with_generate` for the fine-tuned model (BLEU-4, ROUGE-1/2/L against the
-reference answers, predictions saved as jsonl). Everything is staged in a hidden folder beside the
-report folder and renamed into place when complete, so a report is whole or absent.
+The data's kind (qwenft.data.check: sft, preference, kto, pt) decides what is measured.
+
+sft (chat data): three LLaMA-Factory runs, each through launcher.run: `do_eval` of the fine-tuned
+model (eval loss, perplexity = exp(loss), next-token accuracy), the same for its base model on the
+same data, and `do_predict` with `predict_with_generate` for the fine-tuned model (BLEU-4,
+ROUGE-1/2/L against the reference answers, predictions saved as jsonl).
+
+preference, kto, pt: in-process log-probabilities (qwenft.scoring) under the fine-tuned model and
+its starting model (the run's base: for LoRA the model without the adapter; for a run trained
+`--from` another, that run's model): preference pairs get each model's margin log p(chosen) -
+log p(rejected), the reward accuracy (fraction of pairs whose margin grew) and reward margin (its
+mean growth); KTO answers the log-p shift of desirable vs undesirable ones; pt text the perplexity.
+Per-row scores go to scores.jsonl.
+
+Everything is staged in a hidden folder beside the report folder and renamed into place when
+complete, so a report is whole or absent.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import yaml
 
 from qwenft import __version__
 from qwenft import settings as run_settings
-from qwenft.choices import Thinking
+from qwenft.choices import DataKind, Thinking
 from qwenft.data import check, reader, registry
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
@@ -38,6 +49,7 @@ from qwenft.runs.progress import surface_log
 
 REPLACE_HINT = "pass --force to replace it, or --output-dir for a new folder"
 REPORT_JSON, REPORT_MD, PREDICTIONS = "eval.json", "eval.md", "predictions.jsonl"
+SCORES = "scores.jsonl"  # per-row log-probabilities of the preference, kto and pt evaluations
 GEN_METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 
@@ -61,6 +73,12 @@ class EvalPlan:
     cli: str
     force: bool
     notes: list[str] = field(default_factory=list)
+    kind: str = DataKind.SFT.value  # the data's kind: sft runs LLaMA-Factory, the others score
+
+    @property
+    def scored(self) -> bool:
+        """True when the evaluation is log-probabilities in-process (preference, kto, pt)."""
+        return self.kind != DataKind.SFT.value
 
     def jobs(self, stage: Path) -> list[tuple[str, ModelTarget, dict[str, Any]]]:
         """(name, model, LLaMA-Factory config) of each run, in order; output_dirs under stage."""
@@ -130,9 +148,11 @@ def plan_eval(
             raise QwenftError(f"{name} must be at least {low} (got {value})")
     if base and no_base:
         raise QwenftError("--base and --no-base contradict each other", "pass one of them")
-    cli = launcher.find_llamafactory_cli()
 
-    report = check.require_valid(Path(data).expanduser(), "nothing was evaluated")
+    # any kind: the file's own (sft runs LLaMA-Factory's evaluation, the others are scored)
+    report = check.require_valid(Path(data).expanduser(), "nothing was evaluated", kind=None)
+    kind = report.kind
+    cli = launcher.find_llamafactory_cli() if kind == DataKind.SFT.value else ""
     data = report.path.resolve()
     sha = reader.file_sha256(data)
 
@@ -161,6 +181,13 @@ def plan_eval(
             )
     if base:
         base_model = base_target(presets.resolve_model(base))
+    if kind != DataKind.SFT.value and base_model is None and not no_base:
+        notes.append(
+            "no starting model to compare with (not a run folder): pass --base MODEL for the "
+            "reward accuracy and margin"
+            if kind == DataKind.PREFERENCE.value
+            else "no starting model to compare with (not a run folder): pass --base MODEL"
+        )
 
     out_dir = (
         Path(output_dir).expanduser()
@@ -171,13 +198,20 @@ def plan_eval(
     if not force:
         refuse_existing(out_dir, REPLACE_HINT, "already holds an evaluation report")
     cutoff_default = train_cfg.get("cutoff_len") or run_settings.default_cutoff_len()
-    settings = {
-        "cutoff_len": cutoff_len or int(cutoff_default),
-        "per_device_eval_batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
-        "max_samples": max_samples,
-        "bf16": bool(train_cfg.get("bf16", False)),
-    }
+    if kind == DataKind.SFT.value:
+        settings = {
+            "cutoff_len": cutoff_len or int(cutoff_default),
+            "per_device_eval_batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "max_samples": max_samples,
+            "bf16": bool(train_cfg.get("bf16", False)),
+        }
+    else:
+        settings = {
+            "cutoff_len": cutoff_len or int(cutoff_default),
+            "batch_size": batch_size,
+            "max_samples": max_samples,
+        }
     ddir = (dataset_dir or default_dataset_dir()).expanduser().absolute()
     return EvalPlan(
         spec=spec,
@@ -187,7 +221,7 @@ def plan_eval(
         data_path=data,
         sha256=sha,
         n_samples=report.n_valid,
-        dataset_name=registry.auto_dataset_name(data, sha, ddir),
+        dataset_name=registry.auto_dataset_name(data, sha, ddir) if cli else "",  # sft only
         dataset_dir=ddir,
         template=tuned.template,
         default_system=tuned.system,
@@ -198,6 +232,7 @@ def plan_eval(
         cli=cli,
         force=force,
         notes=notes,
+        kind=kind,
     )
 
 
@@ -328,6 +363,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as a short markdown table (eval.md and what `qwenft eval` prints)."""
+    if report.get("kind", DataKind.SFT.value) != DataKind.SFT.value:
+        return format_score_table(report)
     gen = report["generation"]
     data = report["data"]
     lines = [
@@ -372,6 +409,8 @@ def execute_eval(
     LLaMA-Factory's output goes to plan.log_path (and to stderr too when `verbose`). A run folder
     is locked meanwhile: evaluating a run that is still training is refused."""
     with RunLock(plan.run_dir, "eval") if plan.run_dir else contextlib.nullcontext():
+        if plan.scored:
+            return _score_locked(plan, progress)
         return _eval_locked(plan, progress, verbose)
 
 
@@ -426,6 +465,173 @@ def _eval_locked(plan: EvalPlan, progress: Callable[[str], None], verbose: bool)
             )
         atomic_write_json(stage / REPORT_JSON, report)
         atomic_write_text(stage / REPORT_MD, format_table(report))
+    return _recorded(plan, report)
+
+
+# --- preference, kto and pt data: log-probabilities in-process (qwenft.scoring) -----------------
+
+# The count each scorer returns, and the per-model numbers each kind's report row shows.
+_SCORED_COUNT = {"preference": "pairs", "kto": "samples", "pt": "texts"}
+
+
+def build_score_report(plan: EvalPlan, result: dict[str, Any], took_s: float) -> dict[str, Any]:
+    """eval.json's content for a scored kind, from what qwenft.scoring returned (without rows)."""
+    models = {"fine-tuned": {**plan.tuned.to_dict(), **(result["tuned"] or {})}}
+    if plan.base is not None and result.get("start") is not None:
+        models["base"] = {**plan.base.to_dict(), **result["start"]}
+    count_key = _SCORED_COUNT[plan.kind]
+    data: dict[str, Any] = {
+        "path": str(plan.data_path),
+        "sha256": plan.sha256,
+        "samples": plan.n_samples,
+        "scored": result[count_key],
+    }
+    if plan.kind == DataKind.KTO.value:
+        data.update(desirable=result["desirable"], undesirable=result["undesirable"])
+    summary = {
+        k: v
+        for k, v in result.items()
+        if k not in ("tuned", "start", "rows", count_key, "desirable", "undesirable")
+    }
+    return {
+        "qwenft_version": __version__,
+        "created": now_iso(),
+        "target": plan.spec,
+        "run_dir": str(plan.run_dir) if plan.run_dir else None,
+        "template": plan.template,
+        "kind": plan.kind,
+        "data": data,
+        "settings": plan.settings,
+        "models": models,
+        **summary,
+        "scores": SCORES,
+        "notes": plan.notes,
+        "wall_s": round(took_s, 1),
+    }
+
+
+def _signed(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, "+" + spec)
+
+
+def format_score_table(report: dict[str, Any]) -> str:
+    """The markdown of a preference, kto or pt report."""
+    kind, data = report["kind"], report["data"]
+    unit = {"preference": "pairs", "kto": "answers", "pt": "texts"}[kind]
+    lines = [
+        f"# Evaluation of {report['target']}",
+        "",
+        f"Data: {data['path']} ({kind}, {data['scored']} {unit} scored of {data['samples']}, "
+        f"sha256 {data['sha256'][:12]}), template {report['template']}.",
+        "",
+    ]
+    if kind == DataKind.PREFERENCE.value:
+        head = ["mean margin", "margin > 0", "log p(chosen)", "log p(rejected)"]
+        cols = [
+            ("mean_margin", ".3f"),
+            ("accuracy", "%"),
+            ("mean_chosen_logp", ".3f"),
+            ("mean_rejected_logp", ".3f"),
+        ]
+    elif kind == DataKind.KTO.value:
+        head = ["log p(desirable)", "log p(undesirable)", "gap"]
+        cols = [("desirable_logp", ".3f"), ("undesirable_logp", ".3f"), ("gap", ".3f")]
+    else:
+        head = ["perplexity", "NLL per token", "tokens"]
+        cols = [("perplexity", "ppl"), ("nll", ".4f"), ("tokens", "d")]
+    lines += [
+        "| model | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
+    ]
+    for role, row in report["models"].items():
+        cells = [f"{role} ({row['source']})"]
+        for key, spec in cols:
+            value = row.get(key)
+            if spec == "%":
+                cells.append("-" if value is None else f"{value * 100:.1f}%")
+            else:
+                cells.append(_fmt(value, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if kind == DataKind.PREFERENCE.value:
+        acc, margin = report.get("reward_accuracy"), report.get("reward_margin")
+        if acc is not None:
+            n = data["scored"]
+            lines.append(
+                f"Reward accuracy {acc * 100:.1f}% ({round(acc * n)} of {n} pairs: the fine-tuned "
+                f"model prefers chosen by more than the base model does); reward margin "
+                f"{_signed(margin)} (mean of fine-tuned minus base margin)."
+            )
+        lines.append(
+            "Margin = log p(chosen) - log p(rejected), each summed over the answer's tokens as "
+            f"LLaMA-Factory's DPO trainer does; per-pair scores: {report['scores']}."
+        )
+    elif kind == DataKind.KTO.value:
+        if report.get("shift_gap") is not None:
+            lines.append(
+                f"Against the base model, desirable answers' log p moved by "
+                f"{_signed(report['desirable_shift'])} and undesirable ones' by "
+                f"{_signed(report['undesirable_shift'])}: a difference of "
+                f"{_signed(report['shift_gap'])} ({data['desirable']} desirable, "
+                f"{data['undesirable']} undesirable)."
+            )
+        lines.append(
+            "log p is summed over each answer's tokens as LLaMA-Factory's KTO trainer does; "
+            f"per-answer scores: {report['scores']}."
+        )
+    else:
+        change = report.get("perplexity_change")
+        if change is not None:
+            lines.append(
+                f"Perplexity {'fell' if change < 0 else 'rose'} by {abs(change):.4g} against the "
+                "base model."
+            )
+        lines.append(
+            "Perplexity = exp(mean negative log-likelihood per token) over every predicted token "
+            f"of the texts (cut at cutoff_len, no packing); per-text scores: {report['scores']}."
+        )
+    for note in report.get("notes") or []:
+        lines.append(f"Note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _score_locked(plan: EvalPlan, progress: Callable[[str], None]) -> dict[str, Any]:
+    from qwenft import scoring
+
+    for model in (plan.tuned, plan.base):
+        if model is not None:
+            model.ensure_built(progress)
+    for note in plan.notes:
+        progress(f"note: {note}")
+    s = plan.settings
+    with staged_dir(plan.out_dir, replace=plan.force, hint=REPLACE_HINT) as stage:
+        started = time.monotonic()
+        n = min(plan.n_samples, s.get("max_samples") or plan.n_samples)
+        progress(f"scoring {n} {plan.kind} samples of {plan.data_path.name}")
+        result = scoring.SCORERS[plan.kind](
+            plan.tuned,
+            plan.base,
+            plan.data_path,
+            template=plan.template,
+            default_system=plan.default_system,
+            enable_thinking=plan.enable_thinking,
+            cutoff_len=s["cutoff_len"],
+            max_samples=s.get("max_samples"),
+            batch_size=s["batch_size"],
+            progress=progress,
+        )
+        rows = result.pop("rows")
+        atomic_write_text(
+            stage / SCORES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
+        report = build_score_report(plan, result, time.monotonic() - started)
+        atomic_write_json(stage / REPORT_JSON, report)
+        atomic_write_text(stage / REPORT_MD, format_table(report))
+    return _recorded(plan, report)
+
+
+def _recorded(plan: EvalPlan, report: dict[str, Any]) -> dict[str, Any]:
+    """Record the report (now in place) as the run's last eval; return it with its folder."""
     if plan.run_dir is not None:
         update_manifest(
             plan.run_dir,

@@ -9,13 +9,19 @@ Units: every internal quantity is in bytes. "GB" is decimal (1e9 bytes), "GiB" i
 
 Peak per device = static (weights + trainable states) + max(forward/backward transient,
 optimizer-step transient) + allocator slack + CUDA context.
+
+The training stage (`PlanInput.stage`) changes what one step holds: dpo/orpo/simpo run chosen and
+rejected sequences together (LLaMA-Factory's pairwise collator: a batch of 2B sequences); dpo and
+kto score every batch under a reference model too (full/freeze: a frozen bf16 copy of the model;
+LoRA/QLoRA: the same model with the adapter disabled, so no second copy; orpo/simpo: none); kto
+also runs a no-grad forward of its KL batch (each sample's prompt with another sample's answer).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from qwenft.choices import DeepSpeed, Method
+from qwenft.choices import DeepSpeed, Method, Stage
 from qwenft.errors import QwenftError
 from qwenft.models.presets import Arch
 
@@ -31,6 +37,7 @@ FP32 = 4
 NF4_BITS_PER_PARAM = 4.127  # QLoRA paper: NF4 + double quantization (4 + 0.127 for the scales)
 INT8_SCALE_BYTES_PER_ROW = 4  # LLM.int8: one fp32 scale per output row
 LOGIT_BYTES = 14  # per (token x vocab) entry: bf16 logits + fp32 upcast, log-softmax, gradient
+NO_GRAD_LOGIT_BYTES = 8  # a no-grad forward's logits at its peak: fp32 upcast + fp32 log-softmax
 CUDA_CONTEXT_BYTES = 1.0e9  # CUDA context, cuBLAS/cuDNN workspaces, kernels of loaded libraries
 NCCL_BYTES = 0.5e9  # NCCL communicator buffers when more than one GPU takes part
 ALLOCATOR_SLACK = 0.10  # PyTorch caching allocator: reserved - allocated at the peak
@@ -41,6 +48,32 @@ AUTO_BATCH_SIZES = (8, 4, 2, 1)
 
 _ZERO_STAGE = {"none": 0, "z0": 0, "z2": 2, "z3": 3, "z2-offload": 2, "z3-offload": 3}
 
+# Per training stage: sequences per sample in the trained (with-grad) batch, whether a reference
+# model scores each batch (LLaMA-Factory: use_ref_model = dpo stage with a pref_loss other than
+# orpo/simpo; kto always), and the sequences per sample of its largest no-grad forward.
+PAIRED_STAGES = (Stage.DPO.value, Stage.ORPO.value, Stage.SIMPO.value)
+REFERENCE_STAGES = (Stage.DPO.value, Stage.KTO.value)
+
+
+def stage_sequences(stage: str) -> int:
+    """Sequences per sample the trained forward holds: 2 (chosen + rejected) for pairs, else 1."""
+    return 2 if stage in PAIRED_STAGES else 1
+
+
+def no_grad_sequences(stage: str) -> int:
+    """Sequences per sample of the largest no-grad forward of a step: dpo's reference pass over
+    chosen + rejected (2), kto's KL pass and reference passes (1 each, one after the other),
+    none for sft/pt/orpo/simpo."""
+    if stage == Stage.DPO.value:
+        return 2
+    return 1 if stage == Stage.KTO.value else 0
+
+
+def has_reference_copy(stage: str, method: str) -> bool:
+    """A frozen reference model in memory: dpo/kto with full or freeze fine-tuning. LoRA and QLoRA
+    disable the adapter for the reference pass (no second copy); orpo/simpo have no reference."""
+    return stage in REFERENCE_STAGES and method in (Method.FULL.value, Method.FREEZE.value)
+
 
 @dataclass
 class PlanInput:
@@ -48,6 +81,7 @@ class PlanInput:
 
     arch: Arch
     method: str = "lora"  # full | freeze | lora | qlora
+    stage: str = "sft"  # sft | pt | dpo | orpo | simpo | kto (qwenft.choices.Stage)
     bits: int | None = None  # qlora: 4 (default) or 8
     gpus: int = 1
     deepspeed: str = "none"  # none | z0 | z2 | z3 | z2-offload | z3-offload
@@ -83,6 +117,8 @@ class Plan:
     total_params: int
     trainable_params: int
     notes: list[str] = field(default_factory=list)
+    stage: str = "sft"
+    sequences_per_step: int = 0  # sequences one forward/backward holds: batch x (2 for pairs)
 
     @property
     def peak_gb(self) -> float:
@@ -207,6 +243,8 @@ def _validate(inp: PlanInput) -> list[str]:
     problems = []
     if inp.method not in Method.values():
         problems.append(f"unknown method {inp.method!r} (use {', '.join(Method.values())})")
+    if inp.stage not in Stage.values():
+        problems.append(f"unknown --stage {inp.stage!r} (use {', '.join(Stage.values())})")
     if inp.deepspeed not in DeepSpeed.values():
         problems.append(
             f"unknown --deepspeed {inp.deepspeed!r} (use {', '.join(DeepSpeed.values())})"
@@ -247,7 +285,8 @@ def estimate(inp: PlanInput) -> Plan:
     arch, n, ds = inp.arch, inp.gpus, inp.deepspeed
     stage, offload, uses_ds = _ZERO_STAGE[ds], ds.endswith("-offload"), ds != "none"
     bits = (inp.bits or 4) if inp.method == "qlora" else None
-    tokens = inp.batch_size * inp.cutoff_len
+    seqs = inp.batch_size * stage_sequences(inp.stage)
+    tokens = seqs * inp.cutoff_len
     h, L = arch.hidden_size, arch.num_hidden_layers
     total = arch.params
     lin, emb = linear_params(arch), embedding_params(arch)
@@ -287,6 +326,15 @@ def estimate(inp: PlanInput) -> Plan:
         if stage == 3:  # z3-offload also offloads the bf16 parameters
             cpu += states.pop("params") + frozen_bytes / n
             frozen_bytes = 0.0
+    # The reference model of full/freeze dpo and kto: the whole model again, frozen in bf16
+    # (LLaMA-Factory's create_ref_model); DeepSpeed ZeRO-3 partitions it like the model.
+    reference = total * BF16 if has_reference_copy(inp.stage, inp.method) else 0.0
+    if reference and stage == 3:
+        if offload:
+            cpu += reference / n
+            reference = 0.0
+        else:
+            reference /= n
     weights = frozen_bytes + states.pop("params", 0.0)
     gradients = states.pop("grads", 0.0)
     optimizer = states.pop("optimizer", 0.0)
@@ -299,7 +347,19 @@ def estimate(inp: PlanInput) -> Plan:
         activations = L * tokens * BF16 * h + 2 * per_layer + head
     else:
         activations = L * per_layer + head
-    logits = tokens * FP32 * 2 * h if inp.liger else tokens * arch.vocab_size * LOGIT_BYTES
+    # Liger's fused cross-entropy needs labels in the forward; the preference and KTO trainers
+    # take the logits themselves (labels popped), so there the logits are always materialised.
+    fused = inp.liger and inp.stage in (Stage.SFT.value, Stage.PT.value)
+    logits = tokens * FP32 * 2 * h if fused else tokens * arch.vocab_size * LOGIT_BYTES
+    # No-grad forwards while the trained graph is alive (reference pass; kto's KL pass): one
+    # layer's working set at a time, then the logits, upcast and log-softmax of those sequences.
+    ng_tokens = inp.batch_size * no_grad_sequences(inp.stage) * inp.cutoff_len
+    no_grad = (
+        ng_tokens * (arch.vocab_size * NO_GRAD_LOGIT_BYTES)
+        + layer_activation_bytes_per_token(arch, targets, inp.liger) * ng_tokens
+        if ng_tokens
+        else 0.0
+    )
 
     # Buffers alive during forward/backward.
     buffers = 0.0
@@ -315,7 +375,7 @@ def estimate(inp: PlanInput) -> Plan:
         buffers += BF16 * largest * (2 if inp.method in ("full", "freeze") else 1)
     if not uses_ds and n > 1:
         buffers += gb_ * trainable  # DDP gradient buckets
-    fwd_bwd = activations + logits + buffers
+    fwd_bwd = activations + logits + buffers + no_grad
 
     # Optimizer step transient: DeepSpeed turns the bf16 gradient partition into an fp32 copy;
     # a non-fused AdamW allocates one more fp32 temporary of the stepped size.
@@ -324,11 +384,21 @@ def estimate(inp: PlanInput) -> Plan:
         stepped = min(stepped, DS_SUB_GROUP_ELEMENTS)
     step = (FP32 * stepped if uses_ds else 0.0) + (0.0 if inp.fused_optimizer else FP32 * stepped)
 
-    static = weights + gradients + optimizer
-    breakdown = {"weights": weights, "gradients": gradients, "optimizer_states": optimizer}
+    static = weights + reference + gradients + optimizer
+    breakdown = {
+        "weights": weights,
+        "reference_model": reference,
+        "gradients": gradients,
+        "optimizer_states": optimizer,
+    }
     if fwd_bwd >= step:
         phase = "forward/backward"
-        breakdown.update(activations=activations, logits_and_loss=logits, buffers=buffers)
+        breakdown.update(
+            activations=activations,
+            logits_and_loss=logits,
+            no_grad_forward=no_grad,
+            buffers=buffers,
+        )
     else:
         phase = "optimizer step"
         breakdown.update(optimizer_step=step)
@@ -351,11 +421,30 @@ def estimate(inp: PlanInput) -> Plan:
         notes.append("QLoRA with ZeRO-3 needs bitsandbytes>=0.43 and LLaMA-Factory's zero3 support")
     if not inp.gradient_checkpointing:
         notes.append("without gradient checkpointing every layer keeps its activations")
-    if not inp.liger and logits > 0.2 * peak:
+    if inp.stage in PAIRED_STAGES:
         notes.append(
-            f"logits and loss take {logits / GB:.1f} GB ({arch.vocab_size} vocab); "
-            "--liger fuses them away"
+            f"{inp.stage}: each step runs chosen and rejected together "
+            f"({seqs} sequences of up to {inp.cutoff_len} tokens per device)"
         )
+    if inp.stage in REFERENCE_STAGES:
+        if reference or (stage == 3 and offload and has_reference_copy(inp.stage, inp.method)):
+            notes.append(f"{inp.stage} {inp.method}: a frozen bf16 reference copy of the model")
+        else:
+            notes.append(
+                f"{inp.stage} {inp.method}: the reference is the model with the adapter disabled "
+                "(no second copy)"
+            )
+    if inp.stage == Stage.KTO.value:
+        notes.append("kto also runs a no-grad forward of its KL batch (mismatched answers)")
+    if inp.liger and not fused:
+        notes.append(f"--liger does not fuse the logits of {inp.stage}: its trainer reads them")
+    if not fused and logits > 0.2 * peak:
+        fix = (
+            "--liger fuses them away"
+            if inp.stage in (Stage.SFT.value, Stage.PT.value)
+            else "a shorter --cutoff-len shrinks them"
+        )
+        notes.append(f"logits and loss take {logits / GB:.1f} GB ({arch.vocab_size} vocab); {fix}")
 
     fits = margin = None
     if inp.gpu_mem_gb is not None:
@@ -381,6 +470,8 @@ def estimate(inp: PlanInput) -> Plan:
         total_params=total,
         trainable_params=int(trainable),
         notes=notes,
+        stage=inp.stage,
+        sequences_per_step=seqs,
     )
 
 
@@ -410,6 +501,7 @@ def choose_method(
     gradient_checkpointing: bool = True,
     liger: bool = False,
     deepspeed: str | None = None,
+    stage: str = "sft",
 ) -> tuple[Plan, str]:
     """The best method that fits: full -> LoRA -> QLoRA 8-bit -> QLoRA 4-bit, each with the
     first DeepSpeed stage that fits and the largest batch size (of 8, 4, 2, 1) that fits.
@@ -432,6 +524,7 @@ def choose_method(
                     PlanInput(
                         arch=arch,
                         method=method,
+                        stage=stage,
                         bits=bits,
                         gpus=gpus,
                         deepspeed=ds,

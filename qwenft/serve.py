@@ -12,12 +12,20 @@ an invalid request (malformed JSON, no messages, `max_tokens` <= 0, an unknown m
 longer than the model's context) gets a 400 with an OpenAI-style error body naming the problem,
 never a 500 with a traceback. The checks themselves (`check_chat_request`, `check_context`) are
 pure functions.
+
+Tool calls (docs/agents.md): LLaMA-Factory's API already answers a request with `tools` with
+`tool_calls` (finish_reason "tool_calls", arguments as a JSON string) when the run's template finds
+them in the reply. The wrapper fills two gaps so a standard OpenAI client's loop works: the
+`role: "tool"` replies to one turn's calls are merged into one message in the calls' order
+(matched by tool_call_id; LLaMA-Factory takes one message per turn), and the calls sent back in the
+history get their arguments decoded, so the prompt shows them as the run was trained.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -50,6 +58,7 @@ class ServePlan:
     argv: list[str]
     env: dict[str, str]
     timeout_s: float
+    backend: str = "transformers"  # LLaMA-Factory's API server; "llama.cpp": the run's GGUF
 
     @property
     def base_url(self) -> str:
@@ -209,15 +218,22 @@ def plan_serve(
     timeout_s: float = 300.0,
     template: str | None = None,
     force: bool = False,
+    backend: str = "transformers",
 ) -> ServePlan:
     """Check every input and render the config; raise QwenftError (writing nothing) otherwise."""
     host = check_host(host, api_key)
     if timeout_s <= 0:
         raise QwenftError(f"--timeout must be positive (got {timeout_s})")
-    cli = launcher.find_llamafactory_cli()
+    if backend not in SERVE_BACKENDS:
+        raise QwenftError(
+            f"unknown --backend {backend!r}", f"choose one of {', '.join(SERVE_BACKENDS)}"
+        )
     target, template, run_dir = resolve_serve_target(spec, adapter, template, force)
     port = check_port(host, port)
     model_name = model_name_for(spec, run_dir)
+    if backend == "llama.cpp":
+        return _plan_llamacpp(target, template, run_dir, host, port, api_key, model_name, timeout_s)
+    cli = launcher.find_llamafactory_cli()
     config = build_serve_config(target, template)
     yaml_text = render.to_yaml(config, header=f"qwenft serve {target.source}")
     yaml_path = (run_dir or Path("<temp>")) / "serve.yaml"
@@ -237,6 +253,48 @@ def plan_serve(
         argv,
         env,
         timeout_s,
+    )
+
+
+SERVE_BACKENDS = ("transformers", "llama.cpp")
+LLAMACPP_CONTEXT = 4096
+
+
+def _plan_llamacpp(
+    target: ModelTarget,
+    template: str,
+    run_dir: Path | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    model_name: str,
+    timeout_s: float,
+) -> ServePlan:
+    """`qwenft serve --backend llama.cpp`: llama-cpp-python's OpenAI-compatible server over the
+    run's GGUF export (its chat template is the one the export embedded and verified). The key
+    goes in the environment (API_KEY), never on the command line."""
+    from qwenft.export import exported_gguf, require_llama_cpp
+
+    gguf = exported_gguf(run_dir, target.manifest)
+    require_llama_cpp("--backend llama.cpp")
+    config = {"model": str(gguf), "model_alias": model_name, "n_ctx": LLAMACPP_CONTEXT}
+    argv = [sys.executable, "-m", "llama_cpp.server", "--host", host, "--port", str(port)]
+    argv += [f"--{k}={v}" for k, v in config.items()] + ["--verbose=False"]
+    env = {"API_KEY": api_key} if api_key else {}
+    return ServePlan(
+        target,
+        template,
+        run_dir,
+        host,
+        port,
+        api_key,
+        model_name,
+        config,
+        render.to_yaml(config, header=f"qwenft serve --backend llama.cpp {gguf.name}"),
+        argv,
+        env,
+        timeout_s,
+        backend="llama.cpp",
     )
 
 
@@ -308,15 +366,21 @@ def execute_serve(
     else:
         temp_dir = Path(tempfile.mkdtemp(prefix="qwenft-serve-"))
         yaml_path, log_path = temp_dir / "serve.yaml", None
-    argv = [*plan.argv[:-1], str(yaml_path)]
+    if plan.backend == "llama.cpp":
+        argv = plan.argv
+        if not plan.api_key:  # no key asked for: one inherited from the environment must not apply
+            os.environ.pop("API_KEY", None)
+    else:
+        argv = guarded_argv([*plan.argv[:-1], str(yaml_path)])
     try:
         from qwenft.fsutil import atomic_write_text
 
         atomic_write_text(yaml_path, plan.yaml_text)
-        progress(f"serving {plan.target.source} (template {plan.template})")
+        what = plan.config["model"] if plan.backend == "llama.cpp" else plan.target.source
+        progress(f"serving {what} (template {plan.template}, {plan.backend})")
         progress(f"launching: {launcher.format_command(argv, _shown_env(plan.env))}")
         with launcher.start(
-            guarded_argv(argv), plan.env, log_path, cwd=plan.run_dir, echo=sys.stderr.buffer
+            argv, plan.env, log_path, cwd=plan.run_dir, echo=sys.stderr.buffer
         ) as proc:
             try:
                 took = wait_ready(
@@ -433,6 +497,99 @@ def _text(content: Any) -> str:
 
 
 ROLES = {"user": "user", "assistant": "assistant", "function": "function", "tool": "observation"}
+# LLaMA-Factory's separator of parallel tool results in one observation turn (as it trains them)
+TOOL_RESULT_SEP = "\n</tool_response>\n<tool_response>\n"
+
+
+def merge_tool_replies(body: dict[str, Any]) -> tuple[str, str | None] | None:
+    """Put the role "tool" replies to one assistant turn's tool_calls into one message, in the
+    calls' order (matched by tool_call_id, else by order), joined as LLaMA-Factory trains parallel
+    results. LLaMA-Factory's API takes one message per turn (u/a/u/a...): an OpenAI client sends
+    one per call. Changes body["messages"] in place; returns (message, param) for a reply that
+    answers no call (an unknown tool_call_id, a reply twice, a reply with no call before it)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    out: list[Any] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        if not (isinstance(m, dict) and m.get("role") in ("tool", "function")):
+            out.append(m)
+            i += 1
+            continue
+        run = []
+        while (
+            i < len(messages)
+            and isinstance(messages[i], dict)
+            and messages[i].get("role")
+            in (
+                "tool",
+                "function",
+            )
+        ):
+            run.append((i, messages[i]))
+            i += 1
+        prev = out[-1] if out else None
+        calls = prev.get("tool_calls") if isinstance(prev, dict) else None
+        calls = calls if isinstance(calls, list) and calls else None
+        if calls is None:
+            if len(run) > 1:
+                return (
+                    f"messages[{run[0][0]}]: {len(run)} tool replies follow a turn without "
+                    "tool_calls",
+                    "messages",
+                )
+            out.append(run[0][1])
+            continue
+        ids = [c.get("id") if isinstance(c, dict) else None for c in calls]
+        slots: list[str | None] = [None] * len(calls)
+        for k, reply in run:
+            cid = reply.get("tool_call_id")
+            if cid is not None and cid in ids:
+                slot = ids.index(cid)
+            elif cid is not None:
+                known = ", ".join(repr(x) for x in ids if x is not None) or "none"
+                return (
+                    f"messages[{k}].tool_call_id {cid!r} answers no call of the assistant turn "
+                    f"before it (its call ids: {known})",
+                    "messages",
+                )
+            else:
+                slot = next((n for n, v in enumerate(slots) if v is None), None)
+                if slot is None:
+                    return f"messages[{k}]: more tool replies than calls", "messages"
+            if slots[slot] is not None:
+                return f"messages[{k}]: call {ids[slot] or slot + 1} is answered twice", "messages"
+            slots[slot] = _text(reply.get("content"))
+        results = [x for x in slots if x is not None]
+        out.append({"role": "tool", "content": TOOL_RESULT_SEP.join(results)})
+    body["messages"] = out
+    return None
+
+
+def decode_call_arguments(input_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LLaMA-Factory's API puts an assistant turn's tool_calls back into the prompt with each
+    call's arguments as OpenAI sends them, a JSON string, which its template then writes as a
+    quoted string: not the {"name": ..., "arguments": {...}} object the model was trained on.
+    Decode them (in place) so the prompt matches training."""
+    for m in input_messages:
+        if m.get("role") != "function" or not isinstance(m.get("content"), str):
+            continue
+        try:
+            calls = json.loads(m["content"])
+        except ValueError:
+            continue
+        if not isinstance(calls, list):
+            continue
+        for call in calls:
+            if isinstance(call, dict) and isinstance(call.get("arguments"), str):
+                try:
+                    call["arguments"] = json.loads(call["arguments"])
+                except ValueError:
+                    pass
+        m["content"] = json.dumps(calls, ensure_ascii=False)
+    return input_messages
 
 
 def count_prompt_tokens(engine: Any, body: dict[str, Any]) -> int:
@@ -441,10 +598,26 @@ def count_prompt_tokens(engine: Any, body: dict[str, Any]) -> int:
     system = None
     if messages and messages[0].get("role") == "system":
         system = _text(messages.pop(0).get("content"))
-    paired = [
-        {"role": ROLES.get(m["role"], m["role"]), "content": _text(m.get("content"))}
-        for m in messages
-    ]
+    paired = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and isinstance(calls, list) and calls:
+            content = json.dumps(
+                [
+                    {
+                        "name": c["function"]["name"],
+                        "arguments": c["function"].get("arguments", "{}"),
+                    }
+                    for c in calls
+                ],
+                ensure_ascii=False,
+            )
+            paired.append({"role": "function", "content": content})
+        else:
+            paired.append(
+                {"role": ROLES.get(m["role"], m["role"]), "content": _text(m.get("content"))}
+            )
+    decode_call_arguments(paired)
     paired.append({"role": "assistant", "content": ""})
     tools = body.get("tools")
     tools_json = (
@@ -483,25 +656,37 @@ class RequestChecks:
         return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.api_key}"
 
     def problem(self, raw: bytes) -> tuple[str, str | None] | None:
+        return self.prepare(raw)[0]
+
+    def prepare(self, raw: bytes) -> tuple[tuple[str, str | None] | None, bytes]:
+        """(problem, body to pass on): the request checks, and the tool replies merged into one
+        message per turn (merge_tool_replies)."""
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            return f"the request body is not valid JSON: {exc}", None
+            return (f"the request body is not valid JSON: {exc}", None), raw
         problem = check_chat_request(body, self.served_model)
         if problem:
-            return problem
+            return problem, raw
+        if any(
+            isinstance(m, dict) and m.get("role") in ("tool", "function") for m in body["messages"]
+        ):
+            problem = merge_tool_replies(body)
+            if problem:
+                return problem, raw
+            raw = json.dumps(body, ensure_ascii=False).encode()
         engine = getattr(self.chat_model, "engine", None)
         try:
             context = model_context(engine)
             prompt = count_prompt_tokens(engine, body) if context else None
         except Exception:  # noqa: BLE001 - counting is best effort; LLaMA-Factory checks the rest
-            return None
+            return None, raw
         if context and prompt is not None:
             max_tokens = body.get("max_tokens")
             message = check_context(prompt, int(max_tokens) if max_tokens else None, context)
             if message:
-                return message, "messages"
-        return None
+                return (message, "messages"), raw
+        return None, raw
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -526,8 +711,7 @@ class RequestChecks:
                     return
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
-            raw = b"".join(chunks)
-            problem = self.problem(raw)
+            problem, raw = self.prepare(b"".join(chunks))
             if problem:
                 await self._json(send, 400, error_body(*problem))
                 return
@@ -612,12 +796,30 @@ class _PatchApp:
             def guarded_create_app(chat_model: Any) -> Any:
                 app = create_app(chat_model)
                 install_request_checks(app, chat_model)
+                _patch_process_request()
                 return app
 
             module.create_app = guarded_create_app
 
         spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
         return spec
+
+
+def _patch_process_request() -> None:
+    """Decode the string arguments of tool calls sent back in the history (decode_call_arguments)
+    after LLaMA-Factory's API turns a request into its messages."""
+    import llamafactory.api.chat as lf_chat
+
+    original = lf_chat._process_request
+    if getattr(original, "_qwenft", False):
+        return
+
+    def process_request(request: Any) -> Any:
+        input_messages, *rest = original(request)
+        return (decode_call_arguments(input_messages), *rest)
+
+    process_request._qwenft = True  # type: ignore[attr-defined]
+    lf_chat._process_request = process_request
 
 
 def guarded_api(args: list[str]) -> int:

@@ -3,8 +3,11 @@ settings. `train`, `plan`, `data check --model` and `eval` all call it, so the c
 system prompt, thinking mode, method and DeepSpeed stage one of them shows are the ones `train`
 uses.
 
-The recipe defaults live in configs/<method>.yaml; the layers over them are, lowest first:
-the recipe < --config FILE < the named knobs (--cutoff-len, --lr, ...) < --set key=value.
+The recipe defaults live in configs/<method>.yaml with the stage's keys over them
+(configs/stages/<stage>.yaml: `recipe(method, stage)`); the layers over the recipe are, lowest
+first: --config FILE < the named knobs (--cutoff-len, --lr, --beta, ...) < --set key=value.
+A later stage can start from an earlier run (`--from RUN_DIR`, `from_run`): its weights, and the
+template, system prompt and thinking mode it was trained with.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from typing import Any
 
 import yaml
 
-from qwenft.choices import AUTO, DeepSpeed, Method, Template, Thinking, auto_deepspeed
+from qwenft.choices import (
+    AUTO,
+    STAGE_DATA,
+    DeepSpeed,
+    Method,
+    Stage,
+    Template,
+    Thinking,
+    auto_deepspeed,
+)
 from qwenft.errors import QwenftError
 from qwenft.lf import render
 from qwenft.models import presets
@@ -40,6 +52,19 @@ class RunRequest:
     set_items: list[str] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)  # LLaMA-Factory key -> value or None
     cpu_procs: int | None = None  # processes on a machine without GPUs (instead of gpus)
+    stage: str = Stage.SFT.value  # LLaMA-Factory's training stage (choices.Stage)
+    parent: Path | None = None  # --from RUN_DIR: start from that run's weights and chat settings
+
+
+@dataclass
+class FromRun:
+    """--from RUN_DIR made concrete: the weights to start from and the run they came from."""
+
+    run_dir: Path
+    model: presets.ResolvedModel  # path: the merged model or the run's own weights
+    enable_thinking: bool | None
+    stage: str
+    source: str  # "merged model ...", or the run folder (full/freeze)
 
 
 @dataclass
@@ -56,6 +81,20 @@ class RunSettings:
     gpu_mem_gb: float | None = None
     auto_plan: Any = None  # memory.Plan behind --method auto
     auto_why: str | None = None  # its one-line explanation
+    thinking_warning: str | None = None  # <think> blocks the template cannot train as thoughts
+    stage: str = Stage.SFT.value
+    parent: FromRun | None = None
+
+    @property
+    def data_kind(self) -> str:
+        """The kind of data the stage trains on (choices.STAGE_DATA)."""
+        return STAGE_DATA[Stage(self.stage)].value
+
+    @property
+    def packed(self) -> bool:
+        """pt packs texts into cutoff_len blocks unless packing is set false (LLaMA-Factory's
+        default: `packing` None means true for pt); nothing is truncated then."""
+        return self.stage == Stage.PT and self.values.get("packing") is not False
 
     @property
     def template(self) -> str:
@@ -97,6 +136,7 @@ class RunSettings:
         return memory.PlanInput(
             arch=self.model.arch,
             method=self.method,
+            stage=self.stage,
             bits=self.quantization_bit,
             gpus=self.gpus,
             deepspeed=self.deepspeed,
@@ -110,9 +150,10 @@ class RunSettings:
         )
 
 
-def recipe(method: str) -> dict[str, Any]:
-    """The defaults of a method: configs/<method>.yaml (LoRA's for `auto`, until it is chosen)."""
-    return render.load_template(Method.LORA.value if method == AUTO else method)
+def recipe(method: str, stage: str = Stage.SFT.value) -> dict[str, Any]:
+    """The defaults of a method and stage: configs/<method>.yaml (LoRA's for `auto`, until it is
+    chosen) with configs/stages/<stage>.yaml over it (render.load_recipe: the one place)."""
+    return render.load_recipe(Method.LORA.value if method == AUTO else method, stage)
 
 
 def default_cutoff_len() -> int:
@@ -149,26 +190,13 @@ def model_for(spec: str, template: str | None) -> presets.ResolvedModel:
 
 def thinking_choice(thinking: str, model: presets.ResolvedModel, data: Path | None) -> bool | None:
     """enable_thinking: None where the template has no switch; for Qwen3 hybrid models the
-    person's --thinking, else decided from the data (all samples reason: on; none: off; a mix is
-    refused, because training one mode would teach the model the other's samples wrongly)."""
-    thinking = Thinking.parse(thinking, "--thinking")
-    if model.thinking != "hybrid":
-        return None
-    if thinking != Thinking.AUTO:
-        return thinking == Thinking.ON
-    if data is None:
-        return False
-    from qwenft.data.check import count_thinking_samples
+    person's --thinking, else qwenft.data.reasoning.thinking_plan decides from the data: no sample
+    reasons -> off; some or all do -> on, which trains both modes the way Qwen3's chat template
+    renders them (reasoning samples with their thought, the others after an empty one)."""
+    from qwenft.data.reasoning import thinking_plan
 
-    with_think, total = count_thinking_samples(data)
-    if with_think == 0:
-        return False
-    if with_think == total:
-        return True
-    raise QwenftError(
-        f"{with_think} of {total} samples in {data} have <think> blocks and the rest do not",
-        "decide with --thinking on (train reasoning) or --thinking off (train direct answers)",
-    )
+    thinking = Thinking.parse(thinking, "--thinking")
+    return thinking_plan(data, model.thinking, thinking, model.template).enable_thinking
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +217,10 @@ KEY_OPTIONS: dict[str, str] = {
     "logging_steps": "--logging-steps",
     "quantization_bit": "--bits",
     "lora_target": "--lora-target",
+    "pref_beta": "--beta",
+    "pref_loss": "--pref-loss",
+    "pref_ftx": "--sft-weight",
+    "freeze_trainable_layers": "--trainable-layers",
 }
 
 
@@ -202,6 +234,14 @@ def _at_least_one(v: float) -> bool:
 
 def _fraction(v: float) -> bool:
     return 0 <= v < 1
+
+
+def _at_least_zero(v: float) -> bool:
+    return v >= 0
+
+
+def _whole_not_zero(v: float) -> bool:
+    return v != 0 and float(v).is_integer()
 
 
 WHOLE = "a positive whole number"
@@ -220,7 +260,46 @@ RANGES: dict[str, tuple[Any, str, str]] = {
     "save_steps": (_above_zero, "positive", "steps between checkpoints, e.g. 500"),
     "logging_steps": (_above_zero, "positive", "steps between loss lines, e.g. 10"),
     "per_device_eval_batch_size": (_at_least_one, WHOLE, "e.g. 4"),
+    "pref_beta": (_above_zero, "positive", "e.g. --beta 0.1 (LLaMA-Factory's default)"),
+    "pref_ftx": (_at_least_zero, "0 or more", "0 = no added SFT loss, e.g. --sft-weight 0.5"),
+    "freeze_trainable_layers": (
+        _whole_not_zero,
+        "a whole number other than 0",
+        "N > 0 trains the last N decoder layers, N < 0 the first N",
+    ),
+    "simpo_gamma": (_at_least_zero, "0 or more", "the target reward margin, e.g. 0.5"),
+    "kto_chosen_weight": (_at_least_zero, "0 or more", "e.g. 1.0"),
+    "kto_rejected_weight": (_at_least_zero, "0 or more", "e.g. 1.0"),
 }
+
+# Keys that only some stages or methods read: set for another one, LLaMA-Factory would ignore
+# them in silence, so `train` refuses them (check_applies), whichever layer set them.
+PREFERENCE_STAGES = (Stage.DPO.value, Stage.ORPO.value, Stage.SIMPO.value)
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "pref_beta": (*PREFERENCE_STAGES, Stage.KTO.value),
+    "pref_ftx": (*PREFERENCE_STAGES, Stage.KTO.value),
+    "pref_loss": (Stage.DPO.value,),
+    "pref_bco_weight": (Stage.DPO.value,),
+    "dpo_label_smoothing": (Stage.DPO.value,),
+    "simpo_gamma": (Stage.SIMPO.value,),
+    "kto_chosen_weight": (Stage.KTO.value,),
+    "kto_rejected_weight": (Stage.KTO.value,),
+    "ref_model": (Stage.DPO.value, Stage.KTO.value),
+    "packing": (Stage.SFT.value, Stage.PT.value),
+    "neat_packing": (Stage.SFT.value,),
+}
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora"),
+        (Method.LORA.value, Method.QLORA.value),
+    ),
+    **dict.fromkeys(
+        ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+        (Method.FREEZE.value,),
+    ),
+}
+# --pref-loss: the DPO losses qwenft offers (orpo and simpo are stages of their own).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def key_label(key: str) -> str:
@@ -347,24 +426,139 @@ def resolve(req: RunRequest) -> RunSettings:
         raise QwenftError(
             f"--gpus must be at least 1 (got {req.gpus})", "omit --gpus to use every visible GPU"
         )
+    stage = Stage.parse(req.stage, "--stage")
     overrides = checked_overrides(req)  # before the model and the data: refusals cost nothing
-    model = model_for(req.model, req.template)
-    enable_thinking = thinking_choice(req.thinking, model, req.data)
+    parent, thinking_warning = None, None
+    if req.parent is not None:
+        parent = from_run(req.parent, req.template, req.thinking)
+        model, enable_thinking = parent.model, parent.enable_thinking
+    else:
+        from qwenft.data.reasoning import thinking_plan
+
+        model = model_for(req.model, req.template)
+        plan = thinking_plan(
+            req.data, model.thinking, Thinking.parse(req.thinking, "--thinking"), model.template
+        )
+        enable_thinking, thinking_warning = plan.enable_thinking, plan.warning
     settings = RunSettings(
         model=model,
         method=method,
         deepspeed=deepspeed,
         enable_thinking=enable_thinking,
         overrides=overrides,
-        values={**recipe(method), **overrides},
+        values={**recipe(method, stage), **overrides},
         gpus=gpus,
         gpu_mem_gb=req.gpu_mem_gb,
+        stage=stage,
+        parent=parent,
+        thinking_warning=thinking_warning,
     )
     if method == AUTO:
         return _choose_method(settings, req)
     if deepspeed == AUTO:
         settings.deepspeed = auto_deepspeed(method)
     return settings
+
+
+def from_run(
+    run_dir: Path, template: str | None = None, thinking: str = Thinking.AUTO.value
+) -> FromRun:
+    """--from RUN_DIR: the weights a new stage starts from (a LoRA/QLoRA run's merged model, a
+    full or freeze run's own weights) with the template, system prompt and thinking mode that run
+    was trained with. A --template or --thinking that differs from the run's is refused (the
+    model learned the run's); so is a LoRA run that was not merged, with the command that merges
+    it. Raises QwenftError."""
+    from qwenft.models.target import resolve_target
+    from qwenft.runs.manifest import MANIFEST
+
+    run_dir = Path(run_dir).expanduser().absolute()
+    if not (run_dir / MANIFEST).is_file():
+        from qwenft.runs.manifest import read_manifest
+
+        read_manifest(run_dir)  # names what is wrong: not found, not a run folder
+    target = resolve_target(str(run_dir))
+    m = target.manifest
+    assert m is not None
+    if target.adapter_path is not None:
+        raise QwenftError(
+            f"--from {run_dir}: that {m.method} run has no merged model to start from (a later "
+            "stage trains a new adapter on the merged weights)",
+            f"merge it first: qwenft merge {run_dir}",
+        )
+    if template is not None and Template.parse(template, "--template") != m.template:
+        raise QwenftError(
+            f"--from {run_dir}: that run was trained with template {m.template!r}, not "
+            f"{template!r}; a later stage keeps it",
+            "drop --template (the run's own is used)",
+        )
+    thinking = Thinking.parse(thinking, "--thinking")
+    if thinking != Thinking.AUTO and m.enable_thinking is not None:
+        if (thinking == Thinking.ON) != m.enable_thinking:
+            raise QwenftError(
+                f"--from {run_dir}: that run was trained with thinking "
+                f"{'on' if m.enable_thinking else 'off'}, not {thinking}; a later stage keeps it",
+                "drop --thinking (the run's own mode is used)",
+            )
+    model = replace(
+        m.model,
+        spec=target.model_path,
+        kind="local",
+        path=target.model_path,
+        template=m.template,
+        default_system=m.default_system,
+    )
+    return FromRun(run_dir, model, m.enable_thinking, m.stage, target.source)
+
+
+def check_applies(settings: RunSettings) -> None:
+    """`train`: every key the person set must be one the run's stage and method read (else
+    LLaMA-Factory would ignore it in silence), and --pref-loss must be a DPO loss for --stage dpo
+    (orpo and simpo are stages: they set pref_loss themselves). Raises QwenftError."""
+    stage, method = settings.stage, settings.method
+    for key in settings.overrides:
+        stages = STAGE_KEYS.get(key, ())
+        if key == "pref_loss" and stage in (Stage.ORPO, Stage.SIMPO):
+            raise QwenftError(
+                f"--stage {stage} sets pref_loss: {stage} itself; --pref-loss "
+                f"{settings.overrides[key]} is for --stage dpo",
+                f"drop --pref-loss, or train --stage dpo --pref-loss {settings.overrides[key]}",
+            )
+        if stages and stage not in stages:
+            raise QwenftError(
+                f"{key_label(key)} does nothing for --stage {stage}: it applies to --stage "
+                + ", ".join(stages),
+                f"drop it, or train --stage {stages[0]}",
+            )
+        methods = METHOD_KEYS.get(key, ())
+        if methods and method not in methods:
+            raise QwenftError(
+                f"{key_label(key)} does nothing for --method {method}: it applies to --method "
+                + ", ".join(methods),
+                f"drop it, or train --method {methods[0]}",
+            )
+    layers = settings.values.get("freeze_trainable_layers")
+    arch = settings.model.arch
+    if method == Method.FREEZE and isinstance(layers, int) and arch is not None:
+        if abs(layers) > arch.num_hidden_layers:
+            raise QwenftError(
+                f"--trainable-layers {layers}: {settings.model.spec} has "
+                f"{arch.num_hidden_layers} decoder layers (LLaMA-Factory would train them all)",
+                f"choose 1..{arch.num_hidden_layers} (the last N) or -1..-"
+                f"{arch.num_hidden_layers} (the first N); --method full trains every layer",
+            )
+    loss = settings.overrides.get("pref_loss")
+    if loss is not None and loss not in DPO_LOSSES:
+        if loss in (Stage.ORPO, Stage.SIMPO):
+            hint = f"train --stage {loss} (it sets pref_loss: {loss} itself)"
+        elif loss == "kto_pair":
+            hint = "for KTO, train --stage kto on labelled data"
+        else:
+            hint = f"choose one of {', '.join(DPO_LOSSES)}"
+        raise QwenftError(
+            f"--pref-loss {loss} is not one of the DPO losses qwenft offers "
+            f"({', '.join(DPO_LOSSES)})",
+            hint,
+        )
 
 
 def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
@@ -386,6 +580,7 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         gradient_checkpointing=probe.gradient_checkpointing,
         liger=probe.liger,
         deepspeed=None if settings.deepspeed == AUTO else settings.deepspeed,
+        stage=settings.stage,
     )
     overrides = {**settings.overrides, "per_device_train_batch_size": plan.batch_size}
     if plan.method == Method.QLORA:
@@ -395,7 +590,7 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         method=plan.method,
         deepspeed=plan.deepspeed,
         overrides=overrides,
-        values={**recipe(plan.method), **overrides},
+        values={**recipe(plan.method, settings.stage), **overrides},
         auto_plan=plan,
         auto_why=why,
     )
@@ -421,6 +616,7 @@ def fit_warning(settings: RunSettings) -> str | None:
             settings.gpu_mem_gb,
             gpus=settings.gpus,
             cutoff_len=settings.cutoff_len,
+            stage=settings.stage,
         )
         note += f"; what would fit: {why}"
     except QwenftError:

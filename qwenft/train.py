@@ -2,7 +2,9 @@
 
 plan_train() reads and checks but writes nothing (it is all --dry-run needs); execute_train()
 builds the tiny model if needed, registers the dataset, creates the run folder atomically,
-launches `llamafactory-cli train` and finalizes the manifest.
+launches `llamafactory-cli train` and finalizes the manifest. Every stage (sft, pt, dpo, orpo,
+simpo, kto) goes the same way; the data must be the kind the stage takes (choices.STAGE_DATA),
+and `--from RUN_DIR` starts from an earlier run's weights (settings.from_run).
 """
 
 from __future__ import annotations
@@ -20,8 +22,16 @@ from typing import Any
 import yaml
 
 from qwenft import settings
-from qwenft.choices import DEFAULT_OVERLENGTH, DeepSpeed, Method, Overlength
-from qwenft.data import check, reader, registry, split, tokens
+from qwenft.choices import (
+    DEFAULT_OVERLENGTH,
+    STAGE_DATA,
+    DataKind,
+    DeepSpeed,
+    Method,
+    Overlength,
+    Stage,
+)
+from qwenft.data import check, convert, kinds, reader, registry, split, tokens
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
 from qwenft.lf import cache, launcher, render
 from qwenft.models import presets
@@ -75,13 +85,65 @@ class TrainPlan:
     notes: list[str] = field(default_factory=list)  # choices and warnings to show before launch
     overlength: str = DEFAULT_OVERLENGTH.value
     train_data: Path | None = (
-        None  # what LLaMA-Factory reads (a filtered copy with --overlength drop)
+        None  # what LLaMA-Factory reads (a filtered copy with --overlength drop, a .txt's jsonl)
     )
     # steps, logging_steps, save_steps, eval_steps, held_out, samples, per_step: see schedule()
     schedule: dict[str, Any] = field(default_factory=dict)
+    stage: str = Stage.SFT.value
+    kind: str = DataKind.SFT.value  # the data kind the stage takes
+    packed: bool = False  # pt with packing: texts run on in cutoff_len blocks, nothing is cut
+    parent: settings.FromRun | None = None
 
 
 FILTERED_DATA = "data.fit.jsonl"
+PT_DATA = "data.pt.jsonl"  # a .txt corpus as {"text"} rows, one per blank-line-separated block
+
+# What each kind of data is, and how to get it, for the refusal of a stage/data mismatch.
+KIND_WHAT = {
+    DataKind.SFT: 'chat conversations (sft data: {"messages": [...]} ending with the assistant)',
+    DataKind.PREFERENCE: 'preference pairs (a "messages" context with "chosen" and "rejected" '
+    "answers)",
+    DataKind.KTO: 'labelled answers (KTO data: "messages" with a boolean "label")',
+    DataKind.PT: 'plain text (pt data: {"text": ...} rows or a .txt file)',
+}
+KIND_FIX = {
+    DataKind.SFT: 'give it {"messages": [...]} conversations ending with the assistant\'s answer',
+    DataKind.PREFERENCE: "give it chosen/rejected pairs (docs/data.md); `qwenft data convert` "
+    "reads LLaMA-Factory's, TRL's and UltraFeedback's pair files",
+    DataKind.KTO: 'give every row a boolean "label" (true: a desirable answer, false: an '
+    "undesirable one); `qwenft data convert` reads kto_tag and prompt/completion/label files",
+    DataKind.PT: 'give it {"text": ...} rows or a .txt file (`qwenft data convert --from text` '
+    "makes them from a corpus)",
+}
+
+
+def stages_for(kind: str) -> list[str]:
+    """The stages that train on a kind of data."""
+    return [stage.value for stage, k in STAGE_DATA.items() if k == kind]
+
+
+def check_data_fits(path: Path, stage: str) -> None:
+    """Refuse data of another kind than the stage takes (choices.STAGE_DATA), naming the stages
+    that take it and what this stage needs. Rows in no kind's shape, and the rules of the kind,
+    are left to check.require_valid."""
+    want = STAGE_DATA[Stage(stage)]
+    if not path.is_file():
+        return
+    try:
+        found = kinds.detect_file_kind(path)
+    except QwenftError:
+        return
+    if found is None or found == want:
+        return
+    found = DataKind(found)
+    takers = stages_for(found)
+    raise QwenftError(
+        f"--stage {stage} trains on {KIND_WHAT[want]}, but {path} holds {KIND_WHAT[found]}; "
+        "nothing was started",
+        f"{found.value} data trains with --stage {' | '.join(takers)}"
+        + (f" (e.g. qwenft train --stage {takers[0]} --data {path} ...)" if takers else "")
+        + f"; for --stage {stage}, {KIND_FIX[want]}",
+    )
 
 
 def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None) -> TrainPlan:
@@ -102,11 +164,14 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     # The choices that need no file are checked before the data is read.
     Method.parse(req.method, "--method", auto=True)
     DeepSpeed.parse(req.deepspeed, "--deepspeed", auto=True)
+    stage = Stage.parse(req.stage, "--stage")
+    kind = STAGE_DATA[Stage(stage)].value
     if req.data is None:
         raise QwenftError("--data is required", "qwenft train --model MODEL --data FILE.jsonl")
     cli = launcher.find_llamafactory_cli()
 
-    report = check.require_valid(Path(req.data).expanduser(), "nothing was started")
+    check_data_fits(Path(req.data).expanduser(), stage)
+    report = check.require_valid(Path(req.data).expanduser(), "nothing was started", kind=kind)
     data = report.path.resolve()
     sha = reader.file_sha256(data)
 
@@ -114,22 +179,50 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         min(g["memory_gib"] for g in gpus_seen) * 2**30 / 1e9 if gpus_seen else None
     )
     run = settings.resolve(replace(req, data=data, gpus=nproc, gpu_mem_gb=gpu_mem))
+    settings.check_applies(run)
     notes = [f"auto: {run.auto_why}"] if run.auto_why else []
+    if run.thinking_warning:
+        notes.append(f"warning: {run.thinking_warning}")
+    if run.parent:
+        notes.append(
+            f"from {run.parent.run_dir} ({run.parent.stage}): {run.parent.source}; template "
+            f"{run.model.template}, its system prompt and thinking mode kept"
+        )
     warning = settings.fit_warning(run)
     if warning:
         notes.append(warning)
-    model, method, stage = run.model, run.method, run.deepspeed
+    model, method, ds_stage = run.model, run.method, run.deepspeed
 
-    run_dir = Path(req.output_dir) if req.output_dir else default_run_dir(req.model, method)
+    name_from = run.parent.run_dir.name if run.parent else req.model
+    label = method if stage == Stage.SFT else f"{stage}-{method}"
+    run_dir = Path(req.output_dir) if req.output_dir else default_run_dir(name_from, label)
     check_new_run_dir(run_dir)
     run_dir = run_dir.expanduser().absolute()
     dataset_dir = (req.dataset_dir or default_dataset_dir()).expanduser().absolute()
     dataset_name = registry.auto_dataset_name(data, sha, dataset_dir)
     train_data = data
+    packed = run.packed
+    is_txt = report.format == "txt"
+    if packed and overlength != Overlength.WARN:
+        raise QwenftError(
+            f"--overlength {overlength} does not apply to packed pre-training: texts are packed "
+            "into blocks of cutoff_len tokens and run on into the next block, none is cut",
+            "drop --overlength, or --set packing=false to train one text per sample (cut at "
+            "cutoff_len)",
+        )
+    if overlength == Overlength.DROP and is_txt:
+        raise QwenftError(
+            "--overlength drop reads the data by JSON line, and this is a .txt corpus",
+            f"convert it first: qwenft data convert {data} -o {data.with_suffix('.jsonl')}",
+        )
     if overlength == Overlength.DROP:
         # Trained on a filtered copy inside the run folder, registered under a run-specific name.
         train_data = run_dir / FILTERED_DATA
         dataset_name = f"{dataset_name}-fit-{run_dir.name}"
+    elif is_txt:
+        # LLaMA-Factory reads a .txt line by line: a {"text"} copy keeps each document whole.
+        train_data = run_dir / PT_DATA
+        dataset_name = f"{dataset_name}-pt-{run_dir.name}"
 
     # logging_steps, save_steps and the evaluation follow the run's length (settings.step_defaults)
     processes = nproc * req.nnodes
@@ -137,8 +230,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
 
     files: dict[str, str] = {}
     ds_path = None
-    if stage != DeepSpeed.NONE:
-        files["deepspeed.json"] = render.deepspeed_config_text(stage)
+    if ds_stage != DeepSpeed.NONE:
+        files["deepspeed.json"] = render.deepspeed_config_text(ds_stage)
         ds_path = str(run_dir / "deepspeed.json")
     spec = render.TrainSpec(
         method=method,
@@ -148,6 +241,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         dataset=dataset_name,
         dataset_dir=str(dataset_dir),
         output_dir=str(run_dir),
+        stage=stage,
         enable_thinking=run.enable_thinking,
         deepspeed_path=ds_path,
         bf16=bool(gpus_seen) and all(g["compute_cap"] >= 8.0 for g in gpus_seen),
@@ -158,7 +252,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         # Several nodes on one shared file system could race on the cache: only for one node.
         key_sha = sha if overlength != Overlength.DROP else f"{sha}:drop-overlength"
         config["tokenized_path"] = str(cache.tokenized_dir(config, key_sha, model.kind))
-    yaml_text = render.to_yaml(config, header=f"qwenft {method} fine-tune of {req.model}")
+    what = f"{stage} {method}" if stage != Stage.SFT else method
+    origin = f"{model.path} (--from {run.parent.run_dir})" if run.parent else req.model
+    yaml_text = render.to_yaml(config, header=f"qwenft {what} fine-tune of {origin}")
     files["train.yaml"] = yaml_text
 
     dist = launcher.Distributed(
@@ -167,7 +263,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         node_rank=req.node_rank,
         master_addr=req.master_addr,
         master_port=req.master_port,
-        force_torchrun=stage != DeepSpeed.NONE,
+        force_torchrun=ds_stage != DeepSpeed.NONE,
     )
     argv, env = launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
     manifest = Manifest(
@@ -176,8 +272,10 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         template=model.template,
         default_system=model.default_system,
         enable_thinking=run.enable_thinking,
-        deepspeed=stage,
+        deepspeed=ds_stage,
         gpus=nproc,
+        stage=stage,
+        parent_run=str(run.parent.run_dir) if run.parent else None,
         nnodes=req.nnodes,
         dataset=DatasetRecord(
             path=str(data),
@@ -204,13 +302,17 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         dataset_dir,
         data,
         sha,
-        stage,
+        ds_stage,
         files,
         manifest,
         notes,
         overlength,
         train_data,
         schedule(config, report.n_samples, processes),
+        stage=stage,
+        kind=kind,
+        packed=packed,
+        parent=run.parent,
     )
 
 
@@ -241,9 +343,13 @@ def _every(n: Any, what: str) -> str:
 def describe(plan: TrainPlan) -> list[str]:
     """What will happen, in two lines: the model, method and data; the run's length and steps."""
     m, sch = plan.manifest, plan.schedule
+    what = m.method if plan.stage == Stage.SFT else f"{plan.stage} {m.method}"
+    origin = (
+        f"run {plan.parent.run_dir.name} ({plan.parent.source})" if plan.parent else m.model.spec
+    )
     lines = [
-        f"{m.method} fine-tune of {m.model.spec} (template {m.template}) on {plan.data_path.name}: "
-        f"{sch['samples']} samples"
+        f"{what} fine-tune of {origin} (template {m.template}) on {plan.data_path.name}: "
+        f"{sch['samples']} {'texts' if plan.kind == DataKind.PT else 'samples'}"
         + (f", {sch['held_out']} held out" if sch.get("held_out") else "")
     ]
     if sch:
@@ -251,6 +357,11 @@ def describe(plan: TrainPlan) -> list[str]:
         evaluation = (
             _every(sch["eval_steps"], "eval loss") if sch.get("eval_steps") else "no eval split"
         )
+        if plan.packed and "max_steps" not in plan.config:
+            lines.append(
+                "pt packs the texts into blocks of cutoff_len tokens: the steps below count "
+                "texts, the run counts blocks (--max-steps fixes the length)"
+            )
         lines.append(
             f"{'about ' if 'max_steps' not in plan.config else ''}{sch['steps']} steps of "
             f"{sch['per_step']} samples (batch {sch['batch']} x grad-accum {sch['grad_accum']} x "
@@ -271,8 +382,11 @@ def execute_train(
         progress(line)
     base_target(plan.model).ensure_built(progress)
     stats = overlength_stats(plan, progress)
-    n_over = stats["n_over_cutoff"]
     cutoff = plan.config["cutoff_len"]
+    if plan.packed:
+        record = packed_record(plan, stats, progress)
+        stats = {**stats, "n_over_cutoff": 0}  # packed: nothing is cut
+    n_over = stats["n_over_cutoff"]
     if n_over and n_over == stats.get("n_samples") and plan.overlength != "fail":
         # Every sample would be truncated (warn) or dropped, leaving nothing to train on (drop).
         raise QwenftError(
@@ -298,14 +412,18 @@ def execute_train(
             f"tokens to truncation (lines {_lines(stats)}); suggested --cutoff-len "
             f"{stats['suggested_cutoff_len']}, or --overlength drop|fail"
         )
-    record = {
-        "mode": plan.overlength,
-        "n_over_cutoff": n_over,
-        "tokens_cut": stats["tokens_cut"],
-        "cutoff_len": cutoff,
-    }
+    if not plan.packed:
+        record = {
+            "mode": plan.overlength,
+            "n_over_cutoff": n_over,
+            "tokens_cut": stats["tokens_cut"],
+            "cutoff_len": cutoff,
+        }
 
     def add_filtered_copy(stage: Path) -> None:
+        if plan.train_data is not None and plan.train_data.name == PT_DATA:
+            rows = convert.materialize_pt_jsonl(plan.data_path, stage / PT_DATA)
+            progress(f"pt: {rows} texts of {plan.data_path.name} copied to RUN/{PT_DATA}")
         if plan.overlength != "drop":
             return
         kept, dropped = split.write_without_lines(
@@ -321,11 +439,46 @@ def execute_train(
     with RunLock(run_dir, "train") as lock:
         update_manifest(run_dir, overlength=record)
         registry.register_dataset(
-            plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir
+            plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
         )
         return _launch(
-            run_dir, lock, plan.argv, plan.env, progress, plan.config.get("tokenized_path"), verbose
+            run_dir,
+            lock,
+            plan.argv,
+            plan.env,
+            progress,
+            plan.config.get("tokenized_path"),
+            verbose,
+            stage=plan.stage,
         )
+
+
+def packed_record(
+    plan: TrainPlan, stats: dict[str, Any], progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Packed pre-training: LLaMA-Factory concatenates every text and its end-of-text token and
+    cuts the stream into blocks of cutoff_len tokens, leaving out the last partial block. Says
+    how many blocks and how many tokens are left out; refuses a corpus under one block (it would
+    train on nothing)."""
+    cutoff = int(plan.config["cutoff_len"])
+    total = stats.get("tokens_total")
+    record: dict[str, Any] = {"mode": "packed", "cutoff_len": cutoff}
+    if not isinstance(total, int):
+        return record
+    blocks, rest = divmod(total, cutoff)
+    if blocks == 0:
+        raise QwenftError(
+            f"the {stats.get('n_samples', '')} texts hold {total} tokens, less than one packed "
+            f"block of cutoff_len {cutoff}: LLaMA-Factory would train on nothing; nothing was "
+            "started",
+            f"lower --cutoff-len (at most {total}), add text, or --set packing=false",
+        )
+    record.update(tokens=total, blocks=blocks, tokens_left_out=rest)
+    progress(
+        f"pt: {total} tokens packed into {blocks} block(s) of {cutoff}; nothing is truncated"
+        + (f", the last {rest} tokens (less than a block) are left out" if rest else "")
+    )
+    return record
 
 
 def _lines(stats: dict[str, Any], shown: int = 5) -> str:
@@ -349,6 +502,7 @@ def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[s
         Path(plan.model.path),
         cfg["template"],
         cfg["cutoff_len"],
+        kind=plan.kind,
         default_system=cfg.get("default_system"),
         enable_thinking=cfg.get("enable_thinking", True),
         train_on_prompt=bool(cfg.get("train_on_prompt")),
@@ -368,6 +522,8 @@ def _launch(
     progress: Callable[[str], None],
     tokenized: str | None,
     verbose: bool = False,
+    *,
+    stage: str = Stage.SFT.value,
 ) -> dict[str, Any]:
     """Run `llamafactory-cli train` in run_dir under the loss watch and qwenft's progress line;
     record how it ended. LLaMA-Factory's output goes to train.log (and stderr when `verbose`).
@@ -393,10 +549,11 @@ def _launch(
         tokenized_cache={"path": tokenized, "hit": cache_hit} if tokenized else None,
     )
     # With -v LLaMA-Factory's own progress bars are on stderr: no second progress line.
+    loss_watch = LossWatch(run_dir, stage=stage)
     watch = (
-        Monitor(LossWatch(run_dir))
+        Monitor(loss_watch)
         if verbose
-        else Monitor(TrainProgress(run_dir, log_path, sys.stderr), LossWatch(run_dir))
+        else Monitor(TrainProgress(run_dir, log_path, sys.stderr), loss_watch)
     )
     memory: dict[str, Any] = {}  # the launcher's peak of the whole process tree
     try:
@@ -425,7 +582,7 @@ def _launch(
         watch.close()
     if tokenized_path:
         cache.mark_if_saved(tokenized_path, log_path.read_text(encoding="utf-8", errors="replace"))
-    summary = training_summary(run_dir)
+    summary = training_summary(run_dir, stage)
     summary["wall_s"] = round(time.monotonic() - started, 1)
     # Summed over every process of the run (torchrun and each worker): proportional set size,
     # which counts the pages the workers share (torch's libraries) once; RSS where /proc has no PSS.
@@ -450,7 +607,12 @@ def _launch(
             f"read the log: {log_path}; {_resume_hint(run_dir)}",
             returncode=code,
         )
-    return {"run_dir": str(run_dir), "method": manifest.method, **summary}
+    return {
+        "run_dir": str(run_dir),
+        "method": manifest.method,
+        "stage": manifest.stage,
+        **summary,
+    }
 
 
 def _resume_hint(run_dir: Path, interrupted: bool = False) -> str:
@@ -533,7 +695,15 @@ def _resume_locked(
             "start a new run (--save-steps N checkpoints more often)",
         )
     base_target(m.model).ensure_built(progress)
-    registry.register_dataset(Path(ds.train_path or ds.path), ds.name, Path(ds.dataset_dir))
+    if m.parent_run and not Path(m.model.path).is_dir():
+        raise QwenftError(
+            f"the weights {run_dir} started from are gone: {m.model.path}",
+            f"merge its parent again (qwenft merge {m.parent_run}), or start a new run",
+        )
+    kind = STAGE_DATA[Stage(Stage.parse(m.stage, "stage"))].value
+    registry.register_dataset(
+        Path(ds.train_path or ds.path), ds.name, Path(ds.dataset_dir), kind=kind
+    )
     resumes = [
         *m.resumes,
         {
@@ -546,4 +716,4 @@ def _resume_locked(
     update_manifest(run_dir, resumes=resumes)
     progress(f"resuming {run_dir} from {checkpoint.name}")
     tokenized = yaml.safe_load((run_dir / "train.yaml").read_text()).get("tokenized_path")
-    return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose)
+    return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose, stage=m.stage)

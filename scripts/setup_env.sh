@@ -21,10 +21,30 @@ if [ "$MODE" = auto ]; then
 fi
 case "$MODE" in cpu|cuda) ;; *) echo "QWENFT_INSTALL must be auto, cpu or cuda (got '$MODE')" >&2; exit 2;; esac
 
+# QWENFT_GGUF=1 (what `make test` sets) adds the gguf extra: llama-cpp-python, a source build
+# of 6-12 minutes on a 2-core CPU the first time (pip's wheel cache makes later installs quick).
+# `make demo` does not wait for it; `qwenft export` and `qwenft doctor` say how to add it.
+install_gguf() {
+  local want="$MODE $(cat requirements/gguf.lock pyproject.toml | sha256sum | cut -c1-16)"
+  local stamp="$VENV/.qwenft-gguf"
+  if [ "${QWENFT_GGUF:-0}" != 1 ] || { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
+    return 0
+  fi
+  echo "setup: adding the gguf extra (llama-cpp-python; the first build takes 6-12 minutes on 2 cores)"
+  if [ "$MODE" = cpu ]; then
+    "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps -r requirements/gguf.lock
+  else
+    "$VENV/bin/python" -m pip --disable-pip-version-check install -q -e ".[gguf]"
+  fi
+  "$VENV/bin/python" -c 'import llama_cpp; print("setup: llama-cpp-python", llama_cpp.__version__)'
+  echo "$want" > "$stamp"
+}
+
 stamp_want="$MODE $(cat requirements/cpu.lock pyproject.toml | sha256sum | cut -c1-16)"
 stamp_file="$VENV/.qwenft-install"
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_want" ]; then
   echo "setup: $VENV is up to date ($MODE install)"
+  install_gguf
   exit 0
 fi
 
@@ -50,3 +70,5 @@ fi
 
 "$VENV/bin/python" -c 'import torch, transformers, llamafactory; print("setup: torch", torch.__version__, "| transformers", transformers.__version__, "| llamafactory", llamafactory.__version__)'
 echo "$stamp_want" > "$stamp_file"
+rm -f "$VENV/.qwenft-gguf"
+install_gguf

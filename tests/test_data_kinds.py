@@ -622,5 +622,6 @@ def test_check_cli_token_stats_for_pairs(tmp_path: Path, tiny_home: Path, app) -
     assert (tokens["kind"], tokens["n_samples"], tokens["n_over_cutoff"]) == ("pt", 2, 1)
     think = {"role": "assistant", "content": "<think>\nhm\n</think>\n\nYes."}
     mixed = write(tmp_path, lines(pair(U, chosen=think), PAIR), "think.jsonl")
-    result = invoke(app, "check", mixed, "--model", "tiny-qwen3")
-    assert result.exit_code == 2 and "have <think> blocks" in result.output
+    result = invoke(app, "check", mixed, "--model", "tiny-qwen3")  # a pair's answers count too
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 samples reason" in result.output and "enable_thinking: true" in result.output

@@ -14,7 +14,7 @@ import typer
 
 from qwenft.cli import data as data_cli
 from qwenft.data import reader
-from qwenft.data.check import check_file, count_thinking_samples, file_has_tools, format_report
+from qwenft.data.check import check_file, file_has_tools, format_report
 from qwenft.data.convert import convert_file
 from qwenft.data.reader import file_sha256
 from qwenft.data.registry import (
@@ -207,7 +207,7 @@ BAD_CASES = [
      "bad_tools", 1),
     ("tools_invalid_json", row(U, A, tools="[{"), "a.jsonl", "bad_tools", 1),
     ("tools_object", row(U, A, tools=json.dumps({"name": "f"})), "a.jsonl", "bad_tools", 1),
-    ("tool_without_call", row(U, A, RESULT, A), "a.jsonl", "not_alternating", 1),
+    ("tool_without_call", row(U, RESULT, A), "a.jsonl", "not_alternating", 1),
     ("call_not_json", row(U, {"role": "function_call", "content": "get_weather(Paris)"}, RESULT, A,
                           tools=TOOLS), "a.jsonl", "bad_function_call", 1),
     ("call_without_arguments",
@@ -700,14 +700,6 @@ def test_write_without_lines(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == GOOD2
 
 
-def test_count_thinking_samples(tmp_path: Path) -> None:
-    think = {"role": "assistant", "content": "<think>\nhm\n</think>\n\nYes."}
-    user_think = {"role": "user", "content": "what does <think> do?"}
-    path = write(tmp_path, lines(GOOD, row(U, think), row(user_think, A), b"oops\n", row(U, think)))
-    assert count_thinking_samples(path) == (2, 4)
-    assert count_thinking_samples(write(tmp_path, lines(GOOD), "b.jsonl")) == (0, 1)
-
-
 # --------------------------------------------------------------------------------------------------
 # the CLI
 
@@ -823,9 +815,9 @@ def test_check_cli_with_token_stats(tmp_path: Path, tiny_home: Path, app) -> Non
     tokens = json.loads(result.stdout)["tokens"]
     assert tokens["model"] == "tiny-qwen2" and tokens["template"] == "qwen"
     assert tokens["n_samples"] == len(STATS_ROWS) and tokens["n_over_cutoff"] >= 5
-    # STATS_ROWS mix reasoning and plain answers: refused as `train` refuses it, until chosen
+    # STATS_ROWS mix reasoning and plain answers: both modes are trained (thinking on), as train
     result = invoke(app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64")
-    assert result.exit_code == 2 and "have <think> blocks and the rest do not" in result.output
+    assert result.exit_code == 0 and "enable_thinking: true" in result.output
     result = invoke(
         app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64", "--thinking", "on"
     )
@@ -844,11 +836,8 @@ def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_
     mixed = write(
         tmp_path, lines(row(U, {"role": "assistant", "content": THINK}), GOOD2), "mixed.jsonl"
     )
-    for path, thinking in ((plain, False), (think, True), (mixed, "refused")):
+    for path, thinking in ((plain, False), (think, True), (mixed, True)):
         result = invoke(app, "check", path, "--model", "tiny-qwen3", "--json")
-        if thinking == "refused":  # as train: 1 of 2 samples reason, the user must choose
-            assert result.exit_code == 2 and "--thinking on" in result.output
-            continue
         assert result.exit_code == 0, result.output
         tokens = json.loads(result.stdout)["tokens"]
         expected = token_stats(path, model_dir, "qwen3", 1024, default_system="",

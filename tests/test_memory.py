@@ -223,6 +223,103 @@ def test_breakdown_sums_to_peak_and_to_dict_keys() -> None:
     json.dumps(d)
 
 
+# --- training stages ----------------------------------------------------------------------------
+
+
+def _stage_plan(stage: str, method: str, **kw: object):  # noqa: ANN202 - Plan
+    return estimate(
+        PlanInput(arch=Q2_7B, method=method, stage=stage, batch_size=1, **kw)  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "method", "pairs", "reference", "no_grad"),
+    [
+        # stage  method  2x sequences  reference copy  no-grad forward (reference / KL pass)
+        ("sft", "full", False, False, False),
+        ("pt", "full", False, False, False),
+        ("dpo", "full", True, True, True),
+        ("dpo", "freeze", True, True, True),
+        ("dpo", "lora", True, False, True),  # reference = the model with the adapter disabled
+        ("dpo", "qlora", True, False, True),
+        ("orpo", "full", True, False, False),  # reference-free
+        ("orpo", "lora", True, False, False),
+        ("simpo", "full", True, False, False),
+        ("kto", "full", False, True, True),  # one sequence per sample + its no-grad KL pass
+        ("kto", "lora", False, False, True),
+    ],
+)
+def test_stage_table(stage: str, method: str, pairs: bool, reference: bool, no_grad: bool) -> None:
+    p = _stage_plan(stage, method)
+    sft = _stage_plan("sft", method)
+    assert p.stage == stage and p.sequences_per_step == (2 if pairs else 1)
+    b = p.breakdown
+    assert (b["reference_model"] > 0) is reference
+    if reference:  # the whole model again, frozen in bf16
+        assert b["reference_model"] == pytest.approx(2 * Q2_7B.params)
+    assert (b["no_grad_forward"] > 0) is no_grad
+    factor = 2 if pairs else 1
+    assert b["activations"] == pytest.approx(factor * sft.breakdown["activations"])
+    assert b["logits_and_loss"] == pytest.approx(factor * sft.breakdown["logits_and_loss"])
+    for key in ("weights", "gradients", "optimizer_states"):
+        assert b[key] == pytest.approx(sft.breakdown[key])
+    assert sum(b.values()) == pytest.approx(p.peak_bytes)
+    assert (p.peak_bytes > sft.peak_bytes) is (stage != "sft" and stage != "pt")
+
+
+def test_stage_ordering_for_full_and_lora() -> None:
+    def peak(stage: str, method: str) -> float:
+        return _stage_plan(stage, method).peak_bytes
+
+    for method in ("full", "lora"):
+        assert peak("sft", method) == peak("pt", method)
+        assert peak("sft", method) < peak("orpo", method) < peak("dpo", method)
+        assert peak("orpo", method) == peak("simpo", method)
+        assert peak("sft", method) < peak("kto", method) < peak("dpo", method)
+    # full dpo: + a 7.6B-parameter bf16 reference (15 GB) + twice the activations and logits
+    assert peak("dpo", "full") - peak("sft", "full") > 2 * Q2_7B.params
+    # LoRA dpo holds no second copy of the model: far less than that
+    assert peak("dpo", "lora") - peak("sft", "lora") < 2 * Q2_7B.params
+
+
+def test_stage_reference_under_zero3_is_partitioned_or_offloaded() -> None:
+    one = _stage_plan("dpo", "full", deepspeed="z3", gpus=1).breakdown["reference_model"]
+    four = _stage_plan("dpo", "full", deepspeed="z3", gpus=4).breakdown["reference_model"]
+    assert four == pytest.approx(one / 4)
+    z2 = _stage_plan("dpo", "full", deepspeed="z2", gpus=4).breakdown["reference_model"]
+    assert z2 == pytest.approx(2 * Q2_7B.params)  # ZeRO-0/2 leave the reference whole
+    off = _stage_plan("dpo", "full", deepspeed="z3-offload", gpus=4)
+    sft_off = _stage_plan("sft", "full", deepspeed="z3-offload", gpus=4)
+    assert off.breakdown["reference_model"] == 0
+    assert off.cpu_offload_bytes - sft_off.cpu_offload_bytes == pytest.approx(2 * Q2_7B.params / 4)
+
+
+def test_stage_liger_keeps_logits_of_preference_trainers() -> None:
+    sft = _stage_plan("sft", "lora", liger=True)
+    dpo = _stage_plan("dpo", "lora", liger=True)
+    assert sft.breakdown["logits_and_loss"] < 0.1 * GB  # fused away
+    assert dpo.breakdown["logits_and_loss"] > 1 * GB  # the DPO trainer reads the logits
+    assert any("--liger does not fuse" in n for n in dpo.notes)
+
+
+def test_stage_notes_and_bad_stage() -> None:
+    notes = " ".join(_stage_plan("dpo", "lora").notes)
+    assert "chosen and rejected" in notes and "adapter disabled" in notes
+    assert "frozen bf16 reference" in " ".join(_stage_plan("kto", "full").notes)
+    assert "KL batch" in " ".join(_stage_plan("kto", "lora").notes)
+    assert _stage_plan("sft", "lora").to_dict()["stage"] == "sft"
+    with pytest.raises(QwenftError, match="unknown --stage 'ppo'"):
+        _stage_plan("ppo", "lora")
+
+
+def test_choose_method_accounts_for_the_stage() -> None:
+    sft, _ = choose_method(Q2_7B, 24, gpus=1, stage="sft")
+    dpo, _ = choose_method(Q2_7B, 24, gpus=1, stage="dpo")
+    assert dpo.stage == "dpo" and dpo.fits
+    # pairs and the reference pass take more room: a smaller batch or a cheaper method
+    assert (dpo.method, -dpo.batch_size) != (sft.method, -sft.batch_size)
+
+
 # --- choose_method ------------------------------------------------------------------------------
 
 
@@ -440,6 +537,37 @@ def test_cli_z3_one_gpu_notes_it_buys_nothing(app: typer.Typer) -> None:
         app=app,
     )
     assert r.exit_code == 0 and "buys nothing" in r.output
+
+
+def test_cli_stage(app: typer.Typer) -> None:
+    base = ["plan", "-m", "qwen2.5-7b-instruct", "--batch-size", "1", "--json"]
+    peaks = {}
+    for stage in ("sft", "dpo", "orpo", "kto"):
+        for method in ("full", "lora"):
+            r = invoke(*base, "--method", method, "--stage", stage, "--deepspeed", "none", app=app)
+            assert r.exit_code == 0, r.output
+            d = json.loads(r.output)
+            assert d["stage"] == stage
+            peaks[stage, method] = d["peak_gb"]
+            assert (d["breakdown"]["reference_model"] > 0) is (
+                stage in ("dpo", "kto") and method == "full"
+            )
+    assert peaks["dpo", "full"] > peaks["kto", "full"] > peaks["sft", "full"]
+    assert peaks["dpo", "full"] > peaks["orpo", "full"] > peaks["sft", "full"]
+    assert peaks["dpo", "lora"] > peaks["orpo", "lora"] > peaks["sft", "lora"]
+    table = invoke(
+        "plan", "-m", "qwen2.5-7b-instruct", "--stage", "dpo", "--method", "full", app=app
+    )
+    assert table.exit_code == 0, table.output
+    assert "dpo, full fine-tuning" in table.output and "reference model (frozen)" in table.output
+    assert "batch 4 pairs (8 sequences)" in table.output
+    auto = invoke(
+        *base[:3], "--method", "auto", "--gpu-mem", "24", "--stage", "dpo", "--json", app=app
+    )
+    assert auto.exit_code == 0, auto.output
+    assert json.loads(auto.output)["stage"] == "dpo"
+    bad = invoke("plan", "-m", "qwen2.5-7b-instruct", "--stage", "ppo", app=app)
+    assert bad.exit_code == 2 and "unknown --stage 'ppo'" in bad.output
 
 
 def test_plan_module_imports_nothing_heavy() -> None:

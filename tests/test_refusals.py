@@ -19,7 +19,15 @@ from qwenft import settings
 from qwenft.errors import QwenftError
 from qwenft.lf import args as lf_args
 from qwenft.lf import render
-from tests.helpers.builders import read_calls, write_model_folder
+from tests.helpers.builders import (
+    chat_rows,
+    kto_rows,
+    pair_rows,
+    read_calls,
+    text_rows,
+    write_jsonl,
+    write_model_folder,
+)
 from tests.helpers.cli import invoke
 
 
@@ -72,6 +80,19 @@ BAD_TRAIN = [
     (["--gpus", "0"], ["--gpus must be at least 1"]),
     (["--cpu-procs", "0"], ["--cpu-procs must be at least 1"]),
     (["--gpus", "2", "--cpu-procs", "2"], ["--gpus and --cpu-procs exclude each other"]),
+    # the stage knobs (issue 12): ranges, and keys the run's stage or method would not read
+    (["--stage", "rlhf"], ["unknown --stage 'rlhf'", "sft, pt, dpo, orpo, simpo, kto"]),
+    (["--beta", "0"], ["--beta must be positive, got 0.0 (pref_beta)"]),
+    (["--sft-weight", "-1"], ["--sft-weight must be 0 or more", "pref_ftx"]),
+    (["--trainable-layers", "0"], ["--trainable-layers must be a whole number other than 0"]),
+    (["--beta", "0.2"], ["--beta (pref_beta) does nothing for --stage sft", "dpo, orpo"]),
+    (["--sft-weight", "1"], ["--sft-weight (pref_ftx) does nothing for --stage sft"]),
+    (["--pref-loss", "ipo"], ["--pref-loss (pref_loss) does nothing for --stage sft"]),
+    (["--set", "simpo_gamma=1"], ["simpo_gamma does nothing for --stage sft", "simpo"]),
+    (["--trainable-layers", "1"], ["does nothing for --method lora", "--method freeze"]),
+    (["--method", "full", "--lora-rank", "8"], ["--lora-rank (lora_rank) does nothing for"]),
+    (["--method", "freeze", "--trainable-layers", "30"], ["has 24 decoder layers"]),
+    (["--set", "stage=dpo"], ["may not set stage", "--stage"]),
 ]
 
 
@@ -113,6 +134,92 @@ def test_train_refuses_bad_input_and_writes_nothing(
     assert not Path("runs").exists()
     assert not (isolated / "datasets" / "dataset_info.json").exists()
     assert read_calls(fake_cli) == []
+
+
+# Data that does not fit the stage (issue 12, item 3): what the stage needs, which stages take the
+# file, and the way to the right data.
+DATA_FILES = {
+    "sft": lambda p: write_jsonl(p / "chat.jsonl", chat_rows()),
+    "preference": lambda p: write_jsonl(p / "pairs.jsonl", pair_rows()),
+    "kto": lambda p: write_jsonl(p / "kto.jsonl", kto_rows()),
+    "pt": lambda p: write_jsonl(p / "texts.jsonl", text_rows()),
+    "txt": lambda p: (p / "corpus.txt").write_text("One text.\n\nAnother.\n") and p / "corpus.txt",
+}
+STAGE_MISMATCH = [
+    ("dpo", "sft", ["--stage dpo trains on preference pairs", "chosen", "holds chat conversations",
+                    "sft data trains with --stage sft", "qwenft data convert"]),
+    ("orpo", "kto", ["--stage orpo trains on preference pairs", "labelled answers",
+                     "--stage kto"]),
+    ("sft", "preference", ["--stage sft trains on chat conversations", "preference pairs",
+                           "--stage dpo | orpo | simpo"]),
+    ("kto", "sft", ["--stage kto trains on labelled answers", 'boolean "label"',
+                    "--stage sft"]),
+    ("kto", "preference", ["--stage kto", "--stage dpo | orpo | simpo"]),
+    ("pt", "sft", ["--stage pt trains on plain text", "--stage sft", "qwenft data convert"]),
+    ("sft", "txt", ["--stage sft trains on chat conversations", "plain text", "--stage pt"]),
+    ("simpo", "pt", ["--stage simpo trains on preference pairs", "--stage pt"]),
+]
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["launch", "dry-run"])
+@pytest.mark.parametrize(
+    ("stage", "kind", "message"), STAGE_MISMATCH, ids=[f"{s}-on-{k}" for s, k, _ in STAGE_MISMATCH]
+)
+def test_stage_and_data_that_do_not_fit_are_refused(
+    fake_cli: Path,
+    no_token_stats: None,
+    local_model: Path,
+    tmp_path: Path,
+    isolated: Path,
+    stage: str,
+    kind: str,
+    message: list[str],
+    dry_run: bool,
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data = DATA_FILES[kind](data_dir)
+    before = written(Path.cwd(), isolated, data_dir)
+    result = invoke(
+        "train", "--model", local_model, "--data", data, "--stage", stage, "-o", "runs/x",
+        *(["--dry-run"] if dry_run else []),
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "nothing was started" in result.output
+    for part in message:
+        assert part in result.output, (part, result.output)
+    assert written(Path.cwd(), isolated, data_dir) == before
+    assert read_calls(fake_cli) == []
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind", "args", "message"),
+    [
+        ("orpo", "preference", ["--pref-loss", "ipo"], "--stage orpo sets pref_loss: orpo itself"),
+        ("simpo", "preference", ["--pref-loss", "sigmoid"], "--stage simpo sets pref_loss"),
+        ("dpo", "preference", ["--pref-loss", "orpo"], "train --stage orpo"),
+        ("dpo", "preference", ["--set", "pref_loss=kto_pair"], "--stage kto"),
+        ("dpo", "preference", ["--set", "kto_chosen_weight=2"], "applies to --stage kto"),
+        ("kto", "kto", ["--set", "simpo_gamma=1"], "applies to --stage simpo"),
+        ("pt", "pt", ["--overlength", "drop"], "does not apply to packed pre-training"),
+        ("pt", "txt", ["--overlength", "fail"], "does not apply to packed pre-training"),
+        ("pt", "txt", ["--set", "packing=false", "--overlength", "drop"], "qwenft data convert"),
+    ],
+)
+def test_stage_knobs_that_do_not_fit_are_refused(
+    fake_cli: Path,
+    no_token_stats: None,
+    local_model: Path,
+    tmp_path: Path,
+    stage: str,
+    kind: str,
+    args: list[str],
+    message: str,
+) -> None:
+    data = DATA_FILES[kind](tmp_path)
+    result = invoke("train", "--model", local_model, "--data", data, "--stage", stage, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not Path("runs").exists() and read_calls(fake_cli) == []
 
 
 @pytest.mark.parametrize(
@@ -162,7 +269,7 @@ def test_knobs_in_range_still_train(
         "--set",
         "lr_scheduler_type=constant",
         "--set",
-        "pref_beta=0.2",
+        "weight_decay=0.01",
     )
     assert result.exit_code == 0, result.output
     cfg = read_calls(fake_cli)[-1]["yaml"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from qwenft import settings
-from qwenft.choices import DeepSpeed, Method
+from qwenft.choices import DeepSpeed, Method, Stage
 from qwenft.errors import QwenftError
 from qwenft.lf import render
 
@@ -45,6 +45,39 @@ def test_method_renders_golden_yaml(method: str, monkeypatch: pytest.MonkeyPatch
     assert cfg["preprocessing_num_workers"] == 2
     for section in ("### model", "### method", "### dataset", "### output", "### train", "### eval"):
         assert section in text
+
+
+@pytest.mark.parametrize("stage", [s for s in Stage.values() if s != "sft"])
+def test_stage_renders_golden_yaml(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stage's keys (configs/stages/<stage>.yaml) over the LoRA recipe, in LLaMA-Factory's
+    own words: the golden file is what `train --dry-run --stage STAGE` prints."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = render.build_train_config(spec("lora", stage=stage))
+    text = render.to_yaml(cfg, header=f"golden {stage} lora")
+    golden = GOLDEN / f"stage-{stage}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+    lf_stage, loss = {
+        "pt": ("pt", None), "dpo": ("dpo", "sigmoid"), "orpo": ("dpo", "orpo"),
+        "simpo": ("dpo", "simpo"), "kto": ("kto", None),
+    }[stage]
+    assert cfg["stage"] == lf_stage and cfg.get("pref_loss") == loss
+    assert ("simpo_gamma" in cfg) == (stage == "simpo")
+    assert ("kto_chosen_weight" in cfg) == ("kto_rejected_weight" in cfg) == (stage == "kto")
+    if stage == "pt":
+        assert cfg["packing"] is True
+    if lf_stage == "dpo":  # length grouping needs `input_ids`, which pairwise data lacks
+        assert cfg["train_sampling_strategy"] == "random"
+    # one home: what settings resolves for the stage is what renders
+    assert settings.recipe("lora", stage).items() >= {
+        k: v for k, v in render.load_template(f"stages/{stage}").items()
+    }.items()
+
+
+def test_freeze_trainable_layers_renders() -> None:
+    cfg = render.build_train_config(spec("freeze", overrides={"freeze_trainable_layers": 1}))
+    assert cfg["finetuning_type"] == "freeze" and cfg["freeze_trainable_layers"] == 1
 
 
 def test_qlora_uses_bnb_and_full_uses_deepspeed() -> None:
@@ -118,6 +151,10 @@ def test_every_deepspeed_config_parses(stage: str) -> None:
 def test_every_shipped_template_is_package_data() -> None:
     names = {p.name for p in resources.files("qwenft.configs").iterdir()}
     assert {"lora.yaml", "qlora.yaml", "full.yaml", "merge.yaml"} <= names
+    stages = {p.name for p in resources.files("qwenft.configs").joinpath("stages").iterdir()}
+    assert {f"{s}.yaml" for s in Stage.values()} <= stages
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"stages/*.yaml"' in pyproject  # shipped in the wheel too
 
 
 def test_merge_config_has_no_quantization() -> None:

@@ -101,3 +101,14 @@ def test_runs_rm_deletes_a_finished_run_and_its_record(tmp_path: Path) -> None:
     assert recorded_runs() == [] and list_runs([]) == []
     missing = invoke("runs", "rm", run)
     assert missing.exit_code == 2 and "run folder not found" in missing.output
+
+
+def test_runs_show_the_lineage_of_a_chained_stage() -> None:
+    sft = make_run(Path("runs/sft"), status="completed")
+    make_run(Path("runs/dpo"), status="completed", stage="dpo", parent_run=str(sft))
+    by_name = {Path(r["run_dir"]).name: r for r in json.loads(invoke("runs", "--json").output)}
+    assert by_name["dpo"]["parent_run"] == str(sft) and by_name["sft"]["parent_run"] is None
+    lines = invoke("runs").output.splitlines()
+    (dpo,) = [x for x in lines if "runs/dpo" in x]
+    (plain,) = [x for x in lines if "runs/sft" in x]
+    assert "dpo/lora" in dpo and dpo.endswith("<- sft") and "<-" not in plain

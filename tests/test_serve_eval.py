@@ -400,7 +400,9 @@ def test_eval_writes_report_and_refuses_to_overwrite(
     assert json.loads((run_dir / "qwenft.json").read_text())["last_eval"]["report"] == str(
         out / "eval.json"
     )
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]  # no staging left
+    assert not [
+        p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME
+    ]  # no staging left
 
     again = invoke("eval", run_dir, "--data", chat_file)
     assert again.exit_code == 2 and "already holds an evaluation report" in again.output
@@ -420,6 +422,197 @@ def test_eval_failure_leaves_old_report_and_names_log(
     assert f"read the log: {run_dir / 'eval.log'}" in result.output
     assert not (run_dir / "eval").exists()
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+
+
+# the preference, kto and pt kinds: scored in-process (qwenft.scoring), stubbed here
+
+WRONG = [
+    "The capital of France is Berlin.",
+    "中国的首都是上海。",
+    "Green, purple and orange.",
+    "12 times 12 is 124.",
+]
+
+
+def pair_rows() -> list[dict]:
+    """QA as preference pairs: chosen the answer lora_run learned, rejected a wrong one."""
+    return [
+        {
+            "messages": [{"role": "user", "content": q}],
+            "chosen": {"role": "assistant", "content": a},
+            "rejected": {"role": "assistant", "content": w},
+        }
+        for (q, a), w in zip(QA, WRONG, strict=True)
+    ]
+
+
+def kto_rows() -> list[dict]:
+    return [
+        {"messages": [*p["messages"], p[side]], "label": side == "chosen"}
+        for p in pair_rows()
+        for side in ("chosen", "rejected")
+    ]
+
+
+def text_rows() -> list[dict]:
+    return [{"text": f"{q} {a}"} for q, a in QA]
+
+
+FAKE_SCORES = {
+    "preference": {
+        "pairs": 4,
+        "tuned": {
+            "mean_margin": 6.0,
+            "accuracy": 1.0,
+            "mean_chosen_logp": -2.0,
+            "mean_rejected_logp": -8.0,
+        },
+        "start": {
+            "mean_margin": 1.0,
+            "accuracy": 0.5,
+            "mean_chosen_logp": -9.0,
+            "mean_rejected_logp": -10.0,
+        },
+        "reward_accuracy": 0.75,
+        "reward_margin": 5.0,
+        "rows": [{"line": 1, "tuned": {"margin": 6.0}, "start": {"margin": 1.0}}],
+    },
+    "kto": {
+        "samples": 8,
+        "desirable": 4,
+        "undesirable": 4,
+        "tuned": {"desirable_logp": -2.0, "undesirable_logp": -9.0, "gap": 7.0},
+        "start": {"desirable_logp": -8.0, "undesirable_logp": -9.5, "gap": 1.5},
+        "desirable_shift": 6.0,
+        "undesirable_shift": 0.5,
+        "shift_gap": 5.5,
+        "rows": [{"line": 1, "label": True, "tuned": -2.0, "start": -8.0}],
+    },
+    "pt": {
+        "texts": 4,
+        "tuned": {"nll": 1.0, "perplexity": math.exp(1.0), "tokens": 40},
+        "start": {"nll": 2.0, "perplexity": math.exp(2.0), "tokens": 40},
+        "perplexity_change": math.exp(1.0) - math.exp(2.0),
+        "rows": [{"line": 1, "tokens": 10, "tuned": -10.0, "start": -20.0}],
+    },
+}
+KIND_ROWS = {"preference": pair_rows, "kto": kto_rows, "pt": text_rows}
+KIND_LINES = {
+    "preference": "Reward accuracy 75.0% (3 of 4 pairs: the fine-tuned model prefers chosen by "
+    "more than the base model does); reward margin +5.000",
+    "kto": "desirable answers' log p moved by +6.000 and undesirable ones' by +0.500: a "
+    "difference of +5.500",
+    "pt": "Perplexity fell by 4.671 against the base model.",
+}
+
+
+@pytest.fixture
+def stub_scores(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Replace the three scorers (which load the models) with canned results; returns the calls."""
+    import copy
+
+    from qwenft import scoring
+
+    calls: list[dict] = []
+    for kind in FAKE_SCORES:
+
+        def fake(target, start, path, _kind=kind, **kw):  # noqa: ANN001, ANN202
+            calls.append({"kind": _kind, "target": target, "start": start, "path": path, **kw})
+            result = copy.deepcopy(FAKE_SCORES[_kind])
+            if start is None:
+                result.update(start=None)
+            return result
+
+        monkeypatch.setitem(scoring.SCORERS, kind, fake)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["preference", "kto", "pt"])
+def test_eval_scores_each_kind_next_to_the_starting_model(
+    kind: str,
+    run_dir: Path,
+    local_model: Path,
+    tmp_path: Path,
+    fake_cli: Path,
+    stub_scores: list[dict],
+) -> None:
+    data = write_jsonl(tmp_path / f"{kind}.jsonl", KIND_ROWS[kind]())
+    result = invoke("eval", run_dir, "--data", data, "--max-samples", 3, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    assert read_calls(fake_cli) == []  # no LLaMA-Factory launch: scored in-process
+    [call] = stub_scores
+    assert call["kind"] == kind and call["path"] == data.resolve()
+    assert call["target"].adapter_path == str(run_dir)  # the fine-tuned model: base + adapter
+    # the starting model: the run's base without the adapter
+    assert call["start"].adapter_path is None and call["start"].model_path == str(local_model)
+    assert (call["template"], call["cutoff_len"], call["max_samples"], call["batch_size"]) == (
+        "qwen",
+        128,
+        3,
+        2,
+    )
+    assert call["default_system"] == "You are a helpful assistant."
+
+    out = run_dir / "eval"
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "scores.jsonl"]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["kind"] == kind and report["scores"] == "scores.jsonl"
+    assert set(report["models"]) == {"fine-tuned", "base"}
+    assert report["models"]["base"]["adapter"] is None
+    assert report["data"]["samples"] == len(KIND_ROWS[kind]())
+    assert "rows" not in report and "tuned" not in report
+    assert json.loads((out / "scores.jsonl").read_text().splitlines()[0])["line"] == 1
+    md = (out / "eval.md").read_text()
+    assert KIND_LINES[kind] in md and md in result.stdout
+    assert "| fine-tuned" in md and "| base" in md
+    manifest = json.loads((run_dir / "qwenft.json").read_text())
+    assert manifest["last_eval"]["report"] == str(out / "eval.json")
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+
+
+def test_eval_preference_report_json_without_a_start_and_refusals(
+    run_dir: Path, tmp_path: Path, fake_cli: Path, stub_scores: list[dict]
+) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+    first = invoke("eval", run_dir, "--data", pairs, "--json")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert report["reward_accuracy"] == 0.75 and report["reward_margin"] == 5.0
+    assert report["models"]["fine-tuned"]["mean_margin"] == 6.0
+    assert report["models"]["base"]["accuracy"] == 0.5
+    assert report["data"]["scored"] == 4 and report["settings"]["max_samples"] is None
+
+    again = invoke("eval", run_dir, "--data", pairs)
+    assert again.exit_code == 2 and "already holds an evaluation report" in again.output
+    assert len(stub_scores) == 1
+
+    alone = invoke("eval", run_dir, "--data", pairs, "--force", "--no-base", "--json")
+    assert alone.exit_code == 0, alone.output
+    assert stub_scores[-1]["start"] is None
+    report = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert set(report["models"]) == {"fine-tuned"}
+    assert read_calls(fake_cli) == []
+
+
+def test_eval_scoring_failure_leaves_the_old_report(
+    run_dir: Path, tmp_path: Path, fake_cli: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwenft import scoring
+    from qwenft.errors import QwenftError
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "eval.json").write_text('{"old": true}')
+
+    def broken(*_a: object, **_k: object) -> dict:
+        raise QwenftError("cannot load the model")
+
+    monkeypatch.setitem(scoring.SCORERS, "preference", broken)
+    result = invoke("eval", run_dir, "--data", pairs, "--force")
+    assert result.exit_code == 2 and "cannot load the model" in result.output
+    assert json.loads((run_dir / "eval" / "eval.json").read_text()) == {"old": True}
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+    assert "last_eval" not in json.loads((run_dir / "qwenft.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,6 +794,40 @@ def test_eval_lora_run_beats_its_base_end_to_end(
     assert len(preds) == len(QA) and {"prompt", "predict", "label"} <= set(preds[0])
     md = (run / "eval" / "eval.md").read_text()
     assert "| fine-tuned" in md and "| base" in md and "BLEU-4" in md
+
+
+def test_eval_pairs_kto_and_text_on_lora_run_end_to_end(
+    lora_run: Path, qwenft: Qwenft, tmp_path: Path
+) -> None:
+    """lora_run learned the QA answers (SFT): on pairs of (its answer, a wrong one) it prefers the
+    learned answer by more than its base does on every pair, its learned answers' log p rises
+    relative to the wrong ones', and the answers' text is less perplexing to it. No LLaMA-Factory
+    launch: the scores are log-probabilities in-process (qwenft.scoring)."""
+    run = copy_run(lora_run, tmp_path / "lora")
+    reports = {}
+    for kind, rows in (("preference", pair_rows()), ("kto", kto_rows()), ("pt", text_rows())):
+        data = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+        out = tmp_path / f"eval-{kind}"
+        done = qwenft("eval", run, "--data", data, "-o", out, "--json", timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+        reports[kind] = json.loads(done.stdout)
+        assert json.loads((out / "eval.json").read_text())["models"] == reports[kind]["models"]
+
+    pref = reports["preference"]
+    tuned, base = pref["models"]["fine-tuned"], pref["models"]["base"]
+    assert pref["data"]["scored"] == len(QA)
+    assert pref["reward_accuracy"] == 1.0 and pref["reward_margin"] > 0
+    assert tuned["mean_margin"] > base["mean_margin"] and tuned["accuracy"] == 1.0
+    assert tuned["mean_chosen_logp"] > base["mean_chosen_logp"]
+
+    kto = reports["kto"]
+    assert (kto["data"]["desirable"], kto["data"]["undesirable"]) == (4, 4)
+    assert kto["shift_gap"] > 0 and kto["desirable_shift"] > kto["undesirable_shift"]
+    assert kto["models"]["fine-tuned"]["gap"] > kto["models"]["base"]["gap"]
+
+    pt = reports["pt"]
+    assert pt["models"]["fine-tuned"]["perplexity"] < pt["models"]["base"]["perplexity"]
+    assert pt["perplexity_change"] < 0
 
 
 def test_serve_and_eval_refuse_a_template_other_than_the_trained_one(

@@ -144,7 +144,8 @@ def test_config_and_set_reach_the_memory_plan(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# bug: some samples with <think>: train refused, data check silently switched thinking on
+# one rule for train, data check and eval (qwenft.data.reasoning.thinking_plan): a mix of
+# reasoning and plain samples trains both modes (thinking on), as Qwen3's own template renders them
 
 
 @pytest.mark.parametrize(
@@ -152,7 +153,7 @@ def test_config_and_set_reach_the_memory_plan(tmp_path: Path) -> None:
     [
         ([True, True], "auto", True),
         ([False, False], "auto", False),
-        ([True, False], "auto", "2 have <think>"),
+        ([True, False], "auto", True),
         ([True, False], "on", True),
         ([True, False], "off", False),
     ],
@@ -162,12 +163,7 @@ def test_one_thinking_rule(
 ) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(flags))
     model = settings.model_for(str(qwen3_model), None)
-    if isinstance(expected, str):
-        with pytest.raises(QwenftError, match="1 of 2 samples") as info:
-            settings.thinking_choice(thinking, model, data)
-        assert "--thinking on" in (info.value.hint or "")
-    else:
-        assert settings.thinking_choice(thinking, model, data) is expected
+    assert settings.thinking_choice(thinking, model, data) is expected
     # a template without a thinking switch ignores the data
     assert (
         settings.thinking_choice(thinking, settings.model_for(str(qwen3_model), "qwen"), data)
@@ -175,15 +171,28 @@ def test_one_thinking_rule(
     )
 
 
-def test_mixed_thinking_data_is_refused_by_train_and_data_check_alike(
+def test_mixed_thinking_data_trains_both_modes_in_train_and_data_check_alike(
     fake_cli: Path, tmp_path: Path, qwen3_model: Path
 ) -> None:
     data = write_jsonl(tmp_path / "mixed.jsonl", rows([True, False]))
     train = invoke("train", "-m", qwen3_model, "--data", data, "--dry-run")
-    check = invoke("data", "check", data, "--model", qwen3_model)
-    for result in (train, check):
-        assert result.exit_code == 2, result.output
-        assert "1 of 2 samples" in result.output and "--thinking on" in result.output
+    assert train.exit_code == 0, train.output
+    assert "enable_thinking: true" in train.output.split("# --- train.yaml ---")[1]
+    check = invoke("data", "check", data)
+    assert check.exit_code == 0, check.output
+    assert "1 of 2 samples reason" in check.output and "enable_thinking: true" in check.output
+
+
+def test_think_blocks_for_a_template_without_thinking_are_reported_by_train(
+    fake_cli: Path, tmp_path: Path
+) -> None:
+    """Qwen2.5's template has no thinking mode: train says the blocks become plain answer text."""
+    model = write_model_folder(tmp_path / "Qwen2.5-0.5B-Instruct")
+    data = write_jsonl(tmp_path / "think.jsonl", rows([True, False]))
+    result = invoke("train", "-m", model, "--data", data, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 sample (first at line 1) carries <think> reasoning" in result.stderr
+    assert "trained as plain answer text" in result.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,10 +225,8 @@ def test_eval_follows_the_same_thinking_rule(
     from qwenft.evaluate import plan_eval
 
     mixed = write_jsonl(tmp_path / "mixed.jsonl", rows([True, False]))
-    refused = invoke("eval", qwen3_model, "--data", mixed)
-    assert refused.exit_code == 2 and "1 of 2 samples" in refused.output
-    assert "--thinking on" in refused.output
-    assert plan_eval(str(qwen3_model), mixed, thinking="on").enable_thinking is True
+    assert plan_eval(str(qwen3_model), mixed).enable_thinking is True  # both modes, as train
+    assert plan_eval(str(qwen3_model), mixed, thinking="off").enable_thinking is False
     reasoning = write_jsonl(tmp_path / "think.jsonl", rows([True, True]))
     assert plan_eval(str(qwen3_model), reasoning).enable_thinking is True
     # a run keeps the mode it was trained with
@@ -268,3 +275,65 @@ def test_every_train_knob_has_its_option_in_the_one_map(
 def test_max_steps_below_one_is_refused_not_dropped(request_: settings.RunRequest) -> None:
     with pytest.raises(QwenftError, match="--max-steps must be a positive whole number"):
         settings.resolve(request_)
+
+
+# --------------------------------------------------------------------------------------------------
+# training stages (issue 12)
+
+
+@pytest.mark.parametrize("stage", ["sft", "pt", "dpo", "orpo", "simpo", "kto"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "freeze"])
+def test_recipe_is_the_method_with_the_stage_over_it(method: str, stage: str) -> None:
+    got = settings.recipe(method, stage)
+    over = render.load_template(f"stages/{stage}")
+    assert {k: got[k] for k in over} == over
+    assert got["finetuning_type"] == render.load_template(method)["finetuning_type"]
+    run = settings.resolve(settings.RunRequest(model="qwen2-7b-instruct", method=method, stage=stage))
+    assert run.stage == stage and run.values["stage"] == over["stage"]
+    assert run.data_kind == {"sft": "sft", "pt": "pt", "kto": "kto"}.get(stage, "preference")
+    assert run.packed == (stage == "pt")
+
+
+def test_stage_knobs_are_checked_where_every_knob_is() -> None:
+    def resolve(stage: str, method: str = "lora", **knobs: object) -> settings.RunSettings:
+        run = settings.resolve(
+            settings.RunRequest(model="qwen2-7b-instruct", method=method, stage=stage, knobs=knobs)
+        )
+        settings.check_applies(run)
+        return run
+
+    run = resolve("dpo", pref_beta=0.5, pref_loss="ipo", pref_ftx=0.0)
+    assert (run.values["pref_beta"], run.values["pref_loss"]) == (0.5, "ipo")
+    assert resolve("kto", pref_ftx=1.0).values["pref_ftx"] == 1.0
+    assert resolve("sft", "freeze", freeze_trainable_layers=-2).values["freeze_trainable_layers"] == -2
+    assert not resolve("pt", packing=False).packed
+    for stage, method, knobs, message in [
+        ("dpo", "lora", {"pref_beta": -1}, "--beta must be positive"),
+        ("dpo", "lora", {"pref_ftx": -0.5}, "--sft-weight must be 0 or more"),
+        ("sft", "freeze", {"freeze_trainable_layers": 0}, "--trainable-layers must be"),
+        ("sft", "freeze", {"freeze_trainable_layers": -29}, "has 28 decoder layers"),
+        ("dpo", "lora", {"pref_loss": "simpo"}, "not one of the DPO losses"),
+        ("simpo", "lora", {"pref_loss": "sigmoid"}, "--stage simpo sets pref_loss"),
+        ("pt", "lora", {"pref_beta": 0.1}, "does nothing for --stage pt"),
+        ("orpo", "full", {"lora_rank": 8}, "does nothing for --method full"),
+    ]:
+        with pytest.raises(QwenftError, match=message):
+            resolve(stage, method, **knobs)
+    with pytest.raises(QwenftError, match="unknown --stage 'ppo'"):
+        resolve("ppo")
+    # messages name the qwenft option
+    for key, option in (
+        ("pref_beta", "--beta"),
+        ("pref_loss", "--pref-loss"),
+        ("pref_ftx", "--sft-weight"),
+        ("freeze_trainable_layers", "--trainable-layers"),
+    ):
+        assert settings.KEY_OPTIONS[key] == option
+
+
+def test_from_run_refusals(tmp_path: Path) -> None:
+    with pytest.raises(QwenftError, match="run folder not found"):
+        settings.from_run(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(QwenftError, match="not a qwenft run folder"):
+        settings.from_run(tmp_path / "plain")

@@ -19,6 +19,7 @@ from qwenft.choices import (
     DEFAULT_METHOD,
     DEFAULT_OVERLENGTH,
     Method,
+    Stage,
     Template,
     Thinking,
 )
@@ -78,7 +79,29 @@ def _root(
 @handle_errors
 def train(
     data: Annotated[
-        Path | None, typer.Option("--data", "-d", help='Chat data: jsonl of {"messages": [...]}.')
+        Path | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="The stage's data: chat jsonl (sft), chosen/rejected pairs (dpo, orpo, simpo), "
+            'labelled answers (kto), {"text"} jsonl or .txt (pt).',
+        ),
+    ] = None,
+    stage: Annotated[
+        str,
+        choice_option(
+            "--stage",
+            Stage.values(),
+            "Training stage (default sft); each takes its kind of data (docs/data.md).",
+        ),
+    ] = Stage.SFT.value,
+    from_run: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Start from an earlier run (its merged model, or a full/freeze run's weights), "
+            "keeping its template, system prompt and thinking mode.",
+        ),
     ] = None,
     method: MethodOpt = None,
     gpu_mem: Annotated[
@@ -134,6 +157,29 @@ def train(
     val_size: Annotated[
         float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")
     ] = None,
+    beta: Annotated[
+        float | None,
+        typer.Option("--beta", help="pref_beta: dpo/orpo/simpo/kto strength (default 0.1)."),
+    ] = None,
+    pref_loss: Annotated[
+        str | None,
+        choice_option(
+            "--pref-loss", ("sigmoid", "ipo", "hinge"), "--stage dpo's loss (default sigmoid)."
+        ),
+    ] = None,
+    sft_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--sft-weight", help="pref_ftx: weight of an added SFT loss (dpo/orpo/simpo/kto)."
+        ),
+    ] = None,
+    trainable_layers: Annotated[
+        int | None,
+        typer.Option(
+            "--trainable-layers",
+            help="--method freeze: train the last N decoder layers (-N: the first N).",
+        ),
+    ] = None,
     overlength: OverlengthOpt = DEFAULT_OVERLENGTH.value,
     dataset_dir: Annotated[
         Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")
@@ -178,7 +224,8 @@ def train(
         bool, typer.Option("--json", help="Print the run's manifest instead of its folder.")
     ] = False,
 ) -> None:
-    """Fine-tune a Qwen model on chat data (LoRA, QLoRA or full) through LLaMA-Factory.
+    """Fine-tune a Qwen model (sft, pt, dpo, orpo, simpo, kto; LoRA, QLoRA, full or freeze)
+    through LLaMA-Factory.
 
     stdout carries only the run folder (or --json: its manifest), so RUN=$(qwenft train ...)
     works; progress and the summary go to stderr, LLaMA-Factory's output to RUN/train.log."""
@@ -188,7 +235,12 @@ def train(
     if resume is not None:
         _report_training(_resume(resume, data, method, template, force, verbose), as_json)
         return
-    if data is None or not model:
+    if from_run is not None and model:
+        raise QwenftError(
+            "--from and --model exclude each other: --from starts from that run's weights",
+            "drop --model (or drop --from to start from the model)",
+        )
+    if data is None or not (model or from_run):
         raise QwenftError(
             f"{'--data' if data is None else '--model'} is required",
             "qwenft train --model MODEL --data FILE.jsonl (MODEL: a preset such as tiny-qwen2, a hub id "
@@ -213,6 +265,8 @@ def train(
         master_port=master_port,
         config_file=config,
         set_items=set_ or [],
+        stage=stage,
+        parent=from_run,
         knobs={
             "cutoff_len": cutoff_len,
             "num_train_epochs": epochs,
@@ -222,6 +276,10 @@ def train(
             "gradient_accumulation_steps": grad_accum,
             "lora_rank": lora_rank,
             "val_size": val_size,
+            "pref_beta": beta,
+            "pref_loss": pref_loss,
+            "pref_ftx": sft_weight,
+            "freeze_trainable_layers": trainable_layers,
         },
     )
     # the step options are named knobs too (settings.step_defaults leaves what is set alone)
@@ -231,8 +289,10 @@ def train(
         err(note)
     if dry_run:
         typer.echo(f"# run folder (not created): {plan.run_dir}")
+        copy = plan.train_data if plan.train_data not in (None, plan.data_path) else None
         typer.echo(
-            f"# dataset {plan.dataset_name} -> {plan.data_path} (registered in {plan.dataset_dir})"
+            f"# dataset {plan.dataset_name} -> {copy or plan.data_path} (registered in "
+            f"{plan.dataset_dir})" + (f"; written at launch from {plan.data_path}" if copy else "")
         )
         typer.echo("# --- train.yaml ---")
         typer.echo(plan.yaml_text, nl=False)
@@ -286,6 +346,12 @@ def _report_training(result: dict, as_json: bool = False) -> None:
         f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')}) | {num('tokens_per_second', '.0f')} "
         f"real tokens/s | peak memory {num('peak_mem_gib', '.2f')} GiB ({num('processes', 'd')} processes)"
     )
+    figures = result.get("stage_figures") or {}
+    if figures:
+        err(
+            f"{result.get('stage')}: "
+            + " | ".join(f"{key} {_fig(a)} -> {_fig(b)}" for key, (a, b) in figures.items())
+        )
     err(
         f"log: {result['log']}"
         + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else "")
@@ -295,6 +361,10 @@ def _report_training(result: dict, as_json: bool = False) -> None:
     else:
         err(f"next: qwenft merge {result['run_dir']} (or qwenft chat {result['run_dir']})")
     _print_result(Path(result["run_dir"]), result["run_dir"], as_json)
+
+
+def _fig(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
 def _print_result(run_dir: Path, text: str, as_json: bool) -> None:
@@ -382,27 +452,72 @@ def chat(
     ] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     backend: Annotated[
-        str, typer.Option("--backend", help="transformers, or vllm (CUDA, if installed).")
+        str,
+        typer.Option(
+            "--backend",
+            help="transformers; vllm (CUDA, if installed); llama.cpp (the run's GGUF export).",
+        ),
     ] = "transformers",
     template: TemplateOpt = None,
     force: ForceTemplateOpt = False,
+    tools: Annotated[
+        Path | None,
+        typer.Option(
+            "--tools",
+            help="An OpenAI tools list (JSON file): the model's calls are shown as calls and you "
+            "type each result.",
+        ),
+    ] = None,
+    thinking: Annotated[
+        str,
+        choice_option(
+            "--thinking",
+            Thinking.values(),
+            "Qwen3: think first (on) or answer directly (off); auto: the run's mode.",
+        ),
+    ] = Thinking.AUTO.value,
 ) -> None:
-    """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop."""
-    from qwenft.chat import ChatSession
+    """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop.
+
+    Reasoning (Qwen3 <think>) goes to stderr as `thinking: ...`, the answer to stdout; the run's
+    thinking mode is kept (--thinking off: Qwen3's no-think mode). With --tools, a call is shown
+    as `tool call: NAME ARGUMENTS` and the tool's result is read (`result of NAME>`) before the
+    model goes on (docs/agents.md)."""
+    from qwenft.chat import ChatSession, chat_thinking, load_tools, run_turn
     from qwenft.models.target import resolve_target
 
+    tool_list = None
+    if tools is not None:
+        try:
+            text = Path(tools).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise QwenftError(f"cannot read --tools {tools}: {exc.strerror or exc}") from None
+        tool_list = load_tools(text, f"--tools {tools}")
+    resolved = resolve_target(target, adapter, template, force)
     session = ChatSession(
-        resolve_target(target, adapter, template, force),
+        resolved,
         max_new_tokens,
         temperature,
         top_p,
         system,
         backend,
+        tools=tool_list,
+        enable_thinking=chat_thinking(resolved.enable_thinking, thinking, force),
     )
     err(f"loading {session.target.source} ...")
-    session.load()
+    with stdout_for_results():  # stdout carries only the conversation
+        session.load()
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     if prompt is not None:
-        typer.echo(session.ask(prompt))
+        try:
+            run_turn(session, prompt, out, stream=False)
+        except EOFError:  # a call whose result never came (stdin closed)
+            err("(no tool result given: stopped at the call)")
+        typer.echo("")
         return
     err(
         "type a message; /reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
@@ -427,7 +542,11 @@ def chat(
             err(f"(system prompt set: {session.system!r}; conversation cleared)")
             continue
         typer.echo("assistant> ", nl=False)
-        session.ask(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        try:
+            run_turn(session, line, out)
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            return
         typer.echo("")
 
 
@@ -483,10 +602,11 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 
 def _mount_subcommands() -> None:
-    from qwenft.cli import data, plan, runs, use
+    from qwenft.cli import data, export, plan, runs, use
 
     app.add_typer(data.app, name="data")
     app.add_typer(runs.app, name="runs")
+    app.command("export")(export.export)
     app.command("plan")(plan.plan)
     app.command("serve")(use.serve)
     app.command("eval")(use.eval_cmd)

@@ -24,6 +24,7 @@ from qwenft.data.check import (
 )
 from qwenft.data.convert import CONVERT_FORMATS, convert_file, parse_fill
 from qwenft.data.reader import file_sha256
+from qwenft.data.reasoning import ThinkingPlan, thinking_plan
 from qwenft.data.registry import auto_dataset_name, check_dataset_name, register_dataset
 from qwenft.data.split import split_file
 from qwenft.data.tokens import token_stats
@@ -137,6 +138,38 @@ def _format_stats(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _reasoning_plan(
+    report_path: Path, kind: str, model: str | None, template: str | None, thinking: str
+) -> tuple[ThinkingPlan | None, str]:
+    """How each kind of sample (reasoning or direct answers) will be trained: for --model, as
+    `qwenft train` would train it; without one, for a Qwen3 hybrid model (shown only when the file
+    holds reasoning). The plan and the model it is for."""
+    if kind not in ("sft", "preference", "kto"):
+        return None, ""
+    if model is None:
+        plan = thinking_plan(report_path, "hybrid", thinking, "qwen3")
+        if not plan.counts.reasoning:
+            return None, ""
+        return plan, "a Qwen3 hybrid model"
+    from qwenft import settings
+
+    resolved = settings.model_for(model, template)
+    plan = thinking_plan(report_path, resolved.thinking, thinking, resolved.template)
+    return plan, f"{model} (template {resolved.template})"
+
+
+def _format_plan(plan: ThinkingPlan, what: str) -> str:
+    c = plan.counts
+    mode = {None: "no switch", True: "enable_thinking: true", False: "enable_thinking: false"}[
+        plan.enable_thinking
+    ]
+    lines = [f"reasoning: {c.reasoning} of {c.total} samples reason; for {what}: {mode}"]
+    lines += [f"  {note}" for note in plan.notes]
+    if plan.warning:
+        lines.append(f"warning think_without_template: {plan.warning}")
+    return "\n".join(lines)
+
+
 @app.command()
 @handle_errors
 def check(
@@ -174,11 +207,21 @@ def check(
     with file:line and field, grouped by kind. With --model or --cutoff-len it also counts tokens
     as LLaMA-Factory will for that kind (chat template included; pairs as prompt+chosen and
     prompt+rejected): lengths, samples over cutoff_len, tokens cut, loss tokens and a suggested
-    cutoff_len.
+    cutoff_len. Chat data with <think> reasoning also gets how each kind of sample (reasoning,
+    direct answers) will be trained (docs/agents.md).
     """
     report = check_file(file)
     stats = None
     want_stats = model is not None or cutoff_len is not None
+    plan, plan_for = (None, "")
+    if report.ok:
+        plan, plan_for = _reasoning_plan(
+            report.path,
+            report.kind,
+            (model or DEFAULT_STATS_MODEL) if want_stats else None,
+            template,
+            thinking,
+        )
     if want_stats and report.ok:
         # Building the tiny model and loading LLaMA-Factory print to stdout: keep it for results.
         with contextlib.redirect_stdout(sys.stderr):
@@ -194,9 +237,12 @@ def check(
     if as_json:
         data = report.to_dict()
         data["tokens"] = stats
+        data["reasoning"] = plan.to_dict() | {"model": plan_for} if plan else None
         print_json(data)
     else:
         typer.echo(format_report(report, max_per_kind=max_shown))
+        if plan is not None:
+            typer.echo(_format_plan(plan, plan_for))
         if stats is not None:
             typer.echo(_format_stats(stats))
         elif want_stats:

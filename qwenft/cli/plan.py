@@ -10,20 +10,33 @@ from typing import Annotated
 
 import typer
 
-from qwenft.choices import AUTO, DEFAULT_METHOD
+from qwenft.choices import AUTO, DEFAULT_METHOD, Stage
 from qwenft.cli.common import (
     DeepSpeedOpt,
     JsonOpt,
     MethodOpt,
+    choice_option,
     handle_errors,
 )
+
+PlanStageOpt = Annotated[
+    str,
+    choice_option(
+        "--stage",
+        Stage.values(),
+        "Training stage: dpo/orpo/simpo hold chosen + rejected per sample; full dpo/kto "
+        "add a frozen reference model.",
+    ),
+]
 
 _LABELS = {
     "weights": "weights",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
+    "reference_model": "reference model (frozen)",
     "activations": "activations",
     "logits_and_loss": "logits + loss",
+    "no_grad_forward": "reference/KL forward (no grad)",
     "buffers": "buffers (DeepSpeed/dequant)",
     "optimizer_step": "optimizer step (transient)",
     "allocator_slack": "allocator slack",
@@ -38,6 +51,7 @@ def plan(
         typer.Option("--model", "-m", help="Preset, hub id from `qwenft models`, or local folder."),
     ],
     method: MethodOpt = None,
+    stage: PlanStageOpt = Stage.SFT.value,
     bits: Annotated[
         int | None, typer.Option("--bits", help="QLoRA quantization: 4 (default) or 8.")
     ] = None,
@@ -83,6 +97,7 @@ def plan(
     `qwenft train` uses for the same options."""
     from qwenft import memory, settings
 
+    stage = Stage.parse(stage, "--stage")
     knobs = {
         "quantization_bit": bits,
         "cutoff_len": cutoff_len,
@@ -100,9 +115,10 @@ def plan(
             gpus=gpus,
             gpu_mem_gb=gpu_mem,
             knobs=knobs,
+            stage=stage,
         )
     )
-    inp = run.plan_input()
+    inp = run.plan_input()  # carries the stage
     result = run.auto_plan or memory.estimate(inp)
     why = run.auto_why
     if as_json:
@@ -131,6 +147,8 @@ def _print_table(
     if what is None:
         quant = f"QLoRA {p.bits}-bit" if p.method == "qlora" else "LoRA"
         what = f"{quant}, rank {lora_rank} on {lora_target}"
+    if p.stage != "sft":
+        what = f"{p.stage}, {what}"
     ds = "no DeepSpeed" if p.deepspeed == "none" else f"DeepSpeed {p.deepspeed}"
     extras = ["gradient checkpointing" if gradient_checkpointing else "no gradient checkpointing"]
     if liger:
@@ -138,7 +156,13 @@ def _print_table(
     if why:
         typer.echo(f"auto: {why}")
     typer.echo(
-        f"{model}: {what}; {p.gpus} GPU(s), {ds}; batch {p.batch_size} x {p.cutoff_len} tokens; "
+        f"{model}: {what}; {p.gpus} GPU(s), {ds}; batch {p.batch_size}"
+        + (
+            f" pairs ({p.sequences_per_step} sequences)"
+            if p.sequences_per_step > p.batch_size
+            else ""
+        )
+        + f" x {p.cutoff_len} tokens; "
         f"{', '.join(extras)}"
     )
     typer.echo(

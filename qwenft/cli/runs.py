@@ -35,7 +35,8 @@ def runs(
     ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """List runs: ./runs, every --dir, and the runs qwenft recorded in QWENFT_HOME."""
+    """List runs: ./runs, every --dir, and the runs qwenft recorded in QWENFT_HOME. A run
+    started with --from shows its lineage: `<- PARENT` after its folder."""
     if ctx.invoked_subcommand is not None:
         return
     from qwenft.runs.folder import list_runs
@@ -57,6 +58,7 @@ def runs(
             f"{r['status'] or '-':<11} {_started(r['started']):<16} "
             f"{r['stage'] + '/' + r['method']:<13} {_steps(r):>11} {_duration(r['duration_s']):>7} "
             f"{_loss(r['final_loss']):>8}  {r['run_dir']}"
+            + (f"  <- {Path(r['parent_run']).name}" if r.get("parent_run") else "")
         )
         if tail > 0 and r["status"] in ("died", "failed") and r["log"]:
             for line in _last_lines(Path(r["log"]), tail):

@@ -17,6 +17,7 @@ from qwenft.cli.common import (
     TemplateOpt,
     ThinkingOpt,
     VerboseOpt,
+    choice_option,
     err,
     handle_errors,
     stdout_for_results,
@@ -42,8 +43,17 @@ def serve(
     ] = 300.0,
     template: TemplateOpt = None,
     force: ForceTemplateOpt = False,
+    backend: Annotated[
+        str,
+        choice_option(
+            "--backend",
+            ("transformers", "llama.cpp"),
+            "transformers: LLaMA-Factory's API server; llama.cpp: the run's GGUF export.",
+        ),
+    ] = "transformers",
 ) -> None:
-    """Serve a model over an OpenAI-compatible API (llamafactory-cli api) until Ctrl-C."""
+    """Serve a model over an OpenAI-compatible API (llamafactory-cli api, or llama-cpp-python's
+    server for a GGUF export) until Ctrl-C."""
     from qwenft.serve import execute_serve, plan_serve
 
     plan = plan_serve(
@@ -55,6 +65,7 @@ def serve(
         timeout_s=timeout,
         template=template,
         force=force,
+        backend=backend,
     )
     execute_serve(plan, progress=err, announce=typer.echo)
 
@@ -64,7 +75,12 @@ def eval_cmd(
     target: TargetArg,
     data: Annotated[
         Path,
-        typer.Option("--data", "-d", help='Held-out chat data (jsonl of {"messages": [...]}).'),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Held-out data; its kind decides the report: chat (loss, BLEU/ROUGE), "
+            "preference pairs (reward accuracy and margin), KTO (log-p shift), pt (perplexity).",
+        ),
     ],
     output_dir: Annotated[
         Path | None,
@@ -92,7 +108,10 @@ def eval_cmd(
         int | None, typer.Option("--cutoff-len", help="Max tokens per sample (default: the run's).")
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="per_device_eval_batch_size.")
+        int,
+        typer.Option(
+            "--batch-size", help="Sequences per forward (chat: per_device_eval_batch_size)."
+        ),
     ] = 1,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Longest generated answer.")
@@ -105,7 +124,11 @@ def eval_cmd(
     ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Eval loss and perplexity next to the base model, BLEU-4/ROUGE of generated answers."""
+    """Measure a fine-tune next to its base (starting) model on held-out data of any kind.
+
+    chat: eval loss, perplexity, token accuracy, BLEU-4/ROUGE of generated answers. preference
+    pairs: each model's log p(chosen) - log p(rejected), reward accuracy and margin. KTO: how
+    desirable vs undesirable answers' log p moved. pt text: perplexity."""
     from qwenft.evaluate import execute_eval, format_table, plan_eval
 
     plan = plan_eval(

@@ -44,6 +44,7 @@ SYSTEM, USER, ASSISTANT, FUNCTION_CALL, TOOL = (
 ROLES = (SYSTEM, USER, ASSISTANT, FUNCTION_CALL, TOOL)
 SAMPLE_KEYS = ("messages", "tools")
 MESSAGE_KEYS = ("role", "content")
+REASONING_KEYS = ("reasoning_content", "reasoning")  # DeepSeek / OpenAI-compatible APIs
 
 WEIGHT_ZERO_WHY = (
     '"weight": 0 (OpenAI\'s "do not train on this turn") cannot be honoured: LLaMA-Factory trains '
@@ -130,6 +131,20 @@ def _has_surrogate(v: Any, path: str) -> str | None:
     return None
 
 
+def check_surrogates(obj: Any, raw: bytes | None, line: int, col: Collector) -> None:
+    """An invalid_unicode error for a lone UTF-16 surrogate escape anywhere in the row."""
+    if raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw):
+        where = _has_surrogate(obj, "")
+        if where:
+            col.error(
+                "invalid_unicode",
+                line,
+                where,
+                "lone UTF-16 surrogate escape (e.g. \\ud83d without its pair): a broken emoji "
+                "that cannot be encoded as UTF-8; LLaMA-Factory fails to load it",
+            )
+
+
 _ROLE_HINTS = {
     "human": 'ShareGPT names: use "user" (or convert the file with --from sharegpt)',
     "gpt": 'ShareGPT names: use "assistant" (or convert the file with --from sharegpt)',
@@ -188,8 +203,28 @@ def _tool_names(tools: Any, line: int, col: Collector) -> set[str] | None:
     return names
 
 
-def _function_call_names(content: str) -> tuple[list[str] | None, str]:
-    """Parse a function_call turn the way LLaMA-Factory does: (names, "") or (None, why)."""
+def _arguments_problem(name: str, k: int, args: Any) -> str | None:
+    """Why a call's arguments are not the JSON object Qwen's tool format holds (None if they are)."""
+    if isinstance(args, dict):
+        return None
+    if isinstance(args, str):
+        try:
+            decoded = json.loads(args)
+        except ValueError:
+            shown = args if len(args) <= 40 else args[:37] + "..."
+            return f"call {k + 1} ({name}): arguments {shown!r} are not valid JSON"
+        return (
+            f"call {k + 1} ({name}): arguments are a JSON string (holding a {jtype(decoded)}), not "
+            "an object: LLaMA-Factory would train them as one quoted string, and the trained model "
+            "would answer with string arguments; write the object itself (`qwenft data convert "
+            "--from openai` decodes OpenAI's argument strings)"
+        )
+    return f"call {k + 1} ({name}): arguments must be a JSON object, got a {jtype(args) or 'null'}"
+
+
+def _function_call_names(content: str) -> tuple[list[str] | None, str, str]:
+    """Parse a function_call turn the way LLaMA-Factory does: (names, "", "") or
+    (None, why, problem kind)."""
     match = _TOOL_CALL_RE.search(content)
     if match is not None:
         json_part = match.group(1)
@@ -199,25 +234,38 @@ def _function_call_names(content: str) -> tuple[list[str] | None, str]:
     try:
         calls = json.loads(json_part)
     except ValueError:
-        return None, (
+        return (
+            None,
             'a function_call turn must hold JSON: {"name": "...", "arguments": {...}} or a list of '
-            "them"
+            "them",
+            "bad_function_call",
         )
     if not isinstance(calls, list):
         calls = [calls]
     if not calls:
-        return None, "a function_call turn holds an empty list of calls"
+        return None, "a function_call turn holds an empty list of calls", "bad_function_call"
     names = []
     for k, call in enumerate(calls):
         if not isinstance(call, dict):
-            return None, f"call {k + 1} is a {jtype(call)}, not an object with name and arguments"
+            return (
+                None,
+                f"call {k + 1} is a {jtype(call)}, not an object with name and arguments",
+                "bad_function_call",
+            )
         name = call.get("name")
         if not isinstance(name, str) or not name:
-            return None, f'call {k + 1} has no "name"'
+            return None, f'call {k + 1} has no "name"', "bad_function_call"
         if "arguments" not in call:
-            return None, f'call {k + 1} ({name}) has no "arguments" (LLaMA-Factory fails on it)'
+            return (
+                None,
+                f'call {k + 1} ({name}) has no "arguments" (LLaMA-Factory fails on it)',
+                "bad_function_call",
+            )
+        why = _arguments_problem(name, k, call["arguments"])
+        if why:
+            return None, why, "bad_arguments"
         names.append(name)
-    return names, ""
+    return names, "", ""
 
 
 _ROLE_CODE = {SYSTEM: "s", USER: "u", ASSISTANT: "a", FUNCTION_CALL: "f", TOOL: "t"}
@@ -236,7 +284,7 @@ def _fast_ok(msgs: Any, order: re.Pattern = _ORDER_RE) -> bool:
             if len(m) != 2:
                 return False
             c = m["content"]
-            if type(c) is not str or not c or c.isspace():
+            if type(c) is not str or not c or c.isspace() or "think>" in c:
                 return False
             codes.append(_ROLE_CODE[m["role"]])
     except (TypeError, KeyError):
@@ -326,16 +374,7 @@ class Checker:
             self.has_tools = True
             if obj["tools"] is not None:
                 tool_names = _tool_names(obj["tools"], line, col)
-        if raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw):
-            where = _has_surrogate(obj, "")
-            if where:
-                col.error(
-                    "invalid_unicode",
-                    line,
-                    where,
-                    "lone UTF-16 surrogate escape (e.g. \\ud83d without its pair): a broken emoji "
-                    "that cannot be encoded as UTF-8; LLaMA-Factory fails to load it",
-                )
+        check_surrogates(obj, raw, line, col)
         if "messages" in obj and not _fast_ok(obj["messages"], self._order):
             self._check_messages(obj["messages"], line, tool_names)
         return col.n_errors == before
@@ -403,15 +442,34 @@ class Checker:
                     col.error("empty_content", line, f"{f}.content", "content is empty")
                 elif content.isspace():
                     col.warning("blank_content", line, f"{f}.content", "content is only whitespace")
-                elif role == FUNCTION_CALL:
-                    names, why = _function_call_names(content)
-                    if names is None:
-                        col.error("bad_function_call", line, f"{f}.content", why)
-                    else:
-                        called.append((i, names))
+                else:
+                    if role in (ASSISTANT, FUNCTION_CALL):
+                        from qwenft.data.reasoning import thought_problem
+
+                        problem = thought_problem(content)
+                        if problem and problem[0] == "error":
+                            col.error("bad_think", line, f"{f}.content", problem[1])
+                        elif problem:
+                            col.warning("think_form", line, f"{f}.content", problem[1])
+                    if role == FUNCTION_CALL:
+                        names, why, kind = _function_call_names(content)
+                        if names is None:
+                            col.error(kind, line, f"{f}.content", why)
+                        else:
+                            called.append((i, names))
             for key, value in m.items():
                 if key == "weight":
                     self._check_weight(value, role, line, f"{f}.weight")
+                    continue
+                if key in REASONING_KEYS and m.get(key) not in (None, ""):
+                    col.error(
+                        "reasoning_dropped",
+                        line,
+                        f"{f}.{key}",
+                        f'"{key}" is not read by LLaMA-Factory: the reasoning would be dropped; '
+                        "convert the file (`qwenft data convert FILE -o OUT.jsonl --from openai` "
+                        "puts it before the answer in the Qwen3 <think> form)",
+                    )
                     continue
                 if key not in MESSAGE_KEYS:
                     extra = ""
@@ -490,10 +548,24 @@ class Checker:
                 if role != USER:
                     where = "after the system message" if start else "of a sample"
                     msg = f"the first turn {where} must be user, got {role}"
+            elif role == TOOL and prev == ASSISTANT:
+                # LLaMA-Factory accepts it (a result in a user's place) and trains the answer
+                # before it as text: its glaive demo data has such rows (a call written as text).
+                col.warning(
+                    "tool_after_text",
+                    line,
+                    f,
+                    "a tool result follows a text answer, not a function_call turn: "
+                    "LLaMA-Factory trains that answer as plain text (any call in it is not "
+                    "learned as a call) and shows the result to the model as a tool response",
+                )
             elif role == TOOL and prev != FUNCTION_CALL:
                 msg = f"a tool turn must answer a function_call turn, but follows {prev}"
             elif prev == FUNCTION_CALL and role != TOOL:
-                msg = f"a function_call turn must be answered by a tool turn, got {role}"
+                msg = (
+                    f"the call in messages[{j + start - 1}] is left without a reply: a "
+                    f"function_call turn must be answered by a tool turn, got {role}"
+                )
             elif j % 2 == 1 and role not in (ASSISTANT, FUNCTION_CALL):
                 msg = f"expected assistant after {prev}, got {role} ({prev} twice in a row?)"
             elif j % 2 == 0 and role not in (USER, TOOL):
@@ -635,29 +707,3 @@ def file_has_tools(path: Path) -> bool:
                             return True
             return False
         return any(isinstance(v, dict) and "tools" in v for _, v, _ in iter_rows(fh, mode, col))
-
-
-def count_thinking_samples(path: Path) -> tuple[int, int]:
-    """(samples with <think> or </think> in an assistant turn or a pair's answer, samples with a
-    messages list).
-
-    The same test LLaMA-Factory's reasoning templates (qwen3) make before adding an empty
-    thought to a reply.
-    """
-    path, fh, mode = open_data_file(path)
-    with_think = total = 0
-    with fh:
-        for _line, value, raw in iter_rows(fh, mode, Collector()):
-            if not (isinstance(value, dict) and isinstance(value.get("messages"), list)):
-                continue
-            total += 1
-            if b"think>" not in raw:
-                continue
-            answers = [*value["messages"], value.get("chosen"), value.get("rejected")]
-            for m in answers:  # a preference pair's answers are chosen and rejected
-                if isinstance(m, dict) and m.get("role") == ASSISTANT:
-                    content = m.get("content")
-                    if isinstance(content, str) and ("<think>" in content or "</think>" in content):
-                        with_think += 1
-                        break
-    return with_think, total

@@ -320,19 +320,93 @@ def _from_sharegpt(obj: dict) -> dict:
     return _finish(messages, obj, None)
 
 
-def _openai_turns(msgs: list, fld: str) -> list[dict]:
+TOOL_RESULT_SEP = "\n</tool_response>\n<tool_response>\n"  # LLaMA-Factory's, parallel results
+
+
+def _offered_tools(obj: dict) -> set[str] | None:
+    """The function names a row offers (None when it offers no usable list: not checked here)."""
+    tools = obj.get("tools") if obj.get("tools") is not None else obj.get("functions")
+    tools = _maybe_json(tools)
+    if not isinstance(tools, list) or not tools:
+        return None
+    names = set()
+    for tool in tools:
+        fn = (
+            tool.get("function")
+            if isinstance(tool, dict) and tool.get("type") == "function"
+            else tool
+        )
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.add(fn["name"])
+    return names
+
+
+def _call_arguments(fn: dict, name: str, fld: str) -> dict:
+    """A call's arguments as the JSON object Qwen's tool format holds (OpenAI sends a JSON string)."""
+    args = fn.get("arguments", {})
+    if args is None or args == "":
+        return {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            shown = args if len(args) <= 40 else args[:37] + "..."
+            raise RowError(
+                "bad_arguments", f"arguments of {name} are not valid JSON: {shown!r}", fld
+            ) from None
+    if not isinstance(args, dict):
+        raise RowError(
+            "bad_arguments",
+            f"arguments of {name} must be a JSON object, got a {jtype(args) or 'null'}",
+            fld,
+        )
+    return args
+
+
+def _reasoning(m: dict, fld: str) -> str | None:
+    """The reasoning of an assistant turn (reasoning_content, as DeepSeek's and OpenAI-compatible
+    APIs name it, or reasoning), None when it has none."""
+    for key in ("reasoning_content", "reasoning"):
+        value = m.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise RowError(
+                "bad_reasoning", f"{key} must be a string, got {jtype(value)}", f"{fld}.{key}"
+            )
+        return value if value.strip() else None
+    return None
+
+
+def _openai_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> list[dict]:
+    """OpenAI chat messages as qwenft's: tool_calls become a function_call turn, the tool
+    replies that answer them one tool turn (in the calls' order, matched by tool_call_id, else by
+    order), reasoning_content the Qwen3 <think> form before the answer."""
+    from qwenft.data.reasoning import with_reasoning
+
     messages: list[dict] = []
-    pending_tool: list[str] = []
+    # the last assistant turn's calls, waiting for replies: [call id or None, name, reply or None]
+    pending: list[list] = []
+    pending_at = ""
 
     def flush_tools() -> None:
-        if pending_tool:  # parallel results in one turn, as LLaMA-Factory's openai converter does
-            messages.append(
-                {
-                    "role": TOOL,
-                    "content": "\n</tool_response>\n<tool_response>\n".join(pending_tool),
-                }
+        nonlocal pending
+        if not pending:
+            return
+        missing = [
+            f"{name}" + (f" (id {cid})" if cid else "")
+            for cid, name, reply in pending
+            if reply is None
+        ]
+        if missing:
+            raise RowError(
+                "unanswered_call",
+                f"the call to {', '.join(missing)} is left without a tool reply: each call needs "
+                'a role "tool" message (with its tool_call_id) before the conversation goes on',
+                pending_at,
             )
-            pending_tool.clear()
+        messages.append({"role": TOOL, "content": TOOL_RESULT_SEP.join(r for _, _, r in pending)})
+        pending = []
 
     for k, m in enumerate(msgs):
         f = f"{fld}[{k}]"
@@ -340,7 +414,40 @@ def _openai_turns(msgs: list, fld: str) -> list[dict]:
             raise RowError("bad_message", "each message must be an object", f)
         role = m.get("role")
         if role in ("tool", "function"):
-            pending_tool.append(_text(m.get("content"), f + ".content"))
+            text = _text(m.get("content"), f + ".content")
+            cid = m.get("tool_call_id")
+            if not pending:
+                raise RowError(
+                    "tool_without_call",
+                    "a tool reply with no tool call before it"
+                    + (f" (tool_call_id {cid!r})" if cid is not None else ""),
+                    f,
+                )
+            if cid is not None:
+                slot = next((p for p in pending if p[0] == cid), None)
+                if slot is None:
+                    known = ", ".join(repr(p[0]) for p in pending if p[0] is not None) or "none"
+                    raise RowError(
+                        "unknown_tool_call_id",
+                        f"tool_call_id {cid!r} answers no call of the assistant turn before it "
+                        f"(its call ids: {known})",
+                        f + ".tool_call_id",
+                    )
+            else:  # no id: the first call still waiting, as LLaMA-Factory pairs them by order
+                slot = next((p for p in pending if p[2] is None), None)
+                if slot is None:
+                    raise RowError(
+                        "tool_without_call", "more tool replies than calls before them", f
+                    )
+            if slot[2] is not None:
+                raise RowError(
+                    "duplicate_tool_reply",
+                    f"call {slot[1]}"
+                    + (f" (id {slot[0]!r})" if slot[0] else "")
+                    + " is answered twice",
+                    f,
+                )
+            slot[2] = text
             continue
         flush_tools()
         text = _text(m.get("content"), f + ".content")
@@ -353,26 +460,48 @@ def _openai_turns(msgs: list, fld: str) -> list[dict]:
                 [{"function": m["function_call"]}] if m.get("function_call") else []
             )
             _weight(m, ASSISTANT, f + ".weight")
+            reasoning = _reasoning(m, f)
+            if reasoning is not None and "<think>" in text:
+                raise RowError(
+                    "bad_reasoning",
+                    "the turn has reasoning_content and a <think> block in its content: one "
+                    "thought per answer",
+                    f,
+                )
             if not calls:
-                messages.append({"role": role, "content": text})
+                body = with_reasoning(reasoning, text) if reasoning is not None else text
+                messages.append({"role": role, "content": body})
                 continue
             if not isinstance(calls, list):
                 raise RowError("bad_function_call", "tool_calls must be a list", f + ".tool_calls")
-            parsed = []
+            parsed, ids = [], set()
             for c, call in enumerate(calls):
+                cf = f"{f}.tool_calls[{c}]"
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise RowError("bad_function_call", "tool call without a function name", cf)
+                name = fn["name"]
+                if tool_names is not None and name not in tool_names:
                     raise RowError(
-                        "bad_function_call",
-                        "tool call without a function name",
-                        f"{f}.tool_calls[{c}]",
+                        "unknown_function",
+                        f"calls {name}, which is not in the row's tools "
+                        f"({', '.join(sorted(tool_names))})",
+                        cf + ".function.name",
                     )
-                parsed.append(
-                    {"name": fn["name"], "arguments": _maybe_json(fn.get("arguments", {}))}
-                )
+                cid = call.get("id")
+                if cid is not None:
+                    if cid in ids:
+                        raise RowError("duplicate_call_id", f"call id {cid!r} is used twice", cf)
+                    ids.add(cid)
+                args = _call_arguments(fn, name, cf + ".function.arguments")
+                parsed.append({"name": name, "arguments": args})
+                pending.append([cid, name, None])
+            pending_at = f + ".tool_calls"
             body = json.dumps(parsed[0] if len(parsed) == 1 else parsed, ensure_ascii=False)
             if text.strip():  # LLaMA-Factory keeps the text before a <tool_call> block
                 body = f"{text.rstrip()}\n<tool_call>{body}</tool_call>"
+            if reasoning is not None:
+                body = with_reasoning(reasoning, body)
             messages.append({"role": FUNCTION_CALL, "content": body})
         else:
             raise RowError(
@@ -380,6 +509,8 @@ def _openai_turns(msgs: list, fld: str) -> list[dict]:
                 f"role {json.dumps(role)} is not one of system, user, assistant, tool",
                 f + ".role",
             )
+    if pending and all(p[2] is None for p in pending):
+        pending = []  # the row ends with the calls: it trains the model to make them
     flush_tools()
     return messages
 
@@ -389,7 +520,7 @@ def _from_openai(obj: dict) -> dict:
     msgs = obj.get("messages")
     if not isinstance(msgs, list):
         raise RowError("missing_field", 'no "messages" list', "messages")
-    messages = _openai_turns(msgs, "messages")
+    messages = _openai_turns(msgs, "messages", _offered_tools(obj))
     system = obj.get("system")
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == SYSTEM):
         messages.insert(0, {"role": SYSTEM, "content": system})  # a top-level system prompt

@@ -21,13 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.choices import DataKind
-from qwenft.data.check import (
-    _SURROGATE_ESCAPE_RE,
-    ASSISTANT,
-    FUNCTION_CALL,
-    Checker,
-    _has_surrogate,
-)
+from qwenft.data.check import ASSISTANT, FUNCTION_CALL, Checker, check_surrogates
 from qwenft.data.reader import Collector, iter_rows, jtype, open_data_file
 
 SFT, PREFERENCE, KTO, PT = (
@@ -405,16 +399,7 @@ class RowRules:
                 else f'unknown key "{key}" is not used by LLaMA-Factory',
             )
             checker._track_type(key, value, line, key)
-        if raw and b"\\u" in raw and _SURROGATE_ESCAPE_RE.search(raw):
-            where = _has_surrogate(obj, "")
-            if where:
-                col.error(
-                    "invalid_unicode",
-                    line,
-                    where,
-                    "lone UTF-16 surrogate escape (e.g. \\ud83d without its pair): a broken emoji "
-                    "that cannot be encoded as UTF-8; LLaMA-Factory fails to load it",
-                )
+        check_surrogates(obj, raw, line, col)
 
     def finish(self) -> None:
         """The file-level rules, after the last row."""

@@ -1,7 +1,8 @@
 """Pure rendering: a training spec -> an ordered LLaMA-Factory config -> YAML text.
 
-The method templates live in configs/ (shipped as package data `qwenft.configs`). Every key the
-run uses is written out, grouped in the `### model / ### method / ### dataset / ### output /
+The method templates live in configs/ (shipped as package data `qwenft.configs`), the stages'
+keys in configs/stages/ (layered over the method's: load_recipe). Every key the run uses is
+written out, grouped in the `### model / ### method / ### dataset / ### output /
 ### train / ### eval` sections of the Qwen guide.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from qwenft.choices import DeepSpeed, Method
+from qwenft.choices import DeepSpeed, Method, Stage
 from qwenft.errors import QwenftError
 
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -36,6 +37,12 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "stage",
         "do_train",
         "finetuning_type",
+        "pref_loss",
+        "pref_beta",
+        "simpo_gamma",
+        "kto_chosen_weight",
+        "kto_rejected_weight",
+        "pref_ftx",
         "lora_target",
         "lora_rank",
         "lora_alpha",
@@ -97,9 +104,23 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def load_template(name: str) -> dict[str, Any]:
-    """Read configs/<name>.yaml from the installed package data."""
-    text = resources.files("qwenft.configs").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    """Read configs/<name>.yaml from the installed package data (name may be stages/<stage>)."""
+    *folders, leaf = name.split("/")
+    where = resources.files("qwenft.configs")
+    for folder in folders:
+        where = where.joinpath(folder)
+    text = where.joinpath(f"{leaf}.yaml").read_text(encoding="utf-8")
     return dict(yaml.safe_load(text) or {})
+
+
+def load_recipe(method: str, stage: str = Stage.SFT.value) -> dict[str, Any]:
+    """A run's recipe: configs/<method>.yaml with configs/stages/<stage>.yaml over it. The one
+    place the stage's keys (stage, pref_loss, pref_beta, ...) come from: `train`, `--dry-run`,
+    `plan` and settings.recipe read it."""
+    stage = Stage.parse(stage, "--stage")
+    cfg = load_template(method)
+    cfg.update(load_template(f"stages/{stage}"))
+    return cfg
 
 
 def deepspeed_config_text(stage: str) -> str:
@@ -146,6 +167,7 @@ class TrainSpec:
     dataset: str
     dataset_dir: str
     output_dir: str
+    stage: str = Stage.SFT.value
     enable_thinking: bool | None = None
     deepspeed_path: str | None = None
     bf16: bool = False
@@ -156,6 +178,7 @@ class TrainSpec:
 # Keys that qwenft owns: overriding them would point the run somewhere its manifest does not say.
 OWNED_KEYS = {
     "model_name_or_path": "--model",
+    "stage": "--stage",
     "template": "--template",
     "dataset": "--data",
     "dataset_dir": "--dataset-dir",
@@ -165,12 +188,13 @@ OWNED_KEYS = {
 
 
 def build_train_config(spec: TrainSpec) -> dict[str, Any]:
-    """Layer the method's template < qwenft's own keys < the person's overrides; cross-field rules."""
+    """Layer the method's template and the stage's keys < qwenft's own keys < the person's
+    overrides; cross-field rules."""
     method = Method.parse(spec.method, "--method")
     for key in spec.overrides:
         if key in OWNED_KEYS:
             raise QwenftError(f"--config/--set may not set {key}", f"use {OWNED_KEYS[key]} instead")
-    cfg = load_template(method)
+    cfg = load_recipe(method, spec.stage)
     cfg.update(
         model_name_or_path=spec.model_path,
         dataset=spec.dataset,

@@ -111,6 +111,7 @@ def run_row(run_dir: Path, m: Manifest) -> dict[str, Any]:
         "status": state,
         "stage": m.stage,
         "method": m.method,
+        "parent_run": m.parent_run,
         "model": m.model.spec,
         "started": m.started,
         "steps_done": summary.get("global_step") or last.get("current_steps"),

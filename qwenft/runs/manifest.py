@@ -32,7 +32,15 @@ def now_iso() -> str:
 def package_versions() -> dict[str, str | None]:
     """Versions of the training stack, read from package metadata (no imports)."""
     out: dict[str, str | None] = {}
-    for name in ("llamafactory", "transformers", "torch", "peft", "deepspeed", "bitsandbytes"):
+    for name in (
+        "llamafactory",
+        "transformers",
+        "torch",
+        "peft",
+        "deepspeed",
+        "bitsandbytes",
+        "llama-cpp-python",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -70,7 +78,8 @@ class Manifest:
     gpus: int = 1
     nnodes: int = 1
     kind: str = "train"
-    stage: str = "sft"  # LLaMA-Factory's stage
+    stage: str = "sft"  # the training stage (choices.Stage: sft, pt, dpo, orpo, simpo, kto)
+    parent_run: str | None = None  # --from RUN_DIR: the run whose weights this one started from
     versions: dict[str, str | None] = field(default_factory=dict)
     overlength: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
@@ -92,6 +101,7 @@ class Manifest:
     resumes: list[dict[str, Any]] = field(default_factory=list)
     merged: str | None = None
     merged_at: str | None = None
+    exports: list[dict[str, Any]] = field(default_factory=list)  # qwenft export: GGUF files
     merge_checks: dict[str, Any] | None = None
     last_eval: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know

@@ -20,8 +20,53 @@ def read_trainer_log(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def training_summary(run_dir: Path) -> dict[str, Any]:
-    """Steps, losses and throughput from the files LLaMA-Factory wrote into the run folder."""
+# The figures each stage's trainer logs besides the loss (LLaMA-Factory's DPO trainer for dpo, orpo
+# and simpo; its KTO trainer for kto). They are in trainer_state.json's log_history, not in
+# trainer_log.jsonl (LLaMA-Factory's log callback keeps only loss, lr and the step counters).
+STAGE_FIGURES: dict[str, tuple[str, ...]] = {
+    "dpo": ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"),
+    "orpo": ("rewards/accuracies", "rewards/margins", "odds_ratio_loss", "sft_loss"),
+    "simpo": ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"),
+    "kto": ("rewards/margins", "rewards/chosen", "rewards/rejected", "kl"),
+}
+
+
+def log_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The Trainer's log_history: trainer_state.json in the run folder (written at the end), else
+    the newest checkpoint's (a run that stopped early); [] if neither can be read."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "trainer_state.json"]
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    candidates += [c / "trainer_state.json" for c in checkpoints]
+    for path in candidates:
+        with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+            history = json.loads(path.read_text()).get("log_history")
+            if isinstance(history, list):
+                return [r for r in history if isinstance(r, dict)]
+    return []
+
+
+def stage_figures(run_dir: Path, stage: str) -> dict[str, list[float]]:
+    """The stage's own training figures, first and last logged value each ({} for sft and pt)."""
+    keys = STAGE_FIGURES.get(stage, ())
+    if not keys:
+        return {}
+    rows = [r for r in log_history(run_dir) if "loss" in r]
+    out: dict[str, list[float]] = {}
+    for key in keys:
+        values = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        if values:
+            out[key] = [values[0], values[-1]]
+    return out
+
+
+def training_summary(run_dir: Path, stage: str = "sft") -> dict[str, Any]:
+    """Steps, losses and throughput from the files LLaMA-Factory wrote into the run folder, and
+    the stage's own figures (`stage_figures`: e.g. DPO's reward accuracy and margin)."""
     run_dir = Path(run_dir)
     losses = [
         r["loss"] for r in read_trainer_log(run_dir) if isinstance(r.get("loss"), int | float)
@@ -44,15 +89,23 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
         "loss_plot": str(run_dir / "training_loss.png")
         if (run_dir / "training_loss.png").is_file()
         else None,
+        "stage_figures": stage_figures(run_dir, stage),
     }
+
+
+# Stages whose loss can reach 0 when training works: the preference losses fall towards 0 as the
+# pairs separate (DPO's hinge loss is exactly 0 past the margin), so a zero loss is no alarm there.
+ZERO_LOSS_OK = ("dpo", "orpo", "simpo", "kto")
 
 
 class LossWatch:
     """Polled while training: a reason to stop when the loss is NaN/inf or exactly 0 for
-    `patience` consecutive logging steps (typical causes: fp16 on Qwen, a too-high learning rate)."""
+    `patience` consecutive logging steps (typical causes: fp16 on Qwen, a too-high learning rate).
+    A zero loss stops only sft and pt runs (ZERO_LOSS_OK)."""
 
-    def __init__(self, run_dir: Path, patience: int = 3) -> None:
+    def __init__(self, run_dir: Path, patience: int = 3, stage: str = "sft") -> None:
         self.run_dir, self.patience = Path(run_dir), patience
+        self.zero_ok = stage in ZERO_LOSS_OK
 
     def __call__(self) -> str | None:
         losses = [r.get("loss") for r in read_trainer_log(self.run_dir) if "loss" in r]
@@ -64,7 +117,7 @@ class LossWatch:
                 f"the loss was NaN/inf for {self.patience} logging steps in a row; typical causes: "
                 "fp16 with Qwen (use bf16 or fp32), a too-high learning rate"
             )
-        if all(x == 0 for x in tail):
+        if not self.zero_ok and all(x == 0 for x in tail):
             return (
                 f"the loss was exactly 0 for {self.patience} logging steps in a row: nothing is "
                 "being learned (typical causes: fp16 overflow with Qwen, labels all masked)"

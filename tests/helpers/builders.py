@@ -35,6 +35,44 @@ def chat_rows(pairs: list[tuple[str, str]] = QA) -> list[dict]:
     ]
 
 
+# A wrong answer for each QA question: the rejected side of the preference pairs.
+WRONG = [
+    "The capital of France is Berlin.",
+    "中国的首都是上海。",
+    "Green, purple and orange.",
+    "12 times 12 is 124.",
+]
+
+
+def pair_rows(pairs: list[tuple[str, str]] = QA, wrong: list[str] = WRONG) -> list[dict]:
+    """Preference pairs: each question, its answer chosen and a wrong one rejected."""
+    return [
+        {
+            "messages": [{"role": "user", "content": q}],
+            "chosen": {"role": "assistant", "content": a},
+            "rejected": {"role": "assistant", "content": w},
+        }
+        for (q, a), w in zip(pairs, wrong, strict=True)
+    ]
+
+
+def kto_rows(pairs: list[tuple[str, str]] = QA, wrong: list[str] = WRONG) -> list[dict]:
+    """KTO rows: each question with its answer (label true) and with a wrong one (false)."""
+    return [
+        {
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
+            "label": label,
+        }
+        for (q, a), w in zip(pairs, wrong, strict=True)
+        for answer, label in ((a, True), (w, False))
+    ]
+
+
+def text_rows(pairs: list[tuple[str, str]] = QA) -> list[dict]:
+    """Pre-training rows: each QA answer as a text."""
+    return [{"text": a} for _, a in pairs]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"

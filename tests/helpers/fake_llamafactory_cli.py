@@ -4,7 +4,8 @@ environment and the YAML it was given into $FAKE_LF_RECORD (JSON lines), writes 
 run would leave behind, prints $FAKE_LF_SAY (if set) and exits with $FAKE_LF_EXIT (default 0).
 
 - `train` with do_train (the default): trainer_log.jsonl, all_results.json, trainer_state.json
-  (and adapter_config.json for LoRA) in output_dir;
+  (its log_history with rewards/accuracies and rewards/margins for the dpo and kto stages; and
+  adapter_config.json for LoRA) in output_dir;
 - `train` with do_train: false (what `qwenft eval` launches): eval_results.json (eval_loss 0.5
   with an adapter, 2.0 without) or, with do_predict, predict_results.json and
   generated_predictions.jsonl;
@@ -61,7 +62,11 @@ elif code == 0 and argv and argv[0] == "train":
     (out / "all_results.json").write_text(
         json.dumps({"train_loss": 3.0, "effective_tokens_per_sec": 123.0})
     )
-    (out / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    history = [{"step": step, "loss": loss} for step, loss in ((1, 4.0), (2, 2.0))]
+    if cfg.get("stage") in ("dpo", "kto"):  # the preference trainers' own figures
+        for row, acc, margin in zip(history, (0.5, 1.0), (0.25, 1.5), strict=True):
+            row.update({"rewards/accuracies": acc, "rewards/margins": margin})
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": history}))
     if cfg.get("finetuning_type") == "lora":
         (out / "adapter_config.json").write_text("{}")
 if code == 0 and argv and argv[0] == "export":

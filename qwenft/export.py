@@ -1,0 +1,549 @@
+"""`qwenft export RUN --format gguf`: a run as a GGUF file for llama.cpp / Ollama, verified.
+
+The conversion is llama.cpp's own `convert_hf_to_gguf.py` (with the `conversion/` package and
+`gguf-py/` it imports), taken from the llama-cpp-python source distribution on PyPI, fetched once
+through pip, sha256-checked and kept under QWENFT_HOME. Quantization and verification use
+llama-cpp-python itself (`llama_model_quantize`, `Llama`). Steps, all into a staging folder inside
+RUN/export (nothing appears under its final name until every check has passed):
+
+1. the weights: a LoRA/QLoRA run's merged model (merged first if it has none), a full or freeze
+   run's own folder;
+2. convert to f16 GGUF; quantize to q8_0 / q4_k_m when asked (the f16 intermediate is removed);
+3. verify (unless --no-verify): greedy generations of the GGUF against the merged model's
+   (transformers) on prompts from the run's data: identical tokens for f16, token agreement and
+   the difference in mean log-probability for quantized files; generation stops on <|im_end|>;
+4. write `<run>-<quant>.Modelfile` for Ollama beside the GGUF (FROM, the Qwen chat template the
+   run was trained with, tools for runs trained on tool data, SYSTEM, both stop tokens), move
+   both into RUN/export and record the export (file, quant, sha256, size, checks) in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwenft.choices import GgufQuant, Method
+from qwenft.data.check import file_has_tools
+from qwenft.errors import JobFailed, QwenftError
+from qwenft.fsutil import refuse_existing, share_like_umask
+from qwenft.lf import launcher
+from qwenft.paths import qwenft_home
+from qwenft.runs.lock import RunLock
+from qwenft.runs.manifest import Manifest, now_iso, read_manifest, update_manifest
+
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+INSTALL_HINT = (
+    f"install the gguf extra: .venv/bin/pip install {LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION} "
+    "(a source build: 6-12 minutes once on a 2-core CPU, then pip's cache reuses it); "
+    "`make test` installs it"
+)
+VERIFY_TOKENS = 32
+VERIFY_PROMPTS = 3
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+QUANT_FTYPES = {  # llama.cpp's file types for the quantized exports
+    GgufQuant.Q8_0: "LLAMA_FTYPE_MOSTLY_Q8_0",
+    GgufQuant.Q4_K_M: "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+}
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def require_llama_cpp(what: str) -> None:
+    """QwenftError (exit 2) with the install command when llama-cpp-python is missing."""
+    if not llama_cpp_available():
+        raise QwenftError(f"{what} needs llama-cpp-python, which is not installed", INSTALL_HINT)
+
+
+# --------------------------------------------------------------------------------------------------
+# the converter: llama.cpp's own, from the pinned source distribution
+
+
+def converter_dir(progress: Callable[[str], None] = print) -> Path:
+    """QWENFT_HOME/llama.cpp/<version>: convert_hf_to_gguf.py, conversion/ and gguf-py/ from the
+    llama-cpp-python sdist (fetched with pip, sha256-checked, extracted whole or not at all)."""
+    target = qwenft_home() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        progress(
+            f"fetching llama.cpp's converter ({LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION} source, "
+            "76.6 MB, once) ..."
+        )
+        out = launcher.capture(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"{LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION}",
+                "-d",
+                tmp,
+            ],
+            900,
+        )
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if out.returncode != 0 or not sdists:
+            raise QwenftError(
+                f"could not download the {LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION} source: "
+                + (out.stderr.strip().splitlines() or ["no file"])[-1],
+                "check the connection to the package index, then run the export again",
+            )
+        from qwenft.data.reader import file_sha256
+
+        got = file_sha256(sdists[0])
+        if got != SDIST_SHA256:
+            raise QwenftError(
+                f"{sdists[0].name} has sha256 {got[:16]}..., not the pinned {SDIST_SHA256[:16]}...",
+                "the package index served another file; nothing was extracted",
+            )
+        stage = Path(tmp) / "llama.cpp"
+        _extract_converter(sdists[0], stage)
+        share_like_umask(stage)
+        try:
+            os.rename(stage, target)
+        except OSError:  # another export extracted it meanwhile
+            if not (target / "convert_hf_to_gguf.py").is_file():
+                raise
+    return target
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    """convert_hf_to_gguf.py, conversion/ and gguf-py/ of the sdist's vendored llama.cpp."""
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist) as tar:
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+        ]
+        for m in members:
+            m.name = m.name[len(prefix) :]
+        tar.extractall(dest, members=members, filter="data")
+    if not (dest / "convert_hf_to_gguf.py").is_file():
+        raise QwenftError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+
+
+def exported_gguf(run_dir: Path | None, manifest: Manifest | None) -> Path:
+    """The run's most recent GGUF export that is still there (chat/serve --backend llama.cpp)."""
+    if run_dir is None or manifest is None:
+        raise QwenftError(
+            "--backend llama.cpp serves a run's GGUF export; this is not a run folder",
+            "export a run first: qwenft export RUN_DIR",
+        )
+    for record in reversed(manifest.exports):
+        path = Path(record.get("file", ""))
+        if path.is_file():
+            return path
+    raise QwenftError(
+        f"{run_dir} has no GGUF export yet",
+        f"qwenft export {run_dir} (then --backend llama.cpp uses it)",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass
+class ExportPlan:
+    run_dir: Path
+    manifest: Manifest
+    quant: str
+    model_dir: Path | None  # None: a LoRA run not merged yet (merged first)
+    export_dir: Path
+    gguf_name: str
+    modelfile_name: str
+    tools: bool  # trained on tool-call data: the Modelfile's template carries them
+    force: bool = False
+
+    @property
+    def gguf(self) -> Path:
+        return self.export_dir / self.gguf_name
+
+    @property
+    def modelfile(self) -> Path:
+        return self.export_dir / self.modelfile_name
+
+
+def plan_export(run_dir: Path, quant: str, *, force: bool = False) -> ExportPlan:
+    """Check the run and the request; raises QwenftError (exit 2) and writes nothing."""
+    quant = GgufQuant.parse(quant, "--quant")
+    run_dir = Path(run_dir).expanduser().absolute()
+    m = read_manifest(run_dir)
+    if m.status != "completed":
+        raise QwenftError(
+            f"{run_dir} is {m.status}, not completed: there is no finished model to export",
+            f"finish it first (qwenft resume {run_dir}), or export a completed run",
+        )
+    if m.method in (Method.FULL, Method.FREEZE):
+        model_dir: Path | None = run_dir
+    else:
+        merged = Path(m.merged) if m.merged else run_dir / "merged"
+        model_dir = merged if (merged / "config.json").is_file() else None
+    export_dir = run_dir / "export"
+    plan = ExportPlan(
+        run_dir=run_dir,
+        manifest=m,
+        quant=quant,
+        model_dir=model_dir,
+        export_dir=export_dir,
+        gguf_name=f"{run_dir.name}-{quant}.gguf",
+        modelfile_name=f"{run_dir.name}-{quant}.Modelfile",
+        tools=_trained_on_tools(m),
+        force=force,
+    )
+    if not force:
+        for path in (plan.gguf, plan.modelfile):
+            refuse_existing(path, "pass --force to replace it, or export another --quant")
+    require_llama_cpp("qwenft export")
+    return plan
+
+
+def _trained_on_tools(m: Manifest) -> bool:
+    path = Path(m.dataset.train_path or m.dataset.path)
+    try:
+        return path.is_file() and file_has_tools(path)
+    except (OSError, QwenftError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# execute
+
+
+def execute_export(
+    plan: ExportPlan,
+    progress: Callable[[str], None] = print,
+    *,
+    verify: bool = True,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Merge if needed, convert, quantize, verify, write the Modelfile, move both into place and
+    record the export. A failed check is JobFailed (exit 1) and leaves nothing behind."""
+    if plan.model_dir is None:
+        from qwenft.merge import execute_merge, plan_merge
+
+        progress(f"{plan.run_dir} has no merged model yet: merging first")
+        execute_merge(plan_merge(plan.run_dir), progress=progress, verbose=verbose)
+        plan.model_dir = Path(read_manifest(plan.run_dir).merged or plan.run_dir / "merged")
+    with RunLock(plan.run_dir, "export"):
+        return _export_locked(plan, progress, verify, verbose)
+
+
+def _export_locked(
+    plan: ExportPlan, progress: Callable[[str], None], verify: bool, verbose: bool
+) -> dict[str, Any]:
+    assert plan.model_dir is not None
+    started = time.monotonic()
+    converter = converter_dir(progress)
+    plan.export_dir.mkdir(exist_ok=True)
+    log_path = plan.export_dir / "export.log"
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=plan.export_dir))
+    try:
+        f16 = stage / f"{plan.run_dir.name}-f16.gguf"
+        progress(f"converting {plan.model_dir} to GGUF (f16) with llama.cpp's converter ...")
+        progress(f"log: {log_path}" + ("" if verbose else " (-v shows it here too)"))
+        env = {
+            "PYTHONPATH": os.pathsep.join([str(converter / "gguf-py"), str(converter)]),
+            "NO_LOCAL_GGUF": "",
+        }
+        argv = [
+            sys.executable,
+            str(converter / "convert_hf_to_gguf.py"),
+            str(plan.model_dir),
+            "--outfile",
+            str(f16),
+            "--outtype",
+            "f16",
+        ]
+        code = launcher.run(argv, env, log_path, echo=launcher.child_echo(verbose))
+        if code != 0 or not f16.is_file():
+            from qwenft.runs.progress import surface_log
+
+            surface_log(log_path, progress)
+            raise JobFailed(
+                f"llama.cpp's converter exited with code {code}", f"read the log: {log_path}"
+            )
+        out = stage / plan.gguf_name
+        if plan.quant == GgufQuant.F16:
+            os.rename(f16, out)
+        else:
+            progress(f"quantizing to {plan.quant} ...")
+            _quantize(f16, out, plan.quant, log_path, verbose)
+            f16.unlink()
+        checks: dict[str, Any] = {}
+        if verify:
+            checks = verify_gguf(out, plan, progress)
+        (stage / plan.modelfile_name).write_text(
+            modelfile(plan.gguf_name, plan.manifest, tools=plan.tools), encoding="utf-8"
+        )
+        share_like_umask(stage)
+        for name in (plan.gguf_name, plan.modelfile_name):  # the Modelfile last: it names the GGUF
+            if not plan.force:
+                refuse_existing(plan.export_dir / name, "pass --force to replace it")
+            os.replace(stage / name, plan.export_dir / name)
+    except OSError as exc:  # a full disk, a folder that vanished: nothing half-written is kept
+        raise JobFailed(
+            f"the export could not be written: {exc}",
+            f"free space in {plan.export_dir.parent} (the f16 file alone is about 2 bytes per "
+            "parameter) and export again",
+        ) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    from qwenft.data.reader import file_sha256
+
+    record = {
+        "file": str(plan.gguf),
+        "modelfile": str(plan.modelfile),
+        "quant": plan.quant,
+        "sha256": file_sha256(plan.gguf),
+        "size_bytes": plan.gguf.stat().st_size,
+        "converter": f"llama.cpp from {LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION}",
+        "verified": bool(verify),
+        "checks": checks,
+        "at": now_iso(),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    exports = [e for e in read_manifest(plan.run_dir).exports if e.get("file") != record["file"]]
+    update_manifest(plan.run_dir, exports=[*exports, record])
+    return record
+
+
+def _quantize(src: Path, dst: Path, quant: str, log_path: Path, verbose: bool) -> None:
+    """llama_model_quantize through llama-cpp-python, in a child so its per-tensor lines (C stderr)
+    go to the log."""
+    code = (
+        "import ctypes, sys, llama_cpp\n"
+        "p = llama_cpp.llama_model_quantize_default_params()\n"
+        f"p.ftype = llama_cpp.{QUANT_FTYPES[quant]}\n"
+        "rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), "
+        "ctypes.byref(p))\n"
+        "sys.exit(1 if rc else 0)\n"
+    )
+    rc = launcher.run(
+        [sys.executable, "-c", code, str(src), str(dst)],
+        {},
+        log_path,
+        echo=launcher.child_echo(verbose),
+    )
+    if rc != 0 or not dst.is_file():
+        raise JobFailed(f"quantizing to {quant} failed (exit {rc})", f"read the log: {log_path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# verification
+
+
+def _prompts(m: Manifest, n: int) -> list[str]:
+    """The first n user messages of the run's data (its own questions), else generic ones."""
+    prompts: list[str] = []
+    path = Path(m.dataset.train_path or m.dataset.path)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                msgs = row.get("messages") if isinstance(row, dict) else None
+                users = [
+                    x.get("content")
+                    for x in msgs or []
+                    if isinstance(x, dict) and x.get("role") == "user"
+                ]
+                if users and isinstance(users[0], str) and users[0] not in prompts:
+                    prompts.append(users[0])
+                if len(prompts) >= n:
+                    break
+    except OSError:
+        pass
+    return prompts or ["Hello! Who are you?", "What is 2 + 2?", "Name a colour."][:n]
+
+
+def verify_gguf(gguf: Path, plan: ExportPlan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Greedy tokens of the GGUF (llama.cpp) against the merged model's (transformers). f16 must
+    match token for token and stop on <|im_end|>; quantized files report agreement and the
+    log-probability difference. Raises JobFailed when a check fails."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert plan.model_dir is not None
+    m = plan.manifest
+    tok = AutoTokenizer.from_pretrained(plan.model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(plan.model_dir, dtype=torch.float32).eval()
+    llm = Llama(model_path=str(gguf), n_ctx=1024, logits_all=True, verbose=False)
+    stop_ids = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    prompts = _prompts(m, VERIFY_PROMPTS)
+    progress(f"verifying the GGUF against the merged model on {len(prompts)} prompts ...")
+    rows = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": m.default_system}] if m.default_system else []
+        messages.append({"role": "user", "content": prompt})
+        kwargs = {} if m.enable_thinking is None else {"enable_thinking": m.enable_thinking}
+        ids = list(
+            tok.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True, **kwargs
+            )["input_ids"]
+        )
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=VERIFY_TOKENS,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[-1],
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        ref = out.sequences[0, len(ids) :].tolist()
+        ref_lp = [
+            torch.log_softmax(s[0].float(), -1)[t].item()
+            for s, t in zip(out.scores, ref, strict=True)
+        ]
+        got = []
+        llm.reset()
+        for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+            got.append(int(t))
+            if t in stop_ids or len(got) >= VERIFY_TOKENS:
+                break
+        # the reference continuation's log-probabilities under the GGUF
+        llm.reset()
+        llm.eval(ids + ref)
+        scores = np.asarray(llm.scores[len(ids) - 1 : len(ids) - 1 + len(ref)], dtype=np.float64)
+        top = scores.max(axis=1, keepdims=True)
+        lse = (top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True)))[:, 0]
+        gguf_lp = [float(scores[i, t] - lse[i]) for i, t in enumerate(ref)]
+        agree = sum(a == b for a, b in zip(ref, got, strict=False)) / max(len(ref), 1)
+        rows.append(
+            {
+                "prompt": prompt,
+                "tokens": len(ref),
+                "identical": got == ref,
+                "agreement": round(agree, 4),
+                "stopped": bool(got) and got[-1] == stop_ids[0],
+                "mean_logprob_diff": round((sum(gguf_lp) - sum(ref_lp)) / max(len(ref), 1), 5),
+            }
+        )
+    identical = all(r["identical"] for r in rows)
+    stopped = all(r["stopped"] for r in rows)
+    agreement = sum(r["agreement"] for r in rows) / len(rows)
+    diff = sum(r["mean_logprob_diff"] for r in rows) / len(rows)
+    progress(
+        f"verify: {sum(r['identical'] for r in rows)}/{len(rows)} prompts token-identical, "
+        f"token agreement {agreement:.1%}, mean log-prob difference {diff:+.4f}, "
+        f"{'stops' if stopped else 'does NOT stop'} on <|im_end|>"
+    )
+    result = {
+        "prompts": rows,
+        "identical": identical,
+        "agreement": agreement,
+        "mean_logprob_diff": diff,
+        "stops": stopped,
+    }
+    if plan.quant == GgufQuant.F16 and not identical:
+        raise JobFailed(
+            "the f16 GGUF's greedy tokens differ from the merged model's",
+            "the conversion is not faithful; nothing was written (see export.log)",
+        )
+    if not stopped:
+        raise JobFailed(
+            f"the GGUF's greedy answers do not stop on <|im_end|> within {VERIFY_TOKENS} tokens",
+            "train longer so the model learns to end its turns; nothing was written",
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# the Ollama Modelfile
+
+
+def modelfile(gguf_name: str, m: Manifest, *, tools: bool) -> str:
+    """FROM the GGUF, the Qwen chat template the run trained on (ChatML; tool calls as
+    LLaMA-Factory's qwen tool format when the run trained on tool data), SYSTEM, both stops."""
+    system = m.default_system.replace('"""', '\\"\\"\\"')
+    return (
+        f"# Ollama Modelfile written by qwenft for {m.model.spec} ({m.method}, template {m.template})\n"
+        f"FROM ./{gguf_name}\n"
+        f'TEMPLATE """{chat_template(tools=tools, thinking=m.enable_thinking)}"""\n'
+        f'SYSTEM """{system}"""\n'
+        'PARAMETER stop "<|im_end|>"\n'
+        'PARAMETER stop "<|endoftext|>"\n'
+    )
+
+
+# LLaMA-Factory's qwen tool prompt (llamafactory/data/tool_utils.py QWEN_TOOL_PROMPT), in Go
+# template form: the tools as {"type": "function", "function": ...} lines.
+_TOOLS = (
+    "{{- if .Tools }}\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+    "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    '{{- range .Tools }}\n{"type": "function", "function": {{ .Function }}}{{- end }}\n</tools>\n\n'
+    "For each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>{{- end }}"
+)
+
+
+def chat_template(*, tools: bool, thinking: bool | None) -> str:
+    """The Ollama (Go template) form of the qwen / qwen3 ChatML format LLaMA-Factory trains
+    (its format_user / format_assistant / format_observation): a user turn ends by opening the
+    assistant's; an answer ends with <|im_end|> (left open on the last message, for Ollama to
+    continue); a tool result is a user turn in <tool_response>; a Qwen3 run trained without
+    thinking answers after an empty think block, as LLaMA-Factory prompts it."""
+    # the answer being prompted (last message) or trained (the one after): after an empty think
+    after = (
+        "{{ if le (len (slice $.Messages $i)) 2 }}<think>\n\n</think>\n\n{{ end }}"
+        if thinking is False
+        else ""
+    )
+    system = (
+        "{{- if or .System .Tools }}<|im_start|>system\n{{ .System }}" + _TOOLS
+        if tools
+        else "{{- if .System }}<|im_start|>system\n{{ .System }}"
+    ) + "<|im_end|>\n{{ end }}"
+    answer = (
+        "{{- if .ToolCalls }}{{ range $j, $c := .ToolCalls }}{{ if $j }}\n{{ end }}<tool_call>\n"
+        '{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}\n'
+        "</tool_call>{{ end }}{{ else }}{{ .Content }}{{ end }}"
+        if tools
+        else "{{ .Content }}"
+    )
+    tool_turn = (
+        '{{ else if eq .Role "tool" }}<|im_start|>user\n<tool_response>\n{{ .Content }}\n'
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n" + after
+        if tools
+        else ""
+    )
+    return (
+        system
+        + "{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+        + '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        + "<|im_start|>assistant\n"
+        + after
+        + '{{ else if eq .Role "assistant" }}'
+        + answer
+        + "{{ if not $last }}<|im_end|>\n{{ end }}"
+        + tool_turn
+        + "{{ end }}{{- end }}"
+    )

@@ -1,0 +1,342 @@
+"""`qwenft export --format gguf`: the Modelfile's chat template, refusals, and end to end with the
+real llama.cpp converter and llama-cpp-python on trained tiny runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from qwenft.export import chat_template, modelfile
+from qwenft.runs.folder import create_run_dir
+from qwenft.runs.manifest import MANIFEST, update_manifest
+from tests.helpers.builders import QA, run_manifest
+from tests.helpers.cli import invoke
+from tests.helpers.e2e import LEARN, Qwenft, copy_run, free_port, manifest
+from tests.helpers.gotemplate import render
+
+SYSTEM = "You are a helpful assistant."
+CONVERSATION = [{"Role": "user", "Content": QA[0][0]}, {"Role": "assistant", "Content": QA[0][1]}]
+
+
+def chatml(*turns: tuple[str, str]) -> str:
+    return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Modelfile (fast)
+
+
+def test_modelfile_template_renders_the_trained_chat_format() -> None:
+    plain = chat_template(tools=False, thinking=None)
+    full = render(plain, {"System": SYSTEM, "Messages": CONVERSATION})
+    assert full + "<|im_end|>\n" == chatml(
+        ("system", SYSTEM), ("user", QA[0][0]), ("assistant", QA[0][1])
+    )
+    prompt = render(plain, {"System": SYSTEM, "Messages": CONVERSATION[:1]})
+    assert prompt == chatml(("system", SYSTEM), ("user", QA[0][0])) + "<|im_start|>assistant\n"
+    # a Qwen3 run trained without thinking answers after an empty think block, as it was prompted
+    nothink = render(
+        chat_template(tools=False, thinking=False), {"System": "", "Messages": CONVERSATION[:1]}
+    )
+    assert nothink == chatml(("user", QA[0][0])) + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_modelfile_template_carries_tool_calls_in_the_trained_format() -> None:
+    tools = [{"Function": json.dumps({"name": "get_weather", "parameters": {}})}]
+    call = {"Function": {"Name": "get_weather", "Arguments": '{"city": "Paris"}'}}
+    text = render(
+        chat_template(tools=True, thinking=None),
+        {
+            "System": SYSTEM,
+            "Tools": tools,
+            "Messages": [
+                {"Role": "user", "Content": "Weather in Paris?"},
+                {"Role": "assistant", "Content": "", "ToolCalls": [call]},
+                {"Role": "tool", "Content": "21 C"},
+            ],
+        },
+    )
+    # LLaMA-Factory's qwen tool prompt (QWEN_TOOL_PROMPT) after the system prompt
+    assert text.startswith(
+        f"<|im_start|>system\n{SYSTEM}\n\n# Tools\n\nYou may call one or more functions"
+    )
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert text.endswith(
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n21 C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_modelfile_names_the_gguf_system_and_both_stops() -> None:
+    text = modelfile("run-q8_0.gguf", run_manifest(), tools=False)
+    lines = text.splitlines()
+    assert "FROM ./run-q8_0.gguf" in lines
+    assert f'SYSTEM """{SYSTEM}"""' in lines
+    assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "<|endoftext|>"' in lines
+    assert 'TEMPLATE """' + chat_template(tools=False, thinking=None) + '"""' in text
+
+
+# --------------------------------------------------------------------------------------------------
+# refusals (fast): exit 2, nothing written
+
+
+def _run(path: Path, **fields: object) -> Path:
+    run = create_run_dir(path, {MANIFEST: run_manifest().to_json()})
+    update_manifest(run, **fields)
+    return run
+
+
+@pytest.mark.parametrize(
+    "status,args,message",
+    [
+        ("failed", [], "is failed, not completed"),
+        ("running", [], "is running, not completed"),
+        ("completed", ["--quant", "q3"], "unknown --quant 'q3'"),
+        ("completed", ["--format", "onnx"], "unknown --format 'onnx'"),
+    ],
+)
+def test_export_refuses_before_writing(
+    tmp_path: Path, status: str, args: list[str], message: str
+) -> None:
+    run = _run(tmp_path / "r", status=status)
+    before = sorted(p.name for p in run.iterdir())
+    result = invoke("export", run, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_export_refuses_a_missing_run_and_an_existing_file(tmp_path: Path) -> None:
+    missing = invoke("export", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "run folder not found" in missing.output
+    run = _run(tmp_path / "r", status="completed", method="full")
+    (run / "export").mkdir()
+    (run / "export" / "r-f16.gguf").write_bytes(b"GGUF")
+    again = invoke("export", run)
+    assert again.exit_code == 2 and "r-f16.gguf" in again.output and "--force" in again.output
+    assert (run / "export" / "r-f16.gguf").read_bytes() == b"GGUF"
+
+
+def test_export_without_llama_cpp_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("qwenft.export.llama_cpp_available", lambda: False)
+    run = _run(tmp_path / "r", status="completed", method="full")
+    result = invoke("export", run)
+    assert result.exit_code == 2 and "llama-cpp-python==0.3.36" in result.output
+    assert not (run / "export").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the template against LLaMA-Factory's own (model tier)
+
+
+@pytest.mark.parametrize("preset,template", [("tiny-qwen2", "qwen"), ("tiny-qwen3", "qwen3")])
+def test_modelfile_template_equals_llamafactory_template(
+    tiny_home: Path, preset: str, template: str
+) -> None:
+    from qwenft.data.tokens import LlamaFactoryEncoder
+    from qwenft.models.presets import resolve_model
+    from qwenft.models.target import base_target
+
+    model = resolve_model(preset)
+    base_target(model).ensure_built(lambda _: None)
+    thinking = False if template == "qwen3" else None
+    enc = LlamaFactoryEncoder(
+        model.path, template, 512, default_system=SYSTEM, enable_thinking=thinking
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": QA[0][0]},
+            {"role": "assistant", "content": QA[0][1]},
+        ]
+    }
+    _, input_ids, _ = enc.encode([row])[0]
+    trained = enc.tokenizer.decode(input_ids)
+    rendered = render(
+        chat_template(tools=False, thinking=thinking), {"System": SYSTEM, "Messages": CONVERSATION}
+    )
+    assert rendered + "<|im_end|>\n" == trained
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: the real converter, llama-cpp-python, trained tiny runs
+
+
+def _embedded_template_ids(gguf: Path, messages: list[dict], **variables: object) -> list[int]:
+    """The GGUF's own chat template (tokenizer.chat_template) rendered and tokenized by llama.cpp."""
+    import jinja2
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False, vocab_only=True)
+    template = jinja2.Environment().from_string(llm.metadata["tokenizer.chat_template"])
+    text = template.render(messages=messages, add_generation_prompt=True, **variables)
+    return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def _check_export(qwenft: Qwenft, run: Path, quant: str) -> dict:
+    result = qwenft("export", run, "--quant", quant)
+    gguf = Path(result.stdout.strip())
+    assert gguf == run / "export" / f"{run.name}-{quant}.gguf" and gguf.is_file()
+    [record] = [e for e in manifest(run)["exports"] if e["quant"] == quant]
+    assert record["size_bytes"] == gguf.stat().st_size and len(record["sha256"]) == 64
+    checks = record["checks"]
+    assert checks["stops"] is True  # every greedy answer ends on <|im_end|>
+    if quant == "f16":
+        assert checks["identical"] is True and checks["agreement"] == 1.0
+    assert (run / "export" / f"{run.name}-{quant}.Modelfile").is_file()
+    assert not [p for p in (run / "export").iterdir() if p.name.startswith(".stage")]
+    return record
+
+
+def test_export_gguf_of_a_lora_run_end_to_end(
+    lora_run: Path, qwenft: Qwenft, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    run = copy_run(lora_run, tmp_path / "lora")
+    f16 = _check_export(qwenft, run, "f16")  # merges first: the copy has no merged model
+    assert manifest(run)["merged"]
+    q8 = _check_export(qwenft, run, "q8_0")
+    assert q8["size_bytes"] < f16["size_bytes"]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QA[1][0]}]
+    ids = AutoTokenizer.from_pretrained(run / "merged").apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    assert _embedded_template_ids(Path(f16["file"]), messages) == list(ids)
+    again = qwenft("export", run, check=False)
+    assert again.returncode == 2 and "--force" in again.stderr
+    # use it without leaving qwenft: chat and serve the GGUF (the newest export: q8_0)
+    chat = qwenft("chat", run, "--backend", "llama.cpp", "--prompt", QA[1][0])
+    assert chat.stdout.strip() == QA[1][1]
+    _serve_llamacpp(qwenft, run, tmp_path)
+
+
+def _serve_llamacpp(qwenft: Qwenft, run: Path, tmp_path: Path) -> None:
+    """`qwenft serve --backend llama.cpp`: llama-cpp-python's OpenAI server over the GGUF, with
+    serve's key rule; the trained answer comes back, and nothing outlives the server."""
+    import openai
+    import psutil
+
+    port, key = free_port(), "sk-qwenft-gguf"
+    err = open(tmp_path / "serve.err", "w")  # noqa: SIM115
+    proc = qwenft.popen(
+        "serve",
+        run,
+        "--backend",
+        "llama.cpp",
+        "--port",
+        port,
+        "--api-key",
+        key,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        line = ""
+        while not line.startswith("ready in"):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "serve.err"
+            ).read_text()[-3000:]
+            line = proc.stdout.readline()
+        family = psutil.Process(proc.pid).children(recursive=True)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60
+        )
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": QA[0][0]},
+        ]
+        reply = client.chat.completions.create(
+            model=run.name, messages=messages, max_tokens=32, temperature=0
+        )
+        assert reply.choices[0].message.content.strip() == QA[0][1]
+        assert reply.choices[0].finish_reason == "stop"
+        wrong = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model=run.name, messages=messages, max_tokens=2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        time.sleep(1)
+        assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err.close()
+
+
+def test_export_gguf_of_a_tiny_qwen3_run(qwenft: Qwenft, chat_file: Path) -> None:
+    from transformers import AutoTokenizer
+
+    run = Path("runs/q3").absolute()
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen3",
+        "--data",
+        chat_file,
+        "-o",
+        run,
+        "--max-steps",
+        "100",
+        *LEARN,
+    )
+    record = _check_export(qwenft, run, "f16")
+    m = manifest(run)
+    assert m["template"] == "qwen3" and m["enable_thinking"] is False  # no <think> in the data
+    messages = [
+        {"role": "system", "content": m["default_system"]},
+        {"role": "user", "content": QA[0][0]},
+    ]
+    ids = AutoTokenizer.from_pretrained(run / "merged").apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=False, return_dict=True
+    )["input_ids"]
+    gguf = Path(record["file"])
+    assert _embedded_template_ids(gguf, messages, enable_thinking=False) == list(ids)
+
+
+def test_a_failed_conversion_leaves_nothing(
+    tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converter runs out of disk half way: exit 1, its message shown with the log's path,
+    no GGUF, no staging folder, no export recorded."""
+    from qwenft.export import LLAMA_CPP_PYTHON_VERSION
+
+    monkeypatch.setattr("qwenft.export.llama_cpp_available", lambda: True)
+    converter = isolated / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
+    converter.mkdir(parents=True)
+    (converter / "convert_hf_to_gguf.py").write_text(
+        "import sys\n"
+        "out = sys.argv[sys.argv.index('--outfile') + 1]\n"
+        "open(out, 'wb').write(b'GGUF' * 1000)\n"
+        "print('OSError: [Errno 28] No space left on device', flush=True)\n"
+        "sys.exit(1)\n"
+    )
+    run = _run(tmp_path / "r", status="completed", method="full")
+    result = invoke("export", run)
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "export.log" in result.output
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["export.log"]
+    assert json.loads((run / MANIFEST).read_text())["exports"] == []
+
+
+def test_llamacpp_backend_needs_an_export(tmp_path: Path) -> None:
+    run = _run(tmp_path / "r", status="completed", method="full")
+    (run / "config.json").write_text('{"model_type": "qwen2"}')
+    for command in (["chat", run, "--prompt", "hi"], ["serve", run]):
+        result = invoke(*command, "--backend", "llama.cpp")
+        assert result.exit_code == 2, result.output
+        assert "has no GGUF export yet" in result.output and f"qwenft export {run}" in result.output
+    other = invoke("serve", run, "--backend", "onnx")
+    assert other.exit_code == 2 and "unknown --backend 'onnx'" in other.output
