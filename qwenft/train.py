@@ -31,7 +31,7 @@ from qwenft.choices import (
     Overlength,
     Stage,
 )
-from qwenft.data import check, convert, kinds, reader, registry, split, tokens
+from qwenft.data import check, convert, kinds, prepare, reader, registry, split, tokens
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
 from qwenft.lf import cache, launcher, render
 from qwenft.models import presets
@@ -248,8 +248,12 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         overrides={**run.overrides, **derived},
     )
     config = render.build_train_config(spec)
-    if "tokenized_path" not in config and req.nnodes == 1:
-        # Several nodes on one shared file system could race on the cache: only for one node.
+    if "tokenized_path" not in config and (
+        req.nnodes == 1 or prepare.not_reproduced(config) is None
+    ):
+        # Each node tokenizes before its torchrun starts (tokenize_ahead), and a copy is renamed
+        # into place whole, so nodes sharing a file system cannot race on the cache. Where
+        # LLaMA-Factory tokenizes inside the job instead, only a single node caches.
         key_sha = sha if overlength != Overlength.DROP else f"{sha}:drop-overlength"
         config["tokenized_path"] = str(cache.tokenized_dir(config, key_sha, model.kind))
     what = f"{stage} {method}" if stage != Stage.SFT else method
@@ -381,6 +385,7 @@ def execute_train(
     for line in describe(plan):
         progress(line)
     base_target(plan.model).ensure_built(progress)
+    tokenized = cache_state(plan.config)  # before this run writes it
     stats = overlength_stats(plan, progress)
     cutoff = plan.config["cutoff_len"]
     if plan.packed:
@@ -441,13 +446,14 @@ def execute_train(
         registry.register_dataset(
             plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
         )
+        tokenize_ahead(plan.config, plan.train_data or plan.data_path, plan.model.path, progress)
         return _launch(
             run_dir,
             lock,
             plan.argv,
             plan.env,
             progress,
-            plan.config.get("tokenized_path"),
+            tokenized,
             verbose,
             stage=plan.stage,
         )
@@ -456,27 +462,34 @@ def execute_train(
 def packed_record(
     plan: TrainPlan, stats: dict[str, Any], progress: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Packed pre-training: LLaMA-Factory concatenates every text and its end-of-text token and
-    cuts the stream into blocks of cutoff_len tokens, leaving out the last partial block. Says
-    how many blocks and how many tokens are left out; refuses a corpus under one block (it would
-    train on nothing)."""
-    cutoff = int(plan.config["cutoff_len"])
+    """Packed pre-training: LLaMA-Factory concatenates the texts of each batch it maps, each with
+    its end-of-text token, and cuts the stream into blocks (train.yaml's cutoff_len less one,
+    qwenft.data.prepare.packing_and_cutoff), leaving out each batch's last partial block. Says how
+    many blocks and how many tokens are left out (exact when qwenft wrote the tokenized data,
+    else from the token total); refuses a corpus that makes no block (it would train on
+    nothing)."""
+    _, block = prepare.packing_and_cutoff(plan.config)
     total = stats.get("tokens_total")
-    record: dict[str, Any] = {"mode": "packed", "cutoff_len": cutoff}
+    record: dict[str, Any] = {
+        "mode": "packed",
+        "cutoff_len": plan.config["cutoff_len"],
+        "block_len": block,
+    }
     if not isinstance(total, int):
         return record
-    blocks, rest = divmod(total, cutoff)
+    written = stats.get("written")
+    blocks = sum(written.values()) if written else total // block
+    rest = total - blocks * block
     if blocks == 0:
         raise QwenftError(
-            f"the {stats.get('n_samples', '')} texts hold {total} tokens, less than one packed "
-            f"block of cutoff_len {cutoff}: LLaMA-Factory would train on nothing; nothing was "
-            "started",
+            f"the {stats.get('n_samples', '')} texts hold {total} tokens and make no packed "
+            f"block of {block} tokens: LLaMA-Factory would train on nothing; nothing was started",
             f"lower --cutoff-len (at most {total}), add text, or --set packing=false",
         )
     record.update(tokens=total, blocks=blocks, tokens_left_out=rest)
     progress(
-        f"pt: {total} tokens packed into {blocks} block(s) of {cutoff}; nothing is truncated"
-        + (f", the last {rest} tokens (less than a block) are left out" if rest else "")
+        f"pt: {total} tokens packed into {blocks} block(s) of {block}; nothing is truncated"
+        + (f", {rest} tokens (less than a block, per batch) are left out" if rest else "")
     )
     return record
 
@@ -496,6 +509,12 @@ def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[s
     sidecar = Path(f"{tokenized}.overlength.json") if tokenized else None
     if sidecar and sidecar.is_file():
         return json.loads(sidecar.read_text())
+    if plan.overlength != Overlength.DROP:  # the training file is the data: measure it once
+        stats = tokenize_ahead(plan.config, plan.data_path, plan.model.path, progress)
+        if stats is not None:
+            if sidecar:
+                atomic_write_json(sidecar, stats)
+            return stats
     progress("measuring sample lengths with the run's tokenizer and template ...")
     stats = tokens.token_stats(
         plan.data_path,
@@ -514,13 +533,57 @@ def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[s
     return stats
 
 
+def cache_state(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's tokenized cache before it runs: its path, whether it is complete already (a
+    hit), and who writes it otherwise: qwenft before launching, or LLaMA-Factory in the job."""
+    tokenized = config.get("tokenized_path")
+    if not tokenized:
+        return None
+    cache.discard_partial(Path(tokenized))
+    return {
+        "path": tokenized,
+        "hit": cache.is_ready(Path(tokenized)),
+        "by": "llamafactory" if prepare.not_reproduced(config) else "qwenft",
+    }
+
+
+def tokenize_ahead(
+    config: dict[str, Any], data: Path, model_path: str, progress: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Write the run's tokenized data (train.yaml's tokenized_path) before anything is launched,
+    where qwenft reproduces LLaMA-Factory's preprocessing of this config: the data's token
+    statistics then. None when the cache is already complete, or when LLaMA-Factory will tokenize
+    the data itself (said, with why)."""
+    tokenized = config.get("tokenized_path")
+    if not tokenized:
+        return None
+    path = Path(tokenized)
+    cache.discard_partial(path)
+    if cache.is_ready(path):
+        return None
+    why = prepare.not_reproduced(config)
+    if why:
+        progress(f"LLaMA-Factory will tokenize the data itself: {why}")
+        return None
+    progress(f"tokenizing {Path(data).name} as LLaMA-Factory would, before launching ...")
+    started = time.monotonic()
+    stats = prepare.write_tokenized(
+        Path(data), model_path, config, path, progress=progress, marker=cache.MARKER
+    )
+    progress(
+        f"tokenized {stats['n_samples']} samples in {time.monotonic() - started:.1f} s "
+        "(LLaMA-Factory loads them as they are)"
+    )
+    return stats
+
+
 def _launch(
     run_dir: Path,
     lock: RunLock,
     argv: list[str],
     env: dict[str, str],
     progress: Callable[[str], None],
-    tokenized: str | None,
+    tokenized: dict[str, Any] | None,
     verbose: bool = False,
     *,
     stage: str = Stage.SFT.value,
@@ -528,12 +591,13 @@ def _launch(
     """Run `llamafactory-cli train` in run_dir under the loss watch and qwenft's progress line;
     record how it ended. LLaMA-Factory's output goes to train.log (and stderr when `verbose`).
     The caller holds the run's lock; the launched processes hold it too until the last is gone."""
-    tokenized_path = Path(tokenized) if tokenized else None
-    cache_hit = False
+    tokenized_path = Path(tokenized["path"]) if tokenized else None
     if tokenized_path:
         cache.discard_partial(tokenized_path)
-        cache_hit = cache.is_ready(tokenized_path)
-        progress(f"tokenized data: {'reusing' if cache_hit else 'will cache at'} {tokenized_path}")
+        if tokenized["hit"]:
+            progress(f"tokenized data: reusing {tokenized_path}")
+        elif tokenized["by"] == "llamafactory":
+            progress(f"tokenized data: LLaMA-Factory will cache it at {tokenized_path}")
     log_path = run_dir / "train.log"
     if verbose:
         progress(f"launching: {launcher.format_command(argv, env)}")
@@ -546,7 +610,7 @@ def _launch(
         host=socket.gethostname(),
         pid=os.getpid(),
         log=str(log_path),
-        tokenized_cache={"path": tokenized, "hit": cache_hit} if tokenized else None,
+        tokenized_cache=tokenized,
     )
     # With -v LLaMA-Factory's own progress bars are on stderr: no second progress line.
     loss_watch = LossWatch(run_dir, stage=stage)
@@ -715,5 +779,7 @@ def _resume_locked(
     ]
     update_manifest(run_dir, resumes=resumes)
     progress(f"resuming {run_dir} from {checkpoint.name}")
-    tokenized = yaml.safe_load((run_dir / "train.yaml").read_text()).get("tokenized_path")
+    config = yaml.safe_load((run_dir / "train.yaml").read_text())
+    tokenized = cache_state(config)
+    tokenize_ahead(config, Path(ds.train_path or ds.path), m.model.path, progress)
     return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose, stage=m.stage)

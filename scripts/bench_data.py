@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""Data-check speed and memory (issue 3), measured side by side in one run.
+"""Data speed and memory (issues 3 and 15), measured side by side in one run.
 
 1. Structural check (`qwenft data check`, no tokenizer) of a generated jsonl of --check-mb MB:
    throughput in MB/s and peak RSS of the checking process.
-2. Token statistics (qwenft's LLaMA-Factory-exact encoder) against LLaMA-Factory's own
-   preprocessing (`get_dataset`) of the same --samples chat samples of ~1 KB, on tiny-qwen2,
-   each in a fresh process, with the counts compared for equality.
+2. Tokenizing --samples chat samples of ~1 KB on tiny-qwen2 (the real Qwen vocabulary) into
+   LLaMA-Factory's tokenized dataset: qwenft (qwenft.data.prepare.write_tokenized) against
+   LLaMA-Factory's own preprocessing (get_dataset saving to `tokenized_path`, with as many
+   preprocessing workers as cores), each in a fresh process with the same train.yaml data
+   arguments; then both saved datasets are compared, every column of every sample.
+3. `qwenft data check FILE --model tiny-qwen2` (structure and token statistics) on the same file,
+   a fresh process, against the same LLaMA-Factory time.
+Peak memory is the peak of the summed proportional set size of the whole process tree
+(LLaMA-Factory's map workers included), sampled every 0.2 s.
 
     .venv/bin/python scripts/bench_data.py              # 1 GB check, 100,000 samples
     .venv/bin/python scripts/bench_data.py --quick      # 100 MB, 10,000 samples
@@ -89,12 +95,21 @@ r = check_file(Path(sys.argv[1]))
 print(r.n_samples, r.n_errors)
 """
 
-OURS = """
+# the train.yaml data arguments both sides tokenize with (an sft LoRA run's)
+CONFIG = {
+    "stage": "sft",
+    "template": "qwen",
+    "default_system": "You are a helpful assistant.",
+    "preprocessing_num_workers": os.cpu_count(),
+    "seed": 42,
+}
+
+QWENFT = """
 import json, sys
 from pathlib import Path
-from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths
-enc = LlamaFactoryEncoder(sys.argv[2], "qwen", int(sys.argv[3]), default_system="You are a helpful assistant.")
-print(json.dumps([[kept, loss] for _, _, kept, loss in iter_token_lengths(Path(sys.argv[1]), enc)]))
+from qwenft.data.prepare import write_tokenized
+stats = write_tokenized(Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4]))
+print(stats["n_samples"])
 """
 
 LLAMAFACTORY = """
@@ -106,16 +121,51 @@ from llamafactory.model import load_tokenizer
 from llamafactory.data import get_template_and_fix_tokenizer, get_dataset
 d = tempfile.mkdtemp()
 register_dataset(Path(sys.argv[1]), "bench", Path(d))
-args = dict(stage="sft", do_train=True, model_name_or_path=sys.argv[2], dataset="bench", dataset_dir=d,
-            template="qwen", default_system="You are a helpful assistant.", cutoff_len=int(sys.argv[3]),
-            output_dir=os.path.join(d, "out"), overwrite_cache=True, preprocessing_num_workers=os.cpu_count(),
-            cache_dir=os.path.join(d, "cache"), report_to="none")
-model_args, data_args, training_args, _, _ = get_train_args(args)
+args = dict(json.loads(sys.argv[3]), do_train=True, model_name_or_path=sys.argv[2], dataset="bench",
+            dataset_dir=d, finetuning_type="lora", output_dir=os.path.join(d, "out"),
+            overwrite_cache=True, cache_dir=os.path.join(d, "cache"), report_to="none",
+            tokenized_path=sys.argv[4])
+model_args, data_args, training_args, finetuning_args, _ = get_train_args(args)
 tm = load_tokenizer(model_args)
 tpl = get_template_and_fix_tokenizer(tm["tokenizer"], data_args)
-ds = get_dataset(tpl, model_args, data_args, training_args, stage="sft", **tm)["train_dataset"]
-print(json.dumps([[len(r["input_ids"]), sum(1 for x in r["labels"] if x != -100)] for r in ds]))
+ds = get_dataset(tpl, model_args, data_args, training_args, stage="sft", **tm)
+print(len(ds["train_dataset"]))
 """
+
+
+def tree_run(argv: list[str], log: Path) -> tuple[float, float, str]:
+    """(wall s, peak PSS MiB of the whole process tree, last output line) of argv."""
+    from qwenft.lf.launcher import run
+
+    stats: dict = {}
+    t0 = time.perf_counter()
+    code = run(
+        argv, {"LLAMAFACTORY_VERBOSITY": "WARN"}, log, cwd=ROOT, stats=stats, sample_every_s=0.2
+    )
+    wall = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    if code != 0:
+        raise SystemExit(text[-3000:])
+    peak = stats.get("peak_pss_bytes") or stats["peak_rss_bytes"]
+    return wall, peak / 2**20, text.strip().splitlines()[-1]
+
+
+def same_datasets(a: Path, b: Path) -> tuple[bool, int]:
+    """(both saved DatasetDicts have the same splits, features and every value; rows compared)."""
+    from datasets import load_from_disk
+
+    x, y = load_from_disk(str(a)), load_from_disk(str(b))
+    if list(x) != list(y):
+        return False, 0
+    rows = 0
+    for split in x:
+        if x[split].features != y[split].features or len(x[split]) != len(y[split]):
+            return False, rows
+        for name in x[split].column_names:
+            if not x[split].data.column(name).equals(y[split].data.column(name)):
+                return False, rows
+        rows += len(x[split])
+    return True, rows
 
 
 def main() -> int:
@@ -151,31 +201,74 @@ def main() -> int:
 
         data = Path(tmp) / "samples.jsonl"
         make_file(data, n_rows=args.samples, seed=1)
-        print(
-            f"token statistics of {args.samples} samples: qwenft, then LLaMA-Factory ...",
-            flush=True,
+        config = json.dumps({**CONFIG, "cutoff_len": args.cutoff_len})
+        sides = {}
+        for name, code in (("qwenft", QWENFT), ("llamafactory", LLAMAFACTORY)):
+            print(f"tokenizing {args.samples} samples: {name} ...", flush=True)
+            out_dir = Path(tmp) / f"tokenized-{name}"
+            argv = [sys.executable, "-c", code, str(data), model, config, str(out_dir)]
+            wall, pss, last = tree_run(argv, Path(tmp) / f"{name}.log")
+            sides[name] = {
+                "wall_s": round(wall, 1),
+                "samples_per_s": round(args.samples / wall),
+                "peak_pss_mib": round(pss),
+                "samples": int(last),
+            }
+        print("comparing the two tokenized datasets ...", flush=True)
+        equal, rows = same_datasets(
+            Path(tmp) / "tokenized-qwenft", Path(tmp) / "tokenized-llamafactory"
         )
-        t_ours, _, ours = timed(OURS, str(data), model, str(args.cutoff_len))
-        t_lf, _, lf = timed(LLAMAFACTORY, str(data), model, str(args.cutoff_len))
-        results["token_stats"] = {
+        check_argv = [
+            sys.executable,
+            "-m",
+            "qwenft",
+            "data",
+            "check",
+            str(data),
+            "--model",
+            "tiny-qwen2",
+            "--template",
+            "qwen",
+            "--cutoff-len",
+            str(args.cutoff_len),
+        ]
+        print("qwenft data check --model ...", flush=True)
+        wall, pss, _ = tree_run(check_argv, Path(tmp) / "check.log")
+        lf = sides["llamafactory"]["wall_s"]
+        results["tokenize"] = {
             "samples": args.samples,
             "cutoff_len": args.cutoff_len,
-            "qwenft_s": round(t_ours, 1),
-            "llamafactory_s": round(t_lf, 1),
-            "ratio": round(t_lf / t_ours, 2),
-            "counts_equal": json.loads(ours) == json.loads(lf),
+            **{f"{k}_{m}": v for k, side in sides.items() for m, v in side.items()},
+            "ratio": round(lf / sides["qwenft"]["wall_s"], 2),
+            "arrays_equal": equal,
+            "rows_compared": rows,
+            "data_check_model_s": round(wall, 1),
+            "data_check_model_peak_pss_mib": round(pss),
+            "data_check_ratio": round(lf / wall, 2),
         }
-        print(f"token statistics: {results['token_stats']}", flush=True)
+        print(f"tokenize: {results['tokenize']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    c, t = results["check"], results["token_stats"]
+    c, t = results["check"], results["tokenize"]
     print("\n| what | figure | target |\n|---|---|---|")
     print(f"| structural check, {c['mb']} MB | {c['mb_per_s']} MB/s | >= 50 MB/s |")
     print(f"| peak RSS of that check | {c['peak_rss_mib']} MiB | < 300 MB |")
-    print(f"| token stats, {t['samples']} samples | {t['qwenft_s']} s | < 60 s |")
-    print(f"| vs LLaMA-Factory's preprocessing | {t['llamafactory_s']} s ({t['ratio']}x) | >= 2x |")
-    print(f"| counts equal | {t['counts_equal']} | True |")
-    return 0 if t["counts_equal"] else 1
+    print(
+        f"| tokenized dataset of {t['samples']} samples: qwenft | {t['qwenft_wall_s']} s "
+        f"({t['qwenft_samples_per_s']} samples/s), peak {t['qwenft_peak_pss_mib']} MiB | < 1 GB |"
+    )
+    print(
+        f"| the same by LLaMA-Factory's get_dataset | {t['llamafactory_wall_s']} s "
+        f"({t['llamafactory_samples_per_s']} samples/s), peak {t['llamafactory_peak_pss_mib']} "
+        f"MiB | |"
+    )
+    print(f"| qwenft vs LLaMA-Factory | {t['ratio']}x faster | >= 3x |")
+    print(f"| arrays equal ({t['rows_compared']} samples) | {t['arrays_equal']} | True |")
+    print(
+        f"| `qwenft data check --model` | {t['data_check_model_s']} s ({t['data_check_ratio']}x "
+        f"faster than LLaMA-Factory) | >= 3x |"
+    )
+    return 0 if t["arrays_equal"] else 1
 
 
 if __name__ == "__main__":

@@ -169,9 +169,9 @@ def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stub `qwenft train`'s length measurement, which loads the model's tokenizer (and with it
-    transformers and LLaMA-Factory): for command-building tests on config-only model folders. The
-    end-to-end tests run it for real (test_e2e.py, overlength)."""
+    """Stub `qwenft train`'s length measurement and its tokenizing before launch, which load the
+    model's tokenizer: for command-building tests on config-only model folders. The end-to-end
+    tests run them for real (test_e2e.py: overlength, the tokenized cache)."""
     stats = {
         "n_over_cutoff": 0,
         "tokens_cut": 0,
@@ -179,6 +179,7 @@ def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
         "suggested_cutoff_len": 64,
     }
     monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
+    monkeypatch.setattr("qwenft.train.tokenize_ahead", lambda *args: None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,10 +256,13 @@ def lora_run(e2e_home: Qwenft) -> Path:
 def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
     """Two quick runs after `lora_run` in the same home, on the same data: `qlora` (4-bit, same
     data arguments: reuses lora_run's tokenized data) and `cutoff96` (LoRA, another cutoff_len:
-    a new cache entry)."""
+    a new cache entry; with a tool_format, which qwenft does not reproduce, so LLaMA-Factory
+    tokenizes it inside the job)."""
     data = e2e_home.cwd.parent / "chat.jsonl"
     runs = {"qlora": e2e_home.cwd / "runs" / "qlora", "cutoff96": e2e_home.cwd / "runs" / "c96"}
     base = ["--model", "tiny-qwen2", "--data", data]
     e2e_home("train", *base, "--method", "qlora", "-o", runs["qlora"], *QUICK)
-    e2e_home("train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96)
+    e2e_home(
+        "train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96, "--set", "tool_format=qwen"
+    )
     return runs

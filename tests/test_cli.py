@@ -467,7 +467,11 @@ def test_warns_when_plan_does_not_fit(fake_cli: Path, chat_file: Path) -> None:
 
 
 def test_tokenized_cache_key_covers_every_input(
-    fake_cli: Path, local_model: Path, chat_file: Path, tmp_path: Path
+    fake_cli: Path,
+    local_model: Path,
+    chat_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from qwenft.train import TrainRequest, plan_train
 
@@ -488,17 +492,27 @@ def test_tokenized_cache_key_covers_every_input(
         path(data=other_data),
         path(set_items=["val_size=0.2"]),
         path(set_items=["packing=true"]),
+        path(set_items=["preprocessing_batch_size=7"]),  # KTO's KL pairs and pt blocks follow it
     ]
     assert len({first, *variants}) == 1 + len(variants)
+
+    def multi_node() -> dict:
+        req = TrainRequest(
+            method="lora", model=str(local_model), data=chat_file, nnodes=2, master_addr="h"
+        )
+        return plan_train(req, gpus_seen=[]).config
+
+    # qwenft tokenizes on each node before torchrun and publishes a whole copy: cached there too
+    assert multi_node()["tokenized_path"] == first
+    from qwenft.data import tokens
+
+    real = tokens.llamafactory_version
+    monkeypatch.setattr(tokens, "llamafactory_version", lambda: "0.9.9")
+    assert path() != first  # another LLaMA-Factory: another key
+    assert "tokenized_path" not in multi_node()  # and it tokenizes inside the job: one node only
+    monkeypatch.setattr(tokens, "llamafactory_version", real)
     (local_model / "tokenizer.json").write_text("{}")  # a different tokenizer
     assert path() != first
-    multi = plan_train(
-        TrainRequest(
-            method="lora", model=str(local_model), data=chat_file, nnodes=2, master_addr="h"
-        ),
-        gpus_seen=[],
-    )
-    assert "tokenized_path" not in multi.config
 
 
 def test_chat_refusals(fake_cli: Path, local_model: Path, chat_file: Path) -> None:
@@ -1051,7 +1065,7 @@ def test_packed_pt_under_one_block_is_refused_before_anything_is_written(
     stats = {"n_samples": 4, "n_over_cutoff": 0, "tokens_total": 40, "tokens_cut": 0}
     monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
     result = invoke("train", "--model", local_model, "--data", texts, "--stage", "pt", "-o", "p")
-    assert result.exit_code == 2 and "less than one packed block" in result.output, result.output
+    assert result.exit_code == 2 and "make no packed block" in result.output, result.output
     assert "lower --cutoff-len (at most 40)" in result.output
     assert not Path("p").exists() and read_calls(fake_cli) == []
     ok = invoke(
@@ -1059,10 +1073,12 @@ def test_packed_pt_under_one_block_is_refused_before_anything_is_written(
         "-o", "p",
     )
     assert ok.exit_code == 0, ok.output
-    assert "40 tokens packed into 2 block(s) of 16" in ok.output and "last 8 tokens" in ok.output
+    # `packing: true` in train.yaml makes LLaMA-Factory's blocks one token shorter than cutoff_len
+    assert "40 tokens packed into 2 block(s) of 15" in ok.output, ok.output
+    assert "10 tokens (less than a block, per batch) are left out" in ok.output
     record = json.loads(Path("p/qwenft.json").read_text())["overlength"]
-    assert record == {"mode": "packed", "cutoff_len": 16, "tokens": 40, "blocks": 2,
-                      "tokens_left_out": 8}
+    assert record == {"mode": "packed", "cutoff_len": 16, "block_len": 15, "tokens": 40,
+                      "blocks": 2, "tokens_left_out": 10}
 
 
 def test_a_dpo_run_resumes_with_its_stage(

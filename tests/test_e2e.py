@@ -151,20 +151,23 @@ def test_sigterm_stops_every_worker_and_marks_interrupted(qwenft: Qwenft, chat_f
 
 
 def test_repeat_run_reuses_tokenized_data(lora_run: Path, quick_runs: dict[str, Path]) -> None:
-    # three runs in one home on the same data: the trained LoRA run tokenizes and caches it; the
-    # qlora run has the same data arguments (the method is not part of the key) and reuses it;
-    # the cutoff-96 run has another key
+    # three runs in one home on the same data: qwenft tokenizes the data of the trained LoRA run
+    # before launching, and LLaMA-Factory loads it without preprocessing; the qlora run has the
+    # same data arguments (the method is not part of the key) and reuses it; the cutoff-96 run
+    # sets a tool_format, which qwenft does not reproduce: LLaMA-Factory tokenizes and caches it
     runs = [lora_run, quick_runs["qlora"], quick_runs["cutoff96"]]
     first, second, third = (manifest(r)["tokenized_cache"] for r in runs)
-    assert (
-        first["hit"] is False
-        and "Tokenized dataset is saved" in (runs[0] / "train.log").read_text()
-    )
-    assert second == {"path": first["path"], "hit": True}
-    assert "Loaded tokenized dataset from" in (runs[1] / "train.log").read_text()
-    assert "Running tokenizer on dataset" not in (runs[1] / "train.log").read_text()
-    assert third["path"] != first["path"] and third["hit"] is False
-    assert "Tokenized dataset is saved" in (runs[2] / "train.log").read_text()
+    logs = [(r / "train.log").read_text() for r in runs]
+    assert first == {"path": first["path"], "hit": False, "by": "qwenft"}
+    assert "Loaded tokenized dataset from" in logs[0]
+    assert "Running tokenizer on dataset" not in logs[0]
+    assert second == {"path": first["path"], "hit": True, "by": "qwenft"}
+    assert "Loaded tokenized dataset from" in logs[1]
+    assert "Running tokenizer on dataset" not in logs[1]
+    assert third["path"] != first["path"]
+    assert third == {"path": third["path"], "hit": False, "by": "llamafactory"}
+    assert "Running tokenizer on dataset" in logs[2] and "Tokenized dataset is saved" in logs[2]
+    assert (Path(third["path"]) / ".qwenft-complete").is_file()  # marked after LF saved it
     assert all(manifest(r)["status"] == "completed" for r in runs)
 
 

@@ -46,6 +46,9 @@ def test_full_two_processes_deepspeed(qwenft: Qwenft, chat_file: Path, stage: st
         stage[1]
     )
     assert all(math.isfinite(x) and x > 0 for x in losses(run))
+    # qwenft tokenized the data before torchrun started: no rank preprocessed it
+    log = (run / "train.log").read_text()
+    assert "Loaded tokenized dataset from" in log and "Running tokenizer on dataset" not in log
     assert any(run.glob("*.safetensors"))
     # the saved full model loads and answers (ZeRO-2 saves tied embeddings as a separate lm_head)
     assert qwenft("chat", run, "--prompt", "hi", "--max-new-tokens", "5").returncode == 0
@@ -88,6 +91,14 @@ def test_two_nodes_on_loopback(qwenft: Qwenft, chat_file: Path) -> None:
     assert m0["status"] == m1["status"] == "completed"
     assert m0["summary"]["global_step"] == 3  # global rank 0 logs and saves
     assert (Path("runs/node0") / "adapter_model.safetensors").is_file()
+    # each node tokenized before its torchrun; sharing one home (one file system), they raced
+    # to publish the same cache folder, and the copy renamed into place first is the one used
+    assert m0["tokenized_cache"]["path"] == m1["tokenized_cache"]["path"]
+    assert m0["tokenized_cache"]["by"] == m1["tokenized_cache"]["by"] == "qwenft"
+    logs = [(Path(f"runs/node{rank}") / "train.log").read_text() for rank in (0, 1)]
+    assert "Loaded tokenized dataset from" in logs[0]  # LLaMA-Factory logs on global rank 0
+    assert all("Running tokenizer on dataset" not in log for log in logs)
+    assert not list(Path(m0["tokenized_cache"]["path"]).parent.glob(".*partial*"))
 
 
 def test_interrupt_after_checkpoint_then_resume(qwenft: Qwenft, chat_file: Path) -> None:

@@ -158,7 +158,7 @@ def test_modelfile_template_equals_llamafactory_template(
         ]
     }
     _, input_ids, _ = enc.encode([row])[0]
-    trained = enc.tokenizer.decode(input_ids)
+    trained = enc.decode(input_ids)
     rendered = render(
         chat_template(tools=False, thinking=thinking), {"System": SYSTEM, "Messages": CONVERSATION}
     )

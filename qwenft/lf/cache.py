@@ -1,5 +1,7 @@
 """The tokenized-dataset cache: LLaMA-Factory's `tokenized_path`, keyed by everything that decides
 the tokens, so a repeat run on the same data skips preprocessing and any change tokenizes afresh.
+qwenft writes the folder itself before launching where it reproduces LLaMA-Factory's preprocessing
+(qwenft.data.prepare); otherwise LLaMA-Factory tokenizes and saves it during the run.
 
 LLaMA-Factory loads a non-empty `tokenized_path` as is ("Loading dataset from disk will ignore
 other data arguments"), so the key must cover every data argument, and a folder whose save was
@@ -15,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from qwenft.data import tokens
 from qwenft.paths import qwenft_home
 
 # Data arguments that change what LLaMA-Factory's preprocessing produces.
@@ -32,6 +35,9 @@ KEY_FIELDS = (
     "train_on_prompt",
     "mask_history",
     "tool_format",
+    "preserve_thinking",
+    "preprocessing_num_workers",  # KTO's KL pairs and pt's blocks follow the map batches
+    "preprocessing_batch_size",
 )
 MARKER = ".qwenft-complete"
 SAVED_LINE = "Tokenized dataset is saved at"
@@ -63,6 +69,9 @@ def tokenized_dir(config: dict[str, Any], data_sha256: str, model_kind: str) -> 
     """QWENFT_HOME/tokenized/<key>: the key hashes the data, the tokenizer and the data arguments."""
     key = {k: config.get(k) for k in KEY_FIELDS}
     key["data_sha256"] = data_sha256
+    key["llamafactory"] = (
+        tokens.llamafactory_version()
+    )  # its preprocessing may change between versions
     key["tokenizer"] = tokenizer_fingerprint(model_kind, config["model_name_or_path"])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return qwenft_home() / "tokenized" / digest
