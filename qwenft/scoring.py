@@ -1,9 +1,9 @@
 """Log-probabilities of answers under a model: what preference, KTO and pre-training evaluations
 measure (`qwenft eval RUN --data pairs.jsonl`), in-process with transformers.
 
-The tokens are LLaMA-Factory's own (qwenft.data.tokens.LlamaFactoryEncoder: its converter,
-template and dataset processor of the data kind), so the prompt/answer split is exactly the one
-training used: a sequence's score is the sum of log p(token | the tokens before it) over the
+The tokens are LLaMA-Factory's own (qwenft.data.tokens.LlamaFactoryEncoder reproduces its
+converter, template and dataset processor of the data kind), so the prompt/answer split is
+exactly the one training used: a sequence's score is the sum of log p(token | the tokens before it) over the
 positions whose label is not IGNORE_INDEX (the answer tokens; every token for pt), which is
 LLaMA-Factory's get_batch_logps (the DPO and KTO trainers' log-probability).
 

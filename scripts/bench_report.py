@@ -124,7 +124,28 @@ def write_report(out_dir: Path, data: dict[str, Any]) -> None:
         " has not been run for these numbers.",
         "",
     ]
-    (out_dir / "benchmarks.md").write_text("\n".join(lines))
+    md = out_dir / "benchmarks.md"
+    lines.append(kept_section(md, DATA_SECTION))  # scripts/bench_data.py's, if it has run
+    md.write_text("\n".join(lines))
+
+
+DATA_SECTION = ("<!-- bench_data.py -->", "<!-- /bench_data.py -->")
+
+
+def kept_section(md: Path, markers: tuple[str, str]) -> str:
+    """The block between markers in md as it is now ("" if none): another script's section,
+    kept when this report rewrites the file."""
+    text = md.read_text() if md.is_file() else ""
+    start, end = text.find(markers[0]), text.find(markers[1])
+    return text[start : end + len(markers[1])] + "\n" if 0 <= start < end else ""
+
+
+def replace_section(md: Path, markers: tuple[str, str], body: str) -> None:
+    """Put body between markers in md, in place of the old block or at the end."""
+    text = md.read_text() if md.is_file() else ""
+    block = f"{markers[0]}\n{body.rstrip()}\n{markers[1]}\n"
+    old = kept_section(md, markers)
+    md.write_text(text.replace(old, block) if old else text.rstrip("\n") + "\n\n" + block)
 
 
 def findings(results: list[dict[str, Any]], recipe: dict[str, Any] | None) -> list[str]:

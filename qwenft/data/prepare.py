@@ -29,9 +29,8 @@ import json
 import os
 import secrets
 import shutil
-from array import array
 from collections.abc import Callable, Iterator
-from itertools import accumulate
+from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,21 @@ DEFAULT_BATCH = 1000  # preprocessing_batch_size
 # stores "input_ids" as int32 and "attention_mask" as int8 (its OptimizedTypedSequence), every
 # other integer column as int64.
 _TYPES = {"input_ids": "int32", "attention_mask": "int8", "kto_tags": "bool"}
+
+
+def _loads(raw: bytes) -> Any:
+    """A row's JSON: orjson where it is installed (3x faster), else the standard library; rows
+    orjson refuses (integers over 64 bits, lone surrogates) go to the standard library."""
+    try:
+        return _orjson_loads(raw)
+    except ValueError:
+        return json.loads(raw)
+
+
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # pragma: no cover - orjson comes with LLaMA-Factory's dependencies
+    _orjson_loads = json.loads
 
 
 def not_reproduced(config: dict[str, Any]) -> str | None:
@@ -231,19 +245,17 @@ class _SplitWriter:
     def _lists(self, lists: list[list[int]], value_type: Any, *, ones: bool = False) -> Any:
         """An arrow list column from Python lists of ints, through one flat buffer (much faster
         than converting list by list); ones: the same lengths, every value 1."""
+        import numpy as np
+
         pa = self.pa
-        offsets = array("i", accumulate(map(len, lists), initial=0))
+        offsets = np.fromiter(accumulate(map(len, lists), initial=0), np.int32, len(lists) + 1)
+        total = int(offsets[-1])
         if ones:
-            values = pa.repeat(pa.scalar(1, value_type), offsets[-1])
+            values = pa.array(np.ones(total, value_type.to_pandas_dtype()))
         else:
-            code = {pa.int32(): "i", pa.int64(): "q"}[value_type]
-            flat = array(code)
-            for item in lists:
-                flat.extend(item)
-            values = pa.Array.from_buffers(value_type, len(flat), [None, pa.py_buffer(flat)])
-        return pa.ListArray.from_arrays(
-            pa.Array.from_buffers(pa.int32(), len(offsets), [None, pa.py_buffer(offsets)]), values
-        )
+            flat = chain.from_iterable(lists)
+            values = pa.array(np.fromiter(flat, value_type.to_pandas_dtype(), total))
+        return pa.ListArray.from_arrays(pa.array(offsets), values)
 
     def close(self) -> None:
         from dataclasses import asdict
@@ -311,7 +323,7 @@ def write_tokenized(
                 samples = (rows[i] for i in picked)
                 yield (
                     (name, picked),
-                    [align(json.loads(r) if isinstance(r, bytes) else r, kind) for r in samples],
+                    [align(_loads(r) if isinstance(r, bytes) else r, kind) for r in samples],
                 )
 
     try:
