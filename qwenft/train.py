@@ -387,6 +387,54 @@ def execute_train(
     base_target(plan.model).ensure_built(progress)
     tokenized = cache_state(plan.config)  # before this run writes it
     stats = overlength_stats(plan, progress)
+    try:
+        record = length_record(plan, stats, progress)
+    except QwenftError:
+        # refused: nothing this run wrote stays behind, the tokenized data measured on the way
+        # included (a cache no run would read)
+        if tokenized and not tokenized["hit"]:
+            cache.forget(Path(tokenized["path"]))
+        raise
+
+    def add_filtered_copy(stage: Path) -> None:
+        if plan.train_data is not None and plan.train_data.name == PT_DATA:
+            rows = convert.materialize_pt_jsonl(plan.data_path, stage / PT_DATA)
+            progress(f"pt: {rows} texts of {plan.data_path.name} copied to RUN/{PT_DATA}")
+        if plan.overlength != "drop":
+            return
+        kept, dropped = split.write_without_lines(
+            plan.data_path, stage / FILTERED_DATA, stats["over_cutoff_lines"]
+        )
+        record.update(
+            kept=kept, dropped=dropped, filtered_sha256=reader.file_sha256(stage / FILTERED_DATA)
+        )
+        progress(f"--overlength drop: training on {kept} samples, {dropped} over-long dropped")
+
+    run_dir = create_run_dir(plan.run_dir, plan.files, prepare=add_filtered_copy)
+    progress(f"run folder: {run_dir}")
+    with RunLock(run_dir, "train") as lock:
+        update_manifest(run_dir, overlength=record)
+        registry.register_dataset(
+            plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
+        )
+        tokenize_ahead(plan.config, plan.train_data or plan.data_path, plan.model.path, progress)
+        return _launch(
+            run_dir,
+            lock,
+            plan.argv,
+            plan.env,
+            progress,
+            tokenized,
+            verbose,
+            stage=plan.stage,
+        )
+
+
+def length_record(
+    plan: TrainPlan, stats: dict[str, Any], progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """The manifest's overlength record of the measured data; QwenftError where --overlength
+    (or packing) refuses the run."""
     cutoff = plan.config["cutoff_len"]
     if plan.packed:
         record = packed_record(plan, stats, progress)
@@ -424,39 +472,7 @@ def execute_train(
             "tokens_cut": stats["tokens_cut"],
             "cutoff_len": cutoff,
         }
-
-    def add_filtered_copy(stage: Path) -> None:
-        if plan.train_data is not None and plan.train_data.name == PT_DATA:
-            rows = convert.materialize_pt_jsonl(plan.data_path, stage / PT_DATA)
-            progress(f"pt: {rows} texts of {plan.data_path.name} copied to RUN/{PT_DATA}")
-        if plan.overlength != "drop":
-            return
-        kept, dropped = split.write_without_lines(
-            plan.data_path, stage / FILTERED_DATA, stats["over_cutoff_lines"]
-        )
-        record.update(
-            kept=kept, dropped=dropped, filtered_sha256=reader.file_sha256(stage / FILTERED_DATA)
-        )
-        progress(f"--overlength drop: training on {kept} samples, {dropped} over-long dropped")
-
-    run_dir = create_run_dir(plan.run_dir, plan.files, prepare=add_filtered_copy)
-    progress(f"run folder: {run_dir}")
-    with RunLock(run_dir, "train") as lock:
-        update_manifest(run_dir, overlength=record)
-        registry.register_dataset(
-            plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
-        )
-        tokenize_ahead(plan.config, plan.train_data or plan.data_path, plan.model.path, progress)
-        return _launch(
-            run_dir,
-            lock,
-            plan.argv,
-            plan.env,
-            progress,
-            tokenized,
-            verbose,
-            stage=plan.stage,
-        )
+    return record
 
 
 def packed_record(

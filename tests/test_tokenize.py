@@ -9,6 +9,7 @@ checks that its data really exercised them, so that equal outputs mean something
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -548,3 +549,97 @@ def test_written_tokens_equal_llamafactory(
     ours = load_splits(tmp_path / "ours")
     assert _first_difference(ours, lf) is None, _first_difference(ours, lf)
     assert ours == lf
+
+
+# --------------------------------------------------------------------------------------------------
+# what is reproduced, and a tokenized folder is whole or absent
+
+
+def test_map_batches_are_the_datasets_map_shards_and_batches() -> None:
+    from qwenft.data.prepare import map_batches
+
+    def spans(n: int, num_proc: int | None, batch: int) -> list[tuple[int, int]]:
+        return [(r.start, r.stop) for r in map_batches(n, num_proc, batch)]
+
+    # 11 rows, 2 workers: contiguous shards of 6 and 5 rows, each cut into batches of 3
+    assert spans(11, 2, 3) == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert spans(11, None, 3) == spans(11, 1, 3) == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert spans(3, 16, 1000) == [(0, 1), (1, 2), (2, 3)]  # no more shards than rows
+    assert spans(0, 2, 1000) == []
+
+
+def test_configs_qwenft_does_not_reproduce_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenft.data import tokens
+    from qwenft.data.prepare import not_reproduced
+
+    base = {"stage": "sft", "template": "qwen", "cutoff_len": 1024, "dataset": "d"}
+    assert not_reproduced(base) is None
+    assert not_reproduced({**base, "stage": "pt", "packing": True}) is None
+    cases = {
+        "packed sft": {"packing": True},
+        "neat_packing": {"neat_packing": True},
+        "a tool_format": {"tool_format": "glm4"},
+        "several datasets": {"dataset": "a,b"},
+        "stage 'ppo'": {"stage": "ppo"},
+        "template 'llama3'": {"template": "llama3"},
+        "an eval_dataset": {"eval_dataset": "e"},
+    }
+    for why, change in cases.items():
+        assert not_reproduced({**base, **change}) == why
+    monkeypatch.setattr(tokens, "llamafactory_version", lambda: "0.9.9")
+    assert "LLaMA-Factory 0.9.9 is not a version" in not_reproduced(base)
+
+
+def test_a_tokenized_folder_is_written_whole_or_not_at_all(
+    tmp_path: Path, tiny_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwenft.data import prepare
+    from qwenft.data.tokens import LlamaFactoryEncoder
+    from qwenft.errors import QwenftError
+    from qwenft.models.tiny import ensure_tiny_model
+
+    model_dir = ensure_tiny_model("tiny-qwen2", progress=None)
+    data = write_jsonl(tmp_path / "data.jsonl", sft_rows())
+    config = {"stage": "sft", "template": "qwen", "cutoff_len": 64, "preprocessing_batch_size": 2}
+    out = tmp_path / "tokenized" / "key"
+
+    def leftovers() -> list[str]:
+        return sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+
+    # fails after the first batch: neither the folder nor a partial copy remains
+    real_finish = LlamaFactoryEncoder.finish_batch
+    calls = []
+
+    def failing(self: LlamaFactoryEncoder, plans: list, ids: dict) -> tuple:
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        return real_finish(self, plans, ids)
+
+    monkeypatch.setattr(LlamaFactoryEncoder, "finish_batch", failing)
+    with pytest.raises(OSError, match="disk full"):
+        prepare.write_tokenized(data, model_dir, config, out)
+    assert leftovers() == []
+    monkeypatch.setattr(LlamaFactoryEncoder, "finish_batch", real_finish)
+
+    # another node renames its copy into place first: that one is kept, ours is discarded
+    real_rename = prepare.os.rename
+
+    def other_node_first(src: str, dst: str) -> None:
+        Path(dst).mkdir()
+        (Path(dst) / "theirs").write_text("")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(prepare.os, "rename", other_node_first)
+    stats = prepare.write_tokenized(data, model_dir, config, out, marker=".done")
+    assert stats["n_samples"] == len(sft_rows())
+    assert leftovers() == ["key"] and [p.name for p in out.iterdir()] == ["theirs"]
+    monkeypatch.setattr(prepare.os, "rename", real_rename)
+
+    # a folder already there is never overwritten
+    with pytest.raises(QwenftError, match="already exists"):
+        prepare.write_tokenized(data, model_dir, config, out)
+    shutil.rmtree(out)
+    prepare.write_tokenized(data, model_dir, config, out, marker=".done")
+    assert (out / ".done").is_file() and (out / "dataset_dict.json").is_file()
+    assert leftovers() == ["key"]

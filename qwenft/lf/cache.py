@@ -93,3 +93,9 @@ def mark_if_saved(path: Path, log_text: str) -> bool:
         (path / MARKER).write_text("")
         return True
     return is_ready(path)
+
+
+def forget(path: Path) -> None:
+    """Remove a cache folder and its measured-lengths sidecar (a run refused after writing them)."""
+    shutil.rmtree(path, ignore_errors=True)
+    Path(f"{path}.overlength.json").unlink(missing_ok=True)
