@@ -309,12 +309,18 @@ def write_tokenized(
     splits = _splits(len(rows), config.get("val_size"), int(config.get("seed", 42)))
     num_proc = config.get("preprocessing_num_workers")
     batch_size = int(config.get("preprocessing_batch_size") or DEFAULT_BATCH)
-    features = _features(kind)
     # unique across processes and hosts sharing the folder
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     measured: list[tuple[int, list[tuple[int, int, int]]]] = []
     writers: dict[str, _SplitWriter] = {}
     done = 0
+
+    def writer(name: str) -> _SplitWriter:
+        # made at the first write: importing datasets and pyarrow then overlaps the tokenizer
+        if name not in writers:
+            features = next(iter(writers.values())).features if writers else _features(kind)
+            writers[name] = _SplitWriter(staging / name, features)
+        return writers[name]
 
     def batches() -> Iterator[tuple[tuple[str, list[int]], list[Any]]]:
         for name, order in splits.items():
@@ -327,18 +333,16 @@ def write_tokenized(
                 )
 
     try:
-        for name in splits:
-            writers[name] = _SplitWriter(staging / name, features)
         for (name, picked), sides, columns in encode_pipelined(encoder, batches()):
-            writers[name].write(columns)
+            writer(name).write(columns)
             for i, enc in zip(picked, sides, strict=True):
                 if enc is not None:
                     measured.append((lines[i], [side_counts(side) for side in enc]))
             done += len(picked)
             if progress and done % 20_000 < len(picked):
                 progress(f"tokenized {done}/{len(rows)} samples")
-        for writer in writers.values():
-            writer.close()
+        for name in splits:
+            writer(name).close()
         (staging / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
         if marker:
             (staging / marker).write_text("")
