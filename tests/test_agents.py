@@ -26,6 +26,7 @@ from qwenft.data.convert import convert_file
 from qwenft.data.reasoning import count_reasoning, thinking_plan, with_reasoning
 from tests.helpers import cli
 from tests.helpers.e2e import LEARN
+from tests.helpers.lf_reference import lengths_and_loss, lf_rows
 
 U = {"role": "user", "content": "Weather in Paris?"}
 A = {"role": "assistant", "content": "Paris: 18C and sunny."}
@@ -407,28 +408,6 @@ REASONING_ROWS = [
 ]
 
 
-def _lf_counts(tmp: Path, data: Path, model_dir: Path, template: str, cutoff: int,
-               enable_thinking: bool) -> list[tuple[int, int]]:
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments, ModelArguments
-    from llamafactory.model import load_tokenizer
-    from transformers import Seq2SeqTrainingArguments
-
-    from qwenft.data.registry import register_dataset
-
-    register_dataset(data, "agents", tmp, has_tools=True)
-    model_args = ModelArguments(model_name_or_path=str(model_dir), cache_dir=str(tmp / "cache"))
-    data_args = DataArguments(template=template, dataset="agents", dataset_dir=str(tmp),
-                              cutoff_len=cutoff, overwrite_cache=True,
-                              enable_thinking=enable_thinking)
-    training_args = Seq2SeqTrainingArguments(output_dir=str(tmp / "out"), report_to="none")
-    tok = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tok["tokenizer"], data_args)
-    module = get_dataset(template_obj, model_args, data_args, training_args, "sft", **tok)
-    return [(len(r["input_ids"]), sum(1 for x in r["labels"] if x != -100))
-            for r in module["train_dataset"]]
-
-
 @pytest.mark.parametrize("preset,template,rows,enable_thinking", [
     ("tiny-qwen2", "qwen", TOOL_ROWS, True),
     ("tiny-qwen3", "qwen3", TOOL_ROWS + REASONING_ROWS, True),  # mixed: both modes
@@ -444,7 +423,9 @@ def test_converted_rows_count_as_llamafactory_does(tmp_path: Path, tiny_home: Pa
     src = write(tmp_path, jsonl(*rows), "openai.jsonl")
     data = tmp_path / "data.jsonl"
     assert convert_file(src, data, "openai").n_out == len(rows)
-    expected = _lf_counts(tmp_path, data, model_dir, template, 1024, enable_thinking)
+    config = {"stage": "sft", "template": template, "cutoff_len": 1024,
+              "enable_thinking": enable_thinking}
+    expected = lengths_and_loss(lf_rows(data, model_dir, config, tmp_path / "lf"))
     assert len(expected) == len(rows)
     encoder = LlamaFactoryEncoder(model_dir, template, 1024, enable_thinking=enable_thinking)
     got = [(kept, loss) for _, _, kept, loss in iter_token_lengths(data, encoder, batch_size=3)]

@@ -21,6 +21,7 @@ from qwenft.data.registry import dataset_entry, register_dataset
 from qwenft.data.split import split_file
 from qwenft.errors import QwenftError
 from tests.helpers import cli
+from tests.helpers.lf_reference import lf_rows
 
 U = {"role": "user", "content": "Hi"}
 A = {"role": "assistant", "content": "Hello!"}
@@ -529,25 +530,6 @@ KTO_ROWS = [KTO_T, KTO_F, kto(S, U, A, U, {"role": "assistant", "content": LONG}
 PT_ROWS = [TEXT, {"text": LONG}, {"text": "短い"}, {"text": LONG + "\n" + LONG}]
 
 
-def _llamafactory_rows(tmp: Path, data: Path, model_dir: Path, template: str, cutoff: int,
-                       stage: str) -> list[dict]:
-    """The rows LLaMA-Factory's get_dataset builds from the entry qwenft registers."""
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments, ModelArguments
-    from llamafactory.model import load_tokenizer
-    from transformers import Seq2SeqTrainingArguments
-
-    register_dataset(data, "kinds", tmp)
-    model_args = ModelArguments(model_name_or_path=str(model_dir), cache_dir=str(tmp / "cache"))
-    data_args = DataArguments(template=template, dataset="kinds", dataset_dir=str(tmp),
-                              cutoff_len=cutoff, overwrite_cache=True, packing=False)
-    training_args = Seq2SeqTrainingArguments(output_dir=str(tmp / "out"), report_to="none")
-    tok = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tok["tokenizer"], data_args)
-    module = get_dataset(template_obj, model_args, data_args, training_args, stage, **tok)
-    return list(module["train_dataset"])
-
-
 def _loss(labels: list[int]) -> int:
     return sum(1 for x in labels if x != -100)
 
@@ -562,7 +544,8 @@ def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model_dir = ensure_tiny_model(preset, progress=None)
     data = write(tmp_path, lines(*PAIR_ROWS))
-    lf = _llamafactory_rows(tmp_path, data, model_dir, template, cutoff, "rm")
+    config = {"stage": "dpo", "template": template, "cutoff_len": cutoff, "packing": False}
+    lf = lf_rows(data, model_dir, config, tmp_path / "lf")
     assert len(lf) == len(PAIR_ROWS)
     encoder = LlamaFactoryEncoder(model_dir, template, cutoff, kind="preference")
     sides = list(iter_token_sides(data, encoder, batch_size=2))
@@ -595,7 +578,8 @@ def test_kto_and_text_token_counts_equal_llamafactory(tmp_path: Path, tiny_home:
         folder = tmp_path / kind
         folder.mkdir()
         data = write(folder, lines(*rows))
-        lf = _llamafactory_rows(folder, data, model_dir, "qwen", cutoff, stage)
+        config = {"stage": stage, "template": "qwen", "cutoff_len": cutoff, "packing": False}
+        lf = lf_rows(data, model_dir, config, folder / "lf")
         assert len(lf) == len(rows)
         if kind == "kto":  # the label survives into LLaMA-Factory's rows
             assert [r["kto_tags"] for r in lf] == [r["label"] for r in rows]

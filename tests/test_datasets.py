@@ -27,6 +27,7 @@ from qwenft.data.split import split_file, write_without_lines
 from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths, token_stats
 from qwenft.errors import QwenftError
 from tests.helpers import cli
+from tests.helpers.lf_reference import lengths_and_loss, lf_rows
 
 U = {"role": "user", "content": "Hi"}
 A = {"role": "assistant", "content": "Hello!"}
@@ -750,26 +751,6 @@ STATS_ROWS = [
 ]
 
 
-def _llamafactory_lengths(tmp: Path, data: Path, model_dir: Path, template: str, cutoff: int,
-                          default_system: str | None) -> list[tuple[int, int]]:
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments, ModelArguments
-    from llamafactory.model import load_tokenizer
-    from transformers import Seq2SeqTrainingArguments
-
-    register_dataset(data, "stats", tmp)
-    model_args = ModelArguments(model_name_or_path=str(model_dir), cache_dir=str(tmp / "cache"))
-    data_args = DataArguments(template=template, dataset="stats", dataset_dir=str(tmp),
-                              cutoff_len=cutoff, default_system=default_system,
-                              overwrite_cache=True)
-    training_args = Seq2SeqTrainingArguments(output_dir=str(tmp / "out"), report_to="none")
-    tok = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tok["tokenizer"], data_args)
-    module = get_dataset(template_obj, model_args, data_args, training_args, "sft", **tok)
-    return [(len(r["input_ids"]), sum(1 for x in r["labels"] if x != -100))
-            for r in module["train_dataset"]]
-
-
 @pytest.mark.parametrize("preset,template,default_system,cutoff", [
     ("tiny-qwen2", "qwen", None, 96),  # None: the template's own default system prompt
     ("tiny-qwen3", "qwen3", "", 128),
@@ -782,7 +763,10 @@ def test_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkey
     model_dir = ensure_tiny_model(preset, progress=None)
     data = write(tmp_path, lines(*STATS_ROWS))
     assert check_file(data).ok
-    expected = _llamafactory_lengths(tmp_path, data, model_dir, template, cutoff, default_system)
+    config = {"stage": "sft", "template": template, "cutoff_len": cutoff}
+    if default_system is not None:  # None: the template's own
+        config["default_system"] = default_system
+    expected = lengths_and_loss(lf_rows(data, model_dir, config, tmp_path / "lf"))
     assert len(expected) == len(STATS_ROWS)
 
     encoder = LlamaFactoryEncoder(model_dir, template, cutoff, default_system=default_system)

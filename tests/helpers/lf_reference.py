@@ -80,3 +80,15 @@ def load_splits(path: Path) -> dict[str, tuple[str, list[dict]]]:
 
     saved = load_from_disk(str(path))
     return {split: (str(ds.features), ds.to_list()) for split, ds in saved.items()}
+
+
+def lf_rows(data: Path, model_dir: Path, config: dict, work: Path) -> list[dict]:
+    """The training rows LLaMA-Factory builds from `data` for `config` (lf_tokenized, then the
+    saved train split)."""
+    lf_tokenized(data, model_dir, config, work / "tokenized", work)
+    return load_splits(work / "tokenized")["train"][1]
+
+
+def lengths_and_loss(rows: list[dict]) -> list[tuple[int, int]]:
+    """(len(input_ids), tokens with a loss) of each row."""
+    return [(len(r["input_ids"]), sum(1 for x in r["labels"] if x != -100)) for r in rows]
