@@ -555,6 +555,34 @@ def test_written_tokens_equal_llamafactory(
 # what is reproduced, and a tokenized folder is whole or absent
 
 
+def test_texts_skip_the_normalizer_only_where_nfc_changes_nothing(tiny_home: Path) -> None:
+    """The encoder's ids equal the transformers tokenizer's (the one LLaMA-Factory encodes with,
+    NFC normalizer included) for text NFC leaves alone, which skips the normalizer, and for text
+    it changes or whose characters this Python does not know, which goes through it."""
+    from qwenft.data.tokens import LlamaFactoryEncoder
+    from qwenft.models.tiny import ensure_tiny_model
+
+    model_dir = ensure_tiny_model("tiny-qwen2", progress=None)
+    encoder = LlamaFactoryEncoder(model_dir, "qwen", 64)
+    changed = {
+        "cafe\u0301 e\u0301",  # decomposed: NFC composes it
+        "<|im_end|>\u0338",  # NFC of the whole text would turn the token's ">" into a "≯"
+        "\u212b ångström",  # the Angstrom sign: NFC makes it Å
+        "\u1100\u1161 jamo",  # Hangul jamo: NFC composes a syllable
+        "a\u0307\u0323",  # combining marks out of canonical order
+    }
+    unknown = {"emoji 😀 🧑‍🏫", "\u0378 unassigned", "\U000e0001 tag"}
+    stable = {"plain ASCII <|im_start|>user\nhi<|im_end|>\n", "北京 数据 모델 Ελληνικά ﬁ"}
+    rest, skipped = encoder.parts(changed | unknown | stable)
+    assert set(rest) == changed | unknown and set(skipped) == stable
+    ids = encoder.encode_texts(changed | unknown | stable)
+    reference = _tokenizer(model_dir)
+    for text in changed | unknown | stable:
+        assert ids[text] == reference.encode(text, add_special_tokens=False), text
+    composed = encoder.encode_texts({"caf\u00e9 \u00e9"})["caf\u00e9 \u00e9"]
+    assert ids["cafe\u0301 e\u0301"] == composed  # NFC did apply
+
+
 def test_map_batches_are_the_datasets_map_shards_and_batches() -> None:
     from qwenft.data.prepare import map_batches
 
