@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -555,6 +556,10 @@ def test_written_tokens_equal_llamafactory(
 # what is reproduced, and a tokenized folder is whole or absent
 
 
+def encode(encoder: Any, texts: set[str]) -> dict[str, list[int]]:
+    return {t: e.ids for t, e in zip(*encoder.encode_raw(texts), strict=True)}
+
+
 def test_texts_skip_the_normalizer_only_where_nfc_changes_nothing(tiny_home: Path) -> None:
     """The encoder's ids equal the transformers tokenizer's (the one LLaMA-Factory encodes with,
     NFC normalizer included) for text NFC leaves alone, which skips the normalizer, and for text
@@ -575,11 +580,11 @@ def test_texts_skip_the_normalizer_only_where_nfc_changes_nothing(tiny_home: Pat
     stable = {"plain ASCII <|im_start|>user\nhi<|im_end|>\n", "北京 数据 모델 Ελληνικά ﬁ"}
     rest, skipped = encoder.parts(changed | unknown | stable)
     assert set(rest) == changed | unknown and set(skipped) == stable
-    ids = encoder.encode_texts(changed | unknown | stable)
+    ids = encode(encoder, changed | unknown | stable)
     reference = _tokenizer(model_dir)
     for text in changed | unknown | stable:
         assert ids[text] == reference.encode(text, add_special_tokens=False), text
-    composed = encoder.encode_texts({"caf\u00e9 \u00e9"})["caf\u00e9 \u00e9"]
+    composed = encode(encoder, {"caf\u00e9 \u00e9"})["caf\u00e9 \u00e9"]
     assert ids["cafe\u0301 e\u0301"] == composed  # NFC did apply
 
 
@@ -638,11 +643,11 @@ def test_a_tokenized_folder_is_written_whole_or_not_at_all(
     real_finish = LlamaFactoryEncoder.finish_batch
     calls = []
 
-    def failing(self: LlamaFactoryEncoder, plans: list, ids: dict) -> tuple:
+    def failing(self: LlamaFactoryEncoder, plans: list, enc: Any) -> tuple:
         calls.append(1)
         if len(calls) > 1:
             raise OSError("disk full")
-        return real_finish(self, plans, ids)
+        return real_finish(self, plans, enc)
 
     monkeypatch.setattr(LlamaFactoryEncoder, "finish_batch", failing)
     with pytest.raises(OSError, match="disk full"):

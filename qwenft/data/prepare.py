@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
-from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
@@ -222,40 +221,35 @@ class _SplitWriter:
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
         self.rows = 0
 
-    def write(self, columns: dict[str, list]) -> None:
-        """Append one batch: the encoder's columns; attention masks and media columns added."""
+    def write(self, columns: dict[str, Any]) -> None:
+        """Append one batch: the encoder's columns (ids as (row offsets, values) numpy arrays);
+        attention masks and media columns added."""
+        import numpy as np
+
         pa = self.pa
-        n = len(next(iter(columns.values()))) if columns else 0
+        tags = columns.get("kto_tags")
+        ids = columns.get("input_ids") or columns.get("chosen_input_ids")
+        n = len(tags) if tags is not None else len(ids[0]) - 1 if ids else 0
         if not n:
             return
         arrays = []
         for name, field in zip(self.schema.names, self.schema, strict=True):
             if name in _MEDIA:
                 arrays.append(pa.nulls(n))
-            elif name == "kto_tags":
-                arrays.append(pa.array(columns[name], type=field.type))
-            elif name.endswith("attention_mask"):
-                lists = columns[name.replace("attention_mask", "input_ids")]
-                arrays.append(self._lists(lists, field.type.value_type, ones=True))
+                continue
+            if name == "kto_tags":
+                arrays.append(pa.array(tags, type=field.type))
+                continue
+            dtype = field.type.value_type.to_pandas_dtype()
+            if name.endswith("attention_mask"):
+                offsets, ids = columns[name.replace("attention_mask", "input_ids")]
+                values = np.ones(len(ids), dtype)
             else:
-                arrays.append(self._lists(columns[name], field.type.value_type))
+                offsets, values = columns[name]
+            values = pa.array(values.astype(dtype, copy=False))
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), values))
         self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
         self.rows += n
-
-    def _lists(self, lists: list[list[int]], value_type: Any, *, ones: bool = False) -> Any:
-        """An arrow list column from Python lists of ints, through one flat buffer (much faster
-        than converting list by list); ones: the same lengths, every value 1."""
-        import numpy as np
-
-        pa = self.pa
-        offsets = np.fromiter(accumulate(map(len, lists), initial=0), np.int32, len(lists) + 1)
-        total = int(offsets[-1])
-        if ones:
-            values = pa.array(np.ones(total, value_type.to_pandas_dtype()))
-        else:
-            flat = chain.from_iterable(lists)
-            values = pa.array(np.fromiter(flat, value_type.to_pandas_dtype(), total))
-        return pa.ListArray.from_arrays(pa.array(offsets), values)
 
     def close(self) -> None:
         from dataclasses import asdict

@@ -28,7 +28,7 @@ from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
+from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +436,10 @@ def kept(kind: str, a: Aligned) -> bool:
 # --- the encoder ----------------------------------------------------------------------------------
 
 Side = tuple[int, list[int], list[int]]  # (untruncated length, input_ids, labels)
+# How the encoder builds a side: runs of the batch's ids end to end (Encoded.flat); a Span is
+# (start, length) runs, Segments the side's (untruncated length, its (start, length, loss) runs).
+Span = list[tuple[int, int]]
+Segments = tuple[int, list[tuple[int, int, bool]]]
 
 
 class LlamaFactoryEncoder:
@@ -541,68 +545,61 @@ class LlamaFactoryEncoder:
                 yield from prompt
                 yield from answer
 
-    # -- assembling ids the way each processor does --
+    # -- assembling ids the way each processor does, as segments of the batch's flat ids --
 
-    def _supervised(self, pairs: list, ids: dict) -> Side:
+    def _supervised(self, pairs: list, enc: Encoded) -> Segments:
         cutoff = self.cutoff_len
-        turns = [(_join(p, ids), _join(r, ids)) for p, r in pairs]
-        full = sum(len(p) + len(r) for p, r in turns)
-        input_ids: list[int] = []
-        labels: list[int] = []
+        turns = [(enc.span(p), enc.span(r)) for p, r in pairs]
+        sizes = [(_size(source), _size(target)) for source, target in turns]
+        full = sum(a + b for a, b in sizes)
+        prompt_loss = self.train_on_prompt
         if full < cutoff and not self.mask_history:
             # Shorter than cutoff_len: infer_seqlen keeps every turn whole (it can cut one only
-            # when a turn fills the room left exactly), so no slicing: the same lists, faster.
+            # when a turn fills the room left exactly)
+            segments: list = []
             for source, target in turns:
-                input_ids += source
-                input_ids += target
-                labels += source if self.train_on_prompt else [IGNORE_INDEX] * len(source)
-                labels += target
-            return full, input_ids, labels
-        if self.mask_history:
-            turns.reverse()
+                segments += _with_loss(source, prompt_loss)
+                segments += _with_loss(target, True)
+            return full, segments
+        order = list(zip(turns, sizes, strict=True))
+        if self.mask_history:  # the last turn first: the earlier ones get what room is left
+            order.reverse()
+        kept: list[list] = []
         total = 0
-        for k, (source, target) in enumerate(turns):
+        for k, ((source, target), (source_size, target_size)) in enumerate(order):
             if total >= cutoff:
                 break
-            source_len, target_len = infer_seqlen(len(source), len(target), cutoff - total)
-            source, target = source[:source_len], target[:target_len]
+            source_len, target_len = infer_seqlen(source_size, target_size, cutoff - total)
             total += source_len + target_len
-            source_label = source if self.train_on_prompt else [IGNORE_INDEX] * source_len
-            target_label = [IGNORE_INDEX] * target_len if self.mask_history and k else target
-            if self.mask_history:
-                input_ids = source + target + input_ids
-                labels = source_label + target_label + labels
-            else:
-                input_ids += source + target
-                labels += source_label + target_label
-        return full, input_ids, labels
+            target_loss = not (self.mask_history and k)
+            kept.append(
+                _with_loss(_cut(source, source_len), prompt_loss)
+                + _with_loss(_cut(target, target_len), target_loss)
+            )
+        if self.mask_history:
+            kept.reverse()
+        return full, list(chain.from_iterable(kept))
 
-    def _oneturn_ids(self, plan: tuple, ids: dict) -> tuple[list[int], list[int]]:
-        prompt, answer = plan
-        return _join(prompt, ids), _join(answer, ids)
+    def _one(self, prompt: Span, answer: Span) -> Segments:
+        prompt_size, answer_size = _size(prompt), _size(answer)
+        source_len, target_len = infer_seqlen(prompt_size, answer_size, self.cutoff_len)
+        head = _with_loss(_cut(prompt, source_len), False)
+        return prompt_size + answer_size, head + _with_loss(_cut(answer, target_len), True)
 
-    def _one(self, prompt: list[int], answer: list[int]) -> Side:
-        source_len, target_len = infer_seqlen(len(prompt), len(answer), self.cutoff_len)
-        return (
-            len(prompt) + len(answer),
-            prompt[:source_len] + answer[:target_len],
-            [IGNORE_INDEX] * source_len + answer[:target_len],
+    def _pairwise(self, plan: tuple, enc: Encoded) -> tuple[Segments, Segments]:
+        (prompt, chosen), (rejected_prompt, rejected) = (
+            (enc.span(p), enc.span(a)) for p, a in plan[:2]
         )
-
-    def _pairwise(self, plan: tuple, ids: dict) -> tuple[Side, Side]:
-        prompt, chosen = self._oneturn_ids(plan[0], ids)
-        rejected_prompt, rejected = self._oneturn_ids(plan[1], ids)
+        prompt_size, chosen_size, rejected_size = _size(prompt), _size(chosen), _size(rejected)
         source_len, target_len = infer_seqlen(
-            len(prompt), max(len(chosen), len(rejected)), self.cutoff_len
+            prompt_size, max(chosen_size, rejected_size), self.cutoff_len
         )
-        prompt = prompt[:source_len]
-        mask = [IGNORE_INDEX] * source_len
+        head = _with_loss(_cut(prompt, source_len), False)
         return (
-            (len(prompt) + len(chosen), prompt + chosen[:target_len], mask + chosen[:target_len]),
+            (prompt_size + chosen_size, head + _with_loss(_cut(chosen, target_len), True)),
             (
-                len(rejected_prompt) + len(rejected),
-                prompt + rejected[:target_len],
-                mask + rejected[:target_len],
+                _size(rejected_prompt) + rejected_size,
+                head + _with_loss(_cut(rejected, target_len), True),
             ),
         )
 
@@ -625,10 +622,6 @@ class LlamaFactoryEncoder:
             if plan is not None:
                 texts.update(self._pieces(plan, kind))
         return plans, texts
-
-    def encode_texts(self, texts: set[str]) -> dict[str, list[int]]:
-        """Each string's ids, as tokenizer.encode(text, add_special_tokens=False)."""
-        return ids_of(*self.encode_raw(texts))
 
     def encode_raw(self, texts: set[str]) -> tuple[list[str], list]:
         """(the non-empty strings, their Encodings): encode_parts(parts(texts))."""
@@ -658,59 +651,73 @@ class LlamaFactoryEncoder:
                 self.tokenizer.normalizer = self._nfc
         return rest + stable, encodings
 
-    def finish_batch(self, plans: list, ids: dict[str, list[int]]) -> tuple[list, dict[str, list]]:
+    def finish_batch(self, plans: list, enc: Encoded) -> tuple[list, dict[str, Any]]:
         """(per sample, its sides or None if dropped; the columns LLaMA-Factory's processor
         returns for the batch, less the attention masks (all ones, as long as the ids beside
         them) and the media columns).
 
-        A side is (untruncated length, input_ids, labels): one for sft, kto and pt, chosen and
-        rejected for a pair."""
+        A side is (untruncated length, segments): one for sft, kto and pt, chosen and rejected for
+        a pair; segments are (start, length, has loss) runs of enc.flat, its input_ids once
+        joined (enc.lists gives them as lists, labels included). Each ids column is a pair of
+        numpy arrays, (row offsets, values), as an arrow list column stores it."""
         kind = self.kind
         if kind == PT:
-            return self._pretrain(plans, ids)
+            return self._pretrain(plans, enc)
         sides: list = []
-        columns: dict[str, list] = {}
+        rows: dict[str, list] = {}
+        tags: list[bool] = []
         for plan in plans:
             if plan is None:
                 sides.append(None)
                 continue
             if kind == SFT:
-                side = self._supervised(plan, ids)
-                sides.append([side])
-                _add(columns, "", side)
+                sample = {"": self._supervised(plan, enc)}
             elif kind == PREFERENCE:
-                chosen, rejected = self._pairwise(plan, ids)
-                sides.append([chosen, rejected])
-                _add(columns, "chosen_", chosen)
-                _add(columns, "rejected_", rejected)
+                chosen, rejected = self._pairwise(plan, enc)
+                sample = {"chosen_": chosen, "rejected_": rejected}
             else:
-                side = self._one(*self._oneturn_ids(plan[0], ids))
-                kl = self._one(*self._oneturn_ids(plan[1], ids))
-                sides.append([side])
-                _add(columns, "", side)
-                _add(columns, "kl_", kl)
-                columns.setdefault("kto_tags", []).append(plan[2])
+                sample = {
+                    "": self._one(enc.span(plan[0][0]), enc.span(plan[0][1])),
+                    "kl_": self._one(enc.span(plan[1][0]), enc.span(plan[1][1])),
+                }
+                tags.append(plan[2])
+            for prefix, side in sample.items():
+                rows.setdefault(prefix, []).append(side[1])
+            sides.append([side for prefix, side in sample.items() if prefix != "kl_"])
+        columns: dict[str, Any] = {}
+        for prefix, segments in rows.items():
+            offsets, ids, labels = enc.columns(segments)
+            columns[prefix + "input_ids"] = offsets, ids
+            columns[prefix + "labels"] = offsets, labels
+        if kind == KTO:
+            columns["kto_tags"] = tags
         return sides, columns
 
-    def encode_batch(self, aligned: list[Aligned]) -> tuple[list, dict[str, list]]:
-        """plan_batch, encode_texts and finish_batch in one go."""
+    def encode_batch(self, aligned: list[Aligned]) -> tuple[list, dict[str, Any]]:
+        """plan_batch, encoding and finish_batch in one go, each side's segments made lists:
+        (untruncated length, input_ids, labels)."""
         plans, texts = self.plan_batch(aligned)
-        return self.finish_batch(plans, self.encode_texts(texts))
+        enc = Encoded(*self.encode_raw(texts))
+        sides, columns = self.finish_batch(plans, enc)
+        lists = [s and [(full, *enc.lists(segments)) for full, segments in s] for s in sides]
+        return lists, columns
 
-    def _pretrain(self, texts: list, ids: dict) -> tuple[list, dict[str, list]]:
+    def _pretrain(self, texts: list, enc: Encoded) -> tuple[list, dict[str, Any]]:
         cutoff = self.cutoff_len
-        encoded = [ids[t] for t in texts]
-        sides = [[(len(e), e[:cutoff], e[:cutoff])] for e in encoded]
+        spans = [enc.span((t,)) for t in texts]
+        sides = [[(_size(span), _with_loss(_cut(span, cutoff), True))] for span in spans]
         if not self.packing:
-            blocks = [e[:cutoff] for e in encoded]
+            offsets, ids, _ = enc.columns([side[0][1] for side in sides])
         else:  # the batch's texts run on into blocks of cutoff_len; the remainder is left out
-            stream = list(chain.from_iterable(encoded))
+            import numpy as np
+
+            _, stream, _ = enc.columns([_with_loss(chain.from_iterable(spans), True)])
             end = len(stream) // cutoff * cutoff
-            blocks = [stream[i : i + cutoff] for i in range(0, end, cutoff)]
+            ids = stream[:end]
+            offsets = np.arange(0, end + 1, cutoff, dtype=np.int32)
             if self.bos_id is not None:
-                for block in blocks:
-                    block[0] = self.bos_id
-        return sides, {"input_ids": blocks}
+                ids[offsets[:-1]] = self.bos_id
+        return sides, {"input_ids": (offsets, ids)}
 
     def encode_sides(self, samples: list[dict]) -> list[list[Side] | None]:
         """For each sample (one batch): the sequences LLaMA-Factory trains on, each as
@@ -723,31 +730,74 @@ class LlamaFactoryEncoder:
         return [sides and sides[0] for sides in self.encode_sides(samples)]
 
 
-def _join(pieces: list[str], ids: dict[str, list[int]]) -> list[int]:
-    """The ids of pieces encoded one by one, concatenated (never mutated by the callers: they
-    slice and add, which copies)."""
-    if len(pieces) == 1:
-        return ids[pieces[0]]
-    out: list[int] = []
-    for piece in pieces:
-        out += ids[piece]
+class Encoded:
+    """A batch's encoded strings: their ids end to end in one int32 array, and where each is."""
+
+    def __init__(self, texts: list[str], encodings: list) -> None:
+        import numpy as np
+
+        lists = [e.ids for e in encodings]  # Python work: it holds the GIL
+        lengths = list(map(len, lists))
+        self.flat = np.fromiter(chain.from_iterable(lists), np.int32, sum(lengths))
+        starts = accumulate(lengths, initial=0)  # one more than the texts: the end
+        self.at = dict(zip(texts, zip(starts, lengths, strict=False), strict=True))
+
+    def span(self, pieces: Iterable[str]) -> Span:
+        """Where the ids of pieces encoded one by one lie (LLaMA-Factory skips empty ones)."""
+        at = self.at
+        return [at[p] for p in pieces if p]
+
+    def columns(self, rows: list[list[tuple[int, int, bool]]]) -> tuple[Any, Any, Any]:
+        """(row offsets, input_ids, labels) of rows of segments, end to end: numpy gathers."""
+        import numpy as np
+
+        starts: list[int] = []
+        lengths: list[int] = []
+        loss: list[bool] = []
+        sizes: list[int] = []
+        for segments in rows:
+            size = 0
+            for start, length, has_loss in segments:
+                starts.append(start)
+                lengths.append(length)
+                loss.append(has_loss)
+                size += length
+            sizes.append(size)
+        offsets = np.zeros(len(rows) + 1, np.int32)
+        np.cumsum(sizes, out=offsets[1:])
+        n = np.asarray(lengths, np.int64)
+        first = np.cumsum(n) - n  # where each segment lands
+        index = np.repeat(np.asarray(starts, np.int64) - first, n) + np.arange(int(offsets[-1]))
+        ids = self.flat[index]
+        labels = np.where(np.repeat(np.asarray(loss, bool), n), ids, IGNORE_INDEX)
+        return offsets, ids, labels
+
+    def lists(self, segments: list[tuple[int, int, bool]]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one side's segments, as lists."""
+        _, ids, labels = self.columns([segments])
+        return ids.tolist(), labels.tolist()
+
+
+def _size(span: Span) -> int:
+    return sum(length for _, length in span)
+
+
+def _cut(span: Span, n: int) -> Span:
+    """The first n ids of a span."""
+    out: Span = []
+    for start, length in span:
+        if n <= 0:
+            break
+        out.append((start, min(length, n)))
+        n -= length
     return out
 
 
-def _add(columns: dict[str, list], prefix: str, side: Side) -> None:
-    _, input_ids, labels = side
-    columns.setdefault(prefix + "input_ids", []).append(input_ids)
-    columns.setdefault(prefix + "labels", []).append(labels)
+def _with_loss(span: Iterable[tuple[int, int]], loss: bool) -> list[tuple[int, int, bool]]:
+    return [(start, length, loss) for start, length in span]
 
 
 # --- measuring a file -----------------------------------------------------------------------------
-
-
-def ids_of(texts: list[str], encodings: list) -> dict[str, list[int]]:
-    """Each string's ids from its Encoding (Python work: it holds the GIL)."""
-    ids = {t: e.ids for t, e in zip(texts, encodings, strict=True)}
-    ids[""] = []  # LLaMA-Factory skips empty elements
-    return ids
 
 
 def encode_pipelined(
@@ -763,7 +813,7 @@ def encode_pipelined(
 
     def finish() -> tuple[Any, list, dict[str, list]]:
         meta, plans, future = pending.popleft()
-        return meta, *encoder.finish_batch(plans, ids_of(*future.result()))
+        return meta, *encoder.finish_batch(plans, Encoded(*future.result()))
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         for meta, aligned in batches:
@@ -775,10 +825,10 @@ def encode_pipelined(
             yield finish()
 
 
-def side_counts(side: Side) -> tuple[int, int, int]:
+def side_counts(side: Segments) -> tuple[int, int, int]:
     """(untruncated length, length after cutoff_len, loss tokens) of a side."""
-    full, input_ids, labels = side
-    return full, len(input_ids), len(labels) - labels.count(IGNORE_INDEX)
+    full, segments = side
+    return full, sum(n for _, n, _ in segments), sum(n for _, n, loss in segments if loss)
 
 
 def iter_token_sides(
