@@ -266,6 +266,21 @@ def test_count_reasoning_counts_an_empty_thought_as_a_direct_answer(tmp_path: Pa
     assert (counts.first_reasoning, counts.first_plain) == (2, 1)
 
 
+def test_count_reasoning_reads_a_file_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwenft.data import reasoning
+
+    reads = []
+    real = reasoning._count_reasoning
+    monkeypatch.setattr(reasoning, "_count_reasoning", lambda p: reads.append(p) or real(p))
+    path = write(tmp_path, jsonl(PLAIN, REASONS))
+    assert count_reasoning(path).reasoning == count_reasoning(path).reasoning == 1
+    assert len(reads) == 1  # data check and the settings resolver share one pass
+    path.write_bytes(jsonl(PLAIN, REASONS, REASONS))
+    assert (count_reasoning(path).reasoning, len(reads)) == (2, 2)  # the new content is counted
+
+
 @pytest.mark.parametrize("rows,model,requested,template,expected", [
     ([PLAIN], "hybrid", "auto", "qwen3", False),
     ([REASONS], "hybrid", "auto", "qwen3", True),

@@ -20,8 +20,9 @@ Nothing here imports LLaMA-Factory.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,23 @@ class ReasoningCounts:
 
 
 def count_reasoning(path: Path) -> ReasoningCounts:
-    """How many samples reason and how many answer directly (rows without messages are skipped)."""
+    """How many samples reason and how many answer directly (rows without messages are skipped).
+
+    Remembered for the file as it is (its size and modification time): `data check` and the
+    settings resolver both ask for the same file in one command."""
+    try:
+        st = Path(path).stat()
+    except OSError:  # open_data_file says why
+        return _count_reasoning(path)
+    return replace(_counted(str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _counted(path: str, size: int, mtime_ns: int) -> ReasoningCounts:
+    return _count_reasoning(Path(path))
+
+
+def _count_reasoning(path: Path) -> ReasoningCounts:
     path, fh, mode = open_data_file(path)
     counts = ReasoningCounts()
     with fh:
