@@ -445,8 +445,9 @@ Segments = tuple[int, list[tuple[int, int, bool]]]
 class LlamaFactoryEncoder:
     """Tokenizes samples exactly as LLaMA-Factory's preprocessing of the data kind does.
 
-    encode_sides() gives the sequences of each sample (for measuring); encode_batch() the
-    columns LLaMA-Factory's processor writes for a batch (qwenft.data.prepare saves them)."""
+    encode_sides() gives the sequences of each sample as lists (for scoring); finish_batch() a
+    batch's sides as segments (for measuring) and the columns LLaMA-Factory's processor writes
+    (qwenft.data.prepare saves them)."""
 
     def __init__(
         self,
@@ -802,8 +803,9 @@ def _with_loss(span: Iterable[tuple[int, int]], loss: bool) -> list[tuple[int, i
 
 def encode_pipelined(
     encoder: LlamaFactoryEncoder, batches: Iterable[tuple[Any, list[Aligned]]], ahead: int = 2
-) -> Iterator[tuple[Any, list, dict[str, list]]]:
-    """(meta, sides, columns) of each (meta, aligned samples) batch, as encode_batch gives them.
+) -> Iterator[tuple[Any, list, dict[str, Any]]]:
+    """(meta, sides, columns) of each (meta, aligned samples) batch, as finish_batch gives them
+    (sides as segments: side_counts measures them).
 
     The Rust tokenizer runs without the GIL: while a worker thread encodes the next batches
     (`ahead` of them queued, so it never waits for this thread), this thread reads and plans the
@@ -811,7 +813,7 @@ def encode_pipelined(
     so that the tokenizer never waits for the GIL)."""
     pending: deque = deque()
 
-    def finish() -> tuple[Any, list, dict[str, list]]:
+    def finish() -> tuple[Any, list, dict[str, Any]]:
         meta, plans, future = pending.popleft()
         return meta, *encoder.finish_batch(plans, Encoded(*future.result()))
 
