@@ -532,16 +532,14 @@ def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[s
                 atomic_write_json(sidecar, stats)
             return stats
     progress("measuring sample lengths with the run's tokenizer and template ...")
+    # the encoder of train.yaml's data arguments, as write_tokenized builds it
     stats = tokens.token_stats(
         plan.data_path,
         Path(plan.model.path),
         cfg["template"],
         cfg["cutoff_len"],
         kind=plan.kind,
-        default_system=cfg.get("default_system"),
-        enable_thinking=cfg.get("enable_thinking", True),
-        train_on_prompt=bool(cfg.get("train_on_prompt")),
-        mask_history=bool(cfg.get("mask_history")),
+        encoder=prepare.encoder_for(plan.model.path, cfg),
         max_lines=None,
     )
     if sidecar:
