@@ -641,7 +641,8 @@ class LlamaFactoryEncoder:
 
     def encode_parts(self, parts: tuple[list[str], list[str]]) -> tuple[list[str], list]:
         """(the strings, their Encodings): batch calls of the Rust tokenizer, parallel on every
-        core and without the GIL (the NFC-stable strings without the normalizer)."""
+        core and without the GIL (the NFC-stable strings with its normalizer switched off for the
+        call: one thread at a time per encoder, as encode_pipelined's single worker calls it)."""
         rest, stable = parts
         encodings = self._batch(rest, False) if rest else []
         if stable:
