@@ -372,10 +372,20 @@ class ChatSession:
                 [t.get("function", t) if t.get("type") == "function" else t for t in self.tools],
                 ensure_ascii=False,
             )
+        import threading
+
+        before = set(threading.enumerate())
         for piece in self._model.stream_chat(
             list(self.history), system=self.system or None, tools=tools
         ):
             collect(piece)
+        # Its engine runs model.generate in a daemon thread ("Thread-N (generate)") that is
+        # still returning, inside torch, when the stream ends: a process that exits then kills it
+        # there and aborts ("terminate called without an active exception"). Wait for it, as
+        # _generate_transformers does (not for the engine's idle executor threads).
+        for thread in set(threading.enumerate()) - before:
+            if thread.name.endswith("(generate)"):
+                thread.join(timeout=60)
 
 
 BACKENDS = ("transformers", "vllm", "llama.cpp")
