@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.builders import chat_rows, write_jsonl
+from tests.helpers.builders import chat_rows, write_jsonl, write_model_folder
 from tests.helpers.e2e import LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft
 
 FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
@@ -150,6 +150,13 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def chat_file(tmp_path: Path) -> Path:
     """The four QA conversations (helpers.builders.QA) as chat JSONL."""
     return write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+
+
+@pytest.fixture
+def local_model(tmp_path: Path) -> Path:
+    """A folder that looks like a Qwen2-0.5B-Instruct checkpoint (config.json only: for the
+    command-building tests with the stand-in llamafactory-cli, which never loads it)."""
+    return write_model_folder(tmp_path / "Qwen2-0.5B-Instruct")
 
 
 @pytest.fixture

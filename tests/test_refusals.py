@@ -26,7 +26,7 @@ from tests.helpers.builders import (
     read_calls,
     text_rows,
     write_jsonl,
-    write_model_folder,
+    written,
 )
 from tests.helpers.cli import invoke
 
@@ -35,16 +35,6 @@ from tests.helpers.cli import invoke
 def no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine without GPUs, whatever this one has (the --gpus refusal depends on it)."""
     monkeypatch.setattr("qwenft.lf.launcher.detect_gpus", lambda: [])
-
-
-@pytest.fixture
-def local_model(tmp_path: Path) -> Path:
-    return write_model_folder(tmp_path / "Qwen2-0.5B-Instruct")
-
-
-def written(*roots: Path) -> list[str]:
-    """Everything under the given folders (the working folder, QWENFT_HOME, the data's folder)."""
-    return sorted(str(p) for root in roots for p in root.rglob("*"))
 
 
 BAD_TRAIN = [

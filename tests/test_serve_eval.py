@@ -21,18 +21,9 @@ from qwenft import serve as serve_mod
 from qwenft.models.presets import resolve_model
 from qwenft.runs.lock import LOCK_NAME
 from qwenft.runs.manifest import DatasetRecord, Manifest
-from tests.helpers.builders import QA, read_calls, write_jsonl, write_model_folder
+from tests.helpers.builders import QA, read_calls, write_jsonl, written
 from tests.helpers.cli import invoke
 from tests.helpers.e2e import Qwenft, copy_run
-
-
-def listing(*roots: Path) -> list[str]:
-    return sorted(str(p) for root in roots for p in root.rglob("*"))
-
-
-@pytest.fixture
-def local_model(tmp_path: Path) -> Path:
-    return write_model_folder(tmp_path / "Qwen2-0.5B-Instruct", {"model_type": "qwen2"})
 
 
 @pytest.fixture
@@ -287,11 +278,11 @@ def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path: Path, fake_cli: Pa
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "readme.txt").write_text("hi")
-    before = listing(tmp_path)
+    before = written(tmp_path)
     result = invoke("serve", folder)
     assert result.exit_code == 2, result.output
     assert "not a Hugging Face model folder" in result.output
-    assert read_calls(fake_cli) == [] and listing(tmp_path) == before
+    assert read_calls(fake_cli) == [] and written(tmp_path) == before
 
 
 def test_serve_refuses_a_missing_folder_and_a_run_without_adapter(
@@ -356,14 +347,14 @@ def test_eval_refuses_data_that_fails_the_check(
         tmp_path / "bad.jsonl",
         [{"messages": [{"role": "assistant", "content": "hi"}]}, {"text": "no messages"}],
     )
-    before = listing(tmp_path)
+    before = written(tmp_path)
     result = invoke("eval", run_dir, "--data", bad)
     assert result.exit_code == 2, result.output
     assert (
         "data error(s); nothing was evaluated" in result.output
         and "qwenft data check" in result.output
     )
-    assert read_calls(fake_cli) == [] and listing(tmp_path) == before
+    assert read_calls(fake_cli) == [] and written(tmp_path) == before
 
 
 def test_eval_writes_report_and_refuses_to_overwrite(

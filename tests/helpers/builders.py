@@ -139,3 +139,9 @@ def write_checkpoint(
     if state is not None:
         (folder / "trainer_state.json").write_text(state)
     return folder
+
+
+def written(*roots: Path) -> list[str]:
+    """Everything under the given folders (the working folder, QWENFT_HOME, the data's folder):
+    compare it before and after a command to show the command wrote nothing."""
+    return sorted(str(p) for root in roots for p in root.rglob("*"))
