@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenft.errors import QwenftError
-from qwenft.models.target import ModelTarget
+from qwenft.models import inference
+from qwenft.models.target import ModelTarget, thinking_mode
 
 _OPEN, _CLOSE = "<think>", "</think>"
 
@@ -151,7 +152,6 @@ class ChatSession:
 
     def load(self) -> None:
         import importlib.util
-        import os
 
         if self.backend not in BACKENDS:
             raise QwenftError(
@@ -167,9 +167,7 @@ class ChatSession:
                 "--backend vllm needs the vllm package, which is not installed",
                 "on a CUDA machine: pip install vllm; or use the default --backend transformers",
             )
-        if self.target.model_kind in ("tiny", "local"):
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.target.ensure_built()
+        inference.prepare(self.target)
         if self.system is None:
             self.system = self.target.system
         if self.via_llamafactory:
@@ -193,17 +191,10 @@ class ChatSession:
             return
         if self.backend == "llama.cpp":  # the GGUF, prompted with the run's tokenizer template
             self._model = _load_gguf(self.target)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(self.target.model_path)
+        self._tokenizer = inference.load_tokenizer(self.target)
         if self.backend == "llama.cpp":
             return
-        model = AutoModelForCausalLM.from_pretrained(self.target.model_path, dtype="auto")
-        if self.target.adapter_path:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, self.target.adapter_path)
-        self._model = model.eval()
+        self._model = inference.load_model(self.target)
 
     def reset(self) -> None:
         self.history.clear()
@@ -392,15 +383,16 @@ BACKENDS = ("transformers", "vllm", "llama.cpp")
 
 
 def _load_gguf(target: ModelTarget) -> Any:
-    """llama-cpp-python's Llama over the run's GGUF export."""
-    from qwenft.export import exported_gguf, require_llama_cpp
+    """llama-cpp-python's Llama over the run's GGUF export. The export is looked for first (as
+    `serve` does): without one, installing llama-cpp-python would not help yet."""
+    from qwenft.models.llamacpp import require_llama_cpp
+    from qwenft.runs.gguf import exported_gguf
 
+    gguf = exported_gguf(target.run_dir, target.manifest)
     require_llama_cpp("--backend llama.cpp")
     from llama_cpp import Llama
 
-    return Llama(
-        model_path=str(exported_gguf(target.run_dir, target.manifest)), n_ctx=4096, verbose=False
-    )
+    return Llama(model_path=str(gguf), n_ctx=4096, verbose=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,24 +400,10 @@ def _load_gguf(target: ModelTarget) -> Any:
 
 
 def chat_thinking(trained: bool | None, requested: str, force: bool = False) -> bool | None:
-    """The thinking mode to chat in: None (auto) keeps the run's. A run trained with thinking on
-    trained both of Qwen3's modes when its data mixed reasoning and direct answers, so off is
-    allowed; on after a run trained with thinking off (its thoughts removed) needs --force."""
-    requested = str(requested).lower()
-    if requested == "auto":
-        return None
-    if trained is None:
-        raise QwenftError(
-            f"--thinking {requested}: this model's template has no thinking mode",
-            "drop --thinking (a Qwen3 hybrid model with the qwen3 template has one)",
-        )
-    wanted = requested == "on"
-    if wanted and trained is False and not force:
-        raise QwenftError(
-            "this run was trained with thinking off (its thoughts removed), not on",
-            "drop --thinking, or add --force if you really mean it",
-        )
-    return wanted
+    """The thinking mode to chat in, by the rule `serve` and `eval` use
+    (qwenft.models.target.thinking_mode); None (auto) keeps the run's."""
+    mode = thinking_mode(trained, requested, force)
+    return None if str(requested).lower() == "auto" else mode
 
 
 def _dim(text: str, stream: Any) -> str:

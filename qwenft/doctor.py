@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qwenft.errors import QwenftError
-from qwenft.export import INSTALL_HINT as GGUF_INSTALL_HINT
-from qwenft.lf import launcher
+from qwenft.lf import launcher as lf_launcher
+from qwenft.models.llamacpp import INSTALL_HINT as GGUF_INSTALL_HINT
 from qwenft.paths import qwenft_home
+from qwenft.proc import launcher
 from qwenft.runs.manifest import package_versions
 
 SETUP = "run `make setup` (scripts/setup_env.sh) and use .venv/bin/qwenft"
@@ -56,7 +57,7 @@ def run_checks() -> list[Check]:
         Check("python", sys.version_info >= (3, 10), sys.version.split()[0], "use Python 3.10+"),
     ]
     try:
-        checks.append(Check("llamafactory-cli", True, launcher.find_llamafactory_cli()))
+        checks.append(Check("llamafactory-cli", True, lf_launcher.find_llamafactory_cli()))
     except QwenftError:
         checks.append(Check("llamafactory-cli", False, "not found", SETUP))
     versions = package_versions()

@@ -39,10 +39,12 @@ from qwenft.choices import DataKind, Thinking
 from qwenft.data import check, reader, registry
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
-from qwenft.lf import launcher, render
+from qwenft.lf import launcher as lf_launcher
+from qwenft.lf import render
 from qwenft.models import presets
-from qwenft.models.target import ModelTarget, base_target, check_thinking, resolve_target
+from qwenft.models.target import ModelTarget, base_target, resolve_target, thinking_mode
 from qwenft.paths import default_dataset_dir
+from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
 from qwenft.runs.manifest import now_iso, update_manifest
 from qwenft.runs.progress import surface_log
@@ -152,7 +154,7 @@ def plan_eval(
     # any kind: the file's own (sft runs LLaMA-Factory's evaluation, the others are scored)
     report = check.require_valid(Path(data).expanduser(), "nothing was evaluated", kind=None)
     kind = report.kind
-    cli = launcher.find_llamafactory_cli() if kind == DataKind.SFT.value else ""
+    cli = lf_launcher.find_llamafactory_cli() if kind == DataKind.SFT.value else ""
     data = report.path.resolve()
     sha = reader.file_sha256(data)
 
@@ -164,12 +166,14 @@ def plan_eval(
     train_cfg: dict[str, Any] = {}
     base_model: ModelTarget | None = None
     if manifest is None:
-        # A model as it comes: thinking follows the data, by the rule `train` uses.
-        tuned.enable_thinking = run_settings.thinking_choice(
-            thinking, run_settings.model_for(spec, template), data
+        # A model as it comes: its own mode is the one `train` would choose on this data; a
+        # --thinking is then checked by the rule chat and serve use (models.target.thinking_mode)
+        own = run_settings.thinking_choice(
+            Thinking.AUTO.value, run_settings.model_for(spec, template), data
         )
+        tuned.enable_thinking = thinking_mode(own, thinking, force, trained=False)
     else:
-        tuned.enable_thinking = check_thinking(manifest.enable_thinking, thinking, force)
+        tuned.enable_thinking = thinking_mode(manifest.enable_thinking, thinking, force)
         train_cfg = _run_train_config(tuned.run_dir)
         if not no_base and not base:
             base_model = base_target(manifest.model, tuned.template)
@@ -437,7 +441,7 @@ def _eval_locked(plan: EvalPlan, progress: Callable[[str], None], verbose: bool)
             yaml_path = stage / "raw" / f"{name}.yaml"
             atomic_write_text(yaml_path, render.to_yaml(cfg, header=f"qwenft eval: {name}"))
             argv = [plan.cli, "train", str(yaml_path)]
-            env = launcher.offline_env(model.model_kind)
+            env = lf_launcher.offline_env(model.model_kind)
             job_started = time.monotonic()
             code = launcher.run(
                 argv, env, plan.log_path, cwd=stage, echo=launcher.child_echo(verbose)

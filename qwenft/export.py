@@ -34,20 +34,18 @@ from typing import Any
 from qwenft.choices import GgufQuant, Method
 from qwenft.data.check import file_has_tools
 from qwenft.errors import JobFailed, QwenftError
-from qwenft.fsutil import refuse_existing, share_like_umask
-from qwenft.lf import launcher
+from qwenft.fsutil import refuse_existing, share_like_umask, staged_dir
+from qwenft.models.llamacpp import (
+    LLAMA_CPP_PYTHON,
+    LLAMA_CPP_PYTHON_VERSION,
+    require_llama_cpp,
+)
 from qwenft.paths import qwenft_home
+from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
 from qwenft.runs.manifest import Manifest, now_iso, read_manifest, update_manifest
 
-LLAMA_CPP_PYTHON = "llama-cpp-python"
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-INSTALL_HINT = (
-    f"install the gguf extra: .venv/bin/pip install {LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION} "
-    "(a source build: 6-12 minutes once on a 2-core CPU, then pip's cache reuses it); "
-    "`make test` installs it"
-)
 VERIFY_TOKENS = 32
 VERIFY_PROMPTS = 3
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -55,18 +53,6 @@ QUANT_FTYPES = {  # llama.cpp's file types for the quantized exports
     GgufQuant.Q8_0: "LLAMA_FTYPE_MOSTLY_Q8_0",
     GgufQuant.Q4_K_M: "LLAMA_FTYPE_MOSTLY_Q4_K_M",
 }
-
-
-def llama_cpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def require_llama_cpp(what: str) -> None:
-    """QwenftError (exit 2) with the install command when llama-cpp-python is missing."""
-    if not llama_cpp_available():
-        raise QwenftError(f"{what} needs llama-cpp-python, which is not installed", INSTALL_HINT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,12 +101,10 @@ def converter_dir(progress: Callable[[str], None] = print) -> Path:
                 f"{sdists[0].name} has sha256 {got[:16]}..., not the pinned {SDIST_SHA256[:16]}...",
                 "the package index served another file; nothing was extracted",
             )
-        stage = Path(tmp) / "llama.cpp"
-        _extract_converter(sdists[0], stage)
-        share_like_umask(stage)
         try:
-            os.rename(stage, target)
-        except OSError:  # another export extracted it meanwhile
+            with staged_dir(target) as stage:
+                _extract_converter(sdists[0], stage)
+        except (OSError, QwenftError):  # another export extracted it meanwhile
             if not (target / "convert_hf_to_gguf.py").is_file():
                 raise
     return target
@@ -141,23 +125,6 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
         tar.extractall(dest, members=members, filter="data")
     if not (dest / "convert_hf_to_gguf.py").is_file():
         raise QwenftError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
-
-
-def exported_gguf(run_dir: Path | None, manifest: Manifest | None) -> Path:
-    """The run's most recent GGUF export that is still there (chat/serve --backend llama.cpp)."""
-    if run_dir is None or manifest is None:
-        raise QwenftError(
-            "--backend llama.cpp serves a run's GGUF export; this is not a run folder",
-            "export a run first: qwenft export RUN_DIR",
-        )
-    for record in reversed(manifest.exports):
-        path = Path(record.get("file", ""))
-        if path.is_file():
-            return path
-    raise QwenftError(
-        f"{run_dir} has no GGUF export yet",
-        f"qwenft export {run_dir} (then --backend llama.cpp uses it)",
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -110,16 +110,16 @@ class Scorer:
 
 
 def load_scorer(target: ModelTarget, *, batch_size: int = DEFAULT_BATCH) -> Scorer:
-    """Load the target as `qwenft chat` does (transformers; peft for base + adapter), in eval
-    mode, on the GPU when one is visible."""
+    """Load the target as `qwenft chat` does (qwenft.models.inference: transformers; peft for
+    base + adapter), in eval mode, on the GPU when one is visible."""
     import torch
 
-    from qwenft.chat import ChatSession
+    from qwenft.models import inference
 
-    session = ChatSession(target)
     with contextlib.redirect_stdout(sys.stderr):
-        session.load()
-    model, tokenizer = session._model, session._tokenizer
+        inference.prepare(target)
+        tokenizer = inference.load_tokenizer(target)
+        model = inference.load_model(target)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         model = model.to(device)

@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.errors import Interrupted, JobFailed, QwenftError
-from qwenft.lf import launcher, render
+from qwenft.lf import launcher as lf_launcher
+from qwenft.lf import render
 from qwenft.models.target import ModelTarget, resolve_target
+from qwenft.proc import launcher
 
 
 @dataclass
@@ -200,7 +202,7 @@ def build_serve_command(
     """argv and environment for `llamafactory-cli api`. API_KEY is always set (empty = no key) so a
     key in the caller's environment never silently applies."""
     env = {
-        **launcher.offline_env(model_kind),
+        **lf_launcher.offline_env(model_kind),
         "API_HOST": host,
         "API_PORT": str(port),
         "API_KEY": api_key or "",
@@ -233,7 +235,7 @@ def plan_serve(
     model_name = model_name_for(spec, run_dir)
     if backend == "llama.cpp":
         return _plan_llamacpp(target, template, run_dir, host, port, api_key, model_name, timeout_s)
-    cli = launcher.find_llamafactory_cli()
+    cli = lf_launcher.find_llamafactory_cli()
     config = build_serve_config(target, template)
     yaml_text = render.to_yaml(config, header=f"qwenft serve {target.source}")
     yaml_path = (run_dir or Path("<temp>")) / "serve.yaml"
@@ -273,7 +275,8 @@ def _plan_llamacpp(
     """`qwenft serve --backend llama.cpp`: llama-cpp-python's OpenAI-compatible server over the
     run's GGUF export (its chat template is the one the export embedded and verified). The key
     goes in the environment (API_KEY), never on the command line."""
-    from qwenft.export import exported_gguf, require_llama_cpp
+    from qwenft.models.llamacpp import require_llama_cpp
+    from qwenft.runs.gguf import exported_gguf
 
     gguf = exported_gguf(run_dir, target.manifest)
     require_llama_cpp("--backend llama.cpp")

@@ -31,9 +31,9 @@ from qwenft.choices import (
     Overlength,
     Stage,
 )
-from qwenft.data import check, convert, kinds, prepare, reader, registry, split, tokens
+from qwenft.data import cache, check, convert, kinds, prepare, reader, registry, split, tokens
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
-from qwenft.lf import cache, launcher, render
+from qwenft.lf import launcher, render
 from qwenft.models import presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir

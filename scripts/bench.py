@@ -115,7 +115,7 @@ def machine() -> dict[str, Any]:
             from importlib.metadata import version
 
             versions[pkg] = version(pkg)
-    from qwenft.lf.launcher import detect_gpus
+    from qwenft.proc.launcher import detect_gpus
 
     gpu = "\n".join(g["name"] for g in detect_gpus()) or None
     return {

@@ -112,7 +112,7 @@ import json, sys
 from pathlib import Path
 from qwenft.data.prepare import write_tokenized
 stats = write_tokenized(Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4]))
-print(stats["n_samples"])
+print(stats.n_samples)
 """
 
 LLAMAFACTORY = """
@@ -138,7 +138,7 @@ print(len(ds["train_dataset"]))
 
 def tree_run(argv: list[str], log: Path) -> tuple[float, float, str]:
     """(wall s, peak PSS MiB of the whole process tree, last output line) of argv."""
-    from qwenft.lf.launcher import run
+    from qwenft.proc.launcher import run
 
     stats: dict = {}
     t0 = time.perf_counter()

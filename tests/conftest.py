@@ -160,6 +160,14 @@ def local_model(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def data_app():  # noqa: ANN201 - a typer.Typer
+    """A Typer app holding only `qwenft data` (helpers.cli.data_app)."""
+    from tests.helpers.cli import data_app
+
+    return data_app()
+
+
+@pytest.fixture
 def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The recording llamafactory-cli (helpers/fake_llamafactory_cli.py) first on PATH; returns
     the JSON-lines record file (read it with helpers.builders.read_calls)."""

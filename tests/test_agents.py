@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
 
-from qwenft.cli import data as data_cli
 from qwenft.data.check import check_file, format_report
 from qwenft.data.convert import convert_file
 from qwenft.data.reasoning import count_reasoning, thinking_plan, with_reasoning
 from tests.helpers import cli
+from tests.helpers.builders import lines, table, write
 from tests.helpers.e2e import LEARN
 from tests.helpers.lf_reference import lengths_and_loss, lf_rows
 
@@ -40,29 +39,8 @@ RESULT = {"role": "tool", "content": "18C sunny"}
 THINK = with_reasoning("The user wants the weather.", "Paris: 18C and sunny.")
 
 
-def table(names: str, rows: list[tuple]):
-    return pytest.mark.parametrize(names, rows, ids=[r[0] for r in rows])
-
-
 def row(*messages: dict, **extra: object) -> dict:
     return {"messages": list(messages), **extra}
-
-
-def jsonl(*rows: dict) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
-
-
-def write(tmp: Path, content: bytes, name: str = "data.jsonl") -> Path:
-    p = tmp / name
-    p.write_bytes(content)
-    return p
-
-
-@pytest.fixture
-def app() -> typer.Typer:
-    root = typer.Typer()
-    root.add_typer(data_cli.app, name="data")
-    return root
 
 
 def tc(cid: str | None, name: str = "get_weather", arguments: object = '{"city": "Paris"}') -> dict:
@@ -137,31 +115,31 @@ CONVERT_BAD = [
 
 
 @table("case_id,bad,kind", CHECK_BAD)
-def test_check_refuses_bad_tool_and_reasoning_rows(tmp_path: Path, app, case_id, bad, kind):
-    path = write(tmp_path, jsonl(row(U, A), bad))
+def test_check_refuses_bad_tool_and_reasoning_rows(tmp_path: Path, data_app, case_id, bad, kind):
+    path = write(tmp_path, lines(row(U, A), bad))
     report = check_file(path)
     found = [p for p in report.errors if p.kind == kind]
     assert found and found[0].line == 2, format_report(report)
-    result = cli.invoke("data", "check", path, app=app)
+    result = cli.invoke("data", "check", path, app=data_app)
     assert result.exit_code == 2 and f"{path}:2" in result.output and kind in result.output
 
 
 @table("case_id,bad,kind", CONVERT_BAD)
-def test_convert_refuses_bad_tool_and_reasoning_rows(tmp_path: Path, app, case_id, bad, kind):
-    src = write(tmp_path, jsonl(GOOD_OPENAI, bad), "in.jsonl")
+def test_convert_refuses_bad_tool_and_reasoning_rows(tmp_path: Path, data_app, case_id, bad, kind):
+    src = write(tmp_path, lines(GOOD_OPENAI, bad), "in.jsonl")
     out = tmp_path / "out.jsonl"
     report = convert_file(src, out, "openai")
     assert not report.written and not out.exists()
     found = [p for p in report.problems if p.kind == kind and p.severity == "error"]
     assert found and found[0].line == 2, report.to_dict()
-    result = cli.invoke("data", "convert", src, "-o", out, app=app)
+    result = cli.invoke("data", "convert", src, "-o", out, app=data_app)
     assert result.exit_code == 2 and f"{src}:2" in result.output and kind in result.output
     kept = convert_file(src, out, "openai", skip_invalid=True)  # only that row is refused
     assert kept.written and kept.n_out == 1
 
 
-def test_a_thought_out_of_qwen3_form_is_a_warning(tmp_path: Path, app) -> None:
-    path = write(tmp_path, jsonl(row(U, {"role": "assistant", "content": "<think>hm</think>Yes."})))
+def test_a_thought_out_of_qwen3_form_is_a_warning(tmp_path: Path, data_app) -> None:
+    path = write(tmp_path, lines(row(U, {"role": "assistant", "content": "<think>hm</think>Yes."})))
     report = check_file(path)
     assert report.ok and [(p.kind, p.line) for p in report.warnings] == [("think_form", 1)]
 
@@ -175,7 +153,7 @@ def test_the_corpus_is_large_enough() -> None:
 
 
 def _converted(tmp_path: Path, rows: list[dict], fmt: str = "auto") -> list[dict]:
-    src = write(tmp_path, jsonl(*rows), "in.jsonl")
+    src = write(tmp_path, lines(*rows), "in.jsonl")
     out = tmp_path / "out.jsonl"
     report = convert_file(src, out, fmt)
     assert report.written, report.to_dict()
@@ -217,7 +195,7 @@ def test_reasoning_content_becomes_the_qwen3_think_form(tmp_path: Path) -> None:
     assert tool["messages"][3]["content"] == "<think>\nRead it.\n</think>\n\n18C."
 
 
-def test_glaive_rows_llamafactory_trains_are_accepted(tmp_path: Path, app) -> None:
+def test_glaive_rows_llamafactory_trains_are_accepted(tmp_path: Path, data_app) -> None:
     """The shape of LLaMA-Factory's glaive_toolcall_zh_demo.json: calls and results as
     function_call/observation, tools as a JSON string, and rows where a tool result follows a text
     answer (LLaMA-Factory trains them: the answer as text, the result as a tool response)."""
@@ -249,7 +227,7 @@ def test_glaive_rows_llamafactory_trains_are_accepted(tmp_path: Path, app) -> No
     assert [p.kind for p in report.problems] == ["tool_after_text"]
     checked = check_file(out)
     assert checked.ok and [(p.kind, p.line) for p in checked.warnings] == [("tool_after_text", 2)]
-    assert cli.invoke("data", "check", out, app=app).exit_code == 0
+    assert cli.invoke("data", "check", out, app=data_app).exit_code == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +239,7 @@ REASONS = row(U, {"role": "assistant", "content": THINK})
 
 
 def test_count_reasoning_counts_an_empty_thought_as_a_direct_answer(tmp_path: Path) -> None:
-    counts = count_reasoning(write(tmp_path, jsonl(PLAIN, REASONS, EMPTY_THOUGHT, REASONS)))
+    counts = count_reasoning(write(tmp_path, lines(PLAIN, REASONS, EMPTY_THOUGHT, REASONS)))
     assert (counts.reasoning, counts.plain) == (2, 2)
     assert (counts.first_reasoning, counts.first_plain) == (2, 1)
 
@@ -274,10 +252,10 @@ def test_count_reasoning_reads_a_file_once_until_it_changes(
     reads = []
     real = reasoning._count_reasoning
     monkeypatch.setattr(reasoning, "_count_reasoning", lambda p: reads.append(p) or real(p))
-    path = write(tmp_path, jsonl(PLAIN, REASONS))
+    path = write(tmp_path, lines(PLAIN, REASONS))
     assert count_reasoning(path).reasoning == count_reasoning(path).reasoning == 1
     assert len(reads) == 1  # data check and the settings resolver share one pass
-    path.write_bytes(jsonl(PLAIN, REASONS, REASONS))
+    path.write_bytes(lines(PLAIN, REASONS, REASONS))
     assert (count_reasoning(path).reasoning, len(reads)) == (2, 2)  # the new content is counted
 
 
@@ -292,7 +270,7 @@ def test_count_reasoning_reads_a_file_once_until_it_changes(
     ([REASONS], "hybrid", "auto", "qwen3_nothink", None),
 ])
 def test_thinking_plan(tmp_path: Path, rows, model, requested, template, expected) -> None:
-    plan = thinking_plan(write(tmp_path, jsonl(*rows)), model, requested, template)
+    plan = thinking_plan(write(tmp_path, lines(*rows)), model, requested, template)
     enable, notes = plan
     assert enable is expected and notes
     assert (plan.warning is not None) == (template in ("qwen", "qwen3_nothink"))
@@ -301,18 +279,18 @@ def test_thinking_plan(tmp_path: Path, rows, model, requested, template, expecte
                                                                 for n in notes)
 
 
-def test_data_check_says_how_each_kind_is_trained(tmp_path: Path, app) -> None:
-    path = write(tmp_path, jsonl(REASONS, PLAIN))
-    result = cli.invoke("data", "check", path, app=app)
+def test_data_check_says_how_each_kind_is_trained(tmp_path: Path, data_app) -> None:
+    path = write(tmp_path, lines(REASONS, PLAIN))
+    result = cli.invoke("data", "check", path, app=data_app)
     assert result.exit_code == 0
     assert "reasoning: 1 of 2 samples reason; for a Qwen3 hybrid model: enable_thinking: true" in (
         result.output)
     assert "direct answers (1 sample): trained after an empty <think>" in result.output
-    data = json.loads(cli.invoke("data", "check", path, "--json", app=app).stdout)
+    data = json.loads(cli.invoke("data", "check", path, "--json", app=data_app).stdout)
     assert data["reasoning"]["enable_thinking"] is True
     assert data["reasoning"]["reasoning_samples"] == 1
-    plain = write(tmp_path, jsonl(PLAIN), "plain.jsonl")
-    assert "reasoning:" not in cli.invoke("data", "check", plain, app=app).output
+    plain = write(tmp_path, lines(PLAIN), "plain.jsonl")
+    assert "reasoning:" not in cli.invoke("data", "check", plain, app=data_app).output
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +413,7 @@ def test_converted_rows_count_as_llamafactory_does(tmp_path: Path, tiny_home: Pa
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model_dir = ensure_tiny_model(preset, progress=None)
-    src = write(tmp_path, jsonl(*rows), "openai.jsonl")
+    src = write(tmp_path, lines(*rows), "openai.jsonl")
     data = tmp_path / "data.jsonl"
     assert convert_file(src, data, "openai").n_out == len(rows)
     config = {"stage": "sft", "template": template, "cutoff_len": 1024,
@@ -486,7 +464,7 @@ def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path
 
     from qwenft import serve as serve_mod
 
-    src = write(tmp_path, jsonl(*TOOL_TRAIN), "openai.jsonl")
+    src = write(tmp_path, lines(*TOOL_TRAIN), "openai.jsonl")
     data = tmp_path / "tools.jsonl"
     qwenft("data", "convert", src, "-o", data)
     run = tmp_path / "runs" / "tools"
@@ -540,7 +518,7 @@ MIXED = [
 
 
 def test_mixed_reasoning_trains_both_modes_on_tiny_qwen3(qwenft, tmp_path: Path) -> None:
-    src = write(tmp_path, jsonl(*MIXED), "openai.jsonl")
+    src = write(tmp_path, lines(*MIXED), "openai.jsonl")
     data = tmp_path / "mixed.jsonl"
     qwenft("data", "convert", src, "-o", data)
     run = tmp_path / "runs" / "mixed"

@@ -11,16 +11,15 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 
-from qwenft.cli import data as data_cli
 from qwenft.data.check import check_file, format_report, require_valid
 from qwenft.data.convert import convert_file, materialize_pt_jsonl, parse_fill
 from qwenft.data.kinds import detect_file_kind, row_kind
 from qwenft.data.registry import dataset_entry, register_dataset
 from qwenft.data.split import split_file
 from qwenft.errors import QwenftError
-from tests.helpers import cli
+from tests.helpers.builders import lines, table, write
+from tests.helpers.cli import invoke_data as invoke
 from tests.helpers.lf_reference import lf_rows
 
 U = {"role": "user", "content": "Hi"}
@@ -37,40 +36,12 @@ TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
         "function_tag": "function_call"}
 
 
-def table(names: str, rows: list[tuple]):
-    return pytest.mark.parametrize(names, rows, ids=[r[0] for r in rows])
-
-
-def lines(*rows: bytes | dict) -> bytes:
-    out = b""
-    for r in rows:
-        out += r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() + b"\n"
-    return out
-
-
-def write(tmp: Path, content: bytes, name: str = "data.jsonl") -> Path:
-    p = tmp / name
-    p.write_bytes(content)
-    return p
-
-
 def pair(*context: dict, chosen: object = GOOD_A, rejected: object = BAD_A, **extra) -> dict:
     return {"messages": list(context), "chosen": chosen, "rejected": rejected, **extra}
 
 
 def kto(*messages: dict, label: object = True, **extra) -> dict:
     return {"messages": list(messages), "label": label, **extra}
-
-
-@pytest.fixture
-def app() -> typer.Typer:
-    root = typer.Typer()
-    root.add_typer(data_cli.app, name="data")
-    return root
-
-
-def invoke(app: typer.Typer, *args: object):
-    return cli.invoke("data", *args, app=app)
 
 
 @pytest.fixture
@@ -157,12 +128,12 @@ LF_DEMOS = [
 
 
 @table("case_id,name,rows,kind,first", LF_DEMOS)
-def test_demo_shapes_convert_check_and_register(tmp_path: Path, app, case_id, name, rows, kind,
+def test_demo_shapes_convert_check_and_register(tmp_path: Path, data_app, case_id, name, rows, kind,
                                                 first) -> None:
     content = (json.dumps(rows, indent=2).encode() if name.endswith(".json") else lines(*rows))
     src = write(tmp_path, content, name)
     out = tmp_path / "out.jsonl"
-    result = invoke(app, "convert", src, "-o", out, "--json")
+    result = invoke(data_app, "convert", src, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["kind"] == kind and report["n_out"] == len(rows)
@@ -172,28 +143,28 @@ def test_demo_shapes_convert_check_and_register(tmp_path: Path, app, case_id, na
         assert [r["label"] for r in converted] == [r.get("label", r.get("kto_tag")) for r in rows]
     check = check_file(out)
     assert check.ok and check.kind == kind and check.n_warnings == 0, format_report(check)
-    result = invoke(app, "check", out, "--json")
+    result = invoke(data_app, "check", out, "--json")
     assert result.exit_code == 0 and json.loads(result.output)["kind"] == kind
-    result = invoke(app, "register", out, "--name", "demo", "--dataset-dir", tmp_path / "reg",
+    result = invoke(data_app, "register", out, "--name", "demo", "--dataset-dir", tmp_path / "reg",
                     "--json")
     assert result.exit_code == 0, result.output
     entry = json.loads((tmp_path / "reg" / "dataset_info.json").read_text())["demo"]
     assert entry == dataset_entry(out, kind=kind)
 
 
-def test_demo_files_are_named_for_what_they_are(tmp_path: Path, app) -> None:
+def test_demo_files_are_named_for_what_they_are(tmp_path: Path, data_app) -> None:
     """Before: a DPO file was told "looks like ShareGPT" and then "ends with a user turn"; a KTO
     file passed with its label called "not used by LLaMA-Factory"; a text file was a dead end."""
     dpo = write(tmp_path, lines(LF_DEMOS[0][2][0]), "dpo.jsonl")
-    result = invoke(app, "check", dpo)
+    result = invoke(data_app, "check", dpo)
     assert result.exit_code == 2 and "sharegpt preference (ranking) data" in result.output
     assert "ends with" not in result.output
     kto_file = write(tmp_path, lines(KTO_T, KTO_F), "kto.jsonl")
-    result = invoke(app, "check", kto_file)
+    result = invoke(data_app, "check", kto_file)
     assert result.exit_code == 0 and "kto data" in result.output
     assert "not used" not in result.output
     text = write(tmp_path, lines(TEXT), "c4.jsonl")
-    result = invoke(app, "check", text, "--json")
+    result = invoke(data_app, "check", text, "--json")
     assert result.exit_code == 0 and json.loads(result.output)["kind"] == "pt"
 
 
@@ -220,13 +191,13 @@ GOOD_KIND_CASES = [
 
 
 @table("case_id,content,name,kind,n", GOOD_KIND_CASES)
-def test_good_files_of_each_kind(tmp_path: Path, app, case_id, content, name, kind, n) -> None:
+def test_good_files_of_each_kind(tmp_path: Path, data_app, case_id, content, name, kind, n) -> None:
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert report.ok and report.n_warnings == 0, format_report(report)
     assert (report.kind, report.n_samples, report.n_valid) == (kind, n, n)
     assert detect_file_kind(path) == kind
-    result = invoke(app, "check", path)
+    result = invoke(data_app, "check", path)
     assert result.exit_code == 0 and f"{kind} data" in result.output
 
 
@@ -295,17 +266,17 @@ BAD_KIND_CASES = [
 
 
 @table("case_id,content,name,kind,line", BAD_KIND_CASES)
-def test_bad_kind_corpus(tmp_path: Path, app, registry: Path, case_id, content, name, kind, line):
+def test_bad_kind_corpus(tmp_path: Path, data_app, registry: Path, case_id, content, name, kind, line):
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert not report.ok
     found = [p for p in report.problems if p.kind == kind]
     assert found, format_report(report)
     assert found[0].severity == "error" and found[0].line == line, format_report(report)
-    result = invoke(app, "check", path)
+    result = invoke(data_app, "check", path)
     assert result.exit_code == 2 and f"{path}:{line}" in result.output
     before = {p.name: p.read_bytes() for p in registry.iterdir()}
-    result = invoke(app, "register", path, "--name", "new", "--dataset-dir", registry)
+    result = invoke(data_app, "register", path, "--name", "new", "--dataset-dir", registry)
     assert result.exit_code == 2 and "error:" in result.output
     assert {p.name: p.read_bytes() for p in registry.iterdir()} == before
 
@@ -344,13 +315,13 @@ WARN_KIND_CASES = [
 
 
 @table("case_id,content,name,kind,line,part", WARN_KIND_CASES)
-def test_kind_warnings(tmp_path: Path, app, case_id, content, name, kind, line, part) -> None:
+def test_kind_warnings(tmp_path: Path, data_app, case_id, content, name, kind, line, part) -> None:
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert report.ok, format_report(report)
     found = [p for p in report.warnings if p.kind == kind]
     assert found and found[0].line == line and part in found[0].message, format_report(report)
-    assert invoke(app, "check", path).exit_code == 0
+    assert invoke(data_app, "check", path).exit_code == 0
 
 
 @pytest.mark.parametrize("key", ["label", "kto_tag", "chosen", "rejected", "images", "videos",
@@ -404,18 +375,18 @@ CONVERT_REFUSALS = [
 
 
 @table("case_id,rows,fmt,kind,line", CONVERT_REFUSALS)
-def test_convert_refuses_with_the_reason(tmp_path: Path, app, case_id, rows, fmt, kind, line):
+def test_convert_refuses_with_the_reason(tmp_path: Path, data_app, case_id, rows, fmt, kind, line):
     src = write(tmp_path, lines(*rows), "in.jsonl")
     out = tmp_path / "out.jsonl"
     report = convert_file(src, out, fmt)
     assert not report.written and not out.exists()
     errors = [p for p in report.problems if p.severity == "error"]
     assert (errors[0].kind, errors[0].line) == (kind, line), report.problems
-    result = invoke(app, "convert", src, "-o", out, "--from", fmt)
+    result = invoke(data_app, "convert", src, "-o", out, "--from", fmt)
     assert result.exit_code == 2 and f"{src}:{line}" in result.output and not out.exists()
 
 
-def test_convert_fill_placeholders(tmp_path: Path, app) -> None:
+def test_convert_fill_placeholders(tmp_path: Path, data_app) -> None:
     identity = [{"instruction": "hi", "input": "",
                  "output": "Hello! I am {{name}}, an AI assistant developed by {{author}}."},
                 {"instruction": "Who are you?", "input": "", "output": "I am {{name}}."}]
@@ -425,7 +396,7 @@ def test_convert_fill_placeholders(tmp_path: Path, app) -> None:
     assert report.written
     warned = [p for p in report.problems if p.kind == "placeholder"]
     assert [p.line for p in warned] == [2, 7] and all(p.severity == "warning" for p in warned)
-    result = invoke(app, "convert", src, "-o", out, "--force", "--fill", "name=MyBot",
+    result = invoke(data_app, "convert", src, "-o", out, "--force", "--fill", "name=MyBot",
                     "--fill", "author=Me")
     assert result.exit_code == 0, result.output
     assert "warning placeholder" not in result.output
@@ -475,7 +446,7 @@ def test_entries_of_each_kind(tmp_path: Path) -> None:
         dataset_entry(Path(p), kind="rm")
 
 
-def test_register_detects_the_kind_and_refuses_txt(tmp_path: Path, app) -> None:
+def test_register_detects_the_kind_and_refuses_txt(tmp_path: Path, data_app) -> None:
     reg = tmp_path / "reg"
     for name, rows, kind in (("p", [PAIR], "preference"), ("k", [KTO_T, KTO_F], "kto"),
                              ("t", [TEXT], "pt"), ("s", [{"messages": [U, A]}], "sft")):
@@ -486,7 +457,7 @@ def test_register_detects_the_kind_and_refuses_txt(tmp_path: Path, app) -> None:
     with pytest.raises(QwenftError, match="line by line") as exc:
         register_dataset(txt, "c", reg)
     assert "qwenft data convert" in exc.value.hint
-    result = invoke(app, "register", txt, "--dataset-dir", reg)
+    result = invoke(data_app, "register", txt, "--dataset-dir", reg)
     assert result.exit_code == 2 and "data convert" in result.output
     assert (reg / "dataset_info.json").read_bytes() == before
 
@@ -538,7 +509,8 @@ def _loss(labels: list[int]) -> int:
                                                    ("tiny-qwen3", "qwen3", 128)])
 def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkeypatch,
                                               preset, template, cutoff) -> None:
-    from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_sides, token_stats
+    from qwenft.data.pipeline import token_stats
+    from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_sides
     from qwenft.models.tiny import ensure_tiny_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -553,7 +525,7 @@ def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, m
     for (_, (c, r)), row in zip(sides, lf, strict=True):
         assert (c[1], c[2]) == (len(row["chosen_input_ids"]), _loss(row["chosen_labels"]))
         assert (r[1], r[2]) == (len(row["rejected_input_ids"]), _loss(row["rejected_labels"]))
-    stats = token_stats(data, model_dir, template, cutoff)  # the kind detected from the file
+    stats = token_stats(data, model_dir, template, cutoff).to_dict()  # the file's kind
     assert stats["kind"] == "preference" and stats["n_samples"] == len(PAIR_ROWS)
     assert stats["pairs"]["chosen"]["tokens_after_cutoff"] == sum(
         len(r["chosen_input_ids"]) for r in lf)
@@ -569,7 +541,8 @@ def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, m
 
 def test_kto_and_text_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path,
                                                       monkeypatch) -> None:
-    from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths, token_stats
+    from qwenft.data.pipeline import token_stats
+    from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths
     from qwenft.models.tiny import ensure_tiny_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -588,24 +561,24 @@ def test_kto_and_text_token_counts_equal_llamafactory(tmp_path: Path, tiny_home:
         want = [(len(r["input_ids"]), _loss(r["labels"]) if kind == "kto" else len(r["input_ids"]))
                 for r in lf]
         assert got == want
-        stats = token_stats(data, model_dir, "qwen", cutoff, kind=kind)
+        stats = token_stats(data, model_dir, "qwen", cutoff, kind=kind).to_dict()
         assert stats["kind"] == kind and stats["n_over_cutoff"] >= 1
         assert stats["tokens_after_cutoff"] == sum(k for k, _ in want)
 
 
-def test_check_cli_token_stats_for_pairs(tmp_path: Path, tiny_home: Path, app) -> None:
+def test_check_cli_token_stats_for_pairs(tmp_path: Path, tiny_home: Path, data_app) -> None:
     data = write(tmp_path, lines(*PAIR_ROWS))
-    result = invoke(app, "check", data, "--cutoff-len", "64")
+    result = invoke(data_app, "check", data, "--cutoff-len", "64")
     assert result.exit_code == 0, result.output
     assert "prompt+chosen" in result.output and "prompt+rejected" in result.output
     assert "5 pairs" in result.output
     txt = write(tmp_path, b"A document.\n\nAnother, " + LONG.encode() + b"\n", "c.txt")
-    result = invoke(app, "check", txt, "--cutoff-len", "64", "--json")
+    result = invoke(data_app, "check", txt, "--cutoff-len", "64", "--json")
     assert result.exit_code == 0, result.output
     tokens = json.loads(result.stdout)["tokens"]
     assert (tokens["kind"], tokens["n_samples"], tokens["n_over_cutoff"]) == ("pt", 2, 1)
     think = {"role": "assistant", "content": "<think>\nhm\n</think>\n\nYes."}
     mixed = write(tmp_path, lines(pair(U, chosen=think), PAIR), "think.jsonl")
-    result = invoke(app, "check", mixed, "--model", "tiny-qwen3")  # a pair's answers count too
+    result = invoke(data_app, "check", mixed, "--model", "tiny-qwen3")  # a pair's answers count too
     assert result.exit_code == 0, result.output
     assert "1 of 2 samples reason" in result.output and "enable_thinking: true" in result.output

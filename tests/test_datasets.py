@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 
-from qwenft.cli import data as data_cli
 from qwenft.data import reader
 from qwenft.data.check import check_file, file_has_tools, format_report
 from qwenft.data.convert import convert_file
+from qwenft.data.pipeline import token_stats
 from qwenft.data.reader import file_sha256
 from qwenft.data.registry import (
     auto_dataset_name,
@@ -24,9 +23,10 @@ from qwenft.data.registry import (
     register_dataset,
 )
 from qwenft.data.split import split_file, write_without_lines
-from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths, token_stats
+from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths
 from qwenft.errors import QwenftError
-from tests.helpers import cli
+from tests.helpers.builders import lines, table, write
+from tests.helpers.cli import invoke_data as invoke
 from tests.helpers.lf_reference import lengths_and_loss, lf_rows
 
 U = {"role": "user", "content": "Hi"}
@@ -40,26 +40,8 @@ GOOD = {"messages": [U, A]}
 GOOD2 = {"messages": [S, U, A]}
 
 
-def table(names: str, rows: list[tuple]):
-    """parametrize over a flat table whose first column names the case."""
-    return pytest.mark.parametrize(names, rows, ids=[r[0] for r in rows])
-
-
 def row(*messages: dict, **extra: object) -> bytes:
     return json.dumps({"messages": list(messages), **extra}, ensure_ascii=False).encode() + b"\n"
-
-
-def lines(*rows: bytes | dict) -> bytes:
-    out = b""
-    for r in rows:
-        out += r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() + b"\n"
-    return out
-
-
-def write(tmp: Path, content: bytes, name: str = "data.jsonl") -> Path:
-    p = tmp / name
-    p.write_bytes(content)
-    return p
 
 
 @pytest.fixture
@@ -68,18 +50,6 @@ def folder(tmp_path: Path) -> Path:
     d = tmp_path / "d"
     d.mkdir()
     return d
-
-
-@pytest.fixture
-def app() -> typer.Typer:
-    root = typer.Typer()
-    root.add_typer(data_cli.app, name="data")
-    return root
-
-
-def invoke(app: typer.Typer, *args: object):
-    """`data ARGS` against the `app` fixture (only the data sub-app)."""
-    return cli.invoke("data", *args, app=app)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,13 +91,13 @@ GOOD_CASES = [
 
 
 @table("case_id,content,name,n", GOOD_CASES)
-def test_good_files_pass(tmp_path: Path, app, case_id, content, name, n) -> None:
+def test_good_files_pass(tmp_path: Path, data_app, case_id, content, name, n) -> None:
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert report.ok, format_report(report)
     assert report.n_errors == 0 and report.n_warnings == 0, format_report(report)
     assert (report.n_samples, report.n_valid) == (n, n)
-    result = invoke(app, "check", path)
+    result = invoke(data_app, "check", path)
     assert result.exit_code == 0, result.output
 
 
@@ -243,7 +213,7 @@ def registry(tmp_path: Path) -> Path:
 
 
 @table("case_id,content,name,kind,line", BAD_CASES)
-def test_malformed_corpus(tmp_path: Path, app, registry: Path, case_id, content, name, kind, line):
+def test_malformed_corpus(tmp_path: Path, data_app, registry: Path, case_id, content, name, kind, line):
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert not report.ok
@@ -254,12 +224,12 @@ def test_malformed_corpus(tmp_path: Path, app, registry: Path, case_id, content,
     text = format_report(report)
     assert f"{path}:{line}" in text if line else f"error {kind}" in text
 
-    result = invoke(app, "check", path)
+    result = invoke(data_app, "check", path)
     assert result.exit_code == 2
     assert (f"{path}:{line}" if line else kind) in result.output
 
     before = {p.name: p.read_bytes() for p in registry.iterdir()}
-    result = invoke(app, "register", path, "--name", "new", "--dataset-dir", registry)
+    result = invoke(data_app, "register", path, "--name", "new", "--dataset-dir", registry)
     assert result.exit_code == 2
     assert "error:" in result.output
     assert {p.name: p.read_bytes() for p in registry.iterdir()} == before
@@ -281,12 +251,12 @@ BAD_INPUT = [
 
 
 @table("case_id,make,message", BAD_INPUT)
-def test_unusable_paths(tmp_path: Path, app, case_id, make, message) -> None:
+def test_unusable_paths(tmp_path: Path, data_app, case_id, make, message) -> None:
     path = make(tmp_path)
     with pytest.raises(QwenftError, match=message) as exc:
         check_file(path)
     assert exc.value.hint
-    result = invoke(app, "check", path)
+    result = invoke(data_app, "check", path)
     assert result.exit_code == 2
     assert f"error: {exc.value.message}" in result.output
     assert "hint: " in result.output
@@ -329,13 +299,13 @@ WARN_CASES = [
 
 
 @table("case_id,content,kind,line,fld", WARN_CASES)
-def test_warnings(tmp_path: Path, app, case_id, content, kind, line, fld) -> None:
+def test_warnings(tmp_path: Path, data_app, case_id, content, kind, line, fld) -> None:
     path = write(tmp_path, content)
     report = check_file(path)
     assert report.ok and report.n_valid == report.n_samples
     found = [p for p in report.warnings if p.kind == kind]
     assert found and found[0].line == line and found[0].field == fld, format_report(report)
-    assert invoke(app, "check", path).exit_code == 0
+    assert invoke(data_app, "check", path).exit_code == 0
 
 
 def test_duplicates_name_the_first_line(tmp_path: Path) -> None:
@@ -461,18 +431,18 @@ def test_dataset_name_for_is_stable_and_clean(tmp_path: Path) -> None:
     assert dataset_name_for(Path("...jsonl"), sha) == f"data-{sha[:8]}"
 
 
-def test_register_cli(tmp_path: Path, app) -> None:
+def test_register_cli(tmp_path: Path, data_app) -> None:
     path = write(tmp_path, lines(GOOD))
-    result = invoke(app, "register", path, "--dataset-dir", tmp_path / "reg", "--json")
+    result = invoke(data_app, "register", path, "--dataset-dir", tmp_path / "reg", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["name"] == dataset_name_for(path, file_sha256(path))
     assert out["entry"]["file_name"] == str(path)
-    result = invoke(app, "register", path, "--name", "bad name", "--dataset-dir", tmp_path / "reg")
+    result = invoke(data_app, "register", path, "--name", "bad name", "--dataset-dir", tmp_path / "reg")
     assert result.exit_code == 2 and "invalid dataset name" in result.output
 
 
-def test_a_copy_of_a_registered_file_gets_its_own_automatic_name(tmp_path: Path, app) -> None:
+def test_a_copy_of_a_registered_file_gets_its_own_automatic_name(tmp_path: Path, data_app) -> None:
     """The same data file in two places (a copy, a second clone): the name qwenft picks for the
     copy never clashes with the original's, and each path keeps its own name when asked again."""
     reg = tmp_path / "reg"
@@ -485,7 +455,7 @@ def test_a_copy_of_a_registered_file_gets_its_own_automatic_name(tmp_path: Path,
     copy_name = auto_dataset_name(copy, file_sha256(copy), reg)
     assert copy_name != name and copy_name.startswith(name + "-")
     assert auto_dataset_name(first, file_sha256(first), reg) == name
-    result = invoke(app, "register", copy, "--dataset-dir", reg, "--json")
+    result = invoke(data_app, "register", copy, "--dataset-dir", reg, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["name"] == copy_name
     assert auto_dataset_name(copy, file_sha256(copy), reg) == copy_name
@@ -552,7 +522,7 @@ CONVERT_CASES = [
 
 
 @table("case_id,fmt,rows,expected", CONVERT_CASES)
-def test_convert(tmp_path: Path, app, case_id, fmt, rows, expected) -> None:
+def test_convert(tmp_path: Path, data_app, case_id, fmt, rows, expected) -> None:
     src = write(tmp_path, lines(*rows), "in.jsonl")
     out = tmp_path / "out.jsonl"
     report = convert_file(src, out, fmt)
@@ -560,7 +530,7 @@ def test_convert(tmp_path: Path, app, case_id, fmt, rows, expected) -> None:
     assert [json.loads(x) for x in out.read_text().splitlines()] == expected
     check = check_file(out)
     assert check.ok and check.n_warnings == 0, format_report(check)
-    result = invoke(app, "convert", src, "-o", tmp_path / "cli.jsonl", "--from", fmt)
+    result = invoke(data_app, "convert", src, "-o", tmp_path / "cli.jsonl", "--from", fmt)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli.jsonl").read_bytes() == out.read_bytes()
 
@@ -578,7 +548,7 @@ def test_convert_reports_lone_surrogates(folder: Path) -> None:
     assert [(p.kind, p.line) for p in report.problems] == [("invalid_unicode", 1)]
 
 
-def test_convert_bad_rows_write_nothing_unless_skipped(folder: Path, app) -> None:
+def test_convert_bad_rows_write_nothing_unless_skipped(folder: Path, data_app) -> None:
     rows = [{"instruction": "Q", "output": "A"}, {"instruction": "", "output": "A"}, b"{oops\n",
             {"instruction": "Q", "output": ""}, {"instruction": "Q", "output": "B"}]
     src = write(folder, lines(*rows), "in.jsonl")
@@ -587,7 +557,7 @@ def test_convert_bad_rows_write_nothing_unless_skipped(folder: Path, app) -> Non
     assert not report.written and not out.exists()
     assert [p.line for p in report.problems] == [2, 3, 4]
     assert os.listdir(folder) == ["in.jsonl"]
-    result = invoke(app, "convert", src, "-o", out)
+    result = invoke(data_app, "convert", src, "-o", out)
     assert result.exit_code == 2 and not out.exists()
     assert f"{src}:2" in result.output and "nothing was written" in result.output
     report = convert_file(src, out, skip_invalid=True)
@@ -627,7 +597,7 @@ def test_convert_force_overwrites(tmp_path: Path) -> None:
 # split
 
 
-def test_split_is_deterministic(tmp_path: Path, app) -> None:
+def test_split_is_deterministic(tmp_path: Path, data_app) -> None:
     rows = [row({"role": "user", "content": f"q{i}"}, A) for i in range(100)]
     src = write(tmp_path, b"\xef\xbb\xbf" + lines(*rows).replace(b"\n", b"\r\n"))
     train, val = split_file(src, 0.1, 7)
@@ -641,7 +611,7 @@ def test_split_is_deterministic(tmp_path: Path, app) -> None:
     split_file(src, 0.1, 7, force=True)
     assert (train.read_bytes(), val.read_bytes()) == (t1, v1)
     out = tmp_path / "other"
-    result = invoke(app, "split", src, "--val-ratio", "0.1", "--seed", "8", "--out-dir", out,
+    result = invoke(data_app, "split", src, "--val-ratio", "0.1", "--seed", "8", "--out-dir", out,
                     "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
@@ -678,13 +648,13 @@ SPLIT_ERRORS = [
 
 
 @table("case_id,content,kwargs,message", SPLIT_ERRORS)
-def test_split_errors(folder: Path, app, case_id, content, kwargs, message) -> None:
+def test_split_errors(folder: Path, data_app, case_id, content, kwargs, message) -> None:
     src = write(folder, content)
     with pytest.raises(QwenftError, match=message):
         split_file(src, **kwargs)
     assert os.listdir(folder) == ["data.jsonl"]
     ratio = kwargs.get("val_ratio", 0.1)
-    result = invoke(app, "split", src, "--val-ratio", ratio)
+    result = invoke(data_app, "split", src, "--val-ratio", ratio)
     assert result.exit_code == 2 and "error:" in result.output
     assert os.listdir(folder) == ["data.jsonl"]
 
@@ -706,14 +676,14 @@ def test_write_without_lines(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [[], ["check"], ["convert"], ["split"], ["register"]])
-def test_help(app, args) -> None:
-    result = invoke(app, *args, "--help")
+def test_help(data_app, args) -> None:
+    result = invoke(data_app, *args, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
 
 
-def test_check_json_output(tmp_path: Path, app) -> None:
+def test_check_json_output(tmp_path: Path, data_app) -> None:
     path = write(tmp_path, lines(GOOD, row(U, U), GOOD))
-    result = invoke(app, "check", path, "--json")
+    result = invoke(data_app, "check", path, "--json")
     assert result.exit_code == 2
     out = json.loads(result.stdout)
     assert out["ok"] is False and out["n_samples"] == 3 and out["n_valid"] == 2
@@ -774,7 +744,7 @@ def test_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkey
     assert [(kept, loss) for _, _, kept, loss in rows] == expected
     assert [line for line, *_ in rows] == list(range(1, len(STATS_ROWS) + 1))
 
-    stats = token_stats(data, model_dir, template, cutoff, encoder=encoder)
+    stats = token_stats(data, model_dir, template, cutoff, encoder=encoder).to_dict()
     full = sorted(f for _, f, _, _ in rows)
     assert stats["n_samples"] == len(STATS_ROWS) and stats["n_skipped"] == 0
     assert (stats["length"]["min"], stats["length"]["max"]) == (full[0], full[-1])
@@ -788,30 +758,30 @@ def test_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkey
     assert stats["suggested_cutoff_len"] >= stats["length"]["p99"]
 
 
-def test_check_cli_with_token_stats(tmp_path: Path, tiny_home: Path, app) -> None:
+def test_check_cli_with_token_stats(tmp_path: Path, tiny_home: Path, data_app) -> None:
     data = write(tmp_path, lines(*STATS_ROWS, row(U, U)))
-    result = invoke(app, "check", data, "--cutoff-len", "64")
+    result = invoke(data_app, "check", data, "--cutoff-len", "64")
     assert result.exit_code == 2 and "token statistics skipped" in result.output
     data = write(tmp_path, lines(*STATS_ROWS))
-    result = invoke(app, "check", data, "--cutoff-len", "64", "--json")
+    result = invoke(data_app, "check", data, "--cutoff-len", "64", "--json")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("{"), result.stdout[:500]
     tokens = json.loads(result.stdout)["tokens"]
     assert tokens["model"] == "tiny-qwen2" and tokens["template"] == "qwen"
     assert tokens["n_samples"] == len(STATS_ROWS) and tokens["n_over_cutoff"] >= 5
     # STATS_ROWS mix reasoning and plain answers: both modes are trained (thinking on), as train
-    result = invoke(app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64")
+    result = invoke(data_app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64")
     assert result.exit_code == 0 and "enable_thinking: true" in result.output
     result = invoke(
-        app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64", "--thinking", "on"
+        data_app, "check", data, "--model", "tiny-qwen3", "--cutoff-len", "64", "--thinking", "on"
     )
     assert result.exit_code == 0, result.output
     assert "qwen3 template" in result.output and "suggested cutoff_len" in result.output
-    result = invoke(app, "check", data, "--cutoff-len", "64", "--template", "llama3")
+    result = invoke(data_app, "check", data, "--cutoff-len", "64", "--template", "llama3")
     assert result.exit_code == 2 and "unknown --template" in result.output
 
 
-def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_home: Path, app):
+def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_home: Path, data_app):
     from qwenft.models.tiny import ensure_tiny_model
 
     model_dir = ensure_tiny_model("tiny-qwen3", progress=None)
@@ -821,11 +791,11 @@ def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_
         tmp_path, lines(row(U, {"role": "assistant", "content": THINK}), GOOD2), "mixed.jsonl"
     )
     for path, thinking in ((plain, False), (think, True), (mixed, True)):
-        result = invoke(app, "check", path, "--model", "tiny-qwen3", "--json")
+        result = invoke(data_app, "check", path, "--model", "tiny-qwen3", "--json")
         assert result.exit_code == 0, result.output
         tokens = json.loads(result.stdout)["tokens"]
         expected = token_stats(path, model_dir, "qwen3", 1024, default_system="",
-                                  enable_thinking=thinking)
+                                  enable_thinking=thinking).to_dict()
         assert tokens["loss_tokens"] == expected["loss_tokens"]
         assert tokens["length"] == expected["length"]
 

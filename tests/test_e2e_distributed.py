@@ -192,7 +192,7 @@ def test_interrupt_after_checkpoint_then_resume(qwenft: Qwenft, chat_file: Path)
 
 def test_sigkill_of_qwenft_stops_torchrun_and_its_workers(qwenft: Qwenft, chat_file: Path) -> None:
     """kill -9 of `qwenft train` on two processes: torchrun's workers (each in a session of its
-    own) and everything else LLaMA-Factory started are gone within 5 s (qwenft/lf/supervise.py)."""
+    own) and everything else LLaMA-Factory started are gone within 5 s (qwenft/proc/supervise.py)."""
     import psutil
 
     run = Path("runs/killed").absolute()

@@ -123,10 +123,39 @@ def test_export_refuses_a_missing_run_and_an_existing_file(tmp_path: Path) -> No
     assert (run / "export" / "r-f16.gguf").read_bytes() == b"GGUF"
 
 
+@pytest.mark.parametrize("installed", [True, False])
+def test_llamacpp_backend_looks_for_the_export_before_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: bool
+) -> None:
+    """With llama-cpp-python or without it (`make setup` leaves it out): a run with no GGUF
+    export is told to export first; once it has one, a missing install is named."""
+    monkeypatch.setattr("qwenft.models.llamacpp.llama_cpp_available", lambda: installed)
+    run = _run(tmp_path / "r", status="completed", method="full")
+    (run / "config.json").write_text('{"model_type": "qwen2"}')
+    commands = (["chat", run, "--prompt", "hi"], ["serve", run])
+    for command in commands:
+        result = invoke(*command, "--backend", "llama.cpp")
+        assert result.exit_code == 2, result.output
+        assert "has no GGUF export yet" in result.output
+    if installed:
+        return
+    gguf = run / "export" / "r-f16.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    update_manifest(run, exports=[{"file": str(gguf), "quant": "f16"}])
+    for command in commands:
+        result = invoke(*command, "--backend", "llama.cpp")
+        assert result.exit_code == 2, result.output
+        assert (
+            "needs llama-cpp-python" in result.output
+            and "llama-cpp-python==0.3.36" in result.output
+        )
+
+
 def test_export_without_llama_cpp_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("qwenft.export.llama_cpp_available", lambda: False)
+    monkeypatch.setattr("qwenft.models.llamacpp.llama_cpp_available", lambda: False)
     run = _run(tmp_path / "r", status="completed", method="full")
     result = invoke("export", run)
     assert result.exit_code == 2 and "llama-cpp-python==0.3.36" in result.output
@@ -313,7 +342,7 @@ def test_a_failed_conversion_leaves_nothing(
     no GGUF, no staging folder, no export recorded."""
     from qwenft.export import LLAMA_CPP_PYTHON_VERSION
 
-    monkeypatch.setattr("qwenft.export.llama_cpp_available", lambda: True)
+    monkeypatch.setattr("qwenft.models.llamacpp.llama_cpp_available", lambda: True)
     converter = isolated / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
     converter.mkdir(parents=True)
     (converter / "convert_hf_to_gguf.py").write_text(

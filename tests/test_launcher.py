@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenft.lf import launcher
+from qwenft.proc import launcher
 
 
 def test_run_tees_output_and_returns_code(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ time.sleep(600)
 DRIVER = """
 import io, sys
 from pathlib import Path
-from qwenft.lf import launcher
+from qwenft.proc import launcher
 try:
     launcher.run([sys.executable, "-c", sys.argv[1], sys.argv[2]], {}, echo=io.BytesIO(), grace_s=5)
 except launcher.QwenftError as exc:

@@ -184,7 +184,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path: Path) -> None:
 # supervisor's grace period after qwenft's death.
 HOLDER_WITH_CHILD = """
 import io, sys
-from qwenft.lf import launcher
+from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
 child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
 with RunLock(sys.argv[1], "train") as lock:

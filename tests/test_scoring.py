@@ -7,26 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.builders import QA, write_jsonl
-
-WRONG = [
-    "The capital of France is Berlin.",
-    "中国的首都是上海。",
-    "Green, purple and orange.",
-    "12 times 12 is 124.",
-]
-
-
-def pair_rows() -> list[dict]:
-    """The QA rows as preference pairs: chosen the trained answer, rejected a wrong one."""
-    return [
-        {
-            "messages": [{"role": "user", "content": q}],
-            "chosen": {"role": "assistant", "content": a},
-            "rejected": {"role": "assistant", "content": w},
-        }
-        for (q, a), w in zip(QA, WRONG, strict=True)
-    ]
+from tests.helpers.builders import QA, pair_rows, write_jsonl
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from qwenft import serve as serve_mod
 from qwenft.models.presets import resolve_model
 from qwenft.runs.lock import LOCK_NAME
 from qwenft.runs.manifest import DatasetRecord, Manifest
-from tests.helpers.builders import QA, read_calls, write_jsonl, written
+from tests.helpers.builders import QA, kto_rows, pair_rows, read_calls, write_jsonl, written
 from tests.helpers.cli import invoke
 from tests.helpers.e2e import Qwenft, copy_run
 
@@ -417,35 +417,9 @@ def test_eval_failure_leaves_old_report_and_names_log(
 
 # the preference, kto and pt kinds: scored in-process (qwenft.scoring), stubbed here
 
-WRONG = [
-    "The capital of France is Berlin.",
-    "中国的首都是上海。",
-    "Green, purple and orange.",
-    "12 times 12 is 124.",
-]
 
-
-def pair_rows() -> list[dict]:
-    """QA as preference pairs: chosen the answer lora_run learned, rejected a wrong one."""
-    return [
-        {
-            "messages": [{"role": "user", "content": q}],
-            "chosen": {"role": "assistant", "content": a},
-            "rejected": {"role": "assistant", "content": w},
-        }
-        for (q, a), w in zip(QA, WRONG, strict=True)
-    ]
-
-
-def kto_rows() -> list[dict]:
-    return [
-        {"messages": [*p["messages"], p[side]], "label": side == "chosen"}
-        for p in pair_rows()
-        for side in ("chosen", "rejected")
-    ]
-
-
-def text_rows() -> list[dict]:
+def qa_texts() -> list[dict]:
+    """Pre-training rows: each QA question and its answer as one text."""
     return [{"text": f"{q} {a}"} for q, a in QA]
 
 
@@ -487,7 +461,7 @@ FAKE_SCORES = {
         "rows": [{"line": 1, "tokens": 10, "tuned": -10.0, "start": -20.0}],
     },
 }
-KIND_ROWS = {"preference": pair_rows, "kto": kto_rows, "pt": text_rows}
+KIND_ROWS = {"preference": pair_rows, "kto": kto_rows, "pt": qa_texts}
 KIND_LINES = {
     "preference": "Reward accuracy 75.0% (3 of 4 pairs: the fine-tuned model prefers chosen by "
     "more than the base model does); reward margin +5.000",
@@ -796,7 +770,7 @@ def test_eval_pairs_kto_and_text_on_lora_run_end_to_end(
     launch: the scores are log-probabilities in-process (qwenft.scoring)."""
     run = copy_run(lora_run, tmp_path / "lora")
     reports = {}
-    for kind, rows in (("preference", pair_rows()), ("kto", kto_rows()), ("pt", text_rows())):
+    for kind, rows in (("preference", pair_rows()), ("kto", kto_rows()), ("pt", qa_texts())):
         data = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
         out = tmp_path / f"eval-{kind}"
         done = qwenft("eval", run, "--data", data, "-o", out, "--json", timeout=300, check=False)

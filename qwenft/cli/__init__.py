@@ -426,7 +426,7 @@ def merge(
 
     stdout carries only the merged folder (or --json: the run's manifest); the export's output
     goes to RUN/merge.log."""
-    from qwenft.merge import execute_merge, plan_merge
+    from qwenft.lf.merge import execute_merge, plan_merge
 
     plan = plan_merge(run_dir, export_dir)
     with stdout_for_results():

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.choices import DataKind
-from qwenft.data.check import ASSISTANT, FUNCTION_CALL, Checker, check_surrogates
+from qwenft.data.messages import ASSISTANT, FUNCTION_CALL, Checker, check_surrogates
 from qwenft.data.reader import Collector, iter_rows, jtype, open_data_file
 
 SFT, PREFERENCE, KTO, PT = (

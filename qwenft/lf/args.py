@@ -215,7 +215,7 @@ def _snapshot() -> ArgTable | None:
 def read_dataclasses(timeout_s: float = TIMEOUT_S) -> ArgTable | None:
     """Read the table from LLaMA-Factory's dataclasses in a child process (this process stays free
     of torch and transformers); None when the child fails."""
-    from qwenft.lf.launcher import capture
+    from qwenft.proc.launcher import capture
 
     out = capture(
         [sys.executable, "-m", "qwenft.lf.args"],

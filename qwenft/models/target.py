@@ -50,14 +50,34 @@ def check_template(trained: str, requested: str | None, force: bool) -> str:
     return requested or trained
 
 
-def check_thinking(trained: bool | None, requested: str, force: bool) -> bool | None:
-    """--thinking on/off must match how the run was trained (auto: the run's), unless forced."""
-    if requested == Thinking.AUTO or trained is None:
-        return trained
-    wanted = requested == Thinking.ON
-    if wanted != trained and not force:
+def thinking_mode(
+    own: bool | None, requested: str, force: bool = False, *, trained: bool = True
+) -> bool | None:
+    """The one thinking rule of `chat`, `serve` and `eval`: the mode to use with a target.
+
+    own: the target's mode: a run's trained mode (its manifest's enable_thinking); for a model as
+    it comes, the mode `train` would choose on the data at hand (data.reasoning.thinking_plan:
+    `eval` has data, `chat` and `serve` have none, which gives off for a hybrid Qwen3); None when
+    its template has no thinking switch. trained: own is a run's trained mode.
+
+    - auto (and `serve`, which has no --thinking): own;
+    - on or off for a template without a switch: refused (there is nothing to switch);
+    - off after a run trained with thinking on: allowed (thinking on trains both of Qwen3's modes
+      when the data mixes reasoning and direct answers);
+    - on after a run trained with thinking off (its thoughts removed): refused unless --force.
+    """
+    requested = str(requested).lower()
+    if requested == Thinking.AUTO:
+        return own
+    if own is None:
         raise QwenftError(
-            f"this model was trained with thinking {'on' if trained else 'off'}, not {requested}",
+            f"--thinking {requested}: this model's template has no thinking mode",
+            "drop --thinking (a Qwen3 hybrid model with the qwen3 template has one)",
+        )
+    wanted = requested == Thinking.ON
+    if trained and wanted and own is False and not force:
+        raise QwenftError(
+            "this run was trained with thinking off (its thoughts removed), not on",
             "drop --thinking (the run's own mode is used), or add --force if you really mean it",
         )
     return wanted

@@ -27,8 +27,8 @@ from typing import Any
 
 from qwenft.errors import QwenftError
 from qwenft.fsutil import atomic_write_json, file_lock, staged_dir, umask_mode
-from qwenft.lf import launcher
 from qwenft.paths import qwenft_home
+from qwenft.proc import launcher
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 DASHSCOPE_REQUIREMENT = "dashscope==2.0.2"

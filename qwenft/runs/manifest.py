@@ -1,7 +1,11 @@
-"""The run manifest (qwenft.json): a typed record with a schema version, read and written only here.
+"""The run manifest (qwenft.json): a typed record with a schema version, written only here
+(atomically) and read by qwenft only through read_manifest.
 
 `train` creates it; `resume`, `merge`, `chat`, `serve`, `eval` and `runs` read it, so the
-template, system prompt and thinking mode are always the ones the model was trained with.
+template, system prompt and thinking mode are always the ones the model was trained with. The
+file is plain JSON on purpose: scripts outside the package (scripts/bench.py,
+scripts/demo_compare.py) read a few of its keys raw: renaming one of those keys means
+changing them too.
 Keys written by a newer qwenft are kept as they are (`extra`) and written back unchanged.
 """
 

@@ -1,4 +1,6 @@
-"""Run folders and their manifests (qwenft.json): the record that merge, chat and resume read."""
+"""What LLaMA-Factory's Trainer left in a run folder, read back: trainer_log.jsonl, the log history
+(trainer_state.json or the newest checkpoint's), the figures each stage shows, and the summary of
+a finished run (the manifest, qwenft.json, is qwenft.runs.manifest's)."""
 
 from __future__ import annotations
 

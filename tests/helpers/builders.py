@@ -145,3 +145,26 @@ def written(*roots: Path) -> list[str]:
     """Everything under the given folders (the working folder, QWENFT_HOME, the data's folder):
     compare it before and after a command to show the command wrote nothing."""
     return sorted(str(p) for root in roots for p in root.rglob("*"))
+
+
+def lines(*rows: bytes | dict) -> bytes:
+    """JSON lines: each dict dumped on a line of its own (non-ASCII kept), bytes as they are (for
+    malformed lines)."""
+    out = b""
+    for r in rows:
+        out += r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() + b"\n"
+    return out
+
+
+def write(folder: Path, content: bytes, name: str = "data.jsonl") -> Path:
+    """content written to folder/name, byte for byte."""
+    path = folder / name
+    path.write_bytes(content)
+    return path
+
+
+def table(names: str, rows: list[tuple]):  # noqa: ANN201 - a pytest mark
+    """pytest.mark.parametrize over a flat table whose first column names each case."""
+    import pytest
+
+    return pytest.mark.parametrize(names, rows, ids=[r[0] for r in rows])

@@ -15,3 +15,17 @@ def invoke(*args: object, app: Typer | None = None) -> Result:
 
         app = qwenft_app
     return _runner.invoke(app, [str(a) for a in args])
+
+
+def data_app() -> Typer:
+    """A Typer app holding only `qwenft data` (check, convert, split, register)."""
+    from qwenft.cli import data as data_cli
+
+    root = Typer()
+    root.add_typer(data_cli.app, name="data")
+    return root
+
+
+def invoke_data(data_app: Typer, *args: object) -> Result:
+    """`qwenft data ARGS...` against a `data_app()` (the conftest's `data_app` fixture)."""
+    return invoke("data", *args, app=data_app)

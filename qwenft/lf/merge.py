@@ -15,8 +15,10 @@ from typing import Any
 
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
-from qwenft.lf import launcher, render
+from qwenft.lf import launcher as lf_launcher
+from qwenft.lf import render
 from qwenft.models.target import ModelTarget, resolve_target
+from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
 from qwenft.runs.manifest import now_iso, read_manifest, update_manifest
 from qwenft.runs.progress import surface_log
@@ -58,8 +60,8 @@ def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
         default_system=source.system,
         export_dir="<staging>",
     )
-    argv, env = launcher.build_export_command(
-        launcher.find_llamafactory_cli(), run_dir / "merge.yaml", source.model_kind
+    argv, env = lf_launcher.build_export_command(
+        lf_launcher.find_llamafactory_cli(), run_dir / "merge.yaml", source.model_kind
     )
     return MergePlan(run_dir, target, source, config, argv, env)
 

@@ -1,7 +1,7 @@
 """The supervisor between qwenft and every long-running child: nothing outlives the qwenft that
 started it, whatever happens to qwenft (kill -9, the OOM killer, a closed terminal).
 
-    python qwenft/lf/supervise.py --parent PID [--grace S] [--orphan-grace S] -- ARGV...
+    python qwenft/proc/supervise.py --parent PID [--grace S] [--orphan-grace S] -- ARGV...
 
 Why a process of its own: LLaMA-Factory starts torchrun, and torch elastic starts each worker in a
 new session (`start_new_session=True` in torch.distributed.elastic.multiprocessing.subprocess_handler),
@@ -24,7 +24,7 @@ so a process-group kill misses the workers, and the kernel's parent-death signal
 
 It imports only the standard library (it starts before every LLaMA-Factory launch) and writes
 nothing to the output it shares with the child except a line when ARGV cannot be started (exit 127).
-`descendants`, `tree_memory` and `kill_tree` are also used by qwenft.lf.launcher. Linux only: on
+`descendants`, `tree_memory` and `kill_tree` are also used by qwenft.proc.launcher. Linux only: on
 another system the prctl calls are skipped and the parent is watched by polling getppid().
 """
 
