@@ -1,12 +1,16 @@
-"""Every choice qwenft offers, in one place: methods, templates, DeepSpeed stages, thinking modes,
-over-length policies, training stages and the data kinds they take. The CLI shows these as the choices of every option that takes them, and the
-core checks against the same lists, so `plan`, `train`, `data check` and `eval` cannot disagree.
+"""The choices qwenft offers, each an enum with its facts: methods (what each one trains and
+writes), templates, DeepSpeed stages, thinking modes, over-length policies, training stages (the
+stage table: LLaMA-Factory's stage, data kind, pairs, reference model, figures) and the data kinds
+they take, chat backends, GGUF quantizations. The CLI shows these as the choices of every option
+that takes them, and the core checks against the same lists, so `plan`, `train`, `data check` and
+`eval` cannot disagree. The LLaMA-Factory keys (knobs) are in qwenft.knobs.
 
-Pure data (it imports only errors): presets, the core and the CLI import it.
+Pure data (it imports only errors): every other module may import it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 from qwenft.errors import QwenftError
@@ -34,6 +38,20 @@ class Choice(str, Enum):
         return text
 
 
+@dataclass(frozen=True)
+class MethodFacts:
+    """What a method trains and what its run folder holds."""
+
+    finetuning_type: str  # LLaMA-Factory's finetuning_type
+    adapter: bool  # trains a LoRA adapter (merged into the base by `qwenft merge`)
+    quantized: bool  # the base is loaded quantized (QLoRA)
+
+    @property
+    def own_weights(self) -> bool:
+        """The run folder holds the whole model (full, freeze): nothing to merge."""
+        return not self.adapter
+
+
 class Method(Choice):
     """How the weights are trained (LLaMA-Factory's finetuning_type, plus 4-bit/8-bit QLoRA)."""
 
@@ -41,6 +59,23 @@ class Method(Choice):
     QLORA = "qlora"
     FULL = "full"
     FREEZE = "freeze"
+
+    @property
+    def facts(self) -> MethodFacts:
+        return METHOD_FACTS[self]
+
+
+METHOD_FACTS = {
+    Method.LORA: MethodFacts("lora", adapter=True, quantized=False),
+    Method.QLORA: MethodFacts("lora", adapter=True, quantized=True),
+    Method.FULL: MethodFacts("full", adapter=False, quantized=False),
+    Method.FREEZE: MethodFacts("freeze", adapter=False, quantized=False),
+}
+
+
+def own_weights(method: str) -> bool:
+    """A run of this method holds its own weights (full, freeze), not an adapter to merge."""
+    return Method(method).facts.own_weights
 
 
 class Template(Choice):
@@ -89,6 +124,20 @@ class DataKind(Choice):
     PT = "pt"
 
 
+@dataclass(frozen=True)
+class StageFacts:
+    """What a training stage is to LLaMA-Factory, to the data, to memory and to the summary."""
+
+    lf_stage: str  # LLaMA-Factory's `stage:` (configs/stages/<stage>.yaml writes it)
+    data: DataKind  # the kind of data it trains on
+    paired: bool = False  # each sample holds chosen + rejected: two sequences per sample
+    reference: bool = False  # full/freeze runs hold a frozen reference model beside the policy
+    zero_loss_ok: bool = False  # a loss of exactly 0 is a result, not a fault (preference losses)
+    # the figures its trainer logs besides the loss (trainer_state.json's log_history; LF's log
+    # callback keeps only loss and lr in trainer_log.jsonl): the summary shows first -> last
+    figures: tuple[str, ...] = ()
+
+
 class Stage(Choice):
     """LLaMA-Factory's training stages qwenft runs (`stage:`; dpo, orpo and simpo are its `dpo`
     stage with another `pref_loss`)."""
@@ -100,16 +149,64 @@ class Stage(Choice):
     SIMPO = "simpo"
     KTO = "kto"
 
+    @property
+    def facts(self) -> StageFacts:
+        return STAGE_FACTS[self]
 
-# The data kind each stage trains on.
-STAGE_DATA = {
-    Stage.SFT: DataKind.SFT,
-    Stage.PT: DataKind.PT,
-    Stage.DPO: DataKind.PREFERENCE,
-    Stage.ORPO: DataKind.PREFERENCE,
-    Stage.SIMPO: DataKind.PREFERENCE,
-    Stage.KTO: DataKind.KTO,
+
+_REWARDS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+STAGE_FACTS = {
+    Stage.SFT: StageFacts("sft", DataKind.SFT),
+    Stage.PT: StageFacts("pt", DataKind.PT),
+    Stage.DPO: StageFacts(
+        "dpo", DataKind.PREFERENCE, paired=True, reference=True, zero_loss_ok=True, figures=_REWARDS
+    ),
+    Stage.ORPO: StageFacts(
+        "dpo",
+        DataKind.PREFERENCE,
+        paired=True,
+        zero_loss_ok=True,
+        figures=("rewards/accuracies", "rewards/margins", "odds_ratio_loss", "sft_loss"),
+    ),
+    Stage.SIMPO: StageFacts(
+        "dpo", DataKind.PREFERENCE, paired=True, zero_loss_ok=True, figures=_REWARDS
+    ),
+    Stage.KTO: StageFacts(
+        "kto",
+        DataKind.KTO,
+        reference=True,
+        zero_loss_ok=True,
+        figures=("rewards/margins", "rewards/chosen", "rewards/rejected", "kl"),
+    ),
 }
+# The data kind each stage trains on, and each LLaMA-Factory stage's (dpo, orpo, simpo: pairs).
+STAGE_DATA = {stage: facts.data for stage, facts in STAGE_FACTS.items()}
+LF_STAGE_DATA = {facts.lf_stage: facts.data for facts in STAGE_FACTS.values()}
+
+
+def stages_for(kind: str) -> list[str]:
+    """The stages that train on data of this kind."""
+    return [stage.value for stage, facts in STAGE_FACTS.items() if facts.data == kind]
+
+
+class ConvertFormat(Choice):
+    """`qwenft data convert --format`: the shapes it reads (auto: told apart by the rows)."""
+
+    ALPACA = "alpaca"
+    SHAREGPT = "sharegpt"
+    OPENAI = "openai"
+    TRL = "trl"
+    ULTRAFEEDBACK = "ultrafeedback"
+    TEXT = "text"
+    AUTO = "auto"
+
+
+class Backend(Choice):
+    """Where `qwenft chat` runs the model (`serve` takes transformers and llama.cpp)."""
+
+    TRANSFORMERS = "transformers"
+    VLLM = "vllm"
+    LLAMA_CPP = "llama.cpp"
 
 
 class GgufQuant(Choice):
@@ -122,6 +219,10 @@ class GgufQuant(Choice):
 
 DEFAULT_METHOD = Method.LORA
 DEFAULT_OVERLENGTH = Overlength.WARN
+
+
+# --pref-loss: the DPO losses qwenft offers (orpo and simpo are stages of their own).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def auto_deepspeed(method: str) -> str:

@@ -17,6 +17,19 @@ class QwenftError(Exception):
         return self.message
 
 
+def raise_all(problems: list[QwenftError]) -> None:
+    """Report every problem at once: nothing if there is none, the one problem as it is, else one
+    QwenftError listing each problem with its hint."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise problems[0]
+    lines = [f"{len(problems)} problems; nothing was started or written:"]
+    for p in problems:
+        lines.append(f"  - {p.message}" + (f" (hint: {p.hint})" if p.hint else ""))
+    raise QwenftError("\n".join(lines))
+
+
 class JobFailed(QwenftError):
     """A launched job (training, export, ...) failed. Exit code 1; names the log to read."""
 

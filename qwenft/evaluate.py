@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ from qwenft import __version__
 from qwenft import settings as run_settings
 from qwenft.choices import DataKind, Thinking
 from qwenft.data import check, reader, registry
-from qwenft.errors import JobFailed, QwenftError
+from qwenft.errors import JobFailed, QwenftError, raise_all
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
+from qwenft.knobs import EVAL, KnobValues, out_of_range
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.models import presets
@@ -131,23 +132,20 @@ def plan_eval(
     base: str | None = None,
     no_base: bool = False,
     force: bool = False,
-    cutoff_len: int | None = None,
-    batch_size: int = 1,
-    max_new_tokens: int = 256,
-    max_samples: int | None = None,
+    knobs: Mapping[str, Any] | None = None,
     dataset_dir: Path | None = None,
     template: str | None = None,
     thinking: str = Thinking.AUTO.value,
 ) -> EvalPlan:
-    """Check every input; raise QwenftError (writing nothing) when the evaluation cannot work."""
-    for name, value, low in (
-        ("--batch-size", batch_size, 1),
-        ("--max-new-tokens", max_new_tokens, 1),
-        ("--max-samples", max_samples, 1),
-        ("--cutoff-len", cutoff_len, 16),
-    ):
-        if value is not None and value < low:
-            raise QwenftError(f"{name} must be at least {low} (got {value})")
+    """Check every input; raise QwenftError (writing nothing) when the evaluation cannot work.
+    `knobs`: the eval options of the knob table (qwenft.knobs: cutoff_len,
+    per_device_eval_batch_size, max_new_tokens, max_samples), checked against its ranges."""
+    chosen = KnobValues(knobs)
+    raise_all(out_of_range(chosen, command=EVAL))
+    cutoff_len = chosen.get("cutoff_len")
+    batch_size = chosen.get("per_device_eval_batch_size", 1)
+    max_new_tokens = chosen.get("max_new_tokens", 256)
+    max_samples = chosen.get("max_samples")
     if base and no_base:
         raise QwenftError("--base and --no-base contradict each other", "pass one of them")
 

@@ -48,16 +48,15 @@ AUTO_BATCH_SIZES = (8, 4, 2, 1)
 
 _ZERO_STAGE = {"none": 0, "z0": 0, "z2": 2, "z3": 3, "z2-offload": 2, "z3-offload": 3}
 
-# Per training stage: sequences per sample in the trained (with-grad) batch, whether a reference
-# model scores each batch (LLaMA-Factory: use_ref_model = dpo stage with a pref_loss other than
-# orpo/simpo; kto always), and the sequences per sample of its largest no-grad forward.
-PAIRED_STAGES = (Stage.DPO.value, Stage.ORPO.value, Stage.SIMPO.value)
-REFERENCE_STAGES = (Stage.DPO.value, Stage.KTO.value)
+# Per training stage (the stage table, choices.STAGE_FACTS): sequences per sample in the trained
+# (with-grad) batch, whether a reference model scores each batch (LLaMA-Factory: use_ref_model =
+# dpo stage with a pref_loss other than orpo/simpo; kto always), and the sequences per sample of
+# its largest no-grad forward.
 
 
 def stage_sequences(stage: str) -> int:
     """Sequences per sample the trained forward holds: 2 (chosen + rejected) for pairs, else 1."""
-    return 2 if stage in PAIRED_STAGES else 1
+    return 2 if Stage(stage).facts.paired else 1
 
 
 def no_grad_sequences(stage: str) -> int:
@@ -72,7 +71,7 @@ def no_grad_sequences(stage: str) -> int:
 def has_reference_copy(stage: str, method: str) -> bool:
     """A frozen reference model in memory: dpo/kto with full or freeze fine-tuning. LoRA and QLoRA
     disable the adapter for the reference pass (no second copy); orpo/simpo have no reference."""
-    return stage in REFERENCE_STAGES and method in (Method.FULL.value, Method.FREEZE.value)
+    return Stage(stage).facts.reference and Method(method).facts.own_weights
 
 
 @dataclass
@@ -89,6 +88,7 @@ class PlanInput:
     batch_size: int = 1
     lora_rank: int = 16
     lora_target: str = "all"
+    trainable_layers: int = FREEZE_TRAINABLE_LAYERS  # freeze: the last N (N < 0: the first N)
     gradient_checkpointing: bool = True
     liger: bool = False
     gpu_mem_gb: float | None = None  # decimal GB per device
@@ -119,6 +119,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     stage: str = "sft"
     sequences_per_step: int = 0  # sequences one forward/backward holds: batch x (2 for pairs)
+    trainable_layers: int | None = None  # freeze: the decoder layers trained (last N; -N: first N)
 
     @property
     def peak_gb(self) -> float:
@@ -255,8 +256,8 @@ def _validate(inp: PlanInput) -> list[str]:
             problems.append(
                 f"--{name.replace('_', '-')} must be a positive whole number (got {value!r})"
             )
-    if inp.bits is not None:
-        if inp.method in ("full", "freeze", "lora"):
+    if inp.bits is not None and inp.method in Method.values():
+        if not Method(inp.method).facts.quantized:
             problems.append(
                 f"--bits applies to qlora only (got --method {inp.method} --bits {inp.bits})"
             )
@@ -271,7 +272,7 @@ def estimate(inp: PlanInput) -> Plan:
     """Predict the peak GPU memory per device for one configuration; QwenftError if invalid."""
     problems = _validate(inp)
     targets: tuple[str, ...] = ()
-    if inp.method in ("lora", "qlora"):
+    if inp.method in Method.values() and Method(inp.method).facts.adapter:
         try:
             targets = parse_lora_target(inp.lora_target)
         except QwenftError as exc:
@@ -297,7 +298,7 @@ def estimate(inp: PlanInput) -> Plan:
     if inp.method == "full":
         trainable, frozen = total, 0
     elif inp.method == "freeze":
-        trainable = min(FREEZE_TRAINABLE_LAYERS, L) * layer_params
+        trainable = min(abs(inp.trainable_layers), L) * layer_params
         frozen = total - trainable
     else:
         trainable, frozen = lora_params(arch, inp.lora_rank, targets), total
@@ -372,7 +373,7 @@ def estimate(inp: PlanInput) -> Plan:
         # gathered working set: the largest module (lm_head/embedding or one layer), plus its
         # full gradient before reduce-scatter when the base itself trains
         largest = max(arch.vocab_size * h, layer_params)
-        buffers += BF16 * largest * (2 if inp.method in ("full", "freeze") else 1)
+        buffers += BF16 * largest * (2 if Method(inp.method).facts.own_weights else 1)
     if not uses_ds and n > 1:
         buffers += gb_ * trainable  # DDP gradient buckets
     fwd_bwd = activations + logits + buffers + no_grad
@@ -421,12 +422,12 @@ def estimate(inp: PlanInput) -> Plan:
         notes.append("QLoRA with ZeRO-3 needs bitsandbytes>=0.43 and LLaMA-Factory's zero3 support")
     if not inp.gradient_checkpointing:
         notes.append("without gradient checkpointing every layer keeps its activations")
-    if inp.stage in PAIRED_STAGES:
+    if Stage(inp.stage).facts.paired:
         notes.append(
             f"{inp.stage}: each step runs chosen and rejected together "
             f"({seqs} sequences of up to {inp.cutoff_len} tokens per device)"
         )
-    if inp.stage in REFERENCE_STAGES:
+    if Stage(inp.stage).facts.reference:
         if reference or (stage == 3 and offload and has_reference_copy(inp.stage, inp.method)):
             notes.append(f"{inp.stage} {inp.method}: a frozen bf16 reference copy of the model")
         else:
@@ -472,6 +473,7 @@ def estimate(inp: PlanInput) -> Plan:
         notes=notes,
         stage=inp.stage,
         sequences_per_step=seqs,
+        trainable_layers=inp.trainable_layers if inp.method == Method.FREEZE else None,
     )
 
 
@@ -483,7 +485,7 @@ def _candidates(method: str, gpus: int, deepspeed: str | None) -> list[str]:
         return [deepspeed]
     if gpus == 1:
         return ["none"]
-    if method in ("full", "freeze"):
+    if Method(method).facts.own_weights:
         return ["z2", "z3"]  # ZeRO-2 is faster when it fits; ZeRO-3 partitions the weights too
     if method == "lora":
         return ["none", "z3"]

@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
+from qwenft import knobs
 from qwenft.choices import (
     AUTO,
-    STAGE_DATA,
     DeepSpeed,
     Method,
     Stage,
@@ -28,9 +28,18 @@ from qwenft.choices import (
     Thinking,
     auto_deepspeed,
 )
-from qwenft.errors import QwenftError
+from qwenft.errors import QwenftError, raise_all
+from qwenft.knobs import KEY_OPTIONS, RANGES, KnobValues, bad_value, key_label
 from qwenft.lf import render
 from qwenft.models import presets
+
+__all__ = [
+    "KEY_OPTIONS",
+    "RANGES",
+    "KnobValues",
+    "bad_value",
+    "key_label",
+]  # the knob table's views
 
 LORA_RANK_DEFAULT = 16  # LLaMA-Factory's own, for recipes that do not set lora_rank
 
@@ -50,10 +59,14 @@ class RunRequest:
     gpu_mem_gb: float | None = None  # GB per GPU: --method auto and the fit check
     config_file: Path | None = None
     set_items: list[str] = field(default_factory=list)
-    knobs: dict[str, Any] = field(default_factory=dict)  # LLaMA-Factory key -> value or None
+    knobs: KnobValues = field(default_factory=KnobValues)  # the knob options set (a dict is typed)
     cpu_procs: int | None = None  # processes on a machine without GPUs (instead of gpus)
     stage: str = Stage.SFT.value  # LLaMA-Factory's training stage (choices.Stage)
     parent: Path | None = None  # --from RUN_DIR: start from that run's weights and chat settings
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.knobs, KnobValues):
+            self.knobs = KnobValues(self.knobs)
 
 
 @dataclass
@@ -87,8 +100,8 @@ class RunSettings:
 
     @property
     def data_kind(self) -> str:
-        """The kind of data the stage trains on (choices.STAGE_DATA)."""
-        return STAGE_DATA[Stage(self.stage)].value
+        """The kind of data the stage trains on (the stage table, choices.STAGE_FACTS)."""
+        return Stage(self.stage).facts.data.value
 
     @property
     def packed(self) -> bool:
@@ -144,6 +157,9 @@ class RunSettings:
             batch_size=self.batch_size,
             lora_rank=self.lora_rank,
             lora_target=str(v.get("lora_target") or "all"),
+            trainable_layers=int(
+                v.get("freeze_trainable_layers") or memory.FREEZE_TRAINABLE_LAYERS
+            ),
             gradient_checkpointing=not v.get("disable_gradient_checkpointing", False),
             liger=bool(v.get("enable_liger_kernel", False)),
             gpu_mem_gb=self.gpu_mem_gb,
@@ -200,160 +216,49 @@ def thinking_choice(thinking: str, model: presets.ResolvedModel, data: Path | No
 
 
 # --------------------------------------------------------------------------------------------------
-# Every knob is checked before launch (one home: train, plan, data check and eval all resolve here).
-
-# The LLaMA-Factory keys that qwenft options set: messages and hints name the option with the key.
-# `train`'s knobs (qwenft/cli/__init__.py), and the ones only `plan` has (--bits, --lora-target).
-KEY_OPTIONS: dict[str, str] = {
-    "cutoff_len": "--cutoff-len",
-    "num_train_epochs": "--epochs",
-    "max_steps": "--max-steps",
-    "learning_rate": "--lr",
-    "per_device_train_batch_size": "--batch-size",
-    "gradient_accumulation_steps": "--grad-accum",
-    "lora_rank": "--lora-rank",
-    "val_size": "--val-size",
-    "save_steps": "--save-steps",
-    "logging_steps": "--logging-steps",
-    "quantization_bit": "--bits",
-    "lora_target": "--lora-target",
-    "pref_beta": "--beta",
-    "pref_loss": "--pref-loss",
-    "pref_ftx": "--sft-weight",
-    "freeze_trainable_layers": "--trainable-layers",
-}
-
-
-def _above_zero(v: float) -> bool:
-    return v > 0
-
-
-def _at_least_one(v: float) -> bool:
-    return v >= 1
-
-
-def _fraction(v: float) -> bool:
-    return 0 <= v < 1
-
-
-def _at_least_zero(v: float) -> bool:
-    return v >= 0
-
-
-def _whole_not_zero(v: float) -> bool:
-    return v != 0 and float(v).is_integer()
-
-
-WHOLE = "a positive whole number"
-
-# key -> (test, what it must be, hint). LLaMA-Factory would take most of these and then train
-# nothing, a whole epoch instead of a few steps (max_steps <= 0 means "by epochs"), or fail late.
-RANGES: dict[str, tuple[Any, str, str]] = {
-    "max_steps": (_above_zero, WHOLE, "leave it out to train for --epochs"),
-    "num_train_epochs": (_above_zero, "positive", "e.g. --epochs 3"),
-    "learning_rate": (_above_zero, "positive", "e.g. --lr 1e-4 (LoRA) or --lr 1e-5 (full)"),
-    "per_device_train_batch_size": (_at_least_one, WHOLE, "e.g. --batch-size 4"),
-    "gradient_accumulation_steps": (_at_least_one, WHOLE, "e.g. --grad-accum 4"),
-    "cutoff_len": (_at_least_one, WHOLE, "`qwenft data check --model M` suggests one"),
-    "lora_rank": (_at_least_one, WHOLE, "e.g. --lora-rank 16"),
-    "val_size": (_fraction, "in [0, 1)", "a share of the samples held out, e.g. 0.1; 0 = none"),
-    "save_steps": (_above_zero, "positive", "steps between checkpoints, e.g. 500"),
-    "logging_steps": (_above_zero, "positive", "steps between loss lines, e.g. 10"),
-    "per_device_eval_batch_size": (_at_least_one, WHOLE, "e.g. 4"),
-    "pref_beta": (_above_zero, "positive", "e.g. --beta 0.1 (LLaMA-Factory's default)"),
-    "pref_ftx": (_at_least_zero, "0 or more", "0 = no added SFT loss, e.g. --sft-weight 0.5"),
-    "freeze_trainable_layers": (
-        _whole_not_zero,
-        "a whole number other than 0",
-        "N > 0 trains the last N decoder layers, N < 0 the first N",
-    ),
-    "simpo_gamma": (_at_least_zero, "0 or more", "the target reward margin, e.g. 0.5"),
-    "kto_chosen_weight": (_at_least_zero, "0 or more", "e.g. 1.0"),
-    "kto_rejected_weight": (_at_least_zero, "0 or more", "e.g. 1.0"),
-}
-
-# Keys that only some stages or methods read: set for another one, LLaMA-Factory would ignore
-# them in silence, so `train` refuses them (check_applies), whichever layer set them.
-PREFERENCE_STAGES = (Stage.DPO.value, Stage.ORPO.value, Stage.SIMPO.value)
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "pref_beta": (*PREFERENCE_STAGES, Stage.KTO.value),
-    "pref_ftx": (*PREFERENCE_STAGES, Stage.KTO.value),
-    "pref_loss": (Stage.DPO.value,),
-    "pref_bco_weight": (Stage.DPO.value,),
-    "dpo_label_smoothing": (Stage.DPO.value,),
-    "simpo_gamma": (Stage.SIMPO.value,),
-    "kto_chosen_weight": (Stage.KTO.value,),
-    "kto_rejected_weight": (Stage.KTO.value,),
-    "ref_model": (Stage.DPO.value, Stage.KTO.value),
-    "packing": (Stage.SFT.value, Stage.PT.value),
-    "neat_packing": (Stage.SFT.value,),
-}
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora"),
-        (Method.LORA.value, Method.QLORA.value),
-    ),
-    **dict.fromkeys(
-        ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
-        (Method.FREEZE.value,),
-    ),
-}
-# --pref-loss: the DPO losses qwenft offers (orpo and simpo are stages of their own).
-DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-
-
-def key_label(key: str) -> str:
-    """How messages name a LLaMA-Factory key: with the qwenft option that sets it, if any."""
-    option = KEY_OPTIONS.get(key)
-    return f"{option} ({key})" if option else key
-
-
-def bad_value(key: str, must: str, value: Any, origin: str = "") -> str:
-    """The refusal of a value, naming the qwenft option first, then the key and where the value
-    came from: "--lr must be positive, got 0.0 (learning_rate, from --set learning_rate=0)"."""
-    option = KEY_OPTIONS.get(key)
-    notes = ", ".join(n for n in (key if option else "", origin) if n)
-    shown = "null" if value is None else repr(value)
-    return f"{option or key} must be {must}, got {shown}" + (f" ({notes})" if notes else "")
+# Every knob is checked before launch, from its row in the knob table (qwenft.knobs): train, plan,
+# data check and eval resolve here, so they agree. Every problem of a command line is reported at
+# once (errors.raise_all).
 
 
 def checked_overrides(req: RunRequest) -> dict[str, Any]:
     """The person's keys, layered (--config < knobs < --set) and checked: --config and --set keys
     must be LLaMA-Factory training arguments (qwenft.lf.args: its own dataclasses) with values of
-    the declared type, and every key in RANGES must be in range, whichever layer set it. The
-    message names the qwenft option and where the value came from; raises QwenftError."""
+    the declared type, every key with a range (knobs.KNOBS) must be in range, whichever layer set
+    it, and every key must be one the request's stage (and method, when chosen) reads. Messages
+    name the qwenft option and where the value came from; raises QwenftError with every problem."""
     config = read_config_file(req.config_file)
-    knobs = {k: v for k, v in req.knobs.items() if v is not None}
+    chosen = dict(req.knobs)
     sets = render.parse_set(req.set_items)
     origin: dict[str, str] = {k: f"from --config {req.config_file}" for k in config}
-    origin.update({k: "" for k in knobs})
+    origin.update({k: "" for k in chosen})
     for item in req.set_items:
         origin[item.partition("=")[0].strip()] = f"from --set {item.strip()}"
-    overrides = {**config, **knobs, **sets}
-    free = [k for k in overrides if k not in knobs or k in sets]  # keys typed as text, not options
+    overrides = {**config, **chosen, **sets}
+    free = [k for k in overrides if k not in chosen or k in sets]  # keys typed as text, not options
+    problems: list[QwenftError] = []
     if free:
-        overrides.update(_check_lf_keys({k: overrides[k] for k in free}, origin))
-    for key, value in overrides.items():
-        if key not in RANGES:
-            continue
-        test, must, hint = RANGES[key]
-        number = render._as_number(value)  # --config's 1e-4 is YAML 1.1 text
-        if not isinstance(number, int | float) or isinstance(number, bool):
-            raise QwenftError(bad_value(key, "a number", value, origin.get(key, "")), hint)
-        if not test(number):
-            raise QwenftError(bad_value(key, must, value, origin.get(key, "")), hint)
+        typed, problems = _check_lf_keys({k: overrides[k] for k in free}, origin)
+        overrides.update(typed)
+    problems += knobs.out_of_range(overrides, origin)
+    method = None if req.method == AUTO else req.method
+    problems += knobs.inapplicable(overrides, req.stage, method)
+    raise_all(problems)
     return overrides
 
 
-def _check_lf_keys(given: dict[str, Any], origin: dict[str, str]) -> dict[str, Any]:
-    """given with each value as LLaMA-Factory needs it; QwenftError for an unknown key or a value
-    of the wrong type. Unchecked when LLaMA-Factory's table cannot be had (not installed here)."""
+def _check_lf_keys(
+    given: dict[str, Any], origin: dict[str, str]
+) -> tuple[dict[str, Any], list[QwenftError]]:
+    """given with each value as LLaMA-Factory needs it, and a problem for each unknown key or
+    value of the wrong type. Unchecked when LLaMA-Factory's table cannot be had (not installed)."""
     from qwenft.lf import args
 
     table = args.table()
     if table is None:
-        return given
+        return given, []
     lf = f"LLaMA-Factory {table.versions.get('llamafactory', '')}".rstrip()
+    problems = []
     unknown = [k for k in given if k not in table]
     if unknown and not args.allow_extra_keys():
         key = unknown[0]
@@ -364,8 +269,10 @@ def _check_lf_keys(given: dict[str, Any], origin: dict[str, str]) -> dict[str, A
             else "check the spelling: `llamafactory-cli train -h` lists every argument"
         )
         more = f"; also unknown: {', '.join(map(repr, unknown[1:]))}" if unknown[1:] else ""
-        raise QwenftError(
-            f"{lf} has no training argument {key!r} ({origin.get(key) or 'given'}){more}", hint
+        problems.append(
+            QwenftError(
+                f"{lf} has no training argument {key!r} ({origin.get(key) or 'given'}){more}", hint
+            )
         )
     out = dict(given)
     for key, value in given.items():
@@ -374,13 +281,16 @@ def _check_lf_keys(given: dict[str, Any], origin: dict[str, str]) -> dict[str, A
         try:
             out[key] = table.coerce(key, value)
         except args.BadValue as exc:
-            raise QwenftError(
-                bad_value(key, f"{exc} for {lf}", value, origin.get(key, "")),
-                "leave the key out to keep the default"
-                if value is None
-                else (f"set it with {KEY_OPTIONS[key]}" if key in KEY_OPTIONS else None),
-            ) from None
-    return out
+            problems.append(
+                QwenftError(
+                    bad_value(key, f"{exc} for {lf}", value, origin.get(key, "")),
+                    "leave the key out to keep the default"
+                    if value is None
+                    else (f"set it with {KEY_OPTIONS[key]}" if key in KEY_OPTIONS else None),
+                )
+            )
+            out.pop(key)  # no range check on a value of the wrong type: one problem is enough
+    return out, problems
 
 
 def processes_per_node(
@@ -511,34 +421,11 @@ def from_run(
 
 
 def check_applies(settings: RunSettings) -> None:
-    """`train`: every key the person set must be one the run's stage and method read (else
-    LLaMA-Factory would ignore it in silence), and --pref-loss must be a DPO loss for --stage dpo
-    (orpo and simpo are stages: they set pref_loss themselves). Raises QwenftError."""
-    stage, method = settings.stage, settings.method
-    for key in settings.overrides:
-        stages = STAGE_KEYS.get(key, ())
-        if key == "pref_loss" and stage in (Stage.ORPO, Stage.SIMPO):
-            raise QwenftError(
-                f"--stage {stage} sets pref_loss: {stage} itself; --pref-loss "
-                f"{settings.overrides[key]} is for --stage dpo",
-                f"drop --pref-loss, or train --stage dpo --pref-loss {settings.overrides[key]}",
-            )
-        if stages and stage not in stages:
-            raise QwenftError(
-                f"{key_label(key)} does nothing for --stage {stage}: it applies to --stage "
-                + ", ".join(stages),
-                f"drop it, or train --stage {stages[0]}",
-            )
-        methods = METHOD_KEYS.get(key, ())
-        if methods and method not in methods:
-            raise QwenftError(
-                f"{key_label(key)} does nothing for --method {method}: it applies to --method "
-                + ", ".join(methods),
-                f"drop it, or train --method {methods[0]}",
-            )
+    """`train`: the checks that need the model: --trainable-layers within the model's decoder
+    layers (the stage and method rules are checked in resolve). Raises QwenftError."""
     layers = settings.values.get("freeze_trainable_layers")
     arch = settings.model.arch
-    if method == Method.FREEZE and isinstance(layers, int) and arch is not None:
+    if settings.method == Method.FREEZE and isinstance(layers, int) and arch is not None:
         if abs(layers) > arch.num_hidden_layers:
             raise QwenftError(
                 f"--trainable-layers {layers}: {settings.model.spec} has "
@@ -546,19 +433,6 @@ def check_applies(settings: RunSettings) -> None:
                 f"choose 1..{arch.num_hidden_layers} (the last N) or -1..-"
                 f"{arch.num_hidden_layers} (the first N); --method full trains every layer",
             )
-    loss = settings.overrides.get("pref_loss")
-    if loss is not None and loss not in DPO_LOSSES:
-        if loss in (Stage.ORPO, Stage.SIMPO):
-            hint = f"train --stage {loss} (it sets pref_loss: {loss} itself)"
-        elif loss == "kto_pair":
-            hint = "for KTO, train --stage kto on labelled data"
-        else:
-            hint = f"choose one of {', '.join(DPO_LOSSES)}"
-        raise QwenftError(
-            f"--pref-loss {loss} is not one of the DPO losses qwenft offers "
-            f"({', '.join(DPO_LOSSES)})",
-            hint,
-        )
 
 
 def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
@@ -582,6 +456,7 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         deepspeed=None if settings.deepspeed == AUTO else settings.deepspeed,
         stage=settings.stage,
     )
+    raise_all(knobs.inapplicable(settings.overrides, settings.stage, plan.method))
     overrides = {**settings.overrides, "per_device_train_batch_size": plan.batch_size}
     if plan.method == Method.QLORA:
         overrides["quantization_bit"] = plan.bits

@@ -22,6 +22,7 @@ from qwenft.choices import (
     Stage,
     Template,
     Thinking,
+    own_weights,
 )
 from qwenft.cli.common import (
     AdapterOpt,
@@ -37,10 +38,12 @@ from qwenft.cli.common import (
     choice_option,
     err,
     handle_errors,
+    knob_options,
     print_json,
     stdout_for_results,
 )
 from qwenft.errors import QwenftError
+from qwenft.knobs import NO_KNOBS, TRAIN, KnobValues
 
 app = typer.Typer(
     name="qwenft",
@@ -77,6 +80,7 @@ def _root(
 
 @app.command()
 @handle_errors
+@knob_options(TRAIN)
 def train(
     data: Annotated[
         Path | None,
@@ -139,47 +143,7 @@ def train(
         choice_option("--template", Template.values(), "Override the model's template."),
     ] = None,
     thinking: ThinkingOpt = Thinking.AUTO.value,
-    cutoff_len: Annotated[
-        int | None, typer.Option("--cutoff-len", help="Max tokens per sample.")
-    ] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="num_train_epochs.")] = None,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.")
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="learning_rate.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="per_device_train_batch_size.")
-    ] = None,
-    grad_accum: Annotated[
-        int | None, typer.Option("--grad-accum", help="gradient_accumulation_steps.")
-    ] = None,
-    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank.")] = None,
-    val_size: Annotated[
-        float | None, typer.Option("--val-size", help="Held-out fraction (0 = no eval).")
-    ] = None,
-    beta: Annotated[
-        float | None,
-        typer.Option("--beta", help="pref_beta: dpo/orpo/simpo/kto strength (default 0.1)."),
-    ] = None,
-    pref_loss: Annotated[
-        str | None,
-        choice_option(
-            "--pref-loss", ("sigmoid", "ipo", "hinge"), "--stage dpo's loss (default sigmoid)."
-        ),
-    ] = None,
-    sft_weight: Annotated[
-        float | None,
-        typer.Option(
-            "--sft-weight", help="pref_ftx: weight of an added SFT loss (dpo/orpo/simpo/kto)."
-        ),
-    ] = None,
-    trainable_layers: Annotated[
-        int | None,
-        typer.Option(
-            "--trainable-layers",
-            help="--method freeze: train the last N decoder layers (-N: the first N).",
-        ),
-    ] = None,
+    knobs: KnobValues = NO_KNOBS,  # the knob table's train options (knob_options)
     overlength: OverlengthOpt = DEFAULT_OVERLENGTH.value,
     dataset_dir: Annotated[
         Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")
@@ -208,16 +172,6 @@ def train(
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="key=value for any LLaMA-Factory key (repeatable)."),
-    ] = None,
-    logging_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--logging-steps", help="Steps between loss points (default: ~2 % of the run)."
-        ),
-    ] = None,
-    save_steps: Annotated[
-        int | None,
-        typer.Option("--save-steps", help="Steps between checkpoints (default: ~10 % of the run)."),
     ] = None,
     verbose: VerboseOpt = False,
     as_json: Annotated[
@@ -267,23 +221,8 @@ def train(
         set_items=set_ or [],
         stage=stage,
         parent=from_run,
-        knobs={
-            "cutoff_len": cutoff_len,
-            "num_train_epochs": epochs,
-            "max_steps": max_steps,
-            "learning_rate": lr,
-            "per_device_train_batch_size": batch_size,
-            "gradient_accumulation_steps": grad_accum,
-            "lora_rank": lora_rank,
-            "val_size": val_size,
-            "pref_beta": beta,
-            "pref_loss": pref_loss,
-            "pref_ftx": sft_weight,
-            "freeze_trainable_layers": trainable_layers,
-        },
+        knobs=knobs,
     )
-    # the step options are named knobs too (settings.step_defaults leaves what is set alone)
-    req.knobs.update(logging_steps=logging_steps, save_steps=save_steps)
     plan = plan_train(req)
     for note in plan.notes:
         err(note)
@@ -356,7 +295,7 @@ def _report_training(result: dict, as_json: bool = False) -> None:
         f"log: {result['log']}"
         + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else "")
     )
-    if result.get("method") in ("full", "freeze"):  # its own weights: nothing to merge
+    if own_weights(result["method"]):  # nothing to merge
         err(f"next: qwenft chat {result['run_dir']}")
     else:
         err(f"next: qwenft merge {result['run_dir']} (or qwenft chat {result['run_dir']})")

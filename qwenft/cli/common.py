@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from qwenft import knobs
 from qwenft.choices import AUTO, DeepSpeed, Method, Overlength, Template, Thinking
 from qwenft.errors import QwenftError
 
@@ -39,6 +41,44 @@ def choice_option(name: str, choices: tuple[str, ...], help: str) -> Any:
     """An option whose choices (from qwenft.choices) show in --help as its metavar; the core
     checks the value, so a wrong one gets qwenft's own `error:` line and hint (exit 2)."""
     return typer.Option(name, metavar=f"[{'|'.join(choices)}]", help=help)
+
+
+def knob_options(command: str) -> Callable[[F], F]:
+    """Give a command the options of every knob it offers (qwenft.knobs.KNOBS: option, type,
+    help, choices), in table order where the function's `knobs` parameter stands, and hand their
+    values to it as that one `knobs: KnobValues` argument (by LLaMA-Factory key, unset ones left
+    out). The ranges are checked by the core, from the same table."""
+    offered = knobs.offered(command)
+
+    def annotation(knob: knobs.Knob) -> Any:
+        if knob.choices:
+            info = choice_option(knob.option, knob.choices, knob.help)
+        else:  # a switch's option is "--flag/--no-flag"
+            info = typer.Option(knob.option, help=knob.help)
+        return Annotated[knob.type | None, info]
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        params: list[inspect.Parameter] = []
+        for p in sig.parameters.values():
+            if p.name != "knobs":
+                params.append(p)
+                continue
+            params += [
+                inspect.Parameter(k.param, p.kind, default=None, annotation=annotation(k))
+                for k in offered
+            ]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {k.param: kwargs.pop(k.param, None) for k in offered}
+            return fn(*args, knobs=knobs.KnobValues.from_options(command, values), **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "knobs"}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 TemplateOpt = Annotated[

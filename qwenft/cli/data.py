@@ -10,26 +10,25 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from qwenft.choices import Template, Thinking
-from qwenft.cli.common import JsonOpt, ThinkingOpt, choice_option, err, handle_errors, print_json
-from qwenft.data.check import (
-    check_file,
-    format_problems,
-    format_report,
-    require_valid,
+if TYPE_CHECKING:
+    from qwenft.data.pipeline import Lengths, TokenStats
+    from qwenft.data.reasoning import ThinkingPlan
+
+from qwenft.choices import ConvertFormat, Template, Thinking
+from qwenft.cli.common import (
+    JsonOpt,
+    ThinkingOpt,
+    choice_option,
+    err,
+    handle_errors,
+    knob_options,
+    print_json,
 )
-from qwenft.data.convert import CONVERT_FORMATS, convert_file, parse_fill
-from qwenft.data.reader import file_sha256
-from qwenft.data.reasoning import ThinkingPlan, thinking_plan
-from qwenft.data.registry import auto_dataset_name, check_dataset_name, register_dataset
-from qwenft.data.split import split_file
-from qwenft.data.tokens import token_stats
-from qwenft.models.target import base_target
-from qwenft.paths import default_dataset_dir
+from qwenft.knobs import DATA_CHECK, NO_KNOBS, KnobValues
 
 app = typer.Typer(
     help="Check, convert, split and register datasets (chat, preference pairs, KTO, text).",
@@ -58,10 +57,17 @@ def _token_stats(
     cutoff_len: int | None,
     data: Path,
     kind: str = "sft",
-) -> dict:
+) -> TokenStats:
     """Token statistics under the settings `qwenft train` would use for this model and data (one
-    resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule)."""
+    resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule; the first
+    stage that trains on the data's kind, so pt's packing too), measured with the encoder train
+    builds (pipeline.DataSpec)."""
+    from dataclasses import replace
+
     from qwenft import settings
+    from qwenft.choices import stages_for
+    from qwenft.data.pipeline import DataSpec, file_stats
+    from qwenft.models.target import base_target
 
     run = settings.resolve(
         settings.RunRequest(
@@ -70,52 +76,44 @@ def _token_stats(
             thinking=thinking,
             data=data,
             knobs={"cutoff_len": cutoff_len},
+            stage=stages_for(kind)[0],
         )
     )
     target = base_target(run.model)
     target.ensure_built(progress=err)
-    return token_stats(
-        data,
-        Path(target.model_path),
-        run.template,
-        run.cutoff_len,
-        default_system=run.default_system,
-        enable_thinking=True if run.enable_thinking is None else run.enable_thinking,
-        train_on_prompt=bool(run.values.get("train_on_prompt")),
-        mask_history=bool(run.values.get("mask_history")),
-        kind=kind,
-    )
+    encoder = DataSpec.from_settings(run, kind=kind).encoder(Path(target.model_path))
+    return replace(file_stats(data, encoder, model=target.model_path), model=spec)
 
 
-def _length_line(label: str, ln: dict) -> str:
+def _length_line(label: str, ln: Lengths) -> str:
     return (
-        f"  {label}  min {ln['min']}  p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  "
-        f"max {ln['max']}  mean {ln['mean']}"
+        f"  {label}  min {ln.min}  p50 {ln.p50}  p90 {ln.p90}  p99 {ln.p99}  "
+        f"max {ln.max}  mean {ln.mean}"
     )
 
 
-def _format_stats(s: dict) -> str:
-    n = s["n_samples"]
-    kind = s.get("kind", "sft")
+def _format_stats(s: TokenStats) -> str:
+    n = s.n_samples
+    kind = s.kind
     lines = [
-        f"tokens ({s['template']} template, {s['model']}, cutoff_len {s['cutoff_len']}): "
+        f"tokens ({s.template} template, {s.model}, cutoff_len {s.cutoff_len}): "
         f"{n} {'pair' if kind == 'preference' else 'sample'}{'s' if n != 1 else ''}"
-        + (f", {s['n_skipped']} skipped (errors)" if s["n_skipped"] else ""),
+        + (f", {s.n_skipped} skipped (errors)" if s.n_skipped else ""),
     ]
-    if "pairs" in s:
+    if s.pairs is not None:
         for side in ("chosen", "rejected"):
-            lines.append(_length_line(f"prompt+{side}", s["pairs"][side]["length"]))
-        lines.append(_length_line("longer side  ", s["length"]))
+            lines.append(_length_line(f"prompt+{side}", s.pairs[side].length))
+        lines.append(_length_line("longer side  ", s.length))
     else:
-        lines.append(_length_line("length", s["length"]))
-    if s["n_over_cutoff"]:
-        shown = ", ".join(map(str, s["over_cutoff_lines"][:10]))
-        more = " ..." if s["n_over_cutoff"] > 10 else ""
+        lines.append(_length_line("length", s.length))
+    if s.n_over_cutoff:
+        shown = ", ".join(map(str, s.over_cutoff_lines[:10]))
+        more = " ..." if s.n_over_cutoff > 10 else ""
         what = "pair" if kind == "preference" else "sample"
         lines.append(
-            f"  over cutoff_len: {s['n_over_cutoff']} {what}"
-            f"{'s' if s['n_over_cutoff'] != 1 else ''} (lines {shown}{more}), "
-            f"{s['tokens_cut']} tokens cut silently by LLaMA-Factory"
+            f"  over cutoff_len: {s.n_over_cutoff} {what}"
+            f"{'s' if s.n_over_cutoff != 1 else ''} (lines {shown}{more}), "
+            f"{s.tokens_cut} tokens cut silently by LLaMA-Factory"
             + (
                 " (without packing; with it, texts run on into the next block)"
                 if kind == "pt"
@@ -130,11 +128,11 @@ def _format_stats(s: dict) -> str:
         "pt": "every token",
     }.get(kind, "assistant turns")
     lines.append(
-        f"  tokens after cutoff: {s['tokens_after_cutoff']}, of which {s['loss_tokens']} count "
+        f"  tokens after cutoff: {s.tokens_after_cutoff}, of which {s.loss_tokens} count "
         f"toward the loss ({trained})"
     )
-    if s["suggested_cutoff_len"] is not None:
-        lines.append(f"  suggested cutoff_len: {s['suggested_cutoff_len']} (p99 rounded up to 64)")
+    if s.suggested_cutoff_len is not None:
+        lines.append(f"  suggested cutoff_len: {s.suggested_cutoff_len} (p99 rounded up to 64)")
     return "\n".join(lines)
 
 
@@ -144,6 +142,8 @@ def _reasoning_plan(
     """How each kind of sample (reasoning or direct answers) will be trained: for --model, as
     `qwenft train` would train it; without one, for a Qwen3 hybrid model (shown only when the file
     holds reasoning). The plan and the model it is for."""
+    from qwenft.data.reasoning import thinking_plan
+
     if kind not in ("sft", "preference", "kto"):
         return None, ""
     if model is None:
@@ -172,6 +172,7 @@ def _format_plan(plan: ThinkingPlan, what: str) -> str:
 
 @app.command()
 @handle_errors
+@knob_options(DATA_CHECK)
 def check(
     file: DataArg,
     model: Annotated[
@@ -183,14 +184,7 @@ def check(
             f"(default {DEFAULT_STATS_MODEL} when --cutoff-len is given), hub id or local folder.",
         ),
     ] = None,
-    cutoff_len: Annotated[
-        int | None,
-        typer.Option(
-            "--cutoff-len",
-            min=1,
-            help="cutoff_len to measure against (default: train's); implies token statistics.",
-        ),
-    ] = None,
+    knobs: KnobValues = NO_KNOBS,  # --cutoff-len (the knob table; implies token statistics)
     template: Annotated[
         str | None,
         choice_option("--template", Template.values(), "Override the model's template (as train)."),
@@ -210,7 +204,10 @@ def check(
     cutoff_len. Chat data with <think> reasoning also gets how each kind of sample (reasoning,
     direct answers) will be trained (docs/agents.md).
     """
+    from qwenft.data.check import check_file, format_report
+
     report = check_file(file)
+    cutoff_len = knobs.get("cutoff_len")
     stats = None
     want_stats = model is not None or cutoff_len is not None
     plan, plan_for = (None, "")
@@ -233,10 +230,9 @@ def check(
                 report.path,
                 report.kind,
             )
-        stats["model"] = model or DEFAULT_STATS_MODEL
     if as_json:
         data = report.to_dict()
-        data["tokens"] = stats
+        data["tokens"] = stats.to_dict() if stats else None
         data["reasoning"] = plan.to_dict() | {"model": plan_for} if plan else None
         print_json(data)
     else:
@@ -260,7 +256,7 @@ def convert(
         str,
         choice_option(
             "--from",
-            CONVERT_FORMATS,
+            ConvertFormat.values(),
             "Input format (auto: detect from the first row). alpaca and sharegpt include "
             "LLaMA-Factory's ranking and KTO variants; trl (= ultrafeedback) reads prompt + "
             'chosen/rejected or prompt/completion/label; text reads {"text"} rows or .txt.',
@@ -289,6 +285,9 @@ def convert(
     cannot be converted are listed with their lines, and then nothing is written unless
     --skip-invalid.
     """
+    from qwenft.data.check import format_problems
+    from qwenft.data.convert import convert_file, parse_fill
+
     report = convert_file(
         src, out, fmt, force=force, skip_invalid=skip_invalid, fill=parse_fill(fill)
     )
@@ -330,6 +329,8 @@ def split(
 
     Writes <stem>.train.jsonl and <stem>.val.jsonl; the same seed gives the same split.
     """
+    from qwenft.data.split import split_file
+
     train_path, val_path = split_file(file, val_ratio, seed, out_dir, force=force)
     counts = {p: _count_lines(p) for p in (train_path, val_path)}
     if as_json:
@@ -377,6 +378,11 @@ def register(
     LLaMA-Factory's `dataset:` and `dataset_dir:` keys read. A .txt file is refused: convert it to
     jsonl first. Safe to run from several shells at once.
     """
+    from qwenft.data.check import require_valid
+    from qwenft.data.reader import file_sha256
+    from qwenft.data.registry import auto_dataset_name, check_dataset_name, register_dataset
+    from qwenft.paths import default_dataset_dir
+
     if name is not None:
         check_dataset_name(name)
     report = require_valid(file, "it was not registered", kind=None)

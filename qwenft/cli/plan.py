@@ -6,7 +6,7 @@ Mounted by qwenft/cli/__init__.py with `app.command("plan")(plan)`. Imports noth
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,7 +17,9 @@ from qwenft.cli.common import (
     MethodOpt,
     choice_option,
     handle_errors,
+    knob_options,
 )
+from qwenft.knobs import NO_KNOBS, PLAN, KnobValues
 
 PlanStageOpt = Annotated[
     str,
@@ -45,6 +47,7 @@ _LABELS = {
 
 
 @handle_errors
+@knob_options(PLAN)
 def plan(
     model: Annotated[
         str,
@@ -52,39 +55,9 @@ def plan(
     ],
     method: MethodOpt = None,
     stage: PlanStageOpt = Stage.SFT.value,
-    bits: Annotated[
-        int | None, typer.Option("--bits", help="QLoRA quantization: 4 (default) or 8.")
-    ] = None,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs (processes) sharing the run.")] = 1,
     deepspeed: DeepSpeedOpt = AUTO,
-    cutoff_len: Annotated[
-        int | None,
-        typer.Option("--cutoff-len", help="Tokens per sample, the worst case (default: train's)."),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="per_device_train_batch_size (default: train's; auto: the largest that fits).",
-        ),
-    ] = None,
-    lora_rank: Annotated[
-        int | None, typer.Option("--lora-rank", help="LoRA rank (default: train's).")
-    ] = None,
-    lora_target: Annotated[
-        str | None,
-        typer.Option("--lora-target", help="all, or a comma list such as q_proj,v_proj."),
-    ] = None,
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--gradient-checkpointing/--no-gradient-checkpointing",
-            help="LLaMA-Factory checkpoints by default.",
-        ),
-    ] = True,
-    liger: Annotated[
-        bool, typer.Option("--liger", help="Liger kernels (fused cross-entropy).")
-    ] = False,
+    knobs: KnobValues = NO_KNOBS,  # the knob table's plan options (knob_options)
     gpu_mem: Annotated[
         float | None,
         typer.Option("--gpu-mem", help="Memory of one GPU in GB (1e9 bytes), e.g. 24 or 80."),
@@ -98,15 +71,6 @@ def plan(
     from qwenft import memory, settings
 
     stage = Stage.parse(stage, "--stage")
-    knobs = {
-        "quantization_bit": bits,
-        "cutoff_len": cutoff_len,
-        "per_device_train_batch_size": batch_size,
-        "lora_rank": lora_rank,
-        "lora_target": lora_target,
-        "disable_gradient_checkpointing": None if gradient_checkpointing else True,
-        "enable_liger_kernel": liger or None,
-    }
     run = settings.resolve(
         settings.RunRequest(
             model=model,
@@ -127,24 +91,20 @@ def plan(
             out["explanation"] = why
         typer.echo(json.dumps(out, indent=2))
         return
-    _print_table(
-        model, result, why, inp.lora_rank, inp.lora_target, inp.gradient_checkpointing, inp.liger
-    )
+    _print_table(model, result, why, inp)
 
 
-def _print_table(
-    model: str,
-    p,
-    why: str | None,
-    lora_rank: int,
-    lora_target: str,  # noqa: ANN001 - Plan
-    gradient_checkpointing: bool,
-    liger: bool,
-) -> None:
+def _print_table(model: str, p: Any, why: str | None, inp: Any) -> None:  # memory.Plan, PlanInput
     from qwenft.memory import GB, GIB
 
-    what = {"full": "full fine-tuning", "freeze": "freeze (last 2 layers)"}.get(p.method)
-    if what is None:
+    lora_rank, lora_target = inp.lora_rank, inp.lora_target
+    gradient_checkpointing, liger = inp.gradient_checkpointing, inp.liger
+    if p.method == "full":
+        what = "full fine-tuning"
+    elif p.method == "freeze":
+        n = p.trainable_layers
+        what = f"freeze ({'last' if n > 0 else 'first'} {abs(n)} layer{'s' if abs(n) != 1 else ''})"
+    else:
         quant = f"QLoRA {p.bits}-bit" if p.method == "qlora" else "LoRA"
         what = f"{quant}, rank {lora_rank} on {lora_target}"
     if p.stage != "sft":

@@ -20,8 +20,10 @@ from qwenft.cli.common import (
     choice_option,
     err,
     handle_errors,
+    knob_options,
     stdout_for_results,
 )
+from qwenft.knobs import EVAL, NO_KNOBS, KnobValues
 
 
 @handle_errors
@@ -71,6 +73,7 @@ def serve(
 
 
 @handle_errors
+@knob_options(EVAL)
 def eval_cmd(
     target: TargetArg,
     data: Annotated[
@@ -104,21 +107,7 @@ def eval_cmd(
     ] = False,
     template: TemplateOpt = None,
     thinking: ThinkingOpt = Thinking.AUTO.value,
-    cutoff_len: Annotated[
-        int | None, typer.Option("--cutoff-len", help="Max tokens per sample (default: the run's).")
-    ] = None,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", help="Sequences per forward (chat: per_device_eval_batch_size)."
-        ),
-    ] = 1,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Longest generated answer.")
-    ] = 256,
-    max_samples: Annotated[
-        int | None, typer.Option("--max-samples", help="Use only the first N samples.")
-    ] = None,
+    knobs: KnobValues = NO_KNOBS,  # the knob table's eval options (knob_options)
     as_json: Annotated[
         bool, typer.Option("--json", help="Print eval.json instead of the table.")
     ] = False,
@@ -138,10 +127,7 @@ def eval_cmd(
         base=base,
         no_base=no_base,
         force=force,
-        cutoff_len=cutoff_len,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_samples=max_samples,
+        knobs=knobs,
         template=template,
         thinking=thinking,
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwenft.choices import ConvertFormat
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, WEIGHT_ZERO_WHY
 from qwenft.data.kinds import MULTIMODAL_KEYS, PT, RowRules
 from qwenft.data.reader import BAD, Collector, Problem, dump_row, iter_rows, jtype, open_data_file
@@ -25,7 +26,7 @@ from qwenft.errors import QwenftError, RowError
 from qwenft.fsutil import AtomicOutput, check_out_path
 
 # ultrafeedback is trl under the name its users know (prompt, chosen and rejected message lists).
-CONVERT_FORMATS = ("alpaca", "sharegpt", "openai", "trl", "ultrafeedback", "text", "auto")
+CONVERT_FORMATS = ConvertFormat.values()
 _PLACEHOLDER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

@@ -9,7 +9,6 @@ written out, grouped in the `### model / ### method / ### dataset / ### output /
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -18,7 +17,10 @@ import yaml
 
 from qwenft.choices import DeepSpeed, Method, Stage
 from qwenft.errors import QwenftError
+from qwenft.knobs import KNOBS, as_number
 
+# The sections of train.yaml and the order of keys in each; a knob not listed here is written in
+# the section its row in qwenft.knobs.KNOBS names.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "model": (
         "model_name_or_path",
@@ -145,15 +147,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError as exc:
             raise QwenftError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
-        out[key] = _as_number(parsed)
+        out[key] = as_number(parsed)
     return out
-
-
-def _as_number(value: Any) -> Any:
-    """YAML 1.1 reads 1e-4 as a string; a learning rate typed that way must stay a number."""
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
-        return float(value)
-    return value
 
 
 @dataclass
@@ -248,6 +243,7 @@ def to_yaml(cfg: dict[str, Any], header: str | None = None) -> str:
     placed: set[str] = set()
     blocks: list[str] = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
     for section, keys in [*SECTIONS.items(), ("other", tuple(cfg))]:
+        keys = (*keys, *(k.key for k in KNOBS if k.section == section))  # knobs name theirs
         part = {k: cfg[k] for k in keys if k in cfg and k not in placed}
         if not part:
             continue

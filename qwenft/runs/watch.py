@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qwenft.choices import Stage
+
 
 def read_trainer_log(run_dir: Path) -> list[dict[str, Any]]:
     """LLaMA-Factory's trainer_log.jsonl (one JSON object per logging step); [] if absent."""
@@ -20,17 +22,6 @@ def read_trainer_log(run_dir: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(json.JSONDecodeError):
                 rows.append(json.loads(line))
     return rows
-
-
-# The figures each stage's trainer logs besides the loss (LLaMA-Factory's DPO trainer for dpo, orpo
-# and simpo; its KTO trainer for kto). They are in trainer_state.json's log_history, not in
-# trainer_log.jsonl (LLaMA-Factory's log callback keeps only loss, lr and the step counters).
-STAGE_FIGURES: dict[str, tuple[str, ...]] = {
-    "dpo": ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"),
-    "orpo": ("rewards/accuracies", "rewards/margins", "odds_ratio_loss", "sft_loss"),
-    "simpo": ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"),
-    "kto": ("rewards/margins", "rewards/chosen", "rewards/rejected", "kl"),
-}
 
 
 def log_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -54,7 +45,7 @@ def log_history(run_dir: Path) -> list[dict[str, Any]]:
 
 def stage_figures(run_dir: Path, stage: str) -> dict[str, list[float]]:
     """The stage's own training figures, first and last logged value each ({} for sft and pt)."""
-    keys = STAGE_FIGURES.get(stage, ())
+    keys = Stage(stage).facts.figures
     if not keys:
         return {}
     rows = [r for r in log_history(run_dir) if "loss" in r]
@@ -97,17 +88,17 @@ def training_summary(run_dir: Path, stage: str = "sft") -> dict[str, Any]:
 
 # Stages whose loss can reach 0 when training works: the preference losses fall towards 0 as the
 # pairs separate (DPO's hinge loss is exactly 0 past the margin), so a zero loss is no alarm there.
-ZERO_LOSS_OK = ("dpo", "orpo", "simpo", "kto")
 
 
 class LossWatch:
     """Polled while training: a reason to stop when the loss is NaN/inf or exactly 0 for
     `patience` consecutive logging steps (typical causes: fp16 on Qwen, a too-high learning rate).
-    A zero loss stops only sft and pt runs (ZERO_LOSS_OK)."""
+    A zero loss stops only runs whose stage cannot reach it legitimately (the stage table's
+    zero_loss_ok: sft and pt)."""
 
     def __init__(self, run_dir: Path, patience: int = 3, stage: str = "sft") -> None:
         self.run_dir, self.patience = Path(run_dir), patience
-        self.zero_ok = stage in ZERO_LOSS_OK
+        self.zero_ok = Stage(stage).facts.zero_loss_ok
 
     def __call__(self) -> str | None:
         losses = [r.get("loss") for r in read_trainer_log(self.run_dir) if "loss" in r]
