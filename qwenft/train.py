@@ -9,7 +9,7 @@ and `--from RUN_DIR` starts from an earlier run's weights (settings.from_run).
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import socket
 import sys
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from qwenft import settings
 from qwenft.choices import (
     DEFAULT_OVERLENGTH,
@@ -31,7 +30,9 @@ from qwenft.choices import (
     Overlength,
     Stage,
 )
-from qwenft.data import cache, check, convert, kinds, prepare, reader, registry, split, tokens
+from qwenft.data import cache, check, convert, kinds, pipeline, prepare, reader, registry, split
+from qwenft.data.pipeline import DataSpec, TokenStats
+from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
 from qwenft.lf import launcher, render
 from qwenft.models import presets
@@ -93,6 +94,11 @@ class TrainPlan:
     kind: str = DataKind.SFT.value  # the data kind the stage takes
     packed: bool = False  # pt with packing: texts run on in cutoff_len blocks, nothing is cut
     parent: settings.FromRun | None = None
+
+    @functools.cached_property
+    def data_spec(self) -> DataSpec:
+        """The run's data arguments (train.yaml's values and --overlength), read once."""
+        return DataSpec.from_config(self.config, overlength=self.overlength)
 
 
 FILTERED_DATA = "data.fit.jsonl"
@@ -249,7 +255,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     )
     config = render.build_train_config(spec)
     if "tokenized_path" not in config and (
-        req.nnodes == 1 or prepare.not_reproduced(config) is None
+        req.nnodes == 1 or pipeline.not_reproduced(config) is None
     ):
         # Each node tokenizes before its torchrun starts (tokenize_ahead), and a copy is renamed
         # into place whole, so nodes sharing a file system cannot race on the cache. Where
@@ -385,15 +391,15 @@ def execute_train(
     for line in describe(plan):
         progress(line)
     base_target(plan.model).ensure_built(progress)
-    tokenized = cache_state(plan.config)  # before this run writes it
+    tokenized = cache_state(plan.data_spec)  # before this run writes it
     stats = overlength_stats(plan, progress)
     try:
-        record = length_record(plan, stats, progress)
+        record = prepare.length_record(plan.data_spec, stats, progress)
     except QwenftError:
         # refused: nothing this run wrote stays behind, the tokenized data measured on the way
         # included (a cache no run would read)
-        if tokenized and not tokenized["hit"]:
-            cache.forget(Path(tokenized["path"]))
+        if tokenized and not tokenized.hit:
+            cache.forget(tokenized.path)
         raise
 
     def add_filtered_copy(stage: Path) -> None:
@@ -403,7 +409,7 @@ def execute_train(
         if plan.overlength != "drop":
             return
         kept, dropped = split.write_without_lines(
-            plan.data_path, stage / FILTERED_DATA, stats["over_cutoff_lines"]
+            plan.data_path, stage / FILTERED_DATA, stats.over_cutoff_lines
         )
         record.update(
             kept=kept, dropped=dropped, filtered_sha256=reader.file_sha256(stage / FILTERED_DATA)
@@ -417,7 +423,7 @@ def execute_train(
         registry.register_dataset(
             plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
         )
-        tokenize_ahead(plan.config, plan.train_data or plan.data_path, plan.model.path, progress)
+        tokenize_ahead(plan.data_spec, plan.train_data or plan.data_path, plan.model.path, progress)
         return _launch(
             run_dir,
             lock,
@@ -430,165 +436,10 @@ def execute_train(
         )
 
 
-def length_record(
-    plan: TrainPlan, stats: dict[str, Any], progress: Callable[[str], None]
-) -> dict[str, Any]:
-    """The manifest's overlength record of the measured data; QwenftError where --overlength
-    (or packing) refuses the run."""
-    cutoff = plan.config["cutoff_len"]
-    if plan.packed:
-        record = packed_record(plan, stats, progress)
-        stats = {**stats, "n_over_cutoff": 0}  # packed: nothing is cut
-    n_over = stats["n_over_cutoff"]
-    if n_over and n_over == stats.get("n_samples") and plan.overlength != "fail":
-        # Every sample would be truncated (warn) or dropped, leaving nothing to train on (drop).
-        raise QwenftError(
-            f"all {n_over} samples exceed cutoff_len {cutoff}"
-            + (
-                ": --overlength drop would leave nothing to train on"
-                if plan.overlength == "drop"
-                else ", so every one would be cut short"
-            )
-            + "; nothing was started",
-            f"raise --cutoff-len (suggested: {stats['suggested_cutoff_len']}, from the longest "
-            "samples); `qwenft data check --model M` shows the lengths",
-        )
-    if n_over and plan.overlength == "fail":
-        raise QwenftError(
-            f"{n_over} sample(s) exceed cutoff_len {cutoff} (lines {_lines(stats)}); nothing was started",
-            f"raise --cutoff-len (suggested: {stats['suggested_cutoff_len']}), shorten them, or "
-            "use --overlength drop",
-        )
-    if n_over and plan.overlength == "warn":
-        progress(
-            f"warning: {n_over} sample(s) exceed cutoff_len {cutoff} and lose {stats['tokens_cut']} "
-            f"tokens to truncation (lines {_lines(stats)}); suggested --cutoff-len "
-            f"{stats['suggested_cutoff_len']}, or --overlength drop|fail"
-        )
-    if not plan.packed:
-        record = {
-            "mode": plan.overlength,
-            "n_over_cutoff": n_over,
-            "tokens_cut": stats["tokens_cut"],
-            "cutoff_len": cutoff,
-        }
-    return record
-
-
-def packed_record(
-    plan: TrainPlan, stats: dict[str, Any], progress: Callable[[str], None]
-) -> dict[str, Any]:
-    """Packed pre-training: LLaMA-Factory concatenates the texts of each batch it maps, each with
-    its end-of-text token, and cuts the stream into blocks (train.yaml's cutoff_len less one,
-    qwenft.data.prepare.packing_and_cutoff), leaving out each batch's last partial block. Says how
-    many blocks and how many tokens are left out (exact when qwenft wrote the tokenized data,
-    else from the token total); refuses a corpus that makes no block (it would train on
-    nothing)."""
-    _, block = prepare.packing_and_cutoff(plan.config)
-    total = stats.get("tokens_total")
-    record: dict[str, Any] = {
-        "mode": "packed",
-        "cutoff_len": plan.config["cutoff_len"],
-        "block_len": block,
-    }
-    if not isinstance(total, int):
-        return record
-    written = stats.get("written")
-    blocks = sum(written.values()) if written else total // block
-    rest = total - blocks * block
-    if blocks == 0:
-        raise QwenftError(
-            f"the {stats.get('n_samples', '')} texts hold {total} tokens and make no packed "
-            f"block of {block} tokens: LLaMA-Factory would train on nothing; nothing was started",
-            f"lower --cutoff-len (at most {total}), add text, or --set packing=false",
-        )
-    record.update(tokens=total, blocks=blocks, tokens_left_out=rest)
-    progress(
-        f"pt: {total} tokens packed into {blocks} block(s) of {block}; nothing is truncated"
-        + (f", {rest} tokens (less than a block, per batch) are left out" if rest else "")
-    )
-    return record
-
-
-def _lines(stats: dict[str, Any], shown: int = 5) -> str:
-    lines = stats["over_cutoff_lines"]
-    return ", ".join(map(str, lines[:shown])) + (", ..." if len(lines) > shown else "")
-
-
-def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Token counts of the data under the run's template and cutoff_len, exactly as LLaMA-Factory
-    will preprocess it; cached beside the tokenized data, so repeat runs pay nothing."""
-    from qwenft.fsutil import atomic_write_json
-
-    cfg = plan.config
-    tokenized = cfg.get("tokenized_path")
-    sidecar = Path(f"{tokenized}.overlength.json") if tokenized else None
-    if sidecar and sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    if plan.overlength != Overlength.DROP:  # the training file is the data: measure it once
-        stats = tokenize_ahead(plan.config, plan.data_path, plan.model.path, progress)
-        if stats is not None:
-            if sidecar:
-                atomic_write_json(sidecar, stats)
-            return stats
-    progress("measuring sample lengths with the run's tokenizer and template ...")
-    # the encoder of train.yaml's data arguments, as write_tokenized builds it
-    stats = tokens.token_stats(
-        plan.data_path,
-        Path(plan.model.path),
-        cfg["template"],
-        cfg["cutoff_len"],
-        kind=plan.kind,
-        encoder=prepare.encoder_for(plan.model.path, cfg),
-        max_lines=None,
-    )
-    if sidecar:
-        atomic_write_json(sidecar, stats)
-    return stats
-
-
-def cache_state(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's tokenized cache before it runs: its path, whether it is complete already (a
-    hit), and who writes it otherwise: qwenft before launching, or LLaMA-Factory in the job."""
-    tokenized = config.get("tokenized_path")
-    if not tokenized:
-        return None
-    cache.discard_partial(Path(tokenized))
-    return {
-        "path": tokenized,
-        "hit": cache.is_ready(Path(tokenized)),
-        "by": "llamafactory" if prepare.not_reproduced(config) else "qwenft",
-    }
-
-
-def tokenize_ahead(
-    config: dict[str, Any], data: Path, model_path: str, progress: Callable[[str], None]
-) -> dict[str, Any] | None:
-    """Write the run's tokenized data (train.yaml's tokenized_path) before anything is launched,
-    where qwenft reproduces LLaMA-Factory's preprocessing of this config: the data's token
-    statistics then. None when the cache is already complete, or when LLaMA-Factory will tokenize
-    the data itself (said, with why)."""
-    tokenized = config.get("tokenized_path")
-    if not tokenized:
-        return None
-    path = Path(tokenized)
-    cache.discard_partial(path)
-    if cache.is_ready(path):
-        return None
-    why = prepare.not_reproduced(config)
-    if why:
-        progress(f"LLaMA-Factory will tokenize the data itself: {why}")
-        return None
-    progress(f"tokenizing {Path(data).name} as LLaMA-Factory would, before launching ...")
-    started = time.monotonic()
-    stats = prepare.write_tokenized(
-        Path(data), model_path, config, path, progress=progress, marker=cache.MARKER
-    )
-    progress(
-        f"tokenized {stats['n_samples']} samples in {time.monotonic() - started:.1f} s "
-        "(LLaMA-Factory loads them as they are)"
-    )
-    return stats
+def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> TokenStats:
+    """The token statistics of the run's data file under its data arguments (prepare.run_stats),
+    which --overlength and packing judge."""
+    return prepare.run_stats(plan.data_spec, plan.data_path, plan.model.path, progress)
 
 
 def _launch(
@@ -597,7 +448,7 @@ def _launch(
     argv: list[str],
     env: dict[str, str],
     progress: Callable[[str], None],
-    tokenized: dict[str, Any] | None,
+    tokenized: CacheState | None,
     verbose: bool = False,
     *,
     stage: str = Stage.SFT.value,
@@ -605,12 +456,12 @@ def _launch(
     """Run `llamafactory-cli train` in run_dir under the loss watch and qwenft's progress line;
     record how it ended. LLaMA-Factory's output goes to train.log (and stderr when `verbose`).
     The caller holds the run's lock; the launched processes hold it too until the last is gone."""
-    tokenized_path = Path(tokenized["path"]) if tokenized else None
+    tokenized_path = tokenized.path if tokenized else None
     if tokenized_path:
         cache.discard_partial(tokenized_path)
-        if tokenized["hit"]:
+        if tokenized.hit:
             progress(f"tokenized data: reusing {tokenized_path}")
-        elif tokenized["by"] == "llamafactory":
+        elif tokenized.by == "llamafactory":
             progress(f"tokenized data: LLaMA-Factory will cache it at {tokenized_path}")
     log_path = run_dir / "train.log"
     if verbose:
@@ -624,7 +475,7 @@ def _launch(
         host=socket.gethostname(),
         pid=os.getpid(),
         log=str(log_path),
-        tokenized_cache=tokenized,
+        tokenized_cache=tokenized.to_dict() if tokenized else None,
     )
     # With -v LLaMA-Factory's own progress bars are on stderr: no second progress line.
     loss_watch = LossWatch(run_dir, stage=stage)
@@ -794,6 +645,7 @@ def _resume_locked(
     update_manifest(run_dir, resumes=resumes)
     progress(f"resuming {run_dir} from {checkpoint.name}")
     config = yaml.safe_load((run_dir / "train.yaml").read_text())
-    tokenized = cache_state(config)
-    tokenize_ahead(config, Path(ds.train_path or ds.path), m.model.path, progress)
+    spec = DataSpec.from_config(config)
+    tokenized = cache_state(spec)
+    tokenize_ahead(spec, Path(ds.train_path or ds.path), m.model.path, progress)
     return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose, stage=m.stage)

@@ -187,12 +187,9 @@ def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stub `qwenft train`'s length measurement and its tokenizing before launch, which load the
     model's tokenizer: for command-building tests on config-only model folders. The end-to-end
     tests run them for real (test_e2e.py: overlength, the tokenized cache)."""
-    stats = {
-        "n_over_cutoff": 0,
-        "tokens_cut": 0,
-        "over_cutoff_lines": [],
-        "suggested_cutoff_len": 64,
-    }
+    from qwenft.data.pipeline import TokenStats
+
+    stats = TokenStats(suggested_cutoff_len=64)  # nothing over cutoff_len, the total unmeasured
     monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
     monkeypatch.setattr("qwenft.train.tokenize_ahead", lambda *args: None)
 

@@ -204,10 +204,11 @@ def test_loss_watch_lets_a_preference_loss_reach_zero(tmp_path: Path) -> None:
 def test_packed_pt_under_one_block_is_refused_before_anything_is_written(
     fake_cli: Path, local_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from qwenft.data.pipeline import TokenStats
     from tests.helpers.builders import text_rows
 
     texts = write_jsonl(tmp_path / "texts.jsonl", text_rows())
-    stats = {"n_samples": 4, "n_over_cutoff": 0, "tokens_total": 40, "tokens_cut": 0}
+    stats = TokenStats(n_samples=4, n_over_cutoff=0, tokens_total=40, tokens_cut=0)
     monkeypatch.setattr("qwenft.train.overlength_stats", lambda plan, progress: stats)
     result = invoke("train", "--model", local_model, "--data", texts, "--stage", "pt", "-o", "p")
     assert result.exit_code == 2 and "make no packed block" in result.output, result.output

@@ -603,7 +603,7 @@ def test_map_batches_are_the_datasets_map_shards_and_batches() -> None:
 
 def test_configs_qwenft_does_not_reproduce_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from qwenft.data import tokens
-    from qwenft.data.prepare import not_reproduced
+    from qwenft.data.pipeline import not_reproduced
 
     base = {"stage": "sft", "template": "qwen", "cutoff_len": 1024, "dataset": "d"}
     assert not_reproduced(base) is None
@@ -626,6 +626,7 @@ def test_configs_qwenft_does_not_reproduce_are_named(monkeypatch: pytest.MonkeyP
 def test_a_tokenized_folder_is_written_whole_or_not_at_all(
     tmp_path: Path, tiny_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from qwenft import fsutil
     from qwenft.data import prepare
     from qwenft.data.tokens import LlamaFactoryEncoder
     from qwenft.errors import QwenftError
@@ -656,18 +657,18 @@ def test_a_tokenized_folder_is_written_whole_or_not_at_all(
     monkeypatch.setattr(LlamaFactoryEncoder, "finish_batch", real_finish)
 
     # another node renames its copy into place first: that one is kept, ours is discarded
-    real_rename = prepare.os.rename
+    real_rename = fsutil.os.rename
 
     def other_node_first(src: str, dst: str) -> None:
         Path(dst).mkdir()
         (Path(dst) / "theirs").write_text("")
         real_rename(src, dst)
 
-    monkeypatch.setattr(prepare.os, "rename", other_node_first)
+    monkeypatch.setattr(fsutil.os, "rename", other_node_first)
     stats = prepare.write_tokenized(data, model_dir, config, out, marker=".done")
-    assert stats["n_samples"] == len(sft_rows())
+    assert stats.n_samples == len(sft_rows())
     assert leftovers() == ["key"] and [p.name for p in out.iterdir()] == ["theirs"]
-    monkeypatch.setattr(prepare.os, "rename", real_rename)
+    monkeypatch.setattr(fsutil.os, "rename", real_rename)
 
     # a folder already there is never overwritten
     with pytest.raises(QwenftError, match="already exists"):

@@ -19,38 +19,35 @@ What LLaMA-Factory 0.9.5 does, and so what this module does:
   packing, set later by the parser, does not).
 
 Configurations outside what is reproduced (another LLaMA-Factory version, packed sft, a
-tool_format, several datasets, streaming) are named by `not_reproduced`; LLaMA-Factory then
+tool_format, several datasets, streaming) are named by `pipeline.not_reproduced`; LLaMA-Factory then
 tokenizes the data itself, as before.
+
+The steps `qwenft train` and `qwenft resume` take before launching are here too, each on the run's
+DataSpec (qwenft.data.pipeline): the state of the tokenized cache (cache_state), writing it
+(tokenize_ahead), the data's token statistics (run_stats) and what --overlength or packing makes
+of them (length_record, the manifest's overlength record, or a refusal).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qwenft.choices import Template
-from qwenft.data import tokens
+from qwenft.choices import Overlength
+from qwenft.data import cache
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT
+from qwenft.data.pipeline import DataSpec, TokenStats, file_stats, measure
 from qwenft.data.reader import BAD, BOM, Collector, iter_rows, open_data_file
-from qwenft.data.tokens import (
-    LLAMAFACTORY_TESTED,
-    LlamaFactoryEncoder,
-    align,
-    encode_pipelined,
-    measure,
-    side_counts,
-)
+from qwenft.data.tokens import align, encode_pipelined, side_counts
 from qwenft.errors import QwenftError
+from qwenft.fsutil import atomic_write_json, staged_dir
 
-STAGE_KIND = {"sft": SFT, "pt": PT, "dpo": PREFERENCE, "kto": KTO}  # LLaMA-Factory stage -> data
 _MEDIA = ("images", "videos", "audios")  # the processors' media columns: None for text data
-# LLaMA-Factory's DataArguments and stage defaults for the keys that shape the tokens
-DEFAULT_BATCH = 1000  # preprocessing_batch_size
 
 # The arrow type of each column as `datasets.map` writes LLaMA-Factory's processor output: it
 # stores "input_ids" as int32 and "attention_mask" as int8 (its OptimizedTypedSequence), every
@@ -71,63 +68,6 @@ try:
     from orjson import loads as _orjson_loads
 except ImportError:  # pragma: no cover - orjson comes with LLaMA-Factory's dependencies
     _orjson_loads = json.loads
-
-
-def not_reproduced(config: dict[str, Any]) -> str | None:
-    """Why qwenft cannot write this config's tokenized data itself (LLaMA-Factory then does), or
-    None when it can."""
-    version = tokens.llamafactory_version()
-    if version not in LLAMAFACTORY_TESTED:
-        return (
-            f"LLaMA-Factory {version or '(not installed)'} is not a version qwenft's tokenizer "
-            f"was tested against ({', '.join(LLAMAFACTORY_TESTED)})"
-        )
-    stage = config.get("stage")
-    if stage not in STAGE_KIND:
-        return f"stage {stage!r}"
-    if config.get("template") not in Template.values():
-        return f"template {config.get('template')!r}"
-    for key, why in (
-        ("tool_format", "a tool_format"),
-        ("neat_packing", "neat_packing"),
-        ("streaming", "streaming"),
-        ("eval_dataset", "an eval_dataset"),
-        ("predict_with_generate", "predict_with_generate"),
-    ):
-        if config.get(key):
-            return why
-    if stage == "sft" and config.get("packing"):
-        return "packed sft"
-    if "," in str(config.get("dataset", "")):
-        return "several datasets"
-    return None
-
-
-def packing_and_cutoff(config: dict[str, Any]) -> tuple[bool, int]:
-    """(whether the texts are packed, the cutoff_len LLaMA-Factory's processors use: one less
-    than train.yaml's when it sets packing, a packed block's length)."""
-    cutoff = int(config["cutoff_len"])
-    packing = config.get("packing")
-    if packing:  # DataArguments.__post_init__: `cutoff_len -= 1` when packing is set
-        return True, cutoff - 1
-    return (packing is None and config.get("stage") == "pt"), cutoff
-
-
-def encoder_for(model_dir: Path | str, config: dict[str, Any]) -> LlamaFactoryEncoder:
-    """The encoder of a train.yaml's data arguments."""
-    packing, cutoff = packing_and_cutoff(config)
-    return LlamaFactoryEncoder(
-        model_dir,
-        config["template"],
-        cutoff,
-        default_system=config.get("default_system"),
-        enable_thinking=config.get("enable_thinking", True),
-        train_on_prompt=bool(config.get("train_on_prompt")),
-        mask_history=bool(config.get("mask_history")),
-        preserve_thinking=bool(config.get("preserve_thinking")),
-        kind=STAGE_KIND[config.get("stage", "sft")],
-        packing=packing,
-    )
 
 
 def _read_rows(path: Path) -> tuple[list[Any], list[int]]:
@@ -275,50 +215,41 @@ class _SplitWriter:
 def write_tokenized(
     data: Path,
     model_dir: Path | str,
-    config: dict[str, Any],
+    config: dict[str, Any] | DataSpec,
     out_dir: Path,
     *,
     progress: Callable[[str], None] | None = None,
     marker: str | None = None,
-) -> dict[str, Any]:
+) -> TokenStats:
     """Write at out_dir the tokenized DatasetDict LLaMA-Factory would save at `tokenized_path`
-    for train.yaml's `config` and this data file; return the data's token statistics (as
-    qwenft.data.tokens.token_stats measures the file).
+    for train.yaml's `config` (or its DataSpec) and this data file; return the data's token
+    statistics (as pipeline.file_stats measures the file).
 
-    Written beside out_dir and renamed into place when complete, so out_dir holds a whole
-    dataset or nothing (marker: an empty file of that name written in it last, before the
-    rename); if it appears meanwhile (another node or run wrote it first), that one
-    is kept. QwenftError if out_dir already exists or the config is not reproduced."""
-    why = not_reproduced(config)
-    if why:
-        raise QwenftError(f"qwenft cannot tokenize this run's data itself: {why}")
+    Written in a staging folder beside out_dir and renamed into place when complete
+    (fsutil.staged_dir), so out_dir holds a whole dataset or nothing (marker: an empty file of
+    that name written in it last, before the rename); if it appears meanwhile (another node or run
+    wrote it first), that one is kept. QwenftError if out_dir already exists or the config is not
+    reproduced."""
+    spec = config if isinstance(config, DataSpec) else DataSpec.from_config(config)
+    if spec.lf_tokenizes:
+        raise QwenftError(f"qwenft cannot tokenize this run's data itself: {spec.lf_tokenizes}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise QwenftError(f"{out_dir} already exists", "a tokenized dataset is never overwritten")
-    encoder = encoder_for(model_dir, config)
+    encoder = spec.encoder(model_dir)
     kind = encoder.kind
     rows, lines = _read_rows(Path(data))
-    if config.get("max_samples") is not None:
-        del rows[int(config["max_samples"]) :]
-    splits = _splits(len(rows), config.get("val_size"), int(config.get("seed", 42)))
-    num_proc = config.get("preprocessing_num_workers")
-    batch_size = int(config.get("preprocessing_batch_size") or DEFAULT_BATCH)
-    # unique across processes and hosts sharing the folder
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    if spec.max_samples is not None:
+        del rows[spec.max_samples :]
+    splits = _splits(len(rows), spec.val_size, spec.seed)
     measured: list[tuple[int, list[tuple[int, int, int]]]] = []
     writers: dict[str, _SplitWriter] = {}
     done = 0
-
-    def writer(name: str) -> _SplitWriter:
-        # made at the first write: importing datasets and pyarrow then overlaps the tokenizer
-        if name not in writers:
-            features = next(iter(writers.values())).features if writers else _features(kind)
-            writers[name] = _SplitWriter(staging / name, features)
-        return writers[name]
+    filled = False  # the staging folder holds the whole dataset
 
     def batches() -> Iterator[tuple[tuple[str, list[int]], list[Any]]]:
         for name, order in splits.items():
-            for batch in map_batches(len(order), num_proc, batch_size):
+            for batch in map_batches(len(order), spec.num_workers, spec.batch_size):
                 picked = [order[k] for k in batch]
                 samples = (rows[i] for i in picked)
                 yield (
@@ -327,29 +258,37 @@ def write_tokenized(
                 )
 
     try:
-        for (name, picked), sides, columns in encode_pipelined(encoder, batches()):
-            writer(name).write(columns)
-            for i, enc in zip(picked, sides, strict=True):
-                if enc is not None:
-                    measured.append((lines[i], [side_counts(side) for side in enc]))
-            done += len(picked)
-            if progress and done % 20_000 < len(picked):
-                progress(f"tokenized {done}/{len(rows)} samples")
-        for name in splits:
-            writer(name).close()
-        (staging / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
-        if marker:
-            (staging / marker).write_text("")
-        try:
-            os.rename(staging, out_dir)
-        except OSError:  # out_dir appeared meanwhile: keep the one already there
-            if not out_dir.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_dir(out_dir, hint="a tokenized dataset is never overwritten") as staging:
+
+            def writer(name: str) -> _SplitWriter:
+                # made at the first write: importing datasets and pyarrow then overlaps the
+                # tokenizer
+                if name not in writers:
+                    features = next(iter(writers.values())).features if writers else None
+                    writers[name] = _SplitWriter(staging / name, features or _features(kind))
+                return writers[name]
+
+            for (name, picked), sides, columns in encode_pipelined(encoder, batches()):
+                writer(name).write(columns)
+                for i, enc in zip(picked, sides, strict=True):
+                    if enc is not None:
+                        measured.append((lines[i], [side_counts(side) for side in enc]))
+                done += len(picked)
+                if progress and done % 20_000 < len(picked):
+                    progress(f"tokenized {done}/{len(rows)} samples")
+            for name in splits:
+                writer(name).close()
+            (staging / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+            if marker:
+                (staging / marker).write_text("")
+            filled = True
+    except (OSError, QwenftError):  # out_dir appeared meanwhile: keep the one already there
+        if not (filled and out_dir.is_dir()):
+            raise
     measured.sort()
     stats = measure(iter(measured), cutoff_len=encoder.cutoff_len, kind=kind, max_lines=None)
-    stats.update(
+    return replace(
+        stats,
         path=str(data),
         model=str(model_dir),
         template=encoder.template.name,
@@ -357,4 +296,165 @@ def write_tokenized(
         splits={name: len(order) for name, order in splits.items()},
         written={name: writer.rows for name, writer in writers.items()},  # rows (pt: blocks)
     )
+
+
+# --- the steps before launch ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """The run's tokenized cache before it runs: its folder, whether it is complete already (a
+    hit), and who writes it otherwise: "qwenft" before launching, or "llamafactory" in the job."""
+
+    path: Path
+    hit: bool
+    by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's `tokenized_cache`."""
+        return {**asdict(self), "path": str(self.path)}
+
+
+def cache_state(spec: DataSpec) -> CacheState | None:
+    """The state of the run's tokenized cache (train.yaml's tokenized_path; None without one). A
+    folder whose save never completed is removed first."""
+    if spec.tokenized_path is None:
+        return None
+    cache.discard_partial(spec.tokenized_path)
+    return CacheState(
+        path=spec.tokenized_path,
+        hit=cache.is_ready(spec.tokenized_path),
+        by="llamafactory" if spec.lf_tokenizes else "qwenft",
+    )
+
+
+def tokenize_ahead(
+    spec: DataSpec, data: Path, model_path: str, progress: Callable[[str], None]
+) -> TokenStats | None:
+    """Write the run's tokenized data (train.yaml's tokenized_path) before anything is launched,
+    where qwenft reproduces LLaMA-Factory's preprocessing of this config: the data's token
+    statistics then. None when the cache is already complete, or when LLaMA-Factory will tokenize
+    the data itself (said, with why)."""
+    path = spec.tokenized_path
+    if path is None:
+        return None
+    cache.discard_partial(path)
+    if cache.is_ready(path):
+        return None
+    if spec.lf_tokenizes:
+        progress(f"LLaMA-Factory will tokenize the data itself: {spec.lf_tokenizes}")
+        return None
+    progress(f"tokenizing {Path(data).name} as LLaMA-Factory would, before launching ...")
+    started = time.monotonic()
+    stats = write_tokenized(
+        Path(data), model_path, spec, path, progress=progress, marker=cache.MARKER
+    )
+    progress(
+        f"tokenized {stats.n_samples} samples in {time.monotonic() - started:.1f} s "
+        "(LLaMA-Factory loads them as they are)"
+    )
     return stats
+
+
+def run_stats(
+    spec: DataSpec, data: Path, model_path: str, progress: Callable[[str], None]
+) -> TokenStats:
+    """Token counts of the run's data file under its data arguments, exactly as LLaMA-Factory
+    will preprocess it; cached beside the tokenized data, so repeat runs pay nothing. Where the
+    training file is the data (not --overlength drop's filtered copy), they come from writing the
+    tokenized data (tokenize_ahead)."""
+    tokenized = spec.tokenized_path
+    sidecar = Path(f"{tokenized}.overlength.json") if tokenized else None
+    if sidecar and sidecar.is_file():
+        return TokenStats.from_dict(json.loads(sidecar.read_text()))
+    if spec.overlength != Overlength.DROP:  # the training file is the data: measure it once
+        stats = tokenize_ahead(spec, data, model_path, progress)
+        if stats is not None:
+            if sidecar:
+                atomic_write_json(sidecar, stats.to_dict())
+            return stats
+    progress("measuring sample lengths with the run's tokenizer and template ...")
+    stats = file_stats(data, spec.encoder(model_path), model=str(model_path), max_lines=None)
+    if sidecar:
+        atomic_write_json(sidecar, stats.to_dict())
+    return stats
+
+
+def length_record(
+    spec: DataSpec, stats: TokenStats, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """The manifest's overlength record of the measured data; QwenftError where --overlength
+    (or packing) refuses the run."""
+    cutoff = spec.cutoff_len
+    record: dict[str, Any] = {}
+    if spec.packed:
+        record = packed_record(spec, stats, progress)
+    n_over = 0 if spec.packed else stats.n_over_cutoff  # packed: nothing is cut
+    suggested = stats.suggested_cutoff_len
+    if n_over and n_over == stats.n_samples and spec.overlength != Overlength.FAIL:
+        # Every sample would be truncated (warn) or dropped, leaving nothing to train on (drop).
+        raise QwenftError(
+            f"all {n_over} samples exceed cutoff_len {cutoff}"
+            + (
+                ": --overlength drop would leave nothing to train on"
+                if spec.overlength == Overlength.DROP
+                else ", so every one would be cut short"
+            )
+            + "; nothing was started",
+            f"raise --cutoff-len (suggested: {suggested}, from the longest "
+            "samples); `qwenft data check --model M` shows the lengths",
+        )
+    if n_over and spec.overlength == Overlength.FAIL:
+        raise QwenftError(
+            f"{n_over} sample(s) exceed cutoff_len {cutoff} (lines {_lines(stats)}); "
+            "nothing was started",
+            f"raise --cutoff-len (suggested: {suggested}), shorten them, or use --overlength drop",
+        )
+    if n_over and spec.overlength == Overlength.WARN:
+        progress(
+            f"warning: {n_over} sample(s) exceed cutoff_len {cutoff} and lose {stats.tokens_cut} "
+            f"tokens to truncation (lines {_lines(stats)}); suggested --cutoff-len "
+            f"{suggested}, or --overlength drop|fail"
+        )
+    if not spec.packed:
+        record = {
+            "mode": spec.overlength,
+            "n_over_cutoff": n_over,
+            "tokens_cut": stats.tokens_cut,
+            "cutoff_len": cutoff,
+        }
+    return record
+
+
+def packed_record(
+    spec: DataSpec, stats: TokenStats, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Packed pre-training: LLaMA-Factory concatenates the texts of each batch it maps, each with
+    its end-of-text token, and cuts the stream into blocks (DataSpec.seq_cutoff_len: train.yaml's
+    cutoff_len less one), leaving out each batch's last partial block. Says how many blocks and
+    how many tokens are left out (exact when qwenft wrote the tokenized data, else from the token
+    total); refuses a corpus that makes no block (it would train on nothing)."""
+    block = spec.seq_cutoff_len
+    total = stats.tokens_total
+    record: dict[str, Any] = {"mode": "packed", "cutoff_len": spec.cutoff_len, "block_len": block}
+    if total is None:
+        return record
+    blocks = sum(stats.written.values()) if stats.written else total // block
+    rest = total - blocks * block
+    if blocks == 0:
+        raise QwenftError(
+            f"the {stats.n_samples} texts hold {total} tokens and make no packed "
+            f"block of {block} tokens: LLaMA-Factory would train on nothing; nothing was started",
+            f"lower --cutoff-len (at most {total}), add text, or --set packing=false",
+        )
+    record.update(tokens=total, blocks=blocks, tokens_left_out=rest)
+    progress(
+        f"pt: {total} tokens packed into {blocks} block(s) of {block}; nothing is truncated"
+        + (f", {rest} tokens (less than a block, per batch) are left out" if rest else "")
+    )
+    return record
+
+
+def _lines(stats: TokenStats, shown: int = 5) -> str:
+    lines = stats.over_cutoff_lines
+    return ", ".join(map(str, lines[:shown])) + (", ..." if len(lines) > shown else "")

@@ -13,18 +13,16 @@ of one call per piece; the tokenizer is read from the model's tokenizer.json wit
 transformers. tests/test_tokenize.py proves the arrays equal LLaMA-Factory's own, sample by sample.
 
 After a LLaMA-Factory upgrade, start here: a version not in LLAMAFACTORY_TESTED is not trusted to
-match (qwenft.data.prepare then lets LLaMA-Factory tokenize the data itself).
+match (qwenft.data.pipeline.not_reproduced: LLaMA-Factory then tokenizes the data itself).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 import sys
 import unicodedata
-from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,7 @@ from typing import Any
 
 from qwenft.choices import DataKind, Template
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
-from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, RowRules, detect_file_kind
+from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, RowRules
 from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
 from qwenft.errors import QwenftError
 
@@ -90,19 +88,6 @@ def llamafactory_version() -> str | None:
         return metadata.version("llamafactory")
     except metadata.PackageNotFoundError:
         return None
-
-
-def _percentile(sorted_vals: Any, q: float) -> int:
-    """Nearest-rank percentile of a sorted sequence."""
-    if not len(sorted_vals):
-        return 0
-    k = max(math.ceil(q / 100 * len(sorted_vals)) - 1, 0)
-    return int(sorted_vals[k])
-
-
-def suggest_cutoff_len(p99: int, multiple: int = 64) -> int:
-    """p99 of the sample lengths rounded up to a multiple of 64 (at least 64)."""
-    return max(multiple, math.ceil(p99 / multiple) * multiple)
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
@@ -900,131 +885,3 @@ def iter_token_lengths(
                 sum(s[1] for s in sides),
                 sum(s[2] for s in sides),
             )
-
-
-def _length_stats(lengths: Any) -> dict:
-    srt = sorted(lengths)
-    n = len(srt)
-    return {
-        "min": int(srt[0]) if n else 0,
-        "p50": _percentile(srt, 50),
-        "p90": _percentile(srt, 90),
-        "p99": _percentile(srt, 99),
-        "max": int(srt[-1]) if n else 0,
-        "mean": round(sum(srt) / n, 1) if n else 0.0,
-    }
-
-
-def token_stats(
-    path: Path,
-    model_dir: Path,
-    template: str,
-    cutoff_len: int,
-    *,
-    default_system: str | None = None,
-    enable_thinking: bool | None = True,
-    train_on_prompt: bool = False,
-    mask_history: bool = False,
-    max_lines: int | None = 1000,
-    encoder: LlamaFactoryEncoder | None = None,
-    kind: str | None = None,
-) -> dict:
-    """Per-sample token lengths after LLaMA-Factory's chat template, and what cutoff_len does.
-
-    Counts equal LLaMA-Factory's preprocessing of the data kind for the same file, template and
-    cutoff_len. kind None: the encoder's, else the file's (qwenft.data.kinds.detect_file_kind).
-    Samples with check errors are skipped (counted in n_skipped). Lengths are untruncated; over-long
-    samples are listed by line (the first max_lines of them; None: all). Pass an encoder to reuse a loaded
-    tokenizer (its model, template, cutoff_len and kind then win over the arguments).
-
-    A preference pair is measured as LLaMA-Factory builds it, prompt + chosen and prompt +
-    rejected: "length" and the over-length lines go by the longer of the two, the token totals
-    count both, and "pairs" has each side's own numbers. pt: the text and its end-of-text token,
-    without packing (with packing, LLaMA-Factory's pt default, long texts run on into the next
-    block instead of being cut).
-    """
-    path = Path(path)
-    if encoder is not None:
-        if kind is not None and DataKind.parse(kind, "data kind") != encoder.kind:
-            raise QwenftError(f"the encoder measures {encoder.kind} data, not {kind}")
-        kind = encoder.kind
-    kind = DataKind.parse(kind or detect_file_kind(path) or SFT, "data kind")
-    encoder = encoder or LlamaFactoryEncoder(
-        model_dir,
-        template,
-        cutoff_len,
-        default_system=default_system,
-        enable_thinking=enable_thinking,
-        train_on_prompt=train_on_prompt,
-        mask_history=mask_history,
-        kind=kind,
-    )
-    counts: dict[str, int] = {}
-    measured = measure(
-        iter_token_sides(path, encoder, counts=counts),
-        cutoff_len=encoder.cutoff_len,
-        kind=kind,
-        max_lines=max_lines,
-    )
-    return {
-        "path": str(path),
-        "model": str(model_dir),
-        "template": encoder.template.name,
-        **measured,
-        "n_skipped": counts["skipped"] + counts["dropped"],
-    }
-
-
-def measure(
-    sides_by_line: Any, *, cutoff_len: int, kind: str, max_lines: int | None = None
-) -> dict:
-    """Token statistics of (line, sides) pairs in file order (iter_token_sides' items): lengths,
-    what cutoff_len cuts, loss tokens; see token_stats."""
-    lengths = array("q")
-    side_lengths = [array("q"), array("q")]
-    side_totals = [[0, 0, 0], [0, 0, 0]]  # kept, loss, over cutoff
-    tokens_total = tokens_kept = loss_tokens = 0
-    over_lines: list[int] = []
-    n_over = 0
-    for line, sides in sides_by_line:
-        full = max(s[0] for s in sides)
-        lengths.append(full)
-        for k, (side_full, kept, loss) in enumerate(sides):
-            tokens_total += side_full
-            tokens_kept += kept
-            loss_tokens += loss
-            if len(sides) == 2:
-                side_lengths[k].append(side_full)
-                side_totals[k][0] += kept
-                side_totals[k][1] += loss
-                side_totals[k][2] += side_full > cutoff_len
-        if full > cutoff_len:
-            n_over += 1
-            if max_lines is None or len(over_lines) < max_lines:
-                over_lines.append(line)
-    n = len(lengths)
-    stats = _length_stats(lengths)
-    result = {
-        "cutoff_len": cutoff_len,
-        "kind": kind,
-        "n_samples": n,
-        "length": stats,
-        "n_over_cutoff": n_over,
-        "over_cutoff_lines": over_lines,
-        "tokens_total": tokens_total,
-        "tokens_after_cutoff": tokens_kept,
-        "tokens_cut": tokens_total - tokens_kept,
-        "loss_tokens": loss_tokens,
-        "suggested_cutoff_len": suggest_cutoff_len(stats["p99"]) if n else None,
-    }
-    if kind == PREFERENCE:
-        result["pairs"] = {
-            side: {
-                "length": _length_stats(side_lengths[k]),
-                "n_over_cutoff": side_totals[k][2],
-                "tokens_after_cutoff": side_totals[k][0],
-                "loss_tokens": side_totals[k][1],
-            }
-            for k, side in enumerate(("chosen", "rejected"))
-        }
-    return result

@@ -1,0 +1,383 @@
+"""What decides a run's tokens and what they measure: the two types of the tokenize-before-launch
+pipeline.
+
+- DataSpec: a run's data arguments, read once from its train.yaml values (template, cutoff_len,
+  system prompt, thinking mode, packing, prompt and history masking, the stage and its data kind,
+  the split and batching that shape the written dataset, the cache folder, --overlength). Its
+  `encoder()` is the one way an encoder is built from a run's settings: `qwenft train` (before
+  launching, qwenft.data.prepare) and `qwenft data check --model` (from_settings) both go through
+  it, so they count the same tokens.
+- TokenStats: the token statistics of a data file under a spec (lengths, what cutoff_len cuts,
+  loss tokens, a suggested cutoff_len), as `data check --model` shows them and `train` holds the
+  run to its --overlength policy with them; to_dict() is their JSON (`data check --json`, the
+  cache's sidecar).
+
+qwenft.data.tokens reproduces LLaMA-Factory's preprocessing; qwenft.data.prepare writes its
+tokenized dataset and runs the steps before launch.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwenft.choices import DEFAULT_OVERLENGTH, DataKind, Template
+from qwenft.data import tokens
+from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, detect_file_kind
+from qwenft.data.tokens import LLAMAFACTORY_TESTED, LlamaFactoryEncoder, iter_token_sides
+from qwenft.errors import QwenftError
+
+if TYPE_CHECKING:
+    from qwenft.settings import RunSettings
+
+STAGE_KIND = {"sft": SFT, "pt": PT, "dpo": PREFERENCE, "kto": KTO}  # LLaMA-Factory stage -> data
+DEFAULT_BATCH = 1000  # LLaMA-Factory's preprocessing_batch_size
+
+
+def not_reproduced(config: dict[str, Any]) -> str | None:
+    """Why qwenft cannot write this train.yaml's tokenized data itself (LLaMA-Factory then does),
+    or None when it can."""
+    version = tokens.llamafactory_version()
+    if version not in LLAMAFACTORY_TESTED:
+        return (
+            f"LLaMA-Factory {version or '(not installed)'} is not a version qwenft's tokenizer "
+            f"was tested against ({', '.join(LLAMAFACTORY_TESTED)})"
+        )
+    stage = config.get("stage")
+    if stage not in STAGE_KIND:
+        return f"stage {stage!r}"
+    if config.get("template") not in Template.values():
+        return f"template {config.get('template')!r}"
+    for key, why in (
+        ("tool_format", "a tool_format"),
+        ("neat_packing", "neat_packing"),
+        ("streaming", "streaming"),
+        ("eval_dataset", "an eval_dataset"),
+        ("predict_with_generate", "predict_with_generate"),
+    ):
+        if config.get(key):
+            return why
+    if stage == "sft" and config.get("packing"):
+        return "packed sft"
+    if "," in str(config.get("dataset", "")):
+        return "several datasets"
+    return None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A run's data arguments: everything that decides its tokens, and what train does about
+    samples longer than cutoff_len. Build it with from_config (a train.yaml's values) or
+    from_settings (resolved settings, before train.yaml exists)."""
+
+    template: str
+    cutoff_len: int  # train.yaml's (see seq_cutoff_len for the processors')
+    kind: str = SFT  # the data kind the stage's processor takes
+    stage: str = "sft"  # LLaMA-Factory's stage (orpo and simpo are dpo)
+    default_system: str | None = None  # None: the template's
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    packing: bool | None = None  # train.yaml's; None: LLaMA-Factory's default (pt packs)
+    max_samples: int | None = None  # the first N rows
+    val_size: float = 0.0
+    seed: int = 42
+    num_workers: int | None = None  # preprocessing_num_workers: the map's shards
+    batch_size: int = DEFAULT_BATCH  # preprocessing_batch_size
+    tokenized_path: Path | None = None  # the cache folder LLaMA-Factory loads
+    overlength: str = DEFAULT_OVERLENGTH.value  # --overlength: warn, drop or fail
+    lf_tokenizes: str | None = None  # why qwenft does not write the tokens itself (not_reproduced)
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], *, overlength: str | None = None, kind: str | None = None
+    ) -> DataSpec:
+        """The spec of train.yaml's values (kind: the stage's, unless given)."""
+        stage = str(config.get("stage", "sft"))
+        packing = config.get("packing")
+        workers = config.get("preprocessing_num_workers")
+        tokenized = config.get("tokenized_path")
+        max_samples = config.get("max_samples")
+        return cls(
+            template=config["template"],
+            cutoff_len=config["cutoff_len"],
+            kind=DataKind.parse(kind, "data kind") if kind else STAGE_KIND.get(stage, SFT),
+            stage=stage,
+            default_system=config.get("default_system"),
+            enable_thinking=config.get("enable_thinking", True),
+            preserve_thinking=bool(config.get("preserve_thinking")),
+            train_on_prompt=bool(config.get("train_on_prompt")),
+            mask_history=bool(config.get("mask_history")),
+            packing=None if packing is None else bool(packing),
+            max_samples=None if max_samples is None else int(max_samples),
+            val_size=config.get("val_size") or 0.0,
+            seed=int(config.get("seed", 42)),
+            num_workers=workers,
+            batch_size=int(config.get("preprocessing_batch_size") or DEFAULT_BATCH),
+            tokenized_path=Path(tokenized) if tokenized else None,
+            overlength=overlength or DEFAULT_OVERLENGTH.value,
+            lf_tokenizes=not_reproduced(config),
+        )
+
+    @classmethod
+    def from_settings(cls, run: RunSettings, *, kind: str | None = None) -> DataSpec:
+        """The spec of resolved settings (qwenft.settings.RunSettings): their values with the
+        model's template, system prompt and thinking mode over them, as train.yaml gets them
+        (qwenft.lf.render.build_train_config)."""
+        config = {**run.values, "template": run.template, "default_system": run.default_system}
+        if run.enable_thinking is not None:
+            config["enable_thinking"] = run.enable_thinking
+        return cls.from_config(config, kind=kind)
+
+    @property
+    def packs(self) -> bool:
+        """Whether the processors pack the texts: packing set, or pt's default."""
+        return bool(self.packing) or (self.packing is None and self.stage == "pt")
+
+    @property
+    def packed(self) -> bool:
+        """Packed pre-training: texts run on in blocks of seq_cutoff_len, none is cut."""
+        return self.kind == PT and self.packs
+
+    @property
+    def seq_cutoff_len(self) -> int:
+        """The cutoff_len LLaMA-Factory's processors use: one less than train.yaml's when it
+        sets packing (DataArguments.__post_init__; pt's default packing, set later, does not),
+        a packed block's length."""
+        return self.cutoff_len - 1 if self.packing else self.cutoff_len
+
+    def encoder(self, model_dir: Path | str) -> LlamaFactoryEncoder:
+        """The encoder of these data arguments with the model's tokenizer."""
+        return LlamaFactoryEncoder(
+            model_dir,
+            self.template,
+            self.seq_cutoff_len,
+            default_system=self.default_system,
+            enable_thinking=self.enable_thinking,
+            train_on_prompt=self.train_on_prompt,
+            mask_history=self.mask_history,
+            preserve_thinking=self.preserve_thinking,
+            kind=self.kind,
+            packing=self.packs,
+        )
+
+
+# --- the statistics -------------------------------------------------------------------------------
+
+
+def _percentile(sorted_vals: Any, q: float) -> int:
+    """Nearest-rank percentile of a sorted sequence."""
+    if not len(sorted_vals):
+        return 0
+    k = max(math.ceil(q / 100 * len(sorted_vals)) - 1, 0)
+    return int(sorted_vals[k])
+
+
+def suggest_cutoff_len(p99: int, multiple: int = 64) -> int:
+    """p99 of the sample lengths rounded up to a multiple of 64 (at least 64)."""
+    return max(multiple, math.ceil(p99 / multiple) * multiple)
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """The spread of sample lengths in tokens (nearest-rank percentiles)."""
+
+    min: int = 0
+    p50: int = 0
+    p90: int = 0
+    p99: int = 0
+    max: int = 0
+    mean: float = 0.0
+
+    @classmethod
+    def of(cls, lengths: Any) -> Lengths:
+        srt = sorted(lengths)
+        n = len(srt)
+        return cls(
+            min=int(srt[0]) if n else 0,
+            p50=_percentile(srt, 50),
+            p90=_percentile(srt, 90),
+            p99=_percentile(srt, 99),
+            max=int(srt[-1]) if n else 0,
+            mean=round(sum(srt) / n, 1) if n else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class SideStats:
+    """One side of preference pairs (prompt + chosen, or prompt + rejected)."""
+
+    length: Lengths = field(default_factory=Lengths)
+    n_over_cutoff: int = 0
+    tokens_after_cutoff: int = 0
+    loss_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Token statistics of a data file under a spec, exactly as LLaMA-Factory's preprocessing
+    counts them. Lengths are untruncated; a preference pair counts as its longer side for the
+    length and the over-length lines, as both sides for the token totals (`pairs` has each
+    side's own numbers); pt as each text with its end-of-text token, measured against
+    cutoff_len (packed, they run on into the next block instead of being cut)."""
+
+    path: str = ""
+    model: str = ""
+    template: str = ""
+    cutoff_len: int = 0  # the processors' cutoff_len the lengths are measured against
+    kind: str = SFT
+    n_samples: int = 0
+    length: Lengths = field(default_factory=Lengths)
+    n_over_cutoff: int = 0
+    over_cutoff_lines: list[int] = field(default_factory=list)  # the first max_lines of them
+    tokens_total: int | None = None  # None: not measured (an older cache's record)
+    tokens_after_cutoff: int = 0
+    tokens_cut: int = 0
+    loss_tokens: int = 0
+    suggested_cutoff_len: int | None = None  # p99 rounded up to 64; None without samples
+    pairs: dict[str, SideStats] | None = None  # preference: "chosen" and "rejected"
+    n_skipped: int = 0  # samples with check errors, or that LLaMA-Factory drops
+    splits: dict[str, int] | None = None  # rows per split (as qwenft wrote the dataset)
+    written: dict[str, int] | None = None  # rows written per split (pt packed: blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (`data check --json`'s "tokens", the cache's sidecar)."""
+        out = asdict(self)
+        for key in ("pairs", "splits", "written"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenStats:
+        """The record of to_dict's JSON (keys it does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("length"), dict):
+            values["length"] = Lengths(**values["length"])
+        if isinstance(values.get("pairs"), dict):
+            values["pairs"] = {
+                side: SideStats(**{**s, "length": Lengths(**s["length"])})
+                for side, s in values["pairs"].items()
+            }
+        return cls(**values)
+
+
+def measure(
+    sides_by_line: Any, *, cutoff_len: int, kind: str, max_lines: int | None = None
+) -> TokenStats:
+    """Token statistics of (line, sides) pairs in file order (tokens.iter_token_sides' items):
+    lengths, what cutoff_len cuts, loss tokens. The file's path, model, template and skipped
+    rows are the caller's to add."""
+    lengths = array("q")
+    side_lengths = [array("q"), array("q")]
+    side_totals = [[0, 0, 0], [0, 0, 0]]  # kept, loss, over cutoff
+    tokens_total = tokens_kept = loss_tokens = 0
+    over_lines: list[int] = []
+    n_over = 0
+    for line, sides in sides_by_line:
+        full = max(s[0] for s in sides)
+        lengths.append(full)
+        for k, (side_full, kept, loss) in enumerate(sides):
+            tokens_total += side_full
+            tokens_kept += kept
+            loss_tokens += loss
+            if len(sides) == 2:
+                side_lengths[k].append(side_full)
+                side_totals[k][0] += kept
+                side_totals[k][1] += loss
+                side_totals[k][2] += side_full > cutoff_len
+        if full > cutoff_len:
+            n_over += 1
+            if max_lines is None or len(over_lines) < max_lines:
+                over_lines.append(line)
+    n = len(lengths)
+    spread = Lengths.of(lengths)
+    pairs = None
+    if kind == PREFERENCE:
+        pairs = {
+            side: SideStats(
+                length=Lengths.of(side_lengths[k]),
+                n_over_cutoff=side_totals[k][2],
+                tokens_after_cutoff=side_totals[k][0],
+                loss_tokens=side_totals[k][1],
+            )
+            for k, side in enumerate(("chosen", "rejected"))
+        }
+    return TokenStats(
+        cutoff_len=cutoff_len,
+        kind=kind,
+        n_samples=n,
+        length=spread,
+        n_over_cutoff=n_over,
+        over_cutoff_lines=over_lines,
+        tokens_total=tokens_total,
+        tokens_after_cutoff=tokens_kept,
+        tokens_cut=tokens_total - tokens_kept,
+        loss_tokens=loss_tokens,
+        suggested_cutoff_len=suggest_cutoff_len(spread.p99) if n else None,
+        pairs=pairs,
+    )
+
+
+def file_stats(
+    path: Path, encoder: LlamaFactoryEncoder, *, model: str, max_lines: int | None = 1000
+) -> TokenStats:
+    """Token statistics of a data file with an encoder (DataSpec.encoder). Rows are checked as
+    the encoder's kind: those with check errors, and those LLaMA-Factory's processor drops, are
+    skipped (n_skipped). Over-long samples are listed by line: the first max_lines (None: all)."""
+    counts: dict[str, int] = {}
+    measured = measure(
+        iter_token_sides(Path(path), encoder, counts=counts),
+        cutoff_len=encoder.cutoff_len,
+        kind=encoder.kind,
+        max_lines=max_lines,
+    )
+    return replace(
+        measured,
+        path=str(path),
+        model=model,
+        template=encoder.template.name,
+        n_skipped=counts["skipped"] + counts["dropped"],
+    )
+
+
+def token_stats(
+    path: Path,
+    model_dir: Path,
+    template: str,
+    cutoff_len: int,
+    *,
+    default_system: str | None = None,
+    enable_thinking: bool | None = True,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+    max_lines: int | None = 1000,
+    encoder: LlamaFactoryEncoder | None = None,
+    kind: str | None = None,
+) -> TokenStats:
+    """file_stats for data arguments given one by one (a DataSpec of them, without packing).
+    kind None: the encoder's, else the file's (qwenft.data.kinds.detect_file_kind). Pass an
+    encoder to reuse a loaded tokenizer (its model, template, cutoff_len and kind then win over
+    the arguments)."""
+    path = Path(path)
+    if encoder is not None:
+        if kind is not None and DataKind.parse(kind, "data kind") != encoder.kind:
+            raise QwenftError(f"the encoder measures {encoder.kind} data, not {kind}")
+    else:
+        spec = DataSpec(
+            template=template,
+            cutoff_len=cutoff_len,
+            kind=DataKind.parse(kind or detect_file_kind(path) or SFT, "data kind"),
+            default_system=default_system,
+            enable_thinking=enable_thinking,
+            train_on_prompt=train_on_prompt,
+            mask_history=mask_history,
+            packing=False,
+        )
+        encoder = spec.encoder(model_dir)
+    return file_stats(path, encoder, model=str(model_dir), max_lines=max_lines)

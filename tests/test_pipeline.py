@@ -1,0 +1,115 @@
+"""The tokenize-before-launch pipeline (qwenft.data.pipeline, qwenft.data.prepare): one DataSpec
+for `qwenft train` and `qwenft data check --model`, so both count the same tokens; TokenStats'
+JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.builders import write_jsonl
+from tests.helpers.cli import invoke
+
+THOUGHT = "<think>\nThe user greets me; a greeting back is polite and short enough.\n</think>\n\n"
+LONG = " ".join(f"word{i}" for i in range(60))
+
+
+def _train_stats(data: Path, model: str, *args: str, stage: str) -> dict[str, Any]:
+    """The statistics `qwenft train` measures before launching (plan_train, then the run's
+    overlength_stats), as JSON."""
+    from qwenft import train
+
+    req = train.TrainRequest(model=model, data=data, stage=stage, set_items=list(args))
+    plan = train.plan_train(req, gpus_seen=[])
+    return train.overlength_stats(plan, lambda _: None).to_dict()
+
+
+def _check_stats(data: Path, model: str, *args: str) -> dict[str, Any]:
+    result = invoke("data", "check", data, "--model", model, *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["tokens"]
+
+
+FIGURES = (
+    "cutoff_len",
+    "kind",
+    "n_samples",
+    "length",
+    "n_over_cutoff",
+    "over_cutoff_lines",
+    "tokens_total",
+    "tokens_after_cutoff",
+    "tokens_cut",
+    "loss_tokens",
+    "suggested_cutoff_len",
+    "pairs",
+)
+
+
+def _figures(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: stats.get(k) for k in FIGURES}
+
+
+def test_data_check_counts_packed_text_as_train_does(
+    tmp_path: Path, tiny_home: Path, fake_cli: Path
+) -> None:
+    """pt packs by default (train.yaml `packing: true`): LLaMA-Factory's blocks, and so what it
+    measures against, are one token shorter than cutoff_len; data check measures the same."""
+    data = write_jsonl(
+        tmp_path / "texts.jsonl",
+        [{"text": "A short text."}, {"text": LONG}, {"text": LONG + " " + LONG}],
+    )
+    checked = _check_stats(data, "tiny-qwen2", "--cutoff-len", "64")
+    trained = _train_stats(data, "tiny-qwen2", "cutoff_len=64", stage="pt")
+    assert trained["cutoff_len"] == 63  # the packed block: cutoff_len less one
+    assert _figures(checked) == _figures(trained)
+    assert checked["n_over_cutoff"] >= 1
+
+
+def test_data_check_counts_preserved_thinking_as_train_does(
+    tmp_path: Path, tiny_home: Path, fake_cli: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe with preserve_thinking: the earlier turns' thoughts stay in the pairs' prompts,
+    in train's counts and in data check's."""
+    from qwenft.lf import render
+
+    user = {"role": "user", "content": "Hi"}
+    earlier = {"role": "assistant", "content": THOUGHT + "Hello!"}
+    rows = [
+        {
+            "messages": [user, earlier, {"role": "user", "content": "And again?"}],
+            "chosen": {"role": "assistant", "content": THOUGHT + "Hello again!"},
+            "rejected": {"role": "assistant", "content": "Go away."},
+        }
+    ] * 3
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    plain = _check_stats(data, "tiny-qwen3")
+
+    real = render.load_recipe
+
+    def preserving(method: str, stage: str = "sft") -> dict[str, Any]:
+        return {**real(method, stage), "preserve_thinking": True}
+
+    monkeypatch.setattr(render, "load_recipe", preserving)
+    checked = _check_stats(data, "tiny-qwen3")
+    trained = _train_stats(data, "tiny-qwen3", stage="dpo")
+    assert _figures(checked) == _figures(trained)
+    # the earlier thought is kept: longer prompts than without preserve_thinking
+    assert checked["tokens_total"] > plain["tokens_total"]
+    assert checked["pairs"]["chosen"]["length"]["max"] > plain["pairs"]["chosen"]["length"]["max"]
+
+
+def test_token_stats_json_round_trip() -> None:
+    from qwenft.data.pipeline import TokenStats, measure
+
+    pairs = [(1, [(10, 8, 3), (12, 8, 4)]), (3, [(5, 5, 2), (4, 4, 1)])]
+    stats = measure(iter(pairs), cutoff_len=8, kind="preference", max_lines=None)
+    assert stats.n_over_cutoff == 1 and stats.over_cutoff_lines == [1]
+    assert stats.tokens_total == 31 and stats.tokens_cut == 31 - stats.tokens_after_cutoff
+    assert stats.pairs is not None and stats.pairs["rejected"].loss_tokens == 5
+    as_json = json.loads(json.dumps(stats.to_dict()))
+    assert TokenStats.from_dict(as_json) == stats
+    assert "splits" not in as_json and as_json["length"]["max"] == 12
