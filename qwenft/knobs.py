@@ -247,6 +247,7 @@ KNOBS: tuple[Knob, ...] = (
         help="Longest generated answer (default 256).",
         rule=POSITIVE_WHOLE("e.g. --max-new-tokens 256"),
         commands=(EVAL,),
+        section="eval",
     ),
     Knob(
         "max_samples",

@@ -1,7 +1,9 @@
 """One resolver from a request (CLI options, --config, --set, the model, the data) to a run's
-settings. `train`, `plan`, `data check --model` and `eval` all call it, so the cutoff, template,
+settings. `train`, `plan` and `data check --model` call `resolve`, so the cutoff, template,
 system prompt, thinking mode, method and DeepSpeed stage one of them shows are the ones `train`
-uses.
+uses; `eval` reads the run's own train.yaml, and for a model that is not a run the same defaults
+(`default_cutoff_len`, `model_for`, `thinking_choice`). The knobs and their ranges come from
+the knob table (qwenft.knobs).
 
 The recipe defaults live in configs/<method>.yaml with the stage's keys over them
 (configs/stages/<stage>.yaml: `recipe(method, stage)`); the layers over the recipe are, lowest
