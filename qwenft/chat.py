@@ -399,10 +399,13 @@ def _load_gguf(target: ModelTarget) -> Any:
 # the command's conversation (qwenft.cli: `chat`)
 
 
-def chat_thinking(trained: bool | None, requested: str, force: bool = False) -> bool | None:
+def chat_thinking(
+    own: bool | None, requested: str, force: bool = False, *, trained: bool = True
+) -> bool | None:
     """The thinking mode to chat in, by the rule `serve` and `eval` use
-    (qwenft.models.target.thinking_mode); None (auto) keeps the run's."""
-    mode = thinking_mode(trained, requested, force)
+    (qwenft.models.target.thinking_mode; trained: `own` is a run's trained mode, not a base
+    model's); None (auto) keeps the target's."""
+    mode = thinking_mode(own, requested, force, trained=trained)
     return None if str(requested).lower() == "auto" else mode
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.choices import GgufQuant, Method
+from qwenft.choices import GgufQuant, own_weights
 from qwenft.data.check import file_has_tools
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import refuse_existing, share_like_umask, staged_dir
@@ -162,7 +162,7 @@ def plan_export(run_dir: Path, quant: str, *, force: bool = False) -> ExportPlan
             f"{run_dir} is {m.status}, not completed: there is no finished model to export",
             f"finish it first (qwenft resume {run_dir}), or export a completed run",
         )
-    if m.method in (Method.FULL, Method.FREEZE):
+    if own_weights(m.method):
         model_dir: Path | None = run_dir
     else:
         merged = Path(m.merged) if m.merged else run_dir / "merged"
@@ -208,7 +208,7 @@ def execute_export(
     """Merge if needed, convert, quantize, verify, write the Modelfile, move both into place and
     record the export. A failed check is JobFailed (exit 1) and leaves nothing behind."""
     if plan.model_dir is None:
-        from qwenft.merge import execute_merge, plan_merge
+        from qwenft.lf.merge import execute_merge, plan_merge
 
         progress(f"{plan.run_dir} has no merged model yet: merging first")
         execute_merge(plan_merge(plan.run_dir), progress=progress, verbose=verbose)

@@ -3,7 +3,7 @@
 plan_train() reads and checks but writes nothing (it is all --dry-run needs); execute_train()
 builds the tiny model if needed, registers the dataset, creates the run folder atomically,
 launches `llamafactory-cli train` and finalizes the manifest. Every stage (sft, pt, dpo, orpo,
-simpo, kto) goes the same way; the data must be the kind the stage takes (choices.STAGE_DATA),
+simpo, kto) goes the same way; the data must be the kind the stage takes (the stage table, choices.STAGE_FACTS),
 and `--from RUN_DIR` starts from an earlier run's weights (settings.from_run).
 """
 
@@ -20,24 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from qwenft import settings
 from qwenft.choices import (
     DEFAULT_OVERLENGTH,
-    STAGE_DATA,
     DataKind,
     DeepSpeed,
     Method,
     Overlength,
     Stage,
+    stages_for,
 )
 from qwenft.data import cache, check, convert, kinds, pipeline, prepare, reader, registry, split
 from qwenft.data.pipeline import DataSpec, TokenStats
 from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
-from qwenft.lf import launcher, render
+from qwenft.lf import launcher as lf_launcher
+from qwenft.lf import render
 from qwenft.models import presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
+from qwenft.proc import launcher
 from qwenft.runs.folder import check_new_run_dir, create_run_dir, default_run_dir
 from qwenft.runs.lock import RunLock, newest_complete_checkpoint, set_aside_incomplete_checkpoints
 from qwenft.runs.manifest import (
@@ -123,16 +126,11 @@ KIND_FIX = {
 }
 
 
-def stages_for(kind: str) -> list[str]:
-    """The stages that train on a kind of data."""
-    return [stage.value for stage, k in STAGE_DATA.items() if k == kind]
-
-
 def check_data_fits(path: Path, stage: str) -> None:
-    """Refuse data of another kind than the stage takes (choices.STAGE_DATA), naming the stages
+    """Refuse data of another kind than the stage takes (the stage table, choices.STAGE_FACTS), naming the stages
     that take it and what this stage needs. Rows in no kind's shape, and the rules of the kind,
     are left to check.require_valid."""
-    want = STAGE_DATA[Stage(stage)]
+    want = Stage(stage).facts.data
     if not path.is_file():
         return
     try:
@@ -171,10 +169,10 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     Method.parse(req.method, "--method", auto=True)
     DeepSpeed.parse(req.deepspeed, "--deepspeed", auto=True)
     stage = Stage.parse(req.stage, "--stage")
-    kind = STAGE_DATA[Stage(stage)].value
+    kind = Stage(stage).facts.data.value
     if req.data is None:
         raise QwenftError("--data is required", "qwenft train --model MODEL --data FILE.jsonl")
-    cli = launcher.find_llamafactory_cli()
+    cli = lf_launcher.find_llamafactory_cli()
 
     check_data_fits(Path(req.data).expanduser(), stage)
     report = check.require_valid(Path(req.data).expanduser(), "nothing was started", kind=kind)
@@ -267,7 +265,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     yaml_text = render.to_yaml(config, header=f"qwenft {what} fine-tune of {origin}")
     files["train.yaml"] = yaml_text
 
-    dist = launcher.Distributed(
+    dist = lf_launcher.Distributed(
         nproc_per_node=nproc,
         nnodes=req.nnodes,
         node_rank=req.node_rank,
@@ -275,7 +273,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         master_port=req.master_port,
         force_torchrun=ds_stage != DeepSpeed.NONE,
     )
-    argv, env = launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
+    argv, env = lf_launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
     manifest = Manifest(
         method=method,
         model=model,
@@ -629,7 +627,7 @@ def _resume_locked(
             f"the weights {run_dir} started from are gone: {m.model.path}",
             f"merge its parent again (qwenft merge {m.parent_run}), or start a new run",
         )
-    kind = STAGE_DATA[Stage(Stage.parse(m.stage, "stage"))].value
+    kind = Stage(Stage.parse(m.stage, "stage")).facts.data.value
     registry.register_dataset(
         Path(ds.train_path or ds.path), ds.name, Path(ds.dataset_dir), kind=kind
     )

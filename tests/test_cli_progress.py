@@ -79,7 +79,7 @@ def test_interrupted_before_the_first_checkpoint_says_so(
     def stopped(*args: object, **kw: object) -> int:
         raise Interrupted("stopped by SIGINT")
 
-    monkeypatch.setattr("qwenft.lf.launcher.run", stopped)
+    monkeypatch.setattr("qwenft.proc.launcher.run", stopped)
     result = invoke(
         "train", "--model", local_model, "--data", chat_file, "-o", "r", "--max-steps", "40"
     )

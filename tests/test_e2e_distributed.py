@@ -98,7 +98,9 @@ def test_two_nodes_on_loopback(qwenft: Qwenft, chat_file: Path) -> None:
     logs = [(Path(f"runs/node{rank}") / "train.log").read_text() for rank in (0, 1)]
     assert "Loaded tokenized dataset from" in logs[0]  # LLaMA-Factory logs on global rank 0
     assert all("Running tokenizer on dataset" not in log for log in logs)
-    assert not list(Path(m0["tokenized_cache"]["path"]).parent.glob(".*partial*"))
+    # the loser's staging folder (fsutil.staged_dir: .<name>.<random> beside it) is gone
+    cache = Path(m0["tokenized_cache"]["path"])
+    assert cache.is_dir() and not list(cache.parent.glob(f".{cache.name}.*"))
 
 
 def test_interrupt_after_checkpoint_then_resume(qwenft: Qwenft, chat_file: Path) -> None:

@@ -34,7 +34,7 @@ from tests.helpers.cli import invoke
 @pytest.fixture(autouse=True)
 def no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine without GPUs, whatever this one has (the --gpus refusal depends on it)."""
-    monkeypatch.setattr("qwenft.lf.launcher.detect_gpus", lambda: [])
+    monkeypatch.setattr("qwenft.proc.launcher.detect_gpus", lambda: [])
 
 
 BAD_TRAIN = [

@@ -183,7 +183,7 @@ def train(
 
     stdout carries only the run folder (or --json: its manifest), so RUN=$(qwenft train ...)
     works; progress and the summary go to stderr, LLaMA-Factory's output to RUN/train.log."""
-    from qwenft.lf import launcher
+    from qwenft.proc import launcher
     from qwenft.train import TrainRequest, execute_train, plan_train
 
     if resume is not None:
@@ -441,7 +441,9 @@ def chat(
         system,
         backend,
         tools=tool_list,
-        enable_thinking=chat_thinking(resolved.enable_thinking, thinking, force),
+        enable_thinking=chat_thinking(
+            resolved.enable_thinking, thinking, force, trained=resolved.manifest is not None
+        ),
     )
     err(f"loading {session.target.source} ...")
     with stdout_for_results():  # stdout carries only the conversation

@@ -24,16 +24,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qwenft.choices import DEFAULT_OVERLENGTH, DataKind, Template
+from qwenft.choices import DEFAULT_OVERLENGTH, LF_STAGE_DATA, DataKind, Template
 from qwenft.data import tokens
-from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, detect_file_kind
+from qwenft.data.kinds import PREFERENCE, PT, SFT, detect_file_kind
 from qwenft.data.tokens import LLAMAFACTORY_TESTED, LlamaFactoryEncoder, iter_token_sides
 from qwenft.errors import QwenftError
 
 if TYPE_CHECKING:
     from qwenft.settings import RunSettings
 
-STAGE_KIND = {"sft": SFT, "pt": PT, "dpo": PREFERENCE, "kto": KTO}  # LLaMA-Factory stage -> data
 DEFAULT_BATCH = 1000  # LLaMA-Factory's preprocessing_batch_size
 
 
@@ -47,7 +46,7 @@ def not_reproduced(config: dict[str, Any]) -> str | None:
             f"was tested against ({', '.join(LLAMAFACTORY_TESTED)})"
         )
     stage = config.get("stage")
-    if stage not in STAGE_KIND:
+    if stage not in LF_STAGE_DATA:
         return f"stage {stage!r}"
     if config.get("template") not in Template.values():
         return f"template {config.get('template')!r}"
@@ -105,7 +104,7 @@ class DataSpec:
         return cls(
             template=config["template"],
             cutoff_len=config["cutoff_len"],
-            kind=DataKind.parse(kind, "data kind") if kind else STAGE_KIND.get(stage, SFT),
+            kind=DataKind.parse(kind, "data kind") if kind else LF_STAGE_DATA.get(stage, SFT),
             stage=stage,
             default_system=config.get("default_system"),
             enable_thinking=config.get("enable_thinking", True),

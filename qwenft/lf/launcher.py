@@ -1,8 +1,6 @@
 """Commands for llamafactory-cli, built as pure argv/env (tested apart from running them).
 
-Running them is qwenft.proc.launcher's (process control any layer may use); `run`, `child_echo`,
-`detect_gpus` and `format_command` are also reachable here for the callers that launch
-LLaMA-Factory through this module (train, the CLI's --dry-run).
+Running them is qwenft.proc.launcher's (process control any layer may use).
 """
 
 from __future__ import annotations
@@ -14,13 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwenft.errors import QwenftError
-from qwenft.proc.launcher import (  # noqa: F401  (re-exported for the launching callers)
-    SETUP_HINT,
-    child_echo,
-    detect_gpus,
-    format_command,
-    run,
-)
+from qwenft.proc.launcher import SETUP_HINT
 
 
 def find_llamafactory_cli() -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwenft.choices import own_weights
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 from qwenft.lf import launcher as lf_launcher
@@ -45,7 +46,7 @@ def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
     """Check the run and the target; raise QwenftError (writing nothing) when merging cannot work."""
     run_dir = Path(run_dir).expanduser().absolute()
     manifest = read_manifest(run_dir)
-    if manifest.method in ("full", "freeze"):
+    if own_weights(manifest.method):
         raise QwenftError(
             f"{run_dir} is a {manifest.method} fine-tune: its weights are already a complete model",
             f"chat with it directly: qwenft chat {run_dir}",

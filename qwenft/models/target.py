@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.choices import Thinking
+from qwenft.choices import Thinking, own_weights
 from qwenft.errors import QwenftError
 from qwenft.models import presets
 from qwenft.runs.manifest import MANIFEST, Manifest, read_manifest
@@ -149,7 +149,7 @@ def _run_target(
         return ModelTarget(
             m.merged, None, model_kind="local", source=f"merged model {m.merged}", **common
         )
-    if m.method in ("full", "freeze"):
+    if own_weights(m.method):
         if not (run_dir / "config.json").is_file():
             raise QwenftError(f"{run_dir} holds no trained weights (status: {m.status})")
         return ModelTarget(str(run_dir), None, model_kind="local", source=str(run_dir), **common)
