@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -183,7 +183,6 @@ def train(
 
     stdout carries only the run folder (or --json: its manifest), so RUN=$(qwenft train ...)
     works; progress and the summary go to stderr, LLaMA-Factory's output to RUN/train.log."""
-    from qwenft.proc import launcher
     from qwenft.train import TrainRequest, execute_train, plan_train
 
     if resume is not None:
@@ -227,29 +226,37 @@ def train(
     for note in plan.notes:
         err(note)
     if dry_run:
-        typer.echo(f"# run folder (not created): {plan.run_dir}")
-        copy = plan.train_data if plan.train_data not in (None, plan.data_path) else None
-        typer.echo(
-            f"# dataset {plan.dataset_name} -> {copy or plan.data_path} (registered in "
-            f"{plan.dataset_dir})" + (f"; written at launch from {plan.data_path}" if copy else "")
-        )
-        typer.echo("# --- train.yaml ---")
-        typer.echo(plan.yaml_text, nl=False)
-        typer.echo("# --- environment ---")
-        for key, value in plan.env.items():
-            typer.echo(f"{key}={value}")
-        typer.echo("# --- command ---")
-        if nnodes == 1:
-            typer.echo(launcher.format_command(plan.argv, plan.env))
-            return
-        for rank in range(nnodes):
-            env = {**plan.env, "NODE_RANK": str(rank)}
-            typer.echo(f"# node {rank} of {nnodes}:")
-            typer.echo(launcher.format_command(plan.argv, env))
+        _print_dry_run(plan, nnodes)
         return
     with stdout_for_results():
         result = execute_train(plan, progress=err, verbose=verbose)
     _report_training(result, as_json)
+
+
+def _print_dry_run(plan: Any, nnodes: int) -> None:  # train.TrainPlan
+    """--dry-run: the run folder, the dataset, train.yaml, the environment and the command (one
+    per node), and nothing written."""
+    from qwenft.proc import launcher
+
+    typer.echo(f"# run folder (not created): {plan.run_dir}")
+    copy = plan.train_data if plan.train_data not in (None, plan.data_path) else None
+    typer.echo(
+        f"# dataset {plan.dataset_name} -> {copy or plan.data_path} (registered in "
+        f"{plan.dataset_dir})" + (f"; written at launch from {plan.data_path}" if copy else "")
+    )
+    typer.echo("# --- train.yaml ---")
+    typer.echo(plan.yaml_text, nl=False)
+    typer.echo("# --- environment ---")
+    for key, value in plan.env.items():
+        typer.echo(f"{key}={value}")
+    typer.echo("# --- command ---")
+    if nnodes == 1:
+        typer.echo(launcher.format_command(plan.argv, plan.env))
+        return
+    for rank in range(nnodes):
+        env = {**plan.env, "NODE_RANK": str(rank)}
+        typer.echo(f"# node {rank} of {nnodes}:")
+        typer.echo(launcher.format_command(plan.argv, env))
 
 
 def _resume(
