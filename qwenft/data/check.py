@@ -2,15 +2,8 @@
 
 check_file reads the file and names its kind (qwenft.choices.DataKind: sft, preference, kto, pt);
 the kinds and their own rules live in qwenft.data.kinds, the messages rules the chat kinds share
-(the Checker, the roles) in qwenft.data.messages. This module holds the file's check and report.
-
-The chat shape is JSON lines (or a JSON array in a ``.json`` file) of
-``{"messages": [{"role": ..., "content": ...}, ...], "tools": "<JSON list>"?}`` objects,
-registered with LLaMA-Factory as ``formatting: sharegpt`` with role/content tags. Roles:
-``system`` (first only), ``user``, ``assistant``, and for tool use ``function_call`` (the
-assistant calls a function; content is ``{"name": ..., "arguments": {...}}`` or a list of them,
-as JSON text) and ``tool`` (the function's result). A sample's ``tools`` field is the JSON text
-of the list of functions offered.
+(the Checker, the roles, the chat shape) in qwenft.data.messages. This module holds the file's
+check and report.
 """
 
 from __future__ import annotations
