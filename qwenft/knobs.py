@@ -9,7 +9,11 @@ stages and methods that read it. Everything else is derived from the table:
   command it came through (`problems`);
 - the applicability checks: a key that the run's stage or method would ignore in silence is
   refused (`inapplicable`);
-- how messages name a key: with the qwenft option that sets it (`key_label`, `bad_value`).
+- how messages name a key: with the qwenft option that sets it (`key_label`, `bad_value`);
+- the values and combinations refused before launch because LLaMA-Factory would refuse them, ignore
+  them in silence or crash on them (`Refusal`, `refused`), the keys a knob needs beside it
+  (`implies`), and what a value needs of the machine that trains: a CUDA device, a package
+  (`Needs`; train checks them, qwenft.settings.unmet_needs).
 
 Adding a knob is one `Knob(...)` row (plus its tests). Pure data: imports only choices and errors.
 """
@@ -20,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qwenft.choices import DPO_LOSSES, Method, Stage
+from qwenft.choices import DPO_LOSSES, DeepSpeed, Method, Stage
 from qwenft.errors import QwenftError
 
 # The commands that offer knob options (their names as a person types them).
@@ -50,6 +54,47 @@ WHOLE_NOT_ZERO = Rule(lambda v: v != 0 and float(v).is_integer(), "a whole numbe
 
 PREFERENCE = tuple(s for s in Stage if s.facts.paired)
 ADAPTERS = tuple(m for m in Method if m.facts.adapter)
+ZERO3 = (DeepSpeed.Z3.value, DeepSpeed.Z3_OFFLOAD.value)
+LF = "LLaMA-Factory 0.9.5"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Values of a knob refused before launch, because LLaMA-Factory would refuse them, ignore them
+    in silence or crash on them: "OPTION VALUE: `why`", with `fix` as the hint. `values` (): every
+    value that is set (not None, not false). With `with_key`, only together with that key set to
+    one of `with_values` ((): to any value that is set); the key is another knob's, or one of the
+    run's choices `refused` is given (deepspeed, stage, method)."""
+
+    why: str
+    fix: str
+    values: tuple[Any, ...] = ()
+    with_key: str = ""
+    with_values: tuple[Any, ...] = ()
+
+    def applies(self, value: Any, context: Mapping[str, Any]) -> bool:
+        if not (value in self.values if self.values else _is_set(value)):
+            return False
+        if not self.with_key:
+            return True
+        other = context.get(self.with_key)
+        return other in self.with_values if self.with_values else _is_set(other)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a knob's `values` need of the machine that trains: an NVIDIA GPU, packages as
+    (the name pip installs, the module it imports). `train` checks them before launch
+    (qwenft.settings.unmet_needs); `plan` does not (it plans for another machine)."""
+
+    values: tuple[Any, ...] = (True,)
+    cuda: bool = False
+    compute_cap: float = 0.0  # the least CUDA compute capability (FlashAttention-2: 8.0, Ampere)
+    packages: tuple[tuple[str, str], ...] = ()
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value is not False
 
 
 @dataclass(frozen=True)
@@ -69,6 +114,10 @@ class Knob:
     choices: tuple[str, ...] = ()  # allowed values of a text knob
     invert: bool = False  # a switch that sets the key to its negation (--no-gradient-checkpointing)
     section: str = ""  # train.yaml's section for a key lf.render.SECTIONS does not place
+    aliases: tuple[tuple[str, str], ...] = ()  # option value -> LLaMA-Factory's (eager: disabled)
+    refuse: tuple[Refusal, ...] = ()  # values (and combinations) refused before launch
+    implies: tuple[tuple[str, Any], ...] = ()  # keys LLaMA-Factory needs beside a set value
+    needs: tuple[Needs, ...] = ()  # what a value needs of the machine that trains
 
     @property
     def flag(self) -> str | None:
@@ -80,8 +129,15 @@ class Knob:
         """The Python parameter name of the option in a command function."""
         return (self.flag or self.key).lstrip("-").replace("-", "_")
 
+    @property
+    def lf_choices(self) -> tuple[str, ...]:
+        """The values LLaMA-Factory gets for the option's choices."""
+        return tuple(dict(self.aliases).get(c, c) for c in self.choices)
+
     def lf_value(self, value: Any) -> Any:
         """The value LLaMA-Factory gets for an option value."""
+        if self.aliases and value in dict(self.aliases):
+            return dict(self.aliases)[value]
         return (not value) if self.invert and value is not None else value
 
 
@@ -145,8 +201,86 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob("lora_alpha", methods=ADAPTERS),
     Knob("lora_dropout", methods=ADAPTERS),
-    Knob("use_rslora", methods=ADAPTERS, section="method"),
-    Knob("use_dora", methods=ADAPTERS, section="method"),
+    Knob(
+        "use_dora",
+        "--dora",
+        bool,
+        "DoRA: weight-decomposed LoRA (use_dora; lora, qlora).",
+        methods=ADAPTERS,
+        section="method",
+        refuse=(
+            Refusal(
+                f'{LF} refuses DoRA on a base quantized by HQQ or EETQ ("DoRA is not compatible '
+                'with PTQ-quantized models"); bitsandbytes is the quantization DoRA trains on',
+                "drop quantization_method (bitsandbytes, the default), or drop --dora",
+                with_key="quantization_method",
+                with_values=("hqq", "eetq"),
+            ),
+        ),
+    ),
+    Knob(
+        "use_rslora",
+        "--rslora",
+        bool,
+        "rsLoRA: scale updates by alpha/sqrt(rank) (use_rslora; lora, qlora).",
+        methods=ADAPTERS,
+        section="method",
+    ),
+    Knob(
+        "pissa_init",
+        "--pissa",
+        bool,
+        "PiSSA: LoRA started from the principal singular vectors (pissa_init; lora).",
+        methods=(Method.LORA,),
+        section="method",
+        # LLaMA-Factory saves the trained adapter relative to the residual base PiSSA leaves; the
+        # converted copy (peft's path_initial_model_for_weight_conversion) is a LoRA over the
+        # original base, so merging and chatting on the base give the trained model.
+        implies=(("pissa_convert", True),),
+        refuse=(
+            Refusal(
+                f'{LF} refuses PiSSA where a frozen reference model is kept ("Cannot use PiSSA '
+                'for current training stage")',
+                "drop --pissa, or train --stage sft, pt, orpo or simpo",
+                with_key="stage",
+                with_values=(Stage.DPO.value, Stage.KTO.value),
+            ),
+            Refusal(
+                f"{LF} initializes PiSSA on a quantized base only with scripts/pissa_init.py, "
+                "which is not in its pip package",
+                "drop --pissa, or train --method lora (unquantized)",
+                with_key="quantization_bit",
+            ),
+            Refusal(
+                f"{LF} refuses PiSSA under DeepSpeed ZeRO-3 (it needs scripts/pissa_init.py)",
+                "--deepspeed z2 (or none)",
+                with_key="deepspeed",
+                with_values=ZERO3,
+            ),
+            Refusal(
+                "the plain-LoRA copy of a PiSSA adapter that merge and chat use (pissa_convert) "
+                "keeps only lora_A and lora_B, so DoRA's magnitudes would be lost",
+                "drop --dora or --pissa",
+                with_key="use_dora",
+            ),
+        ),
+    ),
+    Knob(
+        "pissa_iter",
+        rule=Rule(lambda v: v == -1 or v >= 1, "-1 (exact SVD) or a positive whole number"),
+        methods=(Method.LORA,),
+        section="method",
+    ),
+    Knob("pissa_convert", methods=(Method.LORA,), section="method"),  # --pissa sets it
+    Knob(
+        "loraplus_lr_ratio",
+        "--loraplus-ratio",
+        float,
+        "LoRA+: the B matrices learn R times faster than A (loraplus_lr_ratio; lora, qlora).",
+        POSITIVE("e.g. --loraplus-ratio 16 (the LoRA+ paper's)"),
+        methods=ADAPTERS,
+        section="method",
+    ),
     Knob(
         "quantization_bit",
         "--bits",
@@ -228,11 +362,73 @@ KNOBS: tuple[Knob, ...] = (
         section="model",
     ),
     Knob(
+        "flash_attn",
+        "--attn",
+        str,
+        "Attention kernel: auto (transformers' choice), sdpa, eager, fa2 (FlashAttention-2: a "
+        "CUDA GPU and flash-attn).",
+        choices=("auto", "sdpa", "eager", "fa2"),
+        aliases=(("eager", "disabled"),),
+        needs=(
+            Needs(("fa2",), cuda=True, compute_cap=8.0, packages=(("flash-attn", "flash_attn"),)),
+        ),
+        refuse=(
+            Refusal(
+                f"{LF} raises NotImplementedError for FlashAttention-3 on every model but gpt-oss",
+                "--attn fa2 (FlashAttention-2) or --attn sdpa",
+                values=("fa3",),
+            ),
+        ),
+    ),
+    Knob(
         "enable_liger_kernel",
         "--liger/--no-liger",
         bool,
-        "Liger kernels (fused cross-entropy).",
-        commands=(PLAN,),
+        "Liger kernels: fused RMSNorm, RoPE, SwiGLU and cross-entropy (a CUDA GPU and "
+        "liger-kernel).",
+        commands=(TRAIN, PLAN),
+        needs=(Needs(cuda=True, packages=(("liger-kernel", "liger_kernel"),)),),
+    ),
+    Knob(
+        "use_unsloth",
+        "--unsloth",
+        bool,
+        "Unsloth kernels (a CUDA GPU and unsloth; not with ZeRO-3).",
+        needs=(Needs(cuda=True, packages=(("unsloth", "unsloth"),)),),
+        refuse=(
+            Refusal(
+                f"{LF} refuses Unsloth under DeepSpeed ZeRO-3",
+                "--deepspeed z2 (or none), or drop --unsloth",
+                with_key="deepspeed",
+                with_values=ZERO3,
+            ),
+        ),
+    ),
+    Knob(
+        "shift_attn",
+        type=bool,
+        section="model",
+        refuse=(
+            Refusal(
+                f"LongLoRA's shift short attention is for llama models only in {LF}; on Qwen it "
+                "logs a warning and trains without it",
+                "drop shift_attn; for long samples raise --cutoff-len (--set rope_scaling=yarn "
+                "stretches the context)",
+            ),
+        ),
+    ),
+    Knob(
+        "mixture_of_depths",
+        type=str,
+        section="model",
+        refuse=(
+            Refusal(
+                f"{LF} converts only bloom, falcon, gemma, llama, mistral, mixtral, phi and "
+                'starcoder2 models to Mixture-of-Depths (on Qwen: "Current model is not '
+                'supported"), and its MoD package is not installed',
+                "drop mixture_of_depths",
+            ),
+        ),
     ),
     Knob(
         "per_device_eval_batch_size",
@@ -398,7 +594,8 @@ def inapplicable(keys: Mapping[str, Any], stage: str, method: str | None) -> lis
                     f"drop it, or train --method {knob.methods[0]}",
                 )
             )
-        if knob.choices and value is not None and value not in knob.choices:
+        refused_values = {v for r in knob.refuse if not r.with_key for v in r.values}
+        if knob.choices and value not in (None, *knob.lf_choices, *refused_values):
             if value in (Stage.ORPO, Stage.SIMPO):
                 hint = f"train --stage {value} (it sets pref_loss: {value} itself)"
             elif value == "kto_pair":
@@ -414,3 +611,68 @@ def inapplicable(keys: Mapping[str, Any], stage: str, method: str | None) -> lis
                 )
             )
     return problems
+
+
+def _label(key: str, value: Any) -> str:
+    """A key and its value as a person set them: "--attn fa3", "--dora", "shift_attn: true"."""
+    knob = BY_KEY.get(key)
+    if key in ("deepspeed", "stage", "method"):
+        return f"--{key} {value}"
+    if knob is not None and knob.flag and key in KEY_OPTIONS:
+        if knob.type is bool:
+            return knob.flag if value is True else f"{knob.flag} ({key}: {str(value).lower()})"
+        shown = next((o for o, lf in knob.aliases if lf == value), value)
+        return f"{knob.flag} {shown}"
+    return f"{key}: {str(value).lower() if isinstance(value, bool) else value}"
+
+
+def refused(
+    values: Mapping[str, Any], context: Mapping[str, Any] | None = None
+) -> list[QwenftError]:
+    """One problem for each value (or combination) the knob table refuses (Knob.refuse), and for
+    a key set against what a knob implies (Knob.implies). `context`: the run's other choices a
+    refusal may name (deepspeed, stage, method), where they are known."""
+    seen = {**values, **{k: v for k, v in (context or {}).items() if v is not None}}
+    problems = []
+    for key, value in values.items():
+        knob = BY_KEY.get(key)
+        if knob is None:
+            continue
+        for rule in knob.refuse:
+            if rule.applies(value, seen):
+                with_ = (
+                    f" with {_label(rule.with_key, seen[rule.with_key])}" if rule.with_key else ""
+                )
+                problems.append(QwenftError(f"{_label(key, value)}{with_}: {rule.why}", rule.fix))
+        if _is_set(value):
+            for other, needed in knob.implies:
+                if other in values and values[other] != needed:
+                    problems.append(
+                        QwenftError(
+                            f"{_label(key, value)} needs {_label(other, needed)}, got "
+                            f"{_label(other, values[other])}",
+                            f"drop {other} ({knob.flag or key} sets it)",
+                        )
+                    )
+    return problems
+
+
+def implied(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys the set knobs need beside them (Knob.implies), for those not set already."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        knob = BY_KEY.get(key)
+        if knob is not None and _is_set(value):
+            out.update({k: v for k, v in knob.implies if k not in values})
+    return out
+
+
+def needs_of(values: Mapping[str, Any]) -> list[tuple[str, Needs]]:
+    """What the set values need of the machine: (how the value is named, its Needs)."""
+    out = []
+    for key, value in values.items():
+        knob = BY_KEY.get(key)
+        for need in knob.needs if knob else ():
+            if value in need.values:
+                out.append((_label(key, value), need))
+    return out

@@ -245,7 +245,12 @@ def checked_overrides(req: RunRequest) -> dict[str, Any]:
     problems += knobs.out_of_range(overrides, origin)
     method = None if req.method == AUTO else req.method
     problems += knobs.inapplicable(overrides, req.stage, method)
+    deepspeed = req.deepspeed if req.deepspeed != AUTO else method and auto_deepspeed(method)
+    problems += knobs.refused(
+        overrides, {"deepspeed": deepspeed, "stage": req.stage, "method": method}
+    )
     raise_all(problems)
+    overrides.update(knobs.implied(overrides))  # what LLaMA-Factory needs beside them (pissa)
     return overrides
 
 
@@ -423,8 +428,10 @@ def from_run(
 
 
 def check_applies(settings: RunSettings) -> None:
-    """`train`: the checks that need the model: --trainable-layers within the model's decoder
-    layers (the stage and method rules are checked in resolve). Raises QwenftError."""
+    """`train` (--dry-run too): the checks that need the model or this machine: --trainable-layers
+    within the model's decoder layers, and what the knobs need of the machine (unmet_needs; the
+    stage and method rules are checked in resolve). Raises QwenftError."""
+    raise_all(unmet_needs(settings.values))
     layers = settings.values.get("freeze_trainable_layers")
     arch = settings.model.arch
     if settings.method == Method.FREEZE and isinstance(layers, int) and arch is not None:
@@ -435,6 +442,46 @@ def check_applies(settings: RunSettings) -> None:
                 f"choose 1..{arch.num_hidden_layers} (the last N) or -1..-"
                 f"{arch.num_hidden_layers} (the first N); --method full trains every layer",
             )
+
+
+def unmet_needs(values: dict[str, Any]) -> list[QwenftError]:
+    """One problem for each set knob whose needs (knobs.Needs: an NVIDIA GPU of a compute
+    capability, a package) this machine does not meet: LLaMA-Factory would fall back in silence
+    (fa2) or stop after loading the model (liger, unsloth). `plan` does not ask: it plans for the
+    machine that will train."""
+    problems = []
+    needs = knobs.needs_of(values)
+    gpus = cuda_gpus() if any(need.cuda for _, need in needs) else []
+    for label, need in needs:
+        missing = []
+        if need.cuda and not gpus:
+            missing.append("a CUDA GPU (nvidia-smi sees none here)")
+        elif need.cuda and min(g["compute_cap"] for g in gpus) < need.compute_cap:
+            missing.append(f"a GPU of compute capability {need.compute_cap} or more (Ampere)")
+        pips = [pip for pip, module in need.packages if not has_module(module)]
+        missing += [f"the {pip} package (not installed)" for pip in pips]
+        if missing:
+            hint = (
+                f"pip install {' '.join(pips)}, or drop {label}"
+                if len(missing) == len(pips)
+                else f"train on a machine that has {missing[0].split(' (')[0]}, or drop {label}"
+            )
+            problems.append(QwenftError(f"{label} needs {' and '.join(missing)}", hint))
+    return problems
+
+
+def cuda_gpus() -> list[dict[str, Any]]:
+    """The NVIDIA GPUs of this machine (nvidia-smi, as --gpus counts them)."""
+    from qwenft.proc.launcher import detect_gpus
+
+    return detect_gpus()
+
+
+def has_module(module: str) -> bool:
+    """The module is installed in this environment (the one llamafactory-cli runs in)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
@@ -458,7 +505,13 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         deepspeed=None if settings.deepspeed == AUTO else settings.deepspeed,
         stage=settings.stage,
     )
-    raise_all(knobs.inapplicable(settings.overrides, settings.stage, plan.method))
+    raise_all(
+        knobs.inapplicable(settings.overrides, settings.stage, plan.method)
+        + knobs.refused(
+            settings.overrides,
+            {"deepspeed": plan.deepspeed, "stage": settings.stage, "method": plan.method},
+        )
+    )
     overrides = {**settings.overrides, "per_device_train_batch_size": plan.batch_size}
     if plan.method == Method.QLORA:
         overrides["quantization_bit"] = plan.bits

@@ -56,7 +56,7 @@ def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
     refuse_existing(target, MERGE_HINT)
     config = render.build_merge_config(
         model_path=source.model_path,
-        adapter_dir=str(run_dir),
+        adapter_dir=str(source.adapter_path),  # a PiSSA run's plain-LoRA copy (target)
         template=source.template,
         default_system=source.system,
         export_dir="<staging>",
@@ -241,7 +241,7 @@ def _merge_locked(
             worst = verify_logits(
                 staging,
                 plan.source.model_path,
-                plan.run_dir,
+                Path(str(plan.source.adapter_path)),
                 [
                     _first_user_message(data_path),
                     "Write one sentence about the sea.",

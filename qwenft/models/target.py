@@ -116,8 +116,19 @@ def resolve_target(
         )
     target = base_target(presets.resolve_model(spec), template)
     if adapter is not None:
-        target.adapter_path = str(Path(adapter).absolute())
+        target.adapter_path = str(adapter_folder(Path(adapter)).absolute())
     return target
+
+
+PISSA_CONVERTED = "pissa_converted"
+
+
+def adapter_folder(folder: Path) -> Path:
+    """The adapter of a run (or adapter) folder as a LoRA over the original base: a PiSSA run's
+    own adapter is relative to the residual weights PiSSA left in the base, so LLaMA-Factory's
+    plain-LoRA copy (pissa_convert: RUN/pissa_converted, rank doubled) is the one to apply."""
+    converted = Path(folder) / PISSA_CONVERTED
+    return converted if (converted / "adapter_config.json").is_file() else Path(folder)
 
 
 def _looks_like_folder(spec: str) -> bool:
@@ -153,7 +164,7 @@ def _run_target(
         if not (run_dir / "config.json").is_file():
             raise QwenftError(f"{run_dir} holds no trained weights (status: {m.status})")
         return ModelTarget(str(run_dir), None, model_kind="local", source=str(run_dir), **common)
-    adapter_dir = Path(adapter) if adapter else run_dir
+    adapter_dir = adapter_folder(Path(adapter) if adapter else run_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QwenftError(
             f"{adapter_dir} has no adapter (status: {m.status})",
