@@ -224,7 +224,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         train_data = run_dir / FILTERED_DATA
         dataset_name = f"{dataset_name}-fit-{run_dir.name}"
     elif is_txt:
-        # LLaMA-Factory reads a .txt line by line: a {"text"} copy keeps each document whole.
+        # A .txt trains as LLaMA-Factory reads it, one document per line: the {"text"} copy holds
+        # those lines (blocks as documents only through `qwenft data convert --text-docs blocks`).
         train_data = run_dir / PT_DATA
         dataset_name = f"{dataset_name}-pt-{run_dir.name}"
 

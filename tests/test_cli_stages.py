@@ -103,7 +103,7 @@ def test_pt_on_a_txt_trains_on_a_jsonl_copy_in_the_run_folder(
     fake_cli: Path, local_model: Path, tmp_path: Path
 ) -> None:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("First document,\ntwo lines.\n\nSecond document.\n")
+    corpus.write_text("First document, one line.\nSecond document.\n")
     dry = invoke("train", "--model", local_model, "--data", corpus, "--stage", "pt", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "packing: true" in dry.output and "data.pt.jsonl" in dry.output
@@ -117,7 +117,7 @@ def test_pt_on_a_txt_trains_on_a_jsonl_copy_in_the_run_folder(
     assert entry["file_name"] == str(Path("p/data.pt.jsonl").absolute())
     assert entry["columns"] == {"prompt": "text"}
     rows = [json.loads(x) for x in Path("p/data.pt.jsonl").read_text().splitlines()]
-    assert rows == [{"text": "First document,\ntwo lines."}, {"text": "Second document."}]
+    assert rows == [{"text": "First document, one line."}, {"text": "Second document."}]
     manifest = json.loads(Path("p/qwenft.json").read_text())
     assert manifest["dataset"]["path"] == str(corpus.resolve())
     assert manifest["overlength"]["mode"] == "packed"

@@ -183,7 +183,7 @@ GOOD_KIND_CASES = [
     ("kto_both_labels", lines(KTO_T, KTO_F), "a.jsonl", "kto", 2),
     ("kto_multi_turn", lines(kto(S, U, A, U, GOOD_A), KTO_F), "a.jsonl", "kto", 2),
     ("pt_jsonl", lines(TEXT, {"text": "中文 😀"}), "a.jsonl", "pt", 2),
-    ("pt_txt_blocks", b"First line\nsecond line\n\n\n\nThird\r\nfourth\n", "a.txt", "pt", 2),
+    ("pt_txt_lines", b"First line\nsecond line\r\nThird\rfourth", "a.txt", "pt", 4),
     ("pt_txt_bom_one_block", b"\xef\xbb\xbfOnly one document.", "a.txt", "pt", 1),
     ("sft_weight_one", lines({"messages": [U, {**A, "weight": 1}]}), "a.jsonl", "sft", 1),
     ("sft_weight_zero_user", lines({"messages": [{**U, "weight": 0}, A]}), "a.jsonl", "sft", 1),
@@ -201,13 +201,18 @@ def test_good_files_of_each_kind(tmp_path: Path, data_app, case_id, content, nam
     assert result.exit_code == 0 and f"{kind} data" in result.output
 
 
-def test_txt_blocks_keep_their_lines(tmp_path: Path) -> None:
+def test_txt_lines_as_llamafactory_reads_them_and_blocks_when_asked(tmp_path: Path) -> None:
     from qwenft.data.reader import Collector, iter_rows, open_data_file
 
     path = write(tmp_path, b"a\n  b \n\n \nc\r\n\nd\n", "t.txt")
     _, fh, mode = open_data_file(path)
-    with fh:
+    with fh:  # the default: one row per line, blank ones included, the lines as they are
         rows = [(line, value) for line, value, _ in iter_rows(fh, mode, Collector())]
+    assert rows == [(1, {"text": "a"}), (2, {"text": "  b "}), (3, {"text": ""}),
+                    (4, {"text": " "}), (5, {"text": "c"}), (6, {"text": ""}), (7, {"text": "d"})]
+    _, fh, _ = open_data_file(path)
+    with fh:  # blocks only when asked for
+        rows = [(line, value) for line, value, _ in iter_rows(fh, "txt-blocks", Collector())]
     assert rows == [(1, {"text": "a\n  b "}), (5, {"text": "c"}), (7, {"text": "d"})]
 
 
@@ -302,7 +307,7 @@ WARN_KIND_CASES = [
     ("identity_placeholders", lines({"messages": [U, {"role": "assistant", "content":
                                       "I am {{name}}, made by {{author}}."}]}), "a.jsonl",
      "placeholder", 1, "--fill author=... --fill name=..."),
-    ("placeholder_in_text", b"Intro\n\nI am {{name}}.\n", "a.txt", "placeholder", 3, "{{name}}"),
+    ("placeholder_in_text", b"Intro\nI am {{name}}.\n", "a.txt", "placeholder", 2, "{{name}}"),
     ("kto_all_true", lines(KTO_T, kto(U, A)), "a.jsonl", "one_label", None, "labelled true"),
     ("label_in_pair", lines(pair(U, label=True)), "a.jsonl", "unknown_key", 1,
      "is not read for preference data"),
@@ -410,15 +415,21 @@ def test_convert_fill_placeholders(tmp_path: Path, data_app) -> None:
 
 
 def test_convert_txt_to_jsonl_and_materialize(tmp_path: Path) -> None:
-    src = write(tmp_path, b"Doc one\nstill one\n\nDoc two\n", "corpus.txt")
+    src = write(tmp_path, b"Doc one\nDoc two, one line\n", "corpus.txt")
     report = convert_file(src, tmp_path / "c.jsonl")
-    assert (report.format, report.kind, report.n_out) == ("text", "pt", 2)
+    assert (report.format, report.kind, report.n_out, report.reading) == (
+        "text", "pt", 2, "lines")
     dst = tmp_path / "run" / "data.jsonl"
     assert materialize_pt_jsonl(src, dst) == 2
     assert dst.read_bytes() == (tmp_path / "c.jsonl").read_bytes()
     assert [json.loads(x) for x in dst.read_text().splitlines()] == [
-        {"text": "Doc one\nstill one"}, {"text": "Doc two"}]
+        {"text": "Doc one"}, {"text": "Doc two, one line"}]
     assert materialize_pt_jsonl(src, dst) == 2  # replaces, atomically
+    blocks = write(tmp_path, b"Doc one\nstill one\n\nDoc two\n", "blocks.txt")
+    report = convert_file(blocks, tmp_path / "b.jsonl", text_docs="blocks")  # only when asked
+    assert (report.n_out, report.reading) == (2, "blocks")
+    assert [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()] == [
+        {"text": "Doc one\nstill one"}, {"text": "Doc two"}]
     assert [p.name for p in dst.parent.iterdir()] == ["data.jsonl"]
     bad = write(tmp_path, b"ok\n\nbad\xff\n", "bad.txt")
     with pytest.raises(QwenftError, match="bad.txt:3"):
@@ -479,7 +490,7 @@ def test_split_keeps_each_kind(tmp_path: Path) -> None:
     rows = [pair({"role": "user", "content": f"q{i}"}) for i in range(10)]
     train, val = split_file(write(tmp_path, lines(*rows)), 0.2)
     assert check_file(train).kind == check_file(val).kind == "preference"
-    txt = write(tmp_path, b"\n\n".join(f"doc {i}".encode() for i in range(5)), "c.txt")
+    txt = write(tmp_path, b"\n".join(f"doc {i}".encode() for i in range(5)), "c.txt")
     train, val = split_file(txt, 0.2)
     assert (train.name, check_file(train).kind, check_file(val).n_samples) == (
         "c.train.jsonl", "pt", 1)
@@ -572,7 +583,7 @@ def test_check_cli_token_stats_for_pairs(tmp_path: Path, tiny_home: Path, data_a
     assert result.exit_code == 0, result.output
     assert "prompt+chosen" in result.output and "prompt+rejected" in result.output
     assert "5 pairs" in result.output
-    txt = write(tmp_path, b"A document.\n\nAnother, " + LONG.encode() + b"\n", "c.txt")
+    txt = write(tmp_path, b"A document.\nAnother, " + LONG.encode() + b"\n", "c.txt")
     result = invoke(data_app, "check", txt, "--cutoff-len", "64", "--json")
     assert result.exit_code == 0, result.output
     tokens = json.loads(result.stdout)["tokens"]

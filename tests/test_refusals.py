@@ -133,7 +133,7 @@ DATA_FILES = {
     "preference": lambda p: write_jsonl(p / "pairs.jsonl", pair_rows()),
     "kto": lambda p: write_jsonl(p / "kto.jsonl", kto_rows()),
     "pt": lambda p: write_jsonl(p / "texts.jsonl", text_rows()),
-    "txt": lambda p: (p / "corpus.txt").write_text("One text.\n\nAnother.\n") and p / "corpus.txt",
+    "txt": lambda p: (p / "corpus.txt").write_text("One text.\nAnother.\n") and p / "corpus.txt",
 }
 STAGE_MISMATCH = [
     ("dpo", "sft", ["--stage dpo trains on preference pairs", "chosen", "holds chat conversations",

@@ -44,10 +44,13 @@ DataArg = Annotated[
     Path,
     typer.Argument(
         help="A .jsonl file (one JSON object per line), a .json array, or a .txt of pre-training "
-        "text (one document per blank-line-separated block)."
+        "text (one document per line, as LLaMA-Factory reads it)."
     ),
 ]
 DEFAULT_STATS_MODEL = "tiny-qwen2"
+# `data convert --text-docs`: qwenft.data.reader.TEXT_DOCS (not imported: --help imports no data
+# module; tests/test_data_shapes.py checks that the two agree).
+TEXT_DOCS = ("lines", "blocks")
 
 
 def _token_stats(
@@ -250,7 +253,7 @@ def check(
 @app.command()
 @handle_errors
 def convert(
-    src: Annotated[Path, typer.Argument(help="Input .jsonl or .json file.")],
+    src: Annotated[Path, typer.Argument(help="Input .jsonl, .json or .txt file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl file.")],
     fmt: Annotated[
         str,
@@ -259,9 +262,20 @@ def convert(
             ConvertFormat.values(),
             "Input format (auto: detect from the first row). alpaca and sharegpt include "
             "LLaMA-Factory's ranking and KTO variants; trl (= ultrafeedback) reads prompt + "
-            'chosen/rejected or prompt/completion/label; text reads {"text"} rows or .txt.',
+            "chosen/rejected or prompt/completion/label; openai includes LLaMA-Factory's "
+            "content-part messages and chosen_messages/rejected_messages pairs; text reads "
+            '{"text"} rows or .txt.',
         ),
     ] = "auto",
+    text_docs: Annotated[
+        str | None,
+        choice_option(
+            "--text-docs",
+            TEXT_DOCS,
+            "How a .txt becomes documents: lines (default; LLaMA-Factory's reading, one document "
+            "per line) or blocks (one document per blank-line-separated block).",
+        ),
+    ] = None,
     fill: Annotated[
         list[str] | None,
         typer.Option(
@@ -289,14 +303,24 @@ def convert(
     from qwenft.data.convert import convert_file, parse_fill
 
     report = convert_file(
-        src, out, fmt, force=force, skip_invalid=skip_invalid, fill=parse_fill(fill)
+        src,
+        out,
+        fmt,
+        force=force,
+        skip_invalid=skip_invalid,
+        fill=parse_fill(fill),
+        text_docs=text_docs,
     )
     if as_json:
         print_json(report.to_dict())
     else:
         if report.written:
+            read = {
+                "lines": ", one document per line as LLaMA-Factory reads a .txt",
+                "blocks": ", one document per blank-line-separated block",
+            }.get(report.reading or "", "")
             typer.echo(
-                f"converted {report.n_out} of {report.n_in} rows ({report.format} -> "
+                f"converted {report.n_out} of {report.n_in} rows ({report.format}{read} -> "
                 f"{report.kind} data) to {report.out}"
             )
         for line in format_problems(report.problems, str(report.src)):

@@ -43,13 +43,13 @@ class CheckReport:
     ``counts``, ``n_errors`` and ``n_warnings`` count all of them."""
 
     path: Path
-    n_samples: int  # rows read (valid or not); blank lines are not rows
+    n_samples: int  # rows read (valid or not); a .txt's lines, blank ones too (LF reads them all)
     n_valid: int  # rows without errors
     problems: list[Problem]
     counts: dict[str, int] = field(default_factory=dict)  # kind -> number found
     n_errors: int = 0
     n_warnings: int = 0
-    format: str = "jsonl"  # "jsonl" | "json" (a JSON array) | "txt" (pre-training text blocks)
+    format: str = "jsonl"  # "jsonl" | "json" (a JSON array) | "txt" (text, one document per line)
     has_tools: bool = False  # some row has a "tools" key (the dataset entry then maps that column)
     kind: str = "sft"  # a qwenft.choices.DataKind value: what the rows hold
 
@@ -65,10 +65,17 @@ class CheckReport:
     def ok(self) -> bool:
         return self.n_errors == 0
 
+    @property
+    def reading(self) -> str | None:
+        """How the rows came out of the file: for a .txt, "lines" (LLaMA-Factory's reading, one
+        document per line); None for JSON data."""
+        return "lines" if self.format == "txt" else None
+
     def to_dict(self) -> dict:
         return {
             "path": str(self.path),
             "format": self.format,
+            "reading": self.reading,
             "kind": self.kind,
             "ok": self.ok,
             "n_samples": self.n_samples,
@@ -167,8 +174,14 @@ def format_problems(
 def format_report(report: CheckReport, max_per_kind: int = 5) -> str:
     """The report as text: a summary line, then the problems grouped by kind and counted."""
     n = report.n_samples
+    what = f"sample{'s' if n != 1 else ''}"
+    if report.reading == "lines":
+        what = (
+            f"document{'s' if n != 1 else ''} (read as LLaMA-Factory reads a .txt: one document "
+            "per line)"
+        )
     summary = (
-        f"{report.path}: {report.kind} data, {n} sample{'s' if n != 1 else ''}, "
+        f"{report.path}: {report.kind} data, {n} {what}, "
         f"{report.n_valid} valid, "
         f"{report.n_errors} error{'s' if report.n_errors != 1 else ''}, "
         f"{report.n_warnings} warning{'s' if report.n_warnings != 1 else ''}"

@@ -1,9 +1,11 @@
 """Converting rows to qwenft's shapes (qwenft.data.kinds), written atomically.
 
 Sources: alpaca (plain, ranking with chosen/rejected, KTO with kto_tag), sharegpt (the same three),
-OpenAI chat (messages; with chosen/rejected or label too), TRL / UltraFeedback (prompt with
-chosen/rejected as strings or message lists, or prompt/completion/label) and text corpora
-({"text"} rows or a .txt file). What changes training is never dropped: a KTO label is kept, a
+OpenAI chat (messages; with chosen/rejected or label too), LLaMA-Factory's content-part messages
+({"type": "text" | "reasoning" | "tool_call", "value": ...} parts) and its chosen_messages /
+rejected_messages pairs, TRL / UltraFeedback (prompt with chosen/rejected as strings or message
+lists, or prompt/completion/label) and text corpora ({"text"} rows, or a .txt file: one document
+per line as LLaMA-Factory reads it, or per blank-line-separated block when asked for). What changes training is never dropped: a KTO label is kept, a
 turn with weight 0 or multimodal data refuses the row with the reason, and {{name}} placeholders
 can be filled (fill=) or are reported.
 """
@@ -20,8 +22,18 @@ from typing import Any
 
 from qwenft.choices import ConvertFormat
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, WEIGHT_ZERO_WHY
-from qwenft.data.kinds import MULTIMODAL_KEYS, PT, RowRules
-from qwenft.data.reader import BAD, Collector, Problem, dump_row, iter_rows, jtype, open_data_file
+from qwenft.data.kinds import MULTIMODAL_KEYS, PT, RowRules, has_content_parts
+from qwenft.data.reader import (
+    BAD,
+    TEXT_DOCS,
+    TEXT_MODES,
+    Collector,
+    Problem,
+    dump_row,
+    iter_rows,
+    jtype,
+    open_data_file,
+)
 from qwenft.errors import QwenftError, RowError
 from qwenft.fsutil import AtomicOutput, check_out_path
 
@@ -47,6 +59,7 @@ class ConvertReport:
     written: bool  # False: some rows could not be converted and skip_invalid was off
     kind: str = "sft"  # the data kind written (qwenft.choices.DataKind value)
     n_errors: int = 0  # rows not converted (problems keeps the first few of each kind)
+    reading: str | None = None  # a .txt source: "lines" (LLaMA-Factory's) or "blocks"
 
     @property
     def ok(self) -> bool:
@@ -58,6 +71,7 @@ class ConvertReport:
             "out": str(self.out),
             "format": self.format,
             "kind": self.kind,
+            "reading": self.reading,
             "n_in": self.n_in,
             "n_out": self.n_out,
             "written": self.written,
@@ -86,7 +100,17 @@ def _tools_text(tools: Any) -> str | None:
     return json.dumps(tools, ensure_ascii=False)
 
 
-_MULTIMODAL_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "video", "file")
+_MULTIMODAL_PARTS = (
+    "image_url",
+    "input_image",
+    "image",
+    "input_audio",
+    "audio",
+    "audio_url",
+    "video",
+    "video_url",
+    "file",
+)
 _MULTIMODAL_WHY = (
     "multimodal data is not supported yet: qwenft trains on text only, and would not show the "
     "model these files; keep such rows out (--skip-invalid writes the others)"
@@ -518,14 +542,251 @@ def _openai_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> l
 
 def _from_openai(obj: dict) -> dict:
     _refuse_multimodal(obj)
+    if "chosen_messages" in obj or "rejected_messages" in obj:
+        return _from_lf_pair(obj)
     msgs = obj.get("messages")
     if not isinstance(msgs, list):
         raise RowError("missing_field", 'no "messages" list', "messages")
-    messages = _openai_turns(msgs, "messages", _offered_tools(obj))
+    if has_content_parts(msgs):
+        _refuse_extra_info(obj)
+        messages = _part_turns(msgs, "messages", _offered_tools(obj))
+    else:
+        messages = _openai_turns(msgs, "messages", _offered_tools(obj))
     system = obj.get("system")
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == SYSTEM):
         messages.insert(0, {"role": SYSTEM, "content": system})  # a top-level system prompt
     return _finish(messages, obj, None)
+
+
+# LLaMA-Factory's content-part messages (its v1 data: reason_tool_use_demo_50.jsonl, and the
+# chosen_messages / rejected_messages pairs of v1_dpo_demo.jsonl): {"role": system | user |
+# assistant | tool, "content": [{"type": ..., "value": ...}, ...], "loss_weight": ...}.
+_PART_TYPES = {  # the part types each role may hold, as LLaMA-Factory's renderer reads them
+    "system": ("text",),
+    "user": ("text",),
+    "tool": ("text",),
+    "assistant": ("text", "reasoning", "tool_call"),
+}
+
+
+def _refuse_extra_info(obj: dict) -> None:
+    if obj.get("extra_info") not in (None, "", {}, []):
+        raise RowError(
+            "extra_info",
+            "extra_info (LLaMA-Factory's per-sample extra information, such as KTO labels) "
+            'cannot be carried into qwenft\'s shapes: give a KTO label as "label", and remove '
+            "the key",
+            "extra_info",
+        )
+
+
+def _loss_weight(m: dict, role: str, fld: str) -> None:
+    """A message's loss_weight: LLaMA-Factory 0.9.5 trains every answer and no other turn, so
+    only those weights (1 on an assistant turn, 0 elsewhere) can be carried; others refuse."""
+    value = m.get("loss_weight")
+    if value is None:
+        return
+    if type(value) not in (int, float):
+        raise RowError("bad_weight", f"loss_weight must be a number, got {jtype(value)}", fld)
+    if role == ASSISTANT:
+        if value == 0:
+            raise RowError("weight_zero", WEIGHT_ZERO_WHY, fld)
+        if value != 1:
+            raise RowError(
+                "bad_weight",
+                f"loss_weight {value} on an assistant turn cannot be carried: LLaMA-Factory "
+                "0.9.5 trains every answer with weight 1",
+                fld,
+            )
+    elif value != 0:
+        raise RowError(
+            "bad_weight",
+            f"loss_weight {value} on a {role} turn cannot be carried: LLaMA-Factory 0.9.5 "
+            "trains the answers (assistant turns) only, never the prompt's turns",
+            fld,
+        )
+
+
+def _parts(m: dict, role: str, fld: str) -> tuple[str, str, list[dict]]:
+    """(text, reasoning, tool calls) of one content-part message, each kind of part joined as
+    LLaMA-Factory's renderer joins them; a part qwenft cannot carry refuses the row, named."""
+    content = m.get("content")
+    if content is None:
+        content = []
+    elif isinstance(content, str):
+        content = [{"type": "text", "value": content}]
+    elif not isinstance(content, list):
+        raise RowError("bad_content", f"content must be a list of parts, got {jtype(content)}", fld)
+    text, reasoning, calls = [], [], []
+    for k, part in enumerate(content):
+        pf = f"{fld}[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else jtype(part)
+        if kind in _MULTIMODAL_PARTS:
+            raise RowError("multimodal", f"content part {k} is {kind}: {_MULTIMODAL_WHY}", pf)
+        if kind not in ("text", "reasoning", "tool_call"):
+            raise RowError(
+                "bad_content",
+                f"content part {k} is of type {kind!r}, which qwenft cannot carry (it carries "
+                "text, reasoning and tool_call parts)",
+                pf,
+            )
+        if kind not in _PART_TYPES[role]:
+            raise RowError(
+                "bad_content",
+                f"content part {k} is {kind} in a {role} turn: only an assistant turn holds "
+                "reasoning and tool calls",
+                pf,
+            )
+        value = part.get("value")
+        if kind == "tool_call" and isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)
+        if not isinstance(value, str):
+            raise RowError(
+                "bad_content",
+                f"content part {k} ({kind}) has no string value (got {jtype(value) or 'null'})",
+                pf + ".value",
+            )
+        if kind == "text":
+            text.append(value)
+        elif kind == "reasoning":
+            reasoning.append(value)
+        else:
+            try:
+                call = json.loads(value)
+            except ValueError:
+                shown = value if len(value) <= 40 else value[:37] + "..."
+                raise RowError(
+                    "bad_function_call",
+                    f"content part {k} (tool_call) is not valid JSON: {shown!r}",
+                    pf + ".value",
+                ) from None
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise RowError(
+                    "bad_function_call",
+                    f'content part {k} (tool_call) must be {{"name": ..., "arguments": {{...}}}}',
+                    pf + ".value",
+                )
+            calls.append((k, call))
+    parsed = [
+        {
+            "name": call["name"],
+            "arguments": _call_arguments(call, call["name"], f"{fld}[{k}].value.arguments"),
+        }
+        for k, call in calls
+    ]
+    return "".join(text), "".join(reasoning), parsed
+
+
+def _part_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> list[dict]:
+    """LLaMA-Factory's content-part messages as qwenft's: an assistant turn's reasoning parts the
+    Qwen3 <think> block before its answer (as reasoning_content is converted), its tool_call parts
+    a function_call turn (content {"name", "arguments"} JSON, a list for parallel calls), the
+    tool messages that follow one tool turn (each its own <tool_response>, as LLaMA-Factory
+    renders consecutive tool messages)."""
+    from qwenft.data.reasoning import with_reasoning
+
+    messages: list[dict] = []
+    last_tool = False
+    for k, m in enumerate(msgs):
+        f = f"{fld}[{k}]"
+        if not isinstance(m, dict):
+            raise RowError("bad_message", "each message must be an object", f)
+        role = m.get("role")
+        if role not in _PART_TYPES:
+            raise RowError(
+                "bad_role",
+                f"role {json.dumps(role)} is not one of system, user, assistant, tool",
+                f + ".role",
+            )
+        _loss_weight(m, role, f + ".loss_weight")
+        text, reasoning, calls = _parts(m, role, f + ".content")
+        if role == "tool":
+            if last_tool:
+                messages[-1]["content"] += TOOL_RESULT_SEP + text
+            else:
+                messages.append({"role": TOOL, "content": text})
+            last_tool = True
+            continue
+        last_tool = False
+        if role != ASSISTANT:
+            messages.append({"role": role, "content": text})
+            continue
+        thought = reasoning if reasoning.strip() else None
+        if thought is not None and "<think>" in text:
+            raise RowError(
+                "bad_reasoning",
+                "the turn has a reasoning part and a <think> block in its text: one thought per "
+                "answer",
+                f + ".content",
+            )
+        if not calls:
+            body = with_reasoning(thought, text) if thought is not None else text
+            messages.append({"role": ASSISTANT, "content": body})
+            continue
+        for c, call in enumerate(calls):
+            if tool_names is not None and call["name"] not in tool_names:
+                raise RowError(
+                    "unknown_function",
+                    f"calls {call['name']}, which is not in the row's tools "
+                    f"({', '.join(sorted(tool_names))})",
+                    f"{f}.content (tool call {c})",
+                )
+        body = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+        if text.strip():  # LLaMA-Factory keeps the text before a <tool_call> block
+            body = f"{text.rstrip()}\n<tool_call>{body}</tool_call>"
+        if thought is not None:
+            body = with_reasoning(thought, body)
+        messages.append({"role": FUNCTION_CALL, "content": body})
+    return messages
+
+
+def _from_lf_pair(obj: dict) -> dict:
+    """LLaMA-Factory's chosen_messages / rejected_messages pair (two whole conversations) as
+    qwenft's preference row: the prompt they share, then each one's last (assistant) turn."""
+    _refuse_extra_info(obj)
+    tool_names = _offered_tools(obj)
+    sides = {}
+    for key in ("chosen_messages", "rejected_messages"):
+        msgs = obj.get(key)
+        if msgs is None:
+            raise RowError("missing_side", f'no "{key}": a pair needs both conversations', key)
+        if not isinstance(msgs, list) or not msgs:
+            raise RowError(
+                "empty_side" if msgs == [] else "bad_side",
+                f"{key} must be a non-empty list of messages",
+                key,
+            )
+        turns = (
+            _part_turns(msgs, key, tool_names)
+            if has_content_parts(msgs)
+            else _openai_turns(msgs, key, tool_names)
+        )
+        if turns[-1]["role"] not in (ASSISTANT, FUNCTION_CALL):
+            raise RowError(
+                "bad_side",
+                f"{key} must end with an assistant turn (the answer), got {turns[-1]['role']}",
+                key,
+            )
+        sides[key] = turns
+    chosen, rejected = sides["chosen_messages"], sides["rejected_messages"]
+    prompt = chosen[:-1]
+    if prompt != rejected[:-1]:
+        n = min(len(chosen), len(rejected)) - 1
+        k = next((k for k in range(n) if chosen[k] != rejected[k]), n)
+        if k < n:
+            why = f"message {k} ({chosen[k]['role']}) differs"
+        else:
+            longer = "chosen" if len(chosen) > len(rejected) else "rejected"
+            why = f"{longer}_messages has more turns before its answer"
+        raise RowError(
+            "prefix_mismatch",
+            f"chosen_messages and rejected_messages do not share the prompt: {why}; a pair is "
+            "two answers to one prompt, so everything before their last (assistant) turn must "
+            "be the same in both",
+            f"rejected_messages[{k}]",
+        )
+    row = {"messages": prompt, "chosen": chosen[-1], "rejected": rejected[-1]}
+    return _with_tools(row, obj)
 
 
 def _from_trl(obj: dict) -> dict:
@@ -566,8 +827,8 @@ def detect_format(obj: Any) -> str | None:
         return None
     if "conversations" in obj:
         return "sharegpt"
-    if "messages" in obj:
-        return "openai"
+    if "messages" in obj or "chosen_messages" in obj or "rejected_messages" in obj:
+        return "openai"  # LLaMA-Factory's content-part messages and pairs are read there too
     if "instruction" in obj or "output" in obj:
         return "alpaca"
     if "prompt" in obj or "chosen" in obj or "rejected" in obj or "completion" in obj:
@@ -613,20 +874,37 @@ def convert_file(
     force: bool = False,
     skip_invalid: bool = False,
     fill: dict[str, str] | None = None,
+    text_docs: str | None = None,
 ) -> ConvertReport:
     """Convert rows to qwenft's shapes (sft, preference, kto or pt), written atomically to out.
 
     Rows that cannot be converted (or that would not pass check_file) are reported with their
     lines. Unless skip_invalid, any such row means nothing is written (report.written is False).
     fill: {name: text} for {{name}} placeholders; those left are reported as warnings.
+    text_docs: how a .txt source becomes documents: "lines" (the default: LLaMA-Factory's
+    reading, one per line) or "blocks" (one per blank-line-separated block); only for a .txt.
     """
     if fmt not in CONVERT_FORMATS:
         raise QwenftError(f"unknown format {fmt!r}", f"use one of {', '.join(CONVERT_FORMATS)}")
+    if text_docs is not None and text_docs not in TEXT_DOCS:
+        raise QwenftError(
+            f"unknown --text-docs {text_docs!r}", f"use one of {', '.join(TEXT_DOCS)}"
+        )
     marks = {"{{" + k + "}}": v for k, v in (fill or {}).items()}
     src_path, fh, mode = open_data_file(src)
+    reading = None
+    if mode == "txt":
+        reading = text_docs or "lines"
+        mode = TEXT_MODES[reading]
+    elif text_docs is not None:
+        fh.close()
+        raise QwenftError(
+            f"--text-docs {text_docs} reads a .txt file, and {src_path.name} is JSON data",
+            "drop --text-docs",
+        )
     out_path = check_out_path(out, force, src_path)
     col = Collector()
-    rules = RowRules(Collector())
+    rules = RowRules(Collector(), mode="txt" if mode == "txt" else "jsonl")
     n_in = n_out = 0
     created_dir = None
     if not out_path.parent.exists():
@@ -718,16 +996,18 @@ def convert_file(
         written=written,
         kind=rules.file_kind,
         n_errors=col.n_errors,
+        reading=reading,
     )
 
 
 def materialize_pt_jsonl(src: Path, dst: Path) -> int:
-    """Write pre-training data src (a .txt file of blank-line-separated documents, or {"text"}
-    jsonl) to dst as {"text": ...} JSON lines, atomically (dst is replaced); the rows written.
+    """Write pre-training data src (a .txt file, one document per line, or {"text"} jsonl) to
+    dst as {"text": ...} JSON lines, atomically (dst is replaced); the rows written.
 
-    LLaMA-Factory reads a .txt file line by line: training on a .txt goes through this copy (in
-    the run folder) so that a document stays one sample. A row that is not pre-training text
-    raises QwenftError naming its line (check the file first: check_file(src, "pt"))."""
+    A .txt is read as LLaMA-Factory reads it (one document per line), so the copy trains what
+    LLaMA-Factory would train from the .txt itself; training on a .txt goes through this copy (in
+    the run folder). A row that is not pre-training text raises QwenftError naming its line
+    (check the file first: check_file(src, "pt"))."""
     src_path, fh, mode = open_data_file(src)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

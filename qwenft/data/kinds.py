@@ -6,7 +6,7 @@ One file holds one kind, each the shape LLaMA-Factory 0.9.5 reads for one traini
 - preference (dpo, orpo, simpo): ``{"messages": [..., user], "chosen": {"role": "assistant",
   "content": ...}, "rejected": {...}}``, registered as sharegpt with ``ranking: true``;
 - kto: ``{"messages": [..., assistant], "label": true|false}``, the label is the ``kto_tag`` column;
-- pt: ``{"text": ...}``, or a .txt file read as one document per blank-line-separated block.
+- pt: ``{"text": ...}``, or a .txt file read as LLaMA-Factory reads it: one document per line.
 
 RowRules applies the rules of the file's kind to each row, plus the rules every kind shares:
 multimodal keys are refused (qwenft trains text only), ``{{name}}`` placeholders are reported.
@@ -86,6 +86,17 @@ def _key_notes(kind: str) -> dict[str, str]:
 # which kind a row is
 
 
+def has_content_parts(msgs: Any) -> bool:
+    """Whether messages are in LLaMA-Factory's content-part shape (a content list holding a
+    {"type", "value"} part), which `qwenft data convert` reads."""
+    return isinstance(msgs, list) and any(
+        isinstance(m, dict)
+        and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and "value" in p for p in m["content"])
+        for m in msgs
+    )
+
+
 def row_kind(obj: Any) -> str | None:
     """The kind of one row in qwenft's shapes, by its keys; None when it is in none of them."""
     if type(obj) is not dict:
@@ -105,6 +116,8 @@ def foreign_shape(obj: Any) -> str | None:
     """What a row that is in none of qwenft's shapes looks like (a shape `data convert` reads)."""
     if not isinstance(obj, dict):
         return None
+    if "chosen_messages" in obj or "rejected_messages" in obj:
+        return "LLaMA-Factory's chosen_messages / rejected_messages preference pairs"
     pair = "chosen" in obj or "rejected" in obj
     kto = "kto_tag" in obj or LABEL in obj
     if "conversations" in obj:
@@ -161,7 +174,7 @@ class RowRules:
         if kind is not None:
             kind = DataKind.parse(kind, "data kind")
         self.col = col
-        self.mode = mode  # reader mode: "txt" rows are blocks of a text file
+        self.mode = mode  # reader mode: "txt" rows are the lines of a text file
         self.expected = kind
         self.kind: str | None = kind
         self.kind_line: int | None = None
@@ -199,6 +212,19 @@ class RowRules:
                 self._other_kind(kind, line)
                 return False
         kind = self.file_kind
+        if (
+            type(obj) is dict
+            and (not raw or b'"value"' in raw)  # cheap: no part has a "value" key otherwise
+            and has_content_parts(obj.get("messages"))
+        ):
+            self.col.error(
+                "content_parts",
+                line,
+                "messages",
+                'this row is in LLaMA-Factory\'s content-part shape ({"type": "text" | '
+                '"reasoning" | "tool_call", "value": ...}): ' + _CONVERT,
+            )
+            return False
         if kind == SFT and type(obj) is dict and len(obj) == 1 and b"{{" not in raw:
             return self._checker(SFT).check(obj, line, raw)  # the common clean row, fast
         col = self.col
@@ -368,6 +394,16 @@ class RowRules:
         text = obj.get(TEXT)
         if not isinstance(text, str):
             col.error("bad_text", line, TEXT, f"text must be a string, got {jtype(text) or 'null'}")
+        elif self.mode == "txt" and not text.strip():
+            col.error(
+                "blank_line",
+                line,
+                None,
+                "blank line: LLaMA-Factory reads a .txt file one document per line, and would "
+                "train this line as an empty document (the end-of-text token alone); remove the "
+                "blank lines, or make each blank-line-separated block one document with "
+                "`qwenft data convert FILE -o OUT.jsonl --text-docs blocks`",
+            )
         elif not text.strip():
             col.error(
                 "empty_text",
@@ -380,9 +416,9 @@ class RowRules:
                 "txt_json",
                 line,
                 None,
-                "this block of a .txt file looks like JSON: a .txt file is read as plain text "
-                "(one document per blank-line-separated block); name the file .jsonl if it holds "
-                "JSON lines",
+                "this line of a .txt file looks like JSON: a .txt file is read as plain text "
+                "(one document per line, as LLaMA-Factory reads it); name the file .jsonl if it "
+                "holds JSON lines",
             )
         checker = self._checker(PT)
         notes = checker.key_notes

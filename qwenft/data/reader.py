@@ -1,5 +1,6 @@
 """Reading data files row by row: .jsonl or a .json array (BOM, strict JSON, size limits), and
-.txt pre-training text (one {"text": ...} row per blank-line-separated block).
+.txt pre-training text as LLaMA-Factory reads it (one {"text": ...} row per line; a row per
+blank-line-separated block only when asked for: mode "txt-blocks").
 
 Every row comes back with its line number; what cannot be read is recorded as a Problem in a
 Collector, never raised. Nothing here prints or exits.
@@ -19,7 +20,11 @@ from typing import IO, Any
 from qwenft.errors import QwenftError
 
 SUFFIXES = (".jsonl", ".json")  # JSON data, as LLaMA-Factory reads it
-TEXT_SUFFIXES = (".txt",)  # pre-training text: one document per blank-line-separated block
+TEXT_SUFFIXES = (".txt",)  # pre-training text: one document per line, as LLaMA-Factory reads it
+# How a .txt file becomes documents: "lines" (LLaMA-Factory's reading, the default everywhere) or
+# "blocks" (one per blank-line-separated block: only `qwenft data convert --text-docs blocks`).
+TEXT_DOCS = ("lines", "blocks")
+TEXT_MODES = {"lines": "txt", "blocks": "txt-blocks"}  # reader mode of each reading
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one chat sample this long fits no cutoff_len; keeps memory flat
 MAX_KEPT_PER_KIND = 1000  # problems kept in memory per kind; all are counted
 BOM = b"\xef\xbb\xbf"
@@ -102,7 +107,8 @@ def _loads(text: str) -> Any:
 def open_data_file(path: Path) -> tuple[Path, IO[bytes], str]:
     """Open a .jsonl/.json/.txt data file for binary reading; QwenftError if it cannot be used.
 
-    The mode: "jsonl", "json" (a JSON array) or "txt" (pre-training text blocks)."""
+    The mode: "jsonl", "json" (a JSON array) or "txt" (pre-training text, one document per line:
+    pass "txt-blocks" to iter_rows instead for one per blank-line-separated block)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise QwenftError(f"{path} is a folder, not a data file", "pass the .jsonl file itself")
@@ -110,8 +116,8 @@ def open_data_file(path: Path) -> tuple[Path, IO[bytes], str]:
         raise QwenftError(
             f"{path}: unsupported file type {path.suffix or '(no extension)'!r}",
             "qwenft reads .jsonl (one JSON object per line), .json (a JSON array) or .txt "
-            "(pre-training text, one document per blank-line-separated block); LLaMA-Factory "
-            "picks its loader from the extension",
+            "(pre-training text, one document per line); LLaMA-Factory picks its loader from "
+            "the extension",
         )
     try:
         fh = open(path, "rb")  # the caller closes it
@@ -136,6 +142,8 @@ def iter_rows(fh: IO[bytes], mode: str, col: Collector) -> Iterator[tuple[int, A
     if mode == "json":
         yield from _iter_json_array(fh, col)
     elif mode == "txt":
+        yield from _iter_text_lines(fh, col)
+    elif mode == "txt-blocks":
         yield from _iter_text_blocks(fh, col)
     else:
         yield from _iter_jsonl(fh, col)
@@ -204,10 +212,63 @@ def _iter_jsonl(fh: IO[bytes], col: Collector) -> Iterator[tuple[int, Any, bytes
         yield lineno, value, raw
 
 
+def _iter_text_lines(fh: IO[bytes], col: Collector) -> Iterator[tuple[int, Any, bytes]]:
+    """One {"text": line} per line, as LLaMA-Factory reads a .txt (HF datasets' "text" builder:
+    UTF-8, universal newlines, so "\\n", "\\r\\n" and a lone "\\r" each end a line; the line
+    without its ending, everything else kept: spaces, a byte-order mark). A blank line is a row
+    too (an empty document: LLaMA-Factory trains it as the end-of-text token alone). A line that
+    cannot be read is BAD (its problem recorded)."""
+    readline = fh.readline
+    lineno = 0
+    while True:
+        raw = readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:  # skip the rest of the line without holding it
+                chunk = readline(1 << 20)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            lineno += 1
+            col.error(
+                "line_too_long",
+                lineno,
+                None,
+                f"line over the {MAX_LINE_BYTES // 2**20} MiB limit for one document",
+            )
+            yield lineno, BAD, b""
+            continue
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        for piece in raw.split(b"\r") if b"\r" in raw else (raw,):
+            lineno += 1
+            if b"\x00" in piece:
+                col.error("nul_byte", lineno, None, "NUL byte: the file is binary or corrupt")
+                yield lineno, BAD, b""
+                continue
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                col.error(
+                    "invalid_utf8",
+                    lineno,
+                    None,
+                    f"invalid UTF-8 at byte {exc.start + 1} of the line "
+                    f"({piece[exc.start : exc.start + 4]!r}); save the file as UTF-8",
+                )
+                yield lineno, BAD, b""
+                continue
+            value = {"text": text}
+            yield lineno, value, dump_row(value)
+
+
 def _iter_text_blocks(fh: IO[bytes], col: Collector) -> Iterator[tuple[int, Any, bytes]]:
     """One {"text": block} per run of non-blank lines (line endings as \\n, the lines as they are),
     numbered by the block's first line; a block that cannot be read is BAD (its problem recorded).
-    LLaMA-Factory itself would read a .txt line by line: qwenft writes these rows to jsonl first."""
+    Not LLaMA-Factory's reading of a .txt (one document per line): only `qwenft data convert
+    --text-docs blocks` reads a .txt this way, and writes the blocks as {"text"} JSON lines."""
     readline = fh.readline
     lineno = start = size = 0
     parts: list[str] = []
