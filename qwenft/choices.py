@@ -201,6 +201,14 @@ class ConvertFormat(Choice):
     AUTO = "auto"
 
 
+class TextDocs(Choice):
+    """How a .txt file becomes documents: one per line (LLaMA-Factory's reading, the default
+    everywhere) or one per blank-line-separated block (only `qwenft data convert --text-docs`)."""
+
+    LINES = "lines"
+    BLOCKS = "blocks"
+
+
 class Backend(Choice):
     """Where `qwenft chat` runs the model (`serve` takes transformers and llama.cpp)."""
 

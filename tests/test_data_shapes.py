@@ -88,10 +88,9 @@ def test_a_blank_line_is_refused_as_the_empty_document_llamafactory_would_train(
 
 
 def test_text_docs_option_offers_the_readings_of_the_reader() -> None:
-    from qwenft.cli import data as data_cli
     from qwenft.data import reader
 
-    assert data_cli.TEXT_DOCS == reader.TEXT_DOCS == tuple(reader.TEXT_MODES)
+    assert reader.TEXT_DOCS == tuple(reader.TEXT_MODES)
 
 
 def test_lines_end_as_llamafactory_ends_them(tmp_path: Path) -> None:

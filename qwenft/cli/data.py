@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from qwenft.data.pipeline import Lengths, TokenStats
     from qwenft.data.reasoning import ThinkingPlan
 
-from qwenft.choices import ConvertFormat, Template, Thinking
+from qwenft.choices import ConvertFormat, Template, TextDocs, Thinking
 from qwenft.cli.common import (
     JsonOpt,
     ThinkingOpt,
@@ -48,9 +48,6 @@ DataArg = Annotated[
     ),
 ]
 DEFAULT_STATS_MODEL = "tiny-qwen2"
-# `data convert --text-docs`: qwenft.data.reader.TEXT_DOCS (not imported: --help imports no data
-# module; tests/test_data_shapes.py checks that the two agree).
-TEXT_DOCS = ("lines", "blocks")
 
 
 def _token_stats(
@@ -271,7 +268,7 @@ def convert(
         str | None,
         choice_option(
             "--text-docs",
-            TEXT_DOCS,
+            TextDocs.values(),
             "How a .txt becomes documents: lines (default; LLaMA-Factory's reading, one document "
             "per line) or blocks (one document per blank-line-separated block).",
         ),

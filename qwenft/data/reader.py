@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from qwenft.choices import TextDocs
 from qwenft.errors import QwenftError
 
 SUFFIXES = (".jsonl", ".json")  # JSON data, as LLaMA-Factory reads it
 TEXT_SUFFIXES = (".txt",)  # pre-training text: one document per line, as LLaMA-Factory reads it
 # How a .txt file becomes documents: "lines" (LLaMA-Factory's reading, the default everywhere) or
 # "blocks" (one per blank-line-separated block: only `qwenft data convert --text-docs blocks`).
-TEXT_DOCS = ("lines", "blocks")
+TEXT_DOCS = TextDocs.values()
 TEXT_MODES = {"lines": "txt", "blocks": "txt-blocks"}  # reader mode of each reading
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one chat sample this long fits no cutoff_len; keeps memory flat
 MAX_KEPT_PER_KIND = 1000  # problems kept in memory per kind; all are counted

@@ -135,15 +135,17 @@ def register_dataset(
     Same name and same file: updated in place (idempotent). Same name, another file: QwenftError
     unless force. Other entries are kept as they are. has_tools None: scan the file for a tools key.
     kind None: the file's data kind, from its first rows (qwenft.data.kinds.detect_file_kind).
-    A .txt file is refused: LLaMA-Factory would read it line by line (register a jsonl copy,
-    qwenft.data.convert.materialize_pt_jsonl or `qwenft data convert`).
+    A .txt file is refused: entries describe JSON lines (register a jsonl copy,
+    qwenft.data.convert.materialize_pt_jsonl or `qwenft data convert`, which reads it as
+    LLaMA-Factory does, one document per line).
     """
     check_dataset_name(name)
     path = Path(path).expanduser().absolute()
     if path.suffix.lower() in TEXT_SUFFIXES:
         raise QwenftError(
-            f"{path}: LLaMA-Factory reads a .txt file line by line, not one document per "
-            "blank-line-separated block as qwenft does; it was not registered",
+            f"{path}: qwenft registers JSON lines, not .txt files (convert it first: the "
+            "conversion reads it line by line, one document each, as LLaMA-Factory does); it "
+            "was not registered",
             f"convert it to JSON lines first: qwenft data convert {path} -o "
             f"{path.with_suffix('.jsonl')}, then register that file",
         )

@@ -21,7 +21,8 @@ def split_file(
     force: bool = False,
 ) -> tuple[Path, Path]:
     """Write <stem>.train.jsonl and <stem>.val.jsonl: a seeded random val_ratio of the rows for
-    validation, both in file order. Any data kind; a .txt file's blocks become {"text"} rows."""
+    validation, both in file order. Any data kind; a .txt file's lines (one document each, as
+    LLaMA-Factory reads them) become {"text"} rows."""
     if not (isinstance(val_ratio, (int, float)) and 0 < val_ratio < 1):
         raise QwenftError(
             f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}",
