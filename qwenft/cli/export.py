@@ -48,6 +48,13 @@ def export(
         f"exported {record['file']} ({record['size_bytes'] / 2**20:.1f} MiB, {record['quant']}) "
         f"in {record['seconds']:.0f} s"
     )
+    stopping = record["checks"].get("stopping")
+    if stopping:
+        err(
+            f"stops: {stopping['stopped']}/{stopping['answers']} verify answers ended on "
+            f"<|im_end|> within {stopping['window']} tokens"
+            + ("" if stopping["stopped"] == stopping["answers"] else " (not stopping yet)")
+        )
     err(f"ollama: ollama create NAME -f {record['modelfile']}")
     if as_json:
         print_json(record)

@@ -36,7 +36,9 @@ def runs(
     as_json: JsonOpt = False,
 ) -> None:
     """List runs: ./runs, every --dir, and the runs qwenft recorded in QWENFT_HOME. A run
-    started with --from shows its lineage: `<- PARENT` after its folder."""
+    started with --from shows its lineage: `<- PARENT` after its folder. STOPS: of the greedy
+    answers `qwenft export` checked, how many ended on <|im_end|> (has the model learned to end
+    its turns?)."""
     if ctx.invoked_subcommand is not None:
         return
     from qwenft.runs.folder import list_runs
@@ -51,13 +53,13 @@ def runs(
         return
     typer.echo(
         f"{'STATUS':<11} {'STARTED':<16} {'STAGE/METHOD':<13} {'STEPS':>11} {'TIME':>7} "
-        f"{'LOSS':>8}  RUN"
+        f"{'LOSS':>8} {'STOPS':>5}  RUN"
     )
     for r in rows:
         typer.echo(
             f"{r['status'] or '-':<11} {_started(r['started']):<16} "
             f"{r['stage'] + '/' + r['method']:<13} {_steps(r):>11} {_duration(r['duration_s']):>7} "
-            f"{_loss(r['final_loss']):>8}  {r['run_dir']}"
+            f"{_loss(r['final_loss']):>8} {_stops(r.get('stops')):>5}  {r['run_dir']}"
             + (f"  <- {Path(r['parent_run']).name}" if r.get("parent_run") else "")
         )
         if tail > 0 and r["status"] in ("died", "failed") and r["log"]:
@@ -95,6 +97,11 @@ def _duration(seconds: int | None) -> str:
 
 def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+def _stops(stops: dict[str, Any] | None) -> str:
+    """How many of export's verify answers ended on <|im_end|> (`-`: not exported yet)."""
+    return f"{stops['stopped']}/{stops['answers']}" if stops else "-"
 
 
 def _last_lines(path: Path, n: int) -> list[str]:

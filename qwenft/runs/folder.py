@@ -4,6 +4,7 @@ folders the user names and in QWENFT_HOME's record), telling a live run from a d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -118,6 +119,8 @@ def run_row(run_dir: Path, m: Manifest) -> dict[str, Any]:
         "steps_planned": last.get("total_steps"),
         "duration_s": round(ended - started) if started is not None and ended else None,
         "final_loss": m.final_loss,
+        # qwenft export's verify: answers that ended on <|im_end|> (None: not measured yet)
+        "stops": dataclasses.asdict(m.stopping) if m.stopping else None,
         "created": m.created,
         "log": m.log,
     }

@@ -67,6 +67,26 @@ class DatasetRecord:
 
 
 @dataclass
+class StopReport:
+    """Whether the model has learned to end its turns: of `answers` greedy answers to the run's own
+    questions, how many ended on <|im_end|> within `window` new tokens (measured by `qwenft
+    export`'s verify, on the merged model). A fact about the model, reported, never a refusal."""
+
+    answers: int
+    stopped: int
+    window: int
+    at: str = field(default_factory=now_iso)
+
+    @property
+    def learned(self) -> bool:
+        return self.answers > 0 and self.stopped == self.answers
+
+    def short(self) -> str:
+        """`3/3`: stopped of answers (`qwenft runs`)."""
+        return f"{self.stopped}/{self.answers}"
+
+
+@dataclass
 class Manifest:
     """Everything a run folder records about how it was made and how it ended."""
 
@@ -107,6 +127,7 @@ class Manifest:
     merged_at: str | None = None
     exports: list[dict[str, Any]] = field(default_factory=list)  # qwenft export: GGUF files
     merge_checks: dict[str, Any] | None = None
+    stopping: StopReport | None = None  # qwenft export: does the model end its turns?
     last_eval: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
 
@@ -119,7 +140,7 @@ class Manifest:
                 continue
             if f.name == "model":
                 value = value.to_dict()
-            elif f.name == "dataset":
+            elif f.name in ("dataset", "stopping"):
                 value = dataclasses.asdict(value)
             out[f.name] = value
         return {**out, **self.extra}
@@ -133,6 +154,11 @@ class Manifest:
         values["dataset"] = DatasetRecord(
             **{k: v for k, v in ds.items() if k in DatasetRecord.__dataclass_fields__}
         )
+        if isinstance(data.get("stopping"), dict):
+            st = data["stopping"]
+            values["stopping"] = StopReport(
+                **{k: v for k, v in st.items() if k in StopReport.__dataclass_fields__}
+            )
         values.setdefault("schema_version", 0)
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
