@@ -189,11 +189,10 @@ class ChatSession:
                 args["enable_thinking"] = self.thinking
             self._model = ChatModel(args)
             return
-        if self.backend == "llama.cpp":  # the GGUF, prompted with the run's tokenizer template
+        if self.backend == "llama.cpp":  # the GGUF alone: its tokenizer and chat template
             self._model = _load_gguf(self.target)
-        self._tokenizer = inference.load_tokenizer(self.target)
-        if self.backend == "llama.cpp":
             return
+        self._tokenizer = inference.load_tokenizer(self.target)
         self._model = inference.load_model(self.target)
 
     def reset(self) -> None:
@@ -294,13 +293,19 @@ class ChatSession:
             if t is not None
         ]
 
+    def _conversation(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] * bool(self.system) + self.history
+
     def _generate_llamacpp(self, collect: Callable[[str], None]) -> None:
-        """The turn from the run's GGUF export (llama-cpp-python), prompted with the same chat
-        template and thinking mode as the transformers backend (export verified they agree)."""
+        """The turn from the run's GGUF export (llama-cpp-python) alone: prompted with the chat
+        template the GGUF carries (tokenizer.chat_template, the run's own) in the run's system
+        prompt and thinking mode, tokenized by llama.cpp, stopped on the GGUF's stop tokens."""
         import codecs
 
-        ids = list(self._prompt()["input_ids"])
-        stop = set(self._stop_ids())
+        from qwenft.models.llamacpp import gguf_stop_tokens
+
+        ids = _gguf_prompt_ids(self._model, self._conversation(), self.thinking)
+        stop = {i for i in gguf_stop_tokens(self._model)["ids"].values() if i is not None}
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         greedy = self.temperature <= 0
         self._model.reset()
@@ -382,17 +387,74 @@ class ChatSession:
 BACKENDS = ("transformers", "vllm", "llama.cpp")
 
 
-def _load_gguf(target: ModelTarget) -> Any:
-    """llama-cpp-python's Llama over the run's GGUF export. The export is looked for first (as
-    `serve` does): without one, installing llama-cpp-python would not help yet."""
+def gguf_target(spec: str, template: str | None = None, force: bool = False) -> ModelTarget:
+    """`chat RUN --backend llama.cpp`: the run's GGUF export, with the run's system prompt and
+    thinking mode from its manifest; nothing else of the run is needed (no merged model, no
+    base model: a run folder copied with only its export/ and qwenft.json). The export is looked
+    for first (as `serve` does): without one, installing llama-cpp-python would not help yet."""
+    from pathlib import Path
+
     from qwenft.models.llamacpp import require_llama_cpp
+    from qwenft.models.target import check_template
+    from qwenft.runs.gguf import exported_gguf
+    from qwenft.runs.manifest import MANIFEST, read_manifest
+
+    run_dir = Path(spec).expanduser().absolute()
+    m = read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else None
+    gguf = exported_gguf(run_dir if m else None, m)
+    require_llama_cpp("--backend llama.cpp")
+    assert m is not None
+    return ModelTarget(
+        str(gguf),
+        None,
+        system=m.default_system,
+        enable_thinking=m.enable_thinking,
+        model_kind="local",
+        source=f"GGUF {gguf}",
+        template=check_template(m.template, template, force),
+        run_dir=run_dir,
+        manifest=m,
+    )
+
+
+def _load_gguf(target: ModelTarget) -> Any:
+    """llama-cpp-python's Llama over the GGUF (target.model_path, from gguf_target; for a target
+    made otherwise, its run's export)."""
+    from qwenft.models.llamacpp import open_gguf, require_llama_cpp
     from qwenft.runs.gguf import exported_gguf
 
-    gguf = exported_gguf(target.run_dir, target.manifest)
+    gguf = (
+        target.model_path
+        if target.model_path.endswith(".gguf")
+        else exported_gguf(target.run_dir, target.manifest)
+    )
     require_llama_cpp("--backend llama.cpp")
-    from llama_cpp import Llama
+    return open_gguf(gguf, n_ctx=4096)
 
-    return Llama(model_path=str(gguf), n_ctx=4096, verbose=False)
+
+def _gguf_prompt_ids(llm: Any, messages: list[dict[str, str]], thinking: bool | None) -> list[int]:
+    """The conversation through the GGUF's own chat template (tokenizer.chat_template, rendered as
+    transformers renders it), tokenized by llama.cpp."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise QwenftError(
+            "the GGUF carries no chat template (tokenizer.chat_template)",
+            "export the run again with qwenft export (--force)",
+        )
+
+    def raise_exception(message: str) -> None:
+        raise QwenftError(f"the GGUF's chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.globals["raise_exception"] = raise_exception
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    text = env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, **extra
+    )
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -439,7 +439,12 @@ def chat(
         except OSError as exc:
             raise QwenftError(f"cannot read --tools {tools}: {exc.strerror or exc}") from None
         tool_list = load_tools(text, f"--tools {tools}")
-    resolved = resolve_target(target, adapter, template, force)
+    if backend == "llama.cpp" and adapter is None:  # the run's GGUF alone
+        from qwenft.chat import gguf_target
+
+        resolved = gguf_target(target, template, force)
+    else:
+        resolved = resolve_target(target, adapter, template, force)
     session = ChatSession(
         resolved,
         max_new_tokens,
