@@ -4,14 +4,17 @@ plan_serve() checks everything (target, host/key, port) and renders the config w
 anything; execute_serve() writes serve.yaml, starts the server under the launcher's supervisor (a
 killed `qwenft serve` leaves no server behind: the port is free again within seconds), waits until
 GET /v1/models answers, prints the base URL and a ready curl line, and on Ctrl-C / SIGTERM / SIGHUP
-stops the server before returning.
+stops the server before returning. The server's own output goes to its log (RUN/serve.log, or
+QWENFT_HOME/logs/serve-NAME.log for a model that is not a run; `-v` streams it too); the terminal
+gets one line per request (RequestLog, RequestLines).
 
 The server is LLaMA-Factory's own (`llamafactory-cli api`), started through this module
 (`python -m qwenft.serve CLI api YAML`, see `guarded_api`), which adds request checks to its app:
-an invalid request (malformed JSON, no messages, `max_tokens` <= 0, an unknown model name, a prompt
-longer than the model's context) gets a 400 with an OpenAI-style error body naming the problem,
-never a 500 with a traceback. The checks themselves (`check_chat_request`, `check_context`) are
-pure functions.
+an invalid request (malformed JSON, no messages, `max_tokens` <= 0, a prompt longer than the
+model's context) gets a 400 with an OpenAI-style error body naming the problem, never a 500 with a
+traceback; a model name other than the served one gets OpenAI's 404 (code model_not_found), on
+llama.cpp's server too (`python -m qwenft.serve llama_cpp.server ARGS`). The checks themselves
+(`check_chat_request`, `check_model`, `check_context`) are pure functions.
 
 Tool calls (docs/agents.md): LLaMA-Factory's API already answers a request with `tools` with
 `tool_calls` (finish_reason "tool_calls", arguments as a JSON string) when the run's template finds
@@ -44,6 +47,7 @@ from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.models.target import ModelTarget, resolve_target
 from qwenft.proc import launcher
+from qwenft.runs.progress import surface_log
 
 
 @dataclass
@@ -283,7 +287,7 @@ def _plan_llamacpp(
     config = {"model": str(gguf), "model_alias": model_name, "n_ctx": LLAMACPP_CONTEXT}
     argv = [sys.executable, "-m", "llama_cpp.server", "--host", host, "--port", str(port)]
     argv += [f"--{k}={v}" for k, v in config.items()] + ["--verbose=False"]
-    env = {"API_KEY": api_key} if api_key else {}
+    env = {"API_MODEL_NAME": model_name, **({"API_KEY": api_key} if api_key else {})}
     return ServePlan(
         target,
         template,
@@ -301,9 +305,14 @@ def _plan_llamacpp(
     )
 
 
+PROBE_AGENT = "qwenft-ready-probe"  # RequestLog leaves qwenft's own readiness probes out
+
+
 def probe(url: str, api_key: str | None, timeout_s: float = 2.0) -> int | None:
     """The HTTP status of GET url (None when nothing answers); never through a proxy."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = {"User-Agent": PROBE_AGENT}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s) as resp:
@@ -352,29 +361,48 @@ def wait_ready(
         time.sleep(poll_s)
 
 
+def serve_log_path(plan: ServePlan) -> Path:
+    """Where the server's whole output goes: RUN/serve.log for a run; for a model that is not a
+    run, QWENFT_HOME/logs/serve-NAME.log (appended to, one server after another)."""
+    if plan.run_dir is not None:
+        return plan.run_dir / "serve.log"
+    from qwenft.paths import qwenft_home
+
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in plan.model_name) or "model"
+    return qwenft_home() / "logs" / f"serve-{name}.log"
+
+
 def execute_serve(
     plan: ServePlan,
     progress: Callable[[str], None] = print,
     announce: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Write serve.yaml, start the server, wait until it answers, serve until Ctrl-C / SIGTERM.
+
+    The server's output (LLaMA-Factory's or llama.cpp's INFO lines, uvicorn's access log) goes to
+    serve_log_path(plan) only (to stderr too when `verbose`); the terminal gets what is served,
+    where, and one line per request (RequestLog: method, path, status, time) on stderr.
 
     Returns how it ended ({"stopped_by": signal name, ...}). JobFailed when the server fails to
     start or exits on its own; Interrupted when stopped before it was ready.
     """
     plan.target.ensure_built(progress)
     temp_dir = None
+    log_path = serve_log_path(plan)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     if plan.run_dir is not None:
-        yaml_path, log_path = plan.run_dir / "serve.yaml", plan.run_dir / "serve.log"
+        yaml_path = plan.run_dir / "serve.yaml"
     else:
         temp_dir = Path(tempfile.mkdtemp(prefix="qwenft-serve-"))
-        yaml_path, log_path = temp_dir / "serve.yaml", None
+        yaml_path = temp_dir / "serve.yaml"
     if plan.backend == "llama.cpp":
-        argv = plan.argv
+        argv = guarded_argv(plan.argv[2:])  # python -m qwenft.serve llama_cpp.server ARGS
         if not plan.api_key:  # no key asked for: one inherited from the environment must not apply
             os.environ.pop("API_KEY", None)
     else:
         argv = guarded_argv([*plan.argv[:-1], str(yaml_path)])
+    echo = RequestLines(sys.stderr.buffer, verbose)
     try:
         from qwenft.fsutil import atomic_write_text
 
@@ -382,36 +410,41 @@ def execute_serve(
         what = plan.config["model"] if plan.backend == "llama.cpp" else plan.target.source
         progress(f"serving {what} (template {plan.template}, {plan.backend})")
         progress(f"launching: {launcher.format_command(argv, _shown_env(plan.env))}")
-        with launcher.start(
-            argv, plan.env, log_path, cwd=plan.run_dir, echo=sys.stderr.buffer
-        ) as proc:
+        progress(f"log: {log_path}" + ("" if verbose else " (-v shows it here too)"))
+        with launcher.start(argv, plan.env, log_path, cwd=plan.run_dir, echo=echo) as proc:
             try:
                 took = wait_ready(
                     proc, f"{plan.base_url}/models", plan.api_key, plan.timeout_s, progress
                 )
             except JobFailed as exc:
-                if log_path:
-                    exc.hint = exc.hint or f"read the log: {log_path}"
+                proc.close()  # the whole log is written before it is read
+                if not verbose:
+                    surface_log(log_path, progress)
+                exc.hint = exc.hint or f"read the log: {log_path}"
                 raise
             where = "every interface" if not is_loopback(plan.host) else "this machine only"
-            announce(f"ready in {took:.0f} s: {plan.base_url} (model {plan.model_name!r}, {where})")
+            key = "Bearer key required" if plan.api_key else "no key"
+            announce(
+                f"ready in {took:.0f} s: {plan.base_url} (model {plan.model_name!r}, {where}, {key})"
+            )
             announce(plan.curl_line())
             announce("press Ctrl-C to stop")
+            progress("one line per request (time, method, path, status, seconds) follows")
             code = proc.wait()
             if proc.signalled is None:
-                hint = f"read the log: {log_path}" if log_path else None
+                proc.close()
+                if not verbose:
+                    surface_log(log_path, progress)
                 raise JobFailed(
-                    f"the server exited on its own with code {code}", hint, returncode=code or 1
+                    f"the server exited on its own with code {code}",
+                    f"read the log: {log_path}",
+                    returncode=code or 1,
                 )
             import signal
 
             stopped_by = signal.Signals(proc.signalled).name
         progress(f"server stopped ({stopped_by}); no processes left")
-        return {
-            "stopped_by": stopped_by,
-            "base_url": plan.base_url,
-            "log": str(log_path) if log_path else None,
-        }
+        return {"stopped_by": stopped_by, "base_url": plan.base_url, "log": str(log_path)}
     finally:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -423,12 +456,124 @@ def _shown_env(env: dict[str, str]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# one line per request: RequestLog (in the server) writes it into the server's output, marked;
+# RequestLines (in qwenft) shows the marked lines on the terminal and the rest only in the log
+
+REQUEST_MARK = "qwenft-request: "
+
+
+class RequestLines:
+    """The `echo` of the server's output (its log gets all of it): with `verbose` all of it goes
+    to `out` (a binary stream), else only RequestLog's lines, without their mark."""
+
+    def __init__(self, out: Any, verbose: bool = False) -> None:
+        self.out, self.verbose = out, verbose
+        self._pending = b""
+
+    def write(self, data: bytes) -> int:
+        if self.verbose:
+            self.out.write(data)
+            return len(data)
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        mark = REQUEST_MARK.encode()
+        for line in lines:
+            at = line.find(mark)  # a line may carry a log prefix or a carriage return before it
+            if at >= 0:
+                self.out.write(line[at + len(mark) :].rstrip() + b"\n")
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class RequestLog:
+    """ASGI middleware (outermost): after each HTTP request, one line in the server's output:
+    REQUEST_MARK, the time, method, path, status and seconds until the response ended (a stream's
+    last chunk). qwenft's own readiness probes (PROBE_AGENT) are left out."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        agent = dict(scope.get("headers") or []).get(b"user-agent", b"").decode("latin-1")
+        if agent == PROBE_AGENT:
+            await self.app(scope, receive, send)
+            return
+        started, status = time.monotonic(), 0
+
+        async def timed_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            took = time.monotonic() - started
+            line = (
+                f"{REQUEST_MARK}{time.strftime('%H:%M:%S')} {scope['method']} {scope['path']} "
+                f"{status or '-'} {took:.2f} s\n"
+            )
+            os.write(sys.stdout.fileno(), line.encode())  # one write: never split by other output
+
+
+# --------------------------------------------------------------------------------------------------
 # request checks: 400 with a clear message for what LLaMA-Factory would answer with a 500 (or 422)
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+class Problem(tuple):
+    """What is wrong with a request: (message, param), and the HTTP status and OpenAI error code
+    it is answered with (400 and no code, unless said otherwise)."""
+
+    status: int
+    code: str | None
+
+    def __new__(
+        cls, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> Problem:
+        self = super().__new__(cls, (message, param))
+        self.status, self.code = status, code
+        return self
+
+    @property
+    def message(self) -> str:
+        return str(self[0])
+
+    @property
+    def param(self) -> str | None:
+        return self[1]
+
+
+def error_body(
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+) -> dict:
     """The OpenAI error object (openai clients show error.message)."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def check_model(body: dict[str, Any], served_model: str, required: bool = True) -> Problem | None:
+    """A request for another model than the served one gets OpenAI's answer: 404, code
+    model_not_found (openai clients raise NotFoundError); a missing model a 400 when required."""
+    model = body.get("model")
+    if model is None and not required:
+        return None
+    if not isinstance(model, str) or not model:
+        return Problem(f"'model' is required: this server serves {served_model!r}", "model")
+    if model != served_model:
+        return Problem(
+            f"unknown model {model!r}: this server serves {served_model!r} (GET /v1/models)",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
+    return None
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -443,18 +588,14 @@ def check_chat_request(body: Any, served_model: str) -> tuple[str, str | None] |
     """(message, param) when a /v1/chat/completions body is invalid, None when it may go on.
 
     Checks what LLaMA-Factory does not (or answers with a 500 or 422): the body is an object, `model`
-    names the served model (the one GET /v1/models lists), `messages` is a non-empty list of
-    objects with a role, `max_tokens` and `n` are positive integers."""
+    names the served model (the one GET /v1/models lists; another one is a 404, see check_model),
+    `messages` is a non-empty list of objects with a role, `max_tokens` and `n` are positive
+    integers."""
     if not isinstance(body, dict):
         return "the request body must be a JSON object", None
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        return f"'model' is required: this server serves {served_model!r}", "model"
-    if model != served_model:
-        return (
-            f"unknown model {model!r}: this server serves {served_model!r} (GET /v1/models)",
-            "model",
-        )
+    problem = check_model(body, served_model)
+    if problem:
+        return problem
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list of {role, content} objects", "messages"
@@ -643,12 +784,15 @@ def model_context(engine: Any) -> int | None:
 class RequestChecks:
     """ASGI middleware (inside LLaMA-Factory's app): checks POST .../chat/completions bodies from an
     authorized client before the app sees them, and turns an exception raised before the response
-    started into a JSON 500 without a traceback (the traceback goes to the server's log)."""
+    started into a JSON 500 without a traceback (the traceback goes to the server's log).
 
-    def __init__(self, app: Any, chat_model: Any) -> None:
+    `only_model` (llama.cpp's server, which checks the rest itself but answers any model name
+    with its one model): POST .../completions bodies only get the model check (check_model)."""
+
+    def __init__(self, app: Any, chat_model: Any = None, only_model: bool = False) -> None:
         import os
 
-        self.app, self.chat_model = app, chat_model
+        self.app, self.chat_model, self.only_model = app, chat_model, only_model
         self.api_key = os.getenv("API_KEY")
         self.served_model = os.getenv("API_MODEL_NAME", "gpt-3.5-turbo")  # LLaMA-Factory's default
 
@@ -667,7 +811,13 @@ class RequestChecks:
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
+            if self.only_model:
+                return None, raw
             return (f"the request body is not valid JSON: {exc}", None), raw
+        if self.only_model:
+            return (
+                check_model(body, self.served_model, False) if isinstance(body, dict) else None
+            ), raw
         problem = check_chat_request(body, self.served_model)
         if problem:
             return problem, raw
@@ -702,11 +852,11 @@ class RequestChecks:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        if (
-            scope["method"] == "POST"
-            and scope["path"].rstrip("/").endswith("/chat/completions")
-            and self._authorized(scope)
-        ):
+        path = scope["path"].rstrip("/")
+        checked = (
+            path.endswith("/completions") if self.only_model else path.endswith("/chat/completions")
+        )
+        if scope["method"] == "POST" and checked and self._authorized(scope):
             chunks, more = [], True
             while more:
                 message = await receive()
@@ -716,7 +866,8 @@ class RequestChecks:
                 more = message.get("more_body", False)
             problem, raw = self.prepare(b"".join(chunks))
             if problem:
-                await self._json(send, 400, error_body(*problem))
+                status, code = getattr(problem, "status", 400), getattr(problem, "code", None)
+                await self._json(send, status, error_body(*problem, code=code))
                 return
             receive = _replay(raw, receive)
         try:
@@ -756,8 +907,8 @@ def _replay(raw: bytes, receive: Any) -> Any:
 
 
 def install_request_checks(app: Any, chat_model: Any) -> None:
-    """Add RequestChecks (inside the CORS middleware) and a 400 for FastAPI's validation errors
-    (its default is 422) to LLaMA-Factory's app."""
+    """Add RequestChecks (inside the CORS middleware), RequestLog (outside everything) and a 400
+    for FastAPI's validation errors (its default is 422) to LLaMA-Factory's app."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.middleware import Middleware
@@ -767,19 +918,37 @@ def install_request_checks(app: Any, chat_model: Any) -> None:
 
     app.add_exception_handler(RequestValidationError, invalid)
     app.user_middleware.append(Middleware(RequestChecks, chat_model=chat_model))
+    app.user_middleware.insert(0, Middleware(RequestLog))
+
+
+def install_llamacpp_checks(app: Any) -> None:
+    """llama-cpp-python's app: RequestLog, and the model check (404 for another model name)."""
+    from starlette.middleware import Middleware
+
+    app.user_middleware.append(Middleware(RequestChecks, only_model=True))
+    app.user_middleware.insert(0, Middleware(RequestLog))
 
 
 def guarded_argv(argv: list[str]) -> list[str]:
-    """`llamafactory-cli api YAML` run through guarded_api (this module as a script)."""
+    """`llamafactory-cli api YAML` (or `llama_cpp.server ARGS`) run through guarded_api (this
+    module as a script)."""
     return [sys.executable, "-m", "qwenft.serve", *argv]
 
 
-class _PatchApp:
-    """A meta-path finder: when llamafactory.api.app is imported, wrap its create_app so that the
-    app run_api() builds gets install_request_checks. Nothing is imported before LLaMA-Factory
-    itself imports it."""
+def _install_lf(app: Any, chat_model: Any) -> None:
+    install_request_checks(app, chat_model)
+    _patch_process_request()
 
-    name = "llamafactory.api.app"
+
+class _PatchApp:
+    """A meta-path finder: when `name` (llamafactory.api.app, llama_cpp.server.app) is imported,
+    wrap its create_app so that the app it builds gets `install(app, *create_app's arguments)`.
+    Nothing is imported before the server itself imports it."""
+
+    def __init__(
+        self, name: str = "llamafactory.api.app", install: Callable[..., None] = _install_lf
+    ) -> None:
+        self.name, self.install = name, install
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != self.name:
@@ -790,16 +959,15 @@ class _PatchApp:
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        exec_module = spec.loader.exec_module
+        exec_module, install = spec.loader.exec_module, self.install
 
         def exec_and_patch(module: Any) -> None:
             exec_module(module)
             create_app = module.create_app
 
-            def guarded_create_app(chat_model: Any) -> Any:
-                app = create_app(chat_model)
-                install_request_checks(app, chat_model)
-                _patch_process_request()
+            def guarded_create_app(*args: Any, **kwargs: Any) -> Any:
+                app = create_app(*args, **kwargs)
+                install(app, *args, **kwargs)
                 return app
 
             module.create_app = guarded_create_app
@@ -834,6 +1002,14 @@ def guarded_api(args: list[str]) -> int:
     if not args:
         print("usage: python -m qwenft.serve LLAMAFACTORY_CLI api YAML", file=sys.stderr)
         return 2
+    if args[0] == "llama_cpp.server":  # `python -m llama_cpp.server ARGS`, with the checks
+        sys.meta_path.insert(
+            0,
+            _PatchApp("llama_cpp.server.app", lambda app, *_a, **_k: install_llamacpp_checks(app)),
+        )
+        sys.argv = [args[0], *args[1:]]
+        runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+        return 0
     cli = args[0]
     try:
         with open(cli, "rb") as fh:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -243,6 +244,14 @@ def test_request_checks_answer_400_and_pass_good_requests_on(
 
     status, out = post(b'{"model": "lora", "messages": [')
     assert status == 400 and "not valid JSON" in out["error"]["message"]
+    # another model: OpenAI's 404 (openai clients raise NotFoundError)
+    status, out = post({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and out["error"] == {
+        "message": "unknown model 'gpt-4o': this server serves 'lora' (GET /v1/models)",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
     status, out = post(
         {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}
     )
@@ -268,6 +277,63 @@ def test_request_checks_answer_400_and_pass_good_requests_on(
     )
     # without the key the app answers (its own 401), unchecked
     assert post({"model": "x"}, headers={}) == (200, {"ok": True})
+
+
+def test_llamacpp_checks_only_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's server answers any model name with its one model: the checks add the 404 and
+    leave everything else (a missing model, a body it judges itself) to it."""
+    monkeypatch.setenv("API_MODEL_NAME", "lora")
+    monkeypatch.delenv("API_KEY", raising=False)
+
+    async def app(scope: dict, receive, send) -> None:  # noqa: ANN001 - llama.cpp's app
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    checks = serve_mod.RequestChecks(app, only_model=True)
+    msgs = [{"role": "user", "content": "hi"}]
+    status, out = asgi_post(checks, json.dumps({"model": "gpt-4o", "messages": msgs}).encode())
+    assert status == 404 and out["error"]["code"] == "model_not_found"
+    for body in ({"model": "lora", "messages": msgs}, {"messages": msgs}, {"model": "lora"}):
+        assert asgi_post(checks, json.dumps(body).encode()) == (200, {"ok": True})
+    assert asgi_post(checks, b"{not json") == (200, {"ok": True})
+
+
+def test_request_log_writes_one_marked_line_and_the_terminal_shows_only_those(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RequestLog (in the server) writes one marked line per request into the server's output,
+    leaving qwenft's readiness probes out; RequestLines (in qwenft) shows only those lines, or all
+    of the output with -v."""
+    import io
+    import os
+
+    read_fd, write_fd = os.pipe()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(os.fdopen(write_fd, "wb", 0)))
+
+    async def app(scope: dict, receive, send) -> None:  # noqa: ANN001
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    logged = serve_mod.RequestLog(app)
+    asgi_post(logged, b"{}")
+    asgi_post(logged, b"{}", {"User-Agent": serve_mod.PROBE_AGENT})
+    os.close(write_fd)
+    output = os.read(read_fd, 65536)
+    os.close(read_fd)
+    lines = output.decode().splitlines()
+    assert len(lines) == 1, lines
+    pattern = r"\d\d:\d\d:\d\d POST /v1/chat/completions 201 \d+\.\d\d s"
+    assert re.fullmatch(re.escape(serve_mod.REQUEST_MARK) + pattern, lines[0]), lines
+
+    server_output = b"[INFO|loader.py:1] >> Model config Qwen2Config {\n" + output + b"INFO: ok\n"
+    shown = io.BytesIO()
+    echo = serve_mod.RequestLines(shown)
+    for i in range(0, len(server_output), 7):  # in pieces, as a pipe delivers them
+        echo.write(server_output[i : i + 7])
+    assert shown.getvalue().decode() == lines[0][len(serve_mod.REQUEST_MARK) :] + "\n"
+    everything = io.BytesIO()
+    serve_mod.RequestLines(everything, verbose=True).write(server_output)
+    assert everything.getvalue() == server_output
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,18 +650,19 @@ def test_eval_scoring_failure_leaves_the_old_report(
 # end to end: the real LLaMA-Factory on the tiny Qwen
 
 
-def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
+def test_serve_openai_client_end_to_end(lora_run: Path, qwenft: Qwenft, tmp_path: Path) -> None:
+    """A served run, through the openai client: answers, streams, OpenAI's errors (400s naming
+    the problem, 404 NotFoundError for another model, 401); the terminal shows one line per
+    request, LLaMA-Factory's output only RUN/serve.log."""
     import openai
     import psutil
 
-    from qwenft.models.tiny import ensure_tiny_model
-
-    ensure_tiny_model("tiny-qwen2", progress=None)
+    run = copy_run(lora_run, tmp_path / "served")  # serve writes serve.yaml and serve.log into it
     port, key = serve_mod.free_port(), "sk-qwenft-test"
     err_log = open(tmp_path / "serve.err", "w")  # noqa: SIM115
     proc = qwenft.popen(
         "serve",
-        "tiny-qwen2",
+        run,
         "--port",
         port,
         "--api-key",
@@ -618,6 +685,7 @@ def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
             except queue.Empty:
                 pass
         assert got[0].startswith("ready in") and f"http://127.0.0.1:{port}/v1" in got[0]
+        assert "model 'served'" in got[0] and "Bearer key required" in got[0]
         assert got[1].startswith("curl ") and f"Bearer {key}" in got[1]
         family = psutil.Process(proc.pid).children(recursive=True)
         assert family  # the llamafactory-cli api server
@@ -625,16 +693,16 @@ def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60
         )
-        assert [m.id for m in client.models.list().data] == ["tiny-qwen2"]
+        assert [m.id for m in client.models.list().data] == ["served"]
         msgs = [{"role": "user", "content": "Hello"}]
         reply = client.chat.completions.create(
-            model="tiny-qwen2", messages=msgs, max_tokens=8, temperature=0
+            model="served", messages=msgs, max_tokens=8, temperature=0
         )
         assert reply.choices[0].message.role == "assistant"
         assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
         chunks = list(
             client.chat.completions.create(
-                model="tiny-qwen2", messages=msgs, max_tokens=8, temperature=0, stream=True
+                model="served", messages=msgs, max_tokens=8, temperature=0, stream=True
             )
         )
         assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -642,26 +710,30 @@ def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
         too_long = [{"role": "user", "content": "hi " * 33000}]  # tiny-qwen2: 32768 positions
         for kwargs, needle in [
             ({"max_tokens": 0}, "'max_tokens' must be a positive integer"),
-            ({"model": "gpt-4o"}, "unknown model 'gpt-4o': this server serves 'tiny-qwen2'"),
             ({"messages": too_long}, "longer than the model's context of 32768 tokens"),
             ({"max_tokens": 40000}, "exceeds the model's context of 32768 tokens"),
             ({"messages": [{"role": "wizard", "content": "hi"}]}, "invalid request: messages"),
         ]:
             with pytest.raises(openai.BadRequestError) as bad:
                 client.chat.completions.create(
-                    **{"model": "tiny-qwen2", "messages": msgs, "max_tokens": 8, **kwargs}
+                    **{"model": "served", "messages": msgs, "max_tokens": 8, **kwargs}
                 )
             assert bad.value.status_code == 400 and needle in bad.value.message, bad.value
+        # another model: OpenAI's own answer, 404 model_not_found
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=8)
+        assert missing.value.code == "model_not_found" and missing.value.param == "model"
+        assert "unknown model 'gpt-4o': this server serves 'served'" in missing.value.message
         raw = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=b'{"model": "tiny-qwen2", "messages": [',
+            data=b'{"model": "served", "messages": [',
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as http:
             urllib.request.build_opener(urllib.request.ProxyHandler({})).open(raw, timeout=30)
         assert http.value.code == 400
         assert "not valid JSON" in json.loads(http.value.read())["error"]["message"]
-        assert client.chat.completions.create(model="tiny-qwen2", messages=msgs, max_tokens=2)
+        assert client.chat.completions.create(model="served", messages=msgs, max_tokens=2)
 
         wrong = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
@@ -678,7 +750,20 @@ def test_serve_openai_client_end_to_end(qwenft: Qwenft, tmp_path: Path) -> None:
         err_log.close()
     time.sleep(0.5)
     assert [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
-    assert "server stopped (SIGTERM); no processes left" in (tmp_path / "serve.err").read_text()
+    terminal = (tmp_path / "serve.err").read_text()
+    assert "server stopped (SIGTERM); no processes left" in terminal
+    # the terminal: one line per request; LLaMA-Factory's output (config dumps, uvicorn) only in
+    # the log
+    assert f"log: {run / 'serve.log'}" in terminal
+    requests = re.findall(r"^\d\d:\d\d:\d\d (\w+) (\S+) (\d+) \d+\.\d\d s$", terminal, re.M)
+    assert ("POST", "/v1/chat/completions", "200") in requests
+    assert ("POST", "/v1/chat/completions", "404") in requests
+    assert ("GET", "/v1/models", "401") in requests  # the wrong key
+    for noise in ("Model config", "[INFO|", "Uvicorn running", "Loading weights", "%|"):
+        assert noise not in terminal, noise
+    log = (run / "serve.log").read_text()
+    assert "Model config" in log and "Uvicorn running" in log
+    assert f"{serve_mod.REQUEST_MARK}" in log
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
@@ -707,6 +792,10 @@ def test_serve_killed_with_sigkill_leaves_nothing_and_frees_its_port(
         assert proc.poll() is None, (tmp_path / "serve.err").read_text()[-3000:]
         family = psutil.Process(proc.pid).children(recursive=True)
         assert len(family) >= 2  # the supervisor and the server
+        # a model that is not a run: its server's log goes to QWENFT_HOME/logs
+        log = tmp_path / "home" / "logs" / "serve-tiny-qwen2.log"
+        assert f"log: {log}" in (tmp_path / "serve.err").read_text()
+        assert "Uvicorn running" in log.read_text()
         proc.kill()  # kill -9: qwenft runs no cleanup at all
         proc.wait()
         killed = time.monotonic()

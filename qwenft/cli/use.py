@@ -53,9 +53,18 @@ def serve(
             "transformers: LLaMA-Factory's API server; llama.cpp: the run's GGUF export.",
         ),
     ] = "transformers",
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Stream the server's output to stderr too (it is always logged).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (llamafactory-cli api, or llama-cpp-python's
-    server for a GGUF export) until Ctrl-C."""
+    server for a GGUF export) until Ctrl-C. The terminal shows one line per request; the server's
+    own output goes to RUN/serve.log (QWENFT_HOME/logs/serve-NAME.log for a model)."""
     from qwenft.serve import execute_serve, plan_serve
 
     plan = plan_serve(
@@ -69,7 +78,7 @@ def serve(
         force=force,
         backend=backend,
     )
-    execute_serve(plan, progress=err, announce=typer.echo)
+    execute_serve(plan, progress=err, announce=typer.echo, verbose=verbose)
 
 
 @handle_errors
