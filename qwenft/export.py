@@ -9,9 +9,11 @@ RUN/export (nothing appears under its final name until every check has passed):
 1. the weights: a LoRA/QLoRA run's merged model (merged first if it has none), a full or freeze
    run's own folder;
 2. convert to f16 GGUF; quantize to q8_0 / q4_k_m when asked (the f16 intermediate is removed);
-3. verify (unless --no-verify): greedy generations of the GGUF against the merged model's
-   (transformers) on prompts from the run's data: identical tokens for f16, token agreement and
-   the difference in mean log-probability for quantized files; generation stops on <|im_end|>;
+3. verify (unless --no-verify) that the file is faithful: its stop tokens read back from it;
+   greedy generations of the GGUF against the merged model's (transformers) on prompts from the
+   run's data: identical tokens (and the same stop) for f16, greedy agreement and |log-probability|
+   differences within limits for quantized files. Whether the model ends its turns on <|im_end|>
+   is reported (printed, manifest `stopping`), never a reason to refuse;
 4. write `<run>-<quant>.Modelfile` for Ollama beside the GGUF (FROM, the Qwen chat template the
    run was trained with, tools for runs trained on tool data, SYSTEM, both stop tokens), move
    both into RUN/export and record the export (file, quant, sha256, size, checks) in the manifest.
