@@ -102,9 +102,7 @@ class Knob:
     """One LLaMA-Factory key as qwenft knows it."""
 
     key: str  # LLaMA-Factory's name
-    option: str | None = (
-        None  # the qwenft option ("--flag/--no-flag" for a switch); None: --set only
-    )
+    option: str | None = None  # the qwenft option ("--a/--no-a": a switch); None: --set only
     type: type = int  # int | float | str | bool
     help: str = ""
     rule: Rule | None = None  # the range; None: any value of the type
