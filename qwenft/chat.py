@@ -171,6 +171,7 @@ class ChatSession:
         if self.system is None:
             self.system = self.target.system
         if self.via_llamafactory:
+            inference.quiet_unless_set()  # no loading bars or library warnings between the turns
             from llamafactory.chat import ChatModel
 
             args = {

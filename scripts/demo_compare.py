@@ -5,8 +5,9 @@
 The last step of scripts/demo.sh. Each single-turn conversation of DATA (its system prompt, if it
 has one, included) is asked greedily of the base model and of RUN (its merged model if merged,
 else base + adapter), each loaded once through qwenft's own chat code (qwenft.chat.ChatSession).
-Before the answers it prints what RUN's manifest (qwenft.json) records: steps, training time,
-first and final loss, and the merge check (does the merged model's greedy answer stop?).
+Before the answers it prints what RUN's manifest (qwenft.json) records: steps, training time and
+wall time (as `qwenft train` said them), first and final loss, and the merge check (does the
+merged model's greedy answer stop?).
 
 --ask N keeps the first N questions; --json OUT also writes what was printed (the run's record and
 the rows: question, trained, base, tuned, same) for a test to read (tests/test_demo.py).
@@ -114,7 +115,8 @@ def run_record(run: Path) -> dict:
     gen = (m.get("merge_checks") or {}).get("generation")
     return {
         "steps": summary.get("global_step"),
-        "train_runtime_s": summary.get("train_runtime_s"),
+        "train_runtime_s": summary.get("train_runtime_s"),  # training alone
+        "wall_s": summary.get("wall_s"),  # the whole `qwenft train`, start-up included
         "first_loss": summary.get("first_loss"),
         "final_loss": summary.get("final_loss", m.get("final_loss")),
         "merged": m.get("merged"),
@@ -126,8 +128,9 @@ def show_record(rec: dict) -> None:
     def num(x: object, fmt: str) -> str:
         return format(x, fmt) if isinstance(x, int | float) else "?"
 
-    print(
-        f"trained {rec['steps']} steps in {num(rec['train_runtime_s'], '.0f')} s: "
+    print(  # the times as `qwenft train` said them: training, and the wall time with start-up
+        f"the run: {rec['steps']} steps, training {num(rec['train_runtime_s'], '.0f')} s "
+        f"({num(rec.get('wall_s'), '.0f')} s wall time with start-up), "
         f"loss {num(rec['first_loss'], '.3g')} -> {num(rec['final_loss'], '.3g')}"
     )
     gen = rec["merge_check"]

@@ -287,10 +287,16 @@ def _report_training(result: dict, as_json: bool = False) -> None:
     def num(key: str, fmt: str) -> str:
         return format(result[key], fmt) if isinstance(result.get(key), int | float) else "-"
 
+    # two times: training (the trainer's own runtime) and the wall time with start-up and saving
+    took = f"{num('wall_s', '.0f')} s wall time"
+    if isinstance(result.get("train_runtime_s"), int | float):
+        took = f"training {num('train_runtime_s', '.0f')} s ({num('wall_s', '.0f')} s wall time with start-up)"
+    procs = result.get("processes")
     err(
-        f"done: {result['global_step']} steps in {num('wall_s', '.0f')} s | loss {num('first_loss', '.4f')} -> "
+        f"done: {result['global_step']} steps, {took} | loss {num('first_loss', '.4f')} -> "
         f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')}) | {num('tokens_per_second', '.0f')} "
-        f"real tokens/s | peak memory {num('peak_mem_gib', '.2f')} GiB ({num('processes', 'd')} processes)"
+        f"real tokens/s | peak memory {num('peak_mem_gib', '.2f')} GiB "
+        f"({num('processes', 'd')} process{'' if procs == 1 else 'es'})"
     )
     figures = result.get("stage_figures") or {}
     if figures:

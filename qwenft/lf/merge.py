@@ -18,6 +18,7 @@ from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
+from qwenft.models import inference
 from qwenft.models.target import ModelTarget, resolve_target
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
@@ -222,6 +223,8 @@ def _merge_locked(
         for fix in fixes:
             progress(f"fixed {fix}")
         checks: dict[str, Any] = {"fixes": fixes}
+        if check or verify:  # in this process: transformers' bars and warnings into merge.log
+            inference.quiet(log_path)
         if check:
             prompt = _first_user_message(data_path)
             progress("checking the merged model stops (a greedy answer to a trained question) ...")

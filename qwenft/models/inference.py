@@ -4,11 +4,71 @@ it; both load it here, the same way."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qwenft.models.target import ModelTarget
+
+# The libraries that talk while a model loads and generates in this process: "Loading weights"
+# bars, advisory warnings ("The attention mask is not set ..."), DeepSpeed's "Setting accelerator
+# to CPU" (at its import), bitsandbytes' kernel notices, Python warnings.
+NOISY_LOGGERS = ("transformers", "DeepSpeed", "bitsandbytes", "peft", "accelerate", "py.warnings")
+_handlers: list[logging.Handler] = []
+
+
+class _BelowError(logging.Filter):
+    """On a logger that prints by itself (DeepSpeed's own stdout handler): a record below ERROR
+    goes to qwenft's handlers instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        for handler in _handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        return False
+
+
+def quiet(log_path: Path | None = None) -> None:
+    """Keep transformers, DeepSpeed, bitsandbytes and Python warnings off the terminal while qwenft
+    loads and runs a model in this process: progress bars off, warnings into log_path (appended:
+    the command's own log, e.g. RUN/merge.log) or nowhere without one; errors still reach stderr.
+    A later call replaces the log. QWENFT_DEBUG=1 leaves everything as the libraries have it."""
+    if os.environ.get("QWENFT_DEBUG"):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before huggingface_hub's import
+    for handler in _handlers:
+        handler.close()
+    to_log: logging.Handler = (
+        logging.FileHandler(log_path, encoding="utf-8") if log_path else logging.NullHandler()
+    )
+    to_log.setLevel(logging.WARNING)
+    to_log.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    _handlers[:] = [to_log, errors]
+    logging.captureWarnings(True)
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not getattr(h, "_qwenft", False)]
+        for handler in _handlers:
+            handler._qwenft = True  # type: ignore[attr-defined]
+            if name != "DeepSpeed":
+                logger.addHandler(handler)
+        logger.propagate = False
+        if name == "DeepSpeed":  # it adds a stdout handler of its own when imported
+            if not any(isinstance(f, _BelowError) for f in logger.filters):
+                logger.addFilter(_BelowError())
+        elif logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    import transformers.utils.logging as hf_logging  # its own stderr handler goes, ours stay
+
+    hf_logging.disable_default_handler()
+    hf_logging.disable_progress_bar()
 
 
 def prepare(target: ModelTarget, progress: Callable[[str], None] = print) -> None:
@@ -21,12 +81,22 @@ def prepare(target: ModelTarget, progress: Callable[[str], None] = print) -> Non
 def load_tokenizer(target: ModelTarget) -> Any:
     from transformers import AutoTokenizer
 
+    quiet_unless_set()
     return AutoTokenizer.from_pretrained(target.model_path)
 
 
+def quiet_unless_set() -> None:
+    """quiet() without a log, unless the command already made it quiet (into its log)."""
+    if not _handlers:
+        quiet()
+
+
 def load_model(target: ModelTarget) -> Any:
-    """The model (with its adapter, when the target has one) in eval mode, on the CPU."""
+    """The model (with its adapter, when the target has one) in eval mode, on the CPU, quietly
+    (quiet())."""
     from transformers import AutoModelForCausalLM
+
+    quiet_unless_set()
 
     model = AutoModelForCausalLM.from_pretrained(target.model_path, dtype="auto")
     if target.adapter_path:
