@@ -28,7 +28,7 @@ FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
 # tiers
 
 MODEL_FIXTURES = {"vocab_file", "shared_home", "tiny_home"}
-E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "quick_runs"}
+E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "quick_runs", "pt_run"}
 HEAVY_MODULES = ("torch", "transformers", "llamafactory")
 
 _fast_session = pytest.StashKey[bool]()
@@ -274,7 +274,32 @@ def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
     runs = {"qlora": e2e_home.cwd / "runs" / "qlora", "cutoff96": e2e_home.cwd / "runs" / "c96"}
     base = ["--model", "tiny-qwen2", "--data", data]
     e2e_home("train", *base, "--method", "qlora", "-o", runs["qlora"], *QUICK)
-    e2e_home(
-        "train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96, "--set", "tool_format=qwen"
-    )
+    e2e_home("train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96, "--set", "tool_format=qwen")
     return runs
+
+
+@pytest.fixture(scope="session")
+def pt_run(e2e_home: Qwenft) -> Path:
+    """A continued-pre-training run (--stage pt, LoRA) on the QA answers as a text corpus, a few
+    quick steps (32-token blocks): what export does with a pt run (test_export.py)."""
+    from tests.helpers.builders import QA
+
+    corpus = e2e_home.cwd.parent / "corpus.txt"
+    corpus.write_text("\n".join(a for _ in range(12) for _, a in QA) + "\n", encoding="utf-8")
+    run = e2e_home.cwd / "runs" / "pt"
+    e2e_home(
+        "train",
+        "--stage",
+        "pt",
+        "--model",
+        "tiny-qwen2",
+        "--data",
+        corpus,
+        "-o",
+        run,
+        *QUICK[:6],
+        "--cutoff-len",
+        "32",
+        *QUICK[8:],
+    )
+    return run

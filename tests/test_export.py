@@ -4,6 +4,7 @@ real llama.cpp converter and llama-cpp-python on trained tiny runs."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -209,16 +210,24 @@ def _embedded_template_ids(gguf: Path, messages: list[dict], **variables: object
     return llm.tokenize(text.encode(), add_bos=False, special=True)
 
 
-def _check_export(qwenft: Qwenft, run: Path, quant: str) -> dict:
+def _check_export(qwenft: Qwenft, run: Path, quant: str, *, stops: bool = True) -> dict:
     result = qwenft("export", run, "--quant", quant)
     gguf = Path(result.stdout.strip())
     assert gguf == run / "export" / f"{run.name}-{quant}.gguf" and gguf.is_file()
     [record] = [e for e in manifest(run)["exports"] if e["quant"] == quant]
     assert record["size_bytes"] == gguf.stat().st_size and len(record["sha256"]) == 64
     checks = record["checks"]
-    assert checks["stops"] is True  # every greedy answer ends on <|im_end|>
+    assert checks["stop_tokens"]["eos"] == "<|im_end|>"
+    assert checks["stop_tokens"]["eog"] == {"<|im_end|>": True, "<|endoftext|>": True}
+    stopping = checks["stopping"]  # reported, never a refusal
+    assert stopping["answers"] == 3 and stopping["window"] == 64
+    assert (stopping["stopped"] == 3) is stops, stopping
+    assert manifest(run)["stopping"]["stopped"] == stopping["stopped"]
+    assert ("not stopping yet" in result.stderr) is not stops, result.stderr
     if quant == "f16":
         assert checks["identical"] is True and checks["agreement"] == 1.0
+        for row in checks["prompts"]:  # the GGUF stops exactly where the merged model stops
+            assert row["gguf_stop"] == row["merged_stop"], row
     assert (run / "export" / f"{run.name}-{quant}.Modelfile").is_file()
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".stage")]
     return record
@@ -241,15 +250,30 @@ def test_export_gguf_of_a_lora_run_end_to_end(
     assert _embedded_template_ids(Path(f16["file"]), messages) == list(ids)
     again = qwenft("export", run, check=False)
     assert again.returncode == 2 and "--force" in again.stderr
-    # use it without leaving qwenft: chat and serve the GGUF (the newest export: q8_0)
-    chat = qwenft("chat", run, "--backend", "llama.cpp", "--prompt", QA[1][0])
-    assert chat.stdout.strip() == QA[1][1]
+    # use it without leaving qwenft: chat and serve the GGUF (the newest export: q8_0). What the
+    # model learned is lora_run's test (test_e2e.py); that the GGUF's greedy answers stop, and the
+    # f16 file's equal the merged model's token for token, is export's own check (above)
+    chat = qwenft(
+        "chat", run, "--backend", "llama.cpp", "--prompt", QA[1][0], "--max-new-tokens", 30
+    )
+    said = chat.stdout.strip()  # an answer that stops before the token limit
+    assert said and len(AutoTokenizer.from_pretrained(run / "merged")(said)["input_ids"]) < 30
+    # from the GGUF alone (issue 23): a run folder with only its export/ and qwenft.json
+    laptop = tmp_path / "laptop" / run.name
+    laptop.mkdir(parents=True)
+    shutil.copytree(run / "export", laptop / "export")
+    shutil.copy(run / "qwenft.json", laptop / "qwenft.json")
+    alone = qwenft(
+        "chat", laptop, "--backend", "llama.cpp", "--prompt", QA[1][0], "--max-new-tokens", 30
+    )
+    assert f"loading GGUF {laptop / 'export' / run.name}-q8_0.gguf" in alone.stderr, alone.stderr
+    assert "merged" not in alone.stderr and alone.stdout.strip() == said
     _serve_llamacpp(qwenft, run, tmp_path)
 
 
 def _serve_llamacpp(qwenft: Qwenft, run: Path, tmp_path: Path) -> None:
     """`qwenft serve --backend llama.cpp`: llama-cpp-python's OpenAI server over the GGUF, with
-    serve's key rule; the trained answer comes back, and nothing outlives the server."""
+    serve's key rule; an answer comes back and stops, and nothing outlives the server."""
     import openai
     import psutil
 
@@ -288,8 +312,8 @@ def _serve_llamacpp(qwenft: Qwenft, run: Path, tmp_path: Path) -> None:
         reply = client.chat.completions.create(
             model=run.name, messages=messages, max_tokens=32, temperature=0
         )
-        assert reply.choices[0].message.content.strip() == QA[0][1]
-        assert reply.choices[0].finish_reason == "stop"
+        assert reply.choices[0].message.content.strip()
+        assert reply.choices[0].finish_reason == "stop"  # within 32 tokens
         wrong = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
         )
@@ -369,3 +393,70 @@ def test_llamacpp_backend_needs_an_export(tmp_path: Path) -> None:
         assert "has no GGUF export yet" in result.output and f"qwenft export {run}" in result.output
     other = invoke("serve", run, "--backend", "onnx")
     assert other.exit_code == 2 and "unknown --backend 'onnx'" in other.output
+
+
+def test_export_accepts_a_faithful_gguf_of_a_model_that_does_not_stop(
+    quick_runs: dict[str, Path], qwenft: Qwenft, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: a 4-step run never learned to end its turns (its answers run past the verify
+    window): the faithful f16 file is accepted and `not stopping` reported (export, manifest,
+    `qwenft runs`). A GGUF with a wrong stop token, or a broken tensor, is refused: exit 1, the
+    earlier export untouched, nothing else left."""
+    run = copy_run(quick_runs["cutoff96"], tmp_path / "c96")
+    record = _check_export(qwenft, run, "f16", stops=False)  # merges first
+    assert all(r["tokens"] == 64 and r["merged_stop"] is None for r in record["checks"]["prompts"])
+    listed = qwenft("runs", "--dir", tmp_path)
+    [line] = [x for x in listed.stdout.splitlines() if x.endswith(str(run))]
+    assert "STOPS" in listed.stdout and " 0/3 " in line, listed.stdout
+    [row] = [
+        r
+        for r in json.loads(qwenft("runs", "--dir", tmp_path, "--json").stdout)
+        if r["run_dir"] == str(run)
+    ]
+    assert row["stops"]["stopped"] == 0 and row["stops"]["answers"] == 3
+    before = sorted(p.name for p in (run / "export").iterdir())
+    gguf_py = next((Path.cwd().parent / "home" / "llama.cpp").glob("*/gguf-py"))
+    monkeypatch.syspath_prepend(str(gguf_py))
+    from gguf import GGUFReader
+
+    import qwenft.export as export
+
+    verify = export.verify_gguf
+
+    def wrong_eos(reader: GGUFReader) -> None:  # <|endoftext|> written as eos
+        field = reader.fields["tokenizer.ggml.eos_token_id"]
+        field.parts[field.data[0]][0] = 151643
+
+    def zero_embeddings(reader: GGUFReader) -> None:  # a tensor lost in conversion
+        [tensor] = [t for t in reader.tensors if t.name == "token_embd.weight"]
+        tensor.data[:] = 0
+
+    for quant, damage, message in [
+        ("q8_0", wrong_eos, "the GGUF's stop tokens are wrong: eos is '<|endoftext|>'"),
+        ("f16", zero_embeddings, "the f16 GGUF's greedy tokens differ from the merged model's"),
+    ]:
+
+        def broken(gguf: Path, *args: object, damage=damage) -> dict:
+            reader = GGUFReader(gguf, "r+")
+            damage(reader)
+            reader.data.flush()
+            del reader
+            return verify(gguf, *args)
+
+        monkeypatch.setattr(export, "verify_gguf", broken)
+        result = invoke("export", run, "--quant", quant, "--force")
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert sorted(p.name for p in (run / "export").iterdir()) == before
+        assert [e["quant"] for e in manifest(run)["exports"]] == ["f16"]
+        assert manifest(run)["exports"][0]["sha256"] == record["sha256"]
+
+
+def test_export_of_a_pt_run_is_accepted(pt_run: Path, qwenft: Qwenft, tmp_path: Path) -> None:
+    """A continued-pre-training run: prompted with the starts of its own documents, faithful,
+    accepted whether or not it ends its text within the window."""
+    run = copy_run(pt_run, tmp_path / "pt")
+    result = qwenft("export", run)
+    record = manifest(run)["exports"][0]
+    assert Path(result.stdout.strip()) == Path(record["file"]) and record["checks"]["identical"]
+    prompts = [r["prompt"] for r in record["checks"]["prompts"]]
+    assert prompts and all(p.startswith(tuple(a.split()[0] for _, a in QA)) for p in prompts)
