@@ -1008,7 +1008,10 @@ def guarded_api(args: list[str]) -> int:
             _PatchApp("llama_cpp.server.app", lambda app, *_a, **_k: install_llamacpp_checks(app)),
         )
         sys.argv = [args[0], *args[1:]]
-        runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+        from qwenft.models.llamacpp import plain_cpu_kernels
+
+        with plain_cpu_kernels():  # as export's verify and chat load it (AMX crash otherwise)
+            runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
         return 0
     cli = args[0]
     try:

@@ -3,7 +3,9 @@ the install hint that `export`, `chat`/`serve --backend llama.cpp` and `doctor` 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 from qwenft.errors import QwenftError
 
@@ -82,13 +84,13 @@ def stop_token_faults(stops: dict, expected: dict[str, int]) -> list[str]:
 _OPEN_LOCK = threading.Lock()
 
 
-def open_gguf(path: object, **kwargs: object) -> object:
-    """llama_cpp.Llama over a GGUF on llama.cpp's plain CPU kernels: without its extra buffer
+@contextlib.contextmanager
+def plain_cpu_kernels() -> Iterator[None]:
+    """Models opened inside load on llama.cpp's plain CPU kernels: without its extra buffer
     types (weights repacked for AMX / interleaved kernels), whose AMX path in llama.cpp 0.3.36
     crashes (SIGSEGV in llama_decode, batches of more than one token) on small q8_0 tensors such as
     the tiny test models'. The plain kernels compute the same model; only the repacking is left
-    out."""
-    import llama_cpp
+    out. (`serve --backend llama.cpp` runs its whole server inside it.)"""
     import llama_cpp.llama_cpp as api
 
     with _OPEN_LOCK:
@@ -101,6 +103,14 @@ def open_gguf(path: object, **kwargs: object) -> object:
 
         api.llama_model_default_params = params
         try:
-            return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+            yield
         finally:
             api.llama_model_default_params = default
+
+
+def open_gguf(path: object, **kwargs: object) -> object:
+    """llama_cpp.Llama over a GGUF, on llama.cpp's plain CPU kernels (plain_cpu_kernels)."""
+    import llama_cpp
+
+    with plain_cpu_kernels():
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
