@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tests.helpers.builders import QA, chat_rows, write_jsonl
 from tests.helpers.e2e import LEARN_STEPS, QUICK, Qwenft, copy_run, losses, manifest
+from tests.helpers.learning import LM, assert_learned, trained_rows
 
 
 def test_lora_learns(lora_run: Path) -> None:
@@ -30,7 +31,9 @@ def test_lora_learns(lora_run: Path) -> None:
     assert (run / "adapter_model.safetensors").is_file() and (run / "train.log").stat().st_size > 0
 
 
-def test_trained_lora_merges_then_chats(lora_run: Path, qwenft: Qwenft, tmp_path: Path) -> None:
+def test_trained_lora_merges_then_chats(
+    lora_run: Path, qwenft: Qwenft, chat_file: Path, tmp_path: Path
+) -> None:
     run = copy_run(lora_run, tmp_path / "lora")
     out = qwenft("merge", run, "--verify")
     assert "ends on a stop token" in out.stderr  # the trained answer ends with <|im_end|>
@@ -46,14 +49,21 @@ def test_trained_lora_merges_then_chats(lora_run: Path, qwenft: Qwenft, tmp_path
         merged / "tokenizer_config.json"
     ).read_text()
 
-    question, answer = QA[0]
+    # the merged model and base + adapter both learned the answers: every trained token ranked
+    # first, with a logit margin (what makes the greedy answers the trained ones on any machine)
+    rows = trained_rows(run, chat_file, tmp_path / "lf")
+    for lm in (LM.of_run(run), LM.of_run(run, merged=False)):
+        assert_learned(lm, rows)
+    # `qwenft chat` answers with the merged model and with base + adapter (unmerged): the same
+    # greedy answer, which stops before the token limit
+    question = QA[0][0]
     out = qwenft("chat", run, "--prompt", question, "--max-new-tokens", "30")
-    assert out.stdout.strip() == answer, out.stdout
-    # base + adapter (unmerged) gives the same greedy answer
+    said = out.stdout.strip()
+    assert said and lm.n_tokens(said) < 30, out.stdout
     out2 = qwenft(
         "chat", "tiny-qwen2", "--adapter", run, "--prompt", question, "--max-new-tokens", "30"
     )
-    assert out2.stdout.strip() == answer
+    assert out2.stdout.strip() == said
 
 
 def test_qlora_4bit_trains_then_merges(
