@@ -30,12 +30,17 @@ from tests.helpers.lf_reference import lengths_and_loss, lf_rows
 
 U = {"role": "user", "content": "Weather in Paris?"}
 A = {"role": "assistant", "content": "Paris: 18C and sunny."}
-FN = {"name": "get_weather", "description": "Weather of a city",
-      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+FN = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
 OPENAI_TOOLS = [{"type": "function", "function": FN}]
 TOOLS = json.dumps([FN])
-CALL = {"role": "function_call",
-        "content": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})}
+CALL = {
+    "role": "function_call",
+    "content": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}}),
+}
 RESULT = {"role": "tool", "content": "18C sunny"}
 THINK = with_reasoning("The user wants the weather.", "Paris: 18C and sunny.")
 
@@ -64,54 +69,139 @@ GOOD_OPENAI = row(U, calls(tc("c1")), reply("18C sunny", "c1"), A, tools=OPENAI_
 
 CHECK_BAD = [
     # (id, row in qwenft's shape, kind)
-    ("arguments_not_json", row(U, {"role": "function_call", "content": json.dumps(
-        {"name": "get_weather", "arguments": "{city: Paris"})}, RESULT, A, tools=TOOLS),
-     "bad_arguments"),
-    ("arguments_a_list", row(U, {"role": "function_call", "content": json.dumps(
-        {"name": "get_weather", "arguments": ["Paris"]})}, RESULT, A, tools=TOOLS),
-     "bad_arguments"),
-    ("arguments_a_json_string", row(U, {"role": "function_call", "content": json.dumps(
-        {"name": "get_weather", "arguments": '{"city": "Paris"}'})}, RESULT, A, tools=TOOLS),
-     "bad_arguments"),
-    ("call_left_without_reply", row(U, CALL, {"role": "user", "content": "and?"}, A, tools=TOOLS),
-     "not_alternating"),
+    (
+        "arguments_not_json",
+        row(
+            U,
+            {
+                "role": "function_call",
+                "content": json.dumps({"name": "get_weather", "arguments": "{city: Paris"}),
+            },
+            RESULT,
+            A,
+            tools=TOOLS,
+        ),
+        "bad_arguments",
+    ),
+    (
+        "arguments_a_list",
+        row(
+            U,
+            {
+                "role": "function_call",
+                "content": json.dumps({"name": "get_weather", "arguments": ["Paris"]}),
+            },
+            RESULT,
+            A,
+            tools=TOOLS,
+        ),
+        "bad_arguments",
+    ),
+    (
+        "arguments_a_json_string",
+        row(
+            U,
+            {
+                "role": "function_call",
+                "content": json.dumps({"name": "get_weather", "arguments": '{"city": "Paris"}'}),
+            },
+            RESULT,
+            A,
+            tools=TOOLS,
+        ),
+        "bad_arguments",
+    ),
+    (
+        "call_left_without_reply",
+        row(U, CALL, {"role": "user", "content": "and?"}, A, tools=TOOLS),
+        "not_alternating",
+    ),
     ("reply_without_call", row(U, RESULT, A), "not_alternating"),
     ("reasoning_content_key", row(U, {**A, "reasoning_content": "hm"}), "reasoning_dropped"),
     ("think_unclosed", row(U, {"role": "assistant", "content": "<think>\nhm"}), "bad_think"),
     ("think_not_first", row(U, {"role": "assistant", "content": "Yes. " + THINK}), "bad_think"),
     ("think_twice", row(U, {"role": "assistant", "content": THINK + THINK}), "bad_think"),
-    ("think_close_only", row(U, {"role": "assistant", "content": "</think>\n\nYes."}),
-     "bad_think"),
-    ("think_unclosed_in_a_call", row(U, {"role": "function_call", "content": "<think>\nhm\n"
-                                         + CALL["content"]}, RESULT, A, tools=TOOLS), "bad_think"),
+    ("think_close_only", row(U, {"role": "assistant", "content": "</think>\n\nYes."}), "bad_think"),
+    (
+        "think_unclosed_in_a_call",
+        row(
+            U,
+            {"role": "function_call", "content": "<think>\nhm\n" + CALL["content"]},
+            RESULT,
+            A,
+            tools=TOOLS,
+        ),
+        "bad_think",
+    ),
 ]
 
 CONVERT_BAD = [
     # (id, OpenAI row, kind)
-    ("reply_to_unknown_id", row(U, calls(tc("c1")), reply("18C", "c9"), A, tools=OPENAI_TOOLS),
-     "unknown_tool_call_id"),
-    ("call_not_in_tools", row(U, calls(tc("c1", "get_time")), reply("9am", "c1"), A,
-                              tools=OPENAI_TOOLS), "unknown_function"),
-    ("arguments_not_json", row(U, calls(tc("c1", arguments="{'city': 'Paris'}")),
-                               reply("18C", "c1"), A, tools=OPENAI_TOOLS), "bad_arguments"),
-    ("arguments_not_object", row(U, calls(tc("c1", arguments="[1, 2]")), reply("18C", "c1"), A,
-                                 tools=OPENAI_TOOLS), "bad_arguments"),
+    (
+        "reply_to_unknown_id",
+        row(U, calls(tc("c1")), reply("18C", "c9"), A, tools=OPENAI_TOOLS),
+        "unknown_tool_call_id",
+    ),
+    (
+        "call_not_in_tools",
+        row(U, calls(tc("c1", "get_time")), reply("9am", "c1"), A, tools=OPENAI_TOOLS),
+        "unknown_function",
+    ),
+    (
+        "arguments_not_json",
+        row(
+            U,
+            calls(tc("c1", arguments="{'city': 'Paris'}")),
+            reply("18C", "c1"),
+            A,
+            tools=OPENAI_TOOLS,
+        ),
+        "bad_arguments",
+    ),
+    (
+        "arguments_not_object",
+        row(U, calls(tc("c1", arguments="[1, 2]")), reply("18C", "c1"), A, tools=OPENAI_TOOLS),
+        "bad_arguments",
+    ),
     ("call_without_reply", row(U, calls(tc("c1")), A, tools=OPENAI_TOOLS), "unanswered_call"),
-    ("parallel_call_half_answered", row(U, calls(tc("c1"), tc("c2", arguments='{"city": "Rome"}')),
-                                        reply("18C", "c1"), A, tools=OPENAI_TOOLS),
-     "unanswered_call"),
-    ("reply_twice", row(U, calls(tc("c1")), reply("18C", "c1"), reply("19C", "c1"), A,
-                        tools=OPENAI_TOOLS), "duplicate_tool_reply"),
+    (
+        "parallel_call_half_answered",
+        row(
+            U,
+            calls(tc("c1"), tc("c2", arguments='{"city": "Rome"}')),
+            reply("18C", "c1"),
+            A,
+            tools=OPENAI_TOOLS,
+        ),
+        "unanswered_call",
+    ),
+    (
+        "reply_twice",
+        row(U, calls(tc("c1")), reply("18C", "c1"), reply("19C", "c1"), A, tools=OPENAI_TOOLS),
+        "duplicate_tool_reply",
+    ),
     ("reply_without_any_call", row(U, reply("18C", "c1"), A), "tool_without_call"),
-    ("more_replies_than_calls", row(U, calls(tc(None)), reply("18C"), reply("19C"), A,
-                                    tools=OPENAI_TOOLS), "tool_without_call"),
-    ("call_ids_repeat", row(U, calls(tc("c1"), tc("c1")), reply("a", "c1"), A,
-                            tools=OPENAI_TOOLS), "duplicate_call_id"),
+    (
+        "more_replies_than_calls",
+        row(U, calls(tc(None)), reply("18C"), reply("19C"), A, tools=OPENAI_TOOLS),
+        "tool_without_call",
+    ),
+    (
+        "call_ids_repeat",
+        row(U, calls(tc("c1"), tc("c1")), reply("a", "c1"), A, tools=OPENAI_TOOLS),
+        "duplicate_call_id",
+    ),
     ("reasoning_not_a_string", row(U, {**A, "reasoning_content": ["hm"]}), "bad_reasoning"),
-    ("reasoning_and_think_block", row(U, {"role": "assistant", "content": THINK,
-                                          "reasoning_content": "hm"}), "bad_reasoning"),
-    ("reasoning_with_bad_think", row(U, {"role": "assistant", "content": "y <think>\nx\n</think>"}),
-     "bad_think"),
+    (
+        "reasoning_and_think_block",
+        row(U, {"role": "assistant", "content": THINK, "reasoning_content": "hm"}),
+        "bad_reasoning",
+    ),
+    (
+        "reasoning_with_bad_think",
+        row(U, {"role": "assistant", "content": "y <think>\nx\n</think>"}),
+        "bad_think",
+    ),
 ]
 
 
@@ -163,36 +253,55 @@ def _converted(tmp_path: Path, rows: list[dict], fmt: str = "auto") -> list[dict
 
 
 def test_parallel_replies_are_matched_by_id_not_order(tmp_path: Path) -> None:
-    rows = [row(U, calls(tc("a"), tc("b", arguments='{"city": "Rome"}'), content="Checking."),
-                reply("22C", "b"), reply("18C", "a"), A, tools=OPENAI_TOOLS)]
+    rows = [
+        row(
+            U,
+            calls(tc("a"), tc("b", arguments='{"city": "Rome"}'), content="Checking."),
+            reply("22C", "b"),
+            reply("18C", "a"),
+            A,
+            tools=OPENAI_TOOLS,
+        )
+    ]
     (out,) = _converted(tmp_path, rows)
     assert out["messages"][1] == {
         "role": "function_call",
         "content": 'Checking.\n<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
         '{"name": "get_weather", "arguments": {"city": "Rome"}}]</tool_call>',
     }
-    assert out["messages"][2] == {"role": "tool",
-                                  "content": "18C\n</tool_response>\n<tool_response>\n22C"}
+    assert out["messages"][2] == {
+        "role": "tool",
+        "content": "18C\n</tool_response>\n<tool_response>\n22C",
+    }
     assert json.loads(out["tools"]) == OPENAI_TOOLS
 
 
 def test_replies_without_ids_pair_by_order_and_a_row_may_end_with_calls(tmp_path: Path) -> None:
-    rows = [row(U, calls(tc(None)), reply("18C"), A, tools=OPENAI_TOOLS),
-            row(U, calls(tc("c1")), tools=OPENAI_TOOLS)]
+    rows = [
+        row(U, calls(tc(None)), reply("18C"), A, tools=OPENAI_TOOLS),
+        row(U, calls(tc("c1")), tools=OPENAI_TOOLS),
+    ]
     first, second = _converted(tmp_path, rows)
     assert first["messages"][2] == {"role": "tool", "content": "18C"}
     assert second["messages"][-1]["role"] == "function_call"
 
 
 def test_reasoning_content_becomes_the_qwen3_think_form(tmp_path: Path) -> None:
-    rows = [row(U, {**A, "reasoning_content": "\nThe user wants the weather.\n"}),
-            row(U, calls(tc("c1"), reasoning_content="Need the tool."), reply("18C", "c1"),
-                {"role": "assistant", "content": "18C.", "reasoning": "Read it."},
-                tools=OPENAI_TOOLS)]
+    rows = [
+        row(U, {**A, "reasoning_content": "\nThe user wants the weather.\n"}),
+        row(
+            U,
+            calls(tc("c1"), reasoning_content="Need the tool."),
+            reply("18C", "c1"),
+            {"role": "assistant", "content": "18C.", "reasoning": "Read it."},
+            tools=OPENAI_TOOLS,
+        ),
+    ]
     plain, tool = _converted(tmp_path, rows)
     assert plain["messages"][1]["content"] == THINK
     assert tool["messages"][1]["content"] == (
-        '<think>\nNeed the tool.\n</think>\n\n{"name": "get_weather", "arguments": {"city": "Paris"}}')
+        '<think>\nNeed the tool.\n</think>\n\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    )
     assert tool["messages"][3]["content"] == "<think>\nRead it.\n</think>\n\n18C."
 
 
@@ -200,26 +309,60 @@ def test_glaive_rows_llamafactory_trains_are_accepted(tmp_path: Path, data_app) 
     """The shape of LLaMA-Factory's glaive_toolcall_zh_demo.json: calls and results as
     function_call/observation, tools as a JSON string, and rows where a tool result follows a text
     answer (LLaMA-Factory trains them: the answer as text, the result as a tool response)."""
-    tools = json.dumps([{"name": "calculate_discount", "description": "计算折扣价格",
-                         "parameters": {"type": "object", "properties": {
-                             "original_price": {"type": "number"},
-                             "discount_percentage": {"type": "number"}}}}], ensure_ascii=False)
-    call = json.dumps({"name": "calculate_discount",
-                       "arguments": {"original_price": 200, "discount_percentage": 20}})
+    tools = json.dumps(
+        [
+            {
+                "name": "calculate_discount",
+                "description": "计算折扣价格",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "original_price": {"type": "number"},
+                        "discount_percentage": {"type": "number"},
+                    },
+                },
+            }
+        ],
+        ensure_ascii=False,
+    )
+    call = json.dumps(
+        {
+            "name": "calculate_discount",
+            "arguments": {"original_price": 200, "discount_percentage": 20},
+        }
+    )
     rows = [
-        {"conversations": [{"from": "human", "value": "这件衣服打八折后多少钱？原价200美元。"},
-                           {"from": "function_call", "value": call},
-                           {"from": "observation", "value": '{"discounted_price": 160}'},
-                           {"from": "gpt", "value": "打折后是160美元。"}], "tools": tools},
-        {"conversations": [{"from": "human", "value": "原价200美元，打八折，我要付多少？"},
-                           {"from": "gpt", "value": "好的，让我帮你计算一下。\nAI 计算折扣: "
-                                                    '{"原价": 200, "折扣百分比": 20}'},
-                           {"from": "observation", "value": '{"discounted_price": 160}'},
-                           {"from": "gpt", "value": "您需要支付160美元。"},
-                           {"from": "human", "value": "谢谢！"},
-                           {"from": "gpt", "value": "不客气！"}], "tools": tools},
-        {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}],
-         "tools": "[]"},
+        {
+            "conversations": [
+                {"from": "human", "value": "这件衣服打八折后多少钱？原价200美元。"},
+                {"from": "function_call", "value": call},
+                {"from": "observation", "value": '{"discounted_price": 160}'},
+                {"from": "gpt", "value": "打折后是160美元。"},
+            ],
+            "tools": tools,
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "原价200美元，打八折，我要付多少？"},
+                {
+                    "from": "gpt",
+                    "value": "好的，让我帮你计算一下。\nAI 计算折扣: "
+                    '{"原价": 200, "折扣百分比": 20}',
+                },
+                {"from": "observation", "value": '{"discounted_price": 160}'},
+                {"from": "gpt", "value": "您需要支付160美元。"},
+                {"from": "human", "value": "谢谢！"},
+                {"from": "gpt", "value": "不客气！"},
+            ],
+            "tools": tools,
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "你好"},
+                {"from": "gpt", "value": "你好！"},
+            ],
+            "tools": "[]",
+        },
     ]
     src = write(tmp_path, json.dumps(rows, ensure_ascii=False, indent=2).encode(), "glaive.json")
     out = tmp_path / "glaive.jsonl"
@@ -260,24 +403,28 @@ def test_count_reasoning_reads_a_file_once_until_it_changes(
     assert (count_reasoning(path).reasoning, len(reads)) == (2, 2)  # the new content is counted
 
 
-@pytest.mark.parametrize("rows,model,requested,template,expected", [
-    ([PLAIN], "hybrid", "auto", "qwen3", False),
-    ([REASONS], "hybrid", "auto", "qwen3", True),
-    ([REASONS, PLAIN], "hybrid", "auto", "qwen3", True),  # mixed: both modes, not refused
-    ([REASONS, PLAIN], "hybrid", "off", "qwen3", False),
-    ([PLAIN], "hybrid", "on", "qwen3", True),
-    ([REASONS, PLAIN], "always", "auto", "qwen3", None),
-    ([REASONS], "none", "auto", "qwen", None),
-    ([REASONS], "hybrid", "auto", "qwen3_nothink", None),
-])
+@pytest.mark.parametrize(
+    "rows,model,requested,template,expected",
+    [
+        ([PLAIN], "hybrid", "auto", "qwen3", False),
+        ([REASONS], "hybrid", "auto", "qwen3", True),
+        ([REASONS, PLAIN], "hybrid", "auto", "qwen3", True),  # mixed: both modes, not refused
+        ([REASONS, PLAIN], "hybrid", "off", "qwen3", False),
+        ([PLAIN], "hybrid", "on", "qwen3", True),
+        ([REASONS, PLAIN], "always", "auto", "qwen3", None),
+        ([REASONS], "none", "auto", "qwen", None),
+        ([REASONS], "hybrid", "auto", "qwen3_nothink", None),
+    ],
+)
 def test_thinking_plan(tmp_path: Path, rows, model, requested, template, expected) -> None:
     plan = thinking_plan(write(tmp_path, lines(*rows)), model, requested, template)
     enable, notes = plan
     assert enable is expected and notes
     assert (plan.warning is not None) == (template in ("qwen", "qwen3_nothink"))
     if model == "hybrid" and expected and len(rows) == 2:
-        assert any("empty <think>" in n for n in notes) and any("thought and answer" in n
-                                                                for n in notes)
+        assert any("empty <think>" in n for n in notes) and any(
+            "thought and answer" in n for n in notes
+        )
 
 
 def test_data_check_says_how_each_kind_is_trained(tmp_path: Path, data_app) -> None:
@@ -285,7 +432,8 @@ def test_data_check_says_how_each_kind_is_trained(tmp_path: Path, data_app) -> N
     result = cli.invoke("data", "check", path, app=data_app)
     assert result.exit_code == 0
     assert "reasoning: 1 of 2 samples reason; for a Qwen3 hybrid model: enable_thinking: true" in (
-        result.output)
+        result.output
+    )
     assert "direct answers (1 sample): trained after an empty <think>" in result.output
     data = json.loads(cli.invoke("data", "check", path, "--json", app=data_app).stdout)
     assert data["reasoning"]["enable_thinking"] is True
@@ -301,27 +449,45 @@ def test_data_check_says_how_each_kind_is_trained(tmp_path: Path, data_app) -> N
 def test_serve_merges_tool_replies_in_the_calls_order() -> None:
     from qwenft.serve import RequestChecks, decode_call_arguments, merge_tool_replies
 
-    history = [U, calls(tc("a"), tc("b", arguments='{"city": "Rome"}')),
-               reply("22C", "b"), reply("18C", "a")]
+    history = [
+        U,
+        calls(tc("a"), tc("b", arguments='{"city": "Rome"}')),
+        reply("22C", "b"),
+        reply("18C", "a"),
+    ]
     body = {"model": "m", "messages": list(history)}
     assert merge_tool_replies(body) is None
-    assert body["messages"][-1] == {"role": "tool",
-                                    "content": "18C\n</tool_response>\n<tool_response>\n22C"}
+    assert body["messages"][-1] == {
+        "role": "tool",
+        "content": "18C\n</tool_response>\n<tool_response>\n22C",
+    }
     assert merge_tool_replies({"messages": [U, calls(tc("a")), reply("x", "zz")]})[0].startswith(
-        "messages[2].tool_call_id 'zz' answers no call")
-    assert "answered twice" in merge_tool_replies(
-        {"messages": [U, calls(tc("a")), reply("x", "a"), reply("y", "a")]})[0]
+        "messages[2].tool_call_id 'zz' answers no call"
+    )
+    assert (
+        "answered twice"
+        in merge_tool_replies({"messages": [U, calls(tc("a")), reply("x", "a"), reply("y", "a")]})[
+            0
+        ]
+    )
     # the history's calls: arguments decoded, so the prompt shows them as trained
-    (fn,) = decode_call_arguments([{"role": "function", "content": json.dumps(
-        [{"name": "get_weather", "arguments": '{"city": "Paris"}'}])}])
+    (fn,) = decode_call_arguments(
+        [
+            {
+                "role": "function",
+                "content": json.dumps([{"name": "get_weather", "arguments": '{"city": "Paris"}'}]),
+            }
+        ]
+    )
     assert json.loads(fn["content"]) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
 
     checks = RequestChecks(None, chat_model=None)
     checks.served_model = "m"
     problem, raw = checks.prepare(json.dumps({"model": "m", "messages": history}).encode())
     assert problem is None and len(json.loads(raw)["messages"]) == 3
-    problem, _ = checks.prepare(json.dumps(
-        {"model": "m", "messages": [U, calls(tc("a")), reply("x", "q")]}).encode())
+    problem, _ = checks.prepare(
+        json.dumps({"model": "m", "messages": [U, calls(tc("a")), reply("x", "q")]}).encode()
+    )
     assert problem and "answers no call" in problem[0]
 
 
@@ -384,31 +550,57 @@ def test_run_turn_shows_calls_and_reads_results(capsys) -> None:
 
 TOOL_ROWS = [
     GOOD_OPENAI,
-    row(U, calls(tc("a"), tc("b", arguments='{"city": "Rome"}'), content="Checking both."),
-        reply("22C", "b"), reply("18C", "a"), A, tools=OPENAI_TOOLS),
-    row({"role": "system", "content": "Be brief."}, U, calls(tc(None)), reply("18C"),
-        {"role": "assistant", "content": "18C."}, U, calls(tc("c2")), reply("19C", "c2"), A,
-        tools=OPENAI_TOOLS),
+    row(
+        U,
+        calls(tc("a"), tc("b", arguments='{"city": "Rome"}'), content="Checking both."),
+        reply("22C", "b"),
+        reply("18C", "a"),
+        A,
+        tools=OPENAI_TOOLS,
+    ),
+    row(
+        {"role": "system", "content": "Be brief."},
+        U,
+        calls(tc(None)),
+        reply("18C"),
+        {"role": "assistant", "content": "18C."},
+        U,
+        calls(tc("c2")),
+        reply("19C", "c2"),
+        A,
+        tools=OPENAI_TOOLS,
+    ),
 ]
 REASONING_ROWS = [
     row(U, {**A, "reasoning_content": "The user wants the weather."}),
     row({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}),
-    row(U, calls(tc("c1"), reasoning_content="Need the tool."), reply("18C", "c1"),
+    row(
+        U,
+        calls(tc("c1"), reasoning_content="Need the tool."),
+        reply("18C", "c1"),
         {"role": "assistant", "content": "18C.", "reasoning_content": "Read it."},
-        tools=OPENAI_TOOLS),
-    row({"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2",
-                                               "reasoning_content": "One and one."},
-        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}),
+        tools=OPENAI_TOOLS,
+    ),
+    row(
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2", "reasoning_content": "One and one."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ),
 ]
 
 
-@pytest.mark.parametrize("preset,template,rows,enable_thinking", [
-    ("tiny-qwen2", "qwen", TOOL_ROWS, True),
-    ("tiny-qwen3", "qwen3", TOOL_ROWS + REASONING_ROWS, True),  # mixed: both modes
-    ("tiny-qwen3", "qwen3", REASONING_ROWS, False),
-])
-def test_converted_rows_count_as_llamafactory_does(tmp_path: Path, tiny_home: Path, monkeypatch,
-                                                   preset, template, rows, enable_thinking):
+@pytest.mark.parametrize(
+    "preset,template,rows,enable_thinking",
+    [
+        ("tiny-qwen2", "qwen", TOOL_ROWS, True),
+        ("tiny-qwen3", "qwen3", TOOL_ROWS + REASONING_ROWS, True),  # mixed: both modes
+        ("tiny-qwen3", "qwen3", REASONING_ROWS, False),
+    ],
+)
+def test_converted_rows_count_as_llamafactory_does(
+    tmp_path: Path, tiny_home: Path, monkeypatch, preset, template, rows, enable_thinking
+):
     from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths
     from qwenft.models.tiny import ensure_tiny_model
 
@@ -417,8 +609,12 @@ def test_converted_rows_count_as_llamafactory_does(tmp_path: Path, tiny_home: Pa
     src = write(tmp_path, lines(*rows), "openai.jsonl")
     data = tmp_path / "data.jsonl"
     assert convert_file(src, data, "openai").n_out == len(rows)
-    config = {"stage": "sft", "template": template, "cutoff_len": 1024,
-              "enable_thinking": enable_thinking}
+    config = {
+        "stage": "sft",
+        "template": template,
+        "cutoff_len": 1024,
+        "enable_thinking": enable_thinking,
+    }
     expected = lengths_and_loss(lf_rows(data, model_dir, config, tmp_path / "lf"))
     assert len(expected) == len(rows)
     encoder = LlamaFactoryEncoder(model_dir, template, 1024, enable_thinking=enable_thinking)
@@ -433,18 +629,28 @@ WEATHER_Q = "Weather in Paris?"
 WEATHER_A = "Paris: 18C and sunny."
 # one call row (the tiny model mixes up the arguments of near-identical rows) and a plain one
 TOOL_TRAIN = [
-    row({"role": "user", "content": WEATHER_Q}, calls(tc("c1")), reply("18C sunny", "c1"),
-        {"role": "assistant", "content": WEATHER_A}, tools=OPENAI_TOOLS),
-    row({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        tools=OPENAI_TOOLS),
+    row(
+        {"role": "user", "content": WEATHER_Q},
+        calls(tc("c1")),
+        reply("18C sunny", "c1"),
+        {"role": "assistant", "content": WEATHER_A},
+        tools=OPENAI_TOOLS,
+    ),
+    row(
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        tools=OPENAI_TOOLS,
+    ),
 ]
 # LEARN with room for the tools prompt, the learning rate decaying to 0 (cosine): the one token
 # that decides between calling and answering ("<tool_call>" or "Hello") settles slowly, and at a
 # constant rate it swings (measured here, lowest logit lead of the two rows' trained tokens: 0.27
 # after 80 steps, then 1.2, 2.1, 3.3, 5.0 at 70, 80, 90, 100 of 120 cosine steps, 5.0 at 120).
 TOOL_LEARN = [
-    *LEARN[: LEARN.index("--cutoff-len")], "--cutoff-len", "384",
-    *LEARN[LEARN.index("--cutoff-len") + 2:],
+    *LEARN[: LEARN.index("--cutoff-len")],
+    "--cutoff-len",
+    "384",
+    *LEARN[LEARN.index("--cutoff-len") + 2 :],
 ]
 TOOL_LEARN[TOOL_LEARN.index("lr_scheduler_type=constant")] = "lr_scheduler_type=cosine"
 TOOL_STEPS = 120
@@ -453,8 +659,9 @@ MIXED_STEPS = 80
 
 
 def _serve(qwenft, run: Path, port: int, log: Path):
-    proc = qwenft.popen("serve", run, "--port", port, stdout=subprocess.PIPE,
-                        stderr=open(log, "w"), text=True)  # noqa: SIM115
+    proc = qwenft.popen(
+        "serve", run, "--port", port, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True
+    )  # noqa: SIM115
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     deadline = time.monotonic() + 240
@@ -479,8 +686,20 @@ def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path
     data = tmp_path / "tools.jsonl"
     qwenft("data", "convert", src, "-o", data)
     run = tmp_path / "runs" / "tools"
-    qwenft("train", "--model", "tiny-qwen2", "--method", "lora", "--data", data, "-o", run,
-           "--max-steps", TOOL_STEPS, *TOOL_LEARN)
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen2",
+        "--method",
+        "lora",
+        "--data",
+        data,
+        "-o",
+        run,
+        "--max-steps",
+        TOOL_STEPS,
+        *TOOL_LEARN,
+    )
     qwenft("merge", run, "--no-check")
     # the learning claim: every trained token of both rows (the call, and the answer after the
     # tool's result) ranked first with a logit margin, so greedy decoding reproduces the call
@@ -489,20 +708,25 @@ def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path
     port = serve_mod.free_port()
     proc = _serve(qwenft, run, port, tmp_path / "serve.err")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120
+        )
         msgs: list = [{"role": "user", "content": WEATHER_Q}]
-        first = client.chat.completions.create(model=run.name, messages=msgs,
-                                               tools=OPENAI_TOOLS, temperature=0, max_tokens=64)
+        first = client.chat.completions.create(
+            model=run.name, messages=msgs, tools=OPENAI_TOOLS, temperature=0, max_tokens=64
+        )
         choice = first.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_weather"
         assert json.loads(call.function.arguments) == {"city": "Paris"}
-        msgs += [choice.message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "18C sunny"}]
-        second = client.chat.completions.create(model=run.name, messages=msgs,
-                                                tools=OPENAI_TOOLS, temperature=0, max_tokens=64)
+        msgs += [
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18C sunny"},
+        ]
+        second = client.chat.completions.create(
+            model=run.name, messages=msgs, tools=OPENAI_TOOLS, temperature=0, max_tokens=64
+        )
         assert second.choices[0].finish_reason == "stop"  # answers after the result, and stops
         assert second.choices[0].message.content.strip()
         proc.send_signal(signal.SIGTERM)
@@ -514,7 +738,12 @@ def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path
     tools = write(tmp_path, json.dumps(OPENAI_TOOLS).encode(), "tools.json")
     chat = subprocess.run(
         qwenft.argv("chat", run, "--tools", tools, "--prompt", WEATHER_Q, "--max-new-tokens", 64),
-        input="18C sunny\n", capture_output=True, text=True, env=qwenft.env, timeout=300)
+        input="18C sunny\n",
+        capture_output=True,
+        text=True,
+        env=qwenft.env,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr[-3000:]
     call_line, answer = chat.stdout.splitlines()  # the call shown, the answer after its result
     assert call_line.startswith("tool call: get_weather {") and answer.strip(), chat.stdout
@@ -526,8 +755,10 @@ def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path
 # data before issue 13).
 
 MIXED = [
-    row({"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."}),
+    row(
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."},
+    ),
     row({"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello there!"}),
 ]
 
@@ -537,8 +768,20 @@ def test_mixed_reasoning_trains_both_modes_on_tiny_qwen3(qwenft, tmp_path: Path)
     data = tmp_path / "mixed.jsonl"
     qwenft("data", "convert", src, "-o", data)
     run = tmp_path / "runs" / "mixed"
-    qwenft("train", "--model", "tiny-qwen3", "--method", "lora", "--data", data, "-o", run,
-           "--max-steps", MIXED_STEPS, *LEARN)
+    qwenft(
+        "train",
+        "--model",
+        "tiny-qwen3",
+        "--method",
+        "lora",
+        "--data",
+        data,
+        "-o",
+        run,
+        "--max-steps",
+        MIXED_STEPS,
+        *LEARN,
+    )
     assert json.loads((run / "qwenft.json").read_text())["enable_thinking"] is True
     # both modes learned: the reasoning row's thought and answer, the direct row's empty thought
     # and answer, every trained token ranked first with a logit margin

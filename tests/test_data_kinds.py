@@ -31,9 +31,15 @@ PAIR = {"messages": [U], "chosen": GOOD_A, "rejected": BAD_A}
 KTO_T = {"messages": [U, GOOD_A], "label": True}
 KTO_F = {"messages": [U, BAD_A], "label": False}
 TEXT = {"text": "Once upon a time there was a tokenizer."}
-TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-        "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
-        "function_tag": "function_call"}
+TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+}
 
 
 def pair(*context: dict, chosen: object = GOOD_A, rejected: object = BAD_A, **extra) -> dict:
@@ -57,80 +63,201 @@ def registry(tmp_path: Path) -> Path:
 
 LF_DEMOS = [
     # (id, file name, rows, expected kind, expected first converted row)
-    ("dpo_en_demo", "dpo_en_demo.json",
-     [{"conversations": [{"from": "human", "value": "Hi {{ . }}"}],
-       "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "No."}},
-      {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
-                         {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2"}],
-       "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}],
-     "preference",
-     {"messages": [{"role": "user", "content": "Hi {{ . }}"}],
-      "chosen": {"role": "assistant", "content": "Hello!"},
-      "rejected": {"role": "assistant", "content": "No."}}),
-    ("kto_en_demo", "kto_en_demo.json",
-     [{"messages": [{"content": "Q", "role": "user"}, {"content": "A", "role": "assistant"}],
-       "label": True},
-      {"messages": [{"content": "Q", "role": "user"}, {"content": "bad", "role": "assistant"}],
-       "label": False}],
-     "kto", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-             "label": True}),
-    ("c4_demo", "c4_demo.jsonl", [{"text": "A document."}, {"text": "Another one,\nin two lines."}],
-     "pt", {"text": "A document."}),
-    ("alpaca_ranking", "comparison.json",
-     [{"instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "bye"}],
-     "preference",
-     {"messages": [{"role": "user", "content": "Translate\nbonjour"}],
-      "chosen": {"role": "assistant", "content": "hello"},
-      "rejected": {"role": "assistant", "content": "bye"}}),
-    ("sharegpt_kto", "kto_sharegpt.json",
-     [{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
-       "kto_tag": False}, {"conversations": [{"from": "human", "value": "Q"},
-                                             {"from": "gpt", "value": "B"}], "kto_tag": True}],
-     "kto", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-             "label": False}),
-    ("alpaca_kto", "kto_alpaca.json",
-     [{"instruction": "Q", "output": "A", "kto_tag": False},
-      {"instruction": "Q", "output": "B", "kto_tag": True}],
-     "kto", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-             "label": False}),
-    ("trl_preference_strings", "trl.jsonl",
-     [{"prompt": "P", "chosen": "good", "rejected": "bad"}], "preference",
-     {"messages": [{"role": "user", "content": "P"}],
-      "chosen": {"role": "assistant", "content": "good"},
-      "rejected": {"role": "assistant", "content": "bad"}}),
-    ("ultrafeedback_binarized", "uf.jsonl",
-     [{"prompt": "P", "prompt_id": "x", "score_chosen": 8.0, "score_rejected": 3.0,
-       "chosen": [{"role": "user", "content": "P"}, {"role": "assistant", "content": "good"}],
-       "rejected": [{"role": "user", "content": "P"}, {"role": "assistant", "content": "bad"}]}],
-     "preference",
-     {"messages": [{"role": "user", "content": "P"}],
-      "chosen": {"role": "assistant", "content": "good"},
-      "rejected": {"role": "assistant", "content": "bad"}}),
-    ("trl_implicit_prompt", "implicit.jsonl",
-     [{"chosen": [S, U, GOOD_A], "rejected": [S, U, BAD_A]}], "preference",
-     {"messages": [S, U], "chosen": GOOD_A, "rejected": BAD_A}),
-    ("trl_conversational_prompt", "conv.jsonl",
-     [{"prompt": [U], "chosen": [GOOD_A], "rejected": [BAD_A]}], "preference",
-     {"messages": [U], "chosen": GOOD_A, "rejected": BAD_A}),
-    ("trl_kto", "trl_kto.jsonl",
-     [{"prompt": "P", "completion": "yes", "label": True},
-      {"prompt": [U], "completion": [BAD_A], "label": False}],
-     "kto", {"messages": [{"role": "user", "content": "P"},
-                          {"role": "assistant", "content": "yes"}], "label": True}),
-    ("openai_weight_one", "openai.jsonl",
-     [{"messages": [U, {**A, "weight": 1}], "system": "S"}], "sft",
-     {"messages": [{"role": "system", "content": "S"}, U, A]}),
-    ("native_pair_round_trip", "pairs.jsonl", [pair(S, U, A, U, tools="")], "preference",
-     pair(S, U, A, U)),
-    ("text_with_metadata", "c4.jsonl",
-     [{"text": "Doc", "timestamp": "2019", "url": "https://x"}], "pt", {"text": "Doc"}),
+    (
+        "dpo_en_demo",
+        "dpo_en_demo.json",
+        [
+            {
+                "conversations": [{"from": "human", "value": "Hi {{ . }}"}],
+                "chosen": {"from": "gpt", "value": "Hello!"},
+                "rejected": {"from": "gpt", "value": "No."},
+            },
+            {
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "human", "value": "Q"},
+                    {"from": "gpt", "value": "A"},
+                    {"from": "human", "value": "Q2"},
+                ],
+                "chosen": {"from": "gpt", "value": "good"},
+                "rejected": {"from": "gpt", "value": "bad"},
+            },
+        ],
+        "preference",
+        {
+            "messages": [{"role": "user", "content": "Hi {{ . }}"}],
+            "chosen": {"role": "assistant", "content": "Hello!"},
+            "rejected": {"role": "assistant", "content": "No."},
+        },
+    ),
+    (
+        "kto_en_demo",
+        "kto_en_demo.json",
+        [
+            {
+                "messages": [
+                    {"content": "Q", "role": "user"},
+                    {"content": "A", "role": "assistant"},
+                ],
+                "label": True,
+            },
+            {
+                "messages": [
+                    {"content": "Q", "role": "user"},
+                    {"content": "bad", "role": "assistant"},
+                ],
+                "label": False,
+            },
+        ],
+        "kto",
+        {
+            "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "label": True,
+        },
+    ),
+    (
+        "c4_demo",
+        "c4_demo.jsonl",
+        [{"text": "A document."}, {"text": "Another one,\nin two lines."}],
+        "pt",
+        {"text": "A document."},
+    ),
+    (
+        "alpaca_ranking",
+        "comparison.json",
+        [{"instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "bye"}],
+        "preference",
+        {
+            "messages": [{"role": "user", "content": "Translate\nbonjour"}],
+            "chosen": {"role": "assistant", "content": "hello"},
+            "rejected": {"role": "assistant", "content": "bye"},
+        },
+    ),
+    (
+        "sharegpt_kto",
+        "kto_sharegpt.json",
+        [
+            {
+                "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+                "kto_tag": False,
+            },
+            {
+                "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "B"}],
+                "kto_tag": True,
+            },
+        ],
+        "kto",
+        {
+            "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "label": False,
+        },
+    ),
+    (
+        "alpaca_kto",
+        "kto_alpaca.json",
+        [
+            {"instruction": "Q", "output": "A", "kto_tag": False},
+            {"instruction": "Q", "output": "B", "kto_tag": True},
+        ],
+        "kto",
+        {
+            "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "label": False,
+        },
+    ),
+    (
+        "trl_preference_strings",
+        "trl.jsonl",
+        [{"prompt": "P", "chosen": "good", "rejected": "bad"}],
+        "preference",
+        {
+            "messages": [{"role": "user", "content": "P"}],
+            "chosen": {"role": "assistant", "content": "good"},
+            "rejected": {"role": "assistant", "content": "bad"},
+        },
+    ),
+    (
+        "ultrafeedback_binarized",
+        "uf.jsonl",
+        [
+            {
+                "prompt": "P",
+                "prompt_id": "x",
+                "score_chosen": 8.0,
+                "score_rejected": 3.0,
+                "chosen": [
+                    {"role": "user", "content": "P"},
+                    {"role": "assistant", "content": "good"},
+                ],
+                "rejected": [
+                    {"role": "user", "content": "P"},
+                    {"role": "assistant", "content": "bad"},
+                ],
+            }
+        ],
+        "preference",
+        {
+            "messages": [{"role": "user", "content": "P"}],
+            "chosen": {"role": "assistant", "content": "good"},
+            "rejected": {"role": "assistant", "content": "bad"},
+        },
+    ),
+    (
+        "trl_implicit_prompt",
+        "implicit.jsonl",
+        [{"chosen": [S, U, GOOD_A], "rejected": [S, U, BAD_A]}],
+        "preference",
+        {"messages": [S, U], "chosen": GOOD_A, "rejected": BAD_A},
+    ),
+    (
+        "trl_conversational_prompt",
+        "conv.jsonl",
+        [{"prompt": [U], "chosen": [GOOD_A], "rejected": [BAD_A]}],
+        "preference",
+        {"messages": [U], "chosen": GOOD_A, "rejected": BAD_A},
+    ),
+    (
+        "trl_kto",
+        "trl_kto.jsonl",
+        [
+            {"prompt": "P", "completion": "yes", "label": True},
+            {"prompt": [U], "completion": [BAD_A], "label": False},
+        ],
+        "kto",
+        {
+            "messages": [{"role": "user", "content": "P"}, {"role": "assistant", "content": "yes"}],
+            "label": True,
+        },
+    ),
+    (
+        "openai_weight_one",
+        "openai.jsonl",
+        [{"messages": [U, {**A, "weight": 1}], "system": "S"}],
+        "sft",
+        {"messages": [{"role": "system", "content": "S"}, U, A]},
+    ),
+    (
+        "native_pair_round_trip",
+        "pairs.jsonl",
+        [pair(S, U, A, U, tools="")],
+        "preference",
+        pair(S, U, A, U),
+    ),
+    (
+        "text_with_metadata",
+        "c4.jsonl",
+        [{"text": "Doc", "timestamp": "2019", "url": "https://x"}],
+        "pt",
+        {"text": "Doc"},
+    ),
 ]
 
 
 @table("case_id,name,rows,kind,first", LF_DEMOS)
-def test_demo_shapes_convert_check_and_register(tmp_path: Path, data_app, case_id, name, rows, kind,
-                                                first) -> None:
-    content = (json.dumps(rows, indent=2).encode() if name.endswith(".json") else lines(*rows))
+def test_demo_shapes_convert_check_and_register(
+    tmp_path: Path, data_app, case_id, name, rows, kind, first
+) -> None:
+    content = json.dumps(rows, indent=2).encode() if name.endswith(".json") else lines(*rows)
     src = write(tmp_path, content, name)
     out = tmp_path / "out.jsonl"
     result = invoke(data_app, "convert", src, "-o", out, "--json")
@@ -145,8 +272,9 @@ def test_demo_shapes_convert_check_and_register(tmp_path: Path, data_app, case_i
     assert check.ok and check.kind == kind and check.n_warnings == 0, format_report(check)
     result = invoke(data_app, "check", out, "--json")
     assert result.exit_code == 0 and json.loads(result.output)["kind"] == kind
-    result = invoke(data_app, "register", out, "--name", "demo", "--dataset-dir", tmp_path / "reg",
-                    "--json")
+    result = invoke(
+        data_app, "register", out, "--name", "demo", "--dataset-dir", tmp_path / "reg", "--json"
+    )
     assert result.exit_code == 0, result.output
     entry = json.loads((tmp_path / "reg" / "dataset_info.json").read_text())["demo"]
     assert entry == dataset_entry(out, kind=kind)
@@ -175,11 +303,27 @@ GOOD_KIND_CASES = [
     # (id, content, file name, kind, n)
     ("pair", lines(PAIR), "a.jsonl", "preference", 1),
     ("pair_multi_turn", lines(pair(S, U, A, U), pair(U)), "a.jsonl", "preference", 2),
-    ("pair_after_tool", lines(pair(U, {"role": "function_call", "content": json.dumps(
-        {"name": "f", "arguments": {}})}, {"role": "tool", "content": "1"},
-        tools=json.dumps([{"name": "f"}]))), "a.jsonl", "preference", 1),
-    ("pair_json_array", json.dumps([PAIR, pair(S, U)], indent=2).encode(), "a.json",
-     "preference", 2),
+    (
+        "pair_after_tool",
+        lines(
+            pair(
+                U,
+                {"role": "function_call", "content": json.dumps({"name": "f", "arguments": {}})},
+                {"role": "tool", "content": "1"},
+                tools=json.dumps([{"name": "f"}]),
+            )
+        ),
+        "a.jsonl",
+        "preference",
+        1,
+    ),
+    (
+        "pair_json_array",
+        json.dumps([PAIR, pair(S, U)], indent=2).encode(),
+        "a.json",
+        "preference",
+        2,
+    ),
     ("kto_both_labels", lines(KTO_T, KTO_F), "a.jsonl", "kto", 2),
     ("kto_multi_turn", lines(kto(S, U, A, U, GOOD_A), KTO_F), "a.jsonl", "kto", 2),
     ("pt_jsonl", lines(TEXT, {"text": "中文 😀"}), "a.jsonl", "pt", 2),
@@ -208,8 +352,15 @@ def test_txt_lines_as_llamafactory_reads_them_and_blocks_when_asked(tmp_path: Pa
     _, fh, mode = open_data_file(path)
     with fh:  # the default: one row per line, blank ones included, the lines as they are
         rows = [(line, value) for line, value, _ in iter_rows(fh, mode, Collector())]
-    assert rows == [(1, {"text": "a"}), (2, {"text": "  b "}), (3, {"text": ""}),
-                    (4, {"text": " "}), (5, {"text": "c"}), (6, {"text": ""}), (7, {"text": "d"})]
+    assert rows == [
+        (1, {"text": "a"}),
+        (2, {"text": "  b "}),
+        (3, {"text": ""}),
+        (4, {"text": " "}),
+        (5, {"text": "c"}),
+        (6, {"text": ""}),
+        (7, {"text": "d"}),
+    ]
     _, fh, _ = open_data_file(path)
     with fh:  # blocks only when asked for
         rows = [(line, value) for line, value, _ in iter_rows(fh, "txt-blocks", Collector())]
@@ -222,20 +373,50 @@ def test_txt_lines_as_llamafactory_reads_them_and_blocks_when_asked(tmp_path: Pa
 BAD_KIND_CASES = [
     # (id, content, file name, kind, line)
     ("pair_identical", lines(PAIR, pair(U, rejected=GOOD_A)), "a.jsonl", "same_sides", 2),
-    ("pair_empty_chosen", lines(pair(U, chosen={"role": "assistant", "content": ""})), "a.jsonl",
-     "empty_side", 1),
-    ("pair_blank_rejected", lines(PAIR, pair(U, rejected={"role": "assistant", "content": " \n"})),
-     "a.jsonl", "empty_side", 2),
-    ("pair_missing_rejected", lines({"messages": [U], "chosen": GOOD_A}), "a.jsonl",
-     "missing_side", 1),
-    ("pair_missing_chosen", lines(PAIR, {"messages": [U], "rejected": BAD_A}), "a.jsonl",
-     "missing_side", 2),
+    (
+        "pair_empty_chosen",
+        lines(pair(U, chosen={"role": "assistant", "content": ""})),
+        "a.jsonl",
+        "empty_side",
+        1,
+    ),
+    (
+        "pair_blank_rejected",
+        lines(PAIR, pair(U, rejected={"role": "assistant", "content": " \n"})),
+        "a.jsonl",
+        "empty_side",
+        2,
+    ),
+    (
+        "pair_missing_rejected",
+        lines({"messages": [U], "chosen": GOOD_A}),
+        "a.jsonl",
+        "missing_side",
+        1,
+    ),
+    (
+        "pair_missing_chosen",
+        lines(PAIR, {"messages": [U], "rejected": BAD_A}),
+        "a.jsonl",
+        "missing_side",
+        2,
+    ),
     ("pair_side_string", lines(pair(U, chosen="good")), "a.jsonl", "bad_side", 1),
     ("pair_side_list", lines(pair(U, rejected=[BAD_A])), "a.jsonl", "bad_side", 1),
-    ("pair_side_user_role", lines(pair(U, chosen={"role": "user", "content": "x"})), "a.jsonl",
-     "bad_side", 1),
-    ("pair_side_content_number", lines(pair(U, chosen={"role": "assistant", "content": 3})),
-     "a.jsonl", "bad_side", 1),
+    (
+        "pair_side_user_role",
+        lines(pair(U, chosen={"role": "user", "content": "x"})),
+        "a.jsonl",
+        "bad_side",
+        1,
+    ),
+    (
+        "pair_side_content_number",
+        lines(pair(U, chosen={"role": "assistant", "content": 3})),
+        "a.jsonl",
+        "bad_side",
+        1,
+    ),
     ("pair_context_ends_with_assistant", lines(PAIR, pair(U, A)), "a.jsonl", "bad_last_turn", 2),
     ("pair_context_empty", lines(pair()), "a.jsonl", "empty_messages", 1),
     ("pair_context_only_system", lines(pair(S)), "a.jsonl", "no_turns", 1),
@@ -257,21 +438,32 @@ BAD_KIND_CASES = [
     ("mixed_pair_then_kto", lines(PAIR, PAIR, KTO_T), "a.jsonl", "mixed_kinds", 3),
     ("mixed_text_then_chat", lines(TEXT, {"messages": [U, A]}), "a.jsonl", "mixed_kinds", 2),
     ("weight_zero_last", lines({"messages": [U, {**A, "weight": 0}]}), "a.jsonl", "weight_zero", 1),
-    ("weight_zero_middle", lines({"messages": [U, {**A, "weight": 0}, U, A]}), "a.jsonl",
-     "weight_zero", 1),
+    (
+        "weight_zero_middle",
+        lines({"messages": [U, {**A, "weight": 0}, U, A]}),
+        "a.jsonl",
+        "weight_zero",
+        1,
+    ),
     ("weight_not_flag", lines({"messages": [U, {**A, "weight": 0.5}]}), "a.jsonl", "bad_weight", 1),
     ("images", lines({"messages": [U, A], "images": ["a.jpg"]}), "a.jsonl", "multimodal", 1),
     ("videos_in_pair", lines(PAIR, pair(U, videos=["v.mp4"])), "a.jsonl", "multimodal", 2),
     ("audios_in_text", lines({"text": "x", "audios": ["a.wav"]}), "a.jsonl", "multimodal", 1),
-    ("lf_sharegpt_ranking_unconverted", lines(LF_DEMOS[0][2][0]), "a.jsonl", "missing_messages",
-     1),
-    ("trl_unconverted", lines({"prompt": "P", "chosen": "a", "rejected": "b"}), "a.jsonl",
-     "missing_messages", 1),
+    ("lf_sharegpt_ranking_unconverted", lines(LF_DEMOS[0][2][0]), "a.jsonl", "missing_messages", 1),
+    (
+        "trl_unconverted",
+        lines({"prompt": "P", "chosen": "a", "rejected": "b"}),
+        "a.jsonl",
+        "missing_messages",
+        1,
+    ),
 ]
 
 
 @table("case_id,content,name,kind,line", BAD_KIND_CASES)
-def test_bad_kind_corpus(tmp_path: Path, data_app, registry: Path, case_id, content, name, kind, line):
+def test_bad_kind_corpus(
+    tmp_path: Path, data_app, registry: Path, case_id, content, name, kind, line
+):
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert not report.ok
@@ -304,17 +496,47 @@ def test_a_mixed_file_names_where_its_kind_was_set(tmp_path: Path) -> None:
 
 WARN_KIND_CASES = [
     # (id, content, name, warning kind, line, message part)
-    ("identity_placeholders", lines({"messages": [U, {"role": "assistant", "content":
-                                      "I am {{name}}, made by {{author}}."}]}), "a.jsonl",
-     "placeholder", 1, "--fill author=... --fill name=..."),
+    (
+        "identity_placeholders",
+        lines(
+            {
+                "messages": [
+                    U,
+                    {"role": "assistant", "content": "I am {{name}}, made by {{author}}."},
+                ]
+            }
+        ),
+        "a.jsonl",
+        "placeholder",
+        1,
+        "--fill author=... --fill name=...",
+    ),
     ("placeholder_in_text", b"Intro\nI am {{name}}.\n", "a.txt", "placeholder", 2, "{{name}}"),
     ("kto_all_true", lines(KTO_T, kto(U, A)), "a.jsonl", "one_label", None, "labelled true"),
-    ("label_in_pair", lines(pair(U, label=True)), "a.jsonl", "unknown_key", 1,
-     "is not read for preference data"),
-    ("text_in_chat", lines({"messages": [U, A], "text": "x"}), "a.jsonl", "unknown_key", 1,
-     "(pre-training text) is not read for sft data"),
-    ("system_key", lines({"messages": [U, A], "system": "S"}), "a.jsonl", "unknown_key", 1,
-     'role "system"'),
+    (
+        "label_in_pair",
+        lines(pair(U, label=True)),
+        "a.jsonl",
+        "unknown_key",
+        1,
+        "is not read for preference data",
+    ),
+    (
+        "text_in_chat",
+        lines({"messages": [U, A], "text": "x"}),
+        "a.jsonl",
+        "unknown_key",
+        1,
+        "(pre-training text) is not read for sft data",
+    ),
+    (
+        "system_key",
+        lines({"messages": [U, A], "system": "S"}),
+        "a.jsonl",
+        "unknown_key",
+        1,
+        'role "system"',
+    ),
     ("txt_holding_json", lines(KTO_T), "a.txt", "txt_json", 1, "name the file .jsonl"),
 ]
 
@@ -329,13 +551,27 @@ def test_kind_warnings(tmp_path: Path, data_app, case_id, content, name, kind, l
     assert invoke(data_app, "check", path).exit_code == 0
 
 
-@pytest.mark.parametrize("key", ["label", "kto_tag", "chosen", "rejected", "images", "videos",
-                                 "tools", "system", "text", "messages"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "label",
+        "kto_tag",
+        "chosen",
+        "rejected",
+        "images",
+        "videos",
+        "tools",
+        "system",
+        "text",
+        "messages",
+    ],
+)
 def test_llamafactory_keys_are_never_called_unused(tmp_path: Path, key) -> None:
     rows = [{"messages": [U, A], key: v} for v in ("x", True)] + [
         pair(U, **{key: "x"}) if key not in ("chosen", "rejected", "messages") else PAIR,
         kto(U, A, **{key: "x"}) if key not in ("label", "messages") else KTO_T,
-        {"text": "t", key: "x"} if key != "text" else TEXT]
+        {"text": "t", key: "x"} if key != "text" else TEXT,
+    ]
     for k, r in enumerate(rows):
         report = check_file(write(tmp_path, lines(r), f"{k}.jsonl"))
         assert "not used by LLaMA-Factory" not in format_report(report), format_report(report)
@@ -346,35 +582,121 @@ def test_llamafactory_keys_are_never_called_unused(tmp_path: Path, key) -> None:
 
 CONVERT_REFUSALS = [
     # (id, rows, fmt, kind, line)
-    ("weight_zero", [{"messages": [U, A]}, {"messages": [U, {**A, "weight": 0}, U, A]}], "auto",
-     "weight_zero", 2),
-    ("weight_zero_sharegpt", [{"conversations": [{"from": "human", "value": "q"},
-                                                 {"from": "gpt", "value": "a", "weight": 0}]}],
-     "auto", "weight_zero", 1),
+    (
+        "weight_zero",
+        [{"messages": [U, A]}, {"messages": [U, {**A, "weight": 0}, U, A]}],
+        "auto",
+        "weight_zero",
+        2,
+    ),
+    (
+        "weight_zero_sharegpt",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a", "weight": 0},
+                ]
+            }
+        ],
+        "auto",
+        "weight_zero",
+        1,
+    ),
     ("images", [{"messages": [U, A], "images": ["1.jpg"]}], "auto", "multimodal", 1),
-    ("image_part", [{"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}, A]}], "openai", "multimodal", 1),
-    ("llava_sharegpt", [{"conversations": [{"from": "human", "value": "<image>What?"},
-                                           {"from": "gpt", "value": "A cat."}],
-                         "images": ["cat.jpg"]}], "auto", "multimodal", 1),
-    ("uf_prefix_mismatch", [{"prompt": "P", "chosen": [U, GOOD_A],
-                             "rejected": [{"role": "user", "content": "other"}, BAD_A]}], "auto",
-     "prefix_mismatch", 1),
-    ("uf_prompt_mismatch", [{"prompt": "P", "chosen": [U, GOOD_A], "rejected": [U, BAD_A]}],
-     "ultrafeedback", "prefix_mismatch", 1),
-    ("kto_label_string", [{"prompt": "P", "completion": "c", "label": "false"}], "trl",
-     "bad_label", 1),
-    ("kto_tag_number", [{"conversations": [{"from": "human", "value": "q"},
-                                           {"from": "gpt", "value": "a"}], "kto_tag": 0}],
-     "sharegpt", "bad_label", 1),
-    ("pair_identical", [{"prompt": "P", "chosen": "same", "rejected": "same"}], "trl",
-     "same_sides", 1),
+    (
+        "image_part",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                    A,
+                ]
+            }
+        ],
+        "openai",
+        "multimodal",
+        1,
+    ),
+    (
+        "llava_sharegpt",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image>What?"},
+                    {"from": "gpt", "value": "A cat."},
+                ],
+                "images": ["cat.jpg"],
+            }
+        ],
+        "auto",
+        "multimodal",
+        1,
+    ),
+    (
+        "uf_prefix_mismatch",
+        [
+            {
+                "prompt": "P",
+                "chosen": [U, GOOD_A],
+                "rejected": [{"role": "user", "content": "other"}, BAD_A],
+            }
+        ],
+        "auto",
+        "prefix_mismatch",
+        1,
+    ),
+    (
+        "uf_prompt_mismatch",
+        [{"prompt": "P", "chosen": [U, GOOD_A], "rejected": [U, BAD_A]}],
+        "ultrafeedback",
+        "prefix_mismatch",
+        1,
+    ),
+    (
+        "kto_label_string",
+        [{"prompt": "P", "completion": "c", "label": "false"}],
+        "trl",
+        "bad_label",
+        1,
+    ),
+    (
+        "kto_tag_number",
+        [
+            {
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                "kto_tag": 0,
+            }
+        ],
+        "sharegpt",
+        "bad_label",
+        1,
+    ),
+    (
+        "pair_identical",
+        [{"prompt": "P", "chosen": "same", "rejected": "same"}],
+        "trl",
+        "same_sides",
+        1,
+    ),
     ("pair_missing_rejected", [{"instruction": "q", "chosen": "a"}], "alpaca", "missing_side", 1),
-    ("pair_ends_with_user", [{"prompt": "P", "chosen": [GOOD_A, U], "rejected": [BAD_A, U]}], "trl",
-     "bad_side", 1),
-    ("mixed_output_kinds", [{"prompt": "P", "chosen": "a", "rejected": "b"},
-                            {"prompt": "P", "completion": "c", "label": True}], "trl",
-     "mixed_kinds", 2),
+    (
+        "pair_ends_with_user",
+        [{"prompt": "P", "chosen": [GOOD_A, U], "rejected": [BAD_A, U]}],
+        "trl",
+        "bad_side",
+        1,
+    ),
+    (
+        "mixed_output_kinds",
+        [
+            {"prompt": "P", "chosen": "a", "rejected": "b"},
+            {"prompt": "P", "completion": "c", "label": True},
+        ],
+        "trl",
+        "mixed_kinds",
+        2,
+    ),
     ("text_not_string", [{"text": ["a"]}], "text", "bad_text", 1),
 ]
 
@@ -392,21 +714,38 @@ def test_convert_refuses_with_the_reason(tmp_path: Path, data_app, case_id, rows
 
 
 def test_convert_fill_placeholders(tmp_path: Path, data_app) -> None:
-    identity = [{"instruction": "hi", "input": "",
-                 "output": "Hello! I am {{name}}, an AI assistant developed by {{author}}."},
-                {"instruction": "Who are you?", "input": "", "output": "I am {{name}}."}]
+    identity = [
+        {
+            "instruction": "hi",
+            "input": "",
+            "output": "Hello! I am {{name}}, an AI assistant developed by {{author}}.",
+        },
+        {"instruction": "Who are you?", "input": "", "output": "I am {{name}}."},
+    ]
     src = write(tmp_path, json.dumps(identity, indent=2).encode(), "identity.json")
     out = tmp_path / "id.jsonl"
     report = convert_file(src, out)
     assert report.written
     warned = [p for p in report.problems if p.kind == "placeholder"]
     assert [p.line for p in warned] == [2, 7] and all(p.severity == "warning" for p in warned)
-    result = invoke(data_app, "convert", src, "-o", out, "--force", "--fill", "name=MyBot",
-                    "--fill", "author=Me")
+    result = invoke(
+        data_app,
+        "convert",
+        src,
+        "-o",
+        out,
+        "--force",
+        "--fill",
+        "name=MyBot",
+        "--fill",
+        "author=Me",
+    )
     assert result.exit_code == 0, result.output
     assert "warning placeholder" not in result.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert rows[0]["messages"][1]["content"] == "Hello! I am MyBot, an AI assistant developed by Me."
+    assert (
+        rows[0]["messages"][1]["content"] == "Hello! I am MyBot, an AI assistant developed by Me."
+    )
     check = check_file(out)
     assert check.ok and check.n_warnings == 0
     with pytest.raises(QwenftError, match="NAME=VALUE"):
@@ -417,19 +756,22 @@ def test_convert_fill_placeholders(tmp_path: Path, data_app) -> None:
 def test_convert_txt_to_jsonl_and_materialize(tmp_path: Path) -> None:
     src = write(tmp_path, b"Doc one\nDoc two, one line\n", "corpus.txt")
     report = convert_file(src, tmp_path / "c.jsonl")
-    assert (report.format, report.kind, report.n_out, report.reading) == (
-        "text", "pt", 2, "lines")
+    assert (report.format, report.kind, report.n_out, report.reading) == ("text", "pt", 2, "lines")
     dst = tmp_path / "run" / "data.jsonl"
     assert materialize_pt_jsonl(src, dst) == 2
     assert dst.read_bytes() == (tmp_path / "c.jsonl").read_bytes()
     assert [json.loads(x) for x in dst.read_text().splitlines()] == [
-        {"text": "Doc one"}, {"text": "Doc two, one line"}]
+        {"text": "Doc one"},
+        {"text": "Doc two, one line"},
+    ]
     assert materialize_pt_jsonl(src, dst) == 2  # replaces, atomically
     blocks = write(tmp_path, b"Doc one\nstill one\n\nDoc two\n", "blocks.txt")
     report = convert_file(blocks, tmp_path / "b.jsonl", text_docs="blocks")  # only when asked
     assert (report.n_out, report.reading) == (2, "blocks")
     assert [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()] == [
-        {"text": "Doc one\nstill one"}, {"text": "Doc two"}]
+        {"text": "Doc one\nstill one"},
+        {"text": "Doc two"},
+    ]
     assert [p.name for p in dst.parent.iterdir()] == ["data.jsonl"]
     bad = write(tmp_path, b"ok\n\nbad\xff\n", "bad.txt")
     with pytest.raises(QwenftError, match="bad.txt:3"):
@@ -446,12 +788,18 @@ def test_convert_txt_to_jsonl_and_materialize(tmp_path: Path) -> None:
 def test_entries_of_each_kind(tmp_path: Path) -> None:
     p = str(tmp_path / "d.jsonl")
     assert dataset_entry(Path(p), kind="preference") == {
-        "file_name": p, "formatting": "sharegpt", "ranking": True,
+        "file_name": p,
+        "formatting": "sharegpt",
+        "ranking": True,
         "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"},
-        "tags": TAGS}
+        "tags": TAGS,
+    }
     assert dataset_entry(Path(p), kind="kto", has_tools=True) == {
-        "file_name": p, "formatting": "sharegpt",
-        "columns": {"messages": "messages", "kto_tag": "label", "tools": "tools"}, "tags": TAGS}
+        "file_name": p,
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "kto_tag": "label", "tools": "tools"},
+        "tags": TAGS,
+    }
     assert dataset_entry(Path(p), kind="pt") == {"file_name": p, "columns": {"prompt": "text"}}
     with pytest.raises(QwenftError, match="unknown data kind"):
         dataset_entry(Path(p), kind="rm")
@@ -459,8 +807,12 @@ def test_entries_of_each_kind(tmp_path: Path) -> None:
 
 def test_register_detects_the_kind_and_refuses_txt(tmp_path: Path, data_app) -> None:
     reg = tmp_path / "reg"
-    for name, rows, kind in (("p", [PAIR], "preference"), ("k", [KTO_T, KTO_F], "kto"),
-                             ("t", [TEXT], "pt"), ("s", [{"messages": [U, A]}], "sft")):
+    for name, rows, kind in (
+        ("p", [PAIR], "preference"),
+        ("k", [KTO_T, KTO_F], "kto"),
+        ("t", [TEXT], "pt"),
+        ("s", [{"messages": [U, A]}], "sft"),
+    ):
         path = write(tmp_path, lines(*rows), f"{name}.jsonl")
         assert register_dataset(path, name, reg) == dataset_entry(path, kind=kind)
     txt = write(tmp_path, b"Some text.\n", "c.txt")
@@ -493,7 +845,10 @@ def test_split_keeps_each_kind(tmp_path: Path) -> None:
     txt = write(tmp_path, b"\n".join(f"doc {i}".encode() for i in range(5)), "c.txt")
     train, val = split_file(txt, 0.2)
     assert (train.name, check_file(train).kind, check_file(val).n_samples) == (
-        "c.train.jsonl", "pt", 1)
+        "c.train.jsonl",
+        "pt",
+        1,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,8 +862,12 @@ PAIR_ROWS = [
     pair(U, chosen={"role": "assistant", "content": LONG}),  # long chosen only
     pair(U, rejected={"role": "assistant", "content": LONG + LONG}),
 ]
-KTO_ROWS = [KTO_T, KTO_F, kto(S, U, A, U, {"role": "assistant", "content": LONG}, label=False),
-            kto({"role": "user", "content": LONG}, A)]
+KTO_ROWS = [
+    KTO_T,
+    KTO_F,
+    kto(S, U, A, U, {"role": "assistant", "content": LONG}, label=False),
+    kto({"role": "user", "content": LONG}, A),
+]
 PT_ROWS = [TEXT, {"text": LONG}, {"text": "短い"}, {"text": LONG + "\n" + LONG}]
 
 
@@ -516,10 +875,12 @@ def _loss(labels: list[int]) -> int:
     return sum(1 for x in labels if x != -100)
 
 
-@pytest.mark.parametrize("preset,template,cutoff", [("tiny-qwen2", "qwen", 96),
-                                                   ("tiny-qwen3", "qwen3", 128)])
-def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkeypatch,
-                                              preset, template, cutoff) -> None:
+@pytest.mark.parametrize(
+    "preset,template,cutoff", [("tiny-qwen2", "qwen", 96), ("tiny-qwen3", "qwen3", 128)]
+)
+def test_pair_token_counts_equal_llamafactory(
+    tmp_path: Path, tiny_home: Path, monkeypatch, preset, template, cutoff
+) -> None:
     from qwenft.data.pipeline import token_stats
     from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_sides
     from qwenft.models.tiny import ensure_tiny_model
@@ -539,10 +900,12 @@ def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, m
     stats = token_stats(data, model_dir, template, cutoff).to_dict()  # the file's kind
     assert stats["kind"] == "preference" and stats["n_samples"] == len(PAIR_ROWS)
     assert stats["pairs"]["chosen"]["tokens_after_cutoff"] == sum(
-        len(r["chosen_input_ids"]) for r in lf)
+        len(r["chosen_input_ids"]) for r in lf
+    )
     assert stats["pairs"]["rejected"]["loss_tokens"] == sum(_loss(r["rejected_labels"]) for r in lf)
     assert stats["tokens_after_cutoff"] == sum(
-        len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in lf)
+        len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in lf
+    )
     longer = [max(c[0], r[0]) for _, (c, r) in sides]
     assert stats["length"]["max"] == max(longer)
     assert stats["over_cutoff_lines"] == [k + 1 for k, n in enumerate(longer) if n > cutoff]
@@ -550,8 +913,9 @@ def test_pair_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, m
     assert stats["tokens_total"] - stats["tokens_cut"] == stats["tokens_after_cutoff"]
 
 
-def test_kto_and_text_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path,
-                                                      monkeypatch) -> None:
+def test_kto_and_text_token_counts_equal_llamafactory(
+    tmp_path: Path, tiny_home: Path, monkeypatch
+) -> None:
     from qwenft.data.pipeline import token_stats
     from qwenft.data.tokens import LlamaFactoryEncoder, iter_token_lengths
     from qwenft.models.tiny import ensure_tiny_model
@@ -569,8 +933,10 @@ def test_kto_and_text_token_counts_equal_llamafactory(tmp_path: Path, tiny_home:
             assert [r["kto_tags"] for r in lf] == [r["label"] for r in rows]
         encoder = LlamaFactoryEncoder(model_dir, "qwen", cutoff, kind=kind)
         got = [(kept, loss) for _, _, kept, loss in iter_token_lengths(data, encoder)]
-        want = [(len(r["input_ids"]), _loss(r["labels"]) if kind == "kto" else len(r["input_ids"]))
-                for r in lf]
+        want = [
+            (len(r["input_ids"]), _loss(r["labels"]) if kind == "kto" else len(r["input_ids"]))
+            for r in lf
+        ]
         assert got == want
         stats = token_stats(data, model_dir, "qwen", cutoff, kind=kind).to_dict()
         assert stats["kind"] == kind and stats["n_over_cutoff"] >= 1

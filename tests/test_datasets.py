@@ -33,8 +33,10 @@ U = {"role": "user", "content": "Hi"}
 A = {"role": "assistant", "content": "Hello!"}
 S = {"role": "system", "content": "Be brief."}
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather", "parameters": {}}])
-CALL = {"role": "function_call",
-        "content": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})}
+CALL = {
+    "role": "function_call",
+    "content": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}}),
+}
 RESULT = {"role": "tool", "content": '{"temp": 21}'}
 GOOD = {"messages": [U, A]}
 GOOD2 = {"messages": [S, U, A]}
@@ -59,32 +61,85 @@ GOOD_CASES = [
     # (id, content, file name, n_samples)
     ("one_pair", lines(GOOD), "a.jsonl", 1),
     ("system_multi_turn", row(S, U, A, U, A), "a.jsonl", 1),
-    ("scripts_and_emoji", row({"role": "user", "content": "中文 العربية हिन्दी 😀 ẞ"}, A),
-     "a.jsonl", 1),
+    (
+        "scripts_and_emoji",
+        row({"role": "user", "content": "中文 العربية हिन्दी 😀 ẞ"}, A),
+        "a.jsonl",
+        1,
+    ),
     ("bom", b"\xef\xbb\xbf" + lines(GOOD, GOOD2), "a.jsonl", 2),
     ("crlf", lines(GOOD, GOOD2).replace(b"\n", b"\r\n"), "a.jsonl", 2),
     ("no_final_newline", lines(GOOD).rstrip(b"\n"), "a.jsonl", 1),
     ("blank_lines", lines(GOOD) + b"\n  \n" + row(S, U, A) + b"\n\n", "a.jsonl", 2),
-    ("ascii_escaped_json", json.dumps({"messages": [{"role": "user", "content": "é 中 😀"}, A]})
-     .encode() + b"\n", "a.jsonl", 1),
-    ("paired_surrogate_escape", b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, '
-     b'{"role": "assistant", "content": "ok"}]}\n', "a.jsonl", 1),
+    (
+        "ascii_escaped_json",
+        json.dumps({"messages": [{"role": "user", "content": "é 中 😀"}, A]}).encode() + b"\n",
+        "a.jsonl",
+        1,
+    ),
+    (
+        "paired_surrogate_escape",
+        b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, '
+        b'{"role": "assistant", "content": "ok"}]}\n',
+        "a.jsonl",
+        1,
+    ),
     ("json_array", json.dumps([GOOD, GOOD2], indent=2).encode(), "a.json", 2),
     ("json_array_empty_lines", b"\n[\n" + json.dumps(GOOD).encode() + b"\n]\n\n", "a.json", 1),
     ("json_file_with_lines", lines(GOOD, GOOD2), "a.json", 2),
     ("tool_turns", row(S, U, CALL, RESULT, A, tools=TOOLS), "a.jsonl", 1),
     ("two_tool_rounds", row(U, CALL, RESULT, CALL, RESULT, A, tools=TOOLS), "a.jsonl", 1),
     ("ends_with_call", row(U, CALL, tools=TOOLS), "a.jsonl", 1),
-    ("parallel_calls", row(U, {"role": "function_call", "content": json.dumps(
-        [{"name": "get_weather", "arguments": {"city": "A"}},
-         {"name": "get_weather", "arguments": {"city": "B"}}])}, RESULT, A, tools=TOOLS),
-     "a.jsonl", 1),
-    ("call_with_text", row(U, {"role": "function_call", "content": 'Let me look.\n<tool_call>'
-        '{"name": "get_weather", "arguments": {}}</tool_call>'}, RESULT, A, tools=TOOLS),
-     "a.jsonl", 1),
-    ("openai_style_tools", row(U, CALL, RESULT, A, tools=json.dumps(
-        [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])),
-     "a.jsonl", 1),
+    (
+        "parallel_calls",
+        row(
+            U,
+            {
+                "role": "function_call",
+                "content": json.dumps(
+                    [
+                        {"name": "get_weather", "arguments": {"city": "A"}},
+                        {"name": "get_weather", "arguments": {"city": "B"}},
+                    ]
+                ),
+            },
+            RESULT,
+            A,
+            tools=TOOLS,
+        ),
+        "a.jsonl",
+        1,
+    ),
+    (
+        "call_with_text",
+        row(
+            U,
+            {
+                "role": "function_call",
+                "content": "Let me look.\n<tool_call>"
+                '{"name": "get_weather", "arguments": {}}</tool_call>',
+            },
+            RESULT,
+            A,
+            tools=TOOLS,
+        ),
+        "a.jsonl",
+        1,
+    ),
+    (
+        "openai_style_tools",
+        row(
+            U,
+            CALL,
+            RESULT,
+            A,
+            tools=json.dumps(
+                [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+            ),
+        ),
+        "a.jsonl",
+        1,
+    ),
     ("tools_null_and_empty", lines(row(U, A, tools=None), row(S, U, A, tools="")), "a.jsonl", 2),
     ("escaped_nul_in_text", row({"role": "user", "content": "a\u0000b"}, A), "a.jsonl", 1),
 ]
@@ -104,7 +159,9 @@ def test_good_files_pass(tmp_path: Path, data_app, case_id, content, name, n) ->
 def test_sample_data_in_repo_passes() -> None:
     root = Path(__file__).resolve().parent.parent
     paths = sorted((root / "data").glob("*.jsonl"))
-    assert paths  # the repo ships sample data: a moved folder must not pass this by checking nothing
+    assert (
+        paths
+    )  # the repo ships sample data: a moved folder must not pass this by checking nothing
     for path in paths:
         assert check_file(path).ok, path
 
@@ -116,36 +173,66 @@ BIG = b'{"messages": [{"role": "user", "content": "' + b"x" * (50 * 2**20) + b'"
 
 BAD_CASES = [
     # (id, content, file name, kind, line)
-    ("truncated_json", lines(GOOD) + b'{"messages": [{"role": "user", "con', "a.jsonl",
-     "invalid_json", 2),
+    (
+        "truncated_json",
+        lines(GOOD) + b'{"messages": [{"role": "user", "con',
+        "a.jsonl",
+        "invalid_json",
+        2,
+    ),
     ("truncated_last_line", lines(GOOD, GOOD)[:-20], "a.jsonl", "invalid_json", 2),
     ("list_instead_of_object", lines(GOOD, [U, A]), "a.jsonl", "not_object", 2),
     ("string_row", b'"hello"\n', "a.jsonl", "not_object", 1),
     ("number_row", lines(GOOD) + b"42\n", "a.jsonl", "not_object", 2),
     ("null_row", b"null\n", "a.jsonl", "not_object", 1),
-    ("messages_object", lines({"messages": {"role": "user", "content": "x"}}), "a.jsonl",
-     "messages_not_list", 1),
+    (
+        "messages_object",
+        lines({"messages": {"role": "user", "content": "x"}}),
+        "a.jsonl",
+        "messages_not_list",
+        1,
+    ),
     ("messages_string", lines({"messages": "Hi"}), "a.jsonl", "messages_not_list", 1),
     ("messages_empty", lines({"messages": []}), "a.jsonl", "empty_messages", 1),
     ("alpaca_row", lines({"instruction": "q", "output": "a"}), "a.jsonl", "missing_messages", 1),
-    ("sharegpt_row", lines({"conversations": [{"from": "human", "value": "q"}]}), "a.jsonl",
-     "missing_messages", 1),
+    (
+        "sharegpt_row",
+        lines({"conversations": [{"from": "human", "value": "q"}]}),
+        "a.jsonl",
+        "missing_messages",
+        1,
+    ),
     ("message_is_string", row("Hi", A), "a.jsonl", "bad_message", 1),
     ("missing_role", row({"content": "Hi"}, A), "a.jsonl", "missing_role", 1),
     ("role_bot", lines(GOOD) + row(U, {"role": "bot", "content": "x"}), "a.jsonl", "bad_role", 2),
     ("role_human", row({"role": "human", "content": "Hi"}, A), "a.jsonl", "bad_role", 1),
     ("role_capitalised", row({"role": "User", "content": "Hi"}, A), "a.jsonl", "bad_role", 1),
     ("role_number", row({"role": 1, "content": "Hi"}, A), "a.jsonl", "bad_role", 1),
-    ("role_observation", row(U, CALL, {"role": "observation", "content": "x"}, A), "a.jsonl",
-     "bad_role", 1),
+    (
+        "role_observation",
+        row(U, CALL, {"role": "observation", "content": "x"}, A),
+        "a.jsonl",
+        "bad_role",
+        1,
+    ),
     ("missing_content", row(U, {"role": "assistant"}), "a.jsonl", "missing_content", 1),
     ("content_number", row({"role": "user", "content": 5}, A), "a.jsonl", "bad_content", 1),
     ("content_null", row(U, {"role": "assistant", "content": None}), "a.jsonl", "bad_content", 1),
-    ("content_parts", row({"role": "user", "content": [{"type": "text", "text": "Hi"}]}, A),
-     "a.jsonl", "bad_content", 1),
+    (
+        "content_parts",
+        row({"role": "user", "content": [{"type": "text", "text": "Hi"}]}, A),
+        "a.jsonl",
+        "bad_content",
+        1,
+    ),
     ("empty_user_content", row({"role": "user", "content": ""}, A), "a.jsonl", "empty_content", 1),
-    ("empty_assistant_content", lines(GOOD, GOOD) + row(U, {"role": "assistant", "content": ""}),
-     "a.jsonl", "empty_content", 3),
+    (
+        "empty_assistant_content",
+        lines(GOOD, GOOD) + row(U, {"role": "assistant", "content": ""}),
+        "a.jsonl",
+        "empty_content",
+        3,
+    ),
     ("empty_system", row({"role": "system", "content": ""}, U, A), "a.jsonl", "empty_content", 1),
     ("system_in_middle", row(U, A, S, U, A), "a.jsonl", "system_not_first", 1),
     ("two_systems", row(S, S, U, A), "a.jsonl", "system_not_first", 1),
@@ -155,13 +242,28 @@ BAD_CASES = [
     ("ends_with_user", lines(GOOD) + row(U, A, U), "a.jsonl", "bad_last_turn", 2),
     ("only_user", row(U), "a.jsonl", "bad_last_turn", 1),
     ("only_system", row(S), "a.jsonl", "no_turns", 1),
-    ("invalid_utf8", lines(GOOD) + b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n',
-     "a.jsonl", "invalid_utf8", 2),
-    ("latin1_file", row({"role": "user", "content": "café"}, A).replace(b"\xc3\xa9", b"\xe9"),
-     "a.jsonl", "invalid_utf8", 1),
+    (
+        "invalid_utf8",
+        lines(GOOD) + b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n',
+        "a.jsonl",
+        "invalid_utf8",
+        2,
+    ),
+    (
+        "latin1_file",
+        row({"role": "user", "content": "café"}, A).replace(b"\xc3\xa9", b"\xe9"),
+        "a.jsonl",
+        "invalid_utf8",
+        1,
+    ),
     ("nul_byte", lines(GOOD, GOOD2).replace(b"Hello", b"Hel\x00lo", 1), "a.jsonl", "nul_byte", 1),
-    ("utf16_file", b"\xff\xfe" + lines(GOOD).decode().encode("utf-16-le"), "a.jsonl",
-     "nul_byte", 1),
+    (
+        "utf16_file",
+        b"\xff\xfe" + lines(GOOD).decode().encode("utf-16-le"),
+        "a.jsonl",
+        "nul_byte",
+        1,
+    ),
     ("huge_single_line", BIG, "a.jsonl", "line_too_long", 1),
     ("empty_file", b"", "a.jsonl", "empty_file", None),
     ("only_blank_lines", b"\n\n  \r\n", "a.jsonl", "empty_file", None),
@@ -171,35 +273,84 @@ BAD_CASES = [
     ("pretty_printed_jsonl", json.dumps(GOOD, indent=2).encode(), "a.jsonl", "invalid_json", 1),
     ("json_array_in_jsonl", json.dumps([GOOD, GOOD]).encode(), "a.jsonl", "not_object", 1),
     ("deeply_nested", b"[" * 100000 + b"]" * 100000 + b"\n", "a.jsonl", "invalid_json", 1),
-    ("lone_surrogate", b'{"messages": [{"role": "user", "content": "\\ud83d"}, '
-     b'{"role": "assistant", "content": "x"}]}\n', "a.jsonl", "invalid_unicode", 1),
+    (
+        "lone_surrogate",
+        b'{"messages": [{"role": "user", "content": "\\ud83d"}, '
+        b'{"role": "assistant", "content": "x"}]}\n',
+        "a.jsonl",
+        "invalid_unicode",
+        1,
+    ),
     ("mixed_types", lines(row(U, A, id=1), row(U, A, id="two")), "a.jsonl", "mixed_types", 2),
-    ("tools_as_list", row(U, CALL, RESULT, A, tools=[{"name": "get_weather"}]), "a.jsonl",
-     "bad_tools", 1),
+    (
+        "tools_as_list",
+        row(U, CALL, RESULT, A, tools=[{"name": "get_weather"}]),
+        "a.jsonl",
+        "bad_tools",
+        1,
+    ),
     ("tools_invalid_json", row(U, A, tools="[{"), "a.jsonl", "bad_tools", 1),
     ("tools_object", row(U, A, tools=json.dumps({"name": "f"})), "a.jsonl", "bad_tools", 1),
     ("tool_without_call", row(U, RESULT, A), "a.jsonl", "not_alternating", 1),
-    ("call_not_json", row(U, {"role": "function_call", "content": "get_weather(Paris)"}, RESULT, A,
-                          tools=TOOLS), "a.jsonl", "bad_function_call", 1),
-    ("call_without_arguments",
-     row(U, {"role": "function_call", "content": '{"name": "f"}'}, RESULT, A, tools=TOOLS),
-     "a.jsonl", "bad_function_call", 1),
+    (
+        "call_not_json",
+        row(U, {"role": "function_call", "content": "get_weather(Paris)"}, RESULT, A, tools=TOOLS),
+        "a.jsonl",
+        "bad_function_call",
+        1,
+    ),
+    (
+        "call_without_arguments",
+        row(U, {"role": "function_call", "content": '{"name": "f"}'}, RESULT, A, tools=TOOLS),
+        "a.jsonl",
+        "bad_function_call",
+        1,
+    ),
     ("call_answered_by_user", row(U, CALL, U, A, tools=TOOLS), "a.jsonl", "not_alternating", 1),
     ("ends_with_tool", row(U, CALL, RESULT, tools=TOOLS), "a.jsonl", "bad_last_turn", 1),
-    ("json_array_truncated", json.dumps([GOOD, GOOD2], indent=1).encode()[:-10], "a.json",
-     "invalid_json", 27),
-    ("json_array_trailing_comma", b"[\n" + json.dumps(GOOD).encode() + b",\n]\n", "a.json",
-     "invalid_json", 3),
-    ("json_array_bad_role", b"[\n" + json.dumps(GOOD).encode() + b",\n"
-     + json.dumps({"messages": [U, {"role": "bot", "content": "x"}]}).encode() + b"\n]", "a.json",
-     "bad_role", 3),
+    (
+        "json_array_truncated",
+        json.dumps([GOOD, GOOD2], indent=1).encode()[:-10],
+        "a.json",
+        "invalid_json",
+        27,
+    ),
+    (
+        "json_array_trailing_comma",
+        b"[\n" + json.dumps(GOOD).encode() + b",\n]\n",
+        "a.json",
+        "invalid_json",
+        3,
+    ),
+    (
+        "json_array_bad_role",
+        b"[\n"
+        + json.dumps(GOOD).encode()
+        + b",\n"
+        + json.dumps({"messages": [U, {"role": "bot", "content": "x"}]}).encode()
+        + b"\n]",
+        "a.json",
+        "bad_role",
+        3,
+    ),
     ("json_array_of_numbers", b"[1, 2]", "a.json", "not_object", 1),
-    ("json_array_lone_surrogate", b'[{"messages": [{"role": "user", "content": "\\udc00"}, '
-     b'{"role": "assistant", "content": "x"}]}]', "a.json", "invalid_unicode", 1),
+    (
+        "json_array_lone_surrogate",
+        b'[{"messages": [{"role": "user", "content": "\\udc00"}, '
+        b'{"role": "assistant", "content": "x"}]}]',
+        "a.json",
+        "invalid_unicode",
+        1,
+    ),
     ("json_array_empty", b"[]", "a.json", "empty_file", None),
     ("json_array_extra_data", json.dumps([GOOD]).encode() + b"\n[]", "a.json", "invalid_json", 2),
-    ("json_array_invalid_utf8", b'[{"messages": [{"role": "user", "content": "\xc3"}]}]', "a.json",
-     "invalid_utf8", 1),
+    (
+        "json_array_invalid_utf8",
+        b'[{"messages": [{"role": "user", "content": "\xc3"}]}]',
+        "a.json",
+        "invalid_utf8",
+        1,
+    ),
 ]
 
 
@@ -213,7 +364,9 @@ def registry(tmp_path: Path) -> Path:
 
 
 @table("case_id,content,name,kind,line", BAD_CASES)
-def test_malformed_corpus(tmp_path: Path, data_app, registry: Path, case_id, content, name, kind, line):
+def test_malformed_corpus(
+    tmp_path: Path, data_app, registry: Path, case_id, content, name, kind, line
+):
     path = write(tmp_path, content, name)
     report = check_file(path)
     assert not report.ok
@@ -290,11 +443,21 @@ WARN_CASES = [
     ("top_level_system", row(U, A, system="Be brief."), "unknown_key", 1, "system"),
     ("unknown_message_key", row(U, {**A, "name": "bob"}), "unknown_key", 1, "messages[1].name"),
     ("duplicate", lines(GOOD, row(S, U, A), GOOD, GOOD), "duplicate", 3, None),
-    ("blank_content", row(U, {"role": "assistant", "content": "  \n"}), "blank_content", 1,
-     "messages[1].content"),
+    (
+        "blank_content",
+        row(U, {"role": "assistant", "content": "  \n"}),
+        "blank_content",
+        1,
+        "messages[1].content",
+    ),
     ("call_without_tools", row(U, CALL, RESULT, A), "no_tools", 1, "messages[1]"),
-    ("call_unknown_function", row(U, CALL, RESULT, A, tools=json.dumps([{"name": "other"}])),
-     "unknown_function", 1, "messages[1].content"),
+    (
+        "call_unknown_function",
+        row(U, CALL, RESULT, A, tools=json.dumps([{"name": "other"}])),
+        "unknown_function",
+        1,
+        "messages[1].content",
+    ),
 ]
 
 
@@ -312,7 +475,9 @@ def test_duplicates_name_the_first_line(tmp_path: Path) -> None:
     path = write(tmp_path, lines(GOOD, row(S, U, A), GOOD, GOOD))
     dups = [p for p in check_file(path).warnings if p.kind == "duplicate"]
     assert [(p.line, p.message) for p in dups] == [
-        (3, "same sample as line 1"), (4, "same sample as line 1")]
+        (3, "same sample as line 1"),
+        (4, "same sample as line 1"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,9 +493,15 @@ def test_register_writes_the_entry(tmp_path: Path) -> None:
         "file_name": str(path.absolute()),
         "formatting": "sharegpt",
         "columns": {"messages": "messages"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
-                 "function_tag": "function_call"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+            "observation_tag": "tool",
+            "function_tag": "function_call",
+        },
     }
 
 
@@ -377,11 +548,22 @@ def test_register_refuses_another_file_unless_force(tmp_path: Path, registry: Pa
     assert info["chat"]["file_name"] == str(b) and info["old"] == {"file_name": "old.jsonl"}
 
 
-@pytest.mark.parametrize("name,ok", [
-    ("chat", True), ("my-chat_v1.2", True), ("A9", True),
-    ("", False), ("has space", False), ("a,b", False), ("a/b", False), ("..", False),
-    ("ünïcode", False), ("x" * 201, False), ("name\n", False),
-])
+@pytest.mark.parametrize(
+    "name,ok",
+    [
+        ("chat", True),
+        ("my-chat_v1.2", True),
+        ("A9", True),
+        ("", False),
+        ("has space", False),
+        ("a,b", False),
+        ("a/b", False),
+        ("..", False),
+        ("ünïcode", False),
+        ("x" * 201, False),
+        ("name\n", False),
+    ],
+)
 def test_dataset_names(tmp_path: Path, name: str, ok: bool) -> None:
     path = write(tmp_path, lines(GOOD))
     if ok:
@@ -392,10 +574,13 @@ def test_dataset_names(tmp_path: Path, name: str, ok: bool) -> None:
         assert not (tmp_path / "reg").exists()
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "must hold a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)
 def test_register_never_overwrites_a_broken_dataset_info(tmp_path: Path, content, message) -> None:
     path = write(tmp_path, lines(GOOD))
     (tmp_path / "dataset_info.json").write_text(content)
@@ -438,7 +623,9 @@ def test_register_cli(tmp_path: Path, data_app) -> None:
     out = json.loads(result.output)
     assert out["name"] == dataset_name_for(path, file_sha256(path))
     assert out["entry"]["file_name"] == str(path)
-    result = invoke(data_app, "register", path, "--name", "bad name", "--dataset-dir", tmp_path / "reg")
+    result = invoke(
+        data_app, "register", path, "--name", "bad name", "--dataset-dir", tmp_path / "reg"
+    )
     assert result.exit_code == 2 and "invalid dataset name" in result.output
 
 
@@ -468,56 +655,160 @@ def test_a_copy_of_a_registered_file_gets_its_own_automatic_name(tmp_path: Path,
 
 CONVERT_CASES = [
     # (id, fmt, input rows, expected rows)
-    ("alpaca", "alpaca",
-     [{"instruction": "Translate", "input": "bonjour", "output": "hello", "system": "S",
-       "history": [["q1", "a1"]]}],
-     [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+    (
+        "alpaca",
+        "alpaca",
+        [
+            {
+                "instruction": "Translate",
+                "input": "bonjour",
+                "output": "hello",
+                "system": "S",
+                "history": [["q1", "a1"]],
+            }
+        ],
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "q1"},
                     {"role": "assistant", "content": "a1"},
                     {"role": "user", "content": "Translate\nbonjour"},
-                    {"role": "assistant", "content": "hello"}]}]),
-    ("alpaca_auto", "auto", [{"instruction": "Q", "input": "", "output": "A"}],
-     [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]),
-    ("sharegpt", "sharegpt",
-     [{"conversations": [{"from": "human", "value": "weather?"},
-                         {"from": "function_call", "value": CALL["content"]},
-                         {"from": "observation", "value": "21C"},
-                         {"from": "gpt", "value": "21C."}],
-       "system": "S", "tools": TOOLS}],
-     [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": "hello"},
+                ]
+            }
+        ],
+    ),
+    (
+        "alpaca_auto",
+        "auto",
+        [{"instruction": "Q", "input": "", "output": "A"}],
+        [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}],
+    ),
+    (
+        "sharegpt",
+        "sharegpt",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "weather?"},
+                    {"from": "function_call", "value": CALL["content"]},
+                    {"from": "observation", "value": "21C"},
+                    {"from": "gpt", "value": "21C."},
+                ],
+                "system": "S",
+                "tools": TOOLS,
+            }
+        ],
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "weather?"},
                     {"role": "function_call", "content": CALL["content"]},
-                    {"role": "tool", "content": "21C"}, {"role": "assistant", "content": "21C."}],
-       "tools": TOOLS}]),
-    ("openai", "auto",
-     [{"messages": [{"role": "developer", "content": "S"},
-                    {"role": "user", "content": [{"type": "text", "text": "weather in "},
-                                                 {"type": "text", "text": "A and B?"}]},
-                    {"role": "assistant", "content": None, "tool_calls": [
-                        {"id": "1", "type": "function",
-                         "function": {"name": "get_weather", "arguments": '{"city": "A"}'}},
-                        {"id": "2", "type": "function",
-                         "function": {"name": "get_weather", "arguments": '{"city": "B"}'}}]},
+                    {"role": "tool", "content": "21C"},
+                    {"role": "assistant", "content": "21C."},
+                ],
+                "tools": TOOLS,
+            }
+        ],
+    ),
+    (
+        "openai",
+        "auto",
+        [
+            {
+                "messages": [
+                    {"role": "developer", "content": "S"},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "weather in "},
+                            {"type": "text", "text": "A and B?"},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city": "A"}'},
+                            },
+                            {
+                                "id": "2",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city": "B"}'},
+                            },
+                        ],
+                    },
                     {"role": "tool", "tool_call_id": "1", "content": "20"},
                     {"role": "tool", "tool_call_id": "2", "content": "22"},
-                    {"role": "assistant", "content": "20 and 22.", "weight": 1}],
-       "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}],
-     [{"messages": [{"role": "system", "content": "S"},
+                    {"role": "assistant", "content": "20 and 22.", "weight": 1},
+                ],
+                "tools": [
+                    {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+                ],
+            }
+        ],
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
                     {"role": "user", "content": "weather in A and B?"},
-                    {"role": "function_call", "content": json.dumps(
-                        [{"name": "get_weather", "arguments": {"city": "A"}},
-                         {"name": "get_weather", "arguments": {"city": "B"}}])},
+                    {
+                        "role": "function_call",
+                        "content": json.dumps(
+                            [
+                                {"name": "get_weather", "arguments": {"city": "A"}},
+                                {"name": "get_weather", "arguments": {"city": "B"}},
+                            ]
+                        ),
+                    },
                     {"role": "tool", "content": "20\n</tool_response>\n<tool_response>\n22"},
-                    {"role": "assistant", "content": "20 and 22."}],
-       "tools": json.dumps([{"type": "function", "function": {"name": "get_weather",
-                                                              "parameters": {}}}])}]),
-    ("openai_text_and_call", "openai",
-     [{"messages": [U, {"role": "assistant", "content": "Checking.", "tool_calls": [
-         {"function": {"name": "get_weather", "arguments": "{}"}}]},
-                    {"role": "tool", "content": "x"}, A], "tools": [{"name": "get_weather"}]}],
-     [{"messages": [U, {"role": "function_call", "content":
-                        'Checking.\n<tool_call>{"name": "get_weather", "arguments": {}}'
-                        "</tool_call>"},
-                    {"role": "tool", "content": "x"}, A],
-       "tools": json.dumps([{"name": "get_weather"}])}]),
+                    {"role": "assistant", "content": "20 and 22."},
+                ],
+                "tools": json.dumps(
+                    [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+                ),
+            }
+        ],
+    ),
+    (
+        "openai_text_and_call",
+        "openai",
+        [
+            {
+                "messages": [
+                    U,
+                    {
+                        "role": "assistant",
+                        "content": "Checking.",
+                        "tool_calls": [{"function": {"name": "get_weather", "arguments": "{}"}}],
+                    },
+                    {"role": "tool", "content": "x"},
+                    A,
+                ],
+                "tools": [{"name": "get_weather"}],
+            }
+        ],
+        [
+            {
+                "messages": [
+                    U,
+                    {
+                        "role": "function_call",
+                        "content": 'Checking.\n<tool_call>{"name": "get_weather", "arguments": {}}'
+                        "</tool_call>",
+                    },
+                    {"role": "tool", "content": "x"},
+                    A,
+                ],
+                "tools": json.dumps([{"name": "get_weather"}]),
+            }
+        ],
+    ),
 ]
 
 
@@ -549,8 +840,13 @@ def test_convert_reports_lone_surrogates(folder: Path) -> None:
 
 
 def test_convert_bad_rows_write_nothing_unless_skipped(folder: Path, data_app) -> None:
-    rows = [{"instruction": "Q", "output": "A"}, {"instruction": "", "output": "A"}, b"{oops\n",
-            {"instruction": "Q", "output": ""}, {"instruction": "Q", "output": "B"}]
+    rows = [
+        {"instruction": "Q", "output": "A"},
+        {"instruction": "", "output": "A"},
+        b"{oops\n",
+        {"instruction": "Q", "output": ""},
+        {"instruction": "Q", "output": "B"},
+    ]
     src = write(folder, lines(*rows), "in.jsonl")
     out = folder / "out.jsonl"
     report = convert_file(src, out)
@@ -570,8 +866,11 @@ CONVERT_ERRORS = [
     ("out_not_jsonl", lambda s, t: (s, t / "o.json", "auto"), "must end in .jsonl"),
     ("out_is_src", lambda s, t: (s, s, "auto"), "is the input file"),
     ("out_exists", lambda s, t: (s, write(t, b"keep\n", "o.jsonl"), "auto"), "already exists"),
-    ("undetectable", lambda s, t: (write(t, lines({"q": 1}), "x.jsonl"), t / "o2.jsonl", "auto"),
-     "cannot tell the format"),
+    (
+        "undetectable",
+        lambda s, t: (write(t, lines({"q": 1}), "x.jsonl"), t / "o2.jsonl", "auto"),
+        "cannot tell the format",
+    ),
     ("empty_input", lambda s, t: (write(t, b"", "e.jsonl"), t / "o3.jsonl", "auto"), "no rows"),
 ]
 
@@ -611,16 +910,18 @@ def test_split_is_deterministic(tmp_path: Path, data_app) -> None:
     split_file(src, 0.1, 7, force=True)
     assert (train.read_bytes(), val.read_bytes()) == (t1, v1)
     out = tmp_path / "other"
-    result = invoke(data_app, "split", src, "--val-ratio", "0.1", "--seed", "8", "--out-dir", out,
-                    "--json")
+    result = invoke(
+        data_app, "split", src, "--val-ratio", "0.1", "--seed", "8", "--out-dir", out, "--json"
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert (info["n_train"], info["n_val"]) == (90, 10)
     assert (out / "data.val.jsonl").read_bytes() != v1
 
 
-@pytest.mark.parametrize("n,ratio,expected", [(2, 0.1, (1, 1)), (10, 0.99, (1, 9)),
-                                              (3, 0.5, (1, 2))])
+@pytest.mark.parametrize(
+    "n,ratio,expected", [(2, 0.1, (1, 1)), (10, 0.99, (1, 9)), (3, 0.5, (1, 2))]
+)
 def test_split_keeps_a_row_on_each_side(tmp_path: Path, n, ratio, expected) -> None:
     src = write(tmp_path, lines(*[row({"role": "user", "content": f"q{i}"}, A) for i in range(n)]))
     train, val = split_file(src, ratio)
@@ -628,8 +929,13 @@ def test_split_keeps_a_row_on_each_side(tmp_path: Path, n, ratio, expected) -> N
 
 
 def test_split_json_array(tmp_path: Path) -> None:
-    src = write(tmp_path, json.dumps([{"messages": [{"role": "user", "content": f"q{i}"}, A]}
-                                      for i in range(10)], indent=2).encode(), "arr.json")
+    src = write(
+        tmp_path,
+        json.dumps(
+            [{"messages": [{"role": "user", "content": f"q{i}"}, A]} for i in range(10)], indent=2
+        ).encode(),
+        "arr.json",
+    )
     train, val = split_file(src, 0.2)
     assert train.name == "arr.train.jsonl"
     assert check_file(train).n_samples == 8 and check_file(val).n_samples == 2
@@ -663,7 +969,10 @@ def test_write_without_lines(tmp_path: Path) -> None:
     src = write(tmp_path, lines(GOOD, b"\n", GOOD2, row(S, U, A, U, A)))
     out = tmp_path / "kept.jsonl"
     assert write_without_lines(src, out, {3}) == (2, 1)
-    assert [json.loads(x) for x in out.read_text().splitlines()] == [GOOD, {"messages": [S, U, A, U, A]}]
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [
+        GOOD,
+        {"messages": [S, U, A, U, A]},
+    ]
     with pytest.raises(QwenftError, match="already exists"):
         write_without_lines(src, out, {1})
     arr = write(tmp_path, json.dumps([GOOD, GOOD2], indent=2).encode(), "arr.json")
@@ -715,18 +1024,31 @@ STATS_ROWS = [
     {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": LONG}]},
     {"messages": [U, A, {"role": "user", "content": LONG}, A, U, A]},  # later turns dropped
     {"messages": [S, U, CALL, RESULT, A], "tools": TOOLS},
-    {"messages": [U, {"role": "function_call", "content": 'Looking.\n<tool_call>'
-                      '{"name": "get_weather", "arguments": {}}</tool_call>'}], "tools": TOOLS},
+    {
+        "messages": [
+            U,
+            {
+                "role": "function_call",
+                "content": "Looking.\n<tool_call>"
+                '{"name": "get_weather", "arguments": {}}</tool_call>',
+            },
+        ],
+        "tools": TOOLS,
+    },
     {"messages": [U, {"role": "assistant", "content": THINK}, U, A]},
 ]
 
 
-@pytest.mark.parametrize("preset,template,default_system,cutoff", [
-    ("tiny-qwen2", "qwen", None, 96),  # None: the template's own default system prompt
-    ("tiny-qwen3", "qwen3", "", 128),
-])
-def test_token_counts_equal_llamafactory(tmp_path: Path, tiny_home: Path, monkeypatch, preset,
-                                         template, default_system, cutoff) -> None:
+@pytest.mark.parametrize(
+    "preset,template,default_system,cutoff",
+    [
+        ("tiny-qwen2", "qwen", None, 96),  # None: the template's own default system prompt
+        ("tiny-qwen3", "qwen3", "", 128),
+    ],
+)
+def test_token_counts_equal_llamafactory(
+    tmp_path: Path, tiny_home: Path, monkeypatch, preset, template, default_system, cutoff
+) -> None:
     from qwenft.models.tiny import ensure_tiny_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -781,7 +1103,9 @@ def test_check_cli_with_token_stats(tmp_path: Path, tiny_home: Path, data_app) -
     assert result.exit_code == 2 and "unknown --template" in result.output
 
 
-def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_home: Path, data_app):
+def test_check_cli_thinking_follows_the_data_as_train_does(
+    tmp_path: Path, tiny_home: Path, data_app
+):
     from qwenft.models.tiny import ensure_tiny_model
 
     model_dir = ensure_tiny_model("tiny-qwen3", progress=None)
@@ -794,8 +1118,9 @@ def test_check_cli_thinking_follows_the_data_as_train_does(tmp_path: Path, tiny_
         result = invoke(data_app, "check", path, "--model", "tiny-qwen3", "--json")
         assert result.exit_code == 0, result.output
         tokens = json.loads(result.stdout)["tokens"]
-        expected = token_stats(path, model_dir, "qwen3", 1024, default_system="",
-                                  enable_thinking=thinking).to_dict()
+        expected = token_stats(
+            path, model_dir, "qwen3", 1024, default_system="", enable_thinking=thinking
+        ).to_dict()
         assert tokens["loss_tokens"] == expected["loss_tokens"]
         assert tokens["length"] == expected["length"]
 

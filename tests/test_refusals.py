@@ -136,14 +136,28 @@ DATA_FILES = {
     "txt": lambda p: (p / "corpus.txt").write_text("One text.\nAnother.\n") and p / "corpus.txt",
 }
 STAGE_MISMATCH = [
-    ("dpo", "sft", ["--stage dpo trains on preference pairs", "chosen", "holds chat conversations",
-                    "sft data trains with --stage sft", "qwenft data convert"]),
-    ("orpo", "kto", ["--stage orpo trains on preference pairs", "labelled answers",
-                     "--stage kto"]),
-    ("sft", "preference", ["--stage sft trains on chat conversations", "preference pairs",
-                           "--stage dpo | orpo | simpo"]),
-    ("kto", "sft", ["--stage kto trains on labelled answers", 'boolean "label"',
-                    "--stage sft"]),
+    (
+        "dpo",
+        "sft",
+        [
+            "--stage dpo trains on preference pairs",
+            "chosen",
+            "holds chat conversations",
+            "sft data trains with --stage sft",
+            "qwenft data convert",
+        ],
+    ),
+    ("orpo", "kto", ["--stage orpo trains on preference pairs", "labelled answers", "--stage kto"]),
+    (
+        "sft",
+        "preference",
+        [
+            "--stage sft trains on chat conversations",
+            "preference pairs",
+            "--stage dpo | orpo | simpo",
+        ],
+    ),
+    ("kto", "sft", ["--stage kto trains on labelled answers", 'boolean "label"', "--stage sft"]),
     ("kto", "preference", ["--stage kto", "--stage dpo | orpo | simpo"]),
     ("pt", "sft", ["--stage pt trains on plain text", "--stage sft", "qwenft data convert"]),
     ("sft", "txt", ["--stage sft trains on chat conversations", "plain text", "--stage pt"]),
@@ -171,7 +185,15 @@ def test_stage_and_data_that_do_not_fit_are_refused(
     data = DATA_FILES[kind](data_dir)
     before = written(Path.cwd(), isolated, data_dir)
     result = invoke(
-        "train", "--model", local_model, "--data", data, "--stage", stage, "-o", "runs/x",
+        "train",
+        "--model",
+        local_model,
+        "--data",
+        data,
+        "--stage",
+        stage,
+        "-o",
+        "runs/x",
         *(["--dry-run"] if dry_run else []),
     )
     assert result.exit_code == 2, result.output

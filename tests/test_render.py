@@ -20,9 +20,13 @@ GOLDEN = Path(__file__).parent / "golden"
 
 def spec(method: str, **kw) -> render.TrainSpec:
     base = dict(
-        method=method, model_path="/models/qwen", template="qwen",
-        default_system="You are a helpful assistant.", dataset="chat-0123abcd",
-        dataset_dir="/data/qwenft", output_dir="/runs/r1",
+        method=method,
+        model_path="/models/qwen",
+        template="qwen",
+        default_system="You are a helpful assistant.",
+        dataset="chat-0123abcd",
+        dataset_dir="/data/qwenft",
+        output_dir="/runs/r1",
         deepspeed_path="/runs/r1/deepspeed.json" if method == "full" else None,
     )
     base.update(kw)
@@ -43,7 +47,14 @@ def test_method_renders_golden_yaml(method: str, monkeypatch: pytest.MonkeyPatch
     assert cfg["bf16"] is False
     assert cfg["default_system"] == "You are a helpful assistant."
     assert cfg["preprocessing_num_workers"] == 2
-    for section in ("### model", "### method", "### dataset", "### output", "### train", "### eval"):
+    for section in (
+        "### model",
+        "### method",
+        "### dataset",
+        "### output",
+        "### train",
+        "### eval",
+    ):
         assert section in text
 
 
@@ -59,8 +70,11 @@ def test_stage_renders_golden_yaml(stage: str, monkeypatch: pytest.MonkeyPatch) 
         golden.write_text(text)
     assert text == golden.read_text()
     lf_stage, loss = {
-        "pt": ("pt", None), "dpo": ("dpo", "sigmoid"), "orpo": ("dpo", "orpo"),
-        "simpo": ("dpo", "simpo"), "kto": ("kto", None),
+        "pt": ("pt", None),
+        "dpo": ("dpo", "sigmoid"),
+        "orpo": ("dpo", "orpo"),
+        "simpo": ("dpo", "simpo"),
+        "kto": ("kto", None),
     }[stage]
     assert cfg["stage"] == lf_stage and cfg.get("pref_loss") == loss
     assert ("simpo_gamma" in cfg) == (stage == "simpo")
@@ -70,9 +84,10 @@ def test_stage_renders_golden_yaml(stage: str, monkeypatch: pytest.MonkeyPatch) 
     if lf_stage == "dpo":  # length grouping needs `input_ids`, which pairwise data lacks
         assert cfg["train_sampling_strategy"] == "random"
     # one home: what settings resolves for the stage is what renders
-    assert settings.recipe("lora", stage).items() >= {
-        k: v for k, v in render.load_template(f"stages/{stage}").items()
-    }.items()
+    assert (
+        settings.recipe("lora", stage).items()
+        >= {k: v for k, v in render.load_template(f"stages/{stage}").items()}.items()
+    )
 
 
 def test_freeze_trainable_layers_renders() -> None:
@@ -85,20 +100,28 @@ def test_qlora_uses_bnb_and_full_uses_deepspeed() -> None:
     assert (q["quantization_bit"], q["quantization_method"]) == (4, "bnb")
     f = render.build_train_config(spec("full"))
     assert f["finetuning_type"] == "full" and f["deepspeed"] == "/runs/r1/deepspeed.json"
-    fixed = render.build_train_config(spec("qlora", overrides={"quantization_method": "bitsandbytes"}))
+    fixed = render.build_train_config(
+        spec("qlora", overrides={"quantization_method": "bitsandbytes"})
+    )
     assert fixed["quantization_method"] == "bnb"
 
 
 def test_layering_template_config_knobs_set(tmp_path: Path) -> None:
     extra = tmp_path / "extra.yaml"
     extra.write_text("learning_rate: 1.0\nlogging_steps: 7\nlora_alpha: 3\n")
-    run = settings.resolve(settings.RunRequest(
-        model="qwen2-7b-instruct", config_file=extra,
-        knobs={"learning_rate": 2.0, "cutoff_len": None}, set_items=["lora_alpha=64"],
-    ))
+    run = settings.resolve(
+        settings.RunRequest(
+            model="qwen2-7b-instruct",
+            config_file=extra,
+            knobs={"learning_rate": 2.0, "cutoff_len": None},
+            set_items=["lora_alpha=64"],
+        )
+    )
     cfg = render.build_train_config(spec("lora", overrides=run.overrides))
     # what the resolver shows is what renders
-    assert all(cfg[k] == v for k, v in run.overrides.items()) and cfg["cutoff_len"] == run.cutoff_len
+    assert (
+        all(cfg[k] == v for k, v in run.overrides.items()) and cfg["cutoff_len"] == run.cutoff_len
+    )
     assert cfg["learning_rate"] == 2.0  # knob beats --config
     assert cfg["logging_steps"] == 7  # --config beats template
     assert cfg["lora_alpha"] == 64  # --set beats everything

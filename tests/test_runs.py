@@ -21,7 +21,8 @@ from tests.helpers.builders import run_manifest as manifest
 from tests.helpers.builders import write_checkpoint, write_safetensors
 
 
-def write(run: Path, data: dict) -> Path:
+def write_run(run: Path, data: dict) -> Path:
+    """A run folder holding only a manifest (qwenft.json) of `data`."""
     run.mkdir(parents=True, exist_ok=True)
     (run / MANIFEST).write_text(json.dumps(data))
     return run
@@ -32,7 +33,7 @@ def test_manifest_round_trips_and_keeps_unknown_keys(tmp_path: Path) -> None:
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["enable_thinking"] is None  # a decided value, written even when None
     assert "merged" not in data  # not set yet: left out
-    run = write(tmp_path / "r", data)
+    run = write_run(tmp_path / "r", data)
     m = read_manifest(run)
     assert m.model.arch is not None and m.model.arch.hidden_size == 896
     assert m.dataset.sha256 == "ab" * 32
@@ -48,7 +49,7 @@ def test_manifest_round_trips_and_keeps_unknown_keys(tmp_path: Path) -> None:
 def test_manifest_without_schema_version_reads_as_version_0(tmp_path: Path) -> None:
     data = manifest().to_dict()
     del data["schema_version"]
-    assert read_manifest(write(tmp_path / "old", data)).schema_version == 0
+    assert read_manifest(write_run(tmp_path / "old", data)).schema_version == 0
 
 
 @pytest.mark.parametrize(
@@ -69,7 +70,7 @@ def test_unreadable_manifests_are_refused(tmp_path: Path, data: object, message:
 
 
 def test_update_manifest_refuses_unknown_fields_and_statuses(tmp_path: Path) -> None:
-    run = write(tmp_path / "r", manifest().to_dict())
+    run = write_run(tmp_path / "r", manifest().to_dict())
     with pytest.raises(TypeError, match="unknown manifest field"):
         update_manifest(run, mergd="/typo")
     with pytest.raises(ValueError, match="unknown run status"):
@@ -79,7 +80,7 @@ def test_update_manifest_refuses_unknown_fields_and_statuses(tmp_path: Path) -> 
 
 def test_freeze_and_full_runs_load_their_own_weights(tmp_path: Path) -> None:
     for method in ("full", "freeze"):
-        run = write(tmp_path / method, manifest(method=method, status="completed").to_dict())
+        run = write_run(tmp_path / method, manifest(method=method, status="completed").to_dict())
         with pytest.raises(QwenftError, match="holds no trained weights"):
             resolve_target(str(run))
         (run / "config.json").write_text("{}")

@@ -288,7 +288,9 @@ def test_recipe_is_the_method_with_the_stage_over_it(method: str, stage: str) ->
     over = render.load_template(f"stages/{stage}")
     assert {k: got[k] for k in over} == over
     assert got["finetuning_type"] == render.load_template(method)["finetuning_type"]
-    run = settings.resolve(settings.RunRequest(model="qwen2-7b-instruct", method=method, stage=stage))
+    run = settings.resolve(
+        settings.RunRequest(model="qwen2-7b-instruct", method=method, stage=stage)
+    )
     assert run.stage == stage and run.values["stage"] == over["stage"]
     assert run.data_kind == {"sft": "sft", "pt": "pt", "kto": "kto"}.get(stage, "preference")
     assert run.packed == (stage == "pt")
@@ -305,7 +307,9 @@ def test_stage_knobs_are_checked_where_every_knob_is() -> None:
     run = resolve("dpo", pref_beta=0.5, pref_loss="ipo", pref_ftx=0.0)
     assert (run.values["pref_beta"], run.values["pref_loss"]) == (0.5, "ipo")
     assert resolve("kto", pref_ftx=1.0).values["pref_ftx"] == 1.0
-    assert resolve("sft", "freeze", freeze_trainable_layers=-2).values["freeze_trainable_layers"] == -2
+    assert (
+        resolve("sft", "freeze", freeze_trainable_layers=-2).values["freeze_trainable_layers"] == -2
+    )
     assert not resolve("pt", packing=False).packed
     for stage, method, knobs, message in [
         ("dpo", "lora", {"pref_beta": -1}, "--beta must be positive"),
