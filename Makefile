@@ -23,8 +23,12 @@ demo: setup
 #   test-fast   no model, no LLaMA-Factory launch; fails if torch/transformers/llamafactory get imported
 #   test-model  the tiny models and tokenizers in-process, no LLaMA-Factory launch
 #   test-e2e    the real LLaMA-Factory in child processes
+# TEST_WORKERS pytest-xdist workers (default 2: this project's CI machines have 2 cores; the
+# session's trained runs are made once for all workers, tests/conftest.py)
+TEST_WORKERS ?= 2
+
 test: setup-gguf
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not model"
@@ -33,7 +37,7 @@ test-model: setup
 	$(PY) -m pytest -q -m "model and not e2e"
 
 test-e2e: setup-gguf
-	$(PY) -m pytest -q -m e2e --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m e2e --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check qwenft tests scripts

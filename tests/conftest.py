@@ -2,7 +2,9 @@
 
 Every test gets its own QWENFT_HOME and working folder (`isolated`). The tiny models are built once
 per session and linked into a test's home (`tiny_home`); trained runs that several tests only read
-are trained once per session in a session home (`lora_run`, `quick_runs`).
+are trained once per session in a session home (`lora_run`, `quick_runs`, `pt_run`). `make test`
+runs the suite on two pytest-xdist workers: the session's folders and runs are then made once for
+both (`session_dir`, `made_once`: whichever worker needs one first makes it under a file lock).
 
 Tiers are set here from the fixtures a test uses, never by hand (tests/README.md):
   model  the test needs the Qwen vocabulary or the tiny models (MODEL_FIXTURES);
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from qwenft.fsutil import file_lock
 from tests.helpers.builders import chat_rows, write_jsonl, write_model_folder
 from tests.helpers.e2e import LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft
 
@@ -35,6 +39,15 @@ _fast_session = pytest.StashKey[bool]()
 _heavy_before = pytest.StashKey[set]()
 _heavy_report = pytest.StashKey[list]()
 _heavy_first_seen: dict[str, str] = {}  # module -> where it was first imported in this process
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On several xdist workers, each worker's torch (in-process and in the LLaMA-Factory children
+    it starts) computes on one thread: two workers then use the two cores without oversubscribing
+    them (torch's default, a thread per core in every process, made parallel runs slower)."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects on these markers
@@ -198,6 +211,27 @@ def no_token_stats(monkeypatch: pytest.MonkeyPatch) -> None:
 # model tier: the real Qwen vocabulary and the tiny models
 
 
+def session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of the test session's, the same for every xdist worker (their base temp folders
+    share a parent), created if missing."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def made_once(root: Path, name: str, make: Callable[[], None]) -> None:
+    """Run make() unless it already completed in this session (in any worker); workers that
+    need it meanwhile wait on the lock. A make() that fails is tried again by the next user."""
+    with file_lock(root / f".{name}.lock"):
+        done = root / f".{name}.done"
+        if not done.exists():
+            make()
+            done.touch()
+
+
 @pytest.fixture(scope="session")
 def vocab_file() -> Path:
     """The real Qwen vocabulary, fetched once into the default home (~/.cache/qwenft)."""
@@ -208,11 +242,18 @@ def vocab_file() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_home(tmp_path_factory: pytest.TempPathFactory, vocab_file: Path) -> Path:
-    """The session's vocab and tiny models (built on first use, by whichever test needs one)."""
-    home = tmp_path_factory.mktemp("qwenft-home")
-    (home / "vocab").mkdir()
-    (home / "vocab" / "qwen.tiktoken").symlink_to(vocab_file)
-    (home / "models").mkdir()
+    """The session's vocab and tiny models (built on first use, by whichever test needs one,
+    under models.tiny's own lock)."""
+    home = session_dir(tmp_path_factory, "qwenft-home")
+
+    def make() -> None:
+        (home / "vocab").mkdir(exist_ok=True)
+        link = home / "vocab" / "qwen.tiktoken"
+        if not link.is_symlink():
+            link.symlink_to(vocab_file)
+        (home / "models").mkdir(exist_ok=True)
+
+    made_once(home, "home", make)
     return home
 
 
@@ -245,12 +286,16 @@ def qwenft(tiny_home: Path) -> Qwenft:
 def e2e_home(tmp_path_factory: pytest.TempPathFactory, shared_home: Path) -> Qwenft:
     """A session home and folder for the shared runs below: tests must not write into it (copy a
     run with helpers.e2e.copy_run first)."""
-    root = tmp_path_factory.mktemp("e2e-session")
-    (root / "home").mkdir()
-    (root / "work").mkdir()
-    home = _link_models(root / "home", shared_home)
-    write_jsonl(root / "chat.jsonl", chat_rows())
-    return Qwenft(home=home, cwd=root / "work")
+    root = session_dir(tmp_path_factory, "e2e-session")
+
+    def make() -> None:
+        (root / "home").mkdir(exist_ok=True)
+        (root / "work").mkdir(exist_ok=True)
+        _link_models(root / "home", shared_home)
+        write_jsonl(root / "chat.jsonl", chat_rows())
+
+    made_once(root, "e2e-home", make)
+    return Qwenft(home=root / "home", cwd=root / "work")
 
 
 @pytest.fixture(scope="session")
@@ -260,7 +305,11 @@ def lora_run(e2e_home: Qwenft) -> Path:
     run = e2e_home.cwd / "runs" / "lora"
     data = e2e_home.cwd.parent / "chat.jsonl"
     args = ["--model", "tiny-qwen2", "--method", "lora", "--data", data, "-o", run]
-    e2e_home("train", *args, "--max-steps", LEARN_STEPS, *LEARN)
+    made_once(
+        e2e_home.cwd.parent,
+        "lora_run",
+        lambda: e2e_home("train", *args, "--max-steps", LEARN_STEPS, *LEARN),
+    )
     return run
 
 
@@ -273,8 +322,14 @@ def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
     data = e2e_home.cwd.parent / "chat.jsonl"
     runs = {"qlora": e2e_home.cwd / "runs" / "qlora", "cutoff96": e2e_home.cwd / "runs" / "c96"}
     base = ["--model", "tiny-qwen2", "--data", data]
-    e2e_home("train", *base, "--method", "qlora", "-o", runs["qlora"], *QUICK)
-    e2e_home("train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96, "--set", "tool_format=qwen")
+
+    def make() -> None:
+        e2e_home("train", *base, "--method", "qlora", "-o", runs["qlora"], *QUICK)
+        e2e_home(
+            "train", *base, "-o", runs["cutoff96"], *QUICK_CUTOFF_96, "--set", "tool_format=qwen"
+        )
+
+    made_once(e2e_home.cwd.parent, "quick_runs", make)
     return runs
 
 
@@ -285,21 +340,25 @@ def pt_run(e2e_home: Qwenft) -> Path:
     from tests.helpers.builders import QA
 
     corpus = e2e_home.cwd.parent / "corpus.txt"
-    corpus.write_text("\n".join(a for _ in range(12) for _, a in QA) + "\n", encoding="utf-8")
     run = e2e_home.cwd / "runs" / "pt"
-    e2e_home(
-        "train",
-        "--stage",
-        "pt",
-        "--model",
-        "tiny-qwen2",
-        "--data",
-        corpus,
-        "-o",
-        run,
-        *QUICK[:6],
-        "--cutoff-len",
-        "32",
-        *QUICK[8:],
-    )
+
+    def make() -> None:
+        corpus.write_text("\n".join(a for _ in range(12) for _, a in QA) + "\n", encoding="utf-8")
+        e2e_home(
+            "train",
+            "--stage",
+            "pt",
+            "--model",
+            "tiny-qwen2",
+            "--data",
+            corpus,
+            "-o",
+            run,
+            *QUICK[:6],
+            "--cutoff-len",
+            "32",
+            *QUICK[8:],
+        )
+
+    made_once(e2e_home.cwd.parent, "pt_run", make)
     return run

@@ -28,8 +28,12 @@ def test_demo_learns_its_data_and_the_merged_model_stops(qwenft: Qwenft, tmp_pat
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qwenft "$@"\n')
     shim.chmod(0o755)
     run, out = tmp_path / "demo-run", tmp_path / "demo.json"
-    env = env_without_fake(
-        QWENFT=str(shim), PYTHON=sys.executable, DEMO_RUN=str(run), DEMO_JSON=str(out)
+    env = env_without_fake(  # COLUMNS: the table's width, wide enough for every answer whole
+        QWENFT=str(shim),
+        PYTHON=sys.executable,
+        DEMO_RUN=str(run),
+        DEMO_JSON=str(out),
+        COLUMNS="160",
     )
     proc = subprocess.run(
         [str(DEMO)], capture_output=True, text=True, env=env, timeout=900, check=False

@@ -319,6 +319,9 @@ def _serve_llamacpp(qwenft: Qwenft, run: Path, tmp_path: Path) -> None:
         )
         with pytest.raises(openai.AuthenticationError):
             wrong.chat.completions.create(model=run.name, messages=messages, max_tokens=2)
+        with pytest.raises(openai.NotFoundError) as unknown:  # OpenAI's answer to a wrong model
+            client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
+        assert unknown.value.code == "model_not_found"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         time.sleep(1)

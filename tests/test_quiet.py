@@ -39,7 +39,7 @@ def test_merge_and_chat_print_only_qwenft_lines(
     assert_quiet(merged.stdout + merged.stderr, "merge")
     assert "check: greedy answer" in merged.stderr and "verify: largest" in merged.stderr
     log = (run / "merge.log").read_text()
-    assert "Loading weights" in log  # LLaMA-Factory's export keeps its output in its log
+    assert "Model config" in log  # LLaMA-Factory's export keeps its output in its log
     for args in ([run], ["tiny-qwen2", "--adapter", lora_run]):  # merged; base + adapter (peft)
         chat = qwenft("chat", *args, "--prompt", QA[0][0], "--max-new-tokens", 12)
         assert_quiet(chat.stdout + chat.stderr, f"chat {args}")
