@@ -452,9 +452,7 @@ def _gguf_prompt_ids(llm: Any, messages: list[dict[str, str]], thinking: bool | 
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
     env.globals["raise_exception"] = raise_exception
     extra = {} if thinking is None else {"enable_thinking": thinking}
-    text = env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, **extra
-    )
+    text = env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra)
     return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
