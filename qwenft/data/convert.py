@@ -388,6 +388,19 @@ def _call_arguments(fn: dict, name: str, fld: str) -> dict:
     return args
 
 
+def _call_message(calls: list[dict], text: str, reasoning: str | None) -> dict:
+    """The function_call turn of an assistant turn's calls ({"name", "arguments"}; a list for
+    parallel calls), after its text and its reasoning."""
+    from qwenft.data.reasoning import with_reasoning
+
+    body = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+    if text.strip():  # LLaMA-Factory keeps the text before a <tool_call> block
+        body = f"{text.rstrip()}\n<tool_call>{body}</tool_call>"
+    if reasoning is not None:
+        body = with_reasoning(reasoning, body)
+    return {"role": FUNCTION_CALL, "content": body}
+
+
 def _reasoning(m: dict, fld: str) -> str | None:
     """The reasoning of an assistant turn (reasoning_content, as DeepSeek's and OpenAI-compatible
     APIs name it, or reasoning), None when it has none."""
@@ -522,12 +535,7 @@ def _openai_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> l
                 parsed.append({"name": name, "arguments": args})
                 pending.append([cid, name, None])
             pending_at = f + ".tool_calls"
-            body = json.dumps(parsed[0] if len(parsed) == 1 else parsed, ensure_ascii=False)
-            if text.strip():  # LLaMA-Factory keeps the text before a <tool_call> block
-                body = f"{text.rstrip()}\n<tool_call>{body}</tool_call>"
-            if reasoning is not None:
-                body = with_reasoning(reasoning, body)
-            messages.append({"role": FUNCTION_CALL, "content": body})
+            messages.append(_call_message(parsed, text, reasoning))
         else:
             raise RowError(
                 "bad_role",
@@ -731,12 +739,7 @@ def _part_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> lis
                     f"({', '.join(sorted(tool_names))})",
                     f"{f}.content (tool call {c})",
                 )
-        body = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
-        if text.strip():  # LLaMA-Factory keeps the text before a <tool_call> block
-            body = f"{text.rstrip()}\n<tool_call>{body}</tool_call>"
-        if thought is not None:
-            body = with_reasoning(thought, body)
-        messages.append({"role": FUNCTION_CALL, "content": body})
+        messages.append(_call_message(calls, text, thought))
     return messages
 
 
