@@ -6,14 +6,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-gguf demo test test-fast test-model test-e2e lint bench bench-gpu clean-venv
+.PHONY: setup setup-gguf setup-extras demo test test-fast test-model test-e2e lint bench bench-gpu clean-venv
 
 setup:
 	@scripts/setup_env.sh
 
-# setup plus the gguf extra (llama-cpp-python, built once): what the tests of `qwenft export` need
+# setup plus the optional extras, each from its own lock (requirements/<extra>.lock; they never
+# change requirements/cpu.lock): what `make test` needs. gguf: llama-cpp-python (built once)
+EXTRAS ?= gguf
+setup-extras:
+	@QWENFT_EXTRAS="$(EXTRAS)" scripts/setup_env.sh
+
 setup-gguf:
-	@QWENFT_GGUF=1 scripts/setup_env.sh
+	@QWENFT_EXTRAS=gguf scripts/setup_env.sh
 
 demo: setup
 	@scripts/demo.sh
@@ -27,7 +32,7 @@ demo: setup
 # session's trained runs are made once for all workers, tests/conftest.py)
 TEST_WORKERS ?= 2
 
-test: setup-gguf
+test: setup-extras
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-fast: setup
@@ -36,7 +41,7 @@ test-fast: setup
 test-model: setup
 	$(PY) -m pytest -q -m "model and not e2e"
 
-test-e2e: setup-gguf
+test-e2e: setup-extras
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m e2e --durations=15
 
 lint: setup

@@ -21,30 +21,51 @@ if [ "$MODE" = auto ]; then
 fi
 case "$MODE" in cpu|cuda) ;; *) echo "QWENFT_INSTALL must be auto, cpu or cuda (got '$MODE')" >&2; exit 2;; esac
 
-# QWENFT_GGUF=1 (what `make test` sets) adds the gguf extra: llama-cpp-python, a source build
-# of 6-12 minutes on a 2-core CPU the first time (pip's wheel cache makes later installs quick).
-# `make demo` does not wait for it; `qwenft export` and `qwenft doctor` say how to add it.
-install_gguf() {
-  local want="$MODE $(cat requirements/gguf.lock pyproject.toml | sha256sum | cut -c1-16)"
-  local stamp="$VENV/.qwenft-gguf"
-  if [ "${QWENFT_GGUF:-0}" != 1 ] || { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
-    return 0
-  fi
-  echo "setup: adding the gguf extra (llama-cpp-python; the first build takes 6-12 minutes on 2 cores)"
+# QWENFT_EXTRAS="gguf optimizers tracking" (what `make test` sets) adds optional extras, each
+# from its own lock, requirements/<extra>.lock, installed with --no-deps over the CPU lock (which
+# they never change): gguf (llama-cpp-python, a source build of 6-12 minutes on 2 cores the first
+# time; pip's wheel cache makes later installs quick), optimizers (GaLore, APOLLO, BAdam),
+# tracking (TensorBoard, MLflow, W&B).
+# `make demo` waits for none of them; the commands that need one, and `qwenft doctor`, say how to
+# add it.
+EXTRAS=${QWENFT_EXTRAS:-}
+install_extra() {
+  local name=$1 lock="requirements/$1.lock"
+  [ -f "$lock" ] || { echo "setup: unknown extra '$name' (no $lock)" >&2; exit 2; }
+  local want="$MODE $(cat "$lock" pyproject.toml | sha256sum | cut -c1-16)"
+  local stamp="$VENV/.qwenft-extra-$name"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  echo "setup: adding the $name extra ($(grep -m1 '^# extra:' "$lock" | cut -c10-))"
   if [ "$MODE" = cpu ]; then
-    "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps -r requirements/gguf.lock
+    "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps -r "$lock"
   else
-    "$VENV/bin/python" -m pip --disable-pip-version-check install -q -e ".[gguf]"
+    "$VENV/bin/python" -m pip --disable-pip-version-check install -q -e ".[$name]"
   fi
-  "$VENV/bin/python" -c 'import llama_cpp; print("setup: llama-cpp-python", llama_cpp.__version__)'
+  # the lock's own packages, as installed
+  local pkgs
+  pkgs=$(grep -oE '^[A-Za-z0-9_.-]+==[^ ;]+' "$lock" | tr '\n' ' ')
+  "$VENV/bin/python" - $pkgs <<'PY'
+import sys
+from importlib.metadata import version
+
+for pin in sys.argv[1:]:
+    name, want = pin.split("==")
+    got = version(name)
+    assert got == want, f"{name}: {got} installed, {want} locked"
+print("setup:", ", ".join(sys.argv[1:]))
+PY
   echo "$want" > "$stamp"
+}
+install_extras() {
+  local name
+  for name in $EXTRAS; do install_extra "$name"; done
 }
 
 stamp_want="$MODE $(cat requirements/cpu.lock pyproject.toml | sha256sum | cut -c1-16)"
 stamp_file="$VENV/.qwenft-install"
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_want" ]; then
   echo "setup: $VENV is up to date ($MODE install)"
-  install_gguf
+  install_extras
   exit 0
 fi
 
@@ -70,5 +91,5 @@ fi
 
 "$VENV/bin/python" -c 'import torch, transformers, llamafactory; print("setup: torch", torch.__version__, "| transformers", transformers.__version__, "| llamafactory", llamafactory.__version__)'
 echo "$stamp_want" > "$stamp_file"
-rm -f "$VENV/.qwenft-gguf"
-install_gguf
+rm -f "$VENV"/.qwenft-extra-*
+install_extras
