@@ -16,6 +16,7 @@ that imports one of them fails the run, named."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 
 from qwenft.fsutil import file_lock
 from tests.helpers.builders import chat_rows, write_jsonl, write_model_folder
-from tests.helpers.e2e import LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft
+from tests.helpers.e2e import FEW, LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft, copy_run
 
 FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
 
@@ -32,7 +33,7 @@ FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
 # tiers
 
 MODEL_FIXTURES = {"vocab_file", "shared_home", "tiny_home"}
-E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "quick_runs", "pt_run"}
+E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "merged_lora", "quick_runs", "pt_run"}
 HEAVY_MODULES = ("torch", "transformers", "llamafactory")
 
 _fast_session = pytest.StashKey[bool]()
@@ -334,9 +335,27 @@ def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def merged_lora(e2e_home: Qwenft, lora_run: Path) -> Path:
+    """A copy of `lora_run` merged once (`qwenft merge --verify`; what it printed on stderr is in
+    `merge.stderr` beside the folder): the merge and chat test reads it, the DPO test starts from
+    it, the GGUF export test exports a copy of it."""
+    run = e2e_home.cwd / "runs" / "lora-merged"
+
+    def make() -> None:
+        shutil.rmtree(run, ignore_errors=True)  # a merge that failed earlier in the session
+        copy_run(lora_run, run)
+        out = e2e_home("merge", run, "--verify")
+        (run.parent / "merge.stderr").write_text(out.stderr, encoding="utf-8")
+
+    made_once(e2e_home.cwd.parent, "merged_lora", make)
+    return run
+
+
+@pytest.fixture(scope="session")
 def pt_run(e2e_home: Qwenft) -> Path:
-    """A continued-pre-training run (--stage pt, LoRA) on the QA answers as a text corpus, a few
-    quick steps (32-token blocks): what export does with a pt run (test_export.py)."""
+    """A continued-pre-training run (--stage pt, LoRA) on the QA answers as a text corpus, 12 steps
+    of 32-token blocks at lr 5e-3 (what it printed on stderr is in `pt.stderr` beside it): the pt
+    test checks that its loss fell, test_export.py exports it."""
     from tests.helpers.builders import QA
 
     corpus = e2e_home.cwd.parent / "corpus.txt"
@@ -344,7 +363,7 @@ def pt_run(e2e_home: Qwenft) -> Path:
 
     def make() -> None:
         corpus.write_text("\n".join(a for _ in range(12) for _, a in QA) + "\n", encoding="utf-8")
-        e2e_home(
+        out = e2e_home(
             "train",
             "--stage",
             "pt",
@@ -354,11 +373,16 @@ def pt_run(e2e_home: Qwenft) -> Path:
             corpus,
             "-o",
             run,
-            *QUICK[:6],
+            "--max-steps",
+            "12",
+            "--lr",
+            "5e-3",
+            *FEW[:4],
             "--cutoff-len",
             "32",
-            *QUICK[8:],
+            *FEW[6:],
         )
+        (run.parent / "pt.stderr").write_text(out.stderr, encoding="utf-8")
 
     made_once(e2e_home.cwd.parent, "pt_run", make)
     return run

@@ -12,16 +12,8 @@ import math
 from pathlib import Path
 
 from tests.helpers.builders import QA, WRONG, chat_rows, pair_rows, write_jsonl
-from tests.helpers.e2e import LEARN, Qwenft, copy_run, losses, manifest
+from tests.helpers.e2e import FEW, LEARN, Qwenft, losses, manifest
 from tests.helpers.learning import LM, scores_text, trained_rows
-
-# Short runs: every step logged, no checkpoints, no held-out split.
-FEW = (
-    "--batch-size 4 --grad-accum 1 --cutoff-len 128 --val-size 0 "
-    "--set logging_steps=1 --set save_steps=1000 --set lr_scheduler_type=constant "
-    "--set warmup_ratio=0"
-).split()
-
 
 # The learning criteria (tests/helpers/learning.py), each a fraction of what this machine
 # measures, so that they hold wherever training lands: ORPO (ORPO_STEPS) lifts each chosen answer
@@ -45,10 +37,9 @@ def log_history(run: Path) -> list[dict]:
 
 
 def test_dpo_from_an_sft_run_separates_the_pairs(
-    lora_run: Path, qwenft: Qwenft, tmp_path: Path
+    merged_lora: Path, qwenft: Qwenft, tmp_path: Path
 ) -> None:
-    sft = copy_run(lora_run, tmp_path / "sft")  # the shared run stays as it is
-    qwenft("merge", sft, "--no-check")
+    sft = merged_lora  # the session's SFT run, merged (read only: --from writes nothing into it)
     # LLaMA-Factory's dpo_en_demo shape: sharegpt with chosen/rejected turns
     demo = [
         {
@@ -89,7 +80,7 @@ def test_dpo_from_an_sft_run_separates_the_pairs(
     assert margins[-1] > margins[0] and margins[-1] > 0, margins
     assert m["summary"]["stage_figures"]["rewards/accuracies"][1] == accuracies[-1]
     assert "dpo: rewards/accuracies" in out.stderr
-    assert "<- sft" in qwenft("runs", "--dir", tmp_path).stdout
+    assert f"<- {sft.name}" in qwenft("runs", "--dir", tmp_path).stdout
     # DPO separated every pair further than its reference (the SFT run's merged model) did: the
     # implicit reward margin of each pair, in nats (rewards/accuracies 1.0, with room to spare)
     policy, reference = LM.of_run(run, merged=False), LM(sft / "merged")
@@ -165,30 +156,9 @@ def test_kto_trains_on_labels_converted_from_llamafactorys_demo_shape(
     assert manifest(run)["stage"] == "kto" and "kto: " in out.stderr
 
 
-def test_pt_on_a_text_corpus_lowers_the_loss(qwenft: Qwenft, tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(a for _ in range(12) for _, a in QA) + "\n", encoding="utf-8")
-    run = tmp_path / "pt"
-    out = qwenft(
-        "train",
-        "--stage",
-        "pt",
-        "--model",
-        "tiny-qwen2",
-        "--data",
-        corpus,
-        "-o",
-        run,
-        "--max-steps",
-        "12",
-        "--lr",
-        "5e-3",
-        *FEW[:4],
-        "--cutoff-len",
-        "32",
-        *FEW[6:],
-    )
-    assert "packed into" in out.stderr
+def test_pt_on_a_text_corpus_lowers_the_loss(pt_run: Path) -> None:
+    run = pt_run  # 12 steps of 32-token blocks of the QA answers at lr 5e-3 (conftest)
+    assert "packed into" in (run.parent / "pt.stderr").read_text()
     curve = losses(run)
     # measured here: 30.6 -> 14.7 (0.48 of the first) in 12 steps, the fall starting at step 6
     assert curve[-1] < 0.7 * curve[0], curve

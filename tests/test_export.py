@@ -234,13 +234,12 @@ def _check_export(qwenft: Qwenft, run: Path, quant: str, *, stops: bool = True) 
 
 
 def test_export_gguf_of_a_lora_run_end_to_end(
-    lora_run: Path, qwenft: Qwenft, tmp_path: Path
+    merged_lora: Path, qwenft: Qwenft, tmp_path: Path
 ) -> None:
     from transformers import AutoTokenizer
 
-    run = copy_run(lora_run, tmp_path / "lora")
-    f16 = _check_export(qwenft, run, "f16")  # merges first: the copy has no merged model
-    assert manifest(run)["merged"]
+    run = copy_run(merged_lora, tmp_path / "lora")  # a copy: export writes into the run
+    f16 = _check_export(qwenft, run, "f16")
     q8 = _check_export(qwenft, run, "q8_0")
     assert q8["size_bytes"] < f16["size_bytes"]
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QA[1][0]}]

@@ -29,6 +29,12 @@ LEARN = (
     "--set logging_steps=5 --set save_steps=1000"
 ).split()
 LEARN_STEPS = 80
+# Short runs of the stages: every step logged, no checkpoints, no held-out split.
+FEW = (
+    "--batch-size 4 --grad-accum 1 --cutoff-len 128 --val-size 0 "
+    "--set logging_steps=1 --set save_steps=1000 --set lr_scheduler_type=constant "
+    "--set warmup_ratio=0"
+).split()
 # Three steps, one sample a step: the distributed tests.
 SHORT = (
     "--max-steps 3 --batch-size 1 --grad-accum 1 --cutoff-len 64 --val-size 0 "
