@@ -12,8 +12,9 @@ setup:
 	@scripts/setup_env.sh
 
 # setup plus the optional extras, each from its own lock (requirements/<extra>.lock; they never
-# change requirements/cpu.lock): what `make test` needs. gguf: llama-cpp-python (built once)
-EXTRAS ?= gguf
+# change requirements/cpu.lock): what `make test` needs. gguf: llama-cpp-python (built once);
+# optimizers: GaLore, APOLLO, BAdam; tracking: TensorBoard, MLflow, W&B
+EXTRAS ?= gguf optimizers tracking
 setup-extras:
 	@QWENFT_EXTRAS="$(EXTRAS)" scripts/setup_env.sh
 

@@ -1,9 +1,9 @@
 """The choices qwenft offers, each an enum with its facts: methods (what each one trains and
 writes), templates, DeepSpeed stages, thinking modes, over-length policies, training stages (the
 stage table: LLaMA-Factory's stage, data kind, pairs, reference model, figures) and the data kinds
-they take, chat backends, GGUF quantizations. The CLI shows these as the choices of every option
-that takes them, and the core checks against the same lists, so `plan`, `train`, `data check` and
-`eval` cannot disagree. The LLaMA-Factory keys (knobs) are in qwenft.knobs.
+they take, chat backends, GGUF quantizations, experiment trackers. The CLI shows these as the
+choices of every option that takes them, and the core checks against the same lists, so `plan`,
+`train`, `data check` and `eval` cannot disagree. The LLaMA-Factory keys (knobs) are in qwenft.knobs.
 
 Pure data (it imports only errors): every other module may import it.
 """
@@ -223,6 +223,16 @@ class GgufQuant(Choice):
     F16 = "f16"
     Q8_0 = "q8_0"
     Q4_K_M = "q4_k_m"
+
+
+class Tracker(Choice):
+    """`qwenft train --report-to`: the experiment trackers qwenft sets up (qwenft.runs.tracking)."""
+
+    TENSORBOARD = "tensorboard"
+    MLFLOW = "mlflow"
+    WANDB = "wandb"
+    SWANLAB = "swanlab"
+    TRACKIO = "trackio"
 
 
 DEFAULT_METHOD = Method.LORA

@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qwenft import knobs, settings
 from qwenft.errors import QwenftError
 from qwenft.lf import launcher as lf_launcher
 from qwenft.models.llamacpp import INSTALL_HINT as GGUF_INSTALL_HINT
@@ -93,6 +94,7 @@ def run_checks() -> list[Check]:
                 "transformers; text fine-tuning does not need it)",
             )
         )
+    checks += menu_checks()
     gpus = _gpus()
     checks.append(
         Check("gpus", True, ", ".join(gpus) if gpus else "none (CPU training only)", required=False)
@@ -114,6 +116,28 @@ def run_checks() -> list[Check]:
             required=False,
         )
     )
+    return checks
+
+
+def menu_checks() -> list[Check]:
+    """Which options of LLaMA-Factory's menu this machine can use: every knob value that needs
+    something of the machine (a CUDA GPU, a package: knobs.Needs), checked as `train` checks it
+    before launch (settings.unmet_needs)."""
+    checks = []
+    for knob in knobs.KNOBS:
+        for need in knob.needs:
+            value = need.values[0]
+            [(label, _)] = [x for x in knobs.needs_of({knob.key: value}) if x[1] is need]
+            problems = settings.unmet_needs({knob.key: value})
+            checks.append(
+                Check(
+                    label,
+                    not problems,
+                    problems[0].message.removeprefix(f"{label} ") if problems else "usable here",
+                    problems[0].hint or "" if problems else "",
+                    required=False,
+                )
+            )
     return checks
 
 

@@ -7,13 +7,13 @@ stages and methods that read it. Everything else is derived from the table:
 - the options of `train`, `plan`, `eval` and `data check` (qwenft.cli.common.knob_options);
 - the range checks, whichever layer set the key (--config, an option, --set) and whichever
   command it came through (`problems`);
-- the applicability checks: a key that the run's stage or method would ignore in silence is
-  refused (`inapplicable`);
+- the applicability checks: a key that the run's stage or method would ignore in silence, or
+  that is set without the switch it belongs to (`requires`), is refused (`inapplicable`);
 - how messages name a key: with the qwenft option that sets it (`key_label`, `bad_value`);
 - the values and combinations refused before launch because LLaMA-Factory would refuse them, ignore
-  them in silence or crash on them (`Refusal`, `refused`), the keys a knob needs beside it
-  (`implies`), and what a value needs of the machine that trains: a CUDA device, a package
-  (`Needs`; train checks them, qwenft.settings.unmet_needs).
+  them in silence or crash on them (`Refusal`, `refused`), the keys a knob writes beside it unless
+  they are set (`implies`), and what a value needs of the machine that trains: a CUDA device, a
+  package (`Needs`; train checks them, qwenft.settings.unmet_needs).
 
 Adding a knob is one `Knob(...)` row (plus its tests). Pure data: imports only choices and errors.
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qwenft.choices import DPO_LOSSES, DeepSpeed, Method, Stage
+from qwenft.choices import DPO_LOSSES, DeepSpeed, Method, Stage, Tracker
 from qwenft.errors import QwenftError
 
 # The commands that offer knob options (their names as a person types them).
@@ -55,7 +55,12 @@ WHOLE_NOT_ZERO = Rule(lambda v: v != 0 and float(v).is_integer(), "a whole numbe
 PREFERENCE = tuple(s for s in Stage if s.facts.paired)
 ADAPTERS = tuple(m for m in Method if m.facts.adapter)
 ZERO3 = (DeepSpeed.Z3.value, DeepSpeed.Z3_OFFLOAD.value)
+WITH_DEEPSPEED = tuple(d.value for d in DeepSpeed if d != DeepSpeed.NONE)
+OWN_WEIGHTS = tuple(m for m in Method if m.facts.own_weights)
 LF = "LLaMA-Factory 0.9.5"
+# The run's choices a Refusal may name beside the keys it sets (`refused`'s context): processes is
+# the count of processes in all (--gpus or --cpu-procs, times --nnodes).
+RUN_CHOICES = ("deepspeed", "stage", "method", "processes")
 
 
 @dataclass(frozen=True)
@@ -63,21 +68,29 @@ class Refusal:
     """Values of a knob refused before launch, because LLaMA-Factory would refuse them, ignore them
     in silence or crash on them: "OPTION VALUE: `why`", with `fix` as the hint. `values` (): every
     value that is set (not None, not false). With `with_key`, only together with that key set to
-    one of `with_values` ((): to any value that is set); the key is another knob's, or one of the
-    run's choices `refused` is given (deepspeed, stage, method)."""
+    one of `with_values` ((): to any value that is set; `other_than`: to a value that is set and
+    not one of them); the key is another key the run sets, or one of the run's choices `refused`
+    is given (RUN_CHOICES). `also`: more (key, values) that must all hold (the key set to one of
+    the values)."""
 
     why: str
     fix: str
     values: tuple[Any, ...] = ()
     with_key: str = ""
     with_values: tuple[Any, ...] = ()
+    other_than: bool = False
+    also: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def applies(self, value: Any, context: Mapping[str, Any]) -> bool:
         if not (value in self.values if self.values else _is_set(value)):
             return False
+        if not all(context.get(key) in values for key, values in self.also):
+            return False
         if not self.with_key:
             return True
         other = context.get(self.with_key)
+        if self.other_than:
+            return _is_set(other) and other not in self.with_values
         return other in self.with_values if self.with_values else _is_set(other)
 
 
@@ -91,6 +104,7 @@ class Needs:
     cuda: bool = False
     compute_cap: float = 0.0  # the least CUDA compute capability (FlashAttention-2: 8.0, Ampere)
     packages: tuple[tuple[str, str], ...] = ()
+    extra: str = ""  # qwenft's extra that installs them (pyproject.toml, requirements/<extra>.lock)
 
 
 def _is_set(value: Any) -> bool:
@@ -101,21 +115,24 @@ def _is_set(value: Any) -> bool:
 class Knob:
     """One LLaMA-Factory key as qwenft knows it."""
 
-    key: str  # LLaMA-Factory's name
+    key: str  # LLaMA-Factory's name (or qwenft's own, with own=True)
     option: str | None = None  # the qwenft option ("--a/--no-a": a switch); None: --set only
     type: type = int  # int | float | str | bool
     help: str = ""
     rule: Rule | None = None  # the range; None: any value of the type
     stages: tuple[Stage, ...] = ()  # the stages that read it; (): every stage
     methods: tuple[Method, ...] = ()  # the methods that read it; (): every method
+    requires: str = ""  # the switch (a knob's key) it does nothing without: --galore-rank, --galore
     commands: tuple[str, ...] = (TRAIN,)  # the commands that offer the option
     choices: tuple[str, ...] = ()  # allowed values of a text knob
+    many: bool = False  # a text knob taking several choices: a comma list (or a YAML list)
     invert: bool = False  # a switch that sets the key to its negation (--no-gradient-checkpointing)
     section: str = ""  # train.yaml's section for a key lf.render.SECTIONS does not place
     aliases: tuple[tuple[str, str], ...] = ()  # option value -> LLaMA-Factory's (eager: disabled)
     refuse: tuple[Refusal, ...] = ()  # values (and combinations) refused before launch
-    implies: tuple[tuple[str, Any], ...] = ()  # keys LLaMA-Factory needs beside a set value
+    implies: tuple[tuple[str, Any], ...] = ()  # keys written beside a set value, unless set
     needs: tuple[Needs, ...] = ()  # what a value needs of the machine that trains
+    own: bool = False  # qwenft carries it out before launch; LLaMA-Factory has no such key
 
     @property
     def flag(self) -> str | None:
@@ -137,6 +154,69 @@ class Knob:
         if self.aliases and value in dict(self.aliases):
             return dict(self.aliases)[value]
         return (not value) if self.invert and value is not None else value
+
+    def given(self, value: Any) -> tuple[Any, ...]:
+        """The values set: a `many` knob's each, in order, once (none for null or "none",
+        LLaMA-Factory's word for none); any other knob's value alone."""
+        if not self.many:
+            return (value,)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            items = [] if items is None else [items]
+        names = tuple(dict.fromkeys(n for n in (str(v).strip() for v in items) if n))
+        return () if names == ("none",) else names
+
+
+# The optimizers' shared refusals (their rows are below).
+GALORE_OPTIMS = ("adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor")
+NO_DEEPSPEED = Refusal(
+    f'{LF} refuses GaLore and APOLLO under DeepSpeed ("GaLore and APOLLO are incompatible with '
+    'DeepSpeed yet")',
+    "--deepspeed none (--method full's auto is z3)",
+    with_key="deepspeed",
+    with_values=WITH_DEEPSPEED,
+)
+
+
+def _one_optimizer(key: str, fix: str) -> Refusal:
+    """Two of GaLore, APOLLO and BAdam (each pair refused once, on the first one's row)."""
+    return Refusal(
+        f'{LF} runs one of them ("Cannot use GaLore, APOLLO or BAdam together")', fix, with_key=key
+    )
+
+
+def _layerwise(name: str) -> tuple[Refusal, ...]:
+    """Layer-wise GaLore and APOLLO step each weight in its gradient hook: one process, no
+    gradient accumulation (LLaMA-Factory's parser and its optimizer factory)."""
+    flag = f"--{name.lower()}-layerwise"
+    return (
+        Refusal(
+            f'{LF} refuses layer-wise {name} in distributed training ("Distributed training does '
+            f'not support layer-wise {name}.")',
+            f"train on one process, or drop {flag}",
+            with_key="processes",
+            with_values=(1,),
+            other_than=True,
+        ),
+        Refusal(
+            f'{LF} steps each weight during the backward pass ("Per-layer {name} does not support '
+            'gradient accumulation.")',
+            f"drop --grad-accum ({flag} sets 1); a larger --batch-size keeps more samples a step",
+            with_key="gradient_accumulation_steps",
+            with_values=(1,),
+            other_than=True,
+        ),
+    )
+
+
+def _badam_mode_only(mode: str) -> Refusal:
+    """A BAdam key that LLaMA-Factory reads in one --badam-mode only (ignored in the other)."""
+    return Refusal(
+        f"{LF} reads it in BAdam's {mode} mode only",
+        f"drop it, or --badam-mode {mode}",
+        with_key="badam_mode",
+        with_values=("ratio" if mode == "layer" else "layer",),
+    )
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -261,6 +341,13 @@ KNOBS: tuple[Knob, ...] = (
                 "drop --dora or --pissa",
                 with_key="use_dora",
             ),
+            Refusal(
+                "merge, chat, serve and eval apply the plain-LoRA copy LLaMA-Factory writes with "
+                "pissa_convert (the run's own adapter is relative to PiSSA's residual base)",
+                "drop pissa_convert (--pissa sets it)",
+                with_key="pissa_convert",
+                with_values=(False,),
+            ),
         ),
     ),
     Knob(
@@ -280,6 +367,56 @@ KNOBS: tuple[Knob, ...] = (
         section="method",
     ),
     Knob(
+        "loftq",
+        "--loftq",
+        bool,
+        "LoftQ: start QLoRA from a 4-bit base and adapter that together approximate the base "
+        "(qwenft computes them once, into its cache; qlora).",
+        methods=(Method.QLORA,),
+        own=True,  # LLaMA-Factory 0.9.5 takes LoftQ only from its repository's scripts
+        refuse=(
+            Refusal(
+                "LoftQ's initial adapter is a plain LoRA, which LLaMA-Factory trains as it is "
+                "(DoRA would be ignored)",
+                "drop --dora or --loftq",
+                with_key="use_dora",
+            ),
+            Refusal(
+                "qwenft computes LoftQ for 4-bit NF4, the quantization LLaMA-Factory's QLoRA "
+                "loads on bitsandbytes",
+                "drop quantization_bit (4, the default)",
+                with_key="quantization_bit",
+                with_values=(2, 3, 5, 6, 8),
+            ),
+            Refusal(
+                "the LoftQ adapter is the run's starting point, and it would replace another one",
+                "drop adapter_name_or_path or --loftq",
+                with_key="adapter_name_or_path",
+            ),
+        ),
+    ),
+    Knob(
+        "use_llama_pro",
+        "--llama-pro",
+        help="LLaMA Pro: add N identity blocks to the base (qwenft expands it once, into its "
+        "cache) and train only them (use_llama_pro; freeze, lora). N must divide the base's "
+        "decoder layers.",
+        rule=POSITIVE_WHOLE(
+            "e.g. --llama-pro 2: qwenft expands the base, a new block after each half of its "
+            "layers (a base expanded by LLaMA-Factory's scripts/llama_pro.py is not taken)"
+        ),
+        methods=(Method.FREEZE, Method.LORA),
+        section="method",
+        refuse=(
+            Refusal(
+                "LLaMA Pro trains the new blocks, and sets freeze_trainable_layers to their "
+                "number itself",
+                "drop --trainable-layers",
+                with_key="freeze_trainable_layers",
+            ),
+        ),
+    ),
+    Knob(
         "quantization_bit",
         "--bits",
         help="QLoRA quantization: 4 (default) or 8.",
@@ -295,6 +432,271 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob("freeze_trainable_modules", methods=(Method.FREEZE,), section="method"),
     Knob("freeze_extra_modules", methods=(Method.FREEZE,), section="method"),
+    # The optimizers (issue 22): GaLore, APOLLO and BAdam train the model's own weights (LoRA:
+    # "Cannot use LoRA with GaLore, APOLLO or BAdam together"), one at a time, with the packages
+    # of the optimizers extra. LLaMA-Factory runs distributed whenever torchrun launches it, and
+    # qwenft launches through torchrun with DeepSpeed or with more than one process.
+    Knob(
+        "use_galore",
+        "--galore",
+        bool,
+        "GaLore: AdamW on gradients projected to a low rank (use_galore; full, freeze; the "
+        "optimizers extra; --deepspeed none).",
+        methods=OWN_WEIGHTS,
+        commands=(TRAIN, PLAN),
+        section="method",
+        implies=(("optim", "adamw_torch"),),
+        needs=(Needs(packages=(("galore-torch", "galore_torch"),), extra="optimizers"),),
+        refuse=(
+            NO_DEEPSPEED,
+            _one_optimizer("use_apollo", "drop --galore or --apollo"),
+            _one_optimizer("use_badam", "drop --galore or --badam"),
+            Refusal(
+                f"{LF} builds GaLore on AdamW, 8-bit AdamW or Adafactor only (another optim: "
+                "NotImplementedError once the model is loaded)",
+                "drop optim (--galore sets adamw_torch), or set one of " + ", ".join(GALORE_OPTIMS),
+                with_key="optim",
+                with_values=GALORE_OPTIMS,
+                other_than=True,
+            ),
+        ),
+    ),
+    Knob(
+        "galore_rank",
+        "--galore-rank",
+        help="GaLore's projection rank (galore_rank, default 16).",
+        rule=POSITIVE_WHOLE("e.g. --galore-rank 128"),
+        methods=OWN_WEIGHTS,
+        requires="use_galore",
+        commands=(TRAIN, PLAN),
+        section="method",
+    ),
+    Knob(
+        "galore_layerwise",
+        "--galore-layerwise",
+        bool,
+        "GaLore: step each weight as its gradient arrives, so gradients are not held (one "
+        "process, no gradient accumulation).",
+        methods=OWN_WEIGHTS,
+        requires="use_galore",
+        commands=(TRAIN, PLAN),
+        section="method",
+        implies=(("gradient_accumulation_steps", 1),),
+        refuse=_layerwise("GaLore"),
+    ),
+    Knob("galore_target", type=str, methods=OWN_WEIGHTS, requires="use_galore", section="method"),
+    Knob(
+        "galore_update_interval",
+        rule=POSITIVE_WHOLE("steps between projection updates, e.g. 200 (the default)"),
+        methods=OWN_WEIGHTS,
+        requires="use_galore",
+        section="method",
+    ),
+    Knob(
+        "galore_scale",
+        type=float,
+        rule=POSITIVE("the update's scale, e.g. 2.0 (the default)"),
+        methods=OWN_WEIGHTS,
+        requires="use_galore",
+        section="method",
+    ),
+    Knob(
+        "galore_proj_type", type=str, methods=OWN_WEIGHTS, requires="use_galore", section="method"
+    ),
+    Knob(
+        "use_apollo",
+        "--apollo",
+        bool,
+        "APOLLO: AdamW with low-rank, channel-wise scaled updates (use_apollo; full, freeze; the "
+        "optimizers extra; --deepspeed none).",
+        methods=OWN_WEIGHTS,
+        commands=(TRAIN, PLAN),
+        section="method",
+        implies=(("optim", "adamw_torch"),),
+        needs=(Needs(packages=(("apollo-torch", "apollo_torch"),), extra="optimizers"),),
+        refuse=(
+            NO_DEEPSPEED,
+            _one_optimizer("use_badam", "drop --apollo or --badam"),
+            Refusal(
+                f"{LF} builds APOLLO on AdamW only (another optim: NotImplementedError once the "
+                "model is loaded)",
+                "drop optim (--apollo sets adamw_torch)",
+                with_key="optim",
+                with_values=("adamw_torch",),
+                other_than=True,
+            ),
+        ),
+    ),
+    Knob(
+        "apollo_rank",
+        "--apollo-rank",
+        help="APOLLO's projection rank (apollo_rank, default 16).",
+        rule=POSITIVE_WHOLE("e.g. --apollo-rank 128"),
+        methods=OWN_WEIGHTS,
+        requires="use_apollo",
+        commands=(TRAIN, PLAN),
+        section="method",
+    ),
+    Knob(
+        "apollo_layerwise",
+        "--apollo-layerwise",
+        bool,
+        "APOLLO: step each weight as its gradient arrives, so gradients are not held (one "
+        "process, no gradient accumulation).",
+        methods=OWN_WEIGHTS,
+        requires="use_apollo",
+        commands=(TRAIN, PLAN),
+        section="method",
+        implies=(("gradient_accumulation_steps", 1),),
+        refuse=_layerwise("APOLLO"),
+    ),
+    Knob("apollo_target", type=str, methods=OWN_WEIGHTS, requires="use_apollo", section="method"),
+    Knob(
+        "apollo_update_interval",
+        rule=POSITIVE_WHOLE("steps between projection updates, e.g. 200 (the default)"),
+        methods=OWN_WEIGHTS,
+        requires="use_apollo",
+        section="method",
+    ),
+    Knob(
+        "apollo_scale",
+        type=float,
+        rule=POSITIVE("the update's scale, e.g. 32.0 (the default)"),
+        methods=OWN_WEIGHTS,
+        requires="use_apollo",
+        section="method",
+    ),
+    *(
+        Knob(key, type=str, methods=OWN_WEIGHTS, requires="use_apollo", section="method")
+        for key in ("apollo_proj", "apollo_proj_type", "apollo_scale_type")
+    ),
+    Knob(
+        "apollo_scale_front",
+        type=bool,
+        methods=OWN_WEIGHTS,
+        requires="use_apollo",
+        section="method",
+    ),
+    Knob(
+        "use_badam",
+        "--badam",
+        bool,
+        "BAdam: AdamW on one decoder layer at a time (use_badam; full; the optimizers extra).",
+        methods=OWN_WEIGHTS,
+        commands=(TRAIN, PLAN),
+        section="method",
+        implies=(("badam_mode", "layer"),),
+        needs=(Needs(packages=(("badam", "badam"),), extra="optimizers"),),
+    ),
+    Knob(
+        "badam_mode",
+        "--badam-mode",
+        str,
+        "BAdam: layer (one decoder layer at a time, the default) or ratio (a share of each "
+        "weight; one process, no DeepSpeed).",
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        choices=("layer", "ratio"),
+        section="method",
+        refuse=(
+            Refusal(
+                "layer-wise BAdam makes the decoder layer it trains trainable itself, so "
+                "--method freeze's choice of layers would be ignored in silence",
+                "--method full, or --badam-mode ratio (it updates the frozen model's trainable "
+                "layers only)",
+                values=("layer",),
+                with_key="method",
+                with_values=(Method.FREEZE.value,),
+            ),
+            Refusal(
+                f'{LF} runs layer-wise BAdam distributed only under ZeRO-3 ("Layer-wise BAdam '
+                'only supports DeepSpeed ZeRO-3 training"), and qwenft launches every DeepSpeed '
+                "run distributed (torchrun)",
+                "--deepspeed z3, or none (on one process)",
+                values=("layer",),
+                with_key="deepspeed",
+                with_values=tuple(d for d in WITH_DEEPSPEED if d not in ZERO3),
+            ),
+            Refusal(
+                f'{LF} runs layer-wise BAdam on several processes only under ZeRO-3 ("Layer-wise '
+                'BAdam only supports DeepSpeed ZeRO-3 training")',
+                "--deepspeed z3",
+                values=("layer",),
+                with_key="processes",
+                with_values=(1,),
+                other_than=True,
+                also=(("deepspeed", (DeepSpeed.NONE.value,)),),
+            ),
+            *(
+                Refusal(
+                    f'{LF} refuses ratio-based BAdam in distributed training ("Radio-based BAdam '
+                    'does not yet support distributed training"); qwenft launches every DeepSpeed '
+                    "run, and every run of several processes, distributed (torchrun)",
+                    "--deepspeed none on one process, or --badam-mode layer",
+                    values=("ratio",),
+                    with_key=key,
+                    with_values=accepted,
+                    other_than=key == "processes",
+                )
+                for key, accepted in (("deepspeed", WITH_DEEPSPEED), ("processes", (1,)))
+            ),
+        ),
+    ),
+    Knob(
+        "badam_switch_interval",
+        "--badam-switch-interval",
+        help="BAdam layer mode: steps before the next decoder layer trains (default 50; -1: "
+        "never switch).",
+        rule=Rule(
+            lambda v: v == -1 or v >= 1,
+            "-1 (never switch) or a positive whole number",
+            "e.g. --badam-switch-interval 50 (the default)",
+        ),
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        section="method",
+        refuse=(_badam_mode_only("layer"),),
+    ),
+    Knob(
+        "badam_switch_mode",
+        type=str,
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        section="method",
+        refuse=(_badam_mode_only("layer"),),
+    ),
+    Knob(
+        "badam_start_block",
+        rule=AT_LEAST_ZERO("the decoder layer to start with, e.g. 0"),
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        section="method",
+        refuse=(_badam_mode_only("layer"),),
+    ),
+    Knob(
+        "badam_update_ratio",
+        type=float,
+        rule=Rule(lambda v: 0 < v <= 1, "in (0, 1]", "the share of each weight updated, e.g. 0.05"),
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        section="method",
+        refuse=(_badam_mode_only("ratio"),),
+    ),
+    Knob(
+        "badam_mask_mode",
+        type=str,
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        section="method",
+        refuse=(_badam_mode_only("ratio"),),
+    ),
+    Knob(
+        "badam_verbose",
+        rule=Rule(lambda v: v in (0, 1, 2), "0, 1 or 2", "0: quiet, 2: the trainable parameters"),
+        methods=OWN_WEIGHTS,
+        requires="use_badam",
+        section="method",
+    ),
     Knob(
         "val_size",
         "--val-size",
@@ -313,6 +715,47 @@ KNOBS: tuple[Knob, ...] = (
         "--logging-steps",
         help="Steps between loss points (default: ~2 % of the run).",
         rule=POSITIVE("steps between loss lines, e.g. 10"),
+    ),
+    Knob(
+        "report_to",
+        "--report-to",
+        str,
+        "Experiment trackers, a comma list, each writing inside the run folder unless your "
+        "environment points it elsewhere: tensorboard (RUN/tb), mlflow (RUN/mlflow.db), wandb "
+        "(offline, RUN/wandb), swanlab (RUN/swanlog), trackio (RUN/trackio). The tracking extra "
+        "installs the first three.",
+        choices=Tracker.values(),
+        many=True,
+        needs=(
+            Needs(
+                (Tracker.TENSORBOARD,),
+                packages=(("tensorboard", "tensorboard"),),
+                extra="tracking",
+            ),
+            Needs(
+                (Tracker.MLFLOW,),
+                # the run's SQLite store: SQLAlchemy and alembic (mlflow-skinny leaves them out)
+                packages=(
+                    ("mlflow-skinny", "mlflow"),
+                    ("sqlalchemy", "sqlalchemy"),
+                    ("alembic", "alembic"),
+                ),
+                extra="tracking",
+            ),
+            Needs((Tracker.WANDB,), packages=(("wandb", "wandb"),), extra="tracking"),
+            Needs((Tracker.SWANLAB,), packages=(("swanlab", "swanlab"),)),
+            Needs((Tracker.TRACKIO,), packages=(("trackio", "trackio"),)),
+        ),
+        refuse=(
+            Refusal(
+                f'{LF} crashes on report_to: swanlab ("No active Run", its issue #10704); '
+                "qwenft runs SwanLab through use_swanlab, which works",
+                "drop use_swanlab (--report-to swanlab sets it)",
+                values=(Tracker.SWANLAB,),
+                with_key="use_swanlab",
+                with_values=(False,),
+            ),
+        ),
     ),
     Knob(
         "pref_beta",
@@ -537,6 +980,15 @@ def as_number(value: Any) -> Any:
     return value
 
 
+def as_lists(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The `many` knobs among values as LLaMA-Factory reads them: a list, or "none"."""
+    return {
+        key: list(BY_KEY[key].given(value)) or "none"
+        for key, value in values.items()
+        if key in BY_KEY and BY_KEY[key].many and value is not None
+    }
+
+
 def out_of_range(
     values: Mapping[str, Any], origin: Mapping[str, str] | None = None, command: str = TRAIN
 ) -> list[QwenftError]:
@@ -592,20 +1044,29 @@ def inapplicable(keys: Mapping[str, Any], stage: str, method: str | None) -> lis
                     f"drop it, or train --method {knob.methods[0]}",
                 )
             )
-        refused_values = {v for r in knob.refuse if not r.with_key for v in r.values}
-        if knob.choices and value not in (None, *knob.lf_choices, *refused_values):
-            if value in (Stage.ORPO, Stage.SIMPO):
-                hint = f"train --stage {value} (it sets pref_loss: {value} itself)"
-            elif value == "kto_pair":
-                hint = "for KTO, train --stage kto on labelled data"
-            else:
-                hint = f"choose one of {', '.join(knob.choices)}"
+        if knob.requires and _is_set(value) and not _is_set(keys.get(knob.requires)):
+            switch = BY_KEY[knob.requires].flag or f"{knob.requires}: true"
             problems.append(
                 QwenftError(
-                    f"{knob.flag or key} {value} is not one of the "
+                    f"{key_label(key)} does nothing without {switch}",
+                    f"add {switch}, or drop {knob.flag or key}",
+                )
+            )
+        refused_values = {v for r in knob.refuse if not r.with_key for v in r.values}
+        offered = (None, *knob.lf_choices, *refused_values)
+        for given in [v for v in knob.given(value) if v not in offered] if knob.choices else ():
+            if given in (Stage.ORPO, Stage.SIMPO):
+                hint = f"train --stage {given} (it sets pref_loss: {given} itself)"
+            elif given == "kto_pair":
+                hint = "for KTO, train --stage kto on labelled data"
+            else:
+                hint = f"choose {'from' if knob.many else 'one of'} {', '.join(knob.choices)}"
+            problems.append(
+                QwenftError(
+                    f"{knob.flag or key} {given} is not one of the "
                     + ("DPO losses" if key == "pref_loss" else "values")
                     + f" qwenft offers ({', '.join(knob.choices)})",
-                    hint,
+                    hint + (" (a comma list, or none)" if knob.many else ""),
                 )
             )
     return problems
@@ -614,7 +1075,9 @@ def inapplicable(keys: Mapping[str, Any], stage: str, method: str | None) -> lis
 def _label(key: str, value: Any) -> str:
     """A key and its value as a person set them: "--attn fa3", "--dora", "shift_attn: true"."""
     knob = BY_KEY.get(key)
-    if key in ("deepspeed", "stage", "method"):
+    if key == "processes":
+        return f"{value} processes"
+    if key in RUN_CHOICES:
         return f"--{key} {value}"
     if knob is not None and knob.flag and key in KEY_OPTIONS:
         if knob.type is bool:
@@ -627,36 +1090,31 @@ def _label(key: str, value: Any) -> str:
 def refused(
     values: Mapping[str, Any], context: Mapping[str, Any] | None = None
 ) -> list[QwenftError]:
-    """One problem for each value (or combination) the knob table refuses (Knob.refuse), and for
-    a key set against what a knob implies (Knob.implies). `context`: the run's other choices a
-    refusal may name (deepspeed, stage, method), where they are known."""
+    """One problem for each value (or combination) the knob table refuses (Knob.refuse).
+    `values`: the keys the run sets (with what they imply); `context`: the run's choices a
+    refusal may name (RUN_CHOICES), where they are known."""
     seen = {**values, **{k: v for k, v in (context or {}).items() if v is not None}}
     problems = []
     for key, value in values.items():
         knob = BY_KEY.get(key)
-        if knob is None:
-            continue
-        for rule in knob.refuse:
-            if rule.applies(value, seen):
-                with_ = (
-                    f" with {_label(rule.with_key, seen[rule.with_key])}" if rule.with_key else ""
-                )
-                problems.append(QwenftError(f"{_label(key, value)}{with_}: {rule.why}", rule.fix))
-        if _is_set(value):
-            for other, needed in knob.implies:
-                if other in values and values[other] != needed:
-                    problems.append(
-                        QwenftError(
-                            f"{_label(key, value)} needs {_label(other, needed)}, got "
-                            f"{_label(other, values[other])}",
-                            f"drop {other} ({knob.flag or key} sets it)",
-                        )
+        for rule in knob.refuse if knob else ():
+            for one in knob.given(value):  # each value of a `many` knob
+                if not rule.applies(one, seen):
+                    continue
+                others = [rule.with_key] if rule.with_key else []
+                with_ = " and ".join(_label(k, seen[k]) for k in [*others, *dict(rule.also)])
+                problems.append(
+                    QwenftError(
+                        f"{_label(key, one)}{' with ' + with_ if with_ else ''}: {rule.why}",
+                        rule.fix,
                     )
+                )
     return problems
 
 
 def implied(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys the set knobs need beside them (Knob.implies), for those not set already."""
+    """The keys the set knobs need beside them (Knob.implies), for those not set already: a value
+    set otherwise is the person's, and a Refusal of the knob says which it refuses."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         knob = BY_KEY.get(key)
@@ -671,6 +1129,5 @@ def needs_of(values: Mapping[str, Any]) -> list[tuple[str, Needs]]:
     for key, value in values.items():
         knob = BY_KEY.get(key)
         for need in knob.needs if knob else ():
-            if value in need.values:
-                out.append((_label(key, value), need))
+            out += [(_label(key, v), need) for v in knob.given(value) if v in need.values]
     return out

@@ -15,6 +15,13 @@ rejected sequences together (LLaMA-Factory's pairwise collator: a batch of 2B se
 kto score every batch under a reference model too (full/freeze: a frozen bf16 copy of the model;
 LoRA/QLoRA: the same model with the adapter disabled, so no second copy; orpo/simpo: none); kto
 also runs a no-grad forward of its KL batch (each sample's prompt with another sample's answer).
+
+The optimizer (`PlanInput.optimizer`) changes what the trained weights hold: AdamW (the default)
+keeps two fp32 moments per trainable weight; GaLore and APOLLO keep them for each decoder linear
+weight projected to a low rank (rank x its longer side each, plus the rank x shorter-side
+projection), and layer-wise they step each weight as its gradient arrives (about one gradient
+held at a time); layer-wise BAdam trains one decoder layer at a time, with the model kept in bf16
+(its gradients, an fp32 copy and AdamW's moments for that layer only).
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ DS_BUCKET_ELEMENTS = 5e8  # reduce/allgather bucket of configs/deepspeed/z0,z2*.
 DS_SUB_GROUP_ELEMENTS = 1e9  # sub_group_size of configs/deepspeed/z3*.json
 FREEZE_TRAINABLE_LAYERS = 2  # LLaMA-Factory's freeze_trainable_layers default
 AUTO_BATCH_SIZES = (8, 4, 2, 1)
+# PlanInput.optimizer -> its name: AdamW (LLaMA-Factory's default) or the optimizers extra's
+OPTIMIZERS = {"adamw": "AdamW", "galore": "GaLore", "apollo": "APOLLO", "badam": "BAdam"}
+ADAPTER_METHODS = tuple(m.value for m in Method if m.facts.adapter)  # the others: own weights
+LOW_RANK = ("galore", "apollo")
 
 _ZERO_STAGE = {"none": 0, "z0": 0, "z2": 2, "z3": 3, "z2-offload": 2, "z3-offload": 3}
 
@@ -95,6 +106,9 @@ class PlanInput:
     # torch>=2.8 makes transformers default to the fused AdamW (no step temporaries); the
     # non-fused (foreach) AdamW allocates one fp32 temporary the size of the stepped params.
     fused_optimizer: bool = True
+    optimizer: str = "adamw"  # adamw | galore | apollo | badam (OPTIMIZERS)
+    optimizer_rank: int = 16  # galore/apollo: the projection rank
+    layerwise: bool = False  # galore/apollo: each weight steps as its gradient arrives
 
 
 @dataclass
@@ -120,6 +134,7 @@ class Plan:
     stage: str = "sft"
     sequences_per_step: int = 0  # sequences one forward/backward holds: batch x (2 for pairs)
     trainable_layers: int | None = None  # freeze: the decoder layers trained (last N; -N: first N)
+    optimizer: str = "adamw"
 
     @property
     def peak_gb(self) -> float:
@@ -265,6 +280,12 @@ def _validate(inp: PlanInput) -> list[str]:
             problems.append(f"--bits {inp.bits} is not supported by bitsandbytes (use 4 or 8)")
     if inp.gpu_mem_gb is not None and not inp.gpu_mem_gb > 0:
         problems.append(f"--gpu-mem must be above 0 GB (got {inp.gpu_mem_gb!r})")
+    if inp.optimizer not in OPTIMIZERS:
+        problems.append(f"unknown optimizer {inp.optimizer!r} (use {', '.join(OPTIMIZERS)})")
+    elif inp.optimizer != "adamw" and inp.method in ADAPTER_METHODS:
+        problems.append(f"{inp.optimizer} trains the model's own weights, not {inp.method}")
+    elif inp.optimizer in LOW_RANK and inp.deepspeed != DeepSpeed.NONE:
+        problems.append(f"{inp.optimizer} runs without DeepSpeed (got {inp.deepspeed})")
     return problems
 
 
@@ -295,13 +316,19 @@ def estimate(inp: PlanInput) -> Plan:
     notes: list[str] = []
 
     # Which parameters train, and which sit frozen in bf16 (or quantized).
-    if inp.method == "full":
+    layers = min(abs(inp.trainable_layers), L) if inp.method == "freeze" else L
+    if inp.optimizer == "badam":
+        trainable, frozen = layer_params, total - layer_params  # one decoder layer at a time
+    elif inp.method == "full":
         trainable, frozen = total, 0
     elif inp.method == "freeze":
-        trainable = min(abs(inp.trainable_layers), L) * layer_params
+        trainable = layers * layer_params
         frozen = total - trainable
     else:
         trainable, frozen = lora_params(arch, inp.lora_rank, targets), total
+    largest_linear = max(a * b for a, b in linear_shapes(arch).values())
+    # the largest weight that trains (full: the embedding) and steps on its own (galore, apollo)
+    largest_trained = max(largest_linear, arch.vocab_size * h if inp.method == "full" else 0)
 
     # Frozen weights: bf16, or the decoder linears quantized (embeddings/lm_head/norms stay bf16).
     if bits == 4:
@@ -313,10 +340,20 @@ def estimate(inp: PlanInput) -> Plan:
         frozen_bytes = frozen * BF16
 
     # Trainable states. With DeepSpeed (bf16 enabled) the module is bf16 and the optimizer keeps
-    # an fp32 master copy: 2 + 2 + 12 bytes. Without it, LLaMA-Factory upcasts trainable params
-    # to fp32: 4 + 4 + 8 bytes. Both are 16 bytes per trainable parameter.
-    pb, gb_, ob = (BF16, BF16, 12) if uses_ds else (FP32, FP32, 8)
+    # an fp32 master copy: 2 + 2 + 12 bytes; so does BAdam (LLaMA-Factory leaves its weights in
+    # half precision, BAdam keeps the fp32 copy of its layer). Without either, LLaMA-Factory
+    # upcasts trainable params to fp32: 4 + 4 + 8 bytes. Both are 16 bytes per trainable parameter.
+    badam = inp.optimizer == "badam"
+    pb, gb_, ob = (BF16, BF16, 12) if uses_ds or badam else (FP32, FP32, 8)
     states = zero_model_states(trainable, stage, n, pb, gb_, ob)
+    if inp.optimizer in LOW_RANK:
+        # AdamW's moments of each decoder linear weight (a x b) at rank r: 2 r max(a, b), and the
+        # projection r min(a, b), fp32, instead of 2 a b (no DeepSpeed: _validate)
+        for a, b in linear_shapes(arch).values():
+            r = min(inp.optimizer_rank, a, b)
+            states["optimizer"] += layers * FP32 * (r * (2 * max(a, b) + min(a, b)) - 2 * a * b)
+        if inp.layerwise:
+            states["grads"] = FP32 * largest_trained  # about one gradient at a time
     cpu = 0.0
     if stage == 3 and not offload:
         frozen_bytes /= n  # ZeRO-3 partitions every parameter, frozen ones too
@@ -364,7 +401,6 @@ def estimate(inp: PlanInput) -> Plan:
 
     # Buffers alive during forward/backward.
     buffers = 0.0
-    largest_linear = max(a * b for a, b in linear_shapes(arch).values())
     if bits:
         buffers += BF16 * largest_linear  # one dequantized weight at a time
     if uses_ds and stage in (0, 2):
@@ -384,6 +420,10 @@ def estimate(inp: PlanInput) -> Plan:
     if stage == 3:
         stepped = min(stepped, DS_SUB_GROUP_ELEMENTS)
     step = (FP32 * stepped if uses_ds else 0.0) + (0.0 if inp.fused_optimizer else FP32 * stepped)
+    if badam and not uses_ds:
+        step += FP32 * stepped  # the layer's gradients turned fp32 for its fp32 copy
+    if inp.optimizer in LOW_RANK:
+        step = FP32 * largest_trained  # one weight at a time: its full-size update
 
     static = weights + reference + gradients + optimizer
     breakdown = {
@@ -437,6 +477,17 @@ def estimate(inp: PlanInput) -> Plan:
             )
     if inp.stage == Stage.KTO.value:
         notes.append("kto also runs a no-grad forward of its KL batch (mismatched answers)")
+    if inp.optimizer in LOW_RANK:
+        notes.append(
+            f"{OPTIMIZERS[inp.optimizer]}: AdamW states of every decoder linear weight at rank "
+            f"{inp.optimizer_rank} (as {inp.optimizer}_target all)"
+            + ("; layer-wise: about one gradient held at a time" if inp.layerwise else "")
+        )
+    if badam:
+        notes.append(
+            "BAdam: one decoder layer trains at a time (its gradients, fp32 copy and AdamW "
+            "states); the model stays in bf16 (layer mode; ratio mode is estimated alike)"
+        )
     if inp.liger and not fused:
         notes.append(f"--liger does not fuse the logits of {inp.stage}: its trainer reads them")
     if not fused and logits > 0.2 * peak:
@@ -474,17 +525,20 @@ def estimate(inp: PlanInput) -> Plan:
         stage=inp.stage,
         sequences_per_step=seqs,
         trainable_layers=inp.trainable_layers if inp.method == Method.FREEZE else None,
+        optimizer=inp.optimizer,
     )
 
 
 # --- choosing a method ------------------------------------------------------------------------
 
 
-def _candidates(method: str, gpus: int, deepspeed: str | None) -> list[str]:
+def _candidates(method: str, gpus: int, deepspeed: str | None, optimizer: str) -> list[str]:
     if deepspeed not in (None, "auto"):
         return [deepspeed]
-    if gpus == 1:
+    if gpus == 1 or optimizer in LOW_RANK:  # GaLore and APOLLO run without DeepSpeed
         return ["none"]
+    if optimizer == "badam":
+        return ["z3"]  # layer-wise BAdam on several processes: ZeRO-3 only
     if Method(method).facts.own_weights:
         return ["z2", "z3"]  # ZeRO-2 is faster when it fits; ZeRO-3 partitions the weights too
     if method == "lora":
@@ -504,9 +558,13 @@ def choose_method(
     liger: bool = False,
     deepspeed: str | None = None,
     stage: str = "sft",
+    optimizer: str = "adamw",
+    optimizer_rank: int = 16,
+    layerwise: bool = False,
 ) -> tuple[Plan, str]:
     """The best method that fits: full -> LoRA -> QLoRA 8-bit -> QLoRA 4-bit, each with the
-    first DeepSpeed stage that fits and the largest batch size (of 8, 4, 2, 1) that fits.
+    first DeepSpeed stage that fits and the largest batch size (of 8, 4, 2, 1) that fits; with
+    an optimizer other than AdamW (it trains the model's own weights), full only.
 
     Offload stages are never chosen on their own (they need large CPU RAM and run slowly); pass
     `deepspeed` to force a stage. Returns the plan and a one-line explanation.
@@ -519,8 +577,8 @@ def choose_method(
     order = [("full", None), ("lora", None), ("qlora", 8), ("qlora", 4)]
     tried: list[str] = []
     smallest: Plan | None = None
-    for method, bits in order:
-        for ds in _candidates(method, gpus, deepspeed):
+    for method, bits in order if optimizer == "adamw" else order[:1]:
+        for ds in _candidates(method, gpus, deepspeed, optimizer):
             for b in batches:
                 plan = estimate(
                     PlanInput(
@@ -537,6 +595,9 @@ def choose_method(
                         gradient_checkpointing=gradient_checkpointing,
                         liger=liger,
                         gpu_mem_gb=gpu_mem_gb,
+                        optimizer=optimizer,
+                        optimizer_rank=optimizer_rank,
+                        layerwise=layerwise,
                     )
                 )
                 if smallest is None or plan.peak_bytes < smallest.peak_bytes:
@@ -553,7 +614,7 @@ def choose_method(
         f"nothing fits in {gpu_mem_gb:g} GB x {gpus} GPU(s): even {_label(smallest)} "
         f"needs {smallest.peak_gb:.1f} GB per GPU",
         "use more GPUs (--gpus), a shorter --cutoff-len, --liger, a smaller model, "
-        "or --deepspeed z3-offload",
+        + (f"or --{optimizer}-layerwise" if optimizer in LOW_RANK else "or --deepspeed z3-offload"),
     )
 
 

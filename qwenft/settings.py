@@ -44,6 +44,7 @@ __all__ = [
 ]  # the knob table's views
 
 LORA_RANK_DEFAULT = 16  # LLaMA-Factory's own, for recipes that do not set lora_rank
+LOW_RANK_DEFAULT = 16  # LLaMA-Factory's galore_rank and apollo_rank
 
 
 @dataclass
@@ -57,7 +58,8 @@ class RunRequest:
     thinking: str = Thinking.AUTO.value
     deepspeed: str = AUTO
     data: Path | None = None  # decides thinking for Qwen3 hybrid models
-    gpus: int | None = None  # GPUs (processes) sharing the run; None: 1
+    gpus: int | None = None  # GPUs (processes) per node sharing the run; None: 1
+    nnodes: int = 1  # machines taking part, each running `gpus` processes
     gpu_mem_gb: float | None = None  # GB per GPU: --method auto and the fit check
     config_file: Path | None = None
     set_items: list[str] = field(default_factory=list)
@@ -69,6 +71,11 @@ class RunRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.knobs, KnobValues):
             self.knobs = KnobValues(self.knobs)
+
+    @property
+    def processes(self) -> int:
+        """The processes of the run in all (what LLaMA-Factory's distributed checks count)."""
+        return (self.gpus or 1) * self.nnodes
 
 
 @dataclass
@@ -133,7 +140,11 @@ class RunSettings:
 
     @property
     def quantization_bit(self) -> int | None:
+        """The bit width the base is loaded at: QLoRA's, or a pre-quantized base's own."""
         bits = self.values.get("quantization_bit")
+        quantized = self.model.extra.get("quantization")
+        if quantized and quantized["bits"]:
+            return int(quantized["bits"])
         return int(bits) if bits else None
 
     def plan_input(self) -> Any:
@@ -148,9 +159,11 @@ class RunSettings:
                 "(its config.json is read)",
             )
         v = self.values
+        optimizer = next((o for o in memory.OPTIMIZERS if v.get(f"use_{o}")), "adamw")
         return memory.PlanInput(
             arch=self.model.arch,
-            method=self.method,
+            # LoRA on a pre-quantized base is QLoRA's memory (its weights at the base's bits)
+            method=Method.QLORA.value if self.model.extra.get("quantization") else self.method,
             stage=self.stage,
             bits=self.quantization_bit,
             gpus=self.gpus,
@@ -165,6 +178,9 @@ class RunSettings:
             gradient_checkpointing=not v.get("disable_gradient_checkpointing", False),
             liger=bool(v.get("enable_liger_kernel", False)),
             gpu_mem_gb=self.gpu_mem_gb,
+            optimizer=optimizer,
+            optimizer_rank=int(v.get(f"{optimizer}_rank") or LOW_RANK_DEFAULT),
+            layerwise=bool(v.get(f"{optimizer}_layerwise")),
         )
 
 
@@ -242,15 +258,23 @@ def checked_overrides(req: RunRequest) -> dict[str, Any]:
     if free:
         typed, problems = _check_lf_keys({k: overrides[k] for k in free}, origin)
         overrides.update(typed)
+    overrides.update(knobs.as_lists(overrides))  # --report-to a,b and report_to: [a, b] alike
     problems += knobs.out_of_range(overrides, origin)
     method = None if req.method == AUTO else req.method
     problems += knobs.inapplicable(overrides, req.stage, method)
+    # what the knobs bring beside them (pissa_convert, the optimizers' optim), refused alike
+    overrides.update(knobs.implied(overrides))
     deepspeed = req.deepspeed if req.deepspeed != AUTO else method and auto_deepspeed(method)
     problems += knobs.refused(
-        overrides, {"deepspeed": deepspeed, "stage": req.stage, "method": method}
+        overrides,
+        {
+            "deepspeed": deepspeed,
+            "stage": req.stage,
+            "method": method,
+            "processes": req.processes,
+        },
     )
     raise_all(problems)
-    overrides.update(knobs.implied(overrides))  # what LLaMA-Factory needs beside them (pissa)
     return overrides
 
 
@@ -345,6 +369,14 @@ def resolve(req: RunRequest) -> RunSettings:
         )
     stage = Stage.parse(req.stage, "--stage")
     overrides = checked_overrides(req)  # before the model and the data: refusals cost nothing
+    derives = [k for k in map(knobs.BY_KEY.get, ("use_llama_pro", "loftq")) if overrides.get(k.key)]
+    if method == AUTO and derives:
+        knob = derives[0]
+        raise QwenftError(
+            f"--method auto picks the method from the memory plan, and {knob.flag} needs --method "
+            + " or ".join(knob.methods),
+            f"name the method: --method {knob.methods[0]}",
+        )
     parent, thinking_warning = None, None
     if req.parent is not None:
         parent = from_run(req.parent, req.template, req.thinking)
@@ -357,6 +389,13 @@ def resolve(req: RunRequest) -> RunSettings:
             req.data, model.thinking, Thinking.parse(req.thinking, "--thinking"), model.template
         )
         enable_thinking, thinking_warning = plan.enable_thinking, plan.warning
+    if overrides.get("use_llama_pro") or overrides.get("loftq"):
+        model, overrides = derived_base(model, overrides, {**recipe(method, stage), **overrides})
+    quantized = model.extra.get("quantization")
+    if quantized:
+        ds = deepspeed if deepspeed != AUTO else method != AUTO and auto_deepspeed(method)
+        overrides = on_quantized_base(model, method, ds or DeepSpeed.NONE, overrides)
+        method = Method.QLORA.value if method == AUTO else method
     settings = RunSettings(
         model=model,
         method=method,
@@ -375,6 +414,102 @@ def resolve(req: RunRequest) -> RunSettings:
     if deepspeed == AUTO:
         settings.deepspeed = auto_deepspeed(method)
     return settings
+
+
+def on_quantized_base(
+    model: presets.ResolvedModel, method: str, deepspeed: str, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """A pre-quantized base (GPTQ, AWQ, AQLM, HQQ, EETQ, bitsandbytes: its config.json's
+    quantization_config) trains with LoRA on top as it is: full and freeze are refused, and so
+    are what LLaMA-Factory would refuse or ignore on it (a quantization_bit of its own, ZeRO-3,
+    DoRA on a non-bitsandbytes base). The overrides for LLaMA-Factory: no quantization_bit (the
+    base's own quantization is loaded). Raises QwenftError with every problem."""
+    quant = model.extra["quantization"]
+    what = f"{model.spec} is {presets.quantization_label(quant)}-quantized"
+    problems = []
+    if method in (Method.FULL, Method.FREEZE):
+        problems.append(
+            QwenftError(
+                f"--method {method}: {what}, and LLaMA-Factory trains a quantized base with LoRA "
+                'only ("Quantized models can only be used for the LoRA or OFT tuning")',
+                "--method qlora (LoRA on the quantized base), or the unquantized release",
+            )
+        )
+    if overrides.get("quantization_bit") is not None:
+        problems.append(
+            QwenftError(
+                f"{key_label('quantization_bit')}: {what}; LLaMA-Factory ignores a quantization of "
+                "its own on it",
+                "drop quantization_bit (the base's own quantization is used)",
+            )
+        )
+    if deepspeed in (DeepSpeed.Z3, DeepSpeed.Z3_OFFLOAD) and quant["method"] not in (
+        "fp8",
+        "mxfp4",
+    ):
+        problems.append(
+            QwenftError(
+                f"--deepspeed {deepspeed}: {what}, and LLaMA-Factory refuses ZeRO-3 on it "
+                '("DeepSpeed ZeRO-3 or FSDP is incompatible with PTQ-quantized models")',
+                "--deepspeed z2 (or none)",
+            )
+        )
+    if overrides.get("use_dora") and quant["method"] != "bitsandbytes":
+        problems.append(
+            QwenftError(
+                f'--dora: {what}, and LLaMA-Factory refuses DoRA on it ("DoRA is not compatible '
+                'with PTQ-quantized models")',
+                "drop --dora",
+            )
+        )
+    raise_all(problems)
+    return {**overrides, "quantization_bit": None}
+
+
+# LoftQ's alternating steps (quantize the rest, then fit the LoRA to what quantizing missed)
+LOFTQ_STEPS = 4
+
+
+def derived_base(
+    model: presets.ResolvedModel, overrides: dict[str, Any], values: dict[str, Any]
+) -> tuple[presets.ResolvedModel, dict[str, Any]]:
+    """--llama-pro N and --loftq train a base qwenft derives from the model (qwenft.models.derived;
+    `train` makes it before launch, `model.extra` says from what): the run's model is that base,
+    and LLaMA-Factory gets what it trains it with (LLaMA Pro: use_llama_pro and
+    freeze_trainable_layers N; LoftQ: the initial adapter as adapter_name_or_path)."""
+    from qwenft.models import derived
+
+    option = "--llama-pro" if overrides.get("use_llama_pro") else "--loftq"
+    if model.kind == "hub":
+        raise QwenftError(
+            f"{option} derives a base from {model.spec} on this machine, and it is a hub model "
+            "(LLaMA-Factory would download it inside the job)",
+            f"download it first (huggingface-cli download {model.path} --local-dir DIR), then "
+            "--model DIR",
+        )
+    base = {"base": model.to_dict()}
+    if option == "--loftq":
+        made = derived.loftq_recipe(values, LOFTQ_STEPS)
+        path = derived.derived_path(model.path, derived.loftq_what(made))
+        overrides = {k: v for k, v in overrides.items() if k != "loftq"}
+        overrides["adapter_name_or_path"] = str(path / derived.LOFTQ_ADAPTER)
+        return replace(
+            model,
+            kind="local",
+            path=str(path),
+            extra={**model.extra, "loftq": {**base, "recipe": made}},
+        ), overrides
+    blocks = int(overrides["use_llama_pro"])
+    depth = model.arch.num_hidden_layers if model.arch else derived.layer_count(Path(model.path))
+    derived.check_blocks(depth, blocks)
+    expanded = replace(
+        model,
+        kind="local",
+        path=str(derived.derived_path(model.path, f"pro{blocks}")),
+        arch=replace(model.arch, num_hidden_layers=depth + blocks) if model.arch else None,
+        extra={**model.extra, "llama_pro": {**base, "blocks": blocks}},
+    )
+    return expanded, {**overrides, "use_llama_pro": True, "freeze_trainable_layers": blocks}
 
 
 def from_run(
@@ -429,11 +564,19 @@ def from_run(
 
 def check_applies(settings: RunSettings) -> None:
     """`train` (--dry-run too): the checks that need the model or this machine: --trainable-layers
-    within the model's decoder layers, and what the knobs need of the machine (unmet_needs; the
-    stage and method rules are checked in resolve). Raises QwenftError."""
-    raise_all(unmet_needs(settings.values))
+    within the model's decoder layers, ratio-based BAdam on a model with its own lm_head, and what
+    the knobs need of the machine (unmet_needs; the stage and method rules are checked in
+    resolve). Raises QwenftError."""
+    raise_all(unmet_needs(settings.values) + quantized_base_needs(settings.model))
     layers = settings.values.get("freeze_trainable_layers")
     arch = settings.model.arch
+    if settings.values.get("badam_mode") == "ratio" and arch and arch.tie_word_embeddings:
+        raise QwenftError(
+            f"--badam-mode ratio: {settings.model.spec} ties its lm_head to its embedding, and "
+            "badam's ratio optimizer then stops with AttributeError (it freezes the lm_head by "
+            "name, and a tied model has none)",
+            "--badam-mode layer (the default)",
+        )
     if settings.method == Method.FREEZE and isinstance(layers, int) and arch is not None:
         if abs(layers) > arch.num_hidden_layers:
             raise QwenftError(
@@ -461,13 +604,42 @@ def unmet_needs(values: dict[str, Any]) -> list[QwenftError]:
         pips = [pip for pip, module in need.packages if not has_module(module)]
         missing += [f"the {pip} package (not installed)" for pip in pips]
         if missing:
+            install = (
+                f"install the {need.extra} extra: QWENFT_EXTRAS={need.extra} scripts/setup_env.sh "
+                f"(or pip install 'qwenft[{need.extra}]')"
+                if need.extra
+                else f"pip install {' '.join(pips)}"
+            )
             hint = (
-                f"pip install {' '.join(pips)}, or drop {label}"
+                f"{install}, or drop {label}"
                 if len(missing) == len(pips)
                 else f"train on a machine that has {missing[0].split(' (')[0]}, or drop {label}"
             )
             problems.append(QwenftError(f"{label} needs {' and '.join(missing)}", hint))
     return problems
+
+
+def quantized_base_needs(model: presets.ResolvedModel) -> list[QwenftError]:
+    """What loading a pre-quantized base needs of this machine (presets.QUANTIZED_BASE_NEEDS),
+    that it lacks: LLaMA-Factory would stop after the data, at the model's load."""
+    quant = model.extra.get("quantization")
+    if not quant or quant["method"] not in presets.QUANTIZED_BASE_NEEDS:
+        return []
+    (pip, module), cuda = presets.QUANTIZED_BASE_NEEDS[quant["method"]]
+    what = f"{model.spec} ({presets.quantization_label(quant)})"
+    if cuda and not cuda_gpus():
+        return [
+            QwenftError(
+                f"{what} needs a CUDA GPU for its {quant['method'].upper()} kernels (nvidia-smi "
+                "sees none here)",
+                "train it on a GPU machine, or the unquantized release here",
+            )
+        ]
+    if not has_module(module):
+        return [
+            QwenftError(f"{what} needs the {pip} package (not installed)", f"pip install {pip}")
+        ]
+    return []
 
 
 def cuda_gpus() -> list[dict[str, Any]]:
@@ -504,12 +676,20 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         liger=probe.liger,
         deepspeed=None if settings.deepspeed == AUTO else settings.deepspeed,
         stage=settings.stage,
+        optimizer=probe.optimizer,
+        optimizer_rank=probe.optimizer_rank,
+        layerwise=probe.layerwise,
     )
     raise_all(
         knobs.inapplicable(settings.overrides, settings.stage, plan.method)
         + knobs.refused(
             settings.overrides,
-            {"deepspeed": plan.deepspeed, "stage": settings.stage, "method": plan.method},
+            {
+                "deepspeed": plan.deepspeed,
+                "stage": settings.stage,
+                "method": plan.method,
+                "processes": req.processes,
+            },
         )
     )
     overrides = {**settings.overrides, "per_device_train_batch_size": plan.batch_size}

@@ -29,6 +29,7 @@ from qwenft.choices import (
     Method,
     Overlength,
     Stage,
+    own_weights,
     stages_for,
 )
 from qwenft.data import cache, check, convert, kinds, pipeline, prepare, reader, registry, split
@@ -37,10 +38,11 @@ from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
-from qwenft.models import presets
+from qwenft.models import derived, presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
 from qwenft.proc import launcher
+from qwenft.runs import tracking
 from qwenft.runs.folder import check_new_run_dir, create_run_dir, default_run_dir
 from qwenft.runs.lock import RunLock, newest_complete_checkpoint, set_aside_incomplete_checkpoints
 from qwenft.runs.manifest import (
@@ -65,7 +67,6 @@ class TrainRequest(RunRequest):
     output_dir: Path | None = None
     overlength: str = DEFAULT_OVERLENGTH.value
     dataset_dir: Path | None = None
-    nnodes: int = 1
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
@@ -261,6 +262,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         # LLaMA-Factory tokenizes inside the job instead, only a single node caches.
         key_sha = sha if overlength != Overlength.DROP else f"{sha}:drop-overlength"
         config["tokenized_path"] = str(cache.tokenized_dir(config, key_sha, model.kind))
+    track = tracking.plan(config, run_dir)  # --report-to: inside the run folder, named after it
+    config.update(track.keys)
+    notes += [f"tracking: {line}" for line in (*track.look.values(), *track.notes)]
     what = f"{stage} {method}" if stage != Stage.SFT else method
     origin = f"{model.path} (--from {run.parent.run_dir})" if run.parent else req.model
     yaml_text = render.to_yaml(config, header=f"qwenft {what} fine-tune of {origin}")
@@ -275,6 +279,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         force_torchrun=ds_stage != DeepSpeed.NONE,
     )
     argv, env = lf_launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
+    env.update(track.env)
     manifest = Manifest(
         method=method,
         model=model,
@@ -295,6 +300,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
             train_path=str(train_data),
         ),
         overlength={"mode": overlength},
+        tracking=track.look or None,
         command=argv,
         env=env,
         versions=package_versions(),
@@ -389,7 +395,7 @@ def execute_train(
     LLaMA-Factory's output goes to the run's train.log (and to stderr too when `verbose`)."""
     for line in describe(plan):
         progress(line)
-    base_target(plan.model).ensure_built(progress)
+    ensure_base(plan.model, progress)
     tokenized = cache_state(plan.data_spec)  # before this run writes it
     stats = overlength_stats(plan, progress)
     try:
@@ -433,6 +439,21 @@ def execute_train(
             verbose,
             stage=plan.stage,
         )
+
+
+def ensure_base(model: presets.ResolvedModel, progress: Callable[[str], None]) -> None:
+    """The base the run trains on, on disk: a tiny preset built; a base qwenft derives (LLaMA Pro,
+    LoftQ) made from the model it names, built first where that is a tiny preset."""
+    how = model.extra.get("llama_pro") or model.extra.get("loftq")
+    if how is None:
+        base_target(model).ensure_built(progress)
+        return
+    base = presets.ResolvedModel.from_dict(how["base"])
+    base_target(base).ensure_built(progress)
+    if "blocks" in how:
+        derived.expand(Path(base.path), how["blocks"], progress)
+    else:
+        derived.loftq(Path(base.path), how["recipe"], progress)
 
 
 def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> TokenStats:
@@ -508,6 +529,7 @@ def _launch(
         raise JobFailed(f"training stopped: {exc}", f"read the log: {log_path}") from None
     finally:
         watch.close()
+    tracking.fold_mlflow_runs(env, progress)  # one MLflow run per training
     if tokenized_path:
         cache.mark_if_saved(tokenized_path, log_path.read_text(encoding="utf-8", errors="replace"))
     summary = training_summary(run_dir, stage)
@@ -539,6 +561,9 @@ def _launch(
         "run_dir": str(run_dir),
         "method": manifest.method,
         "stage": manifest.stage,
+        # a LoRA on a pre-quantized base is not merged (lf.merge refuses it)
+        "mergeable": not own_weights(manifest.method)
+        and not manifest.model.extra.get("quantization"),
         **summary,
     }
 
@@ -622,7 +647,7 @@ def _resume_locked(
             f"{run_dir} has no complete checkpoint to resume from",
             "start a new run (--save-steps N checkpoints more often)",
         )
-    base_target(m.model).ensure_built(progress)
+    ensure_base(m.model, progress)
     if m.parent_run and not Path(m.model.path).is_dir():
         raise QwenftError(
             f"the weights {run_dir} started from are gone: {m.model.path}",

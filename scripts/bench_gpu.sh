@@ -9,11 +9,15 @@
 #   scripts/bench_gpu.sh [--models qwen2.5-0.5b-instruct,qwen2.5-7b-instruct] [--rows 256]
 #                        [--out bench-gpu.json] [--work DIR]
 #   scripts/bench_gpu.sh --kernels [WORK_DIR]
+#   scripts/bench_gpu.sh --quantized [WORK_DIR]
 #
 # --kernels (issue 22): `qwenft train --attn fa2`, `--liger` and `--unsloth` on the tiny model, each
 # a --dry-run (the key is in train.yaml) and then 3 training steps whose train.log shows the kernel
 # took effect; where its package is missing, qwenft's refusal (exit 2, the package named) is the
 # expected result and is reported as such. Exits 1 if any check fails.
+# --quantized (issue 22): the same for a LoRA on Qwen's own GPTQ and AWQ releases of
+# Qwen2.5-0.5B-Instruct (downloaded from the hub): train.yaml has no quantization_bit of qwenft's
+# and LLaMA-Factory's log shows it loaded the base's own quantization.
 #
 # On a machine without a CUDA GPU it says so and exits 0.
 set -euo pipefail
@@ -28,7 +32,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || \
     exit 0
 fi
 
-if [ "${1:-}" = "--kernels" ]; then
+if [ "${1:-}" = "--kernels" ] || [ "${1:-}" = "--quantized" ]; then
     WORK="$(realpath -m "${2:-$(mktemp -d -t qwenft-kernels-XXXX)}")"
     mkdir -p "$WORK"
     "$PY" -c '
@@ -41,42 +45,48 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"messages": msgs}) + "\n")
 ' "$WORK/chat.jsonl"
     fails=0
-    # option | the key train.yaml carries | what train.log shows when it took effect | its module
-    while IFS='|' read -r option key proof module; do
-        name="${option//[^a-z0-9]/}"
+    # model | option | the key train.yaml carries | what train.log shows when it took effect | its
+    # module
+    while IFS='|' read -r model option key proof module; do
+        name="${model//[^a-z0-9]/}${option//[^a-z0-9]/}"
         # shellcheck disable=SC2206  # the option and its value split on purpose
-        base=(-m qwenft train --model tiny-qwen2 --data "$WORK/chat.jsonl" $option
+        base=(-m qwenft train --model "$model" --data "$WORK/chat.jsonl" $option
               --max-steps 3 --batch-size 2 --cutoff-len 64 --val-size 0 --set save_steps=1000)
         if ! "$PY" -c "import $module" 2>/dev/null; then
             if "$PY" "${base[@]}" --dry-run >"$WORK/$name.dry" 2>&1; then
-                echo "kernels: $option: FAIL: $module is not installed and qwenft did not refuse"
+                echo "${1#--}: $model $option: FAIL: $module is not installed and qwenft did not refuse"
                 fails=1
             elif grep -q "needs .*package" "$WORK/$name.dry"; then
-                echo "kernels: $option: refused as expected: $(grep -m1 '^error:' "$WORK/$name.dry")"
+                echo "${1#--}: $model $option: refused as expected: $(grep -m1 '^error:' "$WORK/$name.dry")"
             else
-                echo "kernels: $option: FAIL: $(tail -n 2 "$WORK/$name.dry")"
+                echo "${1#--}: $model $option: FAIL: $(tail -n 2 "$WORK/$name.dry")"
                 fails=1
             fi
             continue
         fi
         if ! "$PY" "${base[@]}" --dry-run >"$WORK/$name.dry" 2>&1 || ! grep -q "$key" "$WORK/$name.dry"; then
-            echo "kernels: $option: FAIL: --dry-run: $(tail -n 2 "$WORK/$name.dry")"
+            echo "${1#--}: $model $option: FAIL: --dry-run: $(tail -n 2 "$WORK/$name.dry")"
             fails=1
             continue
         fi
         if "$PY" "${base[@]}" -o "$WORK/runs/$name" >"$WORK/$name.out" 2>&1 &&
            grep -q "$proof" "$WORK/runs/$name/train.log"; then
-            echo "kernels: $option: ok (train.log: $(grep -m1 -o "$proof.*" "$WORK/runs/$name/train.log" | cut -c1-80))"
+            echo "${1#--}: $model $option: ok (train.log: $(grep -m1 -o "$proof.*" "$WORK/runs/$name/train.log" | cut -c1-80))"
         else
-            echo "kernels: $option: FAIL: $(tail -n 3 "$WORK/$name.out")"
+            echo "${1#--}: $model $option: FAIL: $(tail -n 3 "$WORK/$name.out")"
             fails=1
         fi
-    done <<'CHECKS'
---attn fa2|flash_attn: fa2|Using FlashAttention-2|flash_attn
---liger|enable_liger_kernel: true|Liger kernel has been applied|liger_kernel
---unsloth|use_unsloth: true|Unsloth|unsloth
-CHECKS
-    echo "kernels: logs in $WORK"
+    done < <(if [ "$1" = --kernels ]; then cat <<'KERNELS'
+tiny-qwen2|--attn fa2|flash_attn: fa2|Using FlashAttention-2|flash_attn
+tiny-qwen2|--liger|enable_liger_kernel: true|Liger kernel has been applied|liger_kernel
+tiny-qwen2|--unsloth|use_unsloth: true|Unsloth|unsloth
+KERNELS
+    else cat <<'QUANTIZED'
+qwen2.5-0.5b-instruct-gptq-int4|--method qlora|quantization_bit: null|Loading 4-bit GPTQ-quantized model|gptqmodel
+qwen2.5-0.5b-instruct-awq|--method qlora|quantization_bit: null|Loading 4-bit AWQ-quantized model|awq
+QUANTIZED
+    fi)
+    echo "${1#--}: logs in $WORK"
     exit "$fails"
 fi
 

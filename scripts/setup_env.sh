@@ -7,7 +7,7 @@
 #
 # CPU path: exact versions from requirements/cpu.lock, installed with --no-deps so every machine
 # gets the same set (torch 2.13.0 CPU build, llamafactory 0.9.5, no torchvision, torchaudio
-# without its CUDA-linked libraries; see docs/install.md for why).
+# without its CUDA-linked libraries; README.md, Install, says why).
 # CUDA path: the ordinary resolver install of the package extras.
 # A stamp in the venv skips the work when the lock and pyproject.toml have not changed.
 set -euo pipefail

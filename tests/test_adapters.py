@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from qwenft import knobs, settings
 from qwenft.errors import QwenftError
+from qwenft.lf import args_snapshot
 from tests.helpers.builders import read_calls, written
-from tests.helpers.cli import invoke
+from tests.helpers.cli import dry_run, invoke
 
 pytestmark = pytest.mark.usefixtures("no_token_stats")
 
@@ -35,12 +35,6 @@ def cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine without a GPU or any of those packages (whatever this one has)."""
     monkeypatch.setattr(settings, "cuda_gpus", lambda: [])
     monkeypatch.setattr(settings, "has_module", lambda module: False)
-
-
-def dry_run_yaml(output: str) -> dict[str, Any]:
-    """The train.yaml that `train --dry-run` prints."""
-    text = output.split("# --- train.yaml ---\n", 1)[1].split("# --- environment ---", 1)[0]
-    return yaml.safe_load(text)
 
 
 def test_train_offers_each_option_and_plan_only_liger() -> None:
@@ -65,6 +59,11 @@ RENDERED = [
     (["--liger"], {"enable_liger_kernel": True}),
     (["--unsloth"], {"use_unsloth": True}),
     (["--method", "qlora", "--dora", "--rslora"], {"use_dora": True, "use_rslora": True}),
+    (
+        ["--method", "freeze", "--llama-pro", "4"],
+        {"use_llama_pro": True, "freeze_trainable_layers": 4},
+    ),
+    (["--llama-pro", "2"], {"use_llama_pro": True, "freeze_trainable_layers": 2}),  # LoRA on them
 ]
 
 
@@ -73,9 +72,7 @@ RENDERED = [
 def test_dry_run_renders_each_option(
     args: list[str], keys: dict[str, Any], fake_cli: Path, local_model: Path, chat_file: Path
 ) -> None:
-    result = invoke("train", "--model", local_model, "--data", chat_file, "--dry-run", *args)
-    assert result.exit_code == 0, result.output
-    config = dry_run_yaml(result.output)
+    config, _, result = dry_run("--model", local_model, "--data", chat_file, *args)
     assert {k: config.get(k) for k in keys} == keys
     # the keys sit in a section of train.yaml (model or method), not under "other"
     text = result.output.split("# --- train.yaml ---")[1].split("# --- environment ---")[0]
@@ -90,23 +87,19 @@ def test_set_and_config_reach_the_same_yaml(
 ) -> None:
     config = tmp_path / "extra.yaml"
     config.write_text("use_dora: true\nflash_attn: disabled\nloraplus_lr_ratio: 4\n")
-    base = ("train", "--model", local_model, "--data", chat_file, "--dry-run")
-    by_option = dry_run_yaml(
-        invoke(*base, "--dora", "--attn", "eager", "--loraplus-ratio", "4").output
-    )
-    by_set = dry_run_yaml(
-        invoke(
-            *base, "--set", "use_dora=true", "--set", "flash_attn=disabled", "--set",
-            "loraplus_lr_ratio=4",
-        ).output
+    base = ("--model", local_model, "--data", chat_file)
+    by_option, *_ = dry_run(*base, "--dora", "--attn", "eager", "--loraplus-ratio", "4")
+    by_set, *_ = dry_run(
+        *base, "--set", "use_dora=true", "--set", "flash_attn=disabled", "--set",
+        "loraplus_lr_ratio=4",
     )  # fmt: skip
-    by_config = dry_run_yaml(invoke(*base, "--config", config).output)
+    by_config, *_ = dry_run(*base, "--config", config)
     keys = ("use_dora", "flash_attn", "loraplus_lr_ratio")
     assert [c["use_dora"] for c in (by_option, by_set, by_config)] == [True] * 3
     assert {k: by_option[k] for k in keys} == {k: by_set[k] for k in keys}
     assert {k: by_set[k] for k in keys} == {k: by_config[k] for k in keys}
     # --set pissa_init=true brings pissa_convert with it, as --pissa does
-    pissa = dry_run_yaml(invoke(*base, "--set", "pissa_init=true").output)
+    pissa, *_ = dry_run(*base, "--set", "pissa_init=true")
     assert pissa["pissa_convert"] is True
 
 
@@ -141,7 +134,7 @@ REFUSED = [
     (
         ["--pissa", "--set", "pissa_convert=false"],
         "pissa_init: true\npissa_convert: false",
-        ["--pissa needs pissa_convert: true, got pissa_convert: false"],
+        ["--pissa with pissa_convert: false: ", "plain-LoRA copy", "drop pissa_convert"],
     ),
 ]
 
@@ -167,7 +160,9 @@ def test_refused_before_launch_whichever_layer_sets_it(
     if layer == "config":
         file = tmp_path / "extra.yaml"
         file.write_text(config + "\n")
-        keep = [a for a in args if a in ("--method", "full", "qlora", "--deepspeed", "z3")]
+        keep = [
+            a for a in args if a in ("--method", "full", "qlora", "freeze", "--deepspeed", "z3")
+        ]
         args = [*keep, "--config", str(file)]
     before = written(Path.cwd(), isolated)
     for dry in ([], ["--dry-run"]):
@@ -263,13 +258,14 @@ def test_plan_liger_still_estimates_on_a_machine_without_gpu(cpu_machine: None) 
 
 
 def test_refusals_are_rows_of_the_table() -> None:
-    """Each refusal and need is declared on its knob: a with_key is a knob's key or one of the
-    run's choices, a Needs names a pip package and its module."""
-    context = {"deepspeed", "stage", "method", "quantization_method", "quantization_bit"}
+    """Each refusal and need is declared on its knob: a with_key (and each key of `also`) is a
+    LLaMA-Factory argument or one of the run's choices, a Needs names a pip package and its
+    module."""
+    names = {*args_snapshot.TABLE["fields"], *knobs.RUN_CHOICES}
     for knob in knobs.KNOBS:
         for rule in knob.refuse:
             assert rule.why and rule.fix, knob.key
-            assert not rule.with_key or rule.with_key in {*knobs.BY_KEY, *context}, knob.key
+            assert {rule.with_key or "stage", *dict(rule.also)} <= names, knob.key
         for need in knob.needs:
             assert need.cuda or need.packages, knob.key
     assert knobs.BY_KEY["flash_attn"].lf_value("eager") == "disabled"
@@ -286,3 +282,64 @@ def test_fa2_needs_an_ampere_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     (problem,) = settings.unmet_needs({"flash_attn": "fa2", "enable_liger_kernel": True})
     assert problem.message == "--attn fa2 needs a GPU of compute capability 8.0 or more (Ampere)"
     assert settings.unmet_needs({"flash_attn": "sdpa", "use_unsloth": False}) == []
+
+
+# --llama-pro N is qwenft's own: it expands the base. Through --config or --set, use_llama_pro is
+# LLaMA-Factory's switch for a base that its scripts/llama_pro.py expanded, which is refused.
+LLAMA_PRO_REFUSED = [
+    (
+        ["--llama-pro", "5", "--method", "freeze"],
+        ["--llama-pro 5: the base has 24 decoder layers", "divides 24: 1, 2, 3, 4, 6, 8, 12, 24"],
+    ),
+    (["--llama-pro", "2", "--method", "full"], ["--llama-pro (use_llama_pro) does nothing for"]),
+    (
+        ["--llama-pro", "2", "--method", "freeze", "--trainable-layers", "1"],
+        ["--llama-pro 2 with --trainable-layers 1", "drop --trainable-layers"],
+    ),
+    (["--set", "use_llama_pro=true"], ["--llama-pro must be a number, got True", "expands"]),
+    (["--loftq"], ["--loftq (loftq) does nothing for --method lora"]),
+    (["--loftq", "--method", "qlora", "--dora"], ["--loftq with --dora", "drop --dora or --loftq"]),
+    (["--loftq", "--method", "qlora", "--set", "quantization_bit=8"], ["--loftq with --bits 8"]),
+    (["--loftq", "--method", "auto"], ["--method auto picks the method", "--method qlora"]),
+    (["--llama-pro", "2", "--method", "auto"], ["--llama-pro needs --method freeze or lora"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "parts"), LLAMA_PRO_REFUSED, ids=[" ".join(a) for a, _ in LLAMA_PRO_REFUSED]
+)
+def test_llama_pro_refusals(
+    args: list[str],
+    parts: list[str],
+    fake_cli: Path,
+    local_model: Path,
+    chat_file: Path,
+    isolated: Path,
+) -> None:
+    before = written(Path.cwd(), isolated)
+    result = invoke("train", "--model", local_model, "--data", chat_file, "-o", "r", *args)
+    assert result.exit_code == 2, result.output
+    for part in parts:
+        assert part in result.output, (part, result.output)
+    assert written(Path.cwd(), isolated) == before and read_calls(fake_cli) == []
+
+
+def test_llama_pro_trains_an_expanded_copy_of_a_base_on_this_machine(
+    fake_cli: Path, local_model: Path, chat_file: Path, isolated: Path
+) -> None:
+    """--dry-run names the expanded base (made by train before launch, in qwenft's cache) and
+    writes nothing; a hub model that is not on this machine cannot be expanded."""
+    before = written(Path.cwd(), isolated)
+    base = ("train", "--model", local_model, "--data", chat_file, "--method", "freeze")
+    config, *_ = dry_run(*base[1:], "--llama-pro", "4")
+    path = Path(config["model_name_or_path"])
+    assert path.parent == isolated / "derived" and path.name.startswith(f"{local_model.name}-pro4-")
+    assert written(Path.cwd(), isolated) == before and read_calls(fake_cli) == []
+    with pytest.raises(QwenftError) as info:
+        settings.resolve(
+            settings.RunRequest(
+                model="qwen2-7b-instruct", method="freeze", knobs={"use_llama_pro": 2}
+            )
+        )
+    assert "--llama-pro derives a base from qwen2-7b-instruct on this machine" in info.value.message
+    assert "huggingface-cli download Qwen/Qwen2-7B-Instruct" in info.value.hint

@@ -95,3 +95,26 @@ def _raise_not_found() -> str:
     from qwenft.errors import QwenftError
 
     raise QwenftError("llamafactory-cli was not found")
+
+
+def test_doctor_lists_the_options_this_machine_can_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every knob value that needs a GPU or a package (the knob table's Needs), checked as train
+    checks it before launch."""
+    from qwenft import doctor, knobs, settings
+
+    monkeypatch.setattr(settings, "cuda_gpus", lambda: [])
+    monkeypatch.setattr(settings, "has_module", lambda module: module != "flash_attn")
+    checks = {c.name: c for c in doctor.menu_checks()}
+    needing = {
+        label
+        for k in knobs.KNOBS
+        for n in k.needs
+        for label, _ in knobs.needs_of({k.key: n.values[0]})
+    }
+    assert set(checks) == needing and {"--attn fa2", "--liger", "--unsloth"} <= needing
+    assert not any(c.required for c in checks.values())
+    assert not checks["--liger"].ok and checks["--liger"].detail.startswith("needs a CUDA GPU")
+    monkeypatch.setattr(settings, "cuda_gpus", lambda: [{"compute_cap": 9.0}])
+    checks = {c.name: c for c in doctor.menu_checks()}
+    assert checks["--liger"].ok and checks["--liger"].detail == "usable here"
+    assert not checks["--attn fa2"].ok and "flash-attn package" in checks["--attn fa2"].detail

@@ -48,10 +48,10 @@ def test_table_rows_are_sound() -> None:
         # a real LLaMA-Factory training argument (the snapshot of its dataclasses); eval's
         # generation length is one of its generating arguments, which the snapshot leaves out
         fields = args_snapshot.TABLE["fields"]
-        assert knob.key in fields or knob.key == "max_new_tokens", knob.key
-        # written in a section of train.yaml, not under "other"
+        assert knob.key in fields or knob.key == "max_new_tokens" or knob.own, knob.key
+        # written in a section of train.yaml, not under "other" (qwenft's own: never written)
         placed = {k for keys in render.SECTIONS.values() for k in keys}
-        assert knob.key in placed or knob.section in render.SECTIONS, knob.key
+        assert knob.key in placed or knob.section in render.SECTIONS or knob.own, knob.key
         assert knob.type in (int, float, str, bool)
         for command in knob.commands if knob.option else ():
             # one option name means one knob on each command
@@ -237,3 +237,28 @@ def test_help_imports_no_data_package_and_no_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]", out
+
+
+def test_refusals_read_the_run_they_are_part_of() -> None:
+    """A Refusal's other key may be a choice of the run (processes: in all), be refused unless
+    it has one of some values (`other_than`), need further keys (`also`); it sees what the knobs
+    imply (badam_mode layer beside --badam); a key its switch is missing for does nothing."""
+    rule = knobs.Refusal("why", "fix", with_key="processes", with_values=(1,), other_than=True)
+    assert not rule.applies(True, {"processes": 1}) and rule.applies(True, {"processes": 2})
+    assert not rule.applies(True, {})  # not known (plan before --method auto chooses)
+    both = knobs.Refusal(
+        "why", "fix", with_key="processes", with_values=(1,), other_than=True,
+        also=(("deepspeed", ("none",)),),
+    )  # fmt: skip
+    assert both.applies(True, {"processes": 2, "deepspeed": "none"})
+    assert not both.applies(True, {"processes": 2, "deepspeed": "z3"})
+    values = {"use_badam": True, **knobs.implied({"use_badam": True})}
+    (problem,) = knobs.refused(values, {"processes": 4, "deepspeed": "none"})
+    assert problem.message.startswith("--badam-mode layer with 4 processes and --deepspeed none: ")
+    (problem,) = knobs.inapplicable({"galore_rank": 8}, "sft", "full")
+    assert problem.message == "--galore-rank (galore_rank) does nothing without --galore"
+    assert knobs.inapplicable({"galore_rank": 8, "use_galore": True}, "sft", "full") == []
+    # a value a knob implies that the person set otherwise is theirs: a Refusal decides
+    assert knobs.implied({"use_galore": True, "optim": "adafactor"}) == {}
+    assert knobs.refused({"use_galore": True, "optim": "adafactor"}) == []
+    assert settings.RunRequest(model="m", gpus=2, nnodes=3).processes == 6

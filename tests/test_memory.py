@@ -23,8 +23,10 @@ from qwenft.memory import (
     NF4_BITS_PER_PARAM,
     PlanInput,
     choose_method,
+    embedding_params,
     estimate,
     linear_params,
+    linear_shapes,
     lora_params,
     zero_model_states,
 )
@@ -142,6 +144,56 @@ def test_qlora_weights_are_nf4_linears_plus_bf16_embeddings() -> None:
     assert p.breakdown["weights"] == pytest.approx(expected)
     p8 = estimate(PlanInput(arch=Q2_7B, method="qlora", bits=8))
     assert p.breakdown["weights"] < p8.breakdown["weights"] < Q2_7B.params * 2
+
+
+# --- the optimizers (GaLore, APOLLO: Zhao et al. 2024, Zhu et al. 2024; BAdam: Luo et al. 2024)
+
+
+def test_low_rank_optimizers_keep_adamw_states_of_the_projected_linears() -> None:
+    """GaLore/APOLLO at rank r: each decoder linear (a x b) keeps 2 r max(a, b) moments and an
+    r min(a, b) projection in fp32 instead of 2 a b moments; everything else keeps AdamW's."""
+    full = dict(arch=Q2_7B, method="full", batch_size=1)
+    adamw = estimate(PlanInput(**full)).breakdown
+    galore = estimate(PlanInput(**full, optimizer="galore", optimizer_rank=128)).breakdown
+    shapes = linear_shapes(Q2_7B).values()
+    projected = sum(128 * (2 * max(a, b) + min(a, b)) - 2 * a * b for a, b in shapes)
+    saved = -4 * Q2_7B.num_hidden_layers * projected
+    assert adamw["optimizer_states"] - galore["optimizer_states"] == pytest.approx(saved)
+    assert galore["gradients"] == adamw["gradients"] == 4 * Q2_7B.params  # all fp32, held
+    layerwise = estimate(PlanInput(**full, optimizer="apollo", layerwise=True)).breakdown
+    assert layerwise["gradients"] == 4 * Q2_7B.vocab_size * Q2_7B.hidden_size  # the largest one
+    # freeze: only the trained layers' linears are projected
+    frozen = dict(arch=Q2_7B, method="freeze", trainable_layers=2)
+    assert (
+        estimate(PlanInput(**frozen)).breakdown["optimizer_states"]
+        > estimate(PlanInput(**frozen, optimizer="galore")).breakdown["optimizer_states"]
+        > 0
+    )
+
+
+def test_badam_trains_one_decoder_layer_in_bf16() -> None:
+    """Layer-wise BAdam: the model stays in bf16; one decoder layer has gradients (bf16), an fp32
+    copy and AdamW's moments (12 bytes), and its fp32 gradients at the step."""
+    p = estimate(PlanInput(arch=Q2_7B, method="full", batch_size=1, optimizer="badam"))
+    layer = p.trainable_params  # one decoder layer: all but the embeddings and the final norm
+    rest = Q2_7B.params - embedding_params(Q2_7B) - Q2_7B.hidden_size
+    assert layer == rest // Q2_7B.num_hidden_layers
+    assert p.breakdown["weights"] == pytest.approx(2 * Q2_7B.params)
+    assert p.breakdown["gradients"] == 2 * layer and p.breakdown["optimizer_states"] == 12 * layer
+    assert p.optimizer == "badam" and "one decoder layer trains at a time" in " ".join(p.notes)
+    assert p.peak_gb < estimate(PlanInput(arch=Q2_7B, method="freeze", batch_size=1)).peak_gb
+
+
+def test_choose_method_with_an_optimizer_plans_full_as_it_runs() -> None:
+    """--method auto with GaLore/APOLLO/BAdam: full only (they train the model's own weights),
+    GaLore and APOLLO without DeepSpeed, BAdam on several GPUs under ZeRO-3 only."""
+    plan, _ = choose_method(Q2_7B, 80, gpus=2, optimizer="badam")
+    assert (plan.method, plan.deepspeed, plan.optimizer) == ("full", "z3", "badam")
+    plan, _ = choose_method(Q2_7B, 160, gpus=2, optimizer="galore")
+    assert (plan.method, plan.deepspeed, plan.optimizer) == ("full", "none", "galore")
+    with pytest.raises(QwenftError, match="even full") as info:
+        choose_method(Q2_7B, 40, optimizer="apollo")  # LoRA would fit, but not with APOLLO
+    assert "--apollo-layerwise" in (info.value.hint or "")
 
 
 def test_lora_parameter_count_for_qwen2_7b_rank16_all() -> None:
@@ -384,6 +436,9 @@ def test_choose_method_refuses_when_nothing_fits() -> None:
         (dict(method="lora", bits=4), "--bits applies to qlora only"),
         (dict(lora_target="q_proj,attn"), "unknown --lora-target attn"),
         (dict(gpu_mem_gb=0), "--gpu-mem must be above 0"),
+        (dict(optimizer="lion"), "unknown optimizer 'lion'"),
+        (dict(optimizer="galore"), "galore trains the model's own weights, not lora"),
+        (dict(method="full", optimizer="apollo", deepspeed="z2"), "apollo runs without DeepSpeed"),
     ],
 )
 def test_bad_input(overrides: dict, message: str) -> None:

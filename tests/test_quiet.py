@@ -70,6 +70,7 @@ def test_training_summary_names_its_times_and_counts_processes(
         "peak_mem_gib": 1.11,
         "log": "r/train.log",
         "method": "lora",
+        "mergeable": True,
         "run_dir": "r",
         **summary,
     }

@@ -22,7 +22,6 @@ from qwenft.choices import (
     Stage,
     Template,
     Thinking,
-    own_weights,
 )
 from qwenft.cli.common import (
     AdapterOpt,
@@ -308,7 +307,7 @@ def _report_training(result: dict, as_json: bool = False) -> None:
         f"log: {result['log']}"
         + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else "")
     )
-    if own_weights(result["method"]):  # nothing to merge
+    if not result["mergeable"]:  # its own weights, or a LoRA on a quantized base
         err(f"next: qwenft chat {result['run_dir']}")
     else:
         err(f"next: qwenft merge {result['run_dir']} (or qwenft chat {result['run_dir']})")
@@ -527,16 +526,22 @@ def models(as_json: JsonOpt = False) -> None:
             "thinking": FAMILIES[p.family].thinking,
             "params_b": round(p.arch.params / 1e9, 3),
             "architecture": asdict(p.arch),
+            "quantization": f"{p.quantization[0].upper()} {p.quantization[1]}-bit"
+            if p.quantization
+            else None,
         }
         for p in PRESETS.values()
     ]
     if as_json:
         print_json(rows)
         return
-    typer.echo(f"{'NAME':<28} {'FAMILY':<20} {'TEMPLATE':<14} {'PARAMS':>8}  HUB ID")
+    typer.echo(
+        f"{'NAME':<32} {'FAMILY':<20} {'TEMPLATE':<14} {'PARAMS':>8}  {'QUANTIZED':<11} HUB ID"
+    )
     for r in rows:
         typer.echo(
-            f"{r['name']:<28} {r['family']:<20} {r['template']:<14} {r['params_b']:>7}B  {r['hub_id'] or '(embedded)'}"
+            f"{r['name']:<32} {r['family']:<20} {r['template']:<14} {r['params_b']:>7}B  "
+            f"{r['quantization'] or '-':<11} {r['hub_id'] or '(embedded)'}"
         )
 
 

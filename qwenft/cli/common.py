@@ -37,10 +37,13 @@ AdapterOpt = Annotated[
 ]
 
 
-def choice_option(name: str, choices: tuple[str, ...], help: str) -> Any:
-    """An option whose choices (from qwenft.choices) show in --help as its metavar; the core
-    checks the value, so a wrong one gets qwenft's own `error:` line and hint (exit 2)."""
-    return typer.Option(name, metavar=f"[{'|'.join(choices)}]", help=help)
+def choice_option(name: str, choices: tuple[str, ...], help: str, many: bool = False) -> Any:
+    """An option whose choices (from qwenft.choices) show in --help as its metavar (`many`: a
+    comma list of them); the core checks the value, so a wrong one gets qwenft's own `error:`
+    line and hint (exit 2)."""
+    return typer.Option(
+        name, metavar=f"[{'|'.join(choices)}]" + (",..." if many else ""), help=help
+    )
 
 
 def knob_options(command: str) -> Callable[[F], F]:
@@ -52,7 +55,7 @@ def knob_options(command: str) -> Callable[[F], F]:
 
     def annotation(knob: knobs.Knob) -> Any:
         if knob.choices:
-            info = choice_option(knob.option, knob.choices, knob.help)
+            info = choice_option(knob.option, knob.choices, knob.help, knob.many)
         else:  # a switch's option is "--flag/--no-flag"
             info = typer.Option(knob.option, help=knob.help)
         return Annotated[knob.type | None, info]

@@ -95,7 +95,7 @@ def plan(
 
 
 def _print_table(model: str, p: Any, why: str | None, inp: Any) -> None:  # memory.Plan, PlanInput
-    from qwenft.memory import GB, GIB
+    from qwenft.memory import GB, GIB, OPTIMIZERS
 
     lora_rank, lora_target = inp.lora_rank, inp.lora_target
     gradient_checkpointing, liger = inp.gradient_checkpointing, inp.liger
@@ -113,6 +113,7 @@ def _print_table(model: str, p: Any, why: str | None, inp: Any) -> None:  # memo
     extras = ["gradient checkpointing" if gradient_checkpointing else "no gradient checkpointing"]
     if liger:
         extras.append("Liger")
+    extras.append(f"{OPTIMIZERS[p.optimizer]} optimizer")
     if why:
         typer.echo(f"auto: {why}")
     typer.echo(

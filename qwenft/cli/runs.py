@@ -1,5 +1,6 @@
 """`qwenft runs`: list the runs (under ./runs, folders named with --dir, and those recorded in
-QWENFT_HOME), and `qwenft runs rm RUN` to delete one that is not running. Mounted by qwenft.cli."""
+QWENFT_HOME), `qwenft runs RUN` (`runs show RUN`) for one, with where its trackers wrote, and
+`qwenft runs rm RUN` to delete one that is not running. Mounted by qwenft.cli."""
 
 from __future__ import annotations
 
@@ -7,12 +8,29 @@ from collections import deque
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from qwenft.cli.common import JsonOpt, err, handle_errors, print_json
 
+
+class _RunsGroup(TyperGroup):
+    """`qwenft runs RUN` is `qwenft runs show RUN`: a first argument that names no subcommand is
+    a run folder."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["show", *args]
+        return super().resolve_command(ctx, args)
+
+
 app = typer.Typer(
-    help="List runs (status, stage/method, steps, duration, loss); `runs rm RUN` deletes one.",
+    cls=_RunsGroup,
+    help="List runs (status, stage/method, steps, duration, loss); `runs RUN` shows one and where "
+    "its trackers wrote; `runs rm RUN` deletes one.",
     invoke_without_command=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -51,6 +69,42 @@ def runs(
     if not rows:
         err(f"no runs under {', '.join(map(str, roots))} or recorded in QWENFT_HOME")
         return
+    _print_rows(rows, tail)
+
+
+@app.command("show")
+@handle_errors
+def show(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One run (also `qwenft runs RUN`): its line of the list, its log, and where each tracker
+    it reported to (--report-to) wrote, with the command that shows it."""
+    from qwenft.runs.folder import run_row
+    from qwenft.runs.manifest import read_manifest
+
+    run_dir = run_dir.expanduser().absolute()
+    row = run_row(run_dir, read_manifest(run_dir))
+    if as_json:
+        print_json(row)
+        return
+    _print_rows([row], 0)
+    typer.echo(f"log: {row['log'] or '-'}")
+    for tracker, look in (row["tracking"] or {}).items():
+        typer.echo(f"{tracker}: {look}")
+
+
+@app.command("rm")
+@handle_errors
+def rm(run_dir: Annotated[Path, typer.Argument(help="The run folder to delete.")]) -> None:
+    """Delete a run folder (refused while the run is live)."""
+    from qwenft.runs.folder import remove_run
+
+    err(f"removed {remove_run(run_dir)}")
+
+
+def _print_rows(rows: list[dict[str, Any]], tail: int) -> None:
+    """The runs as a table, each with its last `tail` log lines if it died or failed."""
     typer.echo(
         f"{'STATUS':<11} {'STARTED':<16} {'STAGE/METHOD':<13} {'STEPS':>11} {'TIME':>7} "
         f"{'LOSS':>8} {'STOPS':>5}  RUN"
@@ -65,15 +119,6 @@ def runs(
         if tail > 0 and r["status"] in ("died", "failed") and r["log"]:
             for line in _last_lines(Path(r["log"]), tail):
                 typer.echo(f"    | {line}")
-
-
-@app.command("rm")
-@handle_errors
-def rm(run_dir: Annotated[Path, typer.Argument(help="The run folder to delete.")]) -> None:
-    """Delete a run folder (refused while the run is live)."""
-    from qwenft.runs.folder import remove_run
-
-    err(f"removed {remove_run(run_dir)}")
 
 
 def _started(stamp: str | None) -> str:

@@ -19,6 +19,7 @@ from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing,
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.models import inference
+from qwenft.models.presets import quantization_label
 from qwenft.models.target import ModelTarget, resolve_target
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
@@ -51,6 +52,15 @@ def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
         raise QwenftError(
             f"{run_dir} is a {manifest.method} fine-tune: its weights are already a complete model",
             f"chat with it directly: qwenft chat {run_dir}",
+        )
+    quantized = manifest.model.extra.get("quantization")
+    if quantized:
+        raise QwenftError(
+            f"{run_dir} trained a LoRA on a {quantization_label(quantized)}-quantized base, and "
+            "LLaMA-Factory merges no adapter into a quantized model (its weights are packed "
+            '4-bit/8-bit codes: "Cannot merge adapters to a quantized model")',
+            f"chat, serve and eval load the base + adapter as they are (qwenft chat {run_dir}); "
+            "for a merged model, train on the unquantized release",
         )
     source = resolve_target(str(run_dir), adapter=run_dir)  # base + adapter, never the merged one
     target = Path(export_dir).expanduser().absolute() if export_dir else run_dir / "merged"

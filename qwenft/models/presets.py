@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qwenft.choices import Template
@@ -75,6 +75,7 @@ class ModelPreset:
     hub_id: str | None  # None for the embedded tiny models
     family: str
     arch: Arch
+    quantization: tuple[str, int] | None = None  # a pre-quantized release: (method, bits)
 
 
 def _a(h, i, layers, heads, kv, vocab, tied, head_dim=None) -> Arch:  # noqa: ANN001 - table helper
@@ -138,6 +139,14 @@ def _presets() -> list[ModelPreset]:
     ]:
         for suffix in ("", "-Instruct"):
             out.append(ModelPreset("", f"Qwen/Qwen2.5-{size}{suffix}", "qwen2.5", arch))
+        # Qwen's own quantized releases of the instruct models (LoRA trains on them as they are)
+        for suffix, quant in (
+            ("-GPTQ-Int4", ("gptq", 4)),
+            ("-GPTQ-Int8", ("gptq", 8)),
+            ("-AWQ", ("awq", 4)),
+        ):
+            name = f"Qwen/Qwen2.5-{size}-Instruct{suffix}"
+            out.append(ModelPreset("", name, "qwen2.5", arch, quant))
     for kind in ("Coder", "Math"):
         for suffix in ("", "-Instruct"):
             out.append(ModelPreset("", f"Qwen/Qwen2.5-{kind}-7B{suffix}", "qwen2.5", _Q2_7))
@@ -151,12 +160,11 @@ def _presets() -> list[ModelPreset]:
     ]:
         for suffix in ("", "-Base"):
             out.append(ModelPreset("", f"Qwen/Qwen3-{size}{suffix}", "qwen3", arch))
+        if size in ("4B", "8B", "14B", "32B"):
+            out.append(ModelPreset("", f"Qwen/Qwen3-{size}-AWQ", "qwen3", arch, ("awq", 4)))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Instruct-2507", "qwen3-instruct-2507", _Q3_4))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Thinking-2507", "qwen3-thinking-2507", _Q3_4))
-    return [
-        p if p.name else ModelPreset(p.hub_id.split("/", 1)[1].lower(), p.hub_id, p.family, p.arch)
-        for p in out
-    ]
+    return [p if p.name else replace(p, name=p.hub_id.split("/", 1)[1].lower()) for p in out]
 
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in _presets()}
@@ -208,11 +216,59 @@ class ResolvedModel:
         return cls(**fields)
 
 
-def _from_family(spec: str, kind: str, path: str, family: str, arch: Arch | None) -> ResolvedModel:
+def _from_family(
+    spec: str,
+    kind: str,
+    path: str,
+    family: str,
+    arch: Arch | None,
+    quantization: tuple[str, int | None] | None = None,
+) -> ResolvedModel:
     fam = FAMILIES[family]
-    return ResolvedModel(
-        spec, kind, path, family, fam.template, fam.default_system, fam.thinking, arch
+    extra = (
+        {"quantization": {"method": quantization[0], "bits": quantization[1]}}
+        if quantization
+        else {}
     )
+    return ResolvedModel(
+        spec, kind, path, family, fam.template, fam.default_system, fam.thinking, arch, extra
+    )
+
+
+# What loading a pre-quantized base needs, by quant_method: (the package pip installs, the module it
+# imports), and whether its kernels need a CUDA GPU (LLaMA-Factory 0.9.5's check_version calls).
+QUANTIZED_BASE_NEEDS: dict[str, tuple[tuple[str, str], bool]] = {
+    "gptq": (("gptqmodel", "gptqmodel"), False),
+    "awq": (("autoawq", "awq"), True),
+    "aqlm": (("aqlm", "aqlm"), False),
+    "hqq": (("hqq", "hqq"), False),
+    "eetq": (("eetq", "eetq"), True),
+    "bitsandbytes": (("bitsandbytes", "bitsandbytes"), False),
+}
+
+
+def quantization_label(quant: dict) -> str:
+    """ "4-bit GPTQ" (for messages)."""
+    method = quant["method"].upper() if quant["method"] != "bitsandbytes" else "bitsandbytes"
+    return f"{quant['bits']}-bit {method}" if quant["bits"] else method
+
+
+def quantization_of(config: dict) -> tuple[str, int | None] | None:
+    """A pre-quantized base's (method, bits), from config.json's quantization_config (GPTQ, AWQ,
+    AQLM, HQQ, EETQ, bitsandbytes, FP8, ...); None for an unquantized one."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    method = str(q.get("quant_method") or "").lower()
+    if method == "bitsandbytes" or q.get("load_in_4bit") or q.get("load_in_8bit"):
+        return "bitsandbytes", 4 if q.get("load_in_4bit") else 8
+    bits = (
+        q.get("bits")
+        or q.get("w_bit")
+        or q.get("nbits")
+        or {"aqlm": 2, "eetq": 8, "fp8": 8}.get(method)
+    )
+    return method, int(bits) if bits else None
 
 
 def _arch_from_config(cfg: dict) -> Arch | None:
@@ -247,7 +303,9 @@ def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
             spec, "tiny", str(home / "models" / preset.name), preset.family, preset.arch
         )
     if preset is not None:
-        return _from_family(spec, "hub", preset.hub_id, preset.family, preset.arch)
+        return _from_family(
+            spec, "hub", preset.hub_id, preset.family, preset.arch, preset.quantization
+        )
 
     path = Path(key).expanduser()
     looks_like_path = path.exists() or key.startswith((".", "/", "~")) or key.count("/") > 1
@@ -279,7 +337,14 @@ def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
                 f"{key} does not look like a Qwen model (model_type {cfg.get('model_type')!r})",
                 "qwenft fine-tunes Qwen models; pass --template qwen|qwen3|qwen3_nothink to force one",
             )
-        return _from_family(spec, "local", str(path.resolve()), family, _arch_from_config(cfg))
+        return _from_family(
+            spec,
+            "local",
+            str(path.resolve()),
+            family,
+            _arch_from_config(cfg),
+            quantization_of(cfg),
+        )
 
     if re.fullmatch(r"[\w.-]+/[\w.-]+", key):
         family = family_from_name(key)

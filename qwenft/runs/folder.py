@@ -121,6 +121,7 @@ def run_row(run_dir: Path, m: Manifest) -> dict[str, Any]:
         "final_loss": m.final_loss,
         # qwenft export's verify: answers that ended on <|im_end|> (None: not measured yet)
         "stops": dataclasses.asdict(m.stopping) if m.stopping else None,
+        "tracking": m.tracking,  # --report-to: tracker -> where to look
         "created": m.created,
         "log": m.log,
     }

@@ -106,6 +106,7 @@ class Manifest:
     parent_run: str | None = None  # --from RUN_DIR: the run whose weights this one started from
     versions: dict[str, str | None] = field(default_factory=dict)
     overlength: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, str] | None = None  # --report-to: tracker -> where to look (runs.tracking)
     status: str = "running"
     schema_version: int = SCHEMA_VERSION
     qwenft_version: str = __version__

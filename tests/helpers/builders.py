@@ -92,6 +92,21 @@ def read_calls(record: Path) -> list[dict]:
     return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
 
 
+# Every variable qwenft sets for a --report-to tracker or takes from the person's environment
+# (qwenft.runs.tracking): tests clear them, so trackers run offline whatever this machine says.
+TRACKER_VARS = (
+    "TENSORBOARD_LOGGING_DIR",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_CONTEXT",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+    "WANDB_API_KEY",
+    "TRACKIO_DIR",
+)
+
+
 def env_without_fake(**overrides: str) -> dict[str, str]:
     """The environment for a real end-to-end child: without the stand-in CLI's record file."""
     env = {k: v for k, v in os.environ.items() if k not in ("FAKE_LF_RECORD", "QWENFT_API_KEY")}

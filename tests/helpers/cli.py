@@ -1,7 +1,11 @@
-"""`invoke`: the in-process CLI through typer's CliRunner (the one wrapper every module uses)."""
+"""`invoke`: the in-process CLI through typer's CliRunner (the one wrapper every module uses);
+`dry_run`: what `train --dry-run` prints, parsed."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import yaml
 from typer import Typer
 from typer.testing import CliRunner, Result
 
@@ -15,6 +19,17 @@ def invoke(*args: object, app: Typer | None = None) -> Result:
 
         app = qwenft_app
     return _runner.invoke(app, [str(a) for a in args])
+
+
+def dry_run(*args: object) -> tuple[dict[str, Any], dict[str, str], Result]:
+    """`qwenft train ARGS --dry-run`: the train.yaml it prints (parsed), its environment, and the
+    result (exit code, output)."""
+    result = invoke("train", *args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    text = result.output.split("# --- train.yaml ---\n", 1)[1]
+    config, env = text.split("# --- environment ---\n", 1)
+    env = env.split("# --- command ---", 1)[0]
+    return yaml.safe_load(config), dict(line.split("=", 1) for line in env.splitlines()), result
 
 
 def data_app() -> Typer:

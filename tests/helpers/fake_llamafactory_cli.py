@@ -30,6 +30,15 @@ keys = (
     "MASTER_ADDR",
     "MASTER_PORT",
     "HF_HUB_OFFLINE",
+    # --report-to (qwenft.runs.tracking)
+    "TENSORBOARD_LOGGING_DIR",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_CONTEXT",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+    "TRACKIO_DIR",
 )
 record = {"argv": argv, "env": {k: os.environ[k] for k in keys if k in os.environ}, "yaml": cfg}
 with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
