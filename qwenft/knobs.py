@@ -228,6 +228,14 @@ KNOBS: tuple[Knob, ...] = (
         commands=(TRAIN, PLAN, EVAL, DATA_CHECK),
     ),
     Knob(
+        "preprocessing_num_workers",
+        "--data-workers",
+        help="Processes that tokenize the data, at most the cores; small data takes one "
+        "(preprocessing_num_workers; default: the recipe's 16, capped at the cores).",
+        rule=POSITIVE_WHOLE("e.g. --data-workers 8"),
+        commands=(TRAIN, DATA_CHECK),
+    ),
+    Knob(
         "num_train_epochs",
         "--epochs",
         float,
@@ -419,8 +427,37 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "quantization_bit",
         "--bits",
-        help="QLoRA quantization: 4 (default) or 8.",
+        help="QLoRA quantization: 4 (default) or 8 (bitsandbytes; HQQ and EETQ through --set "
+        "quantization_method).",
+        rule=Rule(lambda v: v in (1, 2, 3, 4, 5, 6, 8), "1, 2, 3, 4, 5, 6 or 8", "e.g. --bits 4"),
+        methods=ADAPTERS,
         commands=(PLAN,),
+        refuse=(
+            Refusal(
+                f'bitsandbytes quantizes to 4 or 8 bits ({LF}: "Bitsandbytes only accepts 4-bit '
+                'or 8-bit quantization")',
+                "--bits 4 or 8, or --set quantization_method=hqq for 1 to 6 bits",
+                values=(1, 2, 3, 5, 6),
+                with_key="quantization_method",
+                with_values=("bnb",),
+            ),
+            Refusal(
+                f'EETQ quantizes to 8 bits only ({LF}: "EETQ only accepts 8-bit quantization")',
+                "--bits 8",
+                values=(1, 2, 3, 4, 5, 6),
+                with_key="quantization_method",
+                with_values=("eetq",),
+            ),
+        ),
+    ),
+    Knob(
+        "quantization_method",
+        type=str,
+        methods=ADAPTERS,
+        needs=(
+            Needs(("hqq",), packages=(("hqq", "hqq"),)),
+            Needs(("eetq",), cuda=True, packages=(("eetq", "eetq"),)),
+        ),
     ),
     Knob(
         "freeze_trainable_layers",

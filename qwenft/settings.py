@@ -272,6 +272,10 @@ def checked_overrides(req: RunRequest) -> dict[str, Any]:
             "stage": req.stage,
             "method": method,
             "processes": req.processes,
+            # LLaMA-Factory's default, under its other spelling too (render writes bnb)
+            "quantization_method": str(overrides.get("quantization_method") or "bnb").replace(
+                "bitsandbytes", "bnb"
+            ),
         },
     )
     raise_all(problems)

@@ -343,3 +343,33 @@ def test_llama_pro_trains_an_expanded_copy_of_a_base_on_this_machine(
         )
     assert "--llama-pro derives a base from qwen2-7b-instruct on this machine" in info.value.message
     assert "huggingface-cli download Qwen/Qwen2-7B-Instruct" in info.value.hint
+
+
+def test_a_prequantized_base_trains_a_lora_as_it_is(
+    fake_cli: Path, chat_file: Path, tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder whose config.json has a quantization_config (GPTQ here): LoRA on it with no
+    quantization of qwenft's own; what LLaMA-Factory refuses on it is refused before launch, all
+    problems at once; its package is named when missing."""
+    from tests.helpers.builders import write_model_folder
+
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    model = write_model_folder(
+        tmp_path / "Qwen2.5-7B-Instruct-GPTQ-Int4", {"quantization_config": gptq}
+    )
+    base = ("--model", model, "--data", chat_file)
+    monkeypatch.setattr(settings, "has_module", lambda module: module == "gptqmodel")
+    config, *_ = dry_run(*base, "--method", "qlora")
+    assert config["finetuning_type"] == "lora" and config["quantization_bit"] is None
+    before = written(Path.cwd(), isolated)
+    full = invoke("train", *base, "--method", "full")
+    assert full.exit_code == 2 and "Quantized models can only be used for the LoRA" in full.output
+    lora = ("--method", "qlora", "--deepspeed", "z3", "--dora", "--set", "quantization_bit=4")
+    refused = invoke("train", *base, *lora)
+    assert refused.exit_code == 2 and "3 problems" in refused.output, refused.output
+    for part in ("4-bit GPTQ-quantized; LLaMA-Factory ignores", "refuses ZeRO-3", "refuses DoRA"):
+        assert part in refused.output, part
+    monkeypatch.setattr(settings, "has_module", lambda module: False)
+    missing = invoke("train", *base, "--method", "qlora", "--dry-run")
+    assert missing.exit_code == 2 and "needs the gptqmodel package" in missing.output
+    assert written(Path.cwd(), isolated) == before and read_calls(fake_cli) == []

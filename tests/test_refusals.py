@@ -75,6 +75,19 @@ BAD_TRAIN = [
     (["--beta", "0"], ["--beta must be positive, got 0.0 (pref_beta)"]),
     (["--sft-weight", "-1"], ["--sft-weight must be 0 or more", "pref_ftx"]),
     (["--trainable-layers", "0"], ["--trainable-layers must be a whole number other than 0"]),
+    # the bit widths each quantization method takes (LLaMA-Factory's own limits)
+    (
+        ["--method", "qlora", "--set", "quantization_bit=3"],
+        ["--bits 3 with quantization_method: bnb"],
+    ),
+    (
+        ["--method", "qlora", "--set", "quantization_bit=7"],
+        ["--bits must be 1, 2, 3, 4, 5, 6 or 8"],
+    ),
+    (
+        ["--method", "qlora", "--set", "quantization_method=eetq", "--set", "quantization_bit=4"],
+        ["--bits 4 with quantization_method: eetq", "EETQ quantizes to 8 bits only"],
+    ),
     (["--beta", "0.2"], ["--beta (pref_beta) does nothing for --stage sft", "dpo, orpo"]),
     (["--sft-weight", "1"], ["--sft-weight (pref_ftx) does nothing for --stage sft"]),
     (["--pref-loss", "ipo"], ["--pref-loss (pref_loss) does nothing for --stage sft"]),
