@@ -57,9 +57,12 @@ def chosen(config: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def plan(
-    config: Mapping[str, Any], run_dir: Path, environ: Mapping[str, str] = os.environ
+    config: Mapping[str, Any], run_dir: Path, environ: Mapping[str, str] | None = None
 ) -> Tracking:
-    """The trackers' keys and variables for a run folder; keys the config sets are left as set."""
+    """The trackers' keys and variables for a run folder; keys the config sets are left as set.
+    environ: the person's environment (None: os.environ as it is now, read at the call: a library
+    may have replaced the os.environ object since import)."""
+    environ = os.environ if environ is None else environ
     out = Tracking()
     trackers = chosen(config)
     if not trackers:
