@@ -892,7 +892,7 @@ def test_pair_token_counts_equal_llamafactory(
     lf = lf_rows(data, model_dir, config, tmp_path / "lf")
     assert len(lf) == len(PAIR_ROWS)
     encoder = LlamaFactoryEncoder(model_dir, template, cutoff, kind="preference")
-    sides = list(iter_token_sides(data, encoder, batch_size=2))
+    sides = list(iter_token_sides(data, encoder.kind, lambda: encoder, batch_size=2))
     assert [line for line, _ in sides] == list(range(1, len(PAIR_ROWS) + 1))
     for (_, (c, r)), row in zip(sides, lf, strict=True):
         assert (c[1], c[2]) == (len(row["chosen_input_ids"]), _loss(row["chosen_labels"]))

@@ -5,6 +5,7 @@ JSON round trip."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,43 @@ def test_token_stats_json_round_trip() -> None:
     as_json = json.loads(json.dumps(stats.to_dict()))
     assert TokenStats.from_dict(as_json) == stats
     assert "splits" not in as_json and as_json["length"]["max"] == 12
+
+
+def _twice(encoder: None, n: int) -> int:
+    return 2 * n
+
+
+def _exit(encoder: None, code: int) -> None:
+    os._exit(code)
+
+
+def _no_encoder() -> None:
+    return None
+
+
+def test_parts_are_whole_batches_for_at_most_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers: the requested number, at most the cores and one per MIN_BYTES_PER_WORKER of data;
+    in-process below MIN_BYTES_FOR_WORKERS; parts: runs of whole batches, as many per worker."""
+    from qwenft.data import parallel
+
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    assert parallel.worker_count(16, 10**9) == 2
+    assert parallel.worker_count(None, 10**9) == parallel.worker_count(1, 10**9) == 1
+    assert parallel.worker_count(16, parallel.MIN_BYTES_FOR_WORKERS - 1) == 1  # in-process
+    monkeypatch.setattr(parallel, "MIN_BYTES_FOR_WORKERS", 0)
+    assert parallel.worker_count(16, 2 * parallel.MIN_BYTES_PER_WORKER - 1) == 1
+    assert parallel.cut_parts(list("abcd"), [3, 3, 3, 2], 2) == [["a", "b"], ["c", "d"]]
+    monkeypatch.setattr(parallel, "PART_ROWS", 3)
+    assert parallel.cut_parts(list("abcd"), [3, 3, 3, 2], 2) == [["a"], ["b"], ["c"], ["d"]]
+    assert parallel.cut_parts(list("abc"), [1, 1, 5], 1) == [["a", "b"], ["c"]]
+    assert parallel.cut_parts([], [], 2) == [[]]  # an empty split still gets its one shard
+
+
+def test_worker_processes_answer_in_order_and_a_dead_one_is_an_error() -> None:
+    from qwenft.data import parallel
+    from qwenft.errors import QwenftError
+
+    tasks = [(n,) for n in range(7)]
+    assert list(parallel.run_parts(_twice, tasks, 2, _no_encoder)) == [2 * n for n in range(7)]
+    with pytest.raises(QwenftError, match="worker process died"):
+        list(parallel.run_parts(_exit, [(1,)] * 3, 2, _no_encoder))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -293,6 +293,13 @@ def check_tools(splits: Splits, model_dir: Path) -> None:
     assert _mixed_labels(_rows(splits))
 
 
+def check_tools_and_thinking(splits: Splits, model_dir: Path) -> None:
+    """Tools prompts where a row has tools; reasoning trained on, as check_thinking."""
+    texts = [_text(model_dir, r["input_ids"]) for r in _rows(splits)]
+    assert sum("<tools>" in t for t in texts) == 4
+    check_thinking(splits, model_dir)
+
+
 def check_thinking(splits: Splits, model_dir: Path) -> None:
     """enable_thinking true: reasoning trained on, an empty block added to plain answers."""
     rows = _rows(splits)
@@ -530,12 +537,11 @@ def _first_difference(ours: Splits, lf: Splits) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_written_tokens_equal_llamafactory(
-    case: Case, tmp_path: Path, tiny_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """write_tokenized's DatasetDict equals the one LLaMA-Factory's get_dataset saves for the same
-    train config, split by split and sample by sample, on data that exercises the case."""
+def _ours_and_lf(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **write: Any
+) -> tuple[Splits, Splits]:
+    """(write_tokenized's DatasetDict, the one LLaMA-Factory's get_dataset saves) for the case's
+    data and train config; the case's check run on LLaMA-Factory's."""
     from qwenft.data.prepare import write_tokenized
     from qwenft.models.tiny import ensure_tiny_model
 
@@ -546,10 +552,90 @@ def test_written_tokens_equal_llamafactory(
     lf_tokenized(data, model_dir, dict(case.config), tmp_path / "lf", tmp_path / "lf-work")
     lf = load_splits(tmp_path / "lf")
     case.check(lf, model_dir)  # the data exercised what the case is about
-    write_tokenized(data, model_dir, dict(case.config), tmp_path / "ours")
-    ours = load_splits(tmp_path / "ours")
+    write_tokenized(data, model_dir, dict(case.config), tmp_path / "ours", **write)
+    return load_splits(tmp_path / "ours"), lf
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_written_tokens_equal_llamafactory(
+    case: Case, tmp_path: Path, tiny_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_tokenized's DatasetDict equals the one LLaMA-Factory's get_dataset saves for the same
+    train config, split by split and sample by sample, on data that exercises the case."""
+    ours, lf = _ours_and_lf(case, tmp_path, monkeypatch)
     assert _first_difference(ours, lf) is None, _first_difference(ours, lf)
     assert ours == lf
+
+
+def _two_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two worker processes even for small data, each given several parts."""
+    from qwenft.data import parallel
+
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setattr(parallel, "MIN_BYTES_FOR_WORKERS", 0)
+    monkeypatch.setattr(parallel, "MIN_BYTES_PER_WORKER", 1)
+    monkeypatch.setattr(parallel, "PART_ROWS", 3)
+
+
+def _two_workers_of(case_id: str, **config: object) -> Case:
+    case = next(c for c in CASES if c.id == case_id)
+    return replace(case, config={**case.config, "preprocessing_num_workers": 2, **config})
+
+
+WORKER_CASES = [
+    Case(
+        "sft-tools-reasoning",
+        "tiny-qwen3",
+        lambda: tool_rows() + thinking_rows(),
+        _sft(
+            "qwen3",
+            cutoff_len=512,
+            enable_thinking=True,
+            preprocessing_num_workers=2,
+            preprocessing_batch_size=2,
+        ),
+        check_tools_and_thinking,
+    ),
+    _two_workers_of("dpo", preprocessing_batch_size=2),
+    _two_workers_of("kto"),  # batches of 3: the KL pairs rotate within them
+    _two_workers_of("pt-packed"),  # batches of 4: each packs into its own blocks
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in WORKER_CASES])
+def test_two_worker_processes_write_what_llamafactory_does(
+    case: Case, tmp_path: Path, tiny_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two worker processes, each tokenizing several parts of whole map batches into their own
+    shards, write the DatasetDict LLaMA-Factory's get_dataset saves with the same
+    preprocessing_num_workers (datasets.map in two processes), sample by sample."""
+    _two_workers(monkeypatch)
+    said: list[str] = []
+    ours, lf = _ours_and_lf(case, tmp_path, monkeypatch, progress=said.append)
+    assert said[0] == "tokenizing in 2 worker processes ..."
+    assert len(list((tmp_path / "ours" / "train").glob("data-*.arrow"))) >= 4  # several parts
+    assert _first_difference(ours, lf) is None, _first_difference(ours, lf)
+    assert ours == lf
+
+
+def test_a_failing_worker_leaves_no_dataset(
+    tmp_path: Path, tiny_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's part fails (a KTO row whose KL partner LLaMA-Factory drops, in the second
+    shard): the error is the worker's, the other parts are stopped, nothing is left behind."""
+    from qwenft.data.prepare import write_tokenized
+    from qwenft.errors import QwenftError
+    from qwenft.models.tiny import ensure_tiny_model
+
+    _two_workers(monkeypatch)
+    rows = kto_rows()
+    rows[7] = {"messages": [_m("user", "a question without an answer")], "label": True}
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "tokenized" / "key"
+    config = _two_workers_of("kto").config
+    with pytest.raises(QwenftError, match="KL pairing"):
+        write_tokenized(data, ensure_tiny_model("tiny-qwen2", progress=None), config, out)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def _token_stats(
     spec: str,
     template: str | None,
     thinking: str,
-    cutoff_len: int | None,
+    knobs: KnobValues,
     data: Path,
     kind: str = "sft",
 ) -> TokenStats:
@@ -62,8 +62,6 @@ def _token_stats(
     resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule; the first
     stage that trains on the data's kind, so pt's packing too), measured with the encoder train
     builds (pipeline.DataSpec)."""
-    from dataclasses import replace
-
     from qwenft import settings
     from qwenft.choices import stages_for
     from qwenft.data.pipeline import DataSpec, file_stats
@@ -75,14 +73,13 @@ def _token_stats(
             template=template,
             thinking=thinking,
             data=data,
-            knobs={"cutoff_len": cutoff_len},
+            knobs=dict(knobs),
             stage=stages_for(kind)[0],
         )
     )
     target = base_target(run.model)
     target.ensure_built(progress=err)
-    encoder = DataSpec.from_settings(run, kind=kind).encoder(Path(target.model_path))
-    return replace(file_stats(data, encoder, model=target.model_path), model=spec)
+    return file_stats(data, DataSpec.from_settings(run, kind=kind), target.model_path, model=spec)
 
 
 def _length_line(label: str, ln: Lengths) -> str:
@@ -184,7 +181,7 @@ def check(
             f"(default {DEFAULT_STATS_MODEL} when --cutoff-len is given), hub id or local folder.",
         ),
     ] = None,
-    knobs: KnobValues = NO_KNOBS,  # --cutoff-len (the knob table; implies token statistics)
+    knobs: KnobValues = NO_KNOBS,  # --cutoff-len (implies token statistics), --data-workers
     template: Annotated[
         str | None,
         choice_option("--template", Template.values(), "Override the model's template (as train)."),
@@ -226,7 +223,7 @@ def check(
                 model or DEFAULT_STATS_MODEL,
                 template,
                 thinking,
-                cutoff_len,
+                knobs,
                 report.path,
                 report.kind,
             )

@@ -18,6 +18,7 @@ tokenized dataset and runs the steps before launch.
 
 from __future__ import annotations
 
+import functools
 import math
 from array import array
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenft.choices import DEFAULT_OVERLENGTH, LF_STAGE_DATA, DataKind, Template
-from qwenft.data import tokens
+from qwenft.data import parallel, tokens
 from qwenft.data.kinds import PREFERENCE, PT, SFT, detect_file_kind
 from qwenft.data.tokens import LLAMAFACTORY_TESTED, LlamaFactoryEncoder, iter_token_sides
 from qwenft.errors import QwenftError
@@ -324,25 +325,45 @@ def measure(
 
 
 def file_stats(
-    path: Path, encoder: LlamaFactoryEncoder, *, model: str, max_lines: int | None = 1000
+    path: Path,
+    spec: DataSpec,
+    model_dir: Path | str,
+    *,
+    model: str | None = None,
+    max_lines: int | None = 1000,
+    encoder: LlamaFactoryEncoder | None = None,
 ) -> TokenStats:
-    """Token statistics of a data file with an encoder (DataSpec.encoder). Rows are checked as
-    the encoder's kind: those with check errors, and those LLaMA-Factory's processor drops, are
-    skipped (n_skipped). Over-long samples are listed by line: the first max_lines (None: all)."""
+    """Token statistics of a data file under a spec, with the model's tokenizer (model: how the
+    record names it, by default model_dir). Rows are checked as the spec's kind: those with check
+    errors, and those LLaMA-Factory's processor drops, are skipped (n_skipped). Over-long samples
+    are listed by line: the first max_lines (None: all).
+
+    Measured on every core the spec's num_workers allows (qwenft.data.parallel, as qwenft writes
+    the tokenized data), or in this process with encoder, a loaded one of this spec."""
+    path = Path(path)
     counts: dict[str, int] = {}
+    if encoder is None:
+        workers = parallel.worker_count(spec.num_workers, path.stat().st_size)
+        build = functools.partial(spec.encoder, str(model_dir))
+    else:
+        workers, build = 1, functools.partial(_given, encoder)
     measured = measure(
-        iter_token_sides(Path(path), encoder, counts=counts),
-        cutoff_len=encoder.cutoff_len,
-        kind=encoder.kind,
+        iter_token_sides(path, spec.kind, build, counts=counts, workers=workers),
+        cutoff_len=spec.seq_cutoff_len,
+        kind=spec.kind,
         max_lines=max_lines,
     )
     return replace(
         measured,
         path=str(path),
-        model=model,
-        template=encoder.template.name,
+        model=str(model_dir) if model is None else model,
+        template=spec.template,
         n_skipped=counts["skipped"] + counts["dropped"],
     )
+
+
+def _given(encoder: LlamaFactoryEncoder) -> LlamaFactoryEncoder:
+    return encoder
 
 
 def token_stats(
@@ -367,16 +388,15 @@ def token_stats(
     if encoder is not None:
         if kind is not None and DataKind.parse(kind, "data kind") != encoder.kind:
             raise QwenftError(f"the encoder measures {encoder.kind} data, not {kind}")
-    else:
-        spec = DataSpec(
-            template=template,
-            cutoff_len=cutoff_len,
-            kind=DataKind.parse(kind or detect_file_kind(path) or SFT, "data kind"),
-            default_system=default_system,
-            enable_thinking=enable_thinking,
-            train_on_prompt=train_on_prompt,
-            mask_history=mask_history,
-            packing=False,
-        )
-        encoder = spec.encoder(model_dir)
-    return file_stats(path, encoder, model=str(model_dir), max_lines=max_lines)
+        template, cutoff_len, kind = encoder.template.name, encoder.cutoff_len, encoder.kind
+    spec = DataSpec(
+        template=template,
+        cutoff_len=cutoff_len,
+        kind=DataKind.parse(kind or detect_file_kind(path) or SFT, "data kind"),
+        default_system=default_system,
+        enable_thinking=enable_thinking,
+        train_on_prompt=train_on_prompt,
+        mask_history=mask_history,
+        packing=False,
+    )
+    return file_stats(path, spec, model_dir, max_lines=max_lines, encoder=encoder)

@@ -14,7 +14,9 @@ What LLaMA-Factory 0.9.5 does, and so what this module does:
 - each split is tokenized in `datasets.map` batches: `preprocessing_num_workers` contiguous
   shards, each cut into batches of `preprocessing_batch_size` rows. Only two things depend on the
   batches, and both are reproduced: KTO pairs each row with the answer of the row before it in the
-  batch (its KL sample), and pt packing concatenates a batch's texts into cutoff_len blocks;
+  batch (its KL sample), and pt packing concatenates a batch's texts into cutoff_len blocks. Runs
+  of whole batches (parts) are tokenized by worker processes on every core (qwenft.data.parallel;
+  in-process for small data), each part written as one shard of its split, in order;
 - with `packing: true` in the YAML, DataArguments shortens cutoff_len by one (pt's default
   packing, set later by the parser, does not).
 
@@ -30,6 +32,7 @@ of them (length_record, the manifest's overlength record, or a refusal).
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -39,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.choices import Overlength
-from qwenft.data import cache
+from qwenft.data import cache, parallel
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT
 from qwenft.data.pipeline import DataSpec, TokenStats, file_stats, measure
 from qwenft.data.reader import BAD, BOM, Collector, iter_rows, open_data_file
-from qwenft.data.tokens import align, encode_pipelined, side_counts
+from qwenft.data.tokens import Batch, LlamaFactoryEncoder, measure_part
 from qwenft.errors import QwenftError
 from qwenft.fsutil import atomic_write_json, staged_dir
 
@@ -53,21 +56,6 @@ _MEDIA = ("images", "videos", "audios")  # the processors' media columns: None f
 # stores "input_ids" as int32 and "attention_mask" as int8 (its OptimizedTypedSequence), every
 # other integer column as int64.
 _TYPES = {"input_ids": "int32", "attention_mask": "int8", "kto_tags": "bool"}
-
-
-def _loads(raw: bytes) -> Any:
-    """A row's JSON: orjson where it is installed (3x faster), else the standard library; rows
-    orjson refuses (integers over 64 bits, lone surrogates) go to the standard library."""
-    try:
-        return _orjson_loads(raw)
-    except ValueError:
-        return json.loads(raw)
-
-
-try:
-    from orjson import loads as _orjson_loads
-except ImportError:  # pragma: no cover - orjson comes with LLaMA-Factory's dependencies
-    _orjson_loads = json.loads
 
 
 def _read_rows(path: Path) -> tuple[list[Any], list[int]]:
@@ -145,19 +133,16 @@ def _features(kind: str) -> Any:
     return Features(spec)
 
 
-class _SplitWriter:
-    """One split folder in `save_to_disk`'s layout, written batch by batch (memory stays flat)."""
+class _PartWriter:
+    """One part of a split: an arrow stream file as `save_to_disk` writes one shard, written batch
+    by batch (memory stays flat)."""
 
-    def __init__(self, folder: Path, features: Any) -> None:
+    def __init__(self, path: Path, features: Any) -> None:
         import pyarrow as pa
 
         self.pa = pa
-        self.folder = folder
-        self.features = features
         self.schema = features.arrow_schema
-        folder.mkdir(parents=True)
-        self.file = "data-00000-of-00001.arrow"
-        self.sink = pa.OSFile(str(folder / self.file), "wb")
+        self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
         self.rows = 0
 
@@ -192,24 +177,41 @@ class _SplitWriter:
         self.rows += n
 
     def close(self) -> None:
-        from dataclasses import asdict
-
-        from datasets import DatasetInfo
-
         self.writer.close()
         self.sink.close()
-        state = {
-            "_data_files": [{"filename": self.file}],
-            "_fingerprint": secrets.token_hex(8),
-            "_format_columns": None,
-            "_format_kwargs": {},
-            "_format_type": None,
-            "_output_all_columns": False,
-            "_split": None,
-        }
-        (self.folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        info = asdict(DatasetInfo(features=self.features))
-        (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _write_part(
+    encoder: LlamaFactoryEncoder, batches: list[Batch], path: Path
+) -> tuple[list[tuple[int, list[tuple[int, int, int]]]], int]:
+    """One part of a split, tokenized (in a worker process, or in this one) and written at path:
+    (tokens.measure_part's (line, sides) of its samples, rows written)."""
+    writer = _PartWriter(path, _features(encoder.kind))
+    try:
+        measured = measure_part(encoder, batches, writer.write)
+    finally:
+        writer.close()
+    return measured, writer.rows
+
+
+def _finish_split(folder: Path, files: list[str], features: Any) -> None:
+    """A split folder's state and info files, its shards (the parts' files) in order."""
+    from dataclasses import asdict
+
+    from datasets import DatasetInfo
+
+    state = {
+        "_data_files": [{"filename": name} for name in files],
+        "_fingerprint": secrets.token_hex(8),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(DatasetInfo(features=features))
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def write_tokenized(
@@ -236,48 +238,50 @@ def write_tokenized(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise QwenftError(f"{out_dir} already exists", "a tokenized dataset is never overwritten")
-    encoder = spec.encoder(model_dir)
-    kind = encoder.kind
-    rows, lines = _read_rows(Path(data))
+    data = Path(data)
+    rows, lines = _read_rows(data)
+    total = len(rows)
     if spec.max_samples is not None:
         del rows[spec.max_samples :]
     splits = _splits(len(rows), spec.val_size, spec.seed)
+    workers = parallel.worker_count(
+        spec.num_workers, data.stat().st_size * len(rows) // (total or 1)
+    )
+    features = _features(spec.kind)
+    parts: list[tuple[str, Path, int]] = []  # each task's split, file and rows, in order
     measured: list[tuple[int, list[tuple[int, int, int]]]] = []
-    writers: dict[str, _SplitWriter] = {}
+    written: dict[str, list[tuple[str, int]]] = {name: [] for name in splits}  # files, rows
     done = 0
     filled = False  # the staging folder holds the whole dataset
-
-    def batches() -> Iterator[tuple[tuple[str, list[int]], list[Any]]]:
-        for name, order in splits.items():
-            for batch in map_batches(len(order), spec.num_workers, spec.batch_size):
-                picked = [order[k] for k in batch]
-                samples = (rows[i] for i in picked)
-                yield (
-                    (name, picked),
-                    [align(_loads(r) if isinstance(r, bytes) else r, kind) for r in samples],
-                )
-
+    if progress and workers > 1:
+        progress(f"tokenizing in {workers} worker processes ...")
     try:
         with staged_dir(out_dir, hint="a tokenized dataset is never overwritten") as staging:
 
-            def writer(name: str) -> _SplitWriter:
-                # made at the first write: importing datasets and pyarrow then overlaps the
-                # tokenizer
-                if name not in writers:
-                    features = next(iter(writers.values())).features if writers else None
-                    writers[name] = _SplitWriter(staging / name, features or _features(kind))
-                return writers[name]
+            def tasks() -> Iterator[tuple[list[Batch], Path]]:
+                for name, order in splits.items():
+                    (staging / name).mkdir()
+                    batches = [
+                        [order[k] for k in batch]
+                        for batch in map_batches(len(order), spec.num_workers, spec.batch_size)
+                    ]
+                    cut = parallel.cut_parts(batches, list(map(len, batches)), workers)
+                    for k, part in enumerate(cut):  # the shards save_to_disk would name
+                        path = staging / name / f"data-{k:05d}-of-{len(cut):05d}.arrow"
+                        parts.append((name, path, sum(map(len, part))))
+                        yield [([lines[i] for i in p], [rows[i] for i in p]) for p in part], path
 
-            for (name, picked), sides, columns in encode_pipelined(encoder, batches()):
-                writer(name).write(columns)
-                for i, enc in zip(picked, sides, strict=True):
-                    if enc is not None:
-                        measured.append((lines[i], [side_counts(side) for side in enc]))
-                done += len(picked)
-                if progress and done % 20_000 < len(picked):
+            build = functools.partial(spec.encoder, str(model_dir))
+            results = parallel.run_parts(_write_part, tasks(), workers, build)
+            for k, (part, rows_written) in enumerate(results):  # parts[k]: made as k was sent
+                name, path, size = parts[k]
+                written[name].append((path.name, rows_written))
+                measured += part
+                done += size
+                if progress and done < len(rows):
                     progress(f"tokenized {done}/{len(rows)} samples")
             for name in splits:
-                writer(name).close()
+                _finish_split(staging / name, [file for file, _ in written[name]], features)
             (staging / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
             if marker:
                 (staging / marker).write_text("")
@@ -286,15 +290,15 @@ def write_tokenized(
         if not (filled and out_dir.is_dir()):
             raise
     measured.sort()
-    stats = measure(iter(measured), cutoff_len=encoder.cutoff_len, kind=kind, max_lines=None)
+    stats = measure(iter(measured), cutoff_len=spec.seq_cutoff_len, kind=spec.kind, max_lines=None)
     return replace(
         stats,
         path=str(data),
         model=str(model_dir),
-        template=encoder.template.name,
+        template=spec.template,
         n_skipped=len(rows) - len(measured),
         splits={name: len(order) for name, order in splits.items()},
-        written={name: writer.rows for name, writer in writers.items()},  # rows (pt: blocks)
+        written={name: sum(n for _, n in files) for name, files in written.items()},  # pt: blocks
     )
 
 
@@ -374,7 +378,7 @@ def run_stats(
                 atomic_write_json(sidecar, stats.to_dict())
             return stats
     progress("measuring sample lengths with the run's tokenizer and template ...")
-    stats = file_stats(data, spec.encoder(model_path), model=str(model_path), max_lines=None)
+    stats = file_stats(data, spec, model_path, max_lines=None)
     if sidecar:
         atomic_write_json(sidecar, stats.to_dict())
     return stats

@@ -24,13 +24,14 @@ import re
 import sys
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
 from qwenft.choices import DataKind, Template
+from qwenft.data import parallel
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, RowRules
 from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
@@ -819,48 +820,104 @@ def side_counts(side: Segments) -> tuple[int, int, int]:
     return full, sum(n for _, n, _ in segments), sum(n for _, n, loss in segments if loss)
 
 
-def iter_token_sides(
-    path: Path,
-    encoder: LlamaFactoryEncoder,
-    batch_size: int = 1024,
-    counts: dict[str, int] | None = None,
-) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
-    """(line, sides) for each valid sample, a side being side_counts() of one sequence
-    LLaMA-Factory trains on (a pair has two: chosen, rejected). Rows are checked as the encoder's
-    kind; rows of another kind are skipped.
+def row_value(payload: Any) -> Any:
+    """A row's value: a payload of JSON bytes parsed (orjson where it is installed, 3x faster;
+    rows it refuses, integers over 64 bits or lone surrogates, by the standard library), any
+    other payload as it is."""
+    if not isinstance(payload, bytes):
+        return payload
+    try:
+        return _orjson_loads(payload)
+    except ValueError:
+        return json.loads(payload)
 
-    counts, if given, receives "rows" (rows read), "skipped" (rows with check errors) and
-    "dropped" (rows LLaMA-Factory's processor would drop).
-    """
+
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # pragma: no cover - orjson comes with LLaMA-Factory's dependencies
+    _orjson_loads = json.loads
+
+Batch = tuple[list[int], list[Any]]  # (lines, payloads): rows as row_value reads them
+
+
+def measure_part(
+    encoder: LlamaFactoryEncoder, batches: list[Batch], sink: Any = None
+) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """(line, side_counts of each side) of every sample the processor keeps, in order, of one part
+    of the data (qwenft.data.parallel: in a worker process or in this one); sink, if given, takes
+    the columns of each batch (finish_batch's)."""
+    kind = encoder.kind
+    aligned = (
+        (lines, [align(row_value(p), kind) for p in payloads]) for lines, payloads in batches
+    )
+    measured = []
+    for lines, sides, columns in encode_pipelined(encoder, aligned):
+        if sink is not None:
+            sink(columns)
+        for line, enc in zip(lines, sides, strict=True):
+            if enc is not None:
+                measured.append((line, [side_counts(side) for side in enc]))
+    return measured
+
+
+def checked_batches(
+    path: Path, kind: str, batch_size: int = 1024, counts: dict[str, int] | None = None
+) -> Iterator[Batch]:
+    """Batches of the valid rows of a data file, checked as `kind` (rows of another kind are
+    skipped), as (lines, one-line JSON bytes). counts, if given, receives "rows" (rows read) and
+    "skipped" (rows with check errors)."""
     counts = counts if counts is not None else {}
-    counts.update(rows=0, skipped=0, dropped=0)
+    counts.update(rows=0, skipped=0)
     path, fh, mode = open_data_file(path)
     col = Collector()
-    checker = RowRules(col, encoder.kind, mode)
-
-    def batches() -> Iterator[tuple[list[int], list[Aligned]]]:
-        lines: list[int] = []
-        aligned: list[Aligned] = []
+    checker = RowRules(col, kind, mode)
+    lines: list[int] = []
+    raws: list[bytes] = []
+    with fh:
         for line, value, raw in iter_rows(fh, mode, col):
             counts["rows"] += 1
             if value is BAD or not checker.check(value, line, raw):
                 counts["skipped"] += 1
                 continue
             lines.append(line)
-            aligned.append(align(value, encoder.kind))
+            raws.append(raw)
             if len(lines) >= batch_size:
-                yield lines, aligned
-                lines, aligned = [], []
-        if lines:
-            yield lines, aligned
+                yield lines, raws
+                lines, raws = [], []
+    if lines:
+        yield lines, raws
 
-    with fh:
-        for lines, sides, _ in encode_pipelined(encoder, batches()):
-            for line, enc in zip(lines, sides, strict=True):
-                if enc is None:
-                    counts["dropped"] += 1
-                else:
-                    yield line, [side_counts(side) for side in enc]
+
+def iter_token_sides(
+    path: Path,
+    kind: str,
+    build: Callable[[], LlamaFactoryEncoder],
+    batch_size: int = 1024,
+    counts: dict[str, int] | None = None,
+    workers: int = 1,
+) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
+    """(line, sides) for each valid sample in file order, a side being side_counts() of one
+    sequence LLaMA-Factory trains on (a pair has two: chosen, rejected), measured by the encoder
+    build() makes, in `workers` processes (qwenft.data.parallel.run_parts: parts of about
+    PART_ROWS rows). counts: as checked_batches, and "dropped" (rows LLaMA-Factory's processor
+    would drop), complete once the iterator is."""
+    counts = counts if counts is not None else {}
+
+    def parts() -> Iterator[tuple[list[Batch]]]:
+        part: list[Batch] = []
+        for batch in checked_batches(path, kind, batch_size, counts):
+            part.append(batch)
+            if len(part) * batch_size >= parallel.PART_ROWS:
+                yield (part,)
+                part = []
+        if part:
+            yield (part,)
+
+    kept = 0
+    for measured in parallel.run_parts(measure_part, parts(), workers, build):
+        kept += len(measured)
+        yield from measured
+    counts["dropped"] = counts["rows"] - counts["skipped"] - kept
 
 
 def iter_token_lengths(
@@ -875,7 +932,7 @@ def iter_token_lengths(
     both sides for the tokens kept and the loss tokens (iter_token_sides has each side).
     counts: as iter_token_sides.
     """
-    for line, sides in iter_token_sides(path, encoder, batch_size, counts):
+    for line, sides in iter_token_sides(path, encoder.kind, lambda: encoder, batch_size, counts):
         if len(sides) == 1:
             yield line, *sides[0]
         else:
