@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from qwenft.fsutil import file_lock
-from tests.helpers.builders import chat_rows, write_jsonl, write_model_folder
+from tests.helpers.builders import RECORDED_VARS, chat_rows, write_jsonl, write_model_folder
 from tests.helpers.e2e import FEW, LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft, copy_run
 
 FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
@@ -193,6 +193,7 @@ def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     record = tmp_path / "lf-calls.jsonl"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LF_RECORD", str(record))
+    monkeypatch.setenv("FAKE_LF_VARS", ",".join(RECORDED_VARS))
     return record
 
 

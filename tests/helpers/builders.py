@@ -105,6 +105,18 @@ TRACKER_VARS = (
     "WANDB_API_KEY",
     "TRACKIO_DIR",
 )
+# What the stand-in llamafactory-cli records of its environment (the fake_cli fixture): the
+# launcher's variables and the trackers'.
+RECORDED_VARS = (
+    "FORCE_TORCHRUN",
+    "NPROC_PER_NODE",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HF_HUB_OFFLINE",
+    *TRACKER_VARS,
+)
 
 
 def env_without_fake(**overrides: str) -> dict[str, str]:

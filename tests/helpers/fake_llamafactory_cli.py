@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A stand-in for llamafactory-cli in unit tests of command building: it records argv, the
-environment and the YAML it was given into $FAKE_LF_RECORD (JSON lines), writes the files a real
+variables of the environment named in $FAKE_LF_VARS and the YAML it was given into $FAKE_LF_RECORD (JSON lines), writes the files a real
 run would leave behind, prints $FAKE_LF_SAY (if set) and exits with $FAKE_LF_EXIT (default 0).
 
 - `train` with do_train (the default): trainer_log.jsonl, all_results.json, trainer_state.json
@@ -22,24 +22,7 @@ import yaml
 
 argv = sys.argv[1:]
 cfg = yaml.safe_load(Path(argv[1]).read_text()) if len(argv) > 1 else {}
-keys = (
-    "FORCE_TORCHRUN",
-    "NPROC_PER_NODE",
-    "NNODES",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "HF_HUB_OFFLINE",
-    # --report-to (qwenft.runs.tracking)
-    "TENSORBOARD_LOGGING_DIR",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_RUN_CONTEXT",
-    "WANDB_MODE",
-    "WANDB_DIR",
-    "WANDB_RUN_ID",
-    "WANDB_RESUME",
-    "TRACKIO_DIR",
-)
+keys = os.environ["FAKE_LF_VARS"].split(",")  # the variables to record (conftest)
 record = {"argv": argv, "env": {k: os.environ[k] for k in keys if k in os.environ}, "yaml": cfg}
 with open(os.environ["FAKE_LF_RECORD"], "a") as fh:
     fh.write(json.dumps(record) + "\n")
