@@ -21,7 +21,7 @@ Adding a knob is one `Knob(...)` row (plus its tests). Pure data: imports only c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qwenft.choices import DPO_LOSSES, DeepSpeed, Method, Stage, Tracker
@@ -123,6 +123,7 @@ class Knob:
     stages: tuple[Stage, ...] = ()  # the stages that read it; (): every stage
     methods: tuple[Method, ...] = ()  # the methods that read it; (): every method
     requires: str = ""  # the switch (a knob's key) it does nothing without: --galore-rank, --galore
+    # (its methods, stages and section default to the switch's: _with_switch)
     commands: tuple[str, ...] = (TRAIN,)  # the commands that offer the option
     choices: tuple[str, ...] = ()  # allowed values of a text knob
     many: bool = False  # a text knob taking several choices: a comma list (or a YAML list)
@@ -219,7 +220,7 @@ def _badam_mode_only(mode: str) -> Refusal:
     )
 
 
-KNOBS: tuple[Knob, ...] = (
+_ROWS: tuple[Knob, ...] = (
     Knob(
         "cutoff_len",
         "--cutoff-len",
@@ -503,10 +504,8 @@ KNOBS: tuple[Knob, ...] = (
         "--galore-rank",
         help="GaLore's projection rank (galore_rank, default 16).",
         rule=POSITIVE_WHOLE("e.g. --galore-rank 128"),
-        methods=OWN_WEIGHTS,
         requires="use_galore",
         commands=(TRAIN, PLAN),
-        section="method",
     ),
     Knob(
         "galore_layerwise",
@@ -514,32 +513,24 @@ KNOBS: tuple[Knob, ...] = (
         bool,
         "GaLore: step each weight as its gradient arrives, so gradients are not held (one "
         "process, no gradient accumulation).",
-        methods=OWN_WEIGHTS,
         requires="use_galore",
         commands=(TRAIN, PLAN),
-        section="method",
         implies=(("gradient_accumulation_steps", 1),),
         refuse=_layerwise("GaLore"),
     ),
-    Knob("galore_target", type=str, methods=OWN_WEIGHTS, requires="use_galore", section="method"),
+    Knob("galore_target", type=str, requires="use_galore"),
     Knob(
         "galore_update_interval",
         rule=POSITIVE_WHOLE("steps between projection updates, e.g. 200 (the default)"),
-        methods=OWN_WEIGHTS,
         requires="use_galore",
-        section="method",
     ),
     Knob(
         "galore_scale",
         type=float,
         rule=POSITIVE("the update's scale, e.g. 2.0 (the default)"),
-        methods=OWN_WEIGHTS,
         requires="use_galore",
-        section="method",
     ),
-    Knob(
-        "galore_proj_type", type=str, methods=OWN_WEIGHTS, requires="use_galore", section="method"
-    ),
+    Knob("galore_proj_type", type=str, requires="use_galore"),
     Knob(
         "use_apollo",
         "--apollo",
@@ -569,10 +560,8 @@ KNOBS: tuple[Knob, ...] = (
         "--apollo-rank",
         help="APOLLO's projection rank (apollo_rank, default 16).",
         rule=POSITIVE_WHOLE("e.g. --apollo-rank 128"),
-        methods=OWN_WEIGHTS,
         requires="use_apollo",
         commands=(TRAIN, PLAN),
-        section="method",
     ),
     Knob(
         "apollo_layerwise",
@@ -580,39 +569,31 @@ KNOBS: tuple[Knob, ...] = (
         bool,
         "APOLLO: step each weight as its gradient arrives, so gradients are not held (one "
         "process, no gradient accumulation).",
-        methods=OWN_WEIGHTS,
         requires="use_apollo",
         commands=(TRAIN, PLAN),
-        section="method",
         implies=(("gradient_accumulation_steps", 1),),
         refuse=_layerwise("APOLLO"),
     ),
-    Knob("apollo_target", type=str, methods=OWN_WEIGHTS, requires="use_apollo", section="method"),
+    Knob("apollo_target", type=str, requires="use_apollo"),
     Knob(
         "apollo_update_interval",
         rule=POSITIVE_WHOLE("steps between projection updates, e.g. 200 (the default)"),
-        methods=OWN_WEIGHTS,
         requires="use_apollo",
-        section="method",
     ),
     Knob(
         "apollo_scale",
         type=float,
         rule=POSITIVE("the update's scale, e.g. 32.0 (the default)"),
-        methods=OWN_WEIGHTS,
         requires="use_apollo",
-        section="method",
     ),
     *(
-        Knob(key, type=str, methods=OWN_WEIGHTS, requires="use_apollo", section="method")
+        Knob(key, type=str, requires="use_apollo")
         for key in ("apollo_proj", "apollo_proj_type", "apollo_scale_type")
     ),
     Knob(
         "apollo_scale_front",
         type=bool,
-        methods=OWN_WEIGHTS,
         requires="use_apollo",
-        section="method",
     ),
     Knob(
         "use_badam",
@@ -631,10 +612,8 @@ KNOBS: tuple[Knob, ...] = (
         str,
         "BAdam: layer (one decoder layer at a time, the default) or ratio (a share of each "
         "weight; one process, no DeepSpeed).",
-        methods=OWN_WEIGHTS,
         requires="use_badam",
         choices=("layer", "ratio"),
-        section="method",
         refuse=(
             Refusal(
                 "layer-wise BAdam makes the decoder layer it trains trainable itself, so "
@@ -689,50 +668,38 @@ KNOBS: tuple[Knob, ...] = (
             "-1 (never switch) or a positive whole number",
             "e.g. --badam-switch-interval 50 (the default)",
         ),
-        methods=OWN_WEIGHTS,
         requires="use_badam",
-        section="method",
         refuse=(_badam_mode_only("layer"),),
     ),
     Knob(
         "badam_switch_mode",
         type=str,
-        methods=OWN_WEIGHTS,
         requires="use_badam",
-        section="method",
         refuse=(_badam_mode_only("layer"),),
     ),
     Knob(
         "badam_start_block",
         rule=AT_LEAST_ZERO("the decoder layer to start with, e.g. 0"),
-        methods=OWN_WEIGHTS,
         requires="use_badam",
-        section="method",
         refuse=(_badam_mode_only("layer"),),
     ),
     Knob(
         "badam_update_ratio",
         type=float,
         rule=Rule(lambda v: 0 < v <= 1, "in (0, 1]", "the share of each weight updated, e.g. 0.05"),
-        methods=OWN_WEIGHTS,
         requires="use_badam",
-        section="method",
         refuse=(_badam_mode_only("ratio"),),
     ),
     Knob(
         "badam_mask_mode",
         type=str,
-        methods=OWN_WEIGHTS,
         requires="use_badam",
-        section="method",
         refuse=(_badam_mode_only("ratio"),),
     ),
     Knob(
         "badam_verbose",
         rule=Rule(lambda v: v in (0, 1, 2), "0, 1 or 2", "0: quiet, 2: the trainable parameters"),
-        methods=OWN_WEIGHTS,
         requires="use_badam",
-        section="method",
     ),
     Knob(
         "val_size",
@@ -932,6 +899,23 @@ KNOBS: tuple[Knob, ...] = (
     ),
 )
 
+
+def _with_switch(knob: Knob, rows: Mapping[str, Knob]) -> Knob:
+    """A key that belongs to a switch (`requires`) applies where the switch applies and sits in
+    its section of train.yaml, unless its own row says otherwise."""
+    if not knob.requires:
+        return knob
+    switch = rows[knob.requires]
+    return replace(
+        knob,
+        methods=knob.methods or switch.methods,
+        stages=knob.stages or switch.stages,
+        section=knob.section or switch.section,
+    )
+
+
+_BY_ROW_KEY = {r.key: r for r in _ROWS}
+KNOBS: tuple[Knob, ...] = tuple(_with_switch(k, _BY_ROW_KEY) for k in _ROWS)
 BY_KEY: dict[str, Knob] = {k.key: k for k in KNOBS}
 
 
