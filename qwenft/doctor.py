@@ -122,19 +122,19 @@ def run_checks() -> list[Check]:
 def menu_checks() -> list[Check]:
     """Which options of LLaMA-Factory's menu this machine can use: every knob value that needs
     something of the machine (a CUDA GPU, a package: knobs.Needs), checked as `train` checks it
-    before launch (settings.unmet_needs)."""
+    before launch (settings.unmet)."""
+    gpus = settings.cuda_gpus()
     checks = []
     for knob in knobs.KNOBS:
         for need in knob.needs:
-            value = need.values[0]
-            [(label, _)] = [x for x in knobs.needs_of({knob.key: value}) if x[1] is need]
-            problems = settings.unmet_needs({knob.key: value})
+            [label] = [x for x, n in knobs.needs_of({knob.key: need.values[0]}) if n is need]
+            problem = settings.unmet(label, need, gpus)
             checks.append(
                 Check(
                     label,
-                    not problems,
-                    problems[0].message.removeprefix(f"{label} ") if problems else "usable here",
-                    problems[0].hint or "" if problems else "",
+                    problem is None,
+                    problem.message.removeprefix(f"{label} ") if problem else "usable here",
+                    (problem.hint or "") if problem else "",
                     required=False,
                 )
             )

@@ -596,54 +596,52 @@ def unmet_needs(values: dict[str, Any]) -> list[QwenftError]:
     capability, a package) this machine does not meet: LLaMA-Factory would fall back in silence
     (fa2) or stop after loading the model (liger, unsloth). `plan` does not ask: it plans for the
     machine that will train."""
-    problems = []
     needs = knobs.needs_of(values)
     gpus = cuda_gpus() if any(need.cuda for _, need in needs) else []
-    for label, need in needs:
-        missing = []
-        if need.cuda and not gpus:
-            missing.append("a CUDA GPU (nvidia-smi sees none here)")
-        elif need.cuda and min(g["compute_cap"] for g in gpus) < need.compute_cap:
-            missing.append(f"a GPU of compute capability {need.compute_cap} or more (Ampere)")
-        pips = [pip for pip, module in need.packages if not has_module(module)]
-        missing += [f"the {pip} package (not installed)" for pip in pips]
-        if missing:
-            install = (
-                f"install the {need.extra} extra: QWENFT_EXTRAS={need.extra} scripts/setup_env.sh "
-                f"(or pip install 'qwenft[{need.extra}]')"
-                if need.extra
-                else f"pip install {' '.join(pips)}"
-            )
-            hint = (
-                f"{install}, or drop {label}"
-                if len(missing) == len(pips)
-                else f"train on a machine that has {missing[0].split(' (')[0]}, or drop {label}"
-            )
-            problems.append(QwenftError(f"{label} needs {' and '.join(missing)}", hint))
-    return problems
+    return [problem for label, need in needs if (problem := unmet(label, need, gpus))]
+
+
+def unmet(
+    label: str, need: knobs.Needs, gpus: list[dict[str, Any]], other: str = ""
+) -> QwenftError | None:
+    """What `label` needs of this machine (with these `gpus`) that it lacks, as one problem whose
+    hint also names the other way out (`other`; default: drop the label); None when nothing is
+    missing."""
+    missing = []
+    if need.cuda and not gpus:
+        missing.append("a CUDA GPU (nvidia-smi sees none here)")
+    elif need.cuda and min(g["compute_cap"] for g in gpus) < need.compute_cap:
+        missing.append(f"a GPU of compute capability {need.compute_cap} or more (Ampere)")
+    pips = [pip for pip, module in need.packages if not has_module(module)]
+    missing += [f"the {pip} package (not installed)" for pip in pips]
+    if not missing:
+        return None
+    other = other or f"drop {label}"
+    install = (
+        f"install the {need.extra} extra: QWENFT_EXTRAS={need.extra} scripts/setup_env.sh "
+        f"(or pip install 'qwenft[{need.extra}]')"
+        if need.extra
+        else f"pip install {' '.join(pips)}"
+    )
+    hint = (
+        f"{install}, or {other}"
+        if len(missing) == len(pips)
+        else f"train on a machine that has {missing[0].split(' (')[0]}, or {other}"
+    )
+    return QwenftError(f"{label} needs {' and '.join(missing)}", hint)
 
 
 def quantized_base_needs(model: presets.ResolvedModel) -> list[QwenftError]:
     """What loading a pre-quantized base needs of this machine (presets.QUANTIZED_BASE_NEEDS),
     that it lacks: LLaMA-Factory would stop after the data, at the model's load."""
     quant = model.extra.get("quantization")
-    if not quant or quant["method"] not in presets.QUANTIZED_BASE_NEEDS:
+    need = presets.QUANTIZED_BASE_NEEDS.get(quant["method"]) if quant else None
+    if need is None:
         return []
-    (pip, module), cuda = presets.QUANTIZED_BASE_NEEDS[quant["method"]]
-    what = f"{model.spec} ({presets.quantization_label(quant)})"
-    if cuda and not cuda_gpus():
-        return [
-            QwenftError(
-                f"{what} needs a CUDA GPU for its {quant['method'].upper()} kernels (nvidia-smi "
-                "sees none here)",
-                "train it on a GPU machine, or the unquantized release here",
-            )
-        ]
-    if not has_module(module):
-        return [
-            QwenftError(f"{what} needs the {pip} package (not installed)", f"pip install {pip}")
-        ]
-    return []
+    label = f"{model.spec} ({presets.quantization_label(quant)})"
+    gpus = cuda_gpus() if need.cuda else []
+    problem = unmet(label, need, gpus, "train the unquantized release")
+    return [problem] if problem else []
 
 
 def cuda_gpus() -> list[dict[str, Any]]:

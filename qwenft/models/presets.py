@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qwenft.choices import Template
 from qwenft.errors import QwenftError
+from qwenft.knobs import Needs
 
 
 @dataclass(frozen=True)
@@ -235,15 +236,15 @@ def _from_family(
     )
 
 
-# What loading a pre-quantized base needs, by quant_method: (the package pip installs, the module it
-# imports), and whether its kernels need a CUDA GPU (LLaMA-Factory 0.9.5's check_version calls).
-QUANTIZED_BASE_NEEDS: dict[str, tuple[tuple[str, str], bool]] = {
-    "gptq": (("gptqmodel", "gptqmodel"), False),
-    "awq": (("autoawq", "awq"), True),
-    "aqlm": (("aqlm", "aqlm"), False),
-    "hqq": (("hqq", "hqq"), False),
-    "eetq": (("eetq", "eetq"), True),
-    "bitsandbytes": (("bitsandbytes", "bitsandbytes"), False),
+# What loading a pre-quantized base needs of the machine, by quant_method (LLaMA-Factory 0.9.5's
+# check_version calls; AWQ's and EETQ's kernels are CUDA's): settings.quantized_base_needs.
+QUANTIZED_BASE_NEEDS: dict[str, Needs] = {
+    "gptq": Needs(packages=(("gptqmodel", "gptqmodel"),)),
+    "awq": Needs(cuda=True, packages=(("autoawq", "awq"),)),
+    "aqlm": Needs(packages=(("aqlm", "aqlm"),)),
+    "hqq": Needs(packages=(("hqq", "hqq"),)),
+    "eetq": Needs(cuda=True, packages=(("eetq", "eetq"),)),
+    "bitsandbytes": Needs(packages=(("bitsandbytes", "bitsandbytes"),)),
 }
 
 
