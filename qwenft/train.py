@@ -29,7 +29,6 @@ from qwenft.choices import (
     Method,
     Overlength,
     Stage,
-    own_weights,
     stages_for,
 )
 from qwenft.data import cache, check, convert, kinds, pipeline, prepare, reader, registry, split
@@ -38,6 +37,7 @@ from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
+from qwenft.lf.merge import merge_refusal
 from qwenft.models import derived, presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
@@ -561,9 +561,7 @@ def _launch(
         "run_dir": str(run_dir),
         "method": manifest.method,
         "stage": manifest.stage,
-        # a LoRA on a pre-quantized base is not merged (lf.merge refuses it)
-        "mergeable": not own_weights(manifest.method)
-        and not manifest.model.extra.get("quantization"),
+        "mergeable": merge_refusal(run_dir, manifest) is None,  # what `next:` suggests
         **summary,
     }
 

@@ -23,7 +23,7 @@ from qwenft.models.presets import quantization_label
 from qwenft.models.target import ModelTarget, resolve_target
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
-from qwenft.runs.manifest import now_iso, read_manifest, update_manifest
+from qwenft.runs.manifest import Manifest, now_iso, read_manifest, update_manifest
 from qwenft.runs.progress import surface_log
 
 # Qwen chat models stop on <|im_end|>; base models on <|endoftext|>. A fine-tuned model needs both,
@@ -44,24 +44,33 @@ class MergePlan:
 MERGE_HINT = "pass a new --export-dir"
 
 
-def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
-    """Check the run and the target; raise QwenftError (writing nothing) when merging cannot work."""
-    run_dir = Path(run_dir).expanduser().absolute()
-    manifest = read_manifest(run_dir)
+def merge_refusal(run_dir: Path, manifest: Manifest) -> QwenftError | None:
+    """Why a run has nothing to merge (None: it has): a full or freeze run's weights are already a
+    complete model; a LoRA on a pre-quantized base cannot be merged into it."""
     if own_weights(manifest.method):
-        raise QwenftError(
+        return QwenftError(
             f"{run_dir} is a {manifest.method} fine-tune: its weights are already a complete model",
             f"chat with it directly: qwenft chat {run_dir}",
         )
     quantized = manifest.model.extra.get("quantization")
     if quantized:
-        raise QwenftError(
+        return QwenftError(
             f"{run_dir} trained a LoRA on a {quantization_label(quantized)}-quantized base, and "
             "LLaMA-Factory merges no adapter into a quantized model (its weights are packed "
             '4-bit/8-bit codes: "Cannot merge adapters to a quantized model")',
             f"chat, serve and eval load the base + adapter as they are (qwenft chat {run_dir}); "
             "for a merged model, train on the unquantized release",
         )
+    return None
+
+
+def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
+    """Check the run and the target; raise QwenftError (writing nothing) when merging cannot work."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    manifest = read_manifest(run_dir)
+    refusal = merge_refusal(run_dir, manifest)
+    if refusal is not None:
+        raise refusal
     source = resolve_target(str(run_dir), adapter=run_dir)  # base + adapter, never the merged one
     target = Path(export_dir).expanduser().absolute() if export_dir else run_dir / "merged"
     refuse_existing(target, MERGE_HINT)
