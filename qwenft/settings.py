@@ -373,7 +373,7 @@ def resolve(req: RunRequest) -> RunSettings:
         )
     stage = Stage.parse(req.stage, "--stage")
     overrides = checked_overrides(req)  # before the model and the data: refusals cost nothing
-    derives = [k for k in map(knobs.BY_KEY.get, ("use_llama_pro", "loftq")) if overrides.get(k.key)]
+    derives = [knobs.BY_KEY[key] for key in DERIVING if overrides.get(key)]
     if method == AUTO and derives:
         knob = derives[0]
         raise QwenftError(
@@ -393,7 +393,7 @@ def resolve(req: RunRequest) -> RunSettings:
             req.data, model.thinking, Thinking.parse(req.thinking, "--thinking"), model.template
         )
         enable_thinking, thinking_warning = plan.enable_thinking, plan.warning
-    if overrides.get("use_llama_pro") or overrides.get("loftq"):
+    if derives:
         model, overrides = derived_base(model, overrides, {**recipe(method, stage), **overrides})
     quantized = model.extra.get("quantization")
     if quantized:
@@ -470,6 +470,8 @@ def on_quantized_base(
     return {**overrides, "quantization_bit": None}
 
 
+# The knobs whose run trains a base qwenft derives from the model (derived_base)
+DERIVING = ("use_llama_pro", "loftq")
 # LoftQ's alternating steps (quantize the rest, then fit the LoRA to what quantizing missed)
 LOFTQ_STEPS = 4
 

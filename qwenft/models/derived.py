@@ -214,6 +214,7 @@ def loftq(model_dir: Path, recipe: dict[str, Any], log: Log = print) -> Path:
     rank, iters, target = recipe["rank"], recipe["iters"], recipe["target"]
     scaling = recipe["alpha"] / (math.sqrt(rank) if recipe["rslora"] else rank)
     modules = None if target == "all" else {t.strip() for t in target.split(",")}
+    what = loftq_what(recipe)
 
     def build(out: Path) -> None:
         from peft import LoraConfig
@@ -225,14 +226,13 @@ def loftq(model_dir: Path, recipe: dict[str, Any], log: Log = print) -> Path:
             short = module.rsplit(".", 1)[-1]
             linear = tensor.dim() == 2 and LAYER.match(name) and name.endswith(".weight")
             if linear and (modules is None or short in modules):
-                q, a, b = _loftq_split(tensor, rank, iters, scaling)
-                shards.put(name, q.to(tensor.dtype))
-                adapter[f"base_model.model.{module}.lora_A.weight"] = a.to(
-                    tensor.dtype
-                ).contiguous()
-                adapter[f"base_model.model.{module}.lora_B.weight"] = b.to(
-                    tensor.dtype
-                ).contiguous()
+                q, *lora = (
+                    x.to(tensor.dtype).contiguous()
+                    for x in _loftq_split(tensor, rank, iters, scaling)
+                )
+                shards.put(name, q)
+                for half, x in zip("AB", lora, strict=True):
+                    adapter[f"base_model.model.{module}.lora_{half}.weight"] = x
                 adapted.add(short)
             else:
                 shards.put(name, tensor)
@@ -250,11 +250,11 @@ def loftq(model_dir: Path, recipe: dict[str, Any], log: Log = print) -> Path:
             target_modules=sorted(adapted),
             use_rslora=recipe["rslora"],
             task_type="CAUSAL_LM",
-            base_model_name_or_path=str(derived_path(model_dir, loftq_what(recipe))),
+            base_model_name_or_path=str(derived_path(model_dir, what)),
         )
         config.save_pretrained(str(out / LOFTQ_ADAPTER))
 
-    return _derive(model_dir, loftq_what(recipe), recipe, build)
+    return _derive(model_dir, what, recipe, build)
 
 
 def _loftq_split(weight: Any, rank: int, iters: int, scaling: float) -> tuple:
