@@ -1,7 +1,7 @@
 """The choices qwenft offers, each an enum with its facts: methods (what each one trains and
 writes), templates, DeepSpeed stages, thinking modes, over-length policies, training stages (the
 stage table: LLaMA-Factory's stage, data kind, pairs, reference model, figures) and the data kinds
-they take, chat backends, GGUF quantizations, experiment trackers. The CLI shows these as the
+they take, chat backends, GGUF quantizations, experiment trackers, launchers. The CLI shows these as the
 choices of every option that takes them, and the core checks against the same lists, so `plan`,
 `train`, `data check` and `eval` cannot disagree. The LLaMA-Factory keys (knobs) are in qwenft.knobs.
 
@@ -233,6 +233,47 @@ class Tracker(Choice):
     WANDB = "wandb"
     SWANLAB = "swanlab"
     TRACKIO = "trackio"
+
+
+@dataclass(frozen=True)
+class LauncherFacts:
+    """How a launcher starts a run: here, or by a file a scheduler runs elsewhere."""
+
+    remote: bool  # renders for other machines: --gpus is theirs, no GPU need be visible here
+    file: str | None  # what it writes: into the run folder, or printed by --dry-run (in_run)
+    in_run: bool = False  # the file lives in a prepared run folder (data checked and tokenized)
+    what: str = ""
+
+
+class Launcher(Choice):
+    """`qwenft train --launcher`: where the run's processes start (qwenft.launch)."""
+
+    LOCAL = "local"
+    SLURM = "slurm"
+    KUBEFLOW = "kubeflow"
+    SKYPILOT = "skypilot"
+    RAY = "ray"
+
+    @property
+    def facts(self) -> LauncherFacts:
+        return LAUNCHER_FACTS[self]
+
+
+LAUNCHER_FACTS = {
+    Launcher.LOCAL: LauncherFacts(
+        False, None, what="this machine (torchrun for several processes)"
+    ),
+    Launcher.SLURM: LauncherFacts(
+        True, "launch.sbatch", in_run=True, what="a Slurm batch job, one task per node"
+    ),
+    Launcher.KUBEFLOW: LauncherFacts(
+        True, "pytorchjob.yaml", what="a Kubeflow PyTorchJob running the same command per pod"
+    ),
+    Launcher.SKYPILOT: LauncherFacts(
+        True, "sky.yaml", what="a SkyPilot task running the same command per node"
+    ),
+    Launcher.RAY: LauncherFacts(False, None, what="Ray workers, one GPU (or CPU process) each"),
+}
 
 
 DEFAULT_METHOD = Method.LORA

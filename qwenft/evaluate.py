@@ -27,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,13 @@ from qwenft.knobs import EVAL, KnobValues, out_of_range
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.models import presets
-from qwenft.models.target import ModelTarget, base_target, resolve_target, thinking_mode
+from qwenft.models.target import (
+    ModelTarget,
+    base_target,
+    resolve_target,
+    run_base_path,
+    thinking_mode,
+)
 from qwenft.paths import default_dataset_dir
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
@@ -174,7 +180,9 @@ def plan_eval(
         tuned.enable_thinking = thinking_mode(manifest.enable_thinking, thinking, force)
         train_cfg = _run_train_config(tuned.run_dir)
         if not no_base and not base:
-            base_model = base_target(manifest.model, tuned.template)
+            assert tuned.run_dir is not None
+            own_base = run_base_path(tuned.run_dir, manifest)  # gone: named, with what to do
+            base_model = base_target(replace(manifest.model, path=own_base), tuned.template)
             base_model.source = manifest.model.spec
         if manifest.dataset.sha256 == sha:
             notes.append(

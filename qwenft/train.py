@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from qwenft.choices import (
     DEFAULT_OVERLENGTH,
     DataKind,
     DeepSpeed,
+    Launcher,
     Method,
     Overlength,
     Stage,
@@ -34,7 +35,11 @@ from qwenft.choices import (
 from qwenft.data import cache, check, convert, kinds, pipeline, prepare, reader, registry, split
 from qwenft.data.pipeline import DataSpec, TokenStats
 from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
-from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped
+from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped, raise_all
+from qwenft.launch import options as launch_options
+from qwenft.launch import ray as ray_launch
+from qwenft.launch import schedulers, slurm
+from qwenft.launch.options import LaunchRequest
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.lf.merge import merge_refusal
@@ -49,9 +54,11 @@ from qwenft.runs.manifest import (
     MANIFEST,
     DatasetRecord,
     Manifest,
+    is_inside,
     now_iso,
     package_versions,
     read_manifest,
+    relocate_train_yaml,
     update_manifest,
 )
 from qwenft.runs.progress import Monitor, TrainProgress, surface_log
@@ -70,6 +77,9 @@ class TrainRequest(RunRequest):
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    # --launcher and its options; `nnodes` None: not given (1, or the scheduler's)
+    launch: LaunchRequest = field(default_factory=LaunchRequest)
+    dry_run: bool = False  # renders only: --gpus may name GPUs this machine does not have
 
 
 @dataclass
@@ -98,6 +108,7 @@ class TrainPlan:
     kind: str = DataKind.SFT.value  # the data kind the stage takes
     packed: bool = False  # pt with packing: texts run on in cutoff_len blocks, nothing is cut
     parent: settings.FromRun | None = None
+    launch: LaunchRequest = field(default_factory=LaunchRequest)
 
     @functools.cached_property
     def data_spec(self) -> DataSpec:
@@ -151,21 +162,65 @@ def check_data_fits(path: Path, stage: str) -> None:
     )
 
 
-def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None) -> TrainPlan:
-    """Check every input and render the run; raises QwenftError and writes nothing."""
-    overlength = Overlength.parse(req.overlength, "--overlength")
-    gpus_seen = launcher.detect_gpus() if gpus_seen is None else gpus_seen
-    nproc = settings.processes_per_node(req.gpus, req.cpu_procs, gpus_seen)
+def placement(
+    req: TrainRequest, gpus_seen: list[dict[str, Any]], env: Mapping[str, str]
+) -> tuple[TrainRequest, int, list[str]]:
+    """Where the run's processes start: the request with its nodes filled in (from the
+    command line, else a scheduler's variables: launch.schedulers), the processes per node and
+    the notes to show. Refuses a launcher's options that do not fit (every problem at once)."""
+    launch = req.launch
+    kind = Launcher(Launcher.parse(launch.launcher, "--launcher"))
+    raise_all(launch_options.problems(launch, req.nnodes, dry_run=req.dry_run))
+    if launch.submit:
+        slurm.sbatch_path()  # refused before anything is written
+    notes: list[str] = []
+    given = req.nnodes is not None or req.node_rank or req.master_addr or req.master_port
+    found = schedulers.detect(env) if kind == Launcher.LOCAL else None
+    if found and given:
+        notes.append(
+            f"{found.scheduler}'s variables are set, and --nnodes/--node-rank/--master-addr "
+            "were given: the command line's are used"
+        )
+    elif found:
+        notes.append(f"placement from {found.describe()}")
+        req = replace(
+            req,
+            nnodes=found.nnodes or 1,
+            node_rank=found.node_rank or 0,
+            master_addr=found.master_addr,
+            master_port=found.master_port,
+        )
+        if found.nproc_per_node and req.gpus is None and req.cpu_procs is None:
+            per_node = {"gpus" if gpus_seen else "cpu_procs": found.nproc_per_node}
+            req = replace(req, **per_node)
+    req = replace(req, nnodes=1 if req.nnodes is None else req.nnodes)
     if req.nnodes < 1 or not 0 <= req.node_rank < req.nnodes:
         raise QwenftError(
             f"--node-rank must be in 0..{req.nnodes - 1} and --nnodes at least 1",
             "number the machines 0, 1, ... with --node-rank; 0 is the master",
         )
-    if req.nnodes > 1 and not req.master_addr:
+    if kind == Launcher.RAY:  # one process per worker, placed by Ray
+        notes += ray_launch.check_workers(launch.workers, gpus_seen)
+        return replace(req, gpus=None, cpu_procs=None), launch.workers, notes
+    if req.nnodes > 1 and not req.master_addr and not kind.facts.remote:
         raise QwenftError(
             "--nnodes > 1 needs --master-addr",
             "pass the address of node 0 that every node can reach",
         )
+    if (kind.facts.remote or req.dry_run) and req.gpus and not gpus_seen and not req.cpu_procs:
+        notes.append(
+            f"no GPU is visible on this machine: rendered for {req.gpus} GPU(s) per node on "
+            "the machines that will run it (bf16 on: --set bf16=false for GPUs before Ampere)"
+        )
+        return req, req.gpus, notes
+    return req, settings.processes_per_node(req.gpus, req.cpu_procs, gpus_seen), notes
+
+
+def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None) -> TrainPlan:
+    """Check every input and render the run; raises QwenftError and writes nothing."""
+    overlength = Overlength.parse(req.overlength, "--overlength")
+    gpus_seen = launcher.detect_gpus() if gpus_seen is None else gpus_seen
+    req, nproc, placed = placement(req, gpus_seen, os.environ)
     # The choices that need no file are checked before the data is read.
     Method.parse(req.method, "--method", auto=True)
     DeepSpeed.parse(req.deepspeed, "--deepspeed", auto=True)
@@ -185,7 +240,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     )
     run = settings.resolve(replace(req, data=data, gpus=nproc, gpu_mem_gb=gpu_mem))
     settings.check_applies(run)
-    notes = [f"auto: {run.auto_why}"] if run.auto_why else []
+    notes = placed + ([f"auto: {run.auto_why}"] if run.auto_why else [])
     if run.thinking_warning:
         notes.append(f"warning: {run.thinking_warning}")
     if run.parent:
@@ -197,6 +252,13 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     if warning:
         notes.append(warning)
     model, method, ds_stage = run.model, run.method, run.deepspeed
+    if req.launch.kind == Launcher.RAY and ds_stage != DeepSpeed.NONE:
+        raise QwenftError(
+            f"--launcher ray runs without DeepSpeed (--deepspeed {ds_stage}: "
+            + ("full's auto is z3" if req.deepspeed == "auto" else "given")
+            + "); qwenft's Ray driver is proven with plain DDP only",
+            "add --deepspeed none, or launch with torchrun (--gpus N, --nnodes N)",
+        )
 
     name_from = run.parent.run_dir.name if run.parent else req.model
     label = method if stage == Stage.SFT else f"{stage}-{method}"
@@ -250,7 +312,10 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         stage=stage,
         enable_thinking=run.enable_thinking,
         deepspeed_path=ds_path,
-        bf16=bool(gpus_seen) and all(g["compute_cap"] >= 8.0 for g in gpus_seen),
+        # GPUs seen here and all Ampere or newer; rendered for GPUs elsewhere: on (placement's note)
+        bf16=all(g["compute_cap"] >= 8.0 for g in gpus_seen)
+        if gpus_seen
+        else bool(req.gpus) and (req.launch.kind.facts.remote or req.dry_run),
         overrides={**run.overrides, **derived},
     )
     config = render.build_train_config(spec)
@@ -267,19 +332,39 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     notes += [f"tracking: {line}" for line in (*track.look.values(), *track.notes)]
     what = f"{stage} {method}" if stage != Stage.SFT else method
     origin = f"{model.path} (--from {run.parent.run_dir})" if run.parent else req.model
+
+    launch = req.launch
+    if launch.kind == Launcher.RAY:
+        config.update(ray_launch.config_keys(launch.workers))
     yaml_text = render.to_yaml(config, header=f"qwenft {what} fine-tune of {origin}")
     files["train.yaml"] = yaml_text
-
-    dist = lf_launcher.Distributed(
-        nproc_per_node=nproc,
-        nnodes=req.nnodes,
-        node_rank=req.node_rank,
-        master_addr=req.master_addr,
-        master_port=req.master_port,
-        force_torchrun=ds_stage != DeepSpeed.NONE,
-    )
-    argv, env = lf_launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
+    if launch.kind == Launcher.RAY:
+        argv, env = ray_launch.ray_command(run_dir / "train.yaml", launch.workers)
+        env = {**lf_launcher.offline_env(model.kind), **env}
+    else:
+        dist = lf_launcher.Distributed(
+            nproc_per_node=nproc,
+            nnodes=req.nnodes,
+            node_rank=req.node_rank,
+            master_addr=req.master_addr,
+            master_port=req.master_port,
+            force_torchrun=ds_stage != DeepSpeed.NONE,
+        )
+        argv, env = lf_launcher.build_train_command(cli, run_dir / "train.yaml", dist, model.kind)
     env.update(track.env)
+    launch_record = None
+    if launch.kind == Launcher.SLURM:
+        job = slurm.SlurmJob(
+            name=f"qwenft-{run_dir.name}",
+            nodes=req.nnodes,
+            gpus_per_node=nproc if gpus_seen or req.gpus else None,
+            partition=launch.partition,
+            time=launch.time,
+            account=launch.account,
+            extra=tuple(launch.sbatch_args),
+        )
+        files[slurm.SCRIPT] = slurm.render_sbatch(job, run_dir)
+        launch_record = {"launcher": launch.launcher, "script": slurm.SCRIPT}
     manifest = Manifest(
         method=method,
         model=model,
@@ -301,6 +386,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         ),
         overlength={"mode": overlength},
         tracking=track.look or None,
+        launch=launch_record,
+        status="prepared" if launch_record else "running",
         command=argv,
         env=env,
         versions=package_versions(),
@@ -328,6 +415,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         kind=kind,
         packed=packed,
         parent=run.parent,
+        launch=launch,
     )
 
 
@@ -429,6 +517,8 @@ def execute_train(
             plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
         )
         tokenize_ahead(plan.data_spec, plan.train_data or plan.data_path, plan.model.path, progress)
+        if plan.manifest.launch:  # a scheduler starts it: the folder is ready for its job
+            return _prepared(run_dir, plan.launch.submit, progress)
         return _launch(
             run_dir,
             lock,
@@ -566,6 +656,67 @@ def _launch(
     }
 
 
+def _prepared(run_dir: Path, submit: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    """A run folder a Slurm job will start: submit its script (--submit) or say how to."""
+    script = run_dir / slurm.SCRIPT
+    result: dict[str, Any] = {"run_dir": str(run_dir), "script": str(script), "job_id": None}
+    if not submit:
+        progress(f"prepared: submit it with `sbatch {script}`")
+        return result
+    job_id = slurm.submit(script)
+    launch = {**(read_manifest(run_dir).launch or {}), "job_id": job_id, "submitted": now_iso()}
+    update_manifest(run_dir, status="submitted", launch=launch)
+    progress(f"submitted: Slurm job {job_id}; `qwenft runs {run_dir}` shows its state")
+    return {**result, "job_id": job_id}
+
+
+def start_node(
+    run_dir: Path, progress: Callable[[str], None] = print, *, verbose: bool = False
+) -> dict[str, Any] | None:
+    """This node's part of a prepared run (what launch.sbatch's tasks run): LLaMA-Factory's
+    torchrun with the node's place read from the scheduler (launch.schedulers). Node 0 watches
+    the run and records it like `train` does (its summary is returned); another node only runs
+    its processes, logging to train.node<rank>.log, and returns None."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    m = read_manifest(run_dir)
+    found = schedulers.detect(os.environ)
+    if found is None:
+        raise QwenftError(
+            f"qwenft start runs inside a scheduler's job step, and none is visible here "
+            f"({', '.join(schedulers.NAMES)})",
+            f"submit the run's script (sbatch {run_dir / slurm.SCRIPT}), or train here with "
+            f"`qwenft resume {run_dir}`",
+        )
+    nnodes, rank = found.nnodes or 1, found.node_rank or 0
+    dist = lf_launcher.Distributed(
+        nproc_per_node=m.gpus,
+        nnodes=nnodes,
+        node_rank=rank,
+        master_addr=found.master_addr,
+        master_port=found.master_port,
+        force_torchrun=m.deepspeed != DeepSpeed.NONE,
+    )
+    env = {**m.env, **dist.env()}
+    if nnodes > 1 and found.rdzv_id:
+        env["RDZV_ID"] = found.rdzv_id  # torchrun's c10d rendezvous, named after the job
+    progress(f"node {rank} of {nnodes}: {found.describe()}")
+    if rank != 0:
+        log = run_dir / f"train.node{rank}.log"
+        code = launcher.run(m.command, env, log, cwd=run_dir, echo=launcher.child_echo(verbose))
+        if code != 0:
+            raise JobFailed(
+                f"node {rank}: llamafactory-cli train exited with code {code}", str(log)
+            )
+        return None
+    launch = {**(m.launch or {}), "job_id": found.rdzv_id, "nodes": nnodes}
+    update_manifest(run_dir, launch=launch, env=env)
+    spec = DataSpec.from_config(yaml.safe_load((run_dir / "train.yaml").read_text()))
+    with RunLock(run_dir, "train") as lock:
+        return _launch(
+            run_dir, lock, m.command, env, progress, cache_state(spec), verbose, stage=m.stage
+        )
+
+
 def _resume_hint(run_dir: Path, interrupted: bool = False) -> str:
     """How to go on: resume from a checkpoint, or (before the first one) start again."""
     if newest_complete_checkpoint(run_dir) is not None:
@@ -591,13 +742,17 @@ def resume_train(
     force: bool = False,
     progress: Callable[[str], None] = print,
     verbose: bool = False,
+    submit: bool = False,
 ) -> dict[str, Any]:
     """Continue a run from its newest checkpoint (LLaMA-Factory restores step, optimizer and LR
-    schedule); refuse when the data, template or method differ from the manifest unless forced."""
+    schedule); refuse when the data, template or method differ from the manifest unless forced.
+    `submit`: a Slurm run's script is submitted again instead (its job resumes)."""
     run_dir = Path(run_dir).expanduser().absolute()
     read_manifest(run_dir)  # a run folder at all, before anything else is said about it
     with RunLock(run_dir, "resume") as lock:  # a live run (or a second resume) is refused here
-        return _resume_locked(run_dir, lock, data, method, template, force, progress, verbose)
+        return _resume_locked(
+            run_dir, lock, data, method, template, force, progress, verbose, submit
+        )
 
 
 def _resume_locked(
@@ -609,9 +764,27 @@ def _resume_locked(
     force: bool,
     progress: Callable[[str], None],
     verbose: bool,
+    submit: bool = False,
 ) -> dict[str, Any]:
     m = read_manifest(run_dir)
-    if m.status == "running":  # marked running, yet nobody holds its lock: its process died
+    scheduled = (m.launch or {}).get("launcher") == Launcher.SLURM
+    if submit and not scheduled:
+        raise QwenftError(
+            f"--submit resubmits a Slurm run's job, and {run_dir} was not started by Slurm",
+            f"qwenft resume {run_dir}",
+        )
+    if scheduled and not submit:
+        raise QwenftError(
+            f"{run_dir} runs as a Slurm job on {m.nnodes} node(s)",
+            f"qwenft resume {run_dir} --submit",
+        )
+    job_id = (m.launch or {}).get("job_id")
+    state = slurm.job_state(job_id) if submit and job_id else None
+    if state in ("pending", "running"):
+        raise QwenftError(f"{run_dir}'s Slurm job {job_id} is {state}", f"scancel {job_id} first")
+    if submit:
+        slurm.sbatch_path()
+    if m.status == "running" and not scheduled:  # nobody holds its lock: its process died
         progress(f"{run_dir} was left running by a process that died (pid {m.pid}); resuming it")
     if m.status == "completed" and not force:
         raise QwenftError(
@@ -652,8 +825,12 @@ def _resume_locked(
             f"merge its parent again (qwenft merge {m.parent_run}), or start a new run",
         )
     kind = Stage(Stage.parse(m.stage, "stage")).facts.data.value
+    # what LLaMA-Factory reads: the run's own copy (it travels with the folder), else the data
+    # (its entry re-pointed at it when moved: the same content)
+    own_copy = bool(ds.train_path) and is_inside(ds.train_path, run_dir)
+    train_data = Path(ds.train_path) if own_copy else data_path
     registry.register_dataset(
-        Path(ds.train_path or ds.path), ds.name, Path(ds.dataset_dir), kind=kind
+        train_data, ds.name, Path(ds.dataset_dir), kind=kind, force=own_copy or sha == ds.sha256
     )
     resumes = [
         *m.resumes,
@@ -666,8 +843,12 @@ def _resume_locked(
     ]
     update_manifest(run_dir, resumes=resumes)
     progress(f"resuming {run_dir} from {checkpoint.name}")
+    if relocate_train_yaml(run_dir):  # moved since: LLaMA-Factory reads output_dir from it
+        progress(f"train.yaml now points at {run_dir} (the run folder was moved)")
     config = yaml.safe_load((run_dir / "train.yaml").read_text())
     spec = DataSpec.from_config(config)
     tokenized = cache_state(spec)
-    tokenize_ahead(spec, Path(ds.train_path or ds.path), m.model.path, progress)
+    tokenize_ahead(spec, train_data, m.model.path, progress)
+    if submit:
+        return _prepared(run_dir, True, progress)
     return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose, stage=m.stage)

@@ -21,11 +21,11 @@ if [ "$MODE" = auto ]; then
 fi
 case "$MODE" in cpu|cuda) ;; *) echo "QWENFT_INSTALL must be auto, cpu or cuda (got '$MODE')" >&2; exit 2;; esac
 
-# QWENFT_EXTRAS="gguf optimizers tracking" (what `make test` sets) adds optional extras, each
+# QWENFT_EXTRAS="gguf optimizers tracking ray" (what `make test` sets) adds optional extras, each
 # from its own lock, requirements/<extra>.lock, installed with --no-deps over the CPU lock (which
 # they never change): gguf (llama-cpp-python, a source build of 6-12 minutes on 2 cores the first
 # time; pip's wheel cache makes later installs quick), optimizers (GaLore, APOLLO, BAdam),
-# tracking (TensorBoard, MLflow, W&B).
+# tracking (TensorBoard, MLflow, W&B), ray (Ray, for `qwenft train --launcher ray`).
 # `make demo` waits for none of them; the commands that need one, and `qwenft doctor`, say how to
 # add it.
 EXTRAS=${QWENFT_EXTRAS:-}

@@ -69,7 +69,8 @@ def test_train_lora_records_run(
     assert manifest["status"] == "completed"
     assert manifest["final_loss"] == 2.0 and manifest["tokens_per_second"] == 123.0
     assert manifest["template"] == "qwen" and manifest["method"] == "lora"
-    assert manifest["dataset"]["sha256"] and manifest["command"][1:] == call["argv"]
+    assert manifest["dataset"]["sha256"]
+    assert manifest["command"][1:] == ["train", "$RUN/train.yaml"]  # the run folder's: as $RUN
     assert "fake llamafactory-cli train" in (run_dir / "train.log").read_text()
     assert yaml.safe_load((run_dir / "train.yaml").read_text()) == cfg
     # staged with mkdtemp/mkstemp, but ends with the modes a plain mkdir/open would give

@@ -1,24 +1,35 @@
-"""The typed run manifest (qwenft.runs.manifest) and the one staged-folder helper (fsutil)."""
+"""The typed run manifest (qwenft.runs.manifest: what it records, and a run folder that travels)
+and the one staged-folder helper (fsutil)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qwenft.errors import QwenftError
 from qwenft.fsutil import staged_dir
+from qwenft.models.presets import resolve_model
 from qwenft.models.target import resolve_target
 from qwenft.runs.folder import create_run_dir, list_runs
+from qwenft.runs.gguf import exported_gguf
 from qwenft.runs.manifest import (
     MANIFEST,
+    RUN_VAR,
     SCHEMA_VERSION,
+    DatasetRecord,
+    Manifest,
     read_manifest,
+    relocate_train_yaml,
     update_manifest,
 )
 from tests.helpers.builders import run_manifest as manifest
-from tests.helpers.builders import write_checkpoint, write_safetensors
+from tests.helpers.builders import write_checkpoint, write_model_folder, write_safetensors
+from tests.helpers.cli import invoke
 
 
 def write_run(run: Path, data: dict) -> Path:
@@ -261,3 +272,198 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path: Path) -> None:
         "checkpoint-7",
         "checkpoint-x",
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# a run folder travels: moved or copied, it reads its own things where it is now
+
+
+def travelling(run: Path, outside: Path) -> Manifest:
+    """A completed, merged, exported and evaluated LoRA run's manifest as qwenft fills it in at
+    `run` (the paths inside it absolute, as train, merge, export and eval pass them)."""
+    return manifest(
+        status="completed",
+        dataset=DatasetRecord(
+            str(outside / "chat.jsonl"),
+            "ab" * 32,
+            "chat-abababab-fit-r",
+            str(outside / "datasets"),
+            4,
+            str(run / "data.fit.jsonl"),  # --overlength drop: the copy inside the run folder
+        ),
+        command=["/venv/bin/llamafactory-cli", "train", str(run / "train.yaml")],
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "TENSORBOARD_LOGGING_DIR": str(run / "tb"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{run / 'mlflow.db'}",
+        },
+        tracking={"tensorboard": f"tensorboard --logdir {run / 'tb'}"},
+        parent_run=str(outside / "sft"),
+        log=str(run / "train.log"),
+        summary={"log": str(run / "train.log"), "loss_plot": str(run / "training_loss.png")},
+        merged=str(run / "merged"),
+        exports=[
+            {"file": str(run / "export" / "r-f16.gguf"), "modelfile": str(run / "export" / "M")}
+        ],
+        last_eval={"report": str(run / "eval" / "eval.json"), "at": "2026-12-03T08:00:00+0000"},
+        tokenized_cache={"path": str(outside / "tokenized" / "x"), "hit": True, "by": "qwenft"},
+    )
+
+
+def inside(m: Manifest) -> list[str]:
+    """What a manifest names inside its run folder, as qwenft reads it."""
+    e = m.exports[0]
+    return [
+        *(m.log, m.merged, m.summary["log"], m.summary["loss_plot"], m.dataset.train_path),
+        *(m.last_eval["report"], e["file"], e["modelfile"], m.command[2]),
+        *(
+            m.env["TENSORBOARD_LOGGING_DIR"],
+            m.env["MLFLOW_TRACKING_URI"],
+            m.tracking["tensorboard"],
+        ),
+    ]
+
+
+def inside_of(run: Path) -> list[str]:
+    """inside() of travelling(run, ...) read from `run`."""
+    names = ["train.log", "merged", "train.log", "training_loss.png", "data.fit.jsonl"]
+    names += ["eval/eval.json", "export/r-f16.gguf", "export/M", "train.yaml", "tb"]
+    return [str(run / n) for n in names] + [
+        f"sqlite:///{run / 'mlflow.db'}",
+        f"tensorboard --logdir {run / 'tb'}",
+    ]
+
+
+def outside(m: Manifest) -> list[str | None]:
+    """What a manifest names outside its run folder (kept as given)."""
+    paths = (m.dataset.path, m.dataset.dataset_dir, m.model.path, m.parent_run)
+    return [*paths, m.tokenized_cache["path"]]
+
+
+def test_paths_inside_the_run_folder_are_written_relative_to_it(tmp_path: Path) -> None:
+    run, elsewhere = tmp_path / "cluster" / "r", tmp_path / "data"
+    m = travelling(run, elsewhere)
+    write_run(run, m.to_dict())  # as `train` writes its first manifest: absolute paths
+    update_manifest(run, final_loss=0.5)  # every later write stores them relative
+    raw = json.loads((run / MANIFEST).read_text())
+    assert (raw["log"], raw["merged"], raw["dataset"]["train_path"]) == (
+        "train.log",
+        "merged",
+        "data.fit.jsonl",
+    )
+    assert raw["summary"] == {"log": "train.log", "loss_plot": "training_loss.png"}
+    assert raw["exports"] == [{"file": "export/r-f16.gguf", "modelfile": "export/M"}]
+    assert raw["last_eval"]["report"] == "eval/eval.json"
+    # the folder inside text: the launch command, the variables, where the trackers wrote
+    assert raw["command"][2] == f"{RUN_VAR}/train.yaml"
+    assert raw["env"]["TENSORBOARD_LOGGING_DIR"] == f"{RUN_VAR}/tb"
+    assert raw["env"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{RUN_VAR}/mlflow.db"
+    assert raw["tracking"] == {"tensorboard": f"tensorboard --logdir {RUN_VAR}/tb"}
+    assert str(run) not in json.dumps(raw)  # nothing names where the folder is
+    # outside it, as given: the data, dataset_dir, the base model, the parent run, the cache
+    assert raw["dataset"]["path"] == str(elsewhere / "chat.jsonl")
+    assert raw["parent_run"] == str(elsewhere / "sft")
+    assert raw["tokenized_cache"]["path"] == str(elsewhere / "tokenized" / "x")
+    read = read_manifest(run)
+    assert inside(read) == inside_of(run) and outside(read) == outside(m)
+    assert json.loads(read.to_json()) == {**m.to_dict(), "final_loss": 0.5}  # --json: absolute
+    update_manifest(run, final_loss=0.5)
+    assert json.loads((run / MANIFEST).read_text()) == raw  # read and written back: the same
+
+
+def test_a_moved_run_folder_reads_its_paths_where_it_is_now(tmp_path: Path) -> None:
+    run, elsewhere = tmp_path / "cluster" / "r", tmp_path / "data"
+    m = travelling(run, elsewhere)
+    write_run(run, m.to_dict(run))
+    (run / "export").mkdir()
+    (run / "export" / "r-f16.gguf").write_bytes(b"GGUF")
+    laptop = tmp_path / "laptop" / "renamed"  # rsynced elsewhere under another name
+    laptop.parent.mkdir()
+    os.rename(run, laptop)
+    moved = read_manifest(laptop)
+    assert inside(moved) == inside_of(laptop) and outside(moved) == outside(m)
+    assert exported_gguf(laptop, moved) == laptop / "export" / "r-f16.gguf"
+    update_manifest(laptop, final_loss=0.5)  # written where it is now: still relative
+    assert json.loads((laptop / MANIFEST).read_text())["merged"] == "merged"
+    # `qwenft runs RUN`: its log and where its trackers wrote, in the folder it is in now
+    shown = invoke("runs", laptop)
+    assert shown.exit_code == 0, shown.output
+    assert f"log: {laptop / 'train.log'}" in shown.output
+    assert f"tensorboard: tensorboard --logdir {laptop / 'tb'}" in shown.output
+    assert str(run) not in shown.output
+    [row] = json.loads(invoke("runs", "--dir", laptop.parent, "--json").stdout)
+    assert (row["run_dir"], row["log"]) == (str(laptop), str(laptop / "train.log"))
+
+
+def test_a_manifest_written_with_absolute_paths_is_rebased(tmp_path: Path) -> None:
+    """Manifests written before paths were relative: what lay under the folder the run was in then
+    (its command's train.yaml, its train.log) is read in the folder it is in now, moved or copied
+    (the original still there)."""
+    run, elsewhere = tmp_path / "cluster" / "r", tmp_path / "data"
+    m = travelling(run, elsewhere)
+    write_run(run, m.to_dict())  # an older qwenft's manifest: every path absolute
+    copy = tmp_path / "copy" / "r2"
+    shutil.copytree(run, copy)
+    moved = tmp_path / "laptop" / "r3"
+    moved.parent.mkdir()
+    os.rename(run, moved)
+    shutil.copytree(moved, run)  # the original back in place: the copies still read their own
+    for folder in (copy, moved, run):
+        read = read_manifest(folder)
+        assert inside(read) == inside_of(folder) and outside(read) == outside(m)
+    update_manifest(moved, final_loss=0.5)  # its first write where it is now: relative since
+    assert json.loads((moved / MANIFEST).read_text())["log"] == "train.log"
+    assert inside(read_manifest(moved)) == inside_of(moved)
+
+
+def test_an_absolute_path_under_no_known_folder_is_rebased_only_onto_what_exists(
+    tmp_path: Path,
+) -> None:
+    """A gone absolute path that no recorded location explains (merged after an earlier move,
+    under the same folder name) is read under the run folder after the folder's name, if it is
+    there; else kept as given."""
+    gone = tmp_path / "gone" / "r"
+    data = manifest(merged=str(gone / "merged"), log=str(gone / "logs" / "x.log")).to_dict()
+    run = write_run(tmp_path / "here" / "r", data)
+    (run / "merged").mkdir()
+    read = read_manifest(run)
+    assert read.merged == str(run / "merged")
+    assert read.log == str(gone / "logs" / "x.log")  # not here either: as given
+
+
+def test_train_yaml_is_pointed_at_the_folder_it_is_in_now(tmp_path: Path) -> None:
+    run = tmp_path / "cluster" / "r"
+    run.mkdir(parents=True)
+    text = (
+        "# qwenft lora fine-tune of tiny-qwen2\n\n### model\n"
+        f"model_name_or_path: {tmp_path / 'base'}\n\n### output\n"
+        f"output_dir: {run}\ndeepspeed: {run}/deepspeed.json\n"
+        f"swanlab_logdir: {run}/swanlog\nadapter_name_or_path: {run}-parent/adapter\n"
+    )
+    (run / "train.yaml").write_text(text)
+    assert relocate_train_yaml(run) is False  # where it was written: left alone
+    laptop = tmp_path / "laptop" / "r2"
+    laptop.parent.mkdir()
+    os.rename(run, laptop)
+    assert relocate_train_yaml(laptop) is True
+    after = (laptop / "train.yaml").read_text()
+    assert after == text.replace(f"{run}/", f"{laptop}/").replace(f": {run}\n", f": {laptop}\n")
+    assert yaml.safe_load(after)["output_dir"] == str(laptop)
+    assert f"{run}-parent/adapter" in after  # another folder: kept
+    assert relocate_train_yaml(laptop) is False
+
+
+def test_a_base_model_that_is_gone_is_named_with_what_to_do(tmp_path: Path) -> None:
+    base = write_model_folder(tmp_path / "models" / "Qwen2-0.5B-Instruct")
+    run = tmp_path / "laptop" / "r"
+    write_run(run, manifest(model=resolve_model(str(base)), status="completed").to_dict(run))
+    (run / "adapter_config.json").write_text("{}")
+    assert resolve_target(str(run)).model_path == str(base)  # outside the run: as given
+    shutil.rmtree(base)
+    with pytest.raises(QwenftError, match=f"the base model of {run} is missing: {base}") as info:
+        resolve_target(str(run))
+    assert info.value.hint and "--adapter" in info.value.hint and str(base) in info.value.hint
+    # a tiny preset's build is this home's (qwenft builds the same weights on first use)
+    tiny = resolve_model("tiny-qwen2", tiny_home=tmp_path / "another-home")
+    update_manifest(run, model=tiny)
+    assert resolve_target(str(run)).model_path == resolve_model("tiny-qwen2").path

@@ -454,8 +454,9 @@ def test_eval_writes_report_and_refuses_to_overwrite(
     assert report["generation"]["bleu-4"] == 50.0 and report["generation"]["rouge-l"] == 55.0
     md = (out / "eval.md").read_text()
     assert "| fine-tuned" in md and "| base" in md and md in result.stdout
-    assert json.loads((run_dir / "qwenft.json").read_text())["last_eval"]["report"] == str(
-        out / "eval.json"
+    # inside the run folder: relative to it
+    assert (
+        json.loads((run_dir / "qwenft.json").read_text())["last_eval"]["report"] == "eval/eval.json"
     )
     assert not [
         p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME
@@ -597,7 +598,7 @@ def test_eval_scores_each_kind_next_to_the_starting_model(
     assert KIND_LINES[kind] in md and md in result.stdout
     assert "| fine-tuned" in md and "| base" in md
     manifest = json.loads((run_dir / "qwenft.json").read_text())
-    assert manifest["last_eval"]["report"] == str(out / "eval.json")
+    assert manifest["last_eval"]["report"] == "eval/eval.json"  # inside the run: relative
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
 
 

@@ -18,6 +18,7 @@ from qwenft.choices import (
     AUTO,
     DEFAULT_METHOD,
     DEFAULT_OVERLENGTH,
+    Launcher,
     Method,
     Stage,
     Template,
@@ -38,11 +39,13 @@ from qwenft.cli.common import (
     err,
     handle_errors,
     knob_options,
+    launch_options,
     print_json,
     stdout_for_results,
 )
 from qwenft.errors import QwenftError
 from qwenft.knobs import NO_KNOBS, TRAIN, KnobValues
+from qwenft.launch.options import NO_LAUNCH, LaunchRequest
 
 app = typer.Typer(
     name="qwenft",
@@ -80,6 +83,7 @@ def _root(
 @app.command()
 @handle_errors
 @knob_options(TRAIN)
+@launch_options
 def train(
     data: Annotated[
         Path | None,
@@ -125,8 +129,10 @@ def train(
         int | None,
         typer.Option(
             "--gpus",
-            help="GPUs (processes) per node; default: all visible, else 1. Refused where no GPU "
-            "is visible: see --cpu-procs.",
+            "--gpus-per-node",
+            help="GPUs (processes) per node; default: all visible, else 1. Where no GPU is "
+            "visible: refused for a launch here (see --cpu-procs), taken as the target's for "
+            "--dry-run and the schedulers' launchers.",
         ),
     ] = None,
     cpu_procs: Annotated[
@@ -143,13 +149,17 @@ def train(
     ] = None,
     thinking: ThinkingOpt = Thinking.AUTO.value,
     knobs: KnobValues = NO_KNOBS,  # the knob table's train options (knob_options)
+    launch: LaunchRequest = NO_LAUNCH,  # --launcher and its options (launch_options)
     overlength: OverlengthOpt = DEFAULT_OVERLENGTH.value,
     dataset_dir: Annotated[
         Path | None, typer.Option("--dataset-dir", help="Where dataset_info.json lives.")
     ] = None,
     nnodes: Annotated[
-        int, typer.Option("--nnodes", help="Machines taking part (torchrun NNODES).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--nnodes", "--nodes", help="Machines taking part (torchrun NNODES; default 1)."
+        ),
+    ] = None,
     node_rank: Annotated[
         int, typer.Option("--node-rank", help="This machine's rank, 0 = master.")
     ] = 0,
@@ -220,19 +230,46 @@ def train(
         stage=stage,
         parent=from_run,
         knobs=knobs,
+        launch=launch,
+        dry_run=dry_run,
     )
     plan = plan_train(req)
     for note in plan.notes:
         err(note)
+    if launch.kind.facts.remote and not launch.kind.facts.in_run:
+        typer.echo(_pod_file(plan, launch, gpus), nl=False)  # --dry-run only (launch.options)
+        return
     if dry_run:
-        _print_dry_run(plan, nnodes)
+        _print_dry_run(plan)
+        return
+    if plan.manifest.launch:
+        with stdout_for_results():
+            result = execute_train(plan, progress=err, verbose=verbose)
+        print_json(result) if as_json else typer.echo(result["run_dir"])
         return
     with stdout_for_results():
         result = execute_train(plan, progress=err, verbose=verbose)
     _report_training(result, as_json)
 
 
-def _print_dry_run(plan: Any, nnodes: int) -> None:  # train.TrainPlan
+def _pod_file(plan: Any, launch: LaunchRequest, gpus: int | None) -> str:  # train.TrainPlan
+    """The Kubeflow PyTorchJob or SkyPilot task that runs this same `qwenft train` on every
+    node (without the options of this launch: each node reads its place from the scheduler)."""
+    from qwenft.launch import manifests
+    from qwenft.launch.options import LAUNCH_OPTIONS
+
+    drop = {"--launcher": True, "--dry-run": False, "--nnodes": True, "--nodes": True}
+    drop |= {"--node-rank": True, "--master-addr": True, "--master-port": True}
+    drop |= {o.option: o.type is not bool for o in LAUNCH_OPTIONS}
+    command = manifests.pod_command(sys.argv[1:], drop)
+    name = f"qwenft-{plan.run_dir.name}"
+    if launch.kind == Launcher.KUBEFLOW:
+        return manifests.pytorchjob(name, plan.manifest.nnodes, gpus, launch.image, command)
+    accelerators = launch.accelerators or (f"A100:{gpus}" if gpus else None)
+    return manifests.skypilot_task(name, plan.manifest.nnodes, accelerators, command)
+
+
+def _print_dry_run(plan: Any) -> None:  # train.TrainPlan
     """--dry-run: the run folder, the dataset, train.yaml, the environment and the command (one
     per node), and nothing written."""
     from qwenft.proc import launcher
@@ -249,6 +286,7 @@ def _print_dry_run(plan: Any, nnodes: int) -> None:  # train.TrainPlan
     for key, value in plan.env.items():
         typer.echo(f"{key}={value}")
     typer.echo("# --- command ---")
+    nnodes = plan.manifest.nnodes
     if nnodes == 1:
         typer.echo(launcher.format_command(plan.argv, plan.env))
         return
@@ -265,6 +303,7 @@ def _resume(
     template: str | None,
     force: bool,
     verbose: bool = False,
+    submit: bool = False,
 ) -> dict:
     from qwenft.train import resume_train
 
@@ -277,6 +316,7 @@ def _resume(
             force=force,
             progress=err,
             verbose=verbose,
+            submit=submit,
         )
 
 
@@ -345,10 +385,32 @@ def resume_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Continue despite changed inputs.")
     ] = False,
+    submit: Annotated[
+        bool, typer.Option("--submit", help="A Slurm run: submit its job again (sbatch).")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Continue a run from its newest checkpoint (same step, optimizer and LR schedule)."""
-    _report_training(_resume(run_dir, data, method, template, force, verbose))
+    result = _resume(run_dir, data, method, template, force, verbose, submit)
+    if submit:
+        typer.echo(result["run_dir"])
+        return
+    _report_training(result)
+
+
+@app.command(hidden=True)
+@handle_errors
+def start(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder prepared for a scheduler.")],
+    verbose: VerboseOpt = False,
+) -> None:
+    """This node's part of a prepared run (what a Slurm job's tasks run: RUN/launch.sbatch)."""
+    from qwenft.train import start_node
+
+    with stdout_for_results():
+        result = start_node(run_dir, progress=err, verbose=verbose)
+    if result is not None:
+        _report_training(result)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from qwenft import knobs
-from qwenft.choices import AUTO, DeepSpeed, Method, Overlength, Template, Thinking
+from qwenft.choices import AUTO, DeepSpeed, Launcher, Method, Overlength, Template, Thinking
 from qwenft.errors import QwenftError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,6 +46,36 @@ def choice_option(name: str, choices: tuple[str, ...], help: str, many: bool = F
     )
 
 
+def _bundle(
+    param: str, options: list[tuple[str, Any]], build: Callable[[dict[str, Any]], Any]
+) -> Callable[[F], F]:
+    """Replace a command's parameter `param` by the options (name, Annotated type) of a table,
+    where it stands, and hand their values to it as one argument built from them."""
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        params: list[inspect.Parameter] = []
+        for p in sig.parameters.values():
+            if p.name != param:
+                params.append(p)
+                continue
+            params += [
+                inspect.Parameter(name, p.kind, default=None, annotation=annotation)
+                for name, annotation in options
+            ]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name, None) for name, _ in options}
+            return fn(*args, **{param: build(values)}, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != param}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def knob_options(command: str) -> Callable[[F], F]:
     """Give a command the options of every knob it offers (qwenft.knobs.KNOBS: option, type,
     help, choices), in table order where the function's `knobs` parameter stands, and hand their
@@ -60,28 +90,33 @@ def knob_options(command: str) -> Callable[[F], F]:
             info = typer.Option(knob.option, help=knob.help)
         return Annotated[knob.type | None, info]
 
-    def decorate(fn: F) -> F:
-        sig = inspect.signature(fn, eval_str=True)
-        params: list[inspect.Parameter] = []
-        for p in sig.parameters.values():
-            if p.name != "knobs":
-                params.append(p)
-                continue
-            params += [
-                inspect.Parameter(k.param, p.kind, default=None, annotation=annotation(k))
-                for k in offered
-            ]
+    return _bundle(
+        "knobs",
+        [(k.param, annotation(k)) for k in offered],
+        lambda values: knobs.KnobValues.from_options(command, values),
+    )
 
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {k.param: kwargs.pop(k.param, None) for k in offered}
-            return fn(*args, knobs=knobs.KnobValues.from_options(command, values), **kwargs)
 
-        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "knobs"}
-        return wrapper  # type: ignore[return-value]
+def launch_options(fn: F) -> F:
+    """`train`'s --launcher and the launchers' options (qwenft.launch.options.LAUNCH_OPTIONS),
+    handed to it as one `launch: LaunchRequest` argument; the core checks which launcher takes
+    which option, from the same table."""
+    from qwenft.launch.options import LAUNCH_OPTIONS, LaunchRequest
 
-    return decorate
+    def annotation(opt: Any) -> Any:
+        return Annotated[opt.type | None, typer.Option(opt.option, help=opt.help)]
+
+    launcher = Annotated[
+        str | None,
+        choice_option(
+            "--launcher", Launcher.values(), "Where the processes start (default local)."
+        ),
+    ]
+    return _bundle(
+        "launch",
+        [("launcher", launcher), *((o.param, annotation(o)) for o in LAUNCH_OPTIONS)],
+        lambda values: LaunchRequest.from_options(values.pop("launcher"), values),
+    )(fn)
 
 
 TemplateOpt = Annotated[

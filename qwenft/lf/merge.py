@@ -214,7 +214,8 @@ def _merge_locked(
     verbose: bool,
 ) -> dict[str, Any]:
     plan.source.ensure_built(progress)
-    data_path = plan.source.manifest.dataset.path if plan.source.manifest else None
+    m = plan.source.manifest  # the check asks what the run trained on (its copy travels with it)
+    data_path = (m.dataset.train_path or m.dataset.path) if m else None
     with staged_dir(plan.target, hint=MERGE_HINT) as staging:
         config = {**plan.config, "export_dir": str(staging)}
         atomic_write_text(

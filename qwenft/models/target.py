@@ -171,10 +171,28 @@ def _run_target(
             "use a run whose training completed; `qwenft runs` shows statuses",
         )
     return ModelTarget(
-        m.model.path,
+        run_base_path(run_dir, m),
         str(adapter_dir.absolute()),
         model_kind=m.model.kind,
         tiny_preset=m.model.spec.lower() if m.model.kind == "tiny" else None,
         source=f"{m.model.spec} + adapter {adapter_dir}",
         **common,
+    )
+
+
+def run_base_path(run_dir: Path, m: Manifest) -> str:
+    """The base model an adapter run loads, where the manifest says (a path outside the run
+    folder, kept as given), else refused naming it. A tiny preset's build that is gone is the one
+    in this QWENFT_HOME (built on first use, the same weights: a run folder moved to another
+    machine or home); a hub id is the hub's."""
+    path = m.model.path
+    if m.model.kind == "hub" or Path(path).is_dir():
+        return path
+    if m.model.kind == "tiny":
+        return presets.resolve_model(m.model.spec).path
+    raise QwenftError(
+        f"the base model of {run_dir} is missing: {path} (recorded in its manifest; a moved or "
+        "copied run folder keeps the path of the base it was trained on)",
+        f"put the base model (or a link to it) at {path}; chat, serve and eval also take it as "
+        f"MODEL --adapter {run_dir}",
     )

@@ -89,12 +89,28 @@ def run_state(run_dir: Path, m: Manifest) -> str:
     which the kernel drops when its holder dies; a run started on another host is trusted."""
     from qwenft.runs.lock import pid_alive, run_is_live
 
+    job = (m.launch or {}).get("job_id")
+    if job and m.status in ("submitted", "running"):
+        return _job_status(str(job), m.status)
     if m.status != "running" or (m.host and m.host != socket.gethostname()):
         return m.status
     live = run_is_live(run_dir)
     if live is None and m.pid:  # no lock file to ask: the process it recorded
         live = pid_alive(m.pid)
     return "died" if live is False else "running"
+
+
+def _job_status(job_id: str, recorded: str) -> str:
+    """A Slurm run's status from its job where the Slurm commands answer: pending while queued,
+    failed when the job ended without its run finishing (scancel, time limit, a node lost)."""
+    from qwenft.launch import slurm
+
+    state = slurm.job_state(job_id)
+    if state in ("pending", "running", "failed"):
+        return state
+    if state == "done" and recorded == "submitted":
+        return "failed"  # the job ended before `qwenft start` recorded anything
+    return recorded
 
 
 def run_row(run_dir: Path, m: Manifest) -> dict[str, Any]:

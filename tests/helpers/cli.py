@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+from unittest import mock
 
 import yaml
 from typer import Typer
@@ -13,12 +15,16 @@ _runner = CliRunner()
 
 
 def invoke(*args: object, app: Typer | None = None) -> Result:
-    """Run `qwenft ARGS...` (or ARGS against another Typer app) and return the CliRunner result."""
+    """Run `qwenft ARGS...` (or ARGS against another Typer app) and return the CliRunner result.
+    sys.argv is the command line meanwhile, as in a real `qwenft` process (a launcher that renders
+    a pod's command reads it)."""
     if app is None:
         from qwenft.cli import app as qwenft_app
 
         app = qwenft_app
-    return _runner.invoke(app, [str(a) for a in args])
+    argv = [str(a) for a in args]
+    with mock.patch.object(sys, "argv", ["qwenft", *argv]):
+        return _runner.invoke(app, argv)
 
 
 def dry_run(*args: object) -> tuple[dict[str, Any], dict[str, str], Result]:

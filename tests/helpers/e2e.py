@@ -90,7 +90,11 @@ def trainer_log(run_dir: Path) -> list[dict]:
 
 
 def manifest(run_dir: Path) -> dict:
-    return json.loads((run_dir / "qwenft.json").read_text())
+    """The run's qwenft.json as qwenft reads it: the paths inside the folder (stored relative to
+    it) resolved against it, so absolute. The raw file: json.loads of RUN/qwenft.json."""
+    from qwenft.runs.manifest import read_manifest
+
+    return read_manifest(run_dir).to_dict()
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.helpers.e2e import manifest
 from tests.helpers.lf_reference import lf_rows, load_splits
 
 IGNORE_INDEX = -100  # LLaMA-Factory's label of a token without a loss
@@ -75,7 +76,7 @@ class LM:
     def of_run(cls, run: Path, *, merged: bool = True) -> LM:
         """A run's merged model (merged=True and merged), its base + adapter (a LoRA run), or
         its own weights (a full or freeze run)."""
-        m = json.loads((run / "qwenft.json").read_text())
+        m = manifest(run)  # as qwenft reads it: the merged folder under the run as it is now
         if merged and m.get("merged"):
             return cls(m["merged"])
         if (run / "adapter_config.json").is_file():
