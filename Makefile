@@ -13,8 +13,9 @@ setup:
 
 # setup plus the optional extras, each from its own lock (requirements/<extra>.lock; they never
 # change requirements/cpu.lock): what `make test` needs. gguf: llama-cpp-python (built once);
-# optimizers: GaLore, APOLLO, BAdam; tracking: TensorBoard, MLflow, W&B; ray: Ray (--launcher ray)
-EXTRAS ?= gguf optimizers tracking ray
+# optimizers: GaLore, APOLLO, BAdam; tracking: TensorBoard, MLflow, W&B; ray: Ray (--launcher ray);
+# vision: torchvision for the Qwen-VL processors (on the CPU install with its hook, docs/vision.md)
+EXTRAS ?= gguf optimizers tracking ray vision
 setup-extras:
 	@QWENFT_EXTRAS="$(EXTRAS)" scripts/setup_env.sh
 

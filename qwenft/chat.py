@@ -16,8 +16,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from qwenft.choices import Template
+from qwenft.data.images import IMAGE_PLACEHOLDER
 from qwenft.errors import QwenftError
 from qwenft.models import inference
 from qwenft.models.target import ModelTarget, thinking_mode
@@ -138,6 +141,7 @@ class ChatSession:
     history: list[dict[str, str]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None  # an OpenAI tools list: calls are parsed (--tools)
     enable_thinking: bool | None = None  # None: the run's own mode (target.enable_thinking)
+    images: list[str] = field(default_factory=list)  # the conversation's, in order (<image>s)
     _model: Any = None
     _tokenizer: Any = None
 
@@ -146,9 +150,15 @@ class ChatSession:
         return self.target.enable_thinking if self.enable_thinking is None else self.enable_thinking
 
     @property
+    def vision(self) -> bool:
+        """A vision-language model: it takes images (send's `images`)."""
+        return Template(self.target.template).vision
+
+    @property
     def via_llamafactory(self) -> bool:
-        """Through LLaMA-Factory's chat engine: vLLM, or tools (the run's tool format)."""
-        return self.backend == "vllm" or bool(self.tools)
+        """Through LLaMA-Factory's chat engine: vLLM, tools (the run's tool format), or a
+        vision-language model (its mm_plugin turns images into vision tokens as in training)."""
+        return self.backend == "vllm" or bool(self.tools) or self.vision
 
     def load(self) -> None:
         import importlib.util
@@ -198,6 +208,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history.clear()
+        self.images.clear()
 
     def ask(
         self,
@@ -214,13 +225,32 @@ class ChatSession:
         prompt: str,
         on_text: Callable[[str], None] | None = None,
         on_reasoning: Callable[[str], None] | None = None,
+        images: list[str] | None = None,
     ) -> Reply:
-        """The model's turn after the user's prompt: an answer, or tool calls (with tools) that
-        tool_results() answers."""
+        """The model's turn after the user's prompt (with `images`, local files, shown before
+        it): an answer, or tool calls (with tools) that tool_results() answers."""
+        images = self.checked_images(images or [])
         if self._model is None:
             self.load()
-        self.history.append({"role": "user", "content": prompt})
-        return self._turn(on_text, on_reasoning)
+        content = IMAGE_PLACEHOLDER * len(images) + prompt
+        self.history.append({"role": "user", "content": content})
+        self.images += images
+        try:
+            return self._turn(on_text, on_reasoning)
+        except BaseException:
+            del self.images[len(self.images) - len(images) :]
+            raise
+
+    def checked_images(self, images: list[str] | list[Path]) -> list[str]:
+        """The images as a message shows them (absolute paths), each a local file that decodes;
+        QwenftError for a bad one, or any on a text model."""
+        if images and not self.vision:
+            raise QwenftError(
+                f"{self.target.source} is a text model (template {self.target.template}): it "
+                "cannot see images",
+                "chat with a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)",
+            )
+        return [check_image(path) for path in images]
 
     def tool_results(
         self,
@@ -373,7 +403,10 @@ class ChatSession:
 
         before = set(threading.enumerate())
         for piece in self._model.stream_chat(
-            list(self.history), system=self.system or None, tools=tools
+            list(self.history),
+            system=self.system or None,
+            tools=tools,
+            images=list(self.images) or None,
         ):
             collect(piece)
         # Its engine runs model.generate in a daemon thread ("Thread-N (generate)") that is
@@ -386,6 +419,19 @@ class ChatSession:
 
 
 BACKENDS = ("transformers", "vllm", "llama.cpp")
+
+
+def check_image(path: str | Path) -> str:
+    """An image file a message may show: it exists and decodes (its absolute path), else
+    QwenftError naming it (data.images.verify_image, the check `data check` makes)."""
+    from qwenft.data.images import ImageProblem, verify_image
+
+    file = Path(path).expanduser().absolute()
+    try:
+        verify_image(file)
+    except ImageProblem as exc:
+        raise QwenftError(exc.message, "give a local image file (PNG, JPEG, ...)") from None
+    return str(file)
 
 
 def gguf_target(spec: str, template: str | None = None, force: bool = False) -> ModelTarget:
@@ -517,6 +563,7 @@ def run_turn(
     out: Callable[[str], None],
     read: Callable[[str], str] = read_result,
     stream: bool = True,
+    images: list[str] | None = None,
 ) -> Reply:
     """One user turn of `qwenft chat`: the reasoning on stderr, the answer through out (streamed
     when stream); each tool call shown as `tool call: NAME ARGUMENTS`, its result read with
@@ -524,7 +571,7 @@ def run_turn(
     call."""
     thinking = ReasoningPrinter()
     on_text = out if stream else None
-    reply = session.send(prompt, on_text, thinking)
+    reply = session.send(prompt, on_text, thinking, images=images)
     thinking.end()
     while reply.calls:
         for name, arguments in reply.calls:

@@ -79,11 +79,23 @@ def own_weights(method: str) -> bool:
 
 
 class Template(Choice):
-    """LLaMA-Factory's Qwen chat templates."""
+    """LLaMA-Factory's Qwen chat templates; the *_vl ones are the vision-language models' (their
+    mm_plugin turns each <image> / <video> of a message into the model's vision tokens)."""
 
     QWEN = "qwen"
     QWEN3 = "qwen3"
     QWEN3_NOTHINK = "qwen3_nothink"
+    QWEN2_VL = "qwen2_vl"  # Qwen2-VL and Qwen2.5-VL
+    QWEN3_VL = "qwen3_vl"  # Qwen3-VL Thinking (a ReasoningTemplate, like qwen3)
+    QWEN3_VL_NOTHINK = "qwen3_vl_nothink"  # Qwen3-VL Instruct
+
+    @property
+    def vision(self) -> bool:
+        """A vision-language model's template: its data may hold images and videos."""
+        return self in VISION_TEMPLATES
+
+
+VISION_TEMPLATES = frozenset({Template.QWEN2_VL, Template.QWEN3_VL, Template.QWEN3_VL_NOTHINK})
 
 
 class DeepSpeed(Choice):

@@ -90,8 +90,9 @@ def run_checks() -> list[Check]:
                 "torchvision",
                 ok,
                 detail,
-                "pip uninstall torchvision (a CUDA build beside CPU torch breaks "
-                "transformers; text fine-tuning does not need it)",
+                "on the CPU install, QWENFT_EXTRAS=vision scripts/setup_env.sh (PyPI's CUDA "
+                "torchvision beside CPU torch needs the hook it installs, docs/vision.md), or pip "
+                "uninstall torchvision (text fine-tuning does not need it)",
             )
         )
     checks += menu_checks()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.choices import GgufQuant, own_weights
+from qwenft.choices import GgufQuant, Template, own_weights
 from qwenft.data.check import file_has_tools
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import refuse_existing, share_like_umask, staged_dir
@@ -186,6 +186,14 @@ def plan_export(run_dir: Path, quant: str, *, force: bool = False) -> ExportPlan
         raise QwenftError(
             f"{run_dir} is {m.status}, not completed: there is no finished model to export",
             f"finish it first (qwenft resume {run_dir}), or export a completed run",
+        )
+    if Template(m.template).vision:
+        raise QwenftError(
+            f"{run_dir} is a vision-language run (template {m.template}): its GGUF would hold "
+            "the language model only, and the vision tower needs llama.cpp's projector file "
+            "(mmproj), which qwenft does not make and verify yet; nothing was written",
+            f"serve the merged model instead: qwenft merge {run_dir}, then qwenft serve "
+            f"{run_dir} (images as OpenAI image_url parts)",
         )
     if own_weights(m.method):
         model_dir: Path | None = run_dir

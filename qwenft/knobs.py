@@ -134,6 +134,7 @@ class Knob:
     implies: tuple[tuple[str, Any], ...] = ()  # keys written beside a set value, unless set
     needs: tuple[Needs, ...] = ()  # what a value needs of the machine that trains
     own: bool = False  # qwenft carries it out before launch; LLaMA-Factory has no such key
+    vision: bool = False  # read only for vision-language models (a *_vl template): vision_keys
 
     @property
     def flag(self) -> str | None:
@@ -235,6 +236,61 @@ _ROWS: tuple[Knob, ...] = (
         "(preprocessing_num_workers; default: the recipe's 16, capped at the cores).",
         rule=POSITIVE_WHOLE("e.g. --data-workers 8"),
         commands=(TRAIN, DATA_CHECK),
+    ),
+    Knob(
+        "image_max_pixels",
+        "--image-max-pixels",
+        help="Images over this many pixels are scaled down before the vision encoder: fewer "
+        "pixels, fewer tokens per image (image_max_pixels; default LLaMA-Factory's 589824, "
+        "768*768).",
+        rule=POSITIVE_WHOLE("e.g. --image-max-pixels 262144 (512*512)"),
+        commands=(TRAIN, PLAN, DATA_CHECK),
+        section="model",
+        vision=True,
+    ),
+    Knob(
+        "image_min_pixels",
+        "--image-min-pixels",
+        help="Images under this many pixels are scaled up (image_min_pixels; default "
+        "LLaMA-Factory's 1024, 32*32).",
+        rule=POSITIVE_WHOLE("e.g. --image-min-pixels 3136 (56*56)"),
+        commands=(TRAIN, PLAN, DATA_CHECK),
+        section="model",
+        vision=True,
+    ),
+    Knob(
+        "freeze_vision_tower",
+        "--train-vision/--freeze-vision",
+        bool,
+        "Vision-language models: train the vision tower too (its linears under LoRA); frozen by "
+        "default (freeze_vision_tower).",
+        invert=True,
+        commands=(TRAIN, PLAN),
+        section="method",
+        vision=True,
+    ),
+    Knob(
+        "freeze_multi_modal_projector",
+        "--train-projector/--freeze-projector",
+        bool,
+        "Vision-language models, full or freeze: train the projector (merger) between the vision "
+        "tower and the language model; frozen by default (freeze_multi_modal_projector).",
+        invert=True,
+        commands=(TRAIN, PLAN),
+        section="method",
+        vision=True,
+        refuse=(
+            Refusal(
+                f"{LF} trains no projector under LoRA: it reads freeze_multi_modal_projector for "
+                "full and freeze only, and LoRA's targets leave the merger out (LLaMA-Factory "
+                "issue #8334)",
+                "--set additional_target=merger trains the merger fully beside the adapter; or "
+                "--method full / freeze",
+                values=(False,),
+                with_key="method",
+                with_values=ADAPTERS,
+            ),
+        ),
     ),
     Knob(
         "num_train_epochs",
@@ -1030,6 +1086,20 @@ def out_of_range(
                 QwenftError(bad_value(key, knob.rule.must, value, where, command), knob.rule.hint)
             )
     return problems
+
+
+def vision_keys(keys: Mapping[str, Any], model: str) -> list[QwenftError]:
+    """One problem for each key only a vision-language model reads (Knob.vision), set for
+    `model`, a text model."""
+    return [
+        QwenftError(
+            f"{key_label(key)} does nothing for {model}: it is a text model, and the key is read "
+            "by vision-language models only",
+            "drop it, or train a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (`qwenft models`)",
+        )
+        for key, value in keys.items()
+        if key in BY_KEY and BY_KEY[key].vision and value is not None
+    ]
 
 
 def inapplicable(keys: Mapping[str, Any], stage: str, method: str | None) -> list[QwenftError]:

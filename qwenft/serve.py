@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwenft.choices import Template
 from qwenft.errors import Interrupted, JobFailed, QwenftError
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
@@ -194,6 +195,19 @@ def build_serve_config(target: ModelTarget, template: str) -> dict[str, Any]:
     return cfg
 
 
+VISION_ENV = "QWENFT_SERVE_VISION"  # 1: the served model takes images (check_image_parts)
+LOCAL_FILES_ENV = "QWENFT_SERVE_LOCAL_FILES"  # 1: on loopback, local image paths may be read
+
+
+def _has_images(body: dict[str, Any]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for m in body.get("messages") or []
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
+
+
 def build_serve_command(
     cli: str,
     yaml_path: Path,
@@ -202,6 +216,7 @@ def build_serve_command(
     api_key: str | None,
     model_name: str,
     model_kind: str,
+    vision: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """argv and environment for `llamafactory-cli api`. API_KEY is always set (empty = no key) so a
     key in the caller's environment never silently applies."""
@@ -211,6 +226,8 @@ def build_serve_command(
         "API_PORT": str(port),
         "API_KEY": api_key or "",
         "API_MODEL_NAME": model_name,
+        VISION_ENV: "1" if vision else "0",
+        LOCAL_FILES_ENV: "1" if is_loopback(host) else "0",
     }
     return [cli, "api", str(yaml_path)], env
 
@@ -244,7 +261,14 @@ def plan_serve(
     yaml_text = render.to_yaml(config, header=f"qwenft serve {target.source}")
     yaml_path = (run_dir or Path("<temp>")) / "serve.yaml"
     argv, env = build_serve_command(
-        cli, yaml_path, host, port, api_key, model_name, target.model_kind
+        cli,
+        yaml_path,
+        host,
+        port,
+        api_key,
+        model_name,
+        target.model_kind,
+        vision=Template(template).vision,
     )
     return ServePlan(
         target,
@@ -608,6 +632,109 @@ def check_chat_request(body: Any, served_model: str) -> tuple[str, str | None] |
     return None
 
 
+# Images in a request (vision-language models): what LLaMA-Factory's API decodes itself (its data
+# URL pattern), and the most a request's image may weigh, decoded.
+DATA_URL_TYPES = ("png", "jpg", "jpeg", "gif", "bmp")
+MAX_IMAGE_BYTES = 20 * 2**20
+
+
+def check_image_parts(
+    body: dict[str, Any], vision: bool, local_files: bool
+) -> tuple[str, str | None] | None:
+    """(message, param) when an image part of a chat request cannot be served, None otherwise.
+
+    Each `image_url` part must be a data URL of a PNG, JPEG, GIF or BMP image of at most
+    MAX_IMAGE_BYTES that decodes; a local path (or file:// URL) is read only where the server
+    listens on loopback (`local_files`: the client is on this machine), and is handed on as a
+    data URL; a remote URL is refused (this server fetches nothing). Any image on a text model
+    is refused. Good parts are rewritten in place."""
+    import base64
+    import binascii
+    import io
+
+    from qwenft.data.images import ImageProblem, verify_image
+
+    for i, message in enumerate(body.get("messages") or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for k, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            where = f"messages[{i}].content[{k}]"
+            if not vision:
+                return f"{where}: the served model is a text model and cannot see images", where
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                return f"{where}: image_url.url must be a data URL", where
+            if url.startswith(("http://", "https://")):
+                return (
+                    f"{where}: this server fetches no remote images; send the image as a data "
+                    "URL (data:image/png;base64,...)",
+                    where,
+                )
+            if url.startswith("data:"):
+                head, _, payload = url.partition(",")
+                kind = (
+                    head[len("data:image/") :].split(";")[0]
+                    if head.startswith("data:image/")
+                    else ""
+                )
+                if kind not in DATA_URL_TYPES or not head.endswith(";base64"):
+                    return (
+                        f"{where}: a data URL must be a base64 {', '.join(DATA_URL_TYPES)} image "
+                        f"(got {head[:40]!r})",
+                        where,
+                    )
+                if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+                    return f"{where}: the image is over {MAX_IMAGE_BYTES // 2**20} MB", where
+                try:
+                    data = base64.b64decode(payload, validate=True)
+                except (binascii.Error, ValueError):
+                    return f"{where}: the data URL is not valid base64", where
+                problem = _undecodable(io.BytesIO(data))
+                if problem:
+                    return f"{where}: the image cannot be decoded ({problem})", where
+                continue
+            path = Path(url.removeprefix("file://")).expanduser()
+            if not local_files:
+                return (
+                    f"{where}: local image paths are read only by a server on loopback; send "
+                    "the image as a data URL",
+                    where,
+                )
+            try:
+                verify_image(path)
+            except ImageProblem as exc:
+                return f"{where}: {exc.message}", where
+            if path.stat().st_size > MAX_IMAGE_BYTES:
+                return f"{where}: the image is over {MAX_IMAGE_BYTES // 2**20} MB", where
+            kind = _image_format(path)
+            encoded = base64.b64encode(path.read_bytes()).decode()
+            part["image_url"] = {"url": f"data:image/{kind};base64,{encoded}"}
+    return None
+
+
+def _undecodable(stream: Any) -> str | None:
+    """Why an image stream does not decode (Pillow), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(stream) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the request's
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _image_format(path: Path) -> str:
+    """The data URL type LLaMA-Factory decodes for an image file (its format, as Pillow reads it)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        kind = (im.format or "png").lower()
+    return kind if kind in DATA_URL_TYPES else "png"
+
+
 def check_context(prompt_tokens: int, max_tokens: int | None, context: int) -> str | None:
     """The message when a prompt (and the tokens asked for) do not fit the model's context."""
     if prompt_tokens >= context:
@@ -795,6 +922,8 @@ class RequestChecks:
         self.app, self.chat_model, self.only_model = app, chat_model, only_model
         self.api_key = os.getenv("API_KEY")
         self.served_model = os.getenv("API_MODEL_NAME", "gpt-3.5-turbo")  # LLaMA-Factory's default
+        self.vision = os.getenv(VISION_ENV) == "1"  # build_serve_command says
+        self.local_files = os.getenv(LOCAL_FILES_ENV) == "1"
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         if not self.api_key:
@@ -821,6 +950,11 @@ class RequestChecks:
         problem = check_chat_request(body, self.served_model)
         if problem:
             return problem, raw
+        if _has_images(body):
+            problem = check_image_parts(body, self.vision, self.local_files)
+            if problem:
+                return problem, raw
+            raw = json.dumps(body, ensure_ascii=False).encode()
         if any(
             isinstance(m, dict) and m.get("role") in ("tool", "function") for m in body["messages"]
         ):

@@ -30,9 +30,21 @@ from qwenft.choices import (
     Method,
     Overlength,
     Stage,
+    Template,
     stages_for,
 )
-from qwenft.data import cache, check, convert, kinds, pipeline, prepare, reader, registry, split
+from qwenft.data import (
+    cache,
+    check,
+    convert,
+    images,
+    kinds,
+    pipeline,
+    prepare,
+    reader,
+    registry,
+    split,
+)
 from qwenft.data.pipeline import DataSpec, TokenStats
 from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped, raise_all
@@ -252,6 +264,14 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     if warning:
         notes.append(warning)
     model, method, ds_stage = run.model, run.method, run.deepspeed
+    if report.has_images and not Template(model.template).vision:
+        raise QwenftError(
+            f"{data.name} holds images, and {req.model or model.spec} is a text model (template "
+            f"{model.template}): it would train on the text and drop the images; nothing was "
+            "started",
+            "train image data on a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; "
+            "`qwenft models` lists them, tiny-qwen2-vl for a try)",
+        )
     if req.launch.kind == Launcher.RAY and ds_stage != DeepSpeed.NONE:
         raise QwenftError(
             f"--launcher ray runs without DeepSpeed (--deepspeed {ds_stage}: "
@@ -319,8 +339,14 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         overrides={**run.overrides, **derived},
     )
     config = render.build_train_config(spec)
+    if report.has_images:
+        # the images are relative to the data file; LLaMA-Factory's default is dataset_dir
+        config.setdefault("media_dir", images.media_dir(data))
+    if Template(model.template).vision:
+        notes.append(vision_note(config))
     if "tokenized_path" not in config and (
-        req.nnodes == 1 or pipeline.not_reproduced(config) is None
+        req.nnodes == 1
+        or (pipeline.not_reproduced(config) is None and pipeline.data_not_reproduced(data) is None)
     ):
         # Each node tokenizes before its torchrun starts (tokenize_ahead), and a copy is renamed
         # into place whole, so nodes sharing a file system cannot race on the cache. Where
@@ -419,6 +445,22 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     )
 
 
+def vision_note(config: dict[str, Any]) -> str:
+    """What a vision-language run trains of the model, as train.yaml has it (LLaMA-Factory's
+    defaults: the vision tower and the projector frozen)."""
+
+    def part(key: str, name: str, option: str) -> str:
+        frozen = config.get(key, True)
+        return f"{name} {'frozen' if frozen else 'trained'} ({option if frozen else 'set'})"
+
+    return "vision: " + ", ".join(
+        (
+            part("freeze_vision_tower", "the vision tower", "--train-vision trains it"),
+            part("freeze_multi_modal_projector", "the projector", "--train-projector trains it"),
+        )
+    )
+
+
 def schedule(config: dict[str, Any], n_samples: int, processes: int) -> dict[str, Any]:
     """The run's length and step settings as train.yaml has them (what the first lines show)."""
     val = config.get("val_size") or 0
@@ -484,7 +526,10 @@ def execute_train(
     for line in describe(plan):
         progress(line)
     ensure_base(plan.model, progress)
-    tokenized = cache_state(plan.data_spec)  # before this run writes it
+    refuse_cut_images(plan, progress)
+    tokenized = cache_state(
+        plan.data_spec, plan.train_data or plan.data_path
+    )  # before it is written
     stats = overlength_stats(plan, progress)
     try:
         record = prepare.length_record(plan.data_spec, stats, progress)
@@ -528,6 +573,24 @@ def execute_train(
             tokenized,
             verbose,
             stage=plan.stage,
+        )
+
+
+def refuse_cut_images(plan: TrainPlan, progress: Callable[[str], None]) -> None:
+    """Image data: refuse a run where cutoff_len would cut a sample inside its image tokens
+    (LLaMA-Factory would fail on it mid-run: "Image features and image tokens do not match"),
+    whatever --overlength says; otherwise say what the images cost."""
+    if not check.file_has_images(plan.data_path):
+        return
+    measured = pipeline.measure_images(plan.data_path, plan.data_spec, plan.model.path, max_lines=3)
+    progress(measured.stats.line())
+    if measured.problems:
+        first = "; ".join(f"line {p.line}: {p.message}" for p in measured.problems)
+        raise QwenftError(
+            f"{measured.n_cut} sample(s) would be cut inside their image tokens at cutoff_len "
+            f"{plan.data_spec.cutoff_len} ({first}); nothing was started",
+            "raise --cutoff-len, or lower --image-max-pixels (fewer tokens per image); "
+            f"`qwenft data check {plan.data_path} --model {plan.model.spec}` lists them all",
         )
 
 
@@ -713,7 +776,14 @@ def start_node(
     spec = DataSpec.from_config(yaml.safe_load((run_dir / "train.yaml").read_text()))
     with RunLock(run_dir, "train") as lock:
         return _launch(
-            run_dir, lock, m.command, env, progress, cache_state(spec), verbose, stage=m.stage
+            run_dir,
+            lock,
+            m.command,
+            env,
+            progress,
+            cache_state(spec, Path(m.dataset.train_path or m.dataset.path)),
+            verbose,
+            stage=m.stage,
         )
 
 
@@ -847,7 +917,7 @@ def _resume_locked(
         progress(f"train.yaml now points at {run_dir} (the run folder was moved)")
     config = yaml.safe_load((run_dir / "train.yaml").read_text())
     spec = DataSpec.from_config(config)
-    tokenized = cache_state(spec)
+    tokenized = cache_state(spec, train_data)
     tokenize_ahead(spec, train_data, m.model.path, progress)
     if submit:
         return _prepared(run_dir, True, progress)

@@ -6,8 +6,9 @@
 #   QWENFT_INSTALL=cuda scripts/setup_env.sh
 #
 # CPU path: exact versions from requirements/cpu.lock, installed with --no-deps so every machine
-# gets the same set (torch 2.13.0 CPU build, llamafactory 0.9.5, no torchvision, torchaudio
-# without its CUDA-linked libraries; README.md, Install, says why).
+# gets the same set (torch 2.13.0 CPU build, llamafactory 0.9.5, no torchvision (the vision
+# extra adds it, with a hook for its CUDA-only ops), torchaudio without its CUDA-linked libraries;
+# README.md, Install, says why).
 # CUDA path: the ordinary resolver install of the package extras.
 # A stamp in the venv skips the work when the lock and pyproject.toml have not changed.
 set -euo pipefail
@@ -25,7 +26,8 @@ case "$MODE" in cpu|cuda) ;; *) echo "QWENFT_INSTALL must be auto, cpu or cuda (
 # from its own lock, requirements/<extra>.lock, installed with --no-deps over the CPU lock (which
 # they never change): gguf (llama-cpp-python, a source build of 6-12 minutes on 2 cores the first
 # time; pip's wheel cache makes later installs quick), optimizers (GaLore, APOLLO, BAdam),
-# tracking (TensorBoard, MLflow, W&B), ray (Ray, for `qwenft train --launcher ray`).
+# tracking (TensorBoard, MLflow, W&B), ray (Ray, for `qwenft train --launcher ray`), vision
+# (torchvision, for the Qwen-VL processors; on the CPU path with the hook below, docs/vision.md).
 # `make demo` waits for none of them; the commands that need one, and `qwenft doctor`, say how to
 # add it.
 EXTRAS=${QWENFT_EXTRAS:-}
@@ -37,7 +39,20 @@ install_extra() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   echo "setup: adding the $name extra ($(grep -m1 '^# extra:' "$lock" | cut -c10-))"
   if [ "$MODE" = cpu ]; then
+    if [ "$name" = vision ]; then
+      # PyPI's torchvision is a CUDA build: its compiled ops cannot load beside CPU torch, and then
+      # its import fails (operator torchvision::nms does not exist) unless those ops' schemas are
+      # defined first. A .pth hook does that in every process of the venv, LLaMA-Factory's
+      # included, and costs ~0.3 ms at interpreter start (qwenft/models/torchvision_cpu.py); it is
+      # in place before torchvision is. Its compiled ops (nms, roi_align, ...) and image codecs
+      # stay unavailable: Qwen-VL fine-tuning uses neither.
+      site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      "$VENV/bin/python" -m qwenft.models.torchvision_cpu "$site" >/dev/null
+    fi
     "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps -r "$lock"
+    if [ "$name" = vision ]; then
+      "$VENV/bin/python" -c 'import torchvision, transformers.models.qwen2_vl.video_processing_qwen2_vl'
+    fi
   else
     "$VENV/bin/python" -m pip --disable-pip-version-check install -q -e ".[$name]"
   fi
@@ -87,6 +102,9 @@ if [ "$MODE" = cpu ]; then
   "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 else
   "${PIP[@]}" install -q -e ".[train,deepspeed,bitsandbytes,serve,eval,dev]"
+  # a CPU install's torchvision hook, left in a venv reused for CUDA: its torchvision loads its ops
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  rm -f "$site/qwenft-torchvision-cpu.pth"
 fi
 
 "$VENV/bin/python" -c 'import torch, transformers, llamafactory; print("setup: torch", torch.__version__, "| transformers", transformers.__version__, "| llamafactory", llamafactory.__version__)'

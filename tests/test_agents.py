@@ -11,10 +11,7 @@ data and greedy chat in each mode returns that mode's answer.
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from qwenft.data.convert import convert_file
 from qwenft.data.reasoning import count_reasoning, thinking_plan, with_reasoning
 from tests.helpers import cli
 from tests.helpers.builders import lines, table, write
-from tests.helpers.e2e import LEARN
+from tests.helpers.e2e import LEARN, serve_until_ready
 from tests.helpers.learning import LM, assert_learned, trained_rows
 from tests.helpers.lf_reference import lengths_and_loss, lf_rows
 
@@ -529,7 +526,7 @@ def test_run_turn_shows_calls_and_reads_results(capsys) -> None:
         def __init__(self) -> None:
             self.got: list = []
 
-        def send(self, prompt, on_text, on_reasoning):
+        def send(self, prompt, on_text, on_reasoning, images=None):
             on_reasoning("Need the tool.")
             return Reply("", "Need the tool.", [("get_weather", '{"city": "Paris"}')])
 
@@ -658,23 +655,6 @@ TOOL_STEPS = 120
 MIXED_STEPS = 80
 
 
-def _serve(qwenft, run: Path, port: int, log: Path):
-    proc = qwenft.popen(
-        "serve", run, "--port", port, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True
-    )  # noqa: SIM115
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 240
-    got: list[str] = []
-    while not any(x.startswith("press Ctrl-C") for x in got):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        try:
-            got.append(lines.get(timeout=1))
-        except queue.Empty:
-            pass
-    return proc
-
-
 def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path) -> None:
     import signal
 
@@ -706,7 +686,7 @@ def test_trained_model_calls_tools_through_serve_and_chat(qwenft, tmp_path: Path
     assert_learned(LM.of_run(run), trained_rows(run, data, tmp_path / "lf"))
 
     port = serve_mod.free_port()
-    proc = _serve(qwenft, run, port, tmp_path / "serve.err")
+    proc = serve_until_ready(qwenft, run, port, tmp_path / "serve.err")
     try:
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120

@@ -446,7 +446,8 @@ BAD_KIND_CASES = [
         1,
     ),
     ("weight_not_flag", lines({"messages": [U, {**A, "weight": 0.5}]}), "a.jsonl", "bad_weight", 1),
-    ("images", lines({"messages": [U, A], "images": ["a.jpg"]}), "a.jsonl", "multimodal", 1),
+    ("images_in_pair", lines(PAIR, pair(U, images=["a.jpg"])), "a.jsonl", "multimodal", 2),
+    ("images_in_text", lines({"text": "x", "images": ["a.jpg"]}), "a.jsonl", "multimodal", 1),
     ("videos_in_pair", lines(PAIR, pair(U, videos=["v.mp4"])), "a.jsonl", "multimodal", 2),
     ("audios_in_text", lines({"text": "x", "audios": ["a.wav"]}), "a.jsonl", "multimodal", 1),
     ("lf_sharegpt_ranking_unconverted", lines(LF_DEMOS[0][2][0]), "a.jsonl", "missing_messages", 1),
@@ -603,23 +604,16 @@ CONVERT_REFUSALS = [
         "weight_zero",
         1,
     ),
-    ("images", [{"messages": [U, A], "images": ["1.jpg"]}], "auto", "multimodal", 1),
+    ("images_in_text", [{"text": "x", "images": ["1.jpg"]}], "auto", "multimodal", 1),
     (
-        "image_part",
-        [
-            {
-                "messages": [
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-                    A,
-                ]
-            }
-        ],
+        "video_part",
+        [{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": "v"}]}, A]}],
         "openai",
         "multimodal",
         1,
     ),
     (
-        "llava_sharegpt",
+        "llava_sharegpt_missing_image",
         [
             {
                 "conversations": [
@@ -630,7 +624,7 @@ CONVERT_REFUSALS = [
             }
         ],
         "auto",
-        "multimodal",
+        "image_missing",
         1,
     ),
     (

@@ -489,6 +489,14 @@ def chat(
             "Qwen3: think first (on) or answer directly (off); auto: the run's mode.",
         ),
     ] = Thinking.AUTO.value,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            help="Vision-language models: an image shown with --prompt (repeatable; "
+            "interactively: /image PATH before a message).",
+        ),
+    ] = None,
 ) -> None:
     """Chat with a fine-tuned model: one answer with --prompt, else an interactive loop.
 
@@ -532,15 +540,18 @@ def chat(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    images = session.checked_images(image or [])
     if prompt is not None:
         try:
-            run_turn(session, prompt, out, stream=False)
+            run_turn(session, prompt, out, stream=False, images=images)
         except EOFError:  # a call whose result never came (stdin closed)
             err("(no tool result given: stopped at the call)")
         typer.echo("")
         return
     err(
-        "type a message; /reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
+        "type a message; /reset clears the conversation, /system TEXT sets the system prompt, "
+        + ("/image PATH shows an image with the next message, " if session.vision else "")
+        + "/exit quits"
     )
     while True:
         try:
@@ -561,9 +572,18 @@ def chat(
             session.reset()
             err(f"(system prompt set: {session.system!r}; conversation cleared)")
             continue
+        if line.startswith("/image") and session.vision:
+            try:
+                images += session.checked_images([line[len("/image") :].strip()])
+            except QwenftError as exc:
+                err(f"error: {exc.message}")
+                continue
+            err(f"(image {len(images)} goes with your next message)")
+            continue
         typer.echo("assistant> ", nl=False)
         try:
-            run_turn(session, line, out)
+            run_turn(session, line, out, images=images)
+            images = []
         except (EOFError, KeyboardInterrupt):
             typer.echo("")
             return
@@ -586,7 +606,8 @@ def models(as_json: JsonOpt = False) -> None:
             "template": FAMILIES[p.family].template,
             "default_system": FAMILIES[p.family].default_system,
             "thinking": FAMILIES[p.family].thinking,
-            "params_b": round(p.arch.params / 1e9, 3),
+            "vision": FAMILIES[p.family].vision,  # images and videos in (a *_vl template)
+            "params_b": round(p.arch.params / 1e9, 3),  # a vision encoder's included
             "architecture": asdict(p.arch),
             "quantization": f"{p.quantization[0].upper()} {p.quantization[1]}-bit"
             if p.quantization
@@ -598,11 +619,11 @@ def models(as_json: JsonOpt = False) -> None:
         print_json(rows)
         return
     typer.echo(
-        f"{'NAME':<32} {'FAMILY':<20} {'TEMPLATE':<14} {'PARAMS':>8}  {'QUANTIZED':<11} HUB ID"
+        f"{'NAME':<32} {'FAMILY':<20} {'TEMPLATE':<16} {'PARAMS':>8}  {'QUANTIZED':<11} HUB ID"
     )
     for r in rows:
         typer.echo(
-            f"{r['name']:<32} {r['family']:<20} {r['template']:<14} {r['params_b']:>7}B  "
+            f"{r['name']:<32} {r['family']:<20} {r['template']:<16} {r['params_b']:>7}B  "
             f"{r['quantization'] or '-':<11} {r['hub_id'] or '(embedded)'}"
         )
 

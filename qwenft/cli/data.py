@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from qwenft.data.pipeline import Lengths, TokenStats
+    from qwenft.data.pipeline import ImageMeasure, Lengths, TokenStats
     from qwenft.data.reasoning import ThinkingPlan
 
 from qwenft.choices import ConvertFormat, Template, TextDocs, Thinking
@@ -57,14 +57,17 @@ def _token_stats(
     knobs: KnobValues,
     data: Path,
     kind: str = "sft",
-) -> TokenStats:
+    images: bool = False,
+) -> tuple[TokenStats, ImageMeasure | None, str]:
     """Token statistics under the settings `qwenft train` would use for this model and data (one
     resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule; the first
     stage that trains on the data's kind, so pt's packing too), measured with the encoder train
-    builds (pipeline.DataSpec)."""
+    builds (pipeline.DataSpec). With images: their tokens with the model's image processor and the
+    samples cutoff_len cuts inside them (pipeline.measure_images), and a note when the model has no
+    image processor."""
     from qwenft import settings
     from qwenft.choices import stages_for
-    from qwenft.data.pipeline import DataSpec, file_stats
+    from qwenft.data.pipeline import DataSpec, file_stats, measure_images
     from qwenft.models.target import base_target
 
     run = settings.resolve(
@@ -79,7 +82,19 @@ def _token_stats(
     )
     target = base_target(run.model)
     target.ensure_built(progress=err)
-    return file_stats(data, DataSpec.from_settings(run, kind=kind), target.model_path, model=spec)
+    data_spec = DataSpec.from_settings(run, kind=kind)
+    stats = file_stats(data, data_spec, target.model_path, model=spec)
+    if not images:
+        return stats, None, ""
+    measured = measure_images(data, data_spec, target.model_path)
+    note = ""
+    if not data_spec.image_tokens(target.model_path).processor.source:
+        note = (
+            f"note: {spec} has no image processor (preprocessor_config.json): its images were "
+            "counted with Qwen2-VL's; LLaMA-Factory trains images on a vision-language model "
+            "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL) only"
+        )
+    return stats, measured, note
 
 
 def _length_line(label: str, ln: Lengths) -> str:
@@ -199,13 +214,26 @@ def check(
     as LLaMA-Factory will for that kind (chat template included; pairs as prompt+chosen and
     prompt+rejected): lengths, samples over cutoff_len, tokens cut, loss tokens and a suggested
     cutoff_len. Chat data with <think> reasoning also gets how each kind of sample (reasoning,
-    direct answers) will be trained (docs/agents.md).
+    direct answers) will be trained (docs/agents.md). Chat data with images (an "images" list of
+    paths beside the file, an <image> per image in the user turns): every image must exist and
+    decode; their sizes and tokens per image are shown (--image-max-pixels), and with --model a
+    sample cut inside its image tokens by cutoff_len is an error (docs/data.md).
     """
     from qwenft.data.check import check_file, format_report
+    from qwenft.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageTokens
+    from qwenft.errors import raise_all
+    from qwenft.knobs import out_of_range
 
-    report = check_file(file)
+    pixels = {k: knobs[k] for k in ("image_max_pixels", "image_min_pixels") if k in knobs}
+    raise_all(out_of_range(pixels, command=DATA_CHECK))
+    image_tokens = ImageTokens(
+        pixels.get("image_max_pixels", DEFAULT_MAX_PIXELS),
+        pixels.get("image_min_pixels", DEFAULT_MIN_PIXELS),
+    )
+    report = check_file(file, image_tokens=image_tokens)
     cutoff_len = knobs.get("cutoff_len")
     stats = None
+    note = ""
     want_stats = model is not None or cutoff_len is not None
     plan, plan_for = (None, "")
     if report.ok:
@@ -219,14 +247,18 @@ def check(
     if want_stats and report.ok:
         # Building the tiny model and loading LLaMA-Factory print to stdout: keep it for results.
         with contextlib.redirect_stdout(sys.stderr):
-            stats = _token_stats(
+            stats, measured, note = _token_stats(
                 model or DEFAULT_STATS_MODEL,
                 template,
                 thinking,
                 knobs,
                 report.path,
                 report.kind,
+                images=report.has_images,
             )
+        if measured is not None:  # the model's image processor; cuts inside image tokens
+            report.images = measured.stats
+            report.add(measured.problems)
     if as_json:
         data = report.to_dict()
         data["tokens"] = stats.to_dict() if stats else None
@@ -238,6 +270,8 @@ def check(
             typer.echo(_format_plan(plan, plan_for))
         if stats is not None:
             typer.echo(_format_stats(stats))
+            if note:
+                typer.echo(note)
         elif want_stats:
             typer.echo("token statistics skipped: fix the errors first")
     if not report.ok:
@@ -317,6 +351,16 @@ def convert(
                 f"converted {report.n_out} of {report.n_in} rows ({report.format}{read} -> "
                 f"{report.kind} data) to {report.out}"
             )
+            if report.n_images:
+                typer.echo(
+                    f"images: {report.n_images} in the rows written"
+                    + (
+                        f", {report.images_written} data URLs written out as files in "
+                        f"{report.images_dir}"
+                        if report.images_written
+                        else ""
+                    )
+                )
         for line in format_problems(report.problems, str(report.src)):
             typer.echo(line)
     if not report.written:
@@ -393,10 +437,12 @@ def register(
 
     The entry (absolute path; for chat kinds sharegpt formatting with role/content tags, plus
     ranking and chosen/rejected for pairs or the label as kto_tag; the text column for pt) is what
-    LLaMA-Factory's `dataset:` and `dataset_dir:` keys read. A .txt file is refused: convert it to
-    jsonl first. Safe to run from several shells at once.
+    LLaMA-Factory's `dataset:` and `dataset_dir:` keys read. Chat data with images maps the images
+    column too; LLaMA-Factory finds them with `media_dir:` set to the file's folder (printed). A
+    .txt file is refused: convert it to jsonl first. Safe to run from several shells at once.
     """
     from qwenft.data.check import require_valid
+    from qwenft.data.images import media_dir
     from qwenft.data.reader import file_sha256
     from qwenft.data.registry import auto_dataset_name, check_dataset_name, register_dataset
     from qwenft.paths import default_dataset_dir
@@ -407,12 +453,30 @@ def register(
     folder = dataset_dir if dataset_dir is not None else default_dataset_dir()
     name = name or auto_dataset_name(report.path, file_sha256(report.path), folder)
     entry = register_dataset(
-        report.path, name, folder, force=force, has_tools=report.has_tools, kind=report.kind
+        report.path,
+        name,
+        folder,
+        force=force,
+        has_tools=report.has_tools,
+        kind=report.kind,
+        has_images=report.has_images,
     )
     folder = Path(folder).expanduser().absolute()
+    images_at = media_dir(report.path) if report.has_images else None
     if as_json:
-        print_json({"name": name, "dataset_dir": str(folder), "kind": report.kind, "entry": entry})
+        print_json(
+            {
+                "name": name,
+                "dataset_dir": str(folder),
+                "kind": report.kind,
+                "entry": entry,
+                "media_dir": images_at,
+            }
+        )
     else:
         typer.echo(f"registered {name} ({report.kind} data) -> {entry['file_name']}")
         typer.echo(f"in {folder / 'dataset_info.json'}")
-        typer.echo(f"use it with: dataset: {name}  dataset_dir: {folder}")
+        use = f"use it with: dataset: {name}  dataset_dir: {folder}"
+        if images_at:  # LLaMA-Factory looks for images in media_dir (default: dataset_dir)
+            use += f"  media_dir: {images_at}"
+        typer.echo(use)

@@ -9,9 +9,11 @@ check and report.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwenft.data.images import IMAGES, ImageStats, ImageTokens
 from qwenft.data.kinds import RowRules
 from qwenft.data.messages import (  # noqa: F401  (the roles, re-exported for the data modules)
     ASSISTANT,
@@ -52,6 +54,10 @@ class CheckReport:
     format: str = "jsonl"  # "jsonl" | "json" (a JSON array) | "txt" (text, one document per line)
     has_tools: bool = False  # some row has a "tools" key (the dataset entry then maps that column)
     kind: str = "sft"  # a qwenft.choices.DataKind value: what the rows hold
+    # the images of the valid rows (None: no row has images); n_image_rows counts every row with a
+    # non-empty images list, valid or not (the dataset entry then maps the images column)
+    images: ImageStats | None = None
+    n_image_rows: int = 0
 
     @property
     def errors(self) -> list[Problem]:
@@ -64,6 +70,23 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return self.n_errors == 0
+
+    @property
+    def has_images(self) -> bool:
+        """Some row has images: sft data for a vision-language model, whose image rows
+        LLaMA-Factory tokenizes itself (qwenft.data.pipeline.data_not_reproduced)."""
+        return self.n_image_rows > 0
+
+    def add(self, problems: list[Problem]) -> None:
+        """Add problems found later in valid rows (pipeline.measure_images' image_cut errors)."""
+        self.n_valid -= len({p.line for p in problems if p.severity == "error"})
+        for p in problems:
+            self.counts[p.kind] = self.counts.get(p.kind, 0) + 1
+            self.problems.append(p)
+            if p.severity == "error":
+                self.n_errors += 1
+            else:
+                self.n_warnings += 1
 
     @property
     def reading(self) -> str | None:
@@ -83,6 +106,7 @@ class CheckReport:
             "n_errors": self.n_errors,
             "n_warnings": self.n_warnings,
             "has_tools": self.has_tools,
+            "images": self.images.to_dict() if self.images else None,
             "counts": dict(self.counts),
             "problems": [p.to_dict() for p in self.problems],
             "problems_truncated": len(self.problems) < self.n_errors + self.n_warnings,
@@ -93,13 +117,16 @@ class CheckReport:
 # check
 
 
-def check_file(path: Path, kind: str | None = None) -> CheckReport:
+def check_file(
+    path: Path, kind: str | None = None, *, image_tokens: ImageTokens | None = None
+) -> CheckReport:
     """Stream through a .jsonl / .json array / .txt data file and report every problem with its
     line. kind None: the file's kind is its first row's, and a row of another kind is an error;
-    a DataKind value: rows of any other kind are errors (wrong_kind)."""
+    a DataKind value: rows of any other kind are errors (wrong_kind). Images are looked for beside
+    the file and counted with image_tokens (LLaMA-Factory's defaults unless given)."""
     path, fh, mode = open_data_file(path)
     col = Collector()
-    checker = RowRules(col, kind, mode)
+    checker = RowRules(col, kind, mode, data_dir=path.parent, image_tokens=image_tokens)
     seen: dict[int, int] = {}  # hash of the row's bytes -> first line
     n_samples = n_valid = 0
     with fh:
@@ -129,6 +156,8 @@ def check_file(path: Path, kind: str | None = None) -> CheckReport:
         format=mode,
         has_tools=checker.has_tools,
         kind=checker.file_kind,
+        images=checker.images.stats if checker.images.rows_with_images else None,
+        n_image_rows=checker.images.rows_with_images,
     )
 
 
@@ -187,22 +216,40 @@ def format_report(report: CheckReport, max_per_kind: int = 5) -> str:
         f"{report.n_warnings} warning{'s' if report.n_warnings != 1 else ''}"
     )
     lines = format_problems(report.problems, str(report.path), max_per_kind, report.counts)
+    if report.images is not None:
+        lines.insert(0, report.images.line())
     return "\n".join([summary, *lines])
+
+
+def _file_has(path: Path, key: str, filled: bool) -> bool:
+    """Whether any row of the file has key (filled: with a value other than null, "" or [])."""
+    path, fh, mode = open_data_file(path)
+    col = Collector()
+    needle = json.dumps(key).encode()
+
+    def found(obj: object) -> bool:
+        return isinstance(obj, dict) and key in obj and not (filled and obj[key] in (None, "", []))
+
+    with fh:
+        if mode == "jsonl":
+            for raw in fh:
+                if needle in raw:
+                    raw = raw.strip()
+                    raw = raw[3:] if raw.startswith(BOM) else raw
+                    with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+                        if found(DECODER.decode(raw.decode("utf-8"))):
+                            return True
+            return False
+        if mode != "json":
+            return False
+        return any(found(v) for _, v, _ in iter_rows(fh, mode, col))
 
 
 def file_has_tools(path: Path) -> bool:
     """Whether any row of the file has a "tools" key."""
-    path, fh, mode = open_data_file(path)
-    col = Collector()
-    with fh:
-        if mode == "jsonl":
-            for raw in fh:
-                if b'"tools"' in raw:
-                    raw = raw.strip()
-                    raw = raw[3:] if raw.startswith(BOM) else raw
-                    with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
-                        obj = DECODER.decode(raw.decode("utf-8"))
-                        if isinstance(obj, dict) and "tools" in obj:
-                            return True
-            return False
-        return any(isinstance(v, dict) and "tools" in v for _, v, _ in iter_rows(fh, mode, col))
+    return _file_has(path, "tools", filled=False)
+
+
+def file_has_images(path: Path) -> bool:
+    """Whether any row of the file has images (a non-empty "images")."""
+    return _file_has(path, IMAGES, filled=True)

@@ -6,15 +6,26 @@ OpenAI chat (messages; with chosen/rejected or label too), LLaMA-Factory's conte
 rejected_messages pairs, TRL / UltraFeedback (prompt with chosen/rejected as strings or message
 lists, or prompt/completion/label) and text corpora ({"text"} rows, or a .txt file: one document
 per line as LLaMA-Factory reads it, or per blank-line-separated block when asked for). What changes training is never dropped: a KTO label is kept, a
-turn with weight 0 or multimodal data refuses the row with the reason, and {{name}} placeholders
+turn with weight 0, a video or an audio refuses the row with the reason, and {{name}} placeholders
 can be filled (fill=) or are reported.
+
+Images are carried into qwenft's image rows (qwenft.data.images): OpenAI image_url parts (and the
+Responses API's input_image, Qwen's image parts) become an <image> where they stand plus an entry
+of the row's images, an images list (LLaMA-Factory's mllm_demo shape, in any source format) is
+kept; data: URLs are written out as files beside the output (ImageFiles), file:// URLs become
+paths, remote URLs refuse the row.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import os
 import re
+import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +33,16 @@ from typing import Any
 
 from qwenft.choices import ConvertFormat
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, WEIGHT_ZERO_WHY
-from qwenft.data.kinds import MULTIMODAL_KEYS, PT, RowRules, has_content_parts
+from qwenft.data.images import (
+    IMAGE_PLACEHOLDER,
+    IMAGES,
+    KIND_WHY,
+    REFUSED_MEDIA,
+    REMOTE_WHY,
+    rebase_path,
+    reference_problem,
+)
+from qwenft.data.kinds import PT, RowRules, has_content_parts
 from qwenft.data.reader import (
     BAD,
     TEXT_DOCS,
@@ -35,7 +55,7 @@ from qwenft.data.reader import (
     open_data_file,
 )
 from qwenft.errors import QwenftError, RowError
-from qwenft.fsutil import AtomicOutput, check_out_path
+from qwenft.fsutil import AtomicOutput, check_out_path, umask_mode
 
 # ultrafeedback is trl under the name its users know (prompt, chosen and rejected message lists).
 CONVERT_FORMATS = ConvertFormat.values()
@@ -60,6 +80,9 @@ class ConvertReport:
     kind: str = "sft"  # the data kind written (qwenft.choices.DataKind value)
     n_errors: int = 0  # rows not converted (problems keeps the first few of each kind)
     reading: str | None = None  # a .txt source: "lines" (LLaMA-Factory's) or "blocks"
+    n_images: int = 0  # images in the rows written
+    images_written: int = 0  # of them, data URLs written out as files (in images_dir)
+    images_dir: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,8 +98,151 @@ class ConvertReport:
             "n_in": self.n_in,
             "n_out": self.n_out,
             "written": self.written,
+            "n_images": self.n_images,
+            "images_written": self.images_written,
+            "images_dir": str(self.images_dir) if self.images_dir else None,
             "problems": [p.to_dict() for p in self.problems],
         }
+
+
+# --------------------------------------------------------------------------------------------------
+# images: where a converted row's images are
+
+_IMAGE_EXT = {
+    "image/jpeg": "jpg",
+    "image/jpg": "jpg",
+    "image/png": "png",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "image/bmp": "bmp",
+    "image/tiff": "tiff",
+}
+
+
+class ImageFiles:
+    """The images of converted rows as qwenft's image rows hold them: paths relative to the
+    output's folder (or absolute). A path stays as written when the source is in the same folder,
+    else becomes absolute; a file:// URL becomes its path; a data: URL is decoded and written as
+    ``<output stem>_images/<row>-<k>.<ext>`` (atomically; an existing file with other bytes is
+    never replaced: the row is refused); an http(s) URL refuses the row. discard() removes what was
+    written (a refused row's files with drop())."""
+
+    def __init__(self, src_dir: Path, out_path: Path) -> None:
+        self.src_dir = Path(os.path.abspath(src_dir))
+        self.out_dir = Path(os.path.abspath(out_path.parent))
+        self.folder = self.out_dir / f"{out_path.stem}_images"
+        self.created_folder = False
+        self.created: dict[int, list[Path]] = {}  # row -> files written for it
+        self.written = 0
+        self.decoded: dict[int, int] = {}  # row -> its data URLs (written, or there already)
+
+    def place(self, refs: list, row: int) -> list:
+        """The output's images for a row's refs (row: its 1-based number in the source)."""
+        out = []
+        for k, ref in enumerate(refs):
+            fld = f"{IMAGES}[{k}]"
+            if not isinstance(ref, str):
+                out.append(ref)  # the check says what is wrong with it
+                continue
+            problem = reference_problem(ref)
+            if problem is not None and problem.kind == "remote_image":
+                raise RowError(problem.kind, problem.message, fld)
+            if ref.lower().startswith("data:"):
+                out.append(self._write(ref, row, k, fld))
+                continue
+            if ref.lower().startswith("file:"):
+                ref = str(_file_url_path(ref, fld))
+            out.append(rebase_path(ref, self.src_dir, self.out_dir))
+        return out
+
+    def _write(self, url: str, row: int, k: int, fld: str) -> str:
+        header, sep, payload = url.partition(",")
+        params = header[len("data:") :].split(";")
+        mime = params[0].strip().lower()
+        if not sep or not mime.startswith("image/"):
+            raise RowError(
+                "image_url",
+                f"a data URL of {mime or 'no type'}, not an image (data:image/...)",
+                fld,
+            )
+        try:
+            if "base64" in (p.strip().lower() for p in params[1:]):
+                data = base64.b64decode("".join(payload.split()), validate=True)
+            else:
+                data = urllib.parse.unquote_to_bytes(payload)
+        except ValueError as exc:
+            raise RowError(
+                "image_url", f"the image's data URL does not decode: {exc}", fld
+            ) from None
+        if not data:
+            raise RowError("image_url", "the image's data URL is empty", fld)
+        ext = _IMAGE_EXT.get(mime) or re.sub(r"[^a-z0-9]", "", mime.split("/", 1)[1])[:8] or "img"
+        target = self.folder / f"{row}-{k}.{ext}"
+        rel = f"{self.folder.name}/{target.name}"
+        self.decoded[row] = self.decoded.get(row, 0) + 1
+        if target.exists() or target.is_symlink():
+            if target.is_file() and target.read_bytes() == data:
+                return rel  # written by an earlier conversion: the same image
+            raise RowError(
+                "image_exists",
+                f"{target} already exists with other content: an image is never overwritten; "
+                f"remove {self.folder} (or write to another -o) and convert again",
+                fld,
+            )
+        if not self.folder.is_dir():
+            self.folder.mkdir()
+            self.created_folder = True
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, umask_mode(0o666))
+            try:
+                os.link(tmp, target)  # never replaces a file that appeared meanwhile
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links
+                if target.exists():
+                    raise FileExistsError(target) from None
+                os.replace(tmp, target)
+        except FileExistsError:
+            raise RowError(
+                "image_exists", f"{target} appeared while converting: not overwritten", fld
+            ) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.created.setdefault(row, []).append(target)
+        self.written += 1
+        return rel
+
+    def drop(self, row: int) -> None:
+        """Remove the files written for a row that is not written after all."""
+        self.decoded.pop(row, None)
+        for path in self.created.pop(row, []):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                self.written -= 1
+
+    def discard(self) -> None:
+        """Remove every file written (nothing was written after all)."""
+        for row in list(self.created):
+            self.drop(row)
+        self.decoded.clear()
+        if self.created_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+def _file_url_path(url: str, fld: str) -> Path:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise RowError(
+            "remote_image",
+            f"{url[:60]} is a file on another host ({parsed.netloc}): {REMOTE_WHY}",
+            fld,
+        )
+    return Path(urllib.request.url2pathname(parsed.path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,25 +266,36 @@ def _tools_text(tools: Any) -> str | None:
     return json.dumps(tools, ensure_ascii=False)
 
 
-_MULTIMODAL_PARTS = (
-    "image_url",
-    "input_image",
-    "image",
-    "input_audio",
-    "audio",
-    "audio_url",
-    "video",
-    "video_url",
-    "file",
-)
+_IMAGE_PARTS = ("image_url", "input_image", "image")  # OpenAI's (chat, Responses), Qwen's
+_MEDIA_PARTS = ("input_audio", "audio", "audio_url", "video", "video_url", "file")
+_MULTIMODAL_PARTS = (*_IMAGE_PARTS, *_MEDIA_PARTS)
 _MULTIMODAL_WHY = (
-    "multimodal data is not supported yet: qwenft trains on text only, and would not show the "
-    "model these files; keep such rows out (--skip-invalid writes the others)"
+    "not supported yet: qwenft trains text and images only, and would not show the model these "
+    "files; keep such rows out (--skip-invalid writes the others)"
 )
 
 
-def _text(content: Any, fld: str) -> str:
-    """An OpenAI content value (string, None or a list of parts) as plain text."""
+def _image_ref(part: dict, k: int, fld: str) -> str:
+    """The image of an image content part: OpenAI's {"type": "image_url", "image_url": {"url"}}
+    (or the URL alone), the Responses API's {"type": "input_image", "image_url": URL}, Qwen's
+    {"type": "image", "image": path or URL}; a data:, file:// or http(s) URL or a path."""
+    value = part.get(part["type"]) if part["type"] != "input_image" else part.get("image_url")
+    if isinstance(value, dict):
+        value = value.get("url")
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(
+            "bad_content",
+            f"content part {k} ({part['type']}) has no image URL or path"
+            + (" (an uploaded file_id cannot be read)" if "file_id" in part else ""),
+            fld,
+        )
+    return value
+
+
+def _text(content: Any, fld: str, images: list[str] | None = None, role: str = "") -> str:
+    """An OpenAI content value (string, None or a list of parts) as plain text. With images (a
+    user or tool turn), each image part becomes an <image> where it stands and its URL or path is
+    appended to images; elsewhere an image part refuses the row."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -136,9 +313,27 @@ def _text(content: Any, fld: str) -> str:
                 if not isinstance(part.get("text"), str):
                     raise RowError("bad_content", f"content part {k} has no text", fld)
                 parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
+                if images is None and role in ("user", "tool", ""):
+                    raise RowError(
+                        "multimodal",
+                        f"content part {k} is an image: images are carried in chat (sft) rows "
+                        "only; multimodal preference and KTO data are not supported",
+                        fld,
+                    )
+                if images is None:
+                    raise RowError(
+                        "image_placeholder_role",
+                        f"content part {k} is an image in a {role} turn: images go in user "
+                        "turns (LLaMA-Factory would train an answer's image tokens as text, and "
+                        "leaves a system prompt's image out)",
+                        fld,
+                    )
+                images.append(_image_ref(part, k, fld))
+                parts.append(IMAGE_PLACEHOLDER)
             else:
                 kind = part.get("type") if isinstance(part, dict) else jtype(part)
-                if kind in _MULTIMODAL_PARTS:
+                if kind in _MEDIA_PARTS:
                     raise RowError(
                         "multimodal", f"content part {k} is {kind}: {_MULTIMODAL_WHY}", fld
                     )
@@ -148,9 +343,26 @@ def _text(content: Any, fld: str) -> str:
 
 
 def _refuse_multimodal(obj: dict) -> None:
-    for key in MULTIMODAL_KEYS:
+    """Videos and audios refuse the row (images are carried: _row_images)."""
+    for key in REFUSED_MEDIA:
         if obj.get(key) not in (None, "", []):
             raise RowError("multimodal", f'"{key}": {_MULTIMODAL_WHY}', key)
+
+
+def _row_images(obj: dict, found: list[str] | None = None) -> list | None:
+    """The row's images: its images list (LLaMA-Factory's mllm_demo shape, in any source format)
+    or those of its image content parts (found); both at once is ambiguous and refused."""
+    listed = obj.get(IMAGES)
+    if listed in (None, "", []):
+        return found or None
+    if found:
+        raise RowError(
+            "image_count",
+            "the row has image content parts and an images list: which image goes where is "
+            "ambiguous; give the images one way",
+            IMAGES,
+        )
+    return [listed] if isinstance(listed, str) else listed
 
 
 def _weight(turn: dict, role: str, fld: str) -> None:
@@ -243,9 +455,20 @@ def _pair(context: list[dict], chosen: list[dict], rejected: list[dict]) -> dict
     return {"messages": context, "chosen": chosen[-1], "rejected": rejected[-1]}
 
 
-def _finish(context: list[dict], obj: dict, answer: list[dict] | None) -> dict:
+def _finish(
+    context: list[dict], obj: dict, answer: list[dict] | None, images: list[str] | None = None
+) -> dict:
     """The row of the kind obj's keys ask for: a pair (chosen/rejected), KTO (label or kto_tag)
-    or SFT; context is the conversation before the answer."""
+    or SFT; context is the conversation before the answer; the row's images (_row_images) kept
+    (the check refuses them outside sft rows, saying why)."""
+    refs = _row_images(obj, images)
+    row = _finish_kind(context, obj, answer)
+    if refs:
+        row[IMAGES] = refs
+    return row
+
+
+def _finish_kind(context: list[dict], obj: dict, answer: list[dict] | None) -> dict:
     if "chosen" in obj or "rejected" in obj:
         if answer:
             raise RowError(
@@ -416,10 +639,14 @@ def _reasoning(m: dict, fld: str) -> str | None:
     return None
 
 
-def _openai_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> list[dict]:
+def _openai_turns(
+    msgs: list, fld: str, tool_names: set[str] | None = None, images: list[str] | None = None
+) -> list[dict]:
     """OpenAI chat messages as qwenft's: tool_calls become a function_call turn, the tool
     replies that answer them one tool turn (in the calls' order, matched by tool_call_id, else by
-    order), reasoning_content the Qwen3 <think> form before the answer."""
+    order), reasoning_content the Qwen3 <think> form before the answer. images: where the image
+    parts of user and tool turns go (an <image> stands in each one's place); None: image parts
+    refuse the row."""
     from qwenft.data.reasoning import with_reasoning
 
     messages: list[dict] = []
@@ -452,7 +679,7 @@ def _openai_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> l
             raise RowError("bad_message", "each message must be an object", f)
         role = m.get("role")
         if role in ("tool", "function"):
-            text = _text(m.get("content"), f + ".content")
+            text = _text(m.get("content"), f + ".content", images, "tool")
             cid = m.get("tool_call_id")
             if not pending:
                 raise RowError(
@@ -488,7 +715,7 @@ def _openai_turns(msgs: list, fld: str, tool_names: set[str] | None = None) -> l
             slot[2] = text
             continue
         flush_tools()
-        text = _text(m.get("content"), f + ".content")
+        text = _text(m.get("content"), f + ".content", images if role == "user" else None, role)
         if role in ("system", "developer"):
             messages.append({"role": SYSTEM, "content": text})
         elif role == "user":
@@ -555,15 +782,16 @@ def _from_openai(obj: dict) -> dict:
     msgs = obj.get("messages")
     if not isinstance(msgs, list):
         raise RowError("missing_field", 'no "messages" list', "messages")
+    images: list[str] = []
     if has_content_parts(msgs):
         _refuse_extra_info(obj)
         messages = _part_turns(msgs, "messages", _offered_tools(obj))
     else:
-        messages = _openai_turns(msgs, "messages", _offered_tools(obj))
+        messages = _openai_turns(msgs, "messages", _offered_tools(obj), images)
     system = obj.get("system")
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == SYSTEM):
         messages.insert(0, {"role": SYSTEM, "content": system})  # a top-level system prompt
-    return _finish(messages, obj, None)
+    return _finish(messages, obj, None, images)
 
 
 # LLaMA-Factory's content-part messages (its v1 data: reason_tool_use_demo_50.jsonl, and the
@@ -630,7 +858,13 @@ def _parts(m: dict, role: str, fld: str) -> tuple[str, str, list[dict]]:
         pf = f"{fld}[{k}]"
         kind = part.get("type") if isinstance(part, dict) else jtype(part)
         if kind in _MULTIMODAL_PARTS:
-            raise RowError("multimodal", f"content part {k} is {kind}: {_MULTIMODAL_WHY}", pf)
+            why = _MULTIMODAL_WHY
+            if kind in _IMAGE_PARTS:
+                why = (
+                    "qwenft reads images from OpenAI image_url parts or an images list, not from "
+                    "this content-part shape"
+                )
+            raise RowError("multimodal", f"content part {k} is {kind}: {why}", pf)
         if kind not in ("text", "reasoning", "tool_call"):
             raise RowError(
                 "bad_content",
@@ -747,6 +981,7 @@ def _from_lf_pair(obj: dict) -> dict:
     """LLaMA-Factory's chosen_messages / rejected_messages pair (two whole conversations) as
     qwenft's preference row: the prompt they share, then each one's last (assistant) turn."""
     _refuse_extra_info(obj)
+    _refuse_images(obj, "preference")
     tool_names = _offered_tools(obj)
     sides = {}
     for key in ("chosen_messages", "rejected_messages"):
@@ -806,8 +1041,15 @@ def _from_trl(obj: dict) -> dict:
     return _finish(context, obj, _turns(obj["completion"], "completion", ASSISTANT))
 
 
+def _refuse_images(obj: dict, kind: str) -> None:
+    """Images in a row whose kind does not carry them refuse it (never dropped in silence)."""
+    if obj.get(IMAGES) not in (None, "", []):
+        raise RowError("multimodal", KIND_WHY.format(kind=kind), IMAGES)
+
+
 def _from_text(obj: dict) -> dict:
     _refuse_multimodal(obj)
+    _refuse_images(obj, PT)
     text = obj.get("text")
     if not isinstance(text, str):
         raise RowError("bad_text", f"text must be a string, got {jtype(text) or 'null'}", "text")
@@ -907,12 +1149,16 @@ def convert_file(
         )
     out_path = check_out_path(out, force, src_path)
     col = Collector()
-    rules = RowRules(Collector(), mode="txt" if mode == "txt" else "jsonl")
-    n_in = n_out = 0
+    n_in = n_out = n_images = 0
     created_dir = None
     if not out_path.parent.exists():
         created_dir = out_path.parent
         out_path.parent.mkdir(parents=True)
+    # the converted rows are checked as `data check` would check the output: images beside it
+    rules = RowRules(
+        Collector(), mode="txt" if mode == "txt" else "jsonl", data_dir=out_path.parent
+    )
+    images = ImageFiles(src_path.parent, out_path)
     tmp = AtomicOutput(out_path)
     detected = fmt if fmt != "auto" else None
     try:
@@ -945,7 +1191,10 @@ def convert_file(
                     continue
                 try:
                     row = _CONVERTERS[detected](value)
+                    if isinstance(row.get(IMAGES), list):
+                        row[IMAGES] = images.place(row[IMAGES], n_in)
                 except RowError as exc:
+                    images.drop(n_in)
                     col.error(exc.kind, line, exc.field, exc.message)
                     continue
                 if marks:
@@ -956,6 +1205,7 @@ def convert_file(
                 ok = rules.check(row, line, dumped)
                 new = rules.col.problems[seen:]
                 if not ok or rules.col.n_errors != errors_before:
+                    images.drop(n_in)
                     first = next((p for p in new if p.severity == "error"), None)
                     if first is None:
                         col.error("invalid_row", line, None, "after conversion: the row is invalid")
@@ -968,6 +1218,7 @@ def convert_file(
                     col.warning(p.kind, line, p.field, p.message)
                 tmp.fh.write(dumped + b"\n")
                 n_out += 1
+                n_images += len(row.get(IMAGES) or ())
         if n_in == 0:
             raise QwenftError(f"{src_path} has no rows to convert", "is it the right file?")
         rules.finish()
@@ -979,9 +1230,11 @@ def convert_file(
             tmp.commit()
         else:
             tmp.discard()
-            n_out = 0
+            images.discard()
+            n_out = n_images = 0
     except BaseException:
         tmp.discard()
+        images.discard()
         if created_dir is not None:
             with contextlib.suppress(OSError):
                 created_dir.rmdir()
@@ -1000,6 +1253,9 @@ def convert_file(
         kind=rules.file_kind,
         n_errors=col.n_errors,
         reading=reading,
+        n_images=n_images,
+        images_written=images.written,
+        images_dir=images.folder if images.decoded else None,
     )
 
 

@@ -8,9 +8,13 @@ One file holds one kind, each the shape LLaMA-Factory 0.9.5 reads for one traini
 - kto: ``{"messages": [..., assistant], "label": true|false}``, the label is the ``kto_tag`` column;
 - pt: ``{"text": ...}``, or a .txt file read as LLaMA-Factory reads it: one document per line.
 
+sft rows may carry images (``"images": [paths]`` with ``<image>`` placeholders: qwenft.data.images,
+trained with --stage sft on a vision-language model); they are sft data, not a kind of their own.
+
 RowRules applies the rules of the file's kind to each row, plus the rules every kind shares:
-multimodal keys are refused (qwenft trains text only), ``{{name}}`` placeholders are reported.
-Nothing here prints, exits or imports LLaMA-Factory.
+the media rules (qwenft.data.images.ImageRules: images in sft rows only, videos and audios
+refused), ``{{name}}`` placeholders are reported. Nothing here prints, exits or imports
+LLaMA-Factory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.choices import DataKind
+from qwenft.data.images import MEDIA_KEYS, ImageRules, ImageTokens
 from qwenft.data.messages import ASSISTANT, FUNCTION_CALL, Checker, check_surrogates
 from qwenft.data.reader import Collector, iter_rows, jtype, open_data_file
 
@@ -33,7 +38,6 @@ SFT, PREFERENCE, KTO, PT = (
 SIDES = ("chosen", "rejected")
 LABEL = "label"
 TEXT = "text"
-MULTIMODAL_KEYS = ("images", "videos", "audios")
 PLACEHOLDER_RE = re.compile(rb"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")  # LLaMA-Factory's identity.json
 
 # What each kind's rows look like, for messages naming a kind.
@@ -170,10 +174,22 @@ class RowRules:
     (sft until one shows) and refused with what they look like.
     """
 
-    def __init__(self, col: Collector, kind: str | None = None, mode: str = "jsonl") -> None:
+    def __init__(
+        self,
+        col: Collector,
+        kind: str | None = None,
+        mode: str = "jsonl",
+        *,
+        data_dir: Path | None = None,
+        image_tokens: ImageTokens | None = None,
+    ) -> None:
+        """data_dir: the data file's folder, where its images are looked for (each must exist and
+        decode); None: image paths are checked as written only. image_tokens: how images are
+        counted for ImageRules.stats (LLaMA-Factory's defaults, Qwen2-VL's image processor)."""
         if kind is not None:
             kind = DataKind.parse(kind, "data kind")
         self.col = col
+        self.images = ImageRules(col, data_dir, image_tokens or ImageTokens())
         self.mode = mode  # reader mode: "txt" rows are the lines of a text file
         self.expected = kind
         self.kind: str | None = kind
@@ -196,7 +212,7 @@ class RowRules:
             checker = Checker(
                 self.col,
                 context_only=kind == PREFERENCE,
-                row_keys=(*row_keys, *MULTIMODAL_KEYS),
+                row_keys=(*row_keys, *MEDIA_KEYS),
                 key_notes=_key_notes(kind),
             )
             self._checkers[kind] = checker
@@ -225,7 +241,13 @@ class RowRules:
                 '"reasoning" | "tool_call", "value": ...}): ' + _CONVERT,
             )
             return False
-        if kind == SFT and type(obj) is dict and len(obj) == 1 and b"{{" not in raw:
+        if (
+            kind == SFT
+            and type(obj) is dict
+            and len(obj) == 1
+            and b"{{" not in raw
+            and b"<image>" not in raw
+        ):
             return self._checker(SFT).check(obj, line, raw)  # the common clean row, fast
         col = self.col
         before = col.n_errors
@@ -270,21 +292,7 @@ class RowRules:
 
     def _check_common(self, obj: dict, line: int, raw: bytes) -> None:
         col = self.col
-        for key in MULTIMODAL_KEYS:
-            if key in obj:
-                if obj[key] in (None, "", []):
-                    col.warning(
-                        "unknown_key", line, key, f'empty "{key}" ignored (text-only training)'
-                    )
-                else:
-                    col.error(
-                        "multimodal",
-                        line,
-                        key,
-                        f'multimodal data ("{key}") is not supported yet: qwenft trains on text '
-                        "only, and would not show the model these files; remove the key, or keep "
-                        "such rows out",
-                    )
+        self.images.check(obj, line, self.file_kind, raw)
         if b"{{" in raw:
             names = sorted({m.decode() for m in PLACEHOLDER_RE.findall(raw)})
             if names:
@@ -423,7 +431,7 @@ class RowRules:
         checker = self._checker(PT)
         notes = checker.key_notes
         for key, value in obj.items():
-            if key in (TEXT, *MULTIMODAL_KEYS):
+            if key in (TEXT, *MEDIA_KEYS):
                 continue
             msg = notes.get(key)
             col.warning(

@@ -27,7 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 from qwenft.choices import DEFAULT_OVERLENGTH, LF_STAGE_DATA, DataKind, Template
 from qwenft.data import parallel, tokens
+from qwenft.data.check import file_has_images
+from qwenft.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    IMAGE_PAD,
+    LF_TOKENIZES_WHY,
+    ImageStats,
+    ImageTokens,
+    VisionProcessor,
+    image_paths,
+    image_size,
+)
 from qwenft.data.kinds import PREFERENCE, PT, SFT, detect_file_kind
+from qwenft.data.reader import Problem
 from qwenft.data.tokens import LLAMAFACTORY_TESTED, LlamaFactoryEncoder, iter_token_sides
 from qwenft.errors import QwenftError
 
@@ -67,6 +80,23 @@ def not_reproduced(config: dict[str, Any]) -> str | None:
     return None
 
 
+def data_not_reproduced(data: Path | str) -> str | None:
+    """Why qwenft cannot write this data file's tokenized dataset itself whatever the config (it
+    has images: LLaMA-Factory's vision processor tokenizes them in the job), or None."""
+    path = Path(data)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _images_why(str(path.absolute()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _images_why(path: str, mtime_ns: int, size: int) -> str | None:
+    """data_not_reproduced of a file as it is (one scan per version of the file)."""
+    return LF_TOKENIZES_WHY if Path(path).is_file() and file_has_images(Path(path)) else None
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """A run's data arguments: everything that decides its tokens, and what train does about
@@ -91,6 +121,9 @@ class DataSpec:
     tokenized_path: Path | None = None  # the cache folder LLaMA-Factory loads
     overlength: str = DEFAULT_OVERLENGTH.value  # --overlength: warn, drop or fail
     lf_tokenizes: str | None = None  # why qwenft does not write the tokens itself (not_reproduced)
+    image_max_pixels: int = DEFAULT_MAX_PIXELS  # how images are scaled (qwenft.data.images)
+    image_min_pixels: int = DEFAULT_MIN_PIXELS
+    media_dir: str | None = None  # where image paths are looked for (None: the data's folder)
 
     @classmethod
     def from_config(
@@ -121,7 +154,18 @@ class DataSpec:
             tokenized_path=Path(tokenized) if tokenized else None,
             overlength=overlength or DEFAULT_OVERLENGTH.value,
             lf_tokenizes=not_reproduced(config),
+            image_max_pixels=int(config.get("image_max_pixels") or DEFAULT_MAX_PIXELS),
+            image_min_pixels=int(config.get("image_min_pixels") or DEFAULT_MIN_PIXELS),
+            media_dir=config.get("media_dir"),
         )
+
+    def for_data(self, data: Path | str) -> DataSpec:
+        """The spec for this data file: LLaMA-Factory tokenizes a file with images itself
+        (data_not_reproduced), so lf_tokenizes says so; otherwise the spec as it is."""
+        if self.lf_tokenizes:
+            return self
+        why = data_not_reproduced(data)
+        return replace(self, lf_tokenizes=why) if why else self
 
     @classmethod
     def from_settings(cls, run: RunSettings, *, kind: str | None = None) -> DataSpec:
@@ -150,8 +194,18 @@ class DataSpec:
         a packed block's length."""
         return self.cutoff_len - 1 if self.packing else self.cutoff_len
 
-    def encoder(self, model_dir: Path | str) -> LlamaFactoryEncoder:
-        """The encoder of these data arguments with the model's tokenizer."""
+    def image_tokens(self, model_dir: Path | str | None) -> ImageTokens:
+        """How images become tokens under these data arguments, for this model's image processor
+        (its preprocessor_config.json; Qwen2-VL's where it has none)."""
+        return ImageTokens(
+            self.image_max_pixels, self.image_min_pixels, VisionProcessor.from_model(model_dir)
+        )
+
+    def encoder(
+        self, model_dir: Path | str, media_dir: Path | str | None = None
+    ) -> LlamaFactoryEncoder:
+        """The encoder of these data arguments with the model's tokenizer; a row's images are
+        looked for in the spec's media_dir, else in media_dir (the data file's folder)."""
         return LlamaFactoryEncoder(
             model_dir,
             self.template,
@@ -163,6 +217,8 @@ class DataSpec:
             preserve_thinking=self.preserve_thinking,
             kind=self.kind,
             packing=self.packs,
+            images=self.image_tokens(model_dir),
+            media_dir=self.media_dir or media_dir,
         )
 
 
@@ -344,7 +400,7 @@ def file_stats(
     counts: dict[str, int] = {}
     if encoder is None:
         workers = parallel.worker_count(spec.num_workers, path.stat().st_size)
-        build = functools.partial(spec.encoder, str(model_dir))
+        build = functools.partial(spec.encoder, str(model_dir), str(path.absolute().parent))
     else:
         workers, build = 1, functools.partial(_given, encoder)
     measured = measure(
@@ -400,3 +456,95 @@ def token_stats(
         packing=False,
     )
     return file_stats(path, spec, model_dir, max_lines=max_lines, encoder=encoder)
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageMeasure:
+    """The images of a data file under a spec and a model: their sizes and tokens (with the
+    model's image processor), and the samples that cutoff_len cuts inside their image tokens
+    (image_cut errors: LLaMA-Factory keeps every image of a sample but only the tokens before the
+    cut, and its training fails on such a sample, "Image features and image tokens do not
+    match")."""
+
+    stats: ImageStats
+    problems: list[Problem]  # image_cut errors, in file order (the first max_lines)
+    n_cut: int = 0  # all of them
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.stats.to_dict(),
+            "n_cut": self.n_cut,
+            "cut_lines": [p.line for p in self.problems],
+        }
+
+
+def measure_images(
+    path: Path,
+    spec: DataSpec,
+    model_dir: Path | str,
+    *,
+    encoder: LlamaFactoryEncoder | None = None,
+    max_lines: int | None = 1000,
+) -> ImageMeasure:
+    """The images of a data file's valid rows (rows with check errors are skipped), measured with
+    the model's tokenizer, template and image processor under the spec: each sample with images
+    is tokenized as LLaMA-Factory tokenizes it (its <image>s expanded) and truncated at
+    cutoff_len; a sample that loses any image token is an image_cut error naming the cutoff_len
+    that keeps it whole. encoder: a loaded one of this spec (its media_dir then wins)."""
+    path = Path(path)
+    enc = encoder or spec.encoder(str(model_dir), str(path.absolute().parent))
+    counter = enc.images or spec.image_tokens(model_dir)
+    pad = enc.tokenizer.token_to_id(IMAGE_PAD)
+    if pad is None:
+        raise QwenftError(
+            f"the tokenizer of {model_dir} has no {IMAGE_PAD} token: it is not a Qwen "
+            "vision-language tokenizer",
+            "check image data with a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model",
+        )
+    stats = ImageStats(settings=counter.describe())
+    problems: list[Problem] = []
+    n_cut = 0
+    extra = spec.cutoff_len - spec.seq_cutoff_len  # packing: train.yaml's is one more
+    for lines, payloads in tokens.checked_batches(path, spec.kind):
+        picked = []
+        for line, payload in zip(lines, payloads, strict=True):
+            row = tokens.row_value(payload)
+            if isinstance(row, dict) and row.get("images"):
+                picked.append((line, row))
+        if not picked:
+            continue
+        sides = enc.encode_sides([row for _, row in picked])
+        for (line, row), side in zip(picked, sides, strict=True):
+            sizes = [image_size(p) for p in image_paths(row, enc.media_dir)]
+            counts = [counter.of_size(*size) for size in sizes]
+            stats.n_rows += 1
+            for size, n in zip(sizes, counts, strict=True):
+                stats.add(size, n)
+            if side is None:  # LLaMA-Factory's processor drops the row
+                continue
+            full, ids, _ = side[0]
+            kept, expected = ids.count(pad), sum(counts)
+            if kept >= expected:
+                continue
+            n_cut += 1
+            if max_lines is not None and len(problems) >= max_lines:
+                continue
+            fits = suggest_cutoff_len(full + extra + 1)
+            problems.append(
+                Problem(
+                    "error",
+                    "image_cut",
+                    line,
+                    "images",
+                    f"cutoff_len {spec.cutoff_len} cuts this sample ({full} tokens with its "
+                    f"{len(counts)} image{'s' if len(counts) != 1 else ''}) inside its image "
+                    f"tokens: {kept} of {expected} kept; LLaMA-Factory keeps every image but not "
+                    'its tokens, and training fails on the sample ("Image features and image '
+                    f'tokens do not match"); cutoff_len {fits} keeps it whole, or smaller '
+                    f"images take fewer tokens (image_max_pixels, now {counter.max_pixels})",
+                )
+            )
+    return ImageMeasure(stats=stats, problems=problems, n_cut=n_cut)

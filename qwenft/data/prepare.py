@@ -21,8 +21,10 @@ What LLaMA-Factory 0.9.5 does, and so what this module does:
   packing, set later by the parser, does not).
 
 Configurations outside what is reproduced (another LLaMA-Factory version, packed sft, a
-tool_format, several datasets, streaming) are named by `pipeline.not_reproduced`; LLaMA-Factory then
-tokenizes the data itself, as before.
+tool_format, several datasets, streaming) are named by `pipeline.not_reproduced`, and data with
+images by `pipeline.data_not_reproduced` (LLaMA-Factory's vision processor reads every image and
+expands its placeholders: qwenft does not redo that); LLaMA-Factory then tokenizes the data
+itself, as before.
 
 The steps `qwenft train` and `qwenft resume` take before launching are here too, each on the run's
 DataSpec (qwenft.data.pipeline): the state of the tokenized cache (cache_state), writing it
@@ -233,6 +235,7 @@ def write_tokenized(
     wrote it first), that one is kept. QwenftError if out_dir already exists or the config is not
     reproduced."""
     spec = config if isinstance(config, DataSpec) else DataSpec.from_config(config)
+    spec = spec.for_data(data)
     if spec.lf_tokenizes:
         raise QwenftError(f"qwenft cannot tokenize this run's data itself: {spec.lf_tokenizes}")
     out_dir = Path(out_dir)
@@ -319,11 +322,14 @@ class CacheState:
         return {**asdict(self), "path": str(self.path)}
 
 
-def cache_state(spec: DataSpec) -> CacheState | None:
+def cache_state(spec: DataSpec, data: Path | None = None) -> CacheState | None:
     """The state of the run's tokenized cache (train.yaml's tokenized_path; None without one). A
-    folder whose save never completed is removed first."""
+    folder whose save never completed is removed first. data: the file the run trains on (who
+    writes the cache depends on it too: DataSpec.for_data)."""
     if spec.tokenized_path is None:
         return None
+    if data is not None:
+        spec = spec.for_data(data)
     cache.discard_partial(spec.tokenized_path)
     return CacheState(
         path=spec.tokenized_path,
@@ -338,13 +344,14 @@ def tokenize_ahead(
     """Write the run's tokenized data (train.yaml's tokenized_path) before anything is launched,
     where qwenft reproduces LLaMA-Factory's preprocessing of this config: the data's token
     statistics then. None when the cache is already complete, or when LLaMA-Factory will tokenize
-    the data itself (said, with why)."""
+    the data itself (said, with why: the config, or images in the data)."""
     path = spec.tokenized_path
     if path is None:
         return None
     cache.discard_partial(path)
     if cache.is_ready(path):
         return None
+    spec = spec.for_data(data)
     if spec.lf_tokenizes:
         progress(f"LLaMA-Factory will tokenize the data itself: {spec.lf_tokenizes}")
         return None

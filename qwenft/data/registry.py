@@ -9,7 +9,16 @@ import re
 from pathlib import Path
 
 from qwenft.choices import DataKind
-from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER, file_has_tools
+from qwenft.data.check import (
+    ASSISTANT,
+    FUNCTION_CALL,
+    SYSTEM,
+    TOOL,
+    USER,
+    file_has_images,
+    file_has_tools,
+)
+from qwenft.data.images import IMAGES
 from qwenft.data.kinds import detect_file_kind
 from qwenft.data.reader import SUFFIXES, TEXT_SUFFIXES, jtype
 from qwenft.errors import QwenftError
@@ -59,13 +68,17 @@ def _entry_path(entry: object, dataset_dir: Path) -> str | None:
     return os.path.normpath(os.path.join(dataset_dir, file_name))
 
 
-def dataset_entry(path: Path, *, kind: str = "sft", has_tools: bool = False) -> dict:
+def dataset_entry(
+    path: Path, *, kind: str = "sft", has_tools: bool = False, has_images: bool = False
+) -> dict:
     """The LLaMA-Factory 0.9.5 dataset_info.json entry for a file of one data kind at path.
 
-    sft: sharegpt formatting, role/content tags, the messages column; preference: the same with
-    ``ranking: true`` and the chosen/rejected columns (LLaMA-Factory reads each side's role and
-    content with the same tags); kto: the label column as ``kto_tag``; pt: the text column as the
-    prompt (LLaMA-Factory's c4_demo entry)."""
+    sft: sharegpt formatting, role/content tags, the messages column (and, with images, the
+    images column: LLaMA-Factory's mllm_demo entry; their paths are resolved against train.yaml's
+    media_dir, which must be the file's folder: qwenft.data.images.media_dir); preference: the
+    same with ``ranking: true`` and the chosen/rejected columns (LLaMA-Factory reads each side's
+    role and content with the same tags); kto: the label column as ``kto_tag``; pt: the text
+    column as the prompt (LLaMA-Factory's c4_demo entry)."""
     kind = DataKind.parse(kind, "data kind")
     file_name = str(Path(path).expanduser().absolute())
     if kind == DataKind.PT:
@@ -77,6 +90,8 @@ def dataset_entry(path: Path, *, kind: str = "sft", has_tools: bool = False) -> 
         columns["kto_tag"] = "label"
     if has_tools:  # only then: LLaMA-Factory fails (KeyError) on a mapped column no row has
         columns["tools"] = "tools"
+    if has_images and kind == DataKind.SFT:  # other kinds with images are refused by the check
+        columns[IMAGES] = IMAGES
     entry: dict = {"file_name": file_name, "formatting": "sharegpt"}
     if kind == DataKind.PREFERENCE:
         entry["ranking"] = True
@@ -129,11 +144,14 @@ def register_dataset(
     force: bool = False,
     has_tools: bool | None = None,
     kind: str | None = None,
+    has_images: bool | None = None,
 ) -> dict:
     """Add or update entry `name` in dataset_dir/dataset_info.json (atomic, under a file lock).
 
     Same name and same file: updated in place (idempotent). Same name, another file: QwenftError
-    unless force. Other entries are kept as they are. has_tools None: scan the file for a tools key.
+    unless force. Other entries are kept as they are. has_tools None: scan the file for a tools key;
+    has_images None: for rows with images (the entry then maps the images column; LLaMA-Factory
+    finds them with train.yaml's media_dir set to the file's folder, images.media_dir).
     kind None: the file's data kind, from its first rows (qwenft.data.kinds.detect_file_kind).
     A .txt file is refused: entries describe JSON lines (register a jsonl copy,
     qwenft.data.convert.materialize_pt_jsonl or `qwenft data convert`, which reads it as
@@ -168,7 +186,9 @@ def register_dataset(
         kind = detect_file_kind(path) or DataKind.SFT.value
     if has_tools is None:
         has_tools = kind != DataKind.PT and file_has_tools(path)
-    entry = dataset_entry(path, kind=kind, has_tools=has_tools)
+    if has_images is None:
+        has_images = kind == DataKind.SFT and file_has_images(path)
+    entry = dataset_entry(path, kind=kind, has_tools=has_tools, has_images=has_images)
     info_path = dataset_dir / "dataset_info.json"
     if info_path.exists():
         _read_dataset_info(info_path)  # fail early, before creating anything

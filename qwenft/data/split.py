@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from qwenft.data.check import require_valid
-from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
+from qwenft.data.images import rebase
+from qwenft.data.reader import BAD, Collector, dump_row, iter_rows, open_data_file
 from qwenft.errors import QwenftError
 from qwenft.fsutil import AtomicOutput, check_out_path
 
@@ -22,7 +23,8 @@ def split_file(
 ) -> tuple[Path, Path]:
     """Write <stem>.train.jsonl and <stem>.val.jsonl: a seeded random val_ratio of the rows for
     validation, both in file order. Any data kind; a .txt file's lines (one document each, as
-    LLaMA-Factory reads them) become {"text"} rows."""
+    LLaMA-Factory reads them) become {"text"} rows. Written in another folder, relative image
+    paths become absolute (images.rebase)."""
     if not (isinstance(val_ratio, (int, float)) and 0 < val_ratio < 1):
         raise QwenftError(
             f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}",
@@ -49,8 +51,8 @@ def split_file(
         train_fh, val_fh = outs[0].fh, outs[1].fh
         _, fh, mode = open_data_file(src)
         with fh:
-            for i, (_line, _value, raw) in enumerate(iter_rows(fh, mode, Collector())):
-                (val_fh if i in val_idx else train_fh).write(raw + b"\n")
+            for i, (_line, value, raw) in enumerate(iter_rows(fh, mode, Collector())):
+                (val_fh if i in val_idx else train_fh).write(_moved(value, raw, src, folder))
         for o in outs:
             o.commit()
     except BaseException:
@@ -66,6 +68,7 @@ def write_without_lines(
     """Copy src to out (JSON lines, atomically) without the rows starting on the given lines.
 
     Lines are those check_file and token_stats report. Returns (rows written, rows dropped).
+    In another folder, relative image paths become absolute (images.rebase).
     """
     drop = set(drop)
     src_path, fh, mode = open_data_file(src)
@@ -79,10 +82,19 @@ def write_without_lines(
                 if line in drop:
                     dropped += 1
                 elif value is not BAD:
-                    tmp.fh.write(raw + b"\n")
+                    tmp.fh.write(_moved(value, raw, src_path, out_path.parent))
                     kept += 1
         tmp.commit()
     except BaseException:
         tmp.discard()
         raise
     return kept, dropped
+
+
+def _moved(value: object, raw: bytes, src: Path, folder: Path) -> bytes:
+    """A row's line as a file in folder holds it (its image paths rebased when it has images)."""
+    if b'"images"' in raw:
+        moved = rebase(value, src.parent, folder)
+        if moved is not value:
+            return dump_row(moved) + b"\n"
+    return raw + b"\n"

@@ -12,6 +12,11 @@ LLaMA-Factory encodes it, but in one batch call of the fast tokenizer (Rust, on 
 of one call per piece; the tokenizer is read from the model's tokenizer.json without importing
 transformers. tests/test_tokenize.py proves the arrays equal LLaMA-Factory's own, sample by sample.
 
+Rows with images are measured, not written: with image settings (LlamaFactoryEncoder's images,
+as DataSpec.encoder gives them) each <image> is first expanded into the image's vision tokens, as
+LLaMA-Factory's Qwen2-VL plugin expands it (qwenft.data.images), so lengths and cuts count them;
+LLaMA-Factory tokenizes such data for training itself (pipeline.data_not_reproduced).
+
 After a LLaMA-Factory upgrade, start here: a version not in LLAMAFACTORY_TESTED is not trusted to
 match (qwenft.data.pipeline.not_reproduced: LLaMA-Factory then tokenizes the data itself).
 """
@@ -33,6 +38,7 @@ from typing import Any
 from qwenft.choices import DataKind, Template
 from qwenft.data import parallel
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
+from qwenft.data.images import ImageTokens
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, RowRules
 from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
 from qwenft.errors import QwenftError
@@ -54,8 +60,14 @@ DEFAULT_SYSTEM = {
     Template.QWEN.value: "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     Template.QWEN3.value: "",
     Template.QWEN3_NOTHINK.value: "",
+    # the vision-language templates: the same slots for text (LLaMA-Factory's qwen2_vl is qwen's
+    # with this system prompt, qwen3_vl qwen3's, qwen3_vl_nothink qwen3_nothink's), plus their
+    # mm_plugin, which expands <image> (qwenft.data.images); used once choices.Template has them
+    "qwen2_vl": "You are a helpful assistant.",
+    "qwen3_vl": "",
+    "qwen3_vl_nothink": "",
 }
-REASONING = {Template.QWEN3.value}  # LLaMA-Factory's ReasoningTemplate
+REASONING = {Template.QWEN3.value, "qwen3_vl"}  # LLaMA-Factory's ReasoningTemplate
 _THOUGHT = ("<think>\n", "\n</think>\n\n")
 _EMPTY_THOUGHT = _THOUGHT[0] + _THOUGHT[1]
 _THOUGHT_RE = re.compile(f"{re.escape(_THOUGHT[0])}(.*?){re.escape(_THOUGHT[1])}", re.DOTALL)
@@ -448,8 +460,15 @@ class LlamaFactoryEncoder:
         preserve_thinking: bool = False,
         kind: str = SFT,
         packing: bool = False,
+        images: ImageTokens | None = None,
+        media_dir: Path | str | None = None,
     ) -> None:
+        """images: how a row's images become tokens (each <image> expanded as LLaMA-Factory's
+        Qwen2-VL plugin expands it, the files looked for in media_dir); None: rows are encoded
+        as they are (an <image> as its text)."""
         self.kind = DataKind.parse(kind, "data kind")
+        self.images = images
+        self.media_dir = Path(media_dir) if media_dir is not None else Path()
         if template not in Template.values():
             raise QwenftError(
                 f"unknown LLaMA-Factory template {template!r}",
@@ -489,6 +508,13 @@ class LlamaFactoryEncoder:
         self._batch = getattr(self.tokenizer, "encode_batch_fast", None) or (
             self.tokenizer.encode_batch
         )
+
+    def with_images(self, row: Any) -> Any:
+        """The row as the template sees it: its <image> placeholders expanded into the images'
+        tokens (with images settings, for a row that has images), else the row itself."""
+        if self.images is None or not isinstance(row, dict) or not row.get("images"):
+            return row
+        return self.images.expand(row, self.media_dir)
 
     def decode(self, ids: list[int]) -> str:
         """The text of ids, special tokens included."""
@@ -711,7 +737,7 @@ class LlamaFactoryEncoder:
         """For each sample (one batch): the sequences LLaMA-Factory trains on, each as
         (untruncated length, input_ids, labels) (a pair: chosen, then rejected), or None if it
         would drop it."""
-        return self.encode_batch([align(s, self.kind) for s in samples])[0]
+        return self.encode_batch([align(self.with_images(s), self.kind) for s in samples])[0]
 
     def encode(self, samples: list[dict]) -> list[Side | None]:
         """For each sample: its first sequence (a pair's chosen side), or None if dropped."""
@@ -847,8 +873,10 @@ def measure_part(
     of the data (qwenft.data.parallel: in a worker process or in this one); sink, if given, takes
     the columns of each batch (finish_batch's)."""
     kind = encoder.kind
+    prepare = encoder.with_images
     aligned = (
-        (lines, [align(row_value(p), kind) for p in payloads]) for lines, payloads in batches
+        (lines, [align(prepare(row_value(p)), kind) for p in payloads])
+        for lines, payloads in batches
     )
     measured = []
     for lines, sides, columns in encode_pipelined(encoder, aligned):

@@ -123,10 +123,10 @@ def ensure_chat_template(model_dir: Path, base_dir: str) -> list[str]:
 def generation_check(model_dir: Path, system: str, prompt: str, max_new_tokens: int = 64) -> dict:
     """Greedy generation through the chat template: does it end on a stop token within the limit?"""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    model = inference.load_pretrained(model_dir, dtype="auto").eval()
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -156,11 +156,11 @@ def verify_logits(merged_dir: Path, base_dir: str, adapter_dir: Path, prompts: l
     """Largest absolute difference between the merged model's logits and base + adapter's."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = inference.load_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = inference.load_pretrained(base_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     worst = 0.0
     with torch.no_grad():

@@ -91,14 +91,23 @@ def quiet_unless_set() -> None:
         quiet()
 
 
+def load_pretrained(model_dir: str | Path, **kwargs: Any) -> Any:
+    """A model folder through transformers' Auto class for it: a vision-language model (its
+    config has a vision_config: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) as image-text-to-text, any other
+    as a causal LM. Every place that loads a model for inference or a check loads it here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vision = getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, **kwargs)
+
+
 def load_model(target: ModelTarget) -> Any:
     """The model (with its adapter, when the target has one) in eval mode, on the CPU, quietly
     (quiet())."""
-    from transformers import AutoModelForCausalLM
-
     quiet_unless_set()
 
-    model = AutoModelForCausalLM.from_pretrained(target.model_path, dtype="auto")
+    model = load_pretrained(target.model_path, dtype="auto")
     if target.adapter_path:
         from peft import PeftModel
 

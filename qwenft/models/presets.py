@@ -23,6 +23,7 @@ class Family:
     template: str  # LLaMA-Factory template name
     default_system: str  # the system prompt the model's own chat template inserts ("" = none)
     thinking: str  # "none" | "hybrid" (Qwen3: <think> blocks, switchable) | "always"
+    vision: bool = False  # a vision-language model: images and videos in, text out
 
 
 # The LLaMA-Factory `qwen` template's own default system ("You are Qwen, created by Alibaba Cloud...")
@@ -42,8 +43,48 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", "qwen3", "", "hybrid"),
         Family("qwen3-instruct-2507", "qwen3_nothink", "", "none"),
         Family("qwen3-thinking-2507", "qwen3", "", "always"),
+        # Qwen2-VL's and Qwen2.5-VL's chat templates insert "You are a helpful assistant." (so does
+        # LLaMA-Factory's qwen2_vl template); Qwen3-VL's insert none. Qwen3-VL Instruct answers
+        # directly (qwen3_vl_nothink), Qwen3-VL Thinking always opens a <think> block (qwen3_vl).
+        Family("qwen2-vl", "qwen2_vl", "You are a helpful assistant.", "none", vision=True),
+        Family("qwen2.5-vl", "qwen2_vl", "You are a helpful assistant.", "none", vision=True),
+        Family("qwen3-vl", "qwen3_vl_nothink", "", "none", vision=True),
+        Family("qwen3-vl-thinking", "qwen3_vl", "", "always", vision=True),
     ]
 }
+
+
+def vision_params(model_type: str, vision: dict, out_hidden: int) -> int:
+    """Parameters of a Qwen-VL vision encoder (its ViT and the merger into the language model),
+    from its config.json's vision_config, as transformers builds it: Qwen2-VL (LayerNorm, GELU MLP
+    of mlp_ratio), Qwen2.5-VL (RMSNorm, gated SiLU MLP), Qwen3-VL (a learned position embedding,
+    and a merger for each deepstack layer besides the final one). 0 for other model types."""
+    merge = vision.get("spatial_merge_size", 2)
+    stem = vision.get("in_channels", 3) * vision.get("temporal_patch_size", 2)
+    stem *= vision.get("patch_size", 14) ** 2
+    kind = model_type.removesuffix("_moe")
+    if kind == "qwen2_vl":
+        e = vision["embed_dim"]
+        i = e * vision.get("mlp_ratio", 4)
+        block = 4 * e + 4 * e * e + 4 * e + 2 * e * i + i + e
+        ctx = e * merge**2
+        merger = 2 * e + ctx * ctx + ctx + ctx * out_hidden + out_hidden
+        return vision["depth"] * block + stem * e + merger
+    if kind == "qwen2_5_vl":
+        e, i = vision["hidden_size"], vision["intermediate_size"]
+        block = 2 * e + 4 * e * e + 4 * e + 3 * e * i + 2 * i + e
+        ctx = e * merge**2
+        merger = e + ctx * ctx + ctx + ctx * out_hidden + out_hidden
+        return vision["depth"] * block + stem * e + merger
+    if kind == "qwen3_vl":
+        e, i = vision["hidden_size"], vision["intermediate_size"]
+        block = 4 * e + 4 * e * e + 4 * e + 2 * e * i + i + e
+        ctx = e * merge**2
+        mlp = ctx * ctx + ctx + ctx * out_hidden + out_hidden
+        deepstack = len(vision.get("deepstack_visual_indexes", ())) * (2 * ctx + mlp)
+        position = vision.get("num_position_embeddings", 2304) * e
+        return vision["depth"] * block + stem * e + e + position + 2 * e + mlp + deepstack
+    return 0
 
 
 @dataclass(frozen=True)
@@ -58,16 +99,19 @@ class Arch:
     vocab_size: int
     tie_word_embeddings: bool
     head_dim: int | None = None  # Qwen3 sets it explicitly; otherwise hidden / heads
+    vision_params: int = 0  # a vision-language model's vision encoder (vision_params())
 
     @property
     def params(self) -> int:
-        """Parameter count (dense decoder, biases on q/k/v for Qwen1.5/2/2.5 ignored: <0.1%)."""
+        """Parameter count (dense decoder, biases on q/k/v for Qwen1.5/2/2.5 ignored: <0.1%; a
+        vision-language model's vision encoder included)."""
         hd = self.head_dim or self.hidden_size // self.num_attention_heads
         attn = self.hidden_size * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         mlp = 3 * self.hidden_size * self.intermediate_size
         norms = 2 * self.hidden_size
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * (attn + mlp + norms) + embed + self.hidden_size
+        decoder = self.num_hidden_layers * (attn + mlp + norms) + embed + self.hidden_size
+        return decoder + self.vision_params
 
 
 @dataclass(frozen=True)
@@ -111,11 +155,48 @@ _Q3_06, _Q3_17, _Q3_4, _Q3_8, _Q3_14, _Q3_32 = (
 TINY_ARCH = _a(64, 128, 2, 4, 2, 151936, True)
 TINY_ARCH_QWEN3 = _a(64, 128, 2, 4, 2, 151936, True, 16)
 
+# The vision encoders of the Qwen-VL releases (their config.json's vision_config; the language
+# models have the shapes of the text releases above). Qwen2-VL and Qwen2.5-VL use one 32-block
+# ViT in every size; Qwen3-VL a SigLIP-2 one, the large for 2B and 4B, the so400m above.
+VIT_QWEN2_VL = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "patch_size": 14}
+VIT_QWEN2_5_VL = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16}
+VIT_QWEN3_VL_LARGE = {
+    "depth": 24,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_heads": 16,
+    "patch_size": 16,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [5, 11, 17],
+}
+VIT_QWEN3_VL_SO400M = {
+    **VIT_QWEN3_VL_LARGE,
+    "depth": 27,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+TINY_VISION_QWEN2_VL = {
+    "depth": 2,
+    "embed_dim": 32,
+    "mlp_ratio": 4,
+    "num_heads": 2,
+    "patch_size": 14,
+}  # qwenft.models.tiny's tiny-qwen2-vl
+
+
+def _vl(arch: Arch, model_type: str, vision: dict) -> Arch:
+    return replace(arch, vision_params=vision_params(model_type, vision, arch.hidden_size))
+
+
+TINY_ARCH_QWEN2_VL = _vl(TINY_ARCH, "qwen2_vl", TINY_VISION_QWEN2_VL)
+
 
 def _presets() -> list[ModelPreset]:
     out = [
         ModelPreset("tiny-qwen2", None, "qwen2", TINY_ARCH),
         ModelPreset("tiny-qwen3", None, "qwen3", TINY_ARCH_QWEN3),
+        ModelPreset("tiny-qwen2-vl", None, "qwen2-vl", TINY_ARCH_QWEN2_VL),
     ]
     for size, arch in [
         ("0.5B", _Q15_05),
@@ -165,6 +246,22 @@ def _presets() -> list[ModelPreset]:
             out.append(ModelPreset("", f"Qwen/Qwen3-{size}-AWQ", "qwen3", arch, ("awq", 4)))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Instruct-2507", "qwen3-instruct-2507", _Q3_4))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Thinking-2507", "qwen3-thinking-2507", _Q3_4))
+    # vision-language models (LLaMA-Factory 0.9.5's qwen2_vl / qwen3_vl(_nothink) templates)
+    for size, arch in [("2B", _Q2_15), ("7B", _Q2_7), ("72B", _Q2_72)]:
+        vl = _vl(arch, "qwen2_vl", VIT_QWEN2_VL)
+        out.append(ModelPreset("", f"Qwen/Qwen2-VL-{size}-Instruct", "qwen2-vl", vl))
+    for size, arch in [("3B", _Q25_3), ("7B", _Q2_7), ("32B", _Q25_32), ("72B", _Q2_72)]:
+        vl = _vl(arch, "qwen2_5_vl", VIT_QWEN2_5_VL)
+        out.append(ModelPreset("", f"Qwen/Qwen2.5-VL-{size}-Instruct", "qwen2.5-vl", vl))
+    for size, arch, vit in [
+        ("2B", _Q3_17, VIT_QWEN3_VL_LARGE),
+        ("4B", _Q3_4, VIT_QWEN3_VL_LARGE),
+        ("8B", _Q3_8, VIT_QWEN3_VL_SO400M),
+        ("32B", _Q3_32, VIT_QWEN3_VL_SO400M),
+    ]:
+        vl = _vl(arch, "qwen3_vl", vit)
+        out.append(ModelPreset("", f"Qwen/Qwen3-VL-{size}-Instruct", "qwen3-vl", vl))
+        out.append(ModelPreset("", f"Qwen/Qwen3-VL-{size}-Thinking", "qwen3-vl-thinking", vl))
     return [p if p.name else replace(p, name=p.hub_id.split("/", 1)[1].lower()) for p in out]
 
 
@@ -175,7 +272,14 @@ _BY_HUB_ID: dict[str, ModelPreset] = {p.hub_id.lower(): p for p in PRESETS.value
 def family_from_name(name: str, model_type: str | None = None) -> str | None:
     """Guess the Qwen family from a hub id or folder name (and config.json's model_type)."""
     n = name.lower()
-    if "qwen3" in n or (model_type or "").startswith("qwen3"):
+    mt = model_type or ""
+    if "qwen3-vl" in n or "qwen3_vl" in n or mt.startswith("qwen3_vl"):
+        return "qwen3-vl-thinking" if "thinking" in n else "qwen3-vl"
+    if "qwen2.5-vl" in n or "qwen2_5_vl" in n or mt == "qwen2_5_vl":
+        return "qwen2.5-vl"
+    if "qwen2-vl" in n or "qwen2_vl" in n or mt == "qwen2_vl":
+        return "qwen2-vl"
+    if "qwen3" in n or mt.startswith("qwen3"):
         if "2507" in n and "thinking" in n:
             return "qwen3-thinking-2507"
         if "2507" in n and "instruct" in n:
@@ -185,7 +289,7 @@ def family_from_name(name: str, model_type: str | None = None) -> str | None:
         return "qwen2.5"
     if "qwen1.5" in n or "qwen1_5" in n:
         return "qwen1.5"
-    if "qwen2" in n or (model_type or "").startswith("qwen2"):
+    if "qwen2" in n or mt.startswith("qwen2"):
         return "qwen2"
     return None
 
@@ -273,18 +377,28 @@ def quantization_of(config: dict) -> tuple[str, int | None] | None:
 
 
 def _arch_from_config(cfg: dict) -> Arch | None:
+    # A vision-language model's language model is in text_config (transformers 5 writes it so,
+    # Qwen3-VL ships it so); Qwen2-VL and Qwen2.5-VL releases have it flat, like the text models.
+    text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
     try:
-        return Arch(
-            cfg["hidden_size"],
-            cfg["intermediate_size"],
-            cfg["num_hidden_layers"],
-            cfg["num_attention_heads"],
-            cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            cfg["vocab_size"],
-            bool(cfg.get("tie_word_embeddings", False)),
-            cfg.get("head_dim"),
+        arch = Arch(
+            text["hidden_size"],
+            text["intermediate_size"],
+            text["num_hidden_layers"],
+            text["num_attention_heads"],
+            text.get("num_key_value_heads", text["num_attention_heads"]),
+            text["vocab_size"],
+            bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            text.get("head_dim"),
         )
-    except KeyError:
+        vision = cfg.get("vision_config")
+        if isinstance(vision, dict):
+            out = vision.get("out_hidden_size", arch.hidden_size)
+            arch = replace(
+                arch, vision_params=vision_params(str(cfg.get("model_type")), vision, out)
+            )
+        return arch
+    except (KeyError, TypeError):
         return None
 
 
@@ -336,7 +450,8 @@ def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
         if family is None:
             raise QwenftError(
                 f"{key} does not look like a Qwen model (model_type {cfg.get('model_type')!r})",
-                "qwenft fine-tunes Qwen models; pass --template qwen|qwen3|qwen3_nothink to force one",
+                f"qwenft fine-tunes Qwen models; pass --template {'|'.join(Template.values())} to "
+                "force one",
             )
         return _from_family(
             spec,
@@ -352,7 +467,8 @@ def resolve_model(spec: str, tiny_home: Path | None = None) -> ResolvedModel:
         if family is None:
             raise QwenftError(
                 f"{key} is not a Qwen model qwenft knows",
-                "use a Qwen hub id (see `qwenft models`), or pass --template qwen|qwen3|qwen3_nothink",
+                "use a Qwen hub id (see `qwenft models`), or pass --template "
+                f"{'|'.join(Template.values())}",
             )
         return _from_family(spec, "hub", key, family, None)
 
@@ -369,4 +485,7 @@ def template_family(template: str) -> str:
         Template.QWEN: "qwen2.5",
         Template.QWEN3: "qwen3",
         Template.QWEN3_NOTHINK: "qwen3-instruct-2507",
+        Template.QWEN2_VL: "qwen2-vl",
+        Template.QWEN3_VL: "qwen3-vl-thinking",
+        Template.QWEN3_VL_NOTHINK: "qwen3-vl",
     }[Template(template)]

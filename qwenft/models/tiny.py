@@ -1,9 +1,13 @@
 """Tiny Qwen models with the real Qwen vocabulary, built offline.
 
-A tiny model ("tiny-qwen2", "tiny-qwen3") has the architecture, config layout, tokenizer and chat
-template of a real Qwen2-Instruct / Qwen3 model, but only ~9.8 M parameters, so LLaMA-Factory can
-train, export and chat with it on a CPU in seconds. The tokenizer is the real one: Qwen's 151,643
-byte-level BPE ranks (shared by Qwen, Qwen1.5, Qwen2, Qwen2.5 and Qwen3) plus Qwen's added tokens.
+A tiny model ("tiny-qwen2", "tiny-qwen3", "tiny-qwen2-vl") has the architecture, config layout,
+tokenizer and chat template of a real Qwen2-Instruct / Qwen3 / Qwen2-VL-Instruct model, but only
+~9.8 M parameters, so LLaMA-Factory can train, export and chat with it on a CPU in seconds. The
+tokenizer is the real one: Qwen's 151,643 byte-level BPE ranks (shared by Qwen, Qwen1.5, Qwen2,
+Qwen2.5 and Qwen3) plus Qwen's added tokens, the vision ones (<|vision_start|>, <|image_pad|> ...)
+included. tiny-qwen2-vl also has Qwen2-VL's image processor config (preprocessor_config.json, as
+Qwen publishes it): loading its processor needs torchvision (the `vision` extra), building it
+does not.
 
 The ranks file (``qwen.tiktoken``) ships inside Alibaba's ``dashscope`` 2.0.2 wheel. It is fetched
 once with pip (or taken from $QWENFT_QWEN_TIKTOKEN), sha256-checked and kept in
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -43,6 +48,14 @@ SEED = 1234
 # +-1.3, so LoRA cannot lower the loss below ~10.7 (ln 151936 - 1.3); at 0.5 the tiny model learns
 # a few question/answer rows word for word (docs/tiny-models.md).
 EMBED_STD = 0.5
+# tiny-qwen2-vl's vision encoder. At transformers' init (std 0.02) its features for one-colour
+# images are nearly linear in the RGB value and 20 times smaller than a word embedding, and LoRA
+# cannot learn to name 8 colours (docs/tiny-models.md). So its weights get std VISION_GAIN /
+# sqrt(fan_in) (nonlinear enough to tell the colours apart), and the merger's output layer std
+# EMBED_STD / (GELU_RMS * sqrt(fan_in)): an image token enters the language model at about a
+# word's scale (norm 6-9, a word's 4).
+VISION_GAIN = 2.0
+GELU_RMS = 0.6523  # the RMS of GELU(z) for z ~ N(0, 1): the merger's hidden activations
 
 # Qwen's pre-tokenizer: like cl100k but digits are split one by one (\p{N}, not \p{N}{1,3}).
 QWEN_PATTERN = (
@@ -190,7 +203,53 @@ QWEN3_CHAT_TEMPLATE = """{%- if tools %}
     {%- endif %}
 {%- endif %}"""
 
-CHAT_TEMPLATES = {"qwen2": QWEN2_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE}
+# The chat template of Qwen2-VL-Instruct (Qwen/Qwen2-VL-*-Instruct chat_template.json, the same in
+# its tokenizer_config.json): a content list's image and video parts become vision placeholders.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CHAT_TEMPLATES = {
+    "qwen2": QWEN2_CHAT_TEMPLATE,
+    "qwen3": QWEN3_CHAT_TEMPLATE,
+    "qwen2-vl": QWEN2_VL_CHAT_TEMPLATE,
+}
+
+VISION_START_ID = 151652
+IMAGE_PAD_ID = 151655
+# Qwen2-VL-Instruct's preprocessor_config.json: images are resized to a multiple of 28 pixels
+# (patch 14 x merge 2) between min_pixels and max_pixels, in CLIP's mean and std.
+QWEN2_VL_PREPROCESSOR: dict[str, Any] = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2VLProcessor",
+}
 
 _COMMON_CONFIG: dict[str, Any] = {
     "vocab_size": 151936,  # 151,669 used ids padded to a multiple of 128, as in real Qwen
@@ -241,6 +300,46 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
             "sliding_window": None,
             "max_window_layers": 2,
         },
+    },
+    "tiny-qwen2-vl": {
+        "family": "qwen2-vl",
+        "model_type": "qwen2_vl",
+        "architecture": "Qwen2VLForConditionalGeneration",
+        "template": "qwen2_vl",  # LLaMA-Factory template (its mm_plugin expands <image>)
+        "description": "Qwen2-VL-Instruct layout: 2 layers, hidden 64, a 2-block ViT (embed 32, "
+        "patch 14, merge 2), real Qwen vocab, 9.9M params",
+        "config": {
+            "text_config": {
+                **_COMMON_CONFIG,
+                "max_position_embeddings": 32768,
+                "use_sliding_window": False,
+                "max_window_layers": 2,
+                # M-RoPE: head_dim 16 -> 8 rotary pairs split over time, height, width (Qwen's
+                # 128-wide heads use [16, 24, 24])
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1000000.0,
+                    "mrope_section": [2, 3, 3],
+                },
+            },
+            "vision_config": {
+                "depth": 2,
+                "embed_dim": 32,
+                "num_heads": 2,
+                "mlp_ratio": 4,
+                "hidden_size": 64,  # the merger's output: the language model's width
+                "in_channels": 3,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            "tie_word_embeddings": True,
+            "image_token_id": IMAGE_PAD_ID,
+            "video_token_id": IMAGE_PAD_ID + 1,
+            "vision_start_token_id": VISION_START_ID,
+            "vision_end_token_id": VISION_START_ID + 1,
+        },
+        "preprocessor": QWEN2_VL_PREPROCESSOR,
     },
 }
 
@@ -415,12 +514,28 @@ def _is_complete(model_dir: Path, preset: str) -> bool:
     )
 
 
+def _init_vision(visual: Any, gen: Any) -> None:
+    """tiny-qwen2-vl's vision encoder weights (VISION_GAIN, GELU_RMS above); biases stay 0."""
+    import torch
+
+    last = visual.merger.mlp[-1].weight
+    for _name, param in visual.named_parameters():
+        if param.dim() < 2:
+            continue
+        fan_in = param[0].numel()
+        std = VISION_GAIN / fan_in**0.5
+        if param is last:
+            std = EMBED_STD / (GELU_RMS * fan_in**0.5)
+        param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
 def _build_into(out: Path, preset: str, vocab_file: Path) -> None:
     import torch
     import transformers
 
     spec = TINY_PRESETS[preset]
-    config_cls = getattr(transformers, spec["architecture"].replace("ForCausalLM", "Config"))
+    config_name = re.sub(r"For(CausalLM|ConditionalGeneration)$", "Config", spec["architecture"])
+    config_cls = getattr(transformers, config_name)
     model_cls = getattr(transformers, spec["architecture"])
     config = config_cls(**spec["config"], architectures=[spec["architecture"]])
     config.dtype = torch.float32  # written as "dtype": "float32"
@@ -433,6 +548,9 @@ def _build_into(out: Path, preset: str, vocab_file: Path) -> None:
         gen = torch.Generator().manual_seed(SEED + 1)
         emb = model.get_input_embeddings().weight
         emb.copy_(torch.randn(emb.shape, generator=gen, dtype=torch.float32) * EMBED_STD)
+        visual = getattr(getattr(model, "model", None), "visual", None)
+        if visual is not None:
+            _init_vision(visual, torch.Generator().manual_seed(SEED + 2))
     model.eval()
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=ENDOFTEXT_ID,
@@ -449,6 +567,8 @@ def _build_into(out: Path, preset: str, vocab_file: Path) -> None:
             transformers.utils.logging.enable_progress_bar()
     tokenizer = build_tokenizer(vocab_file, spec["family"])
     tokenizer.save_pretrained(out)
+    if "preprocessor" in spec:  # written as Qwen publishes it: no torchvision needed to build
+        atomic_write_json(out / "preprocessor_config.json", spec["preprocessor"])
     if not (out / "model.safetensors").is_file():
         raise RuntimeError(f"save_pretrained wrote no model.safetensors in {out}")
 

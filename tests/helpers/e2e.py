@@ -6,10 +6,13 @@ it (or for a trained run) is marked `e2e` automatically."""
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from tests.helpers.builders import env_without_fake
@@ -107,3 +110,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_until_ready(qwenft: Qwenft, run: Path, port: int, log: Path) -> subprocess.Popen:
+    """`qwenft serve RUN --port PORT` started, once it says it is ready (its stderr into log)."""
+    proc = qwenft.popen(
+        "serve", run, "--port", port, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True
+    )  # noqa: SIM115
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 240
+    got: list[str] = []
+    while not any(x.startswith("press Ctrl-C") for x in got):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            got.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    return proc
