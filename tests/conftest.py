@@ -154,6 +154,13 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("QWENFT_HOME", str(home))
     monkeypatch.delenv("QWENFT_DEBUG", raising=False)
+    # a suite run inside a Slurm step or a Kubeflow pod must not place its runs there
+    from qwenft.launch.schedulers import SCHEDULERS
+
+    for name in {v for s in SCHEDULERS for v in s.variables} | {
+        k for k in os.environ if k.startswith("PET_")
+    }:
+        monkeypatch.delenv(name, raising=False)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
