@@ -393,8 +393,6 @@ def resolve(req: RunRequest) -> RunSettings:
             req.data, model.thinking, Thinking.parse(req.thinking, "--thinking"), model.template
         )
         enable_thinking, thinking_warning = plan.enable_thinking, plan.warning
-    if not Template(model.template).vision:
-        raise_all(knobs.vision_keys(overrides, model.spec))
     if derives:
         model, overrides = derived_base(model, overrides, {**recipe(method, stage), **overrides})
     quantized = model.extra.get("quantization")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from qwenft import settings
+from qwenft import knobs, settings
 from qwenft.choices import (
     DEFAULT_OVERLENGTH,
     DataKind,
@@ -264,6 +264,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     if warning:
         notes.append(warning)
     model, method, ds_stage = run.model, run.method, run.deepspeed
+    if not Template(model.template).vision:  # what only a vision model reads
+        raise_all(knobs.vision_keys(run.overrides, req.model or model.spec))
     if report.has_images and not Template(model.template).vision:
         raise QwenftError(
             f"{data.name} holds images, and {req.model or model.spec} is a text model (template "

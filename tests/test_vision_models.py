@@ -214,6 +214,8 @@ def test_tiny_vl_preset_matches_its_build_spec() -> None:
 
 def test_hook_is_light_and_acts_only_on_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path])
+    # as in a process that has not imported torchvision yet (another test of this worker may have)
+    monkeypatch.delitem(sys.modules, torchvision_cpu.TRIGGER, raising=False)
     torchvision_cpu.uninstall()
     torchvision_cpu.install()
     torchvision_cpu.install()
