@@ -113,7 +113,8 @@ def test_set_and_config_reach_the_same_yaml(
 ) -> None:
     extra = tmp_path / "extra.yaml"
     extra.write_text("use_galore: true\ngalore_rank: 4\ngalore_layerwise: true\n")
-    base = ("--model", local_model, "--data", chat_file, *FULL)
+    # one run folder named for all three (the default's name holds the time: a second may pass)
+    base = ("--model", local_model, "--data", chat_file, "-o", tmp_path / "run", *FULL)
     by_option, *_ = dry_run(*base, "--galore", "--galore-rank", "4", "--galore-layerwise")
     by_set, *_ = dry_run(
         *base, "--set", "use_galore=true", "--set", "galore_rank=4", "--set",
