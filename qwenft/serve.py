@@ -16,6 +16,14 @@ traceback; a model name other than the served one gets OpenAI's 404 (code model_
 llama.cpp's server too (`python -m qwenft.serve llama_cpp.server ARGS`). The checks themselves
 (`check_chat_request`, `check_model`, `check_context`) are pure functions.
 
+In front of either backend's app, outside its own CORS middleware, sits qwenft.serve_guard's
+ServeGuard (installed with the checks): no browser page of another origin (unless named with
+--cors-origin) and no Host name but the bound address, localhost or an --allowed-host reaches the
+model (a DNS-rebinding page would otherwise), the key is compared in constant time, and a request
+body, max_tokens, the messages, the requests at once and the time per request are bounded. Its
+settings travel to the server as JSON in QWENFT_SERVE_GUARD; the key only ever in API_KEY (the
+printed curl line reads it from $QWENFT_API_KEY).
+
 Tool calls (docs/agents.md): LLaMA-Factory's API already answers a request with `tools` with
 `tool_calls` (finish_reason "tool_calls", arguments as a JSON string) when the run's template finds
 them in the reply. The wrapper fills two gaps so a standard OpenAI client's loop works: the
@@ -38,7 +46,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +57,17 @@ from qwenft.lf import render
 from qwenft.models.target import ModelTarget, resolve_target
 from qwenft.proc import launcher
 from qwenft.runs.progress import surface_log
+from qwenft.serve_guard import (
+    GUARD_ENV,
+    KEY_ENV,
+    GuardSettings,
+    ServeGuard,
+    error_body,
+    key_matches,
+    read_body,
+    replay,
+    send_json,
+)
 
 
 @dataclass
@@ -66,6 +85,7 @@ class ServePlan:
     env: dict[str, str]
     timeout_s: float
     backend: str = "transformers"  # LLaMA-Factory's API server; "llama.cpp": the run's GGUF
+    guard: GuardSettings = field(default_factory=GuardSettings)  # origins, host names, limits
 
     @property
     def base_url(self) -> str:
@@ -76,6 +96,7 @@ class ServePlan:
         return f"http://{host}:{self.port}/v1"
 
     def curl_line(self) -> str:
+        """A curl command to paste; it reads the key (never shown) from $QWENFT_API_KEY."""
         body = json.dumps(
             {"model": self.model_name, "messages": [{"role": "user", "content": "Hello!"}]},
             ensure_ascii=False,
@@ -86,10 +107,10 @@ class ServePlan:
             "-H",
             "Content-Type: application/json",
         ]
-        if self.api_key:
-            parts += ["-H", f"Authorization: Bearer {self.api_key}"]
-        parts += ["-d", body]
-        return " ".join(shlex.quote(p) for p in parts)
+        line = " ".join(shlex.quote(p) for p in parts)
+        if self.api_key:  # double quotes: the shell puts the variable in
+            line += f' -H "Authorization: Bearer ${KEY_ENV}"'
+        return f"{line} -d {shlex.quote(body)}"
 
 
 def is_loopback(host: str) -> bool:
@@ -242,8 +263,10 @@ def plan_serve(
     template: str | None = None,
     force: bool = False,
     backend: str = "transformers",
+    guard: GuardSettings | None = None,
 ) -> ServePlan:
-    """Check every input and render the config; raise QwenftError (writing nothing) otherwise."""
+    """Check every input and render the config; raise QwenftError (writing nothing) otherwise.
+    `guard`: origins, host names and limits (serve_guard; the bound host is filled in here)."""
     host = check_host(host, api_key)
     if timeout_s <= 0:
         raise QwenftError(f"--timeout must be positive (got {timeout_s})")
@@ -254,8 +277,13 @@ def plan_serve(
     target, template, run_dir = resolve_serve_target(spec, adapter, template, force)
     port = check_port(host, port)
     model_name = model_name_for(spec, run_dir)
+    guard = guard or GuardSettings()
     if backend == "llama.cpp":
-        return _plan_llamacpp(target, template, run_dir, host, port, api_key, model_name, timeout_s)
+        guard = replace(guard, host=host, default_tokens=LLAMACPP_CONTEXT)
+        return _plan_llamacpp(
+            target, template, run_dir, host, port, api_key, model_name, timeout_s, guard
+        )
+    guard = replace(guard, host=host, default_tokens=LF_DEFAULT_NEW_TOKENS)
     cli = lf_launcher.find_llamafactory_cli()
     config = build_serve_config(target, template)
     yaml_text = render.to_yaml(config, header=f"qwenft serve {target.source}")
@@ -270,6 +298,8 @@ def plan_serve(
         target.model_kind,
         vision=Template(template).vision,
     )
+    env[GUARD_ENV] = guard.to_env()
+    env["MAX_CONCURRENT"] = str(guard.max_concurrent)  # LLaMA-Factory's engine: at once
     return ServePlan(
         target,
         template,
@@ -283,11 +313,14 @@ def plan_serve(
         argv,
         env,
         timeout_s,
+        guard=guard,
     )
 
 
 SERVE_BACKENDS = ("transformers", "llama.cpp")
 LLAMACPP_CONTEXT = 4096
+# LLaMA-Factory's reply length for a request without max_tokens (GeneratingArguments.max_new_tokens)
+LF_DEFAULT_NEW_TOKENS = 1024
 
 
 def _plan_llamacpp(
@@ -299,6 +332,7 @@ def _plan_llamacpp(
     api_key: str | None,
     model_name: str,
     timeout_s: float,
+    guard: GuardSettings,
 ) -> ServePlan:
     """`qwenft serve --backend llama.cpp`: llama-cpp-python's OpenAI-compatible server over the
     run's GGUF export (its chat template is the one the export embedded and verified). The key
@@ -312,6 +346,9 @@ def _plan_llamacpp(
     argv = [sys.executable, "-m", "llama_cpp.server", "--host", host, "--port", str(port)]
     argv += [f"--{k}={v}" for k, v in config.items()] + ["--verbose=False"]
     env = {"API_MODEL_NAME": model_name, **({"API_KEY": api_key} if api_key else {})}
+    # llama_cpp.server lets HOST and PORT in the environment override --host and --port
+    env.update(HOST=host, PORT=str(port))
+    env[GUARD_ENV] = guard.to_env()
     return ServePlan(
         target,
         template,
@@ -326,6 +363,7 @@ def _plan_llamacpp(
         env,
         timeout_s,
         backend="llama.cpp",
+        guard=guard,
     )
 
 
@@ -435,6 +473,8 @@ def execute_serve(
         progress(f"serving {what} (template {plan.template}, {plan.backend})")
         progress(f"launching: {launcher.format_command(argv, _shown_env(plan.env))}")
         progress(f"log: {log_path}" + ("" if verbose else " (-v shows it here too)"))
+        for line in plan.guard.summary(plan.api_key):
+            progress(line)
         with launcher.start(argv, plan.env, log_path, cwd=plan.run_dir, echo=echo) as proc:
             try:
                 took = wait_ready(
@@ -452,6 +492,10 @@ def execute_serve(
                 f"ready in {took:.0f} s: {plan.base_url} (model {plan.model_name!r}, {where}, {key})"
             )
             announce(plan.curl_line())
+            if plan.api_key:
+                progress(
+                    f"the curl line reads the key from ${KEY_ENV}: set it in the client's shell"
+                )
             announce("press Ctrl-C to stop")
             progress("one line per request (time, method, path, status, seconds) follows")
             code = proc.wait()
@@ -572,16 +616,6 @@ class Problem(tuple):
         return self[1]
 
 
-def error_body(
-    message: str,
-    param: str | None = None,
-    kind: str = "invalid_request_error",
-    code: str | None = None,
-) -> dict:
-    """The OpenAI error object (openai clients show error.message)."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def check_model(body: dict[str, Any], served_model: str, required: bool = True) -> Problem | None:
     """A request for another model than the served one gets OpenAI's answer: 404, code
     model_not_found (openai clients raise NotFoundError); a missing model a 400 when required."""
@@ -652,7 +686,7 @@ def check_image_parts(
     import binascii
     import io
 
-    from qwenft.data.images import ImageProblem, verify_image
+    from qwenft.data.images import ImageProblem, undecodable, verify_image
 
     for i, message in enumerate(body.get("messages") or []):
         content = message.get("content") if isinstance(message, dict) else None
@@ -691,7 +725,7 @@ def check_image_parts(
                     data = base64.b64decode(payload, validate=True)
                 except (binascii.Error, ValueError):
                     return f"{where}: the data URL is not valid base64", where
-                problem = _undecodable(io.BytesIO(data))
+                problem = undecodable(io.BytesIO(data))
                 if problem:
                     return f"{where}: the image cannot be decoded ({problem})", where
                 continue
@@ -711,18 +745,6 @@ def check_image_parts(
             kind = _image_format(path)
             encoded = base64.b64encode(path.read_bytes()).decode()
             part["image_url"] = {"url": f"data:image/{kind};base64,{encoded}"}
-    return None
-
-
-def _undecodable(stream: Any) -> str | None:
-    """Why an image stream does not decode (Pillow), or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(stream) as im:
-            im.verify()
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the request's
-        return str(exc) or type(exc).__name__
     return None
 
 
@@ -929,7 +951,7 @@ class RequestChecks:
         if not self.api_key:
             return True
         headers = dict(scope.get("headers") or [])
-        return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.api_key}"
+        return key_matches(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
 
     def problem(self, raw: bytes) -> tuple[str, str | None] | None:
         return self.prepare(raw)[0]
@@ -991,19 +1013,15 @@ class RequestChecks:
             path.endswith("/completions") if self.only_model else path.endswith("/chat/completions")
         )
         if scope["method"] == "POST" and checked and self._authorized(scope):
-            chunks, more = [], True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                more = message.get("more_body", False)
-            problem, raw = self.prepare(b"".join(chunks))
+            body = await read_body(receive)
+            if body is None:
+                return
+            problem, raw = self.prepare(body)
             if problem:
                 status, code = getattr(problem, "status", 400), getattr(problem, "code", None)
-                await self._json(send, status, error_body(*problem, code=code))
+                await send_json(send, status, error_body(*problem, code=code))
                 return
-            receive = _replay(raw, receive)
+            receive = replay(raw, receive)
         try:
             await self.app(scope, receive, tracked_send)
         except Exception as exc:
@@ -1013,36 +1031,13 @@ class RequestChecks:
 
             traceback.print_exc()
             message = f"the server failed on this request ({type(exc).__name__}: {exc})"
-            await self._json(send, 500, error_body(message, kind="server_error"))
-
-    @staticmethod
-    async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
-
-
-def _replay(raw: bytes, receive: Any) -> Any:
-    """An ASGI receive that hands over the body already read, then defers to receive."""
-    replayed = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replay
+            await send_json(send, 500, error_body(message, kind="server_error"))
 
 
 def install_request_checks(app: Any, chat_model: Any) -> None:
-    """Add RequestChecks (inside the CORS middleware), RequestLog (outside everything) and a 400
-    for FastAPI's validation errors (its default is 422) to LLaMA-Factory's app."""
+    """Add RequestChecks (inside the CORS middleware), ServeGuard (outside it), RequestLog
+    (outside everything) and a 400 for FastAPI's validation errors (its default is 422) to
+    LLaMA-Factory's app."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.middleware import Middleware
@@ -1052,14 +1047,24 @@ def install_request_checks(app: Any, chat_model: Any) -> None:
 
     app.add_exception_handler(RequestValidationError, invalid)
     app.user_middleware.append(Middleware(RequestChecks, chat_model=chat_model))
-    app.user_middleware.insert(0, Middleware(RequestLog))
+    _install_guard(app)
 
 
 def install_llamacpp_checks(app: Any) -> None:
-    """llama-cpp-python's app: RequestLog, and the model check (404 for another model name)."""
+    """llama-cpp-python's app: RequestLog, ServeGuard, and the model check (404 for another model
+    name)."""
     from starlette.middleware import Middleware
 
     app.user_middleware.append(Middleware(RequestChecks, only_model=True))
+    _install_guard(app)
+
+
+def _install_guard(app: Any) -> None:
+    """ServeGuard outside the app's own middleware (its CORS included), RequestLog outside it so
+    that refusals get their line too."""
+    from starlette.middleware import Middleware
+
+    app.user_middleware.insert(0, Middleware(ServeGuard))
     app.user_middleware.insert(0, Middleware(RequestLog))
 
 

@@ -17,7 +17,7 @@ from qwenft.runs.folder import create_run_dir
 from qwenft.runs.manifest import MANIFEST, update_manifest
 from tests.helpers.builders import QA, run_manifest
 from tests.helpers.cli import invoke
-from tests.helpers.e2e import LEARN, Qwenft, copy_run, free_port, manifest
+from tests.helpers.e2e import LEARN, Qwenft, copy_run, free_port, http_request, manifest
 from tests.helpers.gotemplate import render
 
 SYSTEM = "You are a helpful assistant."
@@ -272,7 +272,8 @@ def test_export_gguf_of_a_lora_run_end_to_end(
 
 def _serve_llamacpp(qwenft: Qwenft, run: Path, tmp_path: Path) -> None:
     """`qwenft serve --backend llama.cpp`: llama-cpp-python's OpenAI server over the GGUF, with
-    serve's key rule; an answer comes back and stops, and nothing outlives the server."""
+    serve's key rule and guard (issue 30: other origins and Host names refused, the body limit,
+    the key never shown or written); an answer comes back and stops, nothing outlives the server."""
     import openai
     import psutil
 
@@ -321,8 +322,30 @@ def _serve_llamacpp(qwenft: Qwenft, run: Path, tmp_path: Path) -> None:
         with pytest.raises(openai.NotFoundError) as unknown:  # OpenAI's answer to a wrong model
             client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
         assert unknown.value.code == "model_not_found"
+        # the guard, as on LLaMA-Factory's server (test_serve_eval._guard_checks)
+        auth = {"Authorization": f"Bearer {key}"}
+        path, evil = "/v1/chat/completions", "https://evil.example"
+        ask = {"Origin": evil, "Access-Control-Request-Method": "POST"}
+        status, head, _ = http_request(port, "OPTIONS", path, headers=ask)
+        assert status == 403 and "access-control-allow-origin" not in head
+        for headers, expected in [
+            ({**auth, "Origin": evil}, 403),
+            ({**auth, "Host": f"evil.example:{port}"}, 403),
+            ({**auth, "Host": f"localhost:{port}"}, 200),
+        ]:
+            status, head, body = http_request(port, "GET", "/v1/models", headers=headers)
+            assert status == expected and "access-control-allow-origin" not in head, body
+        status, _, _ = http_request(port, "POST", path, b"x" * (20 * 2**20), auth)
+        assert status == 413
+        big = {"model": run.name, "messages": messages, "max_tokens": 5000}
+        status, _, body = http_request(port, "POST", path, json.dumps(big).encode(), auth)
+        assert status == 400 and json.loads(body)["error"]["param"] == "max_tokens"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        shown = line + proc.stdout.read() + (tmp_path / "serve.err").read_text()
+        assert "Bearer $QWENFT_API_KEY" in shown and key not in shown
+        for written in ("serve.yaml", "serve.log"):
+            assert key not in (run / written).read_text()
         time.sleep(1)
         assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:

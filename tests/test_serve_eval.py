@@ -24,7 +24,7 @@ from qwenft.runs.lock import LOCK_NAME
 from qwenft.runs.manifest import DatasetRecord, Manifest
 from tests.helpers.builders import QA, kto_rows, pair_rows, read_calls, write_jsonl, written
 from tests.helpers.cli import invoke
-from tests.helpers.e2e import Qwenft, copy_run
+from tests.helpers.e2e import Qwenft, copy_run, http_request
 
 
 @pytest.fixture
@@ -114,7 +114,9 @@ def test_plan_serve_curl_line_and_free_port(run_dir: Path, fake_cli: Path) -> No
     assert 0 < plan.port < 65536 and plan.base_url == f"http://127.0.0.1:{plan.port}/v1"
     line = plan.curl_line()
     assert f"http://127.0.0.1:{plan.port}/v1/chat/completions" in line
-    assert "Authorization: Bearer sk-test" in line and '"model": "lora"' in line
+    # the key is never shown: the shell takes it from the environment
+    assert '-H "Authorization: Bearer $QWENFT_API_KEY"' in line and '"model": "lora"' in line
+    assert "sk-test" not in line and "sk-test" not in plan.yaml_text
     assert not (run_dir / "serve.yaml").exists()  # planning writes nothing
 
 
@@ -402,6 +404,49 @@ def test_serve_reports_a_server_that_dies_while_loading(
     )
 
 
+def test_serve_hands_its_guard_to_the_server_and_never_shows_the_key(
+    run_dir: Path, fake_cli: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's options reach the server's environment (QWENFT_SERVE_GUARD, LLaMA-Factory's
+    MAX_CONCURRENT), what is in force is printed, and the key (QWENFT_API_KEY) only goes to the
+    server as API_KEY: not on the terminal, not into the run folder."""
+    import os
+
+    key = "sk-cli-secret-7e21"
+    monkeypatch.setenv("FAKE_LF_EXIT", "3")
+    recorded = ("QWENFT_SERVE_GUARD", "MAX_CONCURRENT", "API_KEY")
+    monkeypatch.setenv("FAKE_LF_VARS", ",".join([os.environ["FAKE_LF_VARS"], *recorded]))
+    monkeypatch.setenv("QWENFT_API_KEY", key)
+    result = invoke(
+        "serve",
+        run_dir,
+        "--port",
+        0,
+        "--cors-origin",
+        "http://LocalHost:3000/",
+        "--allowed-host",
+        "box.lan",
+        "--max-concurrent",
+        2,
+        "--max-queue",
+        3,
+    )
+    assert result.exit_code == 1, result.output  # the stand-in server exits at once
+    env = read_calls(fake_cli)[0]["env"]
+    guard = json.loads(env["QWENFT_SERVE_GUARD"])
+    assert guard["cors_origins"] == ["http://localhost:3000"]
+    assert guard["allowed_hosts"] == ["box.lan"] and guard["host"] == "127.0.0.1"
+    assert (guard["max_concurrent"], guard["max_queue"], guard["max_tokens"]) == (2, 3, 4096)
+    assert guard["default_tokens"] == serve_mod.LF_DEFAULT_NEW_TOKENS
+    assert env["MAX_CONCURRENT"] == "2" and env["API_KEY"] == key
+    assert "browser origins allowed (--cors-origin): http://localhost:3000;" in result.output
+    assert "Host names (--allowed-host): 127.0.0.1, box.lan, localhost" in result.output
+    assert "2 generating, 3 waiting (then 429)" in result.output
+    assert "API_KEY='***'" in result.output  # the launching line
+    assert key not in result.output
+    assert [p for p in run_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
+
+
 # ------------------------------------------------------------------------------------------------
 # eval
 
@@ -654,20 +699,29 @@ def test_eval_scoring_failure_leaves_the_old_report(
 def test_serve_openai_client_end_to_end(lora_run: Path, qwenft: Qwenft, tmp_path: Path) -> None:
     """A served run, through the openai client: answers, streams, OpenAI's errors (400s naming
     the problem, 404 NotFoundError for another model, 401); the terminal shows one line per
-    request, LLaMA-Factory's output only RUN/serve.log."""
+    request, LLaMA-Factory's output only RUN/serve.log. The guard over real HTTP (_guard_checks);
+    the key (from QWENFT_API_KEY) is never shown nor written into the run folder."""
     import openai
     import psutil
 
     run = copy_run(lora_run, tmp_path / "served")  # serve writes serve.yaml and serve.log into it
-    port, key = serve_mod.free_port(), "sk-qwenft-test"
+    port, key = serve_mod.free_port(), "sk-qwenft-test-3f9a1c"
     err_log = open(tmp_path / "serve.err", "w")  # noqa: SIM115
-    proc = qwenft.popen(
-        "serve",
-        run,
-        "--port",
-        port,
-        "--api-key",
-        key,
+    proc = subprocess.Popen(
+        qwenft.argv(
+            "serve",
+            run,
+            "--port",
+            port,
+            "--cors-origin",
+            UI_ORIGIN,
+            "--max-queue",
+            4,
+            "--max-tokens",
+            40000,  # the model's context check below answers first (the cap: _guard_checks)
+        ),
+        env={**qwenft.env, "QWENFT_API_KEY": key},
+        cwd=qwenft.cwd,
         stdout=subprocess.PIPE,
         stderr=err_log,
         text=True,
@@ -687,9 +741,10 @@ def test_serve_openai_client_end_to_end(lora_run: Path, qwenft: Qwenft, tmp_path
                 pass
         assert got[0].startswith("ready in") and f"http://127.0.0.1:{port}/v1" in got[0]
         assert "model 'served'" in got[0] and "Bearer key required" in got[0]
-        assert got[1].startswith("curl ") and f"Bearer {key}" in got[1]
+        assert got[1].startswith("curl ") and "Bearer $QWENFT_API_KEY" in got[1]
         family = psutil.Process(proc.pid).children(recursive=True)
         assert family  # the llamafactory-cli api server
+        _guard_checks(port, key, max(family, key=lambda p: p.memory_info().rss), "served")
 
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60
@@ -745,6 +800,8 @@ def test_serve_openai_client_end_to_end(lora_run: Path, qwenft: Qwenft, tmp_path
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        time.sleep(0.2)  # the reader thread's last lines
+        got += [lines.get() for _ in range(lines.qsize())]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -753,6 +810,17 @@ def test_serve_openai_client_end_to_end(lora_run: Path, qwenft: Qwenft, tmp_path
     assert [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     terminal = (tmp_path / "serve.err").read_text()
     assert "server stopped (SIGTERM); no processes left" in terminal
+    # the limits in force, with their options, before the server starts
+    assert f"browser origins allowed (--cors-origin): {UI_ORIGIN};" in terminal
+    assert "body 16 MB, max_tokens 40000, 256 messages, 1 generating, 4 waiting" in terminal
+    # the key: not on the terminal, not in the run folder (serve.yaml, serve.log, ...)
+    assert key not in terminal and key not in "".join(got)
+    written_files = [p for p in run.rglob("*") if p.is_file()]
+    assert {"serve.yaml", "serve.log"} <= {p.name for p in written_files}
+    assert [p for p in written_files if key.encode() in p.read_bytes()] == []
+    assert ("OPTIONS", "/v1/chat/completions", "403") in re.findall(
+        r"^\d\d:\d\d:\d\d (\w+) (\S+) (\d+) \d+\.\d\d s$", terminal, re.M
+    )
     # the terminal: one line per request; LLaMA-Factory's output (config dumps, uvicorn) only in
     # the log
     assert f"log: {run / 'serve.log'}" in terminal
@@ -768,6 +836,77 @@ def test_serve_openai_client_end_to_end(lora_run: Path, qwenft: Qwenft, tmp_path
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+UI_ORIGIN = "http://ui.example:3000"  # the served test's --cors-origin
+
+
+def _guard_checks(port: int, key: str, server: object, model: str) -> None:
+    """Issue 30 over real HTTP: pages of other origins and other Host names (DNS rebinding) are
+    refused, a --cors-origin gets its header, a 20 MB body a 413 without the server growing by
+    it, 32 requests at once against a queue of 4 answers or 429s and the server answers after."""
+    import threading
+
+    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    chat = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+    ).encode()
+    evil, path = "https://evil.example", "/v1/chat/completions"
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    status, head, _ = http_request(port, "OPTIONS", path, headers={"Origin": evil, **preflight})
+    assert status == 403 and "access-control-allow-origin" not in head
+    status, head, body = http_request(
+        port, "POST", path, chat, {**auth, "Origin": evil, "Host": f"evil.example:{port}"}
+    )
+    assert status == 403 and "access-control-allow-origin" not in head
+    assert json.loads(body)["error"]["code"] == "host_not_allowed"
+    status, head, body = http_request(port, "POST", path, chat, {**auth, "Origin": evil})
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    # the web UI named with --cors-origin
+    status, head, _ = http_request(
+        port, "OPTIONS", path, headers={"Origin": UI_ORIGIN, **preflight}
+    )
+    assert status == 204 and head["access-control-allow-origin"] == UI_ORIGIN
+    status, head, body = http_request(port, "POST", path, chat, {**auth, "Origin": UI_ORIGIN})
+    assert status == 200 and head["access-control-allow-origin"] == UI_ORIGIN, body
+    assert "access-control-allow-credentials" not in head
+    # DNS rebinding: a name that resolves to 127.0.0.1 is not one this server answers to
+    for host, expected in [(f"evil.example:{port}", 403), (f"localhost:{port}", 200)]:
+        status, _, body = http_request(port, "GET", "/v1/models", headers={**auth, "Host": host})
+        assert status == expected, (host, body)
+    # the caps
+    over = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40001}
+    )
+    status, _, body = http_request(port, "POST", path, over.encode(), auth)
+    assert status == 400 and "at most 40000 tokens" in json.loads(body)["error"]["message"]
+    # 20 MB: a 413 from its Content-Length; the server does not keep it
+    rss = server.memory_info().rss  # type: ignore[attr-defined]
+    status, _, body = http_request(port, "POST", path, b"x" * (20 * 2**20), auth)
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    grew = server.memory_info().rss - rss  # type: ignore[attr-defined]
+    assert grew < 5 * 2**20, f"the server grew by {grew / 2**20:.1f} MB"
+    # 32 at once against 1 generating + 4 waiting: answers or 429s, never a 500 or a hang
+    start, replies = threading.Barrier(32), []
+
+    def one() -> None:
+        start.wait()
+        replies.append(http_request(port, "POST", path, chat, auth))
+
+    threads = [threading.Thread(target=one) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not [t for t in threads if t.is_alive()] and len(replies) == 32
+    statuses = sorted(r[0] for r in replies)
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    assert all(int(h["retry-after"]) >= 1 for s, h, _ in replies if s == 429)
+    status, _, body = http_request(port, "POST", path, chat, auth)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_serve_killed_with_sigkill_leaves_nothing_and_frees_its_port(

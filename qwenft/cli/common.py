@@ -119,6 +119,19 @@ def launch_options(fn: F) -> F:
     )(fn)
 
 
+def guard_options(fn: F) -> F:
+    """`serve`'s guard options (qwenft.serve_guard.GUARD_OPTIONS: browser origins, host names,
+    limits), handed to it as one `guard: GuardSettings` argument, checked from the same table."""
+    from qwenft.serve_guard import GUARD_OPTIONS, GuardSettings
+
+    def annotation(opt: Any) -> Any:
+        return Annotated[opt.type | None, typer.Option(opt.option, help=opt.help_text)]
+
+    return _bundle(
+        "guard", [(o.param, annotation(o)) for o in GUARD_OPTIONS], GuardSettings.from_options
+    )(fn)
+
+
 TemplateOpt = Annotated[
     str | None,
     choice_option("--template", Template.values(), "Must match the run's (else --force)."),

@@ -36,7 +36,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from qwenft.choices import DataKind
 from qwenft.data.messages import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
@@ -405,28 +405,38 @@ def _pil() -> Any:
     return Image
 
 
+def undecodable(source: Path | IO[bytes]) -> str | None:
+    """Why an image (a file, or a stream of its bytes) does not decode, or None: Pillow's verify,
+    the image's structure with PNG checksums included (what serve checks an uploaded image with,
+    and verify_image a file)."""
+    Image = _pil()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: LF opens it all the same
+            with Image.open(source) as im:
+                im.verify()
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the image's
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def verify_image(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file that exists and decodes (Pillow's verify: the file's
-    structure, PNG checksums included); ImageProblem otherwise."""
+    """(width, height) of an image file that exists and decodes (undecodable); ImageProblem
+    otherwise."""
     Image = _pil()
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise ImageProblem("image_missing", f"image {path} {what}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: LF opens it all the same
-            with Image.open(path) as im:
-                im.verify()
-            with Image.open(path) as im:
-                size = im.size
-    except Image.DecompressionBombError as exc:
-        raise ImageProblem("image_unreadable", f"image {path}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the file's
-        why = str(exc) or type(exc).__name__
+    why = undecodable(path)
+    if why:
         raise ImageProblem(
             "image_unreadable",
             f"image {path} cannot be decoded ({why}): LLaMA-Factory would fail on it",
-        ) from None
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            size = im.size
     if not size[0] or not size[1]:
         raise ImageProblem("image_unreadable", f"image {path} is empty ({size[0]}x{size[1]})")
     return size
