@@ -125,6 +125,23 @@ class Overlength(Choice):
     FAIL = "fail"
 
 
+class Mix(Choice):
+    """How several --data files make one training set (LLaMA-Factory's mix_strategy): concat reads
+    every row of each file once, in order; interleave draws rows from the files at random (at the
+    --data FILE:SHARE shares, else evenly) until the first file runs out; interleave-over goes on,
+    repeating the files that ran out, until every file has been read once."""
+
+    CONCAT = "concat"
+    INTERLEAVE = "interleave"
+    INTERLEAVE_OVER = "interleave-over"
+
+    @property
+    def lf_value(self) -> str:
+        return {"concat": "concat", "interleave": "interleave_under"}.get(
+            self.value, "interleave_over"
+        )
+
+
 class DataKind(Choice):
     """What a data file holds, by its rows' shape (qwenft.data names it; each stage takes one):
     sft {"messages"}; preference {"messages" ending with a user turn, "chosen", "rejected"};

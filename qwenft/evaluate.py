@@ -35,8 +35,8 @@ import yaml
 
 from qwenft import __version__
 from qwenft import settings as run_settings
-from qwenft.choices import DataKind, Thinking
-from qwenft.data import check, reader, registry
+from qwenft.choices import DataKind, Template, Thinking
+from qwenft.data import check, images, reader, registry
 from qwenft.errors import JobFailed, QwenftError, raise_all
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 from qwenft.knobs import EVAL, KnobValues, out_of_range
@@ -53,7 +53,7 @@ from qwenft.models.target import (
 from qwenft.paths import default_dataset_dir
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
-from qwenft.runs.manifest import now_iso, update_manifest
+from qwenft.runs.manifest import MANIFEST, now_iso, read_manifest, update_manifest
 from qwenft.runs.progress import surface_log
 
 REPLACE_HINT = "pass --force to replace it, or --output-dir for a new folder"
@@ -130,9 +130,23 @@ def _run_train_config(run_dir: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def run_eval_data(spec: str) -> Path:
+    """`qwenft eval RUN` without --data: the run's --eval-data file (the first, where it had
+    several), else QwenftError saying to pass --data."""
+    run_dir = Path(spec).expanduser()
+    manifest = read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else None
+    if manifest is None or not manifest.eval_data:
+        raise QwenftError(
+            "--data is required"
+            + (f": {run_dir} was trained without --eval-data" if manifest else ""),
+            f"qwenft eval {spec} --data HELD_OUT.jsonl",
+        )
+    return Path(manifest.eval_data[0].path)
+
+
 def plan_eval(
     spec: str,
-    data: Path,
+    data: Path | None,
     *,
     output_dir: Path | None = None,
     base: str | None = None,
@@ -155,6 +169,10 @@ def plan_eval(
     if base and no_base:
         raise QwenftError("--base and --no-base contradict each other", "pass one of them")
 
+    notes: list[str] = []
+    if data is None:
+        data = run_eval_data(spec)
+        notes.append(f"evaluating on the run's --eval-data: {data}")
     # any kind: the file's own (sft runs LLaMA-Factory's evaluation, the others are scored)
     report = check.require_valid(Path(data).expanduser(), "nothing was evaluated", kind=None)
     kind = report.kind
@@ -165,7 +183,6 @@ def plan_eval(
     # QwenftError for a folder that is neither a run nor a model, or a --template other than the
     # run's trained one (unless --force)
     tuned = resolve_target(spec, None, template, force)
-    notes: list[str] = []
     run_dir, manifest = tuned.run_dir, tuned.manifest
     train_cfg: dict[str, Any] = {}
     base_model: ModelTarget | None = None
@@ -222,6 +239,18 @@ def plan_eval(
             "batch_size": batch_size,
             "max_samples": max_samples,
         }
+    if report.has_images:
+        if not Template(tuned.template).vision:
+            raise QwenftError(
+                f"{data.name} holds images, and {spec} is a text model (template "
+                f"{tuned.template}); nothing was evaluated",
+                "evaluate image data on a vision-language model or run (docs/vision.md)",
+            )
+        # where the images are (relative to the data file), scaled as the run trained them
+        settings["media_dir"] = images.media_dir(data)
+        for key in ("image_max_pixels", "image_min_pixels"):
+            if train_cfg.get(key):
+                settings[key] = train_cfg[key]
     ddir = (dataset_dir or default_dataset_dir()).expanduser().absolute()
     return EvalPlan(
         spec=spec,
@@ -266,8 +295,9 @@ def build_eval_config(
     if plan.enable_thinking is not None:
         cfg["enable_thinking"] = plan.enable_thinking
     cfg["cutoff_len"] = s["cutoff_len"]
-    if s.get("max_samples"):
-        cfg["max_samples"] = s["max_samples"]
+    for key in ("max_samples", "media_dir", "image_max_pixels", "image_min_pixels"):
+        if s.get(key):
+            cfg[key] = s[key]
     cfg.update(
         overwrite_cache=True,
         output_dir=str(output_dir),

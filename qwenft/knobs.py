@@ -344,6 +344,40 @@ _ROWS: tuple[Knob, ...] = (
     ),
     Knob("lora_alpha", methods=ADAPTERS),
     Knob("lora_dropout", methods=ADAPTERS),
+    # Mixture-of-experts models (issue 29, qwenft.models.coverage): their experts and router are
+    # parameters, not linear layers; qwenft makes the initial adapter that covers them.
+    Knob(
+        "lora_experts",
+        "--lora-experts",
+        str,
+        "Mixture-of-experts models: LoRA on the experts too (on, the default), or off: the "
+        "attention and other linear layers only (lora, qlora).",
+        methods=ADAPTERS,
+        commands=(TRAIN, PLAN),
+        choices=("on", "off"),
+        section="method",
+        own=True,  # qwenft makes the adapter (PEFT target_parameters) before launch
+    ),
+    Knob(
+        "train_router",
+        "--train-router/--freeze-router",
+        bool,
+        "Mixture-of-experts models: LoRA on the router (mlp.gate) too; frozen by default "
+        "(lora, qlora).",
+        methods=ADAPTERS,
+        commands=(TRAIN, PLAN),
+        section="method",
+        own=True,
+    ),
+    Knob(
+        "moe_aux_loss_coef",
+        "--moe-aux-loss",
+        float,
+        "Mixture-of-experts models: weight of the router's load-balancing loss, added to the "
+        "training loss (moe_aux_loss_coef; it turns on the router logits).",
+        AT_LEAST_ZERO("e.g. --moe-aux-loss 0.001 (Qwen3-MoE's own router_aux_loss_coef)"),
+        section="model",
+    ),
     Knob(
         "use_dora",
         "--dora",
@@ -949,9 +983,9 @@ _ROWS: tuple[Knob, ...] = (
     Knob(
         "max_samples",
         "--max-samples",
-        help="Use only the first N samples.",
+        help="Use only the first N samples (of each --data file).",
         rule=POSITIVE_WHOLE("e.g. --max-samples 100"),
-        commands=(EVAL,),
+        commands=(TRAIN, EVAL),
     ),
 )
 

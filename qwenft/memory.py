@@ -30,12 +30,23 @@ from dataclasses import asdict, dataclass, field
 
 from qwenft.choices import DeepSpeed, Method, Stage
 from qwenft.errors import QwenftError
+from qwenft.models.coverage import (
+    LORA_MODULES,
+    coverage,
+    embedding_params,
+    expert_shapes,
+    linear_shapes,
+    linear_weight_params,
+    lora_params,
+    parse_lora_target,
+)
 from qwenft.models.presets import Arch
+
+__all__ = ["LORA_MODULES", "embedding_params", "linear_shapes", "lora_params", "parse_lora_target"]
 
 GB = 1e9
 GIB = 2**30
 
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANT_BITS = (4, 8)
 
 # --- constants (each one is explained in docs/memory.md) ------------------------------------
@@ -109,6 +120,8 @@ class PlanInput:
     optimizer: str = "adamw"  # adamw | galore | apollo | badam (OPTIMIZERS)
     optimizer_rank: int = 16  # galore/apollo: the projection rank
     layerwise: bool = False  # galore/apollo: each weight steps as its gradient arrives
+    lora_experts: bool = True  # a mixture-of-experts model: LoRA covers its experts too
+    train_router: bool = False  # ... and its router
 
 
 @dataclass
@@ -135,6 +148,8 @@ class Plan:
     sequences_per_step: int = 0  # sequences one forward/backward holds: batch x (2 for pairs)
     trainable_layers: int | None = None  # freeze: the decoder layers trained (last N; -N: first N)
     optimizer: str = "adamw"
+    active_params: int = 0  # parameters one token runs through (an MoE model's active experts)
+    coverage: dict = field(default_factory=dict)  # what the run trains (models.coverage)
 
     @property
     def peak_gb(self) -> float:
@@ -163,51 +178,10 @@ class Plan:
 # --- architecture arithmetic ------------------------------------------------------------------
 
 
-def linear_shapes(arch: Arch) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer in one decoder layer."""
-    h, i = arch.hidden_size, arch.intermediate_size
-    hd = arch.head_dim or h // arch.num_attention_heads
-    q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-
-
 def linear_params(arch: Arch) -> int:
-    """Parameters in the decoder's linear layers (what bitsandbytes quantizes)."""
-    return arch.num_hidden_layers * sum(a * b for a, b in linear_shapes(arch).values())
-
-
-def embedding_params(arch: Arch) -> int:
-    """embed_tokens plus lm_head (one matrix when tied); they stay bf16 under QLoRA."""
-    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-
-
-def parse_lora_target(target: str) -> tuple[str, ...]:
-    """'all' or a comma list of projection names -> the modules; QwenftError if unknown."""
-    text = target.strip()
-    if text == "all":
-        return LORA_MODULES
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    bad = [n for n in names if n not in LORA_MODULES]
-    if not names or bad:
-        raise QwenftError(
-            f"unknown --lora-target {', '.join(bad) or repr(target)}",
-            f"use all, or a comma list of {','.join(LORA_MODULES)}",
-        )
-    return names
-
-
-def lora_params(arch: Arch, rank: int, targets: tuple[str, ...] = LORA_MODULES) -> int:
-    """Adapter parameters: rank x (in + out) per targeted linear, per layer."""
-    shapes = linear_shapes(arch)
-    return arch.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
+    """Parameters in the decoder's linear layers (what bitsandbytes quantizes; a mixture-of-experts
+    model's experts are parameters, not nn.Linear, and stay bf16)."""
+    return linear_weight_params(arch)
 
 
 def zero_model_states(
@@ -240,15 +214,24 @@ def layer_activation_bytes_per_token(
     Two RMSNorms keep their fp32 upcast input and bf16 output (6h each; Liger: 2h); attention
     keeps q, k, v after RoPE, its output and o_proj's input copy (6q + 4kv); the SwiGLU MLP keeps
     gate, up, silu(gate) and the product (8i; Liger recomputes silu: 6i). Each LoRA-wrapped
-    linear adds its dropout mask and bf16 input copy (3 bytes x in_features).
+    linear adds its dropout mask and bf16 input copy (3 bytes x in_features). A mixture-of-experts
+    layer runs each token through its experts_per_token experts only: the router's fp32 logits and
+    probabilities (8 per expert), and per active expert its SwiGLU (8m) plus the token's gathered
+    input and weighted output (4h); a shared expert is one more SwiGLU (8s).
     """
     shapes = linear_shapes(arch)
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
     norms = 2 * (2 * h if liger else 6 * h)
     attn = 6 * q + 4 * kv
-    mlp = (6 if liger else 8) * i
-    lora = sum(3 * shapes[t][0] for t in lora_targets)
+    swiglu = 6 if liger else 8
+    mlp = swiglu * i
+    if arch.moe is not None:
+        moe = arch.moe
+        per_expert = swiglu * moe.moe_intermediate_size + 4 * h
+        shared = swiglu * moe.shared_expert_intermediate_size
+        mlp = 8 * moe.num_experts + moe.experts_per_token * per_expert + shared
+    lora = sum(3 * shapes[t][0] for t in lora_targets if t in shapes)
     return norms + attn + mlp + lora
 
 
@@ -295,7 +278,7 @@ def estimate(inp: PlanInput) -> Plan:
     targets: tuple[str, ...] = ()
     if inp.method in Method.values() and Method(inp.method).facts.adapter:
         try:
-            targets = parse_lora_target(inp.lora_target)
+            targets = parse_lora_target(inp.lora_target, inp.arch)
         except QwenftError as exc:
             problems.append(exc.message)
     if problems:
@@ -317,6 +300,16 @@ def estimate(inp: PlanInput) -> Plan:
 
     # Which parameters train, and which sit frozen in bf16 (or quantized).
     layers = min(abs(inp.trainable_layers), L) if inp.method == "freeze" else L
+    covered = coverage(
+        arch,
+        "lora" if Method(inp.method).facts.adapter else inp.method,
+        inp.lora_rank,
+        inp.lora_target,
+        inp.lora_experts,
+        inp.train_router,
+        inp.trainable_layers,
+    )
+    expert_weights = sum(e * a * b for e, a, b in expert_shapes(arch).values())
     if inp.optimizer == "badam":
         trainable, frozen = layer_params, total - layer_params  # one decoder layer at a time
     elif inp.method == "full":
@@ -325,7 +318,7 @@ def estimate(inp: PlanInput) -> Plan:
         trainable = layers * layer_params
         frozen = total - trainable
     else:
-        trainable, frozen = lora_params(arch, inp.lora_rank, targets), total
+        trainable, frozen = covered.trainable, total
     largest_linear = max(a * b for a, b in linear_shapes(arch).values())
     # the largest weight that trains (full: the embedding) and steps on its own (galore, apollo)
     largest_trained = max(largest_linear, arch.vocab_size * h if inp.method == "full" else 0)
@@ -412,6 +405,11 @@ def estimate(inp: PlanInput) -> Plan:
         buffers += BF16 * largest * (2 if Method(inp.method).facts.own_weights else 1)
     if not uses_ds and n > 1:
         buffers += gb_ * trainable  # DDP gradient buckets
+    if expert_weights and covered.experts and Method(inp.method).facts.adapter:
+        # PEFT's LoRA on a parameter folds the update into the weight for each forward: a sparse
+        # layer's delta and W + delta (every expert, bf16) live while the layer is in the graph
+        held = 2 if inp.gradient_checkpointing else arch.moe.sparse_layers(L)
+        buffers += held * 2 * BF16 * expert_weights
     fwd_bwd = activations + logits + buffers + no_grad
 
     # Optimizer step transient: DeepSpeed turns the bf16 gradient partition into an fp32 copy;
@@ -490,6 +488,22 @@ def estimate(inp: PlanInput) -> Plan:
         )
     if inp.liger and not fused:
         notes.append(f"--liger does not fuse the logits of {inp.stage}: its trainer reads them")
+    if arch.moe is not None:
+        moe = arch.moe
+        notes.append(
+            f"mixture of experts: weights count all {moe.num_experts} experts "
+            f"({total / 1e9:.2f}B), activations the {moe.experts_per_token} a token is routed to; "
+            f"compute per token as a {arch.active_params / 1e9:.2f}B dense model"
+        )
+        if bits:
+            notes.append(
+                "QLoRA quantizes the linear layers only: the experts (fused parameters) stay bf16"
+            )
+        if covered.experts and Method(inp.method).facts.adapter:
+            notes.append(
+                "LoRA on the experts (PEFT target_parameters) rebuilds each sparse layer's expert "
+                "weights (delta and sum, bf16) in every forward: counted in buffers"
+            )
     if not fused and logits > 0.2 * peak:
         fix = (
             "--liger fuses them away"
@@ -526,6 +540,8 @@ def estimate(inp: PlanInput) -> Plan:
         sequences_per_step=seqs,
         trainable_layers=inp.trainable_layers if inp.method == Method.FREEZE else None,
         optimizer=inp.optimizer,
+        active_params=arch.active_params,
+        coverage=covered.to_dict(),
     )
 
 
@@ -561,6 +577,8 @@ def choose_method(
     optimizer: str = "adamw",
     optimizer_rank: int = 16,
     layerwise: bool = False,
+    lora_experts: bool = True,
+    train_router: bool = False,
 ) -> tuple[Plan, str]:
     """The best method that fits: full -> LoRA -> QLoRA 8-bit -> QLoRA 4-bit, each with the
     first DeepSpeed stage that fits and the largest batch size (of 8, 4, 2, 1) that fits; with
@@ -598,6 +616,8 @@ def choose_method(
                         optimizer=optimizer,
                         optimizer_rank=optimizer_rank,
                         layerwise=layerwise,
+                        lora_experts=lora_experts,
+                        train_router=train_router,
                     )
                 )
                 if smallest is None or plan.peak_bytes < smallest.peak_bytes:

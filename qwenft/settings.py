@@ -33,7 +33,7 @@ from qwenft.choices import (
 from qwenft.errors import QwenftError, raise_all
 from qwenft.knobs import KEY_OPTIONS, RANGES, KnobValues, bad_value, key_label
 from qwenft.lf import render
-from qwenft.models import presets
+from qwenft.models import moe_adapter, presets
 
 __all__ = [
     "KEY_OPTIONS",
@@ -106,6 +106,36 @@ class RunSettings:
     thinking_warning: str | None = None  # <think> blocks the template cannot train as thoughts
     stage: str = Stage.SFT.value
     parent: FromRun | None = None
+    lora_experts: bool = True  # an MoE model: LoRA covers its experts too (--lora-experts)
+    train_router: bool = False  # ... and its router (--train-router)
+    # the adapter qwenft makes before launch (moe_adapter.INIT_ADAPTER; LLaMA-Factory trains it on)
+    initial_adapter: dict[str, Any] | None = None
+    adapter_notes: list[str] = field(default_factory=list)
+
+    @property
+    def coverage(self) -> Any:
+        """What the run trains of the model (models.coverage.Coverage); None when its
+        architecture numbers are unknown."""
+        from qwenft.memory import FREEZE_TRAINABLE_LAYERS
+        from qwenft.models.coverage import coverage
+
+        if self.model.arch is None or self.method == AUTO:
+            return None
+        v = self.values
+        return coverage(
+            self.model.arch,
+            Method.LORA.value if Method(self.method).facts.adapter else self.method,
+            self.lora_rank,
+            self.lora_target,
+            self.lora_experts,
+            self.train_router,
+            int(v.get("freeze_trainable_layers") or FREEZE_TRAINABLE_LAYERS),
+        )
+
+    @property
+    def lora_target(self) -> str:
+        target = self.values.get("lora_target") or "all"
+        return ",".join(map(str, target)) if isinstance(target, list | tuple) else str(target)
 
     @property
     def data_kind(self) -> str:
@@ -171,7 +201,9 @@ class RunSettings:
             cutoff_len=self.cutoff_len,
             batch_size=self.batch_size,
             lora_rank=self.lora_rank,
-            lora_target=str(v.get("lora_target") or "all"),
+            lora_target=self.lora_target,
+            lora_experts=self.lora_experts,
+            train_router=self.train_router,
             trainable_layers=int(
                 v.get("freeze_trainable_layers") or memory.FREEZE_TRAINABLE_LAYERS
             ),
@@ -395,6 +427,7 @@ def resolve(req: RunRequest) -> RunSettings:
         enable_thinking, thinking_warning = plan.enable_thinking, plan.warning
     if derives:
         model, overrides = derived_base(model, overrides, {**recipe(method, stage), **overrides})
+    experts = {k: overrides.pop(k) for k in moe_adapter.OWN_KEYS if k in overrides}
     quantized = model.extra.get("quantization")
     if quantized:
         ds = deepspeed if deepspeed != AUTO else method != AUTO and auto_deepspeed(method)
@@ -412,12 +445,14 @@ def resolve(req: RunRequest) -> RunSettings:
         stage=stage,
         parent=parent,
         thinking_warning=thinking_warning,
+        lora_experts=experts.get("lora_experts", "on") != "off",
+        train_router=bool(experts.get("train_router")),
     )
     if method == AUTO:
-        return _choose_method(settings, req)
-    if deepspeed == AUTO:
+        settings = _choose_method(settings, req)
+    elif deepspeed == AUTO:
         settings.deepspeed = auto_deepspeed(method)
-    return settings
+    return moe_adapter.settle(settings, experts)
 
 
 def on_quantized_base(
@@ -683,6 +718,8 @@ def _choose_method(settings: RunSettings, req: RunRequest) -> RunSettings:
         optimizer=probe.optimizer,
         optimizer_rank=probe.optimizer_rank,
         layerwise=probe.layerwise,
+        lora_experts=probe.lora_experts,
+        train_router=probe.train_router,
     )
     raise_all(
         knobs.inapplicable(settings.overrides, settings.stage, plan.method)
@@ -809,10 +846,11 @@ def step_defaults(
 
     total = planned_steps(values, n_samples, processes)
     val_size = values.get("val_size") or 0
-    if val_size and str(values.get("eval_strategy", "no")) == "steps":
+    evaluates = val_size or values.get("eval_dataset")  # a held-out split, or --eval-data
+    if evaluates and str(values.get("eval_strategy", "no")) == "steps":
         capped("eval_steps", math.ceil(total / EVALUATIONS))
         every = int(out.get("eval_steps") or values.get("eval_steps") or 1)
-        if "val_size" not in overrides:
+        if val_size and "val_size" not in overrides:
             per_step = (
                 int(values.get("per_device_train_batch_size") or 1)
                 * int(values.get("gradient_accumulation_steps") or 1)

@@ -10,6 +10,8 @@ and `--from RUN_DIR` starts from an earlier run's weights (settings.from_run).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import socket
 import sys
@@ -45,7 +47,8 @@ from qwenft.data import (
     registry,
     split,
 )
-from qwenft.data.pipeline import DataSpec, TokenStats
+from qwenft.data.mixture import Mixture, Source, check_split, expected_samples, source_lines
+from qwenft.data.pipeline import DataFiles, DataSpec, TokenStats
 from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped, raise_all
 from qwenft.launch import options as launch_options
@@ -55,7 +58,7 @@ from qwenft.launch.options import LaunchRequest
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.lf.merge import merge_refusal
-from qwenft.models import derived, presets
+from qwenft.models import derived, moe_adapter, presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
 from qwenft.proc import launcher
@@ -92,6 +95,8 @@ class TrainRequest(RunRequest):
     # --launcher and its options; `nnodes` None: not given (1, or the scheduler's)
     launch: LaunchRequest = field(default_factory=LaunchRequest)
     dry_run: bool = False  # renders only: --gpus may name GPUs this machine does not have
+    # several --data files, their shares and --eval-data (data.mixture); None: `data` alone
+    mixture: Mixture | None = None
 
 
 @dataclass
@@ -121,11 +126,25 @@ class TrainPlan:
     packed: bool = False  # pt with packing: texts run on in cutoff_len blocks, nothing is cut
     parent: settings.FromRun | None = None
     launch: LaunchRequest = field(default_factory=LaunchRequest)
+    mixture: Mixture | None = None  # several --data files or --eval-data (data.mixture)
 
     @functools.cached_property
     def data_spec(self) -> DataSpec:
         """The run's data arguments (train.yaml's values and --overlength), read once."""
         return DataSpec.from_config(self.config, overlength=self.overlength)
+
+    @property
+    def data_files(self) -> DataFiles:
+        """The files LLaMA-Factory reads: what it trains on, the further --data files, the
+        --eval-data files."""
+        return data_files(self.manifest, self.train_data or self.data_path)
+
+
+def data_files(m: Manifest, first: Path) -> DataFiles:
+    """A run's data files from its manifest (`first`: the file read for its first source)."""
+    return DataFiles(
+        (first, *(Path(r.path) for r in m.sources)), tuple(Path(r.path) for r in m.eval_data)
+    )
 
 
 FILTERED_DATA = "data.fit.jsonl"
@@ -238,12 +257,13 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     DeepSpeed.parse(req.deepspeed, "--deepspeed", auto=True)
     stage = Stage.parse(req.stage, "--stage")
     kind = Stage(stage).facts.data.value
-    if req.data is None:
+    if req.data is None and req.mixture is None:
         raise QwenftError("--data is required", "qwenft train --model MODEL --data FILE.jsonl")
     cli = lf_launcher.find_llamafactory_cli()
-
-    check_data_fits(Path(req.data).expanduser(), stage)
-    report = check.require_valid(Path(req.data).expanduser(), "nothing was started", kind=kind)
+    mixture = req.mixture or Mixture((Source(Path(req.data).expanduser()),))
+    # each file checked, of the kind the stage takes; the first is the run's `data`
+    reports = [_checked(path, stage, kind) for path in (*mixture.paths, *mixture.eval_paths)]
+    report = reports[0]
     data = report.path.resolve()
     sha = reader.file_sha256(data)
 
@@ -252,6 +272,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     )
     run = settings.resolve(replace(req, data=data, gpus=nproc, gpu_mem_gb=gpu_mem))
     settings.check_applies(run)
+    check_split(mixture, run.overrides.get("val_size"))
     notes = placed + ([f"auto: {run.auto_why}"] if run.auto_why else [])
     if run.thinking_warning:
         notes.append(f"warning: {run.thinking_warning}")
@@ -263,14 +284,17 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     warning = settings.fit_warning(run)
     if warning:
         notes.append(warning)
+    notes += run.adapter_notes  # an MoE run's adapter: what differs from the recipe, and why
     model, method, ds_stage = run.model, run.method, run.deepspeed
     if not Template(model.template).vision:  # what only a vision model reads
         raise_all(knobs.vision_keys(run.overrides, req.model or model.spec))
-    if report.has_images and not Template(model.template).vision:
+    pictured = [r.path for r in reports if r.has_images]
+    has_images = bool(pictured)
+    if has_images and not Template(model.template).vision:
         raise QwenftError(
-            f"{data.name} holds images, and {req.model or model.spec} is a text model (template "
-            f"{model.template}): it would train on the text and drop the images; nothing was "
-            "started",
+            f"{pictured[0].name} holds images, and {req.model or model.spec} is a text model "
+            f"(template {model.template}): it would train on the text and drop the images; "
+            "nothing was started",
             "train image data on a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; "
             "`qwenft models` lists them, tiny-qwen2-vl for a try)",
         )
@@ -292,6 +316,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     train_data = data
     packed = run.packed
     is_txt = report.format == "txt"
+    if mixture.several or mixture.eval_paths:
+        _check_mixable(reports, overlength)
     if packed and overlength != Overlength.WARN:
         raise QwenftError(
             f"--overlength {overlength} does not apply to packed pre-training: texts are packed "
@@ -314,9 +340,31 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         train_data = run_dir / PT_DATA
         dataset_name = f"{dataset_name}-pt-{run_dir.name}"
 
+    # every file registered under its own name; LLaMA-Factory mixes them (data.mixture)
+    records = [_record(r.path.resolve(), r.n_samples, dataset_dir) for r in reports[1:]]
+    n_train = len(mixture.sources)
+    sources, evals = records[: n_train - 1], records[n_train - 1 :]
+    samples = expected_samples(
+        [report.n_samples, *(r.samples or 0 for r in sources)],
+        mixture.mix,
+        mixture.shares,
+        run.values.get("max_samples"),
+    )
+    mix_keys = mixture.lf_keys([r.name for r in evals])
+    lf_dataset = ",".join([dataset_name, *(r.name for r in sources)])  # train.yaml's `dataset`
+    if mixture.several:
+        notes += source_lines(
+            [data.name, *(Path(r.path).name for r in sources)],
+            [report.n_samples, *(r.samples or 0 for r in sources)],
+            samples,
+        )
+    n_samples = max(1, round(sum(samples)))
+
     # logging_steps, save_steps and the evaluation follow the run's length (settings.step_defaults)
     processes = nproc * req.nnodes
-    derived = settings.step_defaults(run.values, run.overrides, report.n_samples, processes)
+    derived = settings.step_defaults(
+        {**run.values, **mix_keys}, {**run.overrides, **mix_keys}, n_samples, processes
+    )
 
     files: dict[str, str] = {}
     ds_path = None
@@ -328,7 +376,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         model_path=model.path,
         template=model.template,
         default_system=model.default_system,
-        dataset=dataset_name,
+        dataset=lf_dataset,
         dataset_dir=str(dataset_dir),
         output_dir=str(run_dir),
         stage=stage,
@@ -339,21 +387,28 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         if gpus_seen
         else bool(req.gpus) and (req.launch.kind.facts.remote or req.dry_run),
         overrides={**run.overrides, **derived},
+        mixture=mix_keys,
     )
     config = render.build_train_config(spec)
-    if report.has_images:
+    if run.initial_adapter:  # an MoE run's adapter over its experts: qwenft makes it (moe_adapter)
+        config["adapter_name_or_path"] = str(run_dir / moe_adapter.INIT_ADAPTER)
+    if has_images:
         # the images are relative to the data file; LLaMA-Factory's default is dataset_dir
         config.setdefault("media_dir", images.media_dir(data))
     if Template(model.template).vision:
         notes.append(vision_note(config))
+    read = DataFiles((data, *(Path(r.path) for r in sources)), tuple(Path(r.path) for r in evals))
     if "tokenized_path" not in config and (
-        req.nnodes == 1
-        or (pipeline.not_reproduced(config) is None and pipeline.data_not_reproduced(data) is None)
+        req.nnodes == 1 or DataSpec.from_config(config).for_data(read).lf_tokenizes is None
     ):
         # Each node tokenizes before its torchrun starts (tokenize_ahead), and a copy is renamed
         # into place whole, so nodes sharing a file system cannot race on the cache. Where
         # LLaMA-Factory tokenizes inside the job instead, only a single node caches.
         key_sha = sha if overlength != Overlength.DROP else f"{sha}:drop-overlength"
+        if records:  # a mixture: every file, and how they mix
+            key_sha = hashlib.sha256(
+                json.dumps([sha, *(r.sha256 for r in records), mix_keys]).encode()
+            ).hexdigest()
         config["tokenized_path"] = str(cache.tokenized_dir(config, key_sha, model.kind))
     track = tracking.plan(config, run_dir)  # --report-to: inside the run folder, named after it
     config.update(track.keys)
@@ -411,7 +466,13 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
             dataset_dir=str(dataset_dir),
             samples=report.n_samples,
             train_path=str(train_data),
+            share=mixture.sources[0].share,
         ),
+        sources=[
+            replace(r, share=s.share) for r, s in zip(sources, mixture.sources[1:], strict=True)
+        ],
+        mix=str(mixture.mix) if mixture.several else None,
+        eval_data=evals,
         overlength={"mode": overlength},
         tracking=track.look or None,
         launch=launch_record,
@@ -419,6 +480,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         command=argv,
         env=env,
         versions=package_versions(),
+        trains=trains_record(run),
     )
     files[MANIFEST] = manifest.to_json()
     return TrainPlan(
@@ -428,7 +490,7 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         argv,
         env,
         model,
-        dataset_name,
+        lf_dataset,
         dataset_dir,
         data,
         sha,
@@ -438,13 +500,84 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         notes,
         overlength,
         train_data,
-        schedule(config, report.n_samples, processes),
+        schedule(config, n_samples, processes),
         stage=stage,
         kind=kind,
         packed=packed,
         parent=run.parent,
         launch=launch,
+        mixture=mixture if records else None,
     )
+
+
+def _checked(path: Path, stage: str, kind: str) -> check.CheckReport:
+    """A --data or --eval-data file checked (QwenftError naming it): of the kind the stage takes,
+    and valid."""
+    check_data_fits(path, stage)
+    return check.require_valid(path, "nothing was started", kind=kind)
+
+
+def _record(path: Path, samples: int, dataset_dir: Path) -> DatasetRecord:
+    """The record of a further --data or an --eval-data file, under the name qwenft registers it."""
+    sha = reader.file_sha256(path)
+    name = registry.auto_dataset_name(path, sha, dataset_dir)
+    return DatasetRecord(
+        path=str(path), sha256=sha, name=name, dataset_dir=str(dataset_dir), samples=samples
+    )
+
+
+def _check_mixable(reports: list[check.CheckReport], overlength: str) -> None:
+    """What a run of several files (or with --eval-data) does not take: refused, naming it. Each
+    file is registered as it is, so no file may need a copy made for it (--overlength drop, a
+    .txt corpus), and all images must be found from one media folder."""
+    problems = []
+    if overlength == Overlength.DROP:
+        problems.append(
+            QwenftError(
+                "--overlength drop trains on a filtered copy of one --data file, and this run "
+                "reads several files",
+                "drop --overlength drop (warn counts what is cut), or filter each file first "
+                "(`qwenft data check FILE --model MODEL` lists the over-long lines)",
+            )
+        )
+    for r in reports:
+        if r.format == "txt":
+            problems.append(
+                QwenftError(
+                    f"{r.path} is a .txt corpus; with several files each must be jsonl",
+                    f"convert it first: qwenft data convert {r.path} -o "
+                    f"{r.path.with_suffix('.jsonl')}",
+                )
+            )
+    folders = {images.media_dir(r.path.resolve()) for r in reports if r.has_images}
+    if len(folders) > 1:
+        problems.append(
+            QwenftError(
+                "the image files hold images relative to different folders "
+                f"({', '.join(sorted(folders))}), and LLaMA-Factory looks for all in one media_dir",
+                "put the data files beside each other, or use absolute image paths",
+            )
+        )
+    raise_all(problems)
+
+
+def trains_line(m: Manifest) -> str:
+    """What the run trains of its model, and what share of it (the manifest's `trains`)."""
+    if not m.trains:
+        return "trains: share unknown (qwenft has no architecture numbers for this model)"
+    return f"trains: {m.trains['line']}"
+
+
+def trains_record(run: settings.RunSettings) -> dict[str, Any] | None:
+    """What the run trains of its model, for the manifest: the coverage (models.coverage) and,
+    for an MoE run whose adapter qwenft makes, that adapter's recipe and folder."""
+    covered = run.coverage
+    if covered is None:
+        return None
+    record = covered.to_dict()
+    if run.initial_adapter:
+        record["initial_adapter"] = {**run.initial_adapter, "path": moe_adapter.INIT_ADAPTER}
+    return record
 
 
 def vision_note(config: dict[str, Any]) -> str:
@@ -466,7 +599,8 @@ def vision_note(config: dict[str, Any]) -> str:
 def schedule(config: dict[str, Any], n_samples: int, processes: int) -> dict[str, Any]:
     """The run's length and step settings as train.yaml has them (what the first lines show)."""
     val = config.get("val_size") or 0
-    evaluates = bool(val) and str(config.get("eval_strategy", "no")) != "no"
+    held = bool(val) or bool(config.get("eval_dataset"))  # a split, or --eval-data
+    evaluates = held and str(config.get("eval_strategy", "no")) != "no"
     return {
         "steps": settings.planned_steps(config, n_samples, processes),
         "samples": n_samples,
@@ -488,17 +622,20 @@ def _every(n: Any, what: str) -> str:
 
 
 def describe(plan: TrainPlan) -> list[str]:
-    """What will happen, in two lines: the model, method and data; the run's length and steps."""
+    """What will happen: the model, method and data; what it trains of the model; the run's length
+    and steps."""
     m, sch = plan.manifest, plan.schedule
     what = m.method if plan.stage == Stage.SFT else f"{plan.stage} {m.method}"
     origin = (
         f"run {plan.parent.run_dir.name} ({plan.parent.source})" if plan.parent else m.model.spec
     )
+    data = m.data_line() if plan.mixture else plan.data_path.name
     lines = [
-        f"{what} fine-tune of {origin} (template {m.template}) on {plan.data_path.name}: "
+        f"{what} fine-tune of {origin} (template {m.template}) on {data}: "
         f"{sch['samples']} {'texts' if plan.kind == DataKind.PT else 'samples'}"
         + (f", {sch['held_out']} held out" if sch.get("held_out") else "")
     ]
+    lines.append(trains_line(m))
     if sch:
         procs = sch["processes"]
         evaluation = (
@@ -529,12 +666,13 @@ def execute_train(
         progress(line)
     ensure_base(plan.model, progress)
     refuse_cut_images(plan, progress)
-    tokenized = cache_state(
-        plan.data_spec, plan.train_data or plan.data_path
-    )  # before it is written
-    stats = overlength_stats(plan, progress)
+    tokenized = cache_state(plan.data_spec, plan.data_files)  # before it is written
     try:
-        record = prepare.length_record(plan.data_spec, stats, progress)
+        if plan.mixture:  # each file measured; the mixture is written below
+            record = mixture_record(plan, progress)
+        else:
+            stats = overlength_stats(plan, progress)
+            record = prepare.length_record(plan.data_spec, stats, progress)
     except QwenftError:
         # refused: nothing this run wrote stays behind, the tokenized data measured on the way
         # included (a cache no run would read)
@@ -543,6 +681,11 @@ def execute_train(
         raise
 
     def add_filtered_copy(stage: Path) -> None:
+        recipe = (plan.manifest.trains or {}).get("initial_adapter")
+        if recipe:  # an MoE run: the adapter over the experts that LLaMA-Factory trains on
+            moe_adapter.make_initial_adapter(
+                plan.model.path, recipe, stage / moe_adapter.INIT_ADAPTER, progress
+            )
         if plan.train_data is not None and plan.train_data.name == PT_DATA:
             rows = convert.materialize_pt_jsonl(plan.data_path, stage / PT_DATA)
             progress(f"pt: {rows} texts of {plan.data_path.name} copied to RUN/{PT_DATA}")
@@ -561,9 +704,14 @@ def execute_train(
     with RunLock(run_dir, "train") as lock:
         update_manifest(run_dir, overlength=record)
         registry.register_dataset(
-            plan.train_data or plan.data_path, plan.dataset_name, plan.dataset_dir, kind=plan.kind
+            plan.train_data or plan.data_path,
+            plan.manifest.dataset.name,
+            plan.dataset_dir,
+            kind=plan.kind,
         )
-        tokenize_ahead(plan.data_spec, plan.train_data or plan.data_path, plan.model.path, progress)
+        for rec in (*plan.manifest.sources, *plan.manifest.eval_data):
+            registry.register_dataset(Path(rec.path), rec.name, plan.dataset_dir, kind=plan.kind)
+        tokenize_ahead(plan.data_spec, plan.data_files, plan.model.path, progress)
         if plan.manifest.launch:  # a scheduler starts it: the folder is ready for its job
             return _prepared(run_dir, plan.launch.submit, progress)
         return _launch(
@@ -615,6 +763,34 @@ def overlength_stats(plan: TrainPlan, progress: Callable[[str], None]) -> TokenS
     """The token statistics of the run's data file under its data arguments (prepare.run_stats),
     which --overlength and packing judge."""
     return prepare.run_stats(plan.data_spec, plan.data_path, plan.model.path, progress)
+
+
+def mixture_record(plan: TrainPlan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The overlength record of a run of several files (or with --eval-data): --overlength
+    judged file by file, naming the file, and each training file's rows, tokens and expected share
+    of the training tokens said."""
+    spec, mixture = plan.data_spec, plan.mixture
+    assert mixture is not None
+    records = [plan.manifest.dataset, *plan.manifest.sources]
+    stats = []
+    for rec in records:
+        progress(f"measuring {Path(rec.path).name} with the run's tokenizer and template ...")
+        stats.append(pipeline.file_stats(Path(rec.path), spec, plan.model.path, max_lines=None))
+    files: dict[str, Any] = {}
+    for rec, st in zip(records, stats, strict=True):
+        name = Path(rec.path).name
+        try:
+            files[name] = prepare.length_record(
+                spec, st, lambda line, name=name: progress(f"{name}: {line}")
+            )
+        except QwenftError as exc:
+            raise QwenftError(f"{name}: {exc.message}", exc.hint) from None
+    rows = [st.n_samples for st in stats]
+    samples = expected_samples(rows, mixture.mix, mixture.shares, spec.max_samples)
+    tokens = [st.tokens_total or 0 for st in stats]
+    for line in source_lines([Path(r.path).name for r in records], rows, samples, tokens):
+        progress(line)
+    return {"mode": plan.overlength, "files": files}
 
 
 def _launch(
@@ -783,7 +959,7 @@ def start_node(
             m.command,
             env,
             progress,
-            cache_state(spec, Path(m.dataset.train_path or m.dataset.path)),
+            cache_state(spec, data_files(m, Path(m.dataset.train_path or m.dataset.path))),
             verbose,
             stage=m.stage,
         )
@@ -803,6 +979,17 @@ def _resume_hint(run_dir: Path, interrupted: bool = False) -> str:
         f"same `qwenft train` command (with a new --output-dir, or after removing {run_dir})"
         + ("; --save-steps N checkpoints more often" if interrupted else "")
     )
+
+
+def _source_changed(rec: DatasetRecord) -> list[str]:
+    """What changed in a further --data or --eval-data file since the run started (named)."""
+    path = Path(rec.path)
+    if not path.is_file():
+        return [f"{path} is gone"]
+    sha = reader.file_sha256(path)
+    if sha != rec.sha256:
+        return [f"{path.name} changed (sha256 {sha[:12]} != {rec.sha256[:12]} in the manifest)"]
+    return []
 
 
 def resume_train(
@@ -872,6 +1059,9 @@ def _resume_locked(
     sha = reader.file_sha256(data_path)
     if sha != ds.sha256:
         problems.append(f"the data changed (sha256 {sha[:12]} != {ds.sha256[:12]} in the manifest)")
+    others = [*m.sources, *m.eval_data]  # the further --data files and --eval-data
+    for rec in others:
+        problems += _source_changed(rec)
     if method and method != m.method:
         problems.append(f"method {method} != {m.method}")
     if template and template != m.template:
@@ -904,6 +1094,9 @@ def _resume_locked(
     registry.register_dataset(
         train_data, ds.name, Path(ds.dataset_dir), kind=kind, force=own_copy or sha == ds.sha256
     )
+    for rec in others:
+        if Path(rec.path).is_file():  # forced past a missing one: LLaMA-Factory will say so
+            registry.register_dataset(Path(rec.path), rec.name, Path(rec.dataset_dir), kind=kind)
     resumes = [
         *m.resumes,
         {
@@ -919,8 +1112,9 @@ def _resume_locked(
         progress(f"train.yaml now points at {run_dir} (the run folder was moved)")
     config = yaml.safe_load((run_dir / "train.yaml").read_text())
     spec = DataSpec.from_config(config)
-    tokenized = cache_state(spec, train_data)
-    tokenize_ahead(spec, train_data, m.model.path, progress)
+    files = data_files(m, train_data)
+    tokenized = cache_state(spec, files)
+    tokenize_ahead(spec, files, m.model.path, progress)
     if submit:
         return _prepared(run_dir, True, progress)
     return _launch(run_dir, lock, m.command, m.env, progress, tokenized, verbose, stage=m.stage)

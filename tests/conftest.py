@@ -25,7 +25,17 @@ import pytest
 
 from qwenft.fsutil import file_lock
 from tests.helpers.builders import RECORDED_VARS, chat_rows, write_jsonl, write_model_folder
-from tests.helpers.e2e import FEW, LEARN, LEARN_STEPS, QUICK, QUICK_CUTOFF_96, Qwenft, copy_run
+from tests.helpers.e2e import (
+    FEW,
+    LEARN,
+    LEARN_STEPS,
+    MOE_LEARN,
+    MOE_LEARN_STEPS,
+    QUICK,
+    QUICK_CUTOFF_96,
+    Qwenft,
+    copy_run,
+)
 
 FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
 
@@ -33,7 +43,7 @@ FAKE_CLI = Path(__file__).parent / "helpers" / "fake_llamafactory_cli.py"
 # tiers
 
 MODEL_FIXTURES = {"vocab_file", "shared_home", "tiny_home"}
-E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "merged_lora", "quick_runs", "pt_run"}
+E2E_FIXTURES = {"qwenft", "e2e_home", "lora_run", "merged_lora", "quick_runs", "pt_run", "moe_run"}
 HEAVY_MODULES = ("torch", "transformers", "llamafactory")
 
 _fast_session = pytest.StashKey[bool]()
@@ -319,6 +329,24 @@ def lora_run(e2e_home: Qwenft) -> Path:
         "lora_run",
         lambda: e2e_home("train", *args, "--max-steps", LEARN_STEPS, *LEARN),
     )
+    return run
+
+
+@pytest.fixture(scope="session")
+def moe_run(e2e_home: Qwenft) -> Path:
+    """The session's trained mixture-of-experts LoRA run: tiny-qwen3-moe with LoRA on the
+    attention and the experts (qwenft's initial adapter), with the router's balancing loss on,
+    learns the four QA rows (MOE_LEARN, MOE_LEARN_STEPS; test_moe.py). What it printed on stderr
+    is in `moe.stderr` beside it."""
+    run = e2e_home.cwd / "runs" / "moe"
+    data = e2e_home.cwd.parent / "chat.jsonl"
+    args = ["--model", "tiny-qwen3-moe", "--method", "lora", "--data", data, "-o", run]
+
+    def make() -> None:
+        out = e2e_home("train", *args, "--max-steps", MOE_LEARN_STEPS, *MOE_LEARN)
+        (run.parent / "moe.stderr").write_text(out.stderr, encoding="utf-8")
+
+    made_once(e2e_home.cwd.parent, "moe_run", make)
     return run
 
 

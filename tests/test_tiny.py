@@ -97,8 +97,8 @@ TEXTS = [
 
 
 def test_presets_and_names():
-    # tiny-qwen2-vl's tests are in test_vision_models.py
-    assert set(TINY_PRESETS) == {"tiny-qwen2", "tiny-qwen3", "tiny-qwen2-vl"}
+    # tiny-qwen2-vl's tests are in test_vision_models.py, tiny-qwen3-moe's in test_moe.py
+    assert set(TINY_PRESETS) == {"tiny-qwen2", "tiny-qwen3", "tiny-qwen2-vl", "tiny-qwen3-moe"}
     assert is_tiny_preset("tiny-qwen2") and is_tiny_preset("tiny-qwen3")
     assert not is_tiny_preset("Qwen/Qwen2.5-0.5B-Instruct")
 

@@ -698,15 +698,107 @@ def test_configs_qwenft_does_not_reproduce_are_named(monkeypatch: pytest.MonkeyP
         "packed sft": {"packing": True},
         "neat_packing": {"neat_packing": True},
         "a tool_format": {"tool_format": "glm4"},
-        "several datasets": {"dataset": "a,b"},
+        "mix_strategy interleave_once": {"dataset": "a,b", "mix_strategy": "interleave_once"},
         "stage 'ppo'": {"stage": "ppo"},
         "template 'llama3'": {"template": "llama3"},
-        "an eval_dataset": {"eval_dataset": "e"},
     }
     for why, change in cases.items():
         assert not_reproduced({**base, **change}) == why
     monkeypatch.setattr(tokens, "llamafactory_version", lambda: "0.9.9")
     assert "LLaMA-Factory 0.9.9 is not a version" in not_reproduced(base)
+
+
+# Several files (qwenft.data.mixture): (id, preset, each file's rows, train config, eval files)
+MIXTURES = [
+    ("sft-concat", sft_rows, _sft(cutoff_len=64, max_samples=6), 0),
+    (
+        "sft-interleave-shares-eval",
+        sft_rows,
+        _sft(cutoff_len=64, mix_strategy="interleave_under", interleave_probs="0.7,0.3", seed=7),
+        2,
+    ),
+    ("sft-interleave-over", sft_rows, _sft(cutoff_len=64, mix_strategy="interleave_over"), 1),
+    # KTO's KL pairs and pt's packed blocks run across the border of the files in a batch
+    (
+        "kto-concat",
+        kto_rows,
+        {"stage": "kto", "template": "qwen", "cutoff_len": 64, "preprocessing_batch_size": 5},
+        0,
+    ),  # fmt: skip
+    (
+        "pt-packed-interleave",
+        text_rows,
+        {
+            "stage": "pt",
+            "template": "qwen",
+            "cutoff_len": 32,
+            "preprocessing_batch_size": 4,
+            "mix_strategy": "interleave_under",
+        },
+        0,
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(
+    ("rows", "config", "n_evals"),
+    [pytest.param(r, c, n, id=i) for i, r, c, n in MIXTURES],
+)
+def test_mixtures_equal_llamafactory(
+    rows: Callable[[], list[dict]],
+    config: dict,
+    n_evals: int,
+    tmp_path: Path,
+    tiny_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several training files (uneven: the later ones shorter) and evaluation files, merged as
+    LLaMA-Factory merges them (concat, interleave at shares and the seed, interleave_over): the
+    DatasetDict write_tokenized writes equals the one its get_dataset saves."""
+    from qwenft.data.pipeline import DataFiles
+    from qwenft.data.prepare import write_tokenized
+    from qwenft.models.tiny import ensure_tiny_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("LLAMAFACTORY_VERBOSITY", "WARN")
+    model_dir = ensure_tiny_model("tiny-qwen2", progress=None)
+    every = rows()
+    train = [
+        write_jsonl(tmp_path / "train0.jsonl", every[:9]),
+        write_jsonl(tmp_path / "train1.jsonl", every[9:13]),
+    ]
+    evals = [write_jsonl(tmp_path / f"eval{k}.jsonl", every[k::4]) for k in range(n_evals)]
+    files = DataFiles(tuple(train), tuple(evals))
+    lf_tokenized(files, model_dir, dict(config), tmp_path / "lf", tmp_path / "lf-work")
+    lf = load_splits(tmp_path / "lf")
+    assert ("validation" in lf) == bool(n_evals)
+    config = {
+        **config,
+        "dataset": "a,b",
+        **({"eval_dataset": ",".join("e" * n_evals)} if n_evals else {}),
+    }
+    write_tokenized(files, model_dir, config, tmp_path / "ours")
+    ours = load_splits(tmp_path / "ours")
+    assert _first_difference(ours, lf) is None, _first_difference(ours, lf)
+    assert ours == lf
+
+
+def test_files_other_than_train_yaml_names_are_left_to_llamafactory() -> None:
+    from qwenft.data.pipeline import DataFiles, DataSpec
+
+    spec = DataSpec.from_config(
+        {
+            "stage": "sft",
+            "template": "qwen",
+            "cutoff_len": 64,
+            "dataset": "a,b",
+            "eval_dataset": "e",
+        }
+    )
+    assert (spec.n_datasets, spec.n_evals) == (2, 1)
+    assert "names 2 dataset(s) and 1 eval" in (spec.for_data(Path("a.jsonl")).lf_tokenizes or "")
+    files = DataFiles((Path("a.jsonl"), Path("b.jsonl")), (Path("e.jsonl"),))
+    assert spec.for_data(files).lf_tokenizes is None
 
 
 def test_a_tokenized_folder_is_written_whole_or_not_at_all(

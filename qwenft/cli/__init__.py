@@ -20,6 +20,7 @@ from qwenft.choices import (
     DEFAULT_OVERLENGTH,
     Launcher,
     Method,
+    Mix,
     Stage,
     Template,
     Thinking,
@@ -86,12 +87,31 @@ def _root(
 @launch_options
 def train(
     data: Annotated[
-        Path | None,
+        list[str] | None,
         typer.Option(
             "--data",
             "-d",
             help="The stage's data: chat jsonl (sft), chosen/rejected pairs (dpo, orpo, simpo), "
-            'labelled answers (kto), {"text"} jsonl or .txt (pt).',
+            'labelled answers (kto), {"text"} jsonl or .txt (pt). Repeat it to mix files; '
+            "FILE:SHARE gives each file its share of an interleaved mixture (docs/data.md).",
+        ),
+    ] = None,
+    mix: Annotated[
+        str | None,
+        choice_option(
+            "--mix",
+            Mix.values(),
+            "How several --data files mix: concat (every row once; the default), interleave "
+            "(drawn at the shares until one file runs out; the default with shares), "
+            "interleave-over (until every file is read).",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--eval-data",
+            help="Evaluation data held apart from training (repeatable; instead of --val-size): "
+            "its loss shows in the progress line and summary, and `qwenft eval RUN` reads it.",
         ),
     ] = None,
     stage: Annotated[
@@ -192,19 +212,26 @@ def train(
 
     stdout carries only the run folder (or --json: its manifest), so RUN=$(qwenft train ...)
     works; progress and the summary go to stderr, LLaMA-Factory's output to RUN/train.log."""
+    from qwenft.data.mixture import mixture_of
     from qwenft.train import TrainRequest, execute_train, plan_train
 
     if resume is not None:
-        _report_training(_resume(resume, data, method, template, force, verbose), as_json)
+        if data and len(data) > 1:
+            raise QwenftError(
+                "--resume takes the run's own files: give at most one --data (the first)",
+                f"qwenft resume {resume}",
+            )
+        resumed = _resume(resume, Path(data[0]) if data else None, method, template, force, verbose)
+        _report_training(resumed, as_json)
         return
     if from_run is not None and model:
         raise QwenftError(
             "--from and --model exclude each other: --from starts from that run's weights",
             "drop --model (or drop --from to start from the model)",
         )
-    if data is None or not (model or from_run):
+    if not data or not (model or from_run):
         raise QwenftError(
-            f"{'--data' if data is None else '--model'} is required",
+            f"{'--data' if not data else '--model'} is required",
             "qwenft train --model MODEL --data FILE.jsonl (MODEL: a preset such as tiny-qwen2, a hub id "
             "or a folder; `qwenft models` lists presets)",
         )
@@ -213,7 +240,8 @@ def train(
         model=model,
         gpu_mem_gb=gpu_mem,
         overlength=overlength,
-        data=data,
+        data=None,
+        mixture=mixture_of(data, mix, eval_data or ()),
         output_dir=output_dir,
         gpus=gpus,
         cpu_procs=cpu_procs,
@@ -273,13 +301,21 @@ def _print_dry_run(plan: Any) -> None:  # train.TrainPlan
     """--dry-run: the run folder, the dataset, train.yaml, the environment and the command (one
     per node), and nothing written."""
     from qwenft.proc import launcher
+    from qwenft.train import trains_line
 
     typer.echo(f"# run folder (not created): {plan.run_dir}")
+    typer.echo(f"# {trains_line(plan.manifest)}")
     copy = plan.train_data if plan.train_data not in (None, plan.data_path) else None
+    m = plan.manifest
+    first = m.dataset.name
     typer.echo(
-        f"# dataset {plan.dataset_name} -> {copy or plan.data_path} (registered in "
+        f"# dataset {first} -> {copy or plan.data_path} (registered in "
         f"{plan.dataset_dir})" + (f"; written at launch from {plan.data_path}" if copy else "")
     )
+    for rec in m.sources:
+        typer.echo(f"# dataset {rec.name} -> {rec.path}")
+    for rec in m.eval_data:
+        typer.echo(f"# eval dataset {rec.name} -> {rec.path}")
     typer.echo("# --- train.yaml ---")
     typer.echo(plan.yaml_text, nl=False)
     typer.echo("# --- environment ---")
@@ -333,7 +369,13 @@ def _report_training(result: dict, as_json: bool = False) -> None:
     procs = result.get("processes")
     err(
         f"done: {result['global_step']} steps, {took} | loss {num('first_loss', '.4f')} -> "
-        f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')}) | {num('tokens_per_second', '.0f')} "
+        f"{num('final_loss', '.4f')} (best {num('best_loss', '.4f')})"
+        + (
+            f" | eval loss {num('first_eval_loss', '.4f')} -> {num('eval_loss', '.4f')}"
+            if result.get("eval_loss") is not None
+            else ""
+        )
+        + f" | {num('tokens_per_second', '.0f')} "
         f"real tokens/s | peak memory {num('peak_mem_gib', '.2f')} GiB "
         f"({num('processes', 'd')} process{'' if procs == 1 else 'es'})"
     )
@@ -608,6 +650,9 @@ def models(as_json: JsonOpt = False) -> None:
             "thinking": FAMILIES[p.family].thinking,
             "vision": FAMILIES[p.family].vision,  # images and videos in (a *_vl template)
             "params_b": round(p.arch.params / 1e9, 3),  # a vision encoder's included
+            # a mixture-of-experts model: the parameters one token runs through
+            "active_params_b": round(p.arch.active_params / 1e9, 3) if p.arch.moe else None,
+            "moe": p.arch.moe is not None,
             "architecture": asdict(p.arch),
             "quantization": f"{p.quantization[0].upper()} {p.quantization[1]}-bit"
             if p.quantization
@@ -619,12 +664,14 @@ def models(as_json: JsonOpt = False) -> None:
         print_json(rows)
         return
     typer.echo(
-        f"{'NAME':<32} {'FAMILY':<20} {'TEMPLATE':<16} {'PARAMS':>8}  {'QUANTIZED':<11} HUB ID"
+        f"{'NAME':<32} {'FAMILY':<20} {'TEMPLATE':<16} {'PARAMS':>8}  {'MOE (ACTIVE)':<14} "
+        f"{'QUANTIZED':<11} HUB ID"
     )
     for r in rows:
+        moe = f"MoE {r['active_params_b']:.3g}B" if r["moe"] else "-"
         typer.echo(
             f"{r['name']:<32} {r['family']:<20} {r['template']:<16} {r['params_b']:>7}B  "
-            f"{r['quantization'] or '-':<11} {r['hub_id'] or '(embedded)'}"
+            f"{moe:<14} {r['quantization'] or '-':<11} {r['hub_id'] or '(embedded)'}"
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -186,7 +186,14 @@ def _format_plan(plan: ThinkingPlan, what: str) -> str:
 @handle_errors
 @knob_options(DATA_CHECK)
 def check(
-    file: DataArg,
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Data files: .jsonl (one JSON object per line), a .json array, or a .txt of "
+            "pre-training text (one document per line, as LLaMA-Factory reads it); several: each "
+            "checked, then a total (the files of a mixture, `train --data A --data B`)."
+        ),
+    ],
     model: Annotated[
         str | None,
         typer.Option(
@@ -207,7 +214,7 @@ def check(
     ] = 5,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a dataset; exit 2 on errors.
+    """Check data files; exit 2 on errors in any.
 
     Names the file's data kind (sft, preference, kto, pt), streams FILE and reports every problem
     with file:line and field, grouped by kind. With --model or --cutoff-len it also counts tokens
@@ -219,13 +226,65 @@ def check(
     decode; their sizes and tokens per image are shown (--image-max-pixels), and with --model a
     sample cut inside its image tokens by cutoff_len is an error (docs/data.md).
     """
-    from qwenft.data.check import check_file, format_report
-    from qwenft.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageTokens
     from qwenft.errors import raise_all
     from qwenft.knobs import out_of_range
 
     pixels = {k: knobs[k] for k in ("image_max_pixels", "image_min_pixels") if k in knobs}
     raise_all(out_of_range(pixels, command=DATA_CHECK))
+    results = []
+    for file in files:
+        if len(files) > 1 and not as_json:
+            typer.echo(f"== {file}")
+        results.append(
+            _check_one(file, model, knobs, pixels, template, thinking, max_shown, as_json)
+        )
+    if len(files) > 1:
+        total = {
+            "files": len(files),
+            "samples": sum(r["samples"] for r in results),
+            "valid": sum(r["valid"] for r in results),
+            "errors": sum(r["errors"] for r in results),
+            "warnings": sum(r["warnings"] for r in results),
+            "tokens": sum(r["tokens"] or 0 for r in results)
+            if all(r["tokens"] is not None for r in results)
+            else None,
+        }
+        kinds = sorted({r["json"]["kind"] for r in results})
+        total["kinds"] = kinds
+        if as_json:
+            print_json({"files": [r["json"] for r in results], "total": total})
+        else:
+            typer.echo(
+                f"== total: {total['files']} files, {total['samples']} samples "
+                f"({total['valid']} valid), {total['errors']} error(s), "
+                f"{total['warnings']} warning(s)"
+                + (f", {total['tokens']:,} tokens" if total["tokens"] is not None else "")
+            )
+            if len(kinds) > 1:
+                typer.echo(
+                    f"warning: the files hold different kinds of data ({', '.join(kinds)}); "
+                    "one run trains on one kind (docs/data.md)"
+                )
+    elif as_json:
+        print_json(results[0]["json"])
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(2)
+
+
+def _check_one(
+    file: Path,
+    model: str | None,
+    knobs: KnobValues,
+    pixels: dict[str, int],
+    template: str | None,
+    thinking: str,
+    max_shown: int,
+    as_json: bool,
+) -> dict[str, Any]:
+    """`data check` of one file: its report printed (unless as_json); its counts and JSON."""
+    from qwenft.data.check import check_file, format_report
+    from qwenft.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageTokens
+
     image_tokens = ImageTokens(
         pixels.get("image_max_pixels", DEFAULT_MAX_PIXELS),
         pixels.get("image_min_pixels", DEFAULT_MIN_PIXELS),
@@ -259,12 +318,10 @@ def check(
         if measured is not None:  # the model's image processor; cuts inside image tokens
             report.images = measured.stats
             report.add(measured.problems)
-    if as_json:
-        data = report.to_dict()
-        data["tokens"] = stats.to_dict() if stats else None
-        data["reasoning"] = plan.to_dict() | {"model": plan_for} if plan else None
-        print_json(data)
-    else:
+    data = report.to_dict()
+    data["tokens"] = stats.to_dict() if stats else None
+    data["reasoning"] = plan.to_dict() | {"model": plan_for} if plan else None
+    if not as_json:
         typer.echo(format_report(report, max_per_kind=max_shown))
         if plan is not None:
             typer.echo(_format_plan(plan, plan_for))
@@ -274,8 +331,15 @@ def check(
                 typer.echo(note)
         elif want_stats:
             typer.echo("token statistics skipped: fix the errors first")
-    if not report.ok:
-        raise typer.Exit(2)
+    return {
+        "json": data,
+        "ok": report.ok,
+        "samples": report.n_samples,
+        "valid": report.n_valid,
+        "errors": report.n_errors,
+        "warnings": report.n_warnings,
+        "tokens": stats.tokens_total if stats else None,
+    }
 
 
 @app.command()

@@ -126,9 +126,17 @@ def _print_table(model: str, p: Any, why: str | None, inp: Any) -> None:  # memo
         + f" x {p.cutoff_len} tokens; "
         f"{', '.join(extras)}"
     )
-    typer.echo(
-        f"params: {p.total_params / 1e9:.2f}B total, {p.trainable_params / 1e6:,.1f}M trainable"
+    active = (
+        f" ({p.active_params / 1e9:.2f}B active per token: mixture of experts)"
+        if p.active_params != p.total_params
+        else ""
     )
+    typer.echo(
+        f"params: {p.total_params / 1e9:.2f}B total{active}, "
+        f"{p.trainable_params / 1e6:,.1f}M trainable"
+    )
+    if p.coverage:
+        typer.echo(f"trains: {p.coverage['line']}")
     typer.echo("")
     typer.echo(f"  {'PER GPU':<34} {'GB':>8} {'GiB':>8}")
     for key, value in p.breakdown.items():

@@ -89,6 +89,7 @@ def show(
         print_json(row)
         return
     _print_rows([row], 0)
+    typer.echo(f"data: {row['data']}")
     typer.echo(f"log: {row['log'] or '-'}")
     for tracker, look in (row["tracking"] or {}).items():
         typer.echo(f"{tracker}: {look}")
@@ -115,6 +116,7 @@ def _print_rows(rows: list[dict[str, Any]], tail: int) -> None:
             f"{r['stage'] + '/' + r['method']:<13} {_steps(r):>11} {_duration(r['duration_s']):>7} "
             f"{_loss(r['final_loss']):>8} {_stops(r.get('stops')):>5}  {r['run_dir']}"
             + (f"  <- {Path(r['parent_run']).name}" if r.get("parent_run") else "")
+            + (f"  [{r['data']}]" if r.get("mixture") else "")
         )
         if tail > 0 and r["status"] in ("died", "failed") and r["log"]:
             for line in _last_lines(Path(r["log"]), tail):

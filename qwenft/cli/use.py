@@ -19,14 +19,17 @@ from qwenft.cli.common import (
     VerboseOpt,
     choice_option,
     err,
+    guard_options,
     handle_errors,
     knob_options,
     stdout_for_results,
 )
 from qwenft.knobs import EVAL, NO_KNOBS, KnobValues
+from qwenft.serve_guard import DEFAULT_GUARD, KEY_ENV, GuardSettings
 
 
 @handle_errors
+@guard_options
 def serve(
     target: TargetArg,
     host: Annotated[
@@ -37,7 +40,13 @@ def serve(
     ] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option("--api-key", envvar="QWENFT_API_KEY", help="Require this Bearer key."),
+        typer.Option(
+            "--api-key",
+            envvar=KEY_ENV,
+            show_envvar=False,
+            help=f"Require this Bearer key. Better: set {KEY_ENV} instead; a key on the "
+            "command line shows in `ps` to every user of the machine.",
+        ),
     ] = None,
     adapter: AdapterOpt = None,
     timeout: Annotated[
@@ -61,10 +70,12 @@ def serve(
             help="Stream the server's output to stderr too (it is always logged).",
         ),
     ] = False,
+    guard: GuardSettings = DEFAULT_GUARD,  # browser origins, host names, limits (guard_options)
 ) -> None:
     """Serve a model over an OpenAI-compatible API (llamafactory-cli api, or llama-cpp-python's
     server for a GGUF export) until Ctrl-C. The terminal shows one line per request; the server's
-    own output goes to RUN/serve.log (QWENFT_HOME/logs/serve-NAME.log for a model)."""
+    own output goes to RUN/serve.log (QWENFT_HOME/logs/serve-NAME.log for a model). Web pages of
+    other origins, other Host names (DNS rebinding) and oversized or excess requests are refused."""
     from qwenft.serve import execute_serve, plan_serve
 
     plan = plan_serve(
@@ -77,6 +88,7 @@ def serve(
         template=template,
         force=force,
         backend=backend,
+        guard=guard,
     )
     execute_serve(plan, progress=err, announce=typer.echo, verbose=verbose)
 
@@ -86,14 +98,15 @@ def serve(
 def eval_cmd(
     target: TargetArg,
     data: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--data",
             "-d",
             help="Held-out data; its kind decides the report: chat (loss, BLEU/ROUGE), "
-            "preference pairs (reward accuracy and margin), KTO (log-p shift), pt (perplexity).",
+            "preference pairs (reward accuracy and margin), KTO (log-p shift), pt (perplexity). "
+            "Default: the run's --eval-data.",
         ),
-    ],
+    ] = None,
     output_dir: Annotated[
         Path | None,
         typer.Option(

@@ -1,6 +1,8 @@
 """What decides a run's tokens and what they measure: the two types of the tokenize-before-launch
 pipeline.
 
+- DataFiles: the files a run reads: its training files in train.yaml's `dataset` order and its
+  evaluation files (`eval_dataset`); one file for most runs.
 - DataSpec: a run's data arguments, read once from its train.yaml values (template, cutoff_len,
   system prompt, thinking mode, packing, prompt and history masking, the stage and its data kind,
   the split and batching that shape the written dataset, the cache folder, --overlength). Its
@@ -48,6 +50,30 @@ if TYPE_CHECKING:
     from qwenft.settings import RunSettings
 
 DEFAULT_BATCH = 1000  # LLaMA-Factory's preprocessing_batch_size
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")  # the ones reproduced
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The data files of a run: `train` in train.yaml's `dataset` order, `evals` in its
+    `eval_dataset` order (qwenft.data.mixture makes them from --data and --eval-data)."""
+
+    train: tuple[Path, ...]
+    evals: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, data: Path | str | DataFiles) -> DataFiles:
+        """The files of `data`: a DataFiles as it is, a path as the one training file."""
+        return data if isinstance(data, DataFiles) else cls((Path(data),))
+
+    @property
+    def all(self) -> tuple[Path, ...]:
+        return (*self.train, *self.evals)
+
+    @property
+    def mixed(self) -> bool:
+        """Several files, or evaluation files: LLaMA-Factory merges them (mix_strategy)."""
+        return len(self.train) > 1 or bool(self.evals)
 
 
 def not_reproduced(config: dict[str, Any]) -> str | None:
@@ -68,16 +94,23 @@ def not_reproduced(config: dict[str, Any]) -> str | None:
         ("tool_format", "a tool_format"),
         ("neat_packing", "neat_packing"),
         ("streaming", "streaming"),
-        ("eval_dataset", "an eval_dataset"),
         ("predict_with_generate", "predict_with_generate"),
     ):
         if config.get(key):
             return why
     if stage == "sft" and config.get("packing"):
         return "packed sft"
-    if "," in str(config.get("dataset", "")):
-        return "several datasets"
+    if config.get("mix_strategy", "concat") not in MIX_STRATEGIES:
+        return f"mix_strategy {config.get('mix_strategy')}"
     return None
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A `dataset` / `eval_dataset` value's names (a comma list, as LLaMA-Factory splits it)."""
+    if not value:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(v).strip() for v in items)
 
 
 def data_not_reproduced(data: Path | str) -> str | None:
@@ -124,6 +157,11 @@ class DataSpec:
     image_max_pixels: int = DEFAULT_MAX_PIXELS  # how images are scaled (qwenft.data.images)
     image_min_pixels: int = DEFAULT_MIN_PIXELS
     media_dir: str | None = None  # where image paths are looked for (None: the data's folder)
+    # several files: how LLaMA-Factory merges them (qwenft.data.mixture), and how many it reads
+    mix_strategy: str = "concat"
+    interleave_probs: tuple[float, ...] | None = None
+    n_datasets: int = 1  # train.yaml's `dataset` names
+    n_evals: int = 0  # its `eval_dataset` names
 
     @classmethod
     def from_config(
@@ -135,6 +173,7 @@ class DataSpec:
         workers = config.get("preprocessing_num_workers")
         tokenized = config.get("tokenized_path")
         max_samples = config.get("max_samples")
+        probs = config.get("interleave_probs")
         return cls(
             template=config["template"],
             cutoff_len=config["cutoff_len"],
@@ -157,14 +196,27 @@ class DataSpec:
             image_max_pixels=int(config.get("image_max_pixels") or DEFAULT_MAX_PIXELS),
             image_min_pixels=int(config.get("image_min_pixels") or DEFAULT_MIN_PIXELS),
             media_dir=config.get("media_dir"),
+            mix_strategy=str(config.get("mix_strategy") or "concat"),
+            interleave_probs=tuple(float(p) for p in _names(probs)) if probs else None,
+            n_datasets=len(_names(config.get("dataset"))) or 1,
+            n_evals=len(_names(config.get("eval_dataset"))),
         )
 
-    def for_data(self, data: Path | str) -> DataSpec:
-        """The spec for this data file: LLaMA-Factory tokenizes a file with images itself
-        (data_not_reproduced), so lf_tokenizes says so; otherwise the spec as it is."""
+    def for_data(self, data: Path | str | DataFiles) -> DataSpec:
+        """The spec for these data files (a path: the one training file): LLaMA-Factory
+        tokenizes a file with images itself (data_not_reproduced), and files that are not the
+        ones train.yaml names (another count) are left to it too; lf_tokenizes then says why.
+        Otherwise the spec as it is."""
         if self.lf_tokenizes:
             return self
-        why = data_not_reproduced(data)
+        files = DataFiles.of(data)
+        if (len(files.train), len(files.evals)) != (self.n_datasets, self.n_evals):
+            why = (
+                f"train.yaml names {self.n_datasets} dataset(s) and {self.n_evals} eval "
+                f"dataset(s), and {len(files.train)} + {len(files.evals)} files were given"
+            )
+            return replace(self, lf_tokenizes=why)
+        why = next((w for f in files.all if (w := data_not_reproduced(f))), None)
         return replace(self, lf_tokenizes=why) if why else self
 
     @classmethod

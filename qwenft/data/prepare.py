@@ -8,7 +8,13 @@ rank of a distributed job waits on tokenizing, and the first run pays a fraction
 LLaMA-Factory's preprocessing costs (docs/benchmarks.md).
 
 What LLaMA-Factory 0.9.5 does, and so what this module does:
-- rows are read in file order (`max_samples`: the first N);
+- rows are read in file order (`max_samples`: the first N of each file);
+- several files (`dataset: a,b`) are merged by `mix_strategy` (llamafactory.data.merge_dataset):
+  concat puts them one after the other; interleave_under / interleave_over draw rows as
+  `datasets.interleave_datasets(probabilities=interleave_probs, seed, first_exhausted /
+  all_exhausted)` does: its draws depend only on the files' row counts, the shares and the seed,
+  so they are taken from that call on row indices; `eval_dataset` files are merged the same way
+  into the validation split (then there is no `val_size`);
 - `val_size` splits the rows before tokenizing, with `datasets`' train_test_split and the run's
   seed (the same permutation: the same library call on the same row count);
 - each split is tokenized in `datasets.map` batches: `preprocessing_num_workers` contiguous
@@ -21,7 +27,7 @@ What LLaMA-Factory 0.9.5 does, and so what this module does:
   packing, set later by the parser, does not).
 
 Configurations outside what is reproduced (another LLaMA-Factory version, packed sft, a
-tool_format, several datasets, streaming) are named by `pipeline.not_reproduced`, and data with
+tool_format, streaming) are named by `pipeline.not_reproduced`, and data with
 images by `pipeline.data_not_reproduced` (LLaMA-Factory's vision processor reads every image and
 expands its placeholders: qwenft does not redo that); LLaMA-Factory then tokenizes the data
 itself, as before.
@@ -46,7 +52,7 @@ from typing import Any
 from qwenft.choices import Overlength
 from qwenft.data import cache, parallel
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT
-from qwenft.data.pipeline import DataSpec, TokenStats, file_stats, measure
+from qwenft.data.pipeline import DataFiles, DataSpec, TokenStats, file_stats, measure
 from qwenft.data.reader import BAD, BOM, Collector, iter_rows, open_data_file
 from qwenft.data.tokens import Batch, LlamaFactoryEncoder, measure_part
 from qwenft.errors import QwenftError
@@ -99,6 +105,57 @@ def _splits(n: int, val_size: Any, seed: int) -> dict[str, list[int]]:
     except ValueError as exc:  # LLaMA-Factory would fail the same way, inside the job
         raise QwenftError(f"val_size {val_size} cannot split {n} samples: {exc}") from None
     return {"train": split["train"]["i"], "validation": split["test"]["i"]}
+
+
+def merge_order(
+    sizes: list[int], strategy: str, probs: tuple[float, ...] | None, seed: int
+) -> list[tuple[int, int]]:
+    """(file, row) of each merged row, in the order LLaMA-Factory's merge_dataset makes: concat,
+    or `datasets.interleave_datasets` (the same call, on row indices)."""
+    if len(sizes) == 1 or strategy == "concat":
+        return [(k, i) for k, n in enumerate(sizes) for i in range(n)]
+    from datasets import Dataset, interleave_datasets
+
+    parts = [Dataset.from_dict({"k": [k] * n, "i": list(range(n))}) for k, n in enumerate(sizes)]
+    stopping = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted"}
+    mixed = interleave_datasets(
+        parts,
+        probabilities=list(probs) if probs else None,
+        seed=seed,
+        stopping_strategy=stopping[strategy],
+    )
+    return list(zip(mixed["k"], mixed["i"], strict=True))
+
+
+def _read_data(files: DataFiles, spec: DataSpec) -> tuple[list[Any], list[int], dict, int]:
+    """The rows LLaMA-Factory tokenizes for these files, their lines (in a mixture: each row's
+    line in its own file), the row indices of each split (each file cut to max_samples, the
+    training files merged (merge_order), then split by val_size, or the evaluation files merged
+    as the validation split) and about how many bytes of the files they are."""
+    parts = [_read_rows(path) for path in files.all]
+    used = 0
+    for path, (rows, lines) in zip(files.all, parts, strict=True):
+        total = len(rows)
+        if spec.max_samples is not None:
+            del rows[spec.max_samples :], lines[spec.max_samples :]
+        used += path.stat().st_size * len(rows) // (total or 1)
+    rows: list[Any] = []
+    lines: list[int] = []
+    splits: dict[str, list[int]] = {}
+    n_train = len(files.train)
+    for name, group in (("train", parts[:n_train]), ("validation", parts[n_train:])):
+        if not group:
+            continue
+        start = len(rows)
+        order = merge_order(
+            [len(r) for r, _ in group], spec.mix_strategy, spec.interleave_probs, spec.seed
+        )
+        rows += [group[k][0][i] for k, i in order]
+        lines += [group[k][1][i] for k, i in order]
+        splits[name] = list(range(start, len(rows)))
+    if not files.evals:
+        splits = _splits(len(rows), spec.val_size, spec.seed)
+    return rows, lines, splits, used
 
 
 def map_batches(n: int, num_proc: int | None, batch_size: int) -> Iterator[range]:
@@ -217,7 +274,7 @@ def _finish_split(folder: Path, files: list[str], features: Any) -> None:
 
 
 def write_tokenized(
-    data: Path,
+    data: Path | DataFiles,
     model_dir: Path | str,
     config: dict[str, Any] | DataSpec,
     out_dir: Path,
@@ -226,8 +283,8 @@ def write_tokenized(
     marker: str | None = None,
 ) -> TokenStats:
     """Write at out_dir the tokenized DatasetDict LLaMA-Factory would save at `tokenized_path`
-    for train.yaml's `config` (or its DataSpec) and this data file; return the data's token
-    statistics (as pipeline.file_stats measures the file).
+    for train.yaml's `config` (or its DataSpec) and this data file (or these files); return the
+    data's token statistics (as pipeline.file_stats measures the file; of a mixture, its rows).
 
     Written in a staging folder beside out_dir and renamed into place when complete
     (fsutil.staged_dir), so out_dir holds a whole dataset or nothing (marker: an empty file of
@@ -235,21 +292,15 @@ def write_tokenized(
     wrote it first), that one is kept. QwenftError if out_dir already exists or the config is not
     reproduced."""
     spec = config if isinstance(config, DataSpec) else DataSpec.from_config(config)
-    spec = spec.for_data(data)
+    files = DataFiles.of(data)
+    spec = spec.for_data(files)
     if spec.lf_tokenizes:
         raise QwenftError(f"qwenft cannot tokenize this run's data itself: {spec.lf_tokenizes}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise QwenftError(f"{out_dir} already exists", "a tokenized dataset is never overwritten")
-    data = Path(data)
-    rows, lines = _read_rows(data)
-    total = len(rows)
-    if spec.max_samples is not None:
-        del rows[spec.max_samples :]
-    splits = _splits(len(rows), spec.val_size, spec.seed)
-    workers = parallel.worker_count(
-        spec.num_workers, data.stat().st_size * len(rows) // (total or 1)
-    )
+    rows, lines, splits, data_bytes = _read_data(files, spec)
+    workers = parallel.worker_count(spec.num_workers, data_bytes)
     features = _features(spec.kind)
     parts: list[tuple[str, Path, int]] = []  # each task's split, file and rows, in order
     measured: list[tuple[int, list[tuple[int, int, int]]]] = []
@@ -296,7 +347,7 @@ def write_tokenized(
     stats = measure(iter(measured), cutoff_len=spec.seq_cutoff_len, kind=spec.kind, max_lines=None)
     return replace(
         stats,
-        path=str(data),
+        path=str(files.train[0]),
         model=str(model_dir),
         template=spec.template,
         n_skipped=len(rows) - len(measured),
@@ -322,7 +373,7 @@ class CacheState:
         return {**asdict(self), "path": str(self.path)}
 
 
-def cache_state(spec: DataSpec, data: Path | None = None) -> CacheState | None:
+def cache_state(spec: DataSpec, data: Path | DataFiles | None = None) -> CacheState | None:
     """The state of the run's tokenized cache (train.yaml's tokenized_path; None without one). A
     folder whose save never completed is removed first. data: the file the run trains on (who
     writes the cache depends on it too: DataSpec.for_data)."""
@@ -339,7 +390,7 @@ def cache_state(spec: DataSpec, data: Path | None = None) -> CacheState | None:
 
 
 def tokenize_ahead(
-    spec: DataSpec, data: Path, model_path: str, progress: Callable[[str], None]
+    spec: DataSpec, data: Path | DataFiles, model_path: str, progress: Callable[[str], None]
 ) -> TokenStats | None:
     """Write the run's tokenized data (train.yaml's tokenized_path) before anything is launched,
     where qwenft reproduces LLaMA-Factory's preprocessing of this config: the data's token
@@ -355,11 +406,18 @@ def tokenize_ahead(
     if spec.lf_tokenizes:
         progress(f"LLaMA-Factory will tokenize the data itself: {spec.lf_tokenizes}")
         return None
-    progress(f"tokenizing {Path(data).name} as LLaMA-Factory would, before launching ...")
-    started = time.monotonic()
-    stats = write_tokenized(
-        Path(data), model_path, spec, path, progress=progress, marker=cache.MARKER
+    files = DataFiles.of(data)
+    what = (
+        files.train[0].name
+        if not files.mixed
+        else (
+            f"the mixture of {len(files.train)} file(s)"
+            + (f" and {len(files.evals)} eval file(s)" if files.evals else "")
+        )
     )
+    progress(f"tokenizing {what} as LLaMA-Factory would, before launching ...")
+    started = time.monotonic()
+    stats = write_tokenized(files, model_path, spec, path, progress=progress, marker=cache.MARKER)
     progress(
         f"tokenized {stats.n_samples} samples in {time.monotonic() - started:.1f} s "
         "(LLaMA-Factory loads them as they are)"

@@ -54,6 +54,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "dataset": (
         "dataset",
+        "mix_strategy",
+        "interleave_probs",
         "eval_dataset",
         "dataset_dir",
         "template",
@@ -174,6 +176,9 @@ class TrainSpec:
     bf16: bool = False
     # --config FILE < the knobs (--cutoff-len, --lr, ...) < --set key=value, already layered
     overrides: dict[str, Any] = field(default_factory=dict)
+    # several --data files and --eval-data: mix_strategy, interleave_probs, eval_dataset
+    # (qwenft.data.mixture.Mixture.lf_keys), over the overrides
+    mixture: dict[str, Any] = field(default_factory=dict)
 
 
 # Keys that qwenft owns: overriding them would point the run somewhere its manifest does not say.
@@ -182,6 +187,9 @@ OWNED_KEYS = {
     "stage": "--stage",
     "template": "--template",
     "dataset": "--data",
+    "eval_dataset": "--eval-data",
+    "mix_strategy": "--mix",
+    "interleave_probs": "--data FILE:SHARE",
     "dataset_dir": "--dataset-dir",
     "output_dir": "--output-dir",
     "deepspeed": "--deepspeed",
@@ -211,6 +219,7 @@ def build_train_config(spec: TrainSpec) -> dict[str, Any]:
     if spec.deepspeed_path:
         cfg["deepspeed"] = spec.deepspeed_path
     cfg.update(spec.overrides)
+    cfg.update(spec.mixture)
     if cfg.get("overwrite_output_dir"):
         raise QwenftError(
             "overwrite_output_dir would disable resuming from checkpoints",
@@ -218,7 +227,7 @@ def build_train_config(spec: TrainSpec) -> dict[str, Any]:
         )
     if cfg.get("quantization_method") == "bitsandbytes":
         cfg["quantization_method"] = "bnb"  # the guide's spelling is ignored by LLaMA-Factory
-    if not cfg.get("val_size"):
+    if not cfg.get("val_size") and not cfg.get("eval_dataset"):
         # No held-out split: evaluating would fail ("requires an eval dataset").
         cfg["val_size"] = 0.0
         cfg["eval_strategy"] = "no"

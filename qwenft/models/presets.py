@@ -100,18 +100,105 @@ class Arch:
     tie_word_embeddings: bool
     head_dim: int | None = None  # Qwen3 sets it explicitly; otherwise hidden / heads
     vision_params: int = 0  # a vision-language model's vision encoder (vision_params())
+    moe: Moe | None = None  # a mixture-of-experts model's experts (None: a dense model)
 
     @property
     def params(self) -> int:
         """Parameter count (dense decoder, biases on q/k/v for Qwen1.5/2/2.5 ignored: <0.1%; a
-        vision-language model's vision encoder included)."""
+        vision-language model's vision encoder included). A mixture-of-experts model counts every
+        expert, and exactly: its q/k/v biases and Qwen3's q/k norms included."""
+        return self._count(active=False)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: a mixture-of-experts model's routed experts count
+        experts_per_token of num_experts; a dense model's equal `params`."""
+        return self._count(active=True)
+
+    @property
+    def attention_params(self) -> int:
+        """One decoder layer's attention (q, k, v, o; an MoE model's q/k/v biases and q/k norms)."""
         hd = self.head_dim or self.hidden_size // self.num_attention_heads
-        attn = self.hidden_size * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        heads = 2 * self.num_attention_heads + 2 * self.num_key_value_heads
+        attn = self.hidden_size * hd * heads
+        if self.moe is not None:
+            attn += (self.moe.qkv_bias * (heads - self.num_attention_heads) * hd) + (
+                2 * hd if self.moe.qk_norm else 0
+            )
+        return attn
+
+    def _count(self, active: bool) -> int:
         mlp = 3 * self.hidden_size * self.intermediate_size
         norms = 2 * self.hidden_size
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        decoder = self.num_hidden_layers * (attn + mlp + norms) + embed + self.hidden_size
-        return decoder + self.vision_params
+        layers = self.num_hidden_layers * (self.attention_params + norms)
+        if self.moe is None:
+            layers += self.num_hidden_layers * mlp
+        else:
+            sparse = self.moe.sparse_layers(self.num_hidden_layers)
+            experts = self.moe.experts_per_token if active else self.moe.num_experts
+            per_sparse = experts * self.moe.expert_params(self.hidden_size)
+            per_sparse += self.moe.router_params(self.hidden_size)
+            per_sparse += self.moe.shared_params(self.hidden_size)
+            layers += sparse * per_sparse + (self.num_hidden_layers - sparse) * mlp
+        return layers + embed + self.hidden_size + self.vision_params
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A mixture-of-experts decoder's numbers, as in its config.json (Qwen1.5-MoE, Qwen2-MoE,
+    Qwen3-MoE). In transformers 5 each sparse layer's experts are two fused parameters,
+    mlp.experts.gate_up_proj [experts, 2 x moe_intermediate, hidden] and mlp.experts.down_proj
+    [experts, hidden, moe_intermediate], routed by mlp.gate.weight [experts, hidden]; Qwen1.5/2-MoE
+    add a shared expert (an ordinary SwiGLU MLP) and its sigmoid gate (a hidden -> 1 linear)."""
+
+    num_experts: int
+    experts_per_token: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen3-MoE)
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k (head_dim weights each)
+    qkv_bias: bool = False  # Qwen1.5/2: biases on q, k and v
+    decoder_sparse_step: int = 1  # config.json: every Nth layer is sparse ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... except these, which keep a dense MLP
+
+    def sparse_layers(self, layers: int) -> int:
+        """How many of the decoder's layers have experts (transformers' rule)."""
+        step = max(1, self.decoder_sparse_step)
+        return sum(
+            1 for i in range(layers) if i not in self.mlp_only_layers and (i + 1) % step == 0
+        )
+
+    def expert_params(self, hidden: int) -> int:
+        """One expert: gate, up and down of moe_intermediate_size."""
+        return 3 * hidden * self.moe_intermediate_size
+
+    def router_params(self, hidden: int) -> int:
+        return self.num_experts * hidden
+
+    def shared_params(self, hidden: int) -> int:
+        """The shared expert and its gate (0 without one)."""
+        if not self.shared_expert_intermediate_size:
+            return 0
+        return 3 * hidden * self.shared_expert_intermediate_size + hidden
+
+    @classmethod
+    def from_config(cls, text: dict) -> Moe | None:
+        """The MoE numbers of a config.json (its text part); None for a dense model."""
+        # transformers 5 writes num_experts as num_local_experts (its attribute_map)
+        experts = text.get("num_experts") or text.get("num_local_experts")
+        if not experts or not str(text.get("model_type", "")).endswith("_moe"):
+            return None
+        model_type = str(text.get("model_type"))
+        return cls(
+            int(experts),
+            int(text["num_experts_per_tok"]),
+            int(text["moe_intermediate_size"]),
+            int(text.get("shared_expert_intermediate_size") or 0),
+            qk_norm=model_type.startswith("qwen3"),
+            qkv_bias=bool(text.get("qkv_bias", model_type == "qwen2_moe")),
+            decoder_sparse_step=int(text.get("decoder_sparse_step") or 1),
+            mlp_only_layers=tuple(text.get("mlp_only_layers") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +242,22 @@ _Q3_06, _Q3_17, _Q3_4, _Q3_8, _Q3_14, _Q3_32 = (
 TINY_ARCH = _a(64, 128, 2, 4, 2, 151936, True)
 TINY_ARCH_QWEN3 = _a(64, 128, 2, 4, 2, 151936, True, 16)
 
+# Mixture-of-experts releases (config.json as published). intermediate_size is the dense MLP's,
+# which no layer of these releases has (every layer is sparse); the experts are moe_intermediate.
+_MOE_Q3 = Moe(128, 8, 768, qk_norm=True)
+_Q3_30A3 = replace(_a(2048, 6144, 48, 32, 4, 151936, False, 128), moe=_MOE_Q3)  # 30.5B / 3.3B
+_Q3_235A22 = replace(  # 235B total / 22B active
+    _a(4096, 12288, 94, 64, 4, 151936, False, 128), moe=replace(_MOE_Q3, moe_intermediate_size=1536)
+)
+_Q2_57A14 = replace(  # 57.4B / 14.2B
+    _a(3584, 18944, 28, 28, 4, 151936, False), moe=Moe(64, 8, 2560, 20480, qkv_bias=True)
+)
+_Q15_A27 = replace(  # 14.3B / 2.7B
+    _a(2048, 5632, 24, 16, 16, 151936, False), moe=Moe(60, 4, 1408, 5632, qkv_bias=True)
+)
+# qwenft.models.tiny's tiny-qwen3-moe: 2 layers, 4 experts (top-2) of moe_intermediate 64
+TINY_ARCH_QWEN3_MOE = replace(TINY_ARCH_QWEN3, moe=Moe(4, 2, 64, qk_norm=True))
+
 # The vision encoders of the Qwen-VL releases (their config.json's vision_config; the language
 # models have the shapes of the text releases above). Qwen2-VL and Qwen2.5-VL use one 32-block
 # ViT in every size; Qwen3-VL a SigLIP-2 one, the large for 2B and 4B, the so400m above.
@@ -197,6 +300,7 @@ def _presets() -> list[ModelPreset]:
         ModelPreset("tiny-qwen2", None, "qwen2", TINY_ARCH),
         ModelPreset("tiny-qwen3", None, "qwen3", TINY_ARCH_QWEN3),
         ModelPreset("tiny-qwen2-vl", None, "qwen2-vl", TINY_ARCH_QWEN2_VL),
+        ModelPreset("tiny-qwen3-moe", None, "qwen3", TINY_ARCH_QWEN3_MOE),
     ]
     for size, arch in [
         ("0.5B", _Q15_05),
@@ -246,6 +350,20 @@ def _presets() -> list[ModelPreset]:
             out.append(ModelPreset("", f"Qwen/Qwen3-{size}-AWQ", "qwen3", arch, ("awq", 4)))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Instruct-2507", "qwen3-instruct-2507", _Q3_4))
     out.append(ModelPreset("", "Qwen/Qwen3-4B-Thinking-2507", "qwen3-thinking-2507", _Q3_4))
+    # mixture-of-experts models (qwenft.models.moe: what LoRA covers of them)
+    out.append(ModelPreset("", "Qwen/Qwen1.5-MoE-A2.7B", "qwen1.5", _Q15_A27))
+    out.append(ModelPreset("", "Qwen/Qwen1.5-MoE-A2.7B-Chat", "qwen1.5", _Q15_A27))
+    out.append(ModelPreset("", "Qwen/Qwen2-57B-A14B", "qwen2", _Q2_57A14))
+    out.append(ModelPreset("", "Qwen/Qwen2-57B-A14B-Instruct", "qwen2", _Q2_57A14))
+    out.append(ModelPreset("", "Qwen/Qwen3-30B-A3B-Base", "qwen3", _Q3_30A3))
+    for size, arch in [("30B-A3B", _Q3_30A3), ("235B-A22B", _Q3_235A22)]:
+        out.append(ModelPreset("", f"Qwen/Qwen3-{size}", "qwen3", arch))
+        out.append(ModelPreset("", f"Qwen/Qwen3-{size}-Instruct-2507", "qwen3-instruct-2507", arch))
+        out.append(ModelPreset("", f"Qwen/Qwen3-{size}-Thinking-2507", "qwen3-thinking-2507", arch))
+    # Qwen3-Coder answers directly (no thinking mode): the 2507 Instruct template
+    out.append(
+        ModelPreset("", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "qwen3-instruct-2507", _Q3_30A3)
+    )
     # vision-language models (LLaMA-Factory 0.9.5's qwen2_vl / qwen3_vl(_nothink) templates)
     for size, arch in [("2B", _Q2_15), ("7B", _Q2_7), ("72B", _Q2_72)]:
         vl = _vl(arch, "qwen2_vl", VIT_QWEN2_VL)
@@ -282,8 +400,8 @@ def family_from_name(name: str, model_type: str | None = None) -> str | None:
     if "qwen3" in n or mt.startswith("qwen3"):
         if "2507" in n and "thinking" in n:
             return "qwen3-thinking-2507"
-        if "2507" in n and "instruct" in n:
-            return "qwen3-instruct-2507"
+        if ("2507" in n or "coder" in n) and "instruct" in n:
+            return "qwen3-instruct-2507"  # Qwen3-Coder Instruct has no thinking mode either
         return "qwen3"
     if "qwen2.5" in n or "qwen2_5" in n:
         return "qwen2.5"
@@ -317,7 +435,10 @@ class ResolvedModel:
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         arch = fields.get("arch")
         if isinstance(arch, dict):
-            fields["arch"] = Arch(**arch)
+            moe = arch.get("moe")
+            if isinstance(moe, dict):
+                moe = Moe(**{**moe, "mlp_only_layers": tuple(moe.get("mlp_only_layers") or ())})
+            fields["arch"] = Arch(**{**arch, "moe": moe})
         return cls(**fields)
 
 
@@ -390,6 +511,7 @@ def _arch_from_config(cfg: dict) -> Arch | None:
             text["vocab_size"],
             bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
             text.get("head_dim"),
+            moe=Moe.from_config({"model_type": cfg.get("model_type"), **text}),
         )
         vision = cfg.get("vision_config")
         if isinstance(vision, dict):

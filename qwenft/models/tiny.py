@@ -1,7 +1,8 @@
 """Tiny Qwen models with the real Qwen vocabulary, built offline.
 
-A tiny model ("tiny-qwen2", "tiny-qwen3", "tiny-qwen2-vl") has the architecture, config layout,
-tokenizer and chat template of a real Qwen2-Instruct / Qwen3 / Qwen2-VL-Instruct model, but only
+A tiny model ("tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen2-vl") has the architecture,
+config layout, tokenizer and chat template of a real Qwen2-Instruct / Qwen3 / Qwen3-MoE /
+Qwen2-VL-Instruct model, but only
 ~9.8 M parameters, so LLaMA-Factory can train, export and chat with it on a CPU in seconds. The
 tokenizer is the real one: Qwen's 151,643 byte-level BPE ranks (shared by Qwen, Qwen1.5, Qwen2,
 Qwen2.5 and Qwen3) plus Qwen's added tokens, the vision ones (<|vision_start|>, <|image_pad|> ...)
@@ -299,6 +300,31 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
             "use_sliding_window": False,
             "sliding_window": None,
             "max_window_layers": 2,
+        },
+    },
+    "tiny-qwen3-moe": {
+        "family": "qwen3",
+        "model_type": "qwen3_moe",
+        "architecture": "Qwen3MoeForCausalLM",
+        "template": "qwen3",
+        "description": "Qwen3-MoE layout (as Qwen3-30B-A3B): 2 layers, hidden 64, 4 experts of "
+        "intermediate 64, 2 per token, real Qwen vocab, 9.8M params",
+        "config": {
+            **_COMMON_CONFIG,
+            "head_dim": 16,
+            "attention_bias": False,
+            "max_position_embeddings": 40960,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": 2,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "norm_topk_prob": True,  # as Qwen3-30B-A3B
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "router_aux_loss_coef": 0.001,
+            "output_router_logits": False,
         },
     },
     "tiny-qwen2-vl": {

@@ -130,6 +130,8 @@ def run_row(run_dir: Path, m: Manifest) -> dict[str, Any]:
         "method": m.method,
         "parent_run": m.parent_run,
         "model": m.model.spec,
+        "data": m.data_line(),
+        "mixture": bool(m.sources or m.eval_data),  # several files or --eval-data
         "started": m.started,
         "steps_done": summary.get("global_step") or last.get("current_steps"),
         "steps_planned": last.get("total_steps"),

@@ -76,6 +76,11 @@ class DatasetRecord:
     train_path: str | None = (
         None  # what LLaMA-Factory read (a filtered copy with --overlength drop)
     )
+    share: float | None = None  # --data FILE:SHARE: its share of an interleaved mixture
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetRecord:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Manifest:
     template: str
     default_system: str
     enable_thinking: bool | None
-    dataset: DatasetRecord
+    dataset: DatasetRecord  # the (first) --data file
     command: list[str]
     env: dict[str, str]
     deepspeed: str = "none"
@@ -116,6 +121,9 @@ class Manifest:
     kind: str = "train"
     stage: str = "sft"  # the training stage (choices.Stage: sft, pt, dpo, orpo, simpo, kto)
     parent_run: str | None = None  # --from RUN_DIR: the run whose weights this one started from
+    sources: list[DatasetRecord] = field(default_factory=list)  # the further --data files
+    mix: str | None = None  # how the --data files mix (choices.Mix), with several
+    eval_data: list[DatasetRecord] = field(default_factory=list)  # --eval-data files
     versions: dict[str, str | None] = field(default_factory=dict)
     overlength: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, str] | None = None  # --report-to: tracker -> where to look (runs.tracking)
@@ -144,7 +152,20 @@ class Manifest:
     merge_checks: dict[str, Any] | None = None
     stopping: StopReport | None = None  # qwenft export: does the model end its turns?
     last_eval: dict[str, Any] | None = None
+    trains: dict[str, Any] | None = None  # what the run trains of its model (train.trains_record)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
+
+    def data_line(self) -> str:
+        """The run's data in a line: `a.jsonl 80% + b.jsonl 20% (interleave); eval held.jsonl`."""
+        text = " + ".join(
+            Path(r.path).name + (f" {r.share:.0%}" if r.share else "")
+            for r in (self.dataset, *self.sources)
+        )
+        if self.mix:
+            text += f" ({self.mix})"
+        if self.eval_data:
+            text += "; eval " + ", ".join(Path(r.path).name for r in self.eval_data)
+        return text
 
     def to_dict(self, run_dir: Path | None = None) -> dict[str, Any]:
         """The JSON object written to qwenft.json (fields not set yet are left out); with run_dir,
@@ -158,6 +179,10 @@ class Manifest:
                 value = value.to_dict()
             elif f.name in ("dataset", "stopping"):
                 value = dataclasses.asdict(value)
+            elif f.name in ("sources", "eval_data"):
+                if not value:
+                    continue
+                value = [dataclasses.asdict(r) for r in value]
             out[f.name] = value
         out = {**out, **self.extra}
         return stored(out, run_dir) if run_dir is not None else out
@@ -171,10 +196,9 @@ class Manifest:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
         values["model"] = ResolvedModel.from_dict(data["model"])
-        ds = data["dataset"]
-        values["dataset"] = DatasetRecord(
-            **{k: v for k, v in ds.items() if k in DatasetRecord.__dataclass_fields__}
-        )
+        values["dataset"] = DatasetRecord.from_dict(data["dataset"])
+        for key in ("sources", "eval_data"):
+            values[key] = [DatasetRecord.from_dict(r) for r in data.get(key) or []]
         if isinstance(data.get("stopping"), dict):
             st = data["stopping"]
             values["stopping"] = StopReport(

@@ -61,9 +61,9 @@ def training_summary(run_dir: Path, stage: str = "sft") -> dict[str, Any]:
     """Steps, losses and throughput from the files LLaMA-Factory wrote into the run folder, and
     the stage's own figures (`stage_figures`: e.g. DPO's reward accuracy and margin)."""
     run_dir = Path(run_dir)
-    losses = [
-        r["loss"] for r in read_trainer_log(run_dir) if isinstance(r.get("loss"), int | float)
-    ]
+    log = read_trainer_log(run_dir)
+    losses = [r["loss"] for r in log if isinstance(r.get("loss"), int | float)]
+    evals = [r["eval_loss"] for r in log if isinstance(r.get("eval_loss"), int | float)]
     results: dict[str, Any] = {}
     with contextlib.suppress(OSError, json.JSONDecodeError):
         results = json.loads((run_dir / "all_results.json").read_text())
@@ -77,6 +77,9 @@ def training_summary(run_dir: Path, stage: str = "sft") -> dict[str, Any]:
         "final_loss": losses[-1] if losses else None,
         "best_loss": min(finite) if finite else None,
         "train_loss": results.get("train_loss"),
+        # on the held-out split or --eval-data: the first evaluation's, and the last (the final)
+        "first_eval_loss": evals[0] if evals else None,
+        "eval_loss": results.get("eval_loss", evals[-1] if evals else None),
         "tokens_per_second": results.get("effective_tokens_per_sec"),
         "train_runtime_s": results.get("train_runtime"),
         "loss_plot": str(run_dir / "training_loss.png")

@@ -10,6 +10,7 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qwenft.data.pipeline import DataFiles
 from qwenft.data.registry import register_dataset
 
 # The LLaMA-Factory stage of a training config -> the qwenft data kind its data file holds, and
@@ -18,10 +19,13 @@ KINDS = {"sft": "sft", "dpo": "preference", "kto": "kto", "pt": "pt"}
 DATASET_STAGES = {"sft": "sft", "dpo": "rm", "kto": "kto", "pt": "pt"}
 
 
-def lf_tokenized(data: Path, model_dir: Path, config: dict, out_dir: Path, work: Path) -> None:
-    """Run LLaMA-Factory's get_dataset in-process on `data` (registered in a dataset_dir under
-    `work`) for the train config `config`; it saves the tokenized DatasetDict at `out_dir`
-    (tokenized_path), as a training run with that config would.
+def lf_tokenized(
+    data: Path | DataFiles, model_dir: Path, config: dict, out_dir: Path, work: Path
+) -> None:
+    """Run LLaMA-Factory's get_dataset in-process on `data` (a file, or training and evaluation
+    files: each registered in a dataset_dir under `work`) for the train config `config`; it saves
+    the tokenized DatasetDict at `out_dir` (tokenized_path), as a training run with that config
+    would.
 
     It runs in a fresh thread, on a shallow Python stack as in a training process: deep under
     pytest's frames, CPython 3.11 can map and unmap a frame-stack chunk on nearly every call of
@@ -31,7 +35,9 @@ def lf_tokenized(data: Path, model_dir: Path, config: dict, out_dir: Path, work:
         pool.submit(_lf_tokenized, data, model_dir, config, out_dir, work).result()
 
 
-def _lf_tokenized(data: Path, model_dir: Path, config: dict, out_dir: Path, work: Path) -> None:
+def _lf_tokenized(
+    data: Path | DataFiles, model_dir: Path, config: dict, out_dir: Path, work: Path
+) -> None:
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.data.template import TEMPLATES
     from llamafactory.hparams import get_train_args
@@ -40,12 +46,17 @@ def _lf_tokenized(data: Path, model_dir: Path, config: dict, out_dir: Path, work
     stage = config["stage"]
     dataset_dir = work / "dataset_dir"
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    register_dataset(data, "reference", dataset_dir, kind=KINDS[stage])
+    files = DataFiles.of(data)
+    names = {}
+    for k, path in enumerate(files.all):
+        names[path] = "reference" if k == 0 else f"reference{k}"
+        register_dataset(path, names[path], dataset_dir, kind=KINDS[stage])
     args = {
         **config,
         "do_train": True,
         "model_name_or_path": str(model_dir),
-        "dataset": "reference",
+        "dataset": ",".join(names[p] for p in files.train),
+        **({"eval_dataset": ",".join(names[p] for p in files.evals)} if files.evals else {}),
         "dataset_dir": str(dataset_dir),
         "output_dir": str(work / "out"),
         "overwrite_cache": True,
