@@ -159,3 +159,25 @@ def test_serve_says_whether_the_model_sees_images() -> None:
         "lf", Path("s.yaml"), "127.0.0.1", 8000, None, "m", "local", vision=True
     )
     assert env[serve_mod.VISION_ENV] == "1" and env[serve_mod.LOCAL_FILES_ENV] == "1"
+
+
+def test_eval_of_image_data_finds_its_images_and_refuses_a_text_model(tmp_path: Path) -> None:
+    from qwenft.evaluate import build_eval_config, plan_eval
+
+    folder = tmp_path / "data"
+    (folder / "img").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (255, 0, 0)).save(folder / "img" / "red.png")
+    row = {
+        "messages": [
+            {"role": "user", "content": "<image>What colour?"},
+            {"role": "assistant", "content": "Red."},
+        ],
+        "images": ["img/red.png"],
+    }
+    data = folder / "colours.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    plan = plan_eval("tiny-qwen2-vl", data, no_base=True)
+    cfg = build_eval_config(plan, plan.tuned, tmp_path / "out", predict=False)
+    assert cfg["media_dir"] == str(folder) and cfg["template"] == "qwen2_vl"
+    with pytest.raises(QwenftError, match="is a text model"):
+        plan_eval("tiny-qwen2", data, no_base=True)
