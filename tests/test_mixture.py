@@ -322,3 +322,24 @@ def test_the_yaml_keys_of_a_mixture_are_qwenfts_own() -> None:
     )
     assert cfg["eval_dataset"] == "e" and cfg["val_size"] == 0.0 and cfg["eval_strategy"] == "steps"
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg
+
+
+def test_plan_sizes_for_the_longest_sample_of_the_data(
+    files: dict[str, Path], tiny_home: Path
+) -> None:
+    """`plan --data`: the sequence length is the data's longest sample as train tokenizes it
+    (the same count as `data check --model`), padded to a multiple of 8, at most cutoff_len."""
+    longest = max(
+        json.loads(invoke("data", "check", files[k], "--model", "tiny-qwen2", "--json").stdout)[
+            "tokens"
+        ]["length"]["max"]
+        for k in ("general", "identity")
+    )
+    args = ["plan", "--model", "tiny-qwen2", "--json", "--data", files["general"]]
+    sized = json.loads(invoke(*args, "--data", files["identity"]).stdout)
+    assert sized["data"]["longest"] == longest and sized["data"]["samples"] == 20
+    assert sized["data"]["length"] == 8 * -(-longest // 8) == sized["cutoff_len"]
+    plain = json.loads(invoke("plan", "--model", "tiny-qwen2", "--json").stdout)
+    assert plain["cutoff_len"] == 1024 and sized["peak_gb"] < plain["peak_gb"]
+    cut = json.loads(invoke(*args, "--cutoff-len", "16").stdout)
+    assert cut["data"]["length"] == cut["cutoff_len"] == 16

@@ -6,6 +6,8 @@ Mounted by qwenft/cli/__init__.py with `app.command("plan")(plan)`. Imports noth
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -62,26 +64,44 @@ def plan(
         float | None,
         typer.Option("--gpu-mem", help="Memory of one GPU in GB (1e9 bytes), e.g. 24 or 80."),
     ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Size for this data (repeatable: a mixture's files): its longest sample, padded "
+            "as the trainer pads a batch, instead of cutoff_len (needs the model's tokenizer).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Predict peak GPU memory per device, with a breakdown, and whether it fits --gpu-mem.
 
     The defaults (cutoff_len, batch size, LoRA rank and target, DeepSpeed stage) are the ones
-    `qwenft train` uses for the same options."""
+    `qwenft train` uses for the same options. With --data, the sequence length is the data's
+    longest sample (no batch is longer), measured as train tokenizes it."""
     from qwenft import memory, settings
 
     stage = Stage.parse(stage, "--stage")
-    run = settings.resolve(
-        settings.RunRequest(
-            model=model,
-            method=method or DEFAULT_METHOD.value,
-            deepspeed=deepspeed,
-            gpus=gpus,
-            gpu_mem_gb=gpu_mem,
-            knobs=knobs,
-            stage=stage,
+
+    def resolved(chosen: KnobValues) -> Any:  # settings.RunSettings
+        return settings.resolve(
+            settings.RunRequest(
+                model=model,
+                method=method or DEFAULT_METHOD.value,
+                deepspeed=deepspeed,
+                gpus=gpus,
+                gpu_mem_gb=gpu_mem,
+                knobs=chosen,
+                stage=stage,
+                data=data[0] if data else None,
+            )
         )
-    )
+
+    run = resolved(knobs)
+    sized = _data_length(run, data, stage) if data else None
+    if sized and sized["length"] < run.cutoff_len:
+        run = resolved(KnobValues({**knobs, "cutoff_len": sized["length"]}))
     inp = run.plan_input()  # carries the stage
     result = run.auto_plan or memory.estimate(inp)
     why = run.auto_why
@@ -89,9 +109,52 @@ def plan(
         out = {"model": model, **result.to_dict()}
         if why:
             out["explanation"] = why
+        if sized:
+            out["data"] = sized
         typer.echo(json.dumps(out, indent=2))
         return
+    if sized:
+        typer.echo(sized["line"])
     _print_table(model, result, why, inp)
+
+
+def _data_length(run: Any, files: list[Path], stage: str) -> dict[str, Any]:
+    """The sequence length a run on these files reaches (settings.RunSettings `run`): its longest
+    sample as train tokenizes it (pipeline.file_stats), padded to a multiple of 8 as
+    LLaMA-Factory's collator pads a training batch, at most cutoff_len; packed pt: cutoff_len
+    (every block is full)."""
+    from qwenft.cli.common import err
+    from qwenft.data import check
+    from qwenft.data.pipeline import DataSpec, file_stats
+    from qwenft.models.target import base_target
+
+    kind = Stage(stage).facts.data.value
+    target = base_target(run.model)
+    target.ensure_built(progress=err)
+    spec = DataSpec.from_settings(run, kind=kind)
+    longest, samples, lengths = 0, 0, []
+    for path in files:
+        check.require_valid(path, "nothing was planned", kind=kind)
+        stats = file_stats(path, spec, target.model_path, max_lines=None)
+        longest = max(longest, stats.length.max)
+        samples += stats.n_samples
+        lengths.append(
+            f"{path.name} p50 {stats.length.p50} p99 {stats.length.p99} max {stats.length.max}"
+        )
+    cutoff = run.cutoff_len
+    length = cutoff if spec.packed else min(cutoff, 8 * math.ceil(longest / 8))
+    why = (
+        "packed: every block is cutoff_len long"
+        if spec.packed
+        else f"the longest sample, {longest} tokens, padded to a multiple of 8"
+        if length < cutoff
+        else f"cutoff_len (the longest sample, {longest} tokens, is cut there)"
+    )
+    line = (
+        f"data: {samples} samples ({'; '.join(lengths)}): sized for {length} tokens per "
+        f"sequence, {why}"
+    )
+    return {"samples": samples, "longest": longest, "length": length, "line": line}
 
 
 def _print_table(model: str, p: Any, why: str | None, inp: Any) -> None:  # memory.Plan, PlanInput
