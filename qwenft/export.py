@@ -12,7 +12,8 @@ RUN/export (nothing appears under its final name until every check has passed):
 3. verify (unless --no-verify) that the file is faithful: its stop tokens read back from it;
    greedy generations of the GGUF against the merged model's (transformers) on prompts from the
    run's data: identical tokens (and the same stop) for f16, greedy agreement and |log-probability|
-   differences within limits for quantized files. Whether the model ends its turns on <|im_end|>
+   differences within limits for quantized files and for a mixture-of-experts model in f16
+   (MOE_F16_LIMITS). Whether the model ends its turns on <|im_end|>
    is reported (printed, manifest `stopping`), never a reason to refuse;
 4. write `<run>-<quant>.Modelfile` for Ollama beside the GGUF (FROM, the Qwen chat template the
    run was trained with, tools for runs trained on tool data, SYSTEM, both stop tokens), move
@@ -74,6 +75,14 @@ QUANT_LIMITS = {
     GgufQuant.Q8_0: (0.90, 0.10),
     GgufQuant.Q4_K_M: (0.60, 0.75),
 }
+# A mixture-of-experts model in f16: llama.cpp multiplies f16 weights with activations rounded
+# to f16, and a router whose top experts are near a tie then picks others than transformers does
+# in f32, which changes that token's output outright. The tiny MoE model's random routers are
+# near ties often (a fifth of its choices within 0.01 of probability between the 2nd and 3rd
+# expert): one merged tiny-qwen3-moe measured 2/3 answers identical, 95.2% agreement and 0.18
+# mean |log p difference|, where rounding its weights to f16 in transformers moves log p by 1e-5. Token-identical answers are then not what a faithful file guarantees; the
+# limits below are, and a conversion fault still lands near chance agreement.
+MOE_F16_LIMITS = (0.90, 0.30)
 QUANT_FTYPES = {  # llama.cpp's file types for the quantized exports
     GgufQuant.Q8_0: "LLAMA_FTYPE_MOSTLY_Q8_0",
     GgufQuant.Q4_K_M: "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -549,7 +558,9 @@ def verify_gguf(gguf: Path, plan: ExportPlan, progress: Callable[[str], None]) -
         "stopping": {"answers": len(rows), "stopped": stopped, "window": VERIFY_TOKENS},
     }
     llm.close()
-    if plan.quant == GgufQuant.F16 and identical < len(rows):
+    moe = m.model.arch is not None and m.model.arch.moe is not None
+    limits = MOE_F16_LIMITS if moe and plan.quant == GgufQuant.F16 else QUANT_LIMITS.get(plan.quant)
+    if plan.quant == GgufQuant.F16 and not moe and identical < len(rows):
         bad = next(r for r in rows if not r["identical"])
         raise JobFailed(
             f"the f16 GGUF's greedy tokens differ from the merged model's (prompt "
@@ -557,8 +568,8 @@ def verify_gguf(gguf: Path, plan: ExportPlan, progress: Callable[[str], None]) -
             f"{bad['merged_stop']}, GGUF at {bad['gguf_stop']})",
             "the conversion is not faithful; nothing was written (see export.log)",
         )
-    if plan.quant in QUANT_LIMITS:
-        min_agree, max_diff = QUANT_LIMITS[plan.quant]
+    if limits:
+        min_agree, max_diff = limits
         if agreement < min_agree or mean_diff > max_diff:
             raise JobFailed(
                 f"the {plan.quant} GGUF strays from the merged model: greedy agreement "

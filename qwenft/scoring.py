@@ -13,6 +13,7 @@ API (kept stable; other modules and tests call it):
   ``Scorer.token_logprobs(rows) -> list[(sum, n_tokens)]``, a row being ``(input_ids, labels)``
   or an encoder side ``(untruncated_length, input_ids, labels)``;
 - ``encode_rows(path, encoder, max_samples)``: the file's valid rows with their encoded sides;
+- ``Scorer.expert_load(rows)``: how a mixture-of-experts model routes the rows' tokens;
 - ``preference_margins``, ``feedback_shift``, ``text_perplexity``: a data file scored under the
   tuned model and (optionally) its starting model, as plain dicts (see each function).
 
@@ -98,6 +99,59 @@ class Scorer:
             del logits, logps, picked
         out = [results[i] for i in range(len(rows))]
         return out
+
+    def expert_load(self, rows: Sequence[Row]) -> dict[str, Any] | None:
+        """How a mixture-of-experts model routes the rows' tokens, one row at a time: per MoE
+        layer the tokens each expert took (each token goes to top_k of them: hooks on the
+        routers, transformers' *TopKRouter modules), and the router's load-balancing loss as
+        the model computes it (output_router_logits). None for a model without routers."""
+        import torch
+
+        routers = [
+            (name, m)
+            for name, m in self.model.named_modules()
+            if type(m).__name__.endswith("TopKRouter") and hasattr(m, "num_experts")
+        ]
+        if not routers:
+            return None
+        counts = {name: torch.zeros(m.num_experts, dtype=torch.long) for name, m in routers}
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(_module: Any, _args: Any, output: Any) -> None:
+                counts[name] += torch.bincount(
+                    output[2].flatten().cpu(), minlength=len(counts[name])
+                )
+
+            return record
+
+        handles = [m.register_forward_hook(hook(name)) for name, m in routers]
+        aux, tokens = [], 0
+        try:
+            for row in rows:
+                ids, _ = _ids_labels(row)
+                tokens += len(ids)
+                with torch.no_grad():
+                    out = self.model(
+                        input_ids=torch.tensor([ids], device=self.device),
+                        output_router_logits=True,
+                        use_cache=False,
+                    )
+                if getattr(out, "aux_loss", None) is not None:
+                    aux.append(float(out.aux_loss))
+        finally:
+            for h in handles:
+                h.remove()
+        first = routers[0][1]
+        total = torch.stack(list(counts.values())).sum(0)
+        return {
+            "samples": len(rows),
+            "tokens": tokens,
+            "experts": int(first.num_experts),
+            "top_k": int(getattr(first, "top_k", 0)),
+            "layers": {name: c.tolist() for name, c in counts.items()},
+            "total": total.tolist(),
+            "aux_loss": sum(aux) / len(aux) if aux else None,
+        }
 
     def logprobs(self, rows: Iterable[Row]) -> list[float]:
         """The sum of the labelled tokens' log-probabilities of each row."""

@@ -51,6 +51,7 @@ from qwenft.data.mixture import Mixture, Source, check_split, expected_samples, 
 from qwenft.data.pipeline import DataFiles, DataSpec, TokenStats
 from qwenft.data.prepare import CacheState, cache_state, tokenize_ahead
 from qwenft.errors import Interrupted, JobFailed, QwenftError, Stopped, raise_all
+from qwenft.fsutil import atomic_write_json
 from qwenft.launch import options as launch_options
 from qwenft.launch import ray as ray_launch
 from qwenft.launch import schedulers, slurm
@@ -872,6 +873,8 @@ def _launch(
     summary["processes"] = memory.get("max_processes")
     summary["log"] = str(log_path)
     status = "completed" if code == 0 else "failed"
+    if code == 0:
+        summary["expert_load"] = expert_load_report(run_dir, progress)
     manifest = update_manifest(
         run_dir,
         status=status,
@@ -895,6 +898,86 @@ def _launch(
         "mergeable": merge_refusal(run_dir, manifest) is None,  # what `next:` suggests
         **summary,
     }
+
+
+EXPERT_LOAD_SAMPLES = 32  # training samples the expert load is counted on
+EXPERT_LOAD = "expert_load.json"  # the per-layer counts, in the run folder
+
+
+def expert_load_report(run_dir: Path, progress: Callable[[str], None]) -> dict[str, Any] | None:
+    """After a mixture-of-experts run: the tokens each expert takes of the first training samples
+    under the trained model, and the router's balancing loss (scoring.Scorer.expert_load), said,
+    appended to train.log, per layer in RUN/expert_load.json; the manifest's summary. None for a
+    dense model, or when not measured (said why: loading the model once more must fit in memory,
+    and a failure here never fails the run)."""
+    m = read_manifest(run_dir)
+    arch = m.model.arch
+    if arch is None or arch.moe is None:
+        return None
+    weights = arch.params * 2  # 16-bit, as the model loads for inference
+    free = _available_memory()
+    if free is not None and weights > free / 2:
+        progress(
+            f"expert load not measured: loading the model ({weights / 1e9:.0f} GB) again would "
+            f"take over half this machine's free memory ({free / 1e9:.0f} GB)"
+        )
+        return None
+    from qwenft import scoring
+    from qwenft.models.target import resolve_target
+
+    try:
+        spec = DataSpec.from_config(yaml.safe_load((run_dir / "train.yaml").read_text()))
+        data = Path(m.dataset.train_path or m.dataset.path)
+        rows = scoring.encode_rows(data, spec.encoder(m.model.path), EXPERT_LOAD_SAMPLES)
+        scorer = scoring.load_scorer(resolve_target(str(run_dir)))
+        try:
+            load = scorer.expert_load([sides[0] for _, _, sides in rows])
+        finally:
+            scorer.close()
+    except Exception as exc:  # noqa: BLE001 - a fact to report, never a reason to fail the run
+        progress(f"expert load not measured: {type(exc).__name__}: {exc}")
+        return None
+    if load is None:
+        return None
+    atomic_write_json(run_dir / EXPERT_LOAD, load)
+    total = load["total"]
+    shares = [c / (sum(total) or 1) for c in total]
+    order = sorted(range(len(total)), key=lambda e: -total[e])
+    shown = order if len(order) <= 16 else [*order[:5], *order[-5:]]
+    aux = load["aux_loss"]
+    lines = [
+        f"experts: {load['samples']} training samples, {load['tokens']} tokens, {load['top_k']} "
+        f"of {load['experts']} experts per token in {len(load['layers'])} layer(s): the busiest "
+        f"took {max(shares):.1%} of the choices, the idlest {min(shares):.1%} (even: "
+        f"{1 / load['experts']:.1%})"
+        + (f"; router balancing loss {aux:.4f}" if aux is not None else ""),
+        "expert load (tokens, all layers"
+        + ("" if len(shown) == len(order) else "; the 5 busiest and the 5 idlest")
+        + f"): {' | '.join(f'e{e} {total[e]}' for e in shown)} (per layer: RUN/{EXPERT_LOAD})",
+    ]
+    with (run_dir / "train.log").open("a", encoding="utf-8") as log:
+        log.writelines(f"qwenft: {line}\n" for line in lines)
+    for line in lines:
+        progress(line)
+    return {
+        "samples": load["samples"],
+        "tokens": load["tokens"],
+        "busiest_share": round(max(shares), 4),
+        "idlest_share": round(min(shares), 4),
+        "aux_loss": aux,
+        "total": total,
+    }
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new process (/proc/meminfo's MemAvailable), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _prepared(run_dir: Path, submit: bool, progress: Callable[[str], None]) -> dict[str, Any]:

@@ -411,9 +411,19 @@ def test_moe_lora_learns_with_its_experts_trained(moe_run: Path) -> None:
     assert all(float(v.abs().max()) > 0 for v in experts.values())
     data = moe_run.parents[2] / "chat.jsonl"
     assert_learned(LM.of_run(moe_run, merged=False), trained_rows(moe_run, data, Path("lf")))
+    # at the end, the tokens each expert took (every token goes to top_k experts in each layer)
+    # and the router's balancing loss: said, in the log, per layer in RUN/expert_load.json
+    load = json.loads((moe_run / "expert_load.json").read_text())
+    assert load["samples"] == 4 and (load["experts"], load["top_k"]) == (4, 2)
+    assert len(load["layers"]) == 2
+    assert all(sum(c) == load["tokens"] * 2 for c in load["layers"].values()), load
+    assert m["summary"]["expert_load"]["total"] == load["total"]
+    assert math.isfinite(load["aux_loss"]) and load["aux_loss"] > 0
+    assert "expert load (tokens, all layers)" in stderr and "qwenft: expert load" in log
 
 
 def test_moe_lora_merges_within_tolerance_and_exports_to_gguf(moe_run: Path, qwenft) -> None:  # noqa: ANN001
+    from qwenft.export import MOE_F16_LIMITS
     from tests.helpers.e2e import copy_run, manifest
     from tests.helpers.learning import LM, assert_learned, trained_rows
 
@@ -423,7 +433,12 @@ def test_moe_lora_merges_within_tolerance_and_exports_to_gguf(moe_run: Path, qwe
     assert checks["verify_max_abs_logit_diff"] < 1e-3  # the dense models' tolerance
     data = moe_run.parents[2] / "chat.jsonl"
     assert_learned(LM.of_run(run), trained_rows(run, data, Path("lf")))
+    # f16 on an MoE model: held to agreement limits, not identical tokens (export.MOE_F16_LIMITS:
+    # llama.cpp's f16 arithmetic flips near-tie routing choices); said as measured
     out = qwenft("export", run, "--format", "gguf")
-    assert "3/3 answers token-identical to the merged model" in out.stderr, out.stderr
+    assert "answers token-identical to the merged model" in out.stderr, out.stderr
     (export,) = manifest(run)["exports"]
     assert Path(export["file"]).is_file()
+    verify = export["checks"]
+    assert verify["agreement"] >= MOE_F16_LIMITS[0], verify
+    assert verify["mean_abs_logprob_diff"] <= MOE_F16_LIMITS[1], verify
