@@ -161,23 +161,13 @@ def test_serve_says_whether_the_model_sees_images() -> None:
     assert env[serve_mod.VISION_ENV] == "1" and env[serve_mod.LOCAL_FILES_ENV] == "1"
 
 
-def test_eval_of_image_data_finds_its_images_and_refuses_a_text_model(tmp_path: Path) -> None:
+def test_eval_of_image_data_finds_its_images_and_refuses_a_text_model(
+    image_rows: Path, tmp_path: Path
+) -> None:
     from qwenft.evaluate import build_eval_config, plan_eval
 
-    folder = tmp_path / "data"
-    (folder / "img").mkdir(parents=True)
-    Image.new("RGB", (56, 56), (255, 0, 0)).save(folder / "img" / "red.png")
-    row = {
-        "messages": [
-            {"role": "user", "content": "<image>What colour?"},
-            {"role": "assistant", "content": "Red."},
-        ],
-        "images": ["img/red.png"],
-    }
-    data = folder / "colours.jsonl"
-    data.write_text(json.dumps(row) + "\n")
-    plan = plan_eval("tiny-qwen2-vl", data, no_base=True)
+    plan = plan_eval("tiny-qwen2-vl", image_rows, no_base=True)
     cfg = build_eval_config(plan, plan.tuned, tmp_path / "out", predict=False)
-    assert cfg["media_dir"] == str(folder) and cfg["template"] == "qwen2_vl"
+    assert cfg["media_dir"] == str(image_rows.parent) and cfg["template"] == "qwen2_vl"
     with pytest.raises(QwenftError, match="is a text model"):
-        plan_eval("tiny-qwen2", data, no_base=True)
+        plan_eval("tiny-qwen2", image_rows, no_base=True)

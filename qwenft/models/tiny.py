@@ -269,6 +269,16 @@ _COMMON_CONFIG: dict[str, Any] = {
     "bos_token_id": ENDOFTEXT_ID,
     "eos_token_id": IM_END_ID,
 }
+# Qwen3's layout over the common numbers (tiny-qwen3, and tiny-qwen3-moe with its experts)
+_QWEN3_CONFIG: dict[str, Any] = {
+    **_COMMON_CONFIG,
+    "head_dim": 16,
+    "attention_bias": False,
+    "max_position_embeddings": 40960,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 2,
+}
 
 TINY_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-qwen2": {
@@ -292,15 +302,7 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
         "architecture": "Qwen3ForCausalLM",
         "template": "qwen3",  # LLaMA-Factory template for Qwen3 hybrid-thinking models
         "description": "Qwen3 hybrid layout, 2 layers, hidden 64, head_dim 16, real Qwen vocab",
-        "config": {
-            **_COMMON_CONFIG,
-            "head_dim": 16,
-            "attention_bias": False,
-            "max_position_embeddings": 40960,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": 2,
-        },
+        "config": _QWEN3_CONFIG,
     },
     "tiny-qwen3-moe": {
         "family": "qwen3",
@@ -310,13 +312,7 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
         "description": "Qwen3-MoE layout (as Qwen3-30B-A3B): 2 layers, hidden 64, 4 experts of "
         "intermediate 64, 2 per token, real Qwen vocab, 9.8M params",
         "config": {
-            **_COMMON_CONFIG,
-            "head_dim": 16,
-            "attention_bias": False,
-            "max_position_embeddings": 40960,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": 2,
+            **_QWEN3_CONFIG,
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 64,
