@@ -165,6 +165,9 @@ class StageFacts:
     # the figures its trainer logs besides the loss (trainer_state.json's log_history; LF's log
     # callback keeps only loss and lr in trainer_log.jsonl): the summary shows first -> last
     figures: tuple[str, ...] = ()
+    # trains a reward model (a value head that scores a conversation): it generates nothing, so
+    # chat, serve and GGUF export refuse it and `qwenft score` reads it
+    reward: bool = False
 
 
 class Stage(Choice):
@@ -177,10 +180,21 @@ class Stage(Choice):
     ORPO = "orpo"
     SIMPO = "simpo"
     KTO = "kto"
+    RM = "rm"
 
     @property
     def facts(self) -> StageFacts:
         return STAGE_FACTS[self]
+
+    @classmethod
+    def parse(cls, value: str | Choice, option: str, *, auto: bool = False) -> str:
+        """As Choice.parse, and a stage people ask for that qwenft cannot run is refused with
+        the reason and what to use instead (UNSUPPORTED_STAGES)."""
+        text = value.value if isinstance(value, Enum) else str(value)
+        if text in UNSUPPORTED_STAGES:
+            why, fix = UNSUPPORTED_STAGES[text]
+            raise QwenftError(f"{option} {text} is not supported: {why}", fix)
+        return super().parse(value, option, auto=auto)
 
 
 _REWARDS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
@@ -206,6 +220,25 @@ STAGE_FACTS = {
         reference=True,
         zero_loss_ok=True,
         figures=("rewards/margins", "rewards/chosen", "rewards/rejected", "kl"),
+    ),
+    # a reward model on pairs: LLaMA-Factory's pairwise loss -log sigmoid(score(chosen) -
+    # score(rejected)), the score being a value head's output at a sequence's last token; once the
+    # pairs separate by ~10 it logs as 0.0 (its trainer log rounds to 4 decimals)
+    Stage.RM: StageFacts("rm", DataKind.PREFERENCE, paired=True, zero_loss_ok=True, reward=True),
+}
+# Stages people ask for that qwenft refuses before anything is written: (why, what to use).
+UNSUPPORTED_STAGES = {
+    "ppo": (
+        "LLaMA-Factory 0.9.5's PPO requires trl <= 0.9.6 (a version check that "
+        "DISABLE_VERSION_CHECK does not lift), and trl 0.9.6 breaks its other stages and needs "
+        "patches to run under transformers 5",
+        "train a preference stage instead: --stage dpo (or orpo, simpo, kto) on chosen/rejected "
+        "pairs; --stage rm trains a reward model that `qwenft score` reads",
+    ),
+    "grpo": (
+        "LLaMA-Factory 0.9.5 has no GRPO stage, and qwenft does not run one yet",
+        "--stage dpo (or orpo, simpo, kto) trains on chosen/rejected pairs; --stage rm trains a "
+        "reward model",
     ),
 }
 # The data kind each stage trains on, and each LLaMA-Factory stage's (dpo, orpo, simpo: pairs).

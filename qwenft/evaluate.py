@@ -14,6 +14,11 @@ log p(rejected), the reward accuracy (fraction of pairs whose margin grew) and r
 mean growth); KTO answers the log-p shift of desirable vs undesirable ones; pt text the perplexity.
 Per-row scores go to scores.jsonl.
 
+A reward model (a run of --stage rm) is measured by its own value head on held-out pairs: each
+pair's score(chosen) - score(rejected) and the share of pairs whose chosen answer scored higher.
+`qwenft score` (plan_score, execute_score) reads it too: a file of conversations or pairs, scored
+as the run was trained (the chat template applied by LLaMA-Factory's encoder).
+
 Everything is staged in a hidden folder beside the report folder and renamed into place when
 complete, so a report is whole or absent.
 """
@@ -21,6 +26,7 @@ complete, so a report is whole or absent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -35,11 +41,11 @@ import yaml
 
 from qwenft import __version__
 from qwenft import settings as run_settings
-from qwenft.choices import DataKind, Template, Thinking
+from qwenft.choices import DataKind, Stage, Template, Thinking
 from qwenft.data import check, images, reader, registry
 from qwenft.errors import JobFailed, QwenftError, raise_all
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
-from qwenft.knobs import EVAL, KnobValues, out_of_range
+from qwenft.knobs import EVAL, SCORE, KnobValues, out_of_range
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.models import presets
@@ -49,6 +55,7 @@ from qwenft.models.target import (
     resolve_target,
     run_base_path,
     thinking_mode,
+    value_head_path,
 )
 from qwenft.paths import default_dataset_dir
 from qwenft.proc import launcher
@@ -83,6 +90,7 @@ class EvalPlan:
     force: bool
     notes: list[str] = field(default_factory=list)
     kind: str = DataKind.SFT.value  # the data's kind: sft runs LLaMA-Factory, the others score
+    reward: bool = False  # the run is a reward model (--stage rm): its value head scores the pairs
 
     @property
     def scored(self) -> bool:
@@ -184,6 +192,26 @@ def plan_eval(
     # run's trained one (unless --force)
     tuned = resolve_target(spec, None, template, force)
     run_dir, manifest = tuned.run_dir, tuned.manifest
+    reward = manifest is not None and Stage(manifest.stage).facts.reward
+    if reward:
+        if kind != DataKind.PREFERENCE.value:
+            raise QwenftError(
+                f"{spec} is a reward model (--stage rm), evaluated on chosen/rejected pairs, and "
+                f"{Path(data).name} holds {kind} data; nothing was evaluated",
+                f"give held-out pairs with --data; `qwenft score {spec} FILE` scores conversations",
+            )
+        if base:
+            raise QwenftError(
+                "--base compares log-probabilities with another model; a reward model is "
+                "measured by its own scores (the untrained head it started from ranks pairs "
+                "by chance)",
+                "drop --base",
+            )
+        no_base = True
+        notes.append(
+            "a reward model has no base to compare with: the untrained value head it started from "
+            "ranks pairs by chance"
+        )
     train_cfg: dict[str, Any] = {}
     base_model: ModelTarget | None = None
     if manifest is None:
@@ -272,6 +300,7 @@ def plan_eval(
         force=force,
         notes=notes,
         kind=kind,
+        reward=reward,
     )
 
 
@@ -540,6 +569,7 @@ def build_score_report(plan: EvalPlan, result: dict[str, Any], took_s: float) ->
         "run_dir": str(plan.run_dir) if plan.run_dir else None,
         "template": plan.template,
         "kind": plan.kind,
+        "reward_model": plan.reward,
         "data": data,
         "settings": plan.settings,
         "models": models,
@@ -565,7 +595,15 @@ def format_score_table(report: dict[str, Any]) -> str:
         f"sha256 {data['sha256'][:12]}), template {report['template']}.",
         "",
     ]
-    if kind == DataKind.PREFERENCE.value:
+    if report.get("reward_model"):
+        head = ["mean margin", "chosen scored higher", "score(chosen)", "score(rejected)"]
+        cols = [
+            ("mean_margin", ".3f"),
+            ("accuracy", "%"),
+            ("mean_chosen_score", ".3f"),
+            ("mean_rejected_score", ".3f"),
+        ]
+    elif kind == DataKind.PREFERENCE.value:
         head = ["mean margin", "margin > 0", "log p(chosen)", "log p(rejected)"]
         cols = [
             ("mean_margin", ".3f"),
@@ -593,7 +631,13 @@ def format_score_table(report: dict[str, Any]) -> str:
                 cells.append(_fmt(value, spec))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if kind == DataKind.PREFERENCE.value:
+    if report.get("reward_model"):
+        lines.append(
+            "Margin = score(chosen) - score(rejected), a score being the value head's output at "
+            "the sequence's last token, as LLaMA-Factory's reward trainer scores it; per-pair "
+            f"scores: {report['scores']}."
+        )
+    elif kind == DataKind.PREFERENCE.value:
         acc, margin = report.get("reward_accuracy"), report.get("reward_margin")
         if acc is not None:
             n = data["scored"]
@@ -648,10 +692,14 @@ def _score_locked(plan: EvalPlan, progress: Callable[[str], None]) -> dict[str, 
         started = time.monotonic()
         n = min(plan.n_samples, s.get("max_samples") or plan.n_samples)
         progress(f"scoring {n} {plan.kind} samples of {plan.data_path.name}")
-        result = scoring.SCORERS[plan.kind](
+        score = (
+            functools.partial(scoring.reward_scores, kind=plan.kind)
+            if plan.reward
+            else functools.partial(scoring.SCORERS[plan.kind], start=plan.base)
+        )
+        result = score(
             plan.tuned,
-            plan.base,
-            plan.data_path,
+            path=plan.data_path,
             template=plan.template,
             default_system=plan.default_system,
             enable_thinking=plan.enable_thinking,
@@ -679,3 +727,115 @@ def _recorded(plan: EvalPlan, report: dict[str, Any]) -> dict[str, Any]:
         )
     report["report_dir"] = str(plan.out_dir)
     return report
+
+
+# --- qwenft score: a reward model's scores of a file ------------------------------------------
+
+DEFAULT_SCORE_BATCH = 8  # sequences per forward
+
+
+@dataclass
+class ScorePlan:
+    spec: str
+    target: ModelTarget
+    data_path: Path
+    kind: str  # sft (conversations) or preference (pairs)
+    settings: dict[str, Any]  # cutoff_len, batch_size, max_samples
+    output: Path | None  # the per-row scores' file (None: the caller prints them)
+    force: bool
+
+
+def plan_score(
+    spec: str,
+    data: Path,
+    *,
+    output: Path | None = None,
+    force: bool = False,
+    knobs: Mapping[str, Any] | None = None,
+    template: str | None = None,
+    thinking: str = Thinking.AUTO.value,
+) -> ScorePlan:
+    """Check every input; raise QwenftError (writing nothing) when scoring cannot work. `knobs`:
+    the score options of the knob table (cutoff_len, per_device_eval_batch_size, max_samples)."""
+    chosen = KnobValues(knobs)
+    raise_all(out_of_range(chosen, command=SCORE))
+    report = check.require_valid(Path(data).expanduser(), "nothing was scored", kind=None)
+    if report.kind not in (DataKind.SFT.value, DataKind.PREFERENCE.value):
+        raise QwenftError(
+            f"{report.path.name} holds {report.kind} data: a reward model scores conversations "
+            "(messages ending with an assistant turn) or chosen/rejected pairs; nothing was scored",
+            "docs/data.md shows both shapes",
+        )
+    if report.has_images:
+        raise QwenftError(
+            f"{report.path.name} holds images: qwenft trains and scores text reward models only",
+            "keep the image rows out",
+        )
+    target = resolve_target(spec, None, template, force)
+    value_head_path(target)  # QwenftError: not a reward model
+    own = target.manifest.enable_thinking if target.manifest else target.enable_thinking
+    target.enable_thinking = thinking_mode(own, thinking, force)
+    cutoff = chosen.get("cutoff_len")
+    if cutoff is None and target.run_dir is not None:
+        cutoff = _run_train_config(target.run_dir).get("cutoff_len")
+    out = Path(output).expanduser().absolute() if output else None
+    if out is not None and not force:
+        refuse_existing(out, "pass --force to replace it, or another --output")
+    return ScorePlan(
+        spec=spec,
+        target=target,
+        data_path=report.path.resolve(),
+        kind=report.kind,
+        settings={
+            "cutoff_len": int(cutoff or run_settings.default_cutoff_len()),
+            "batch_size": chosen.get("per_device_eval_batch_size", DEFAULT_SCORE_BATCH),
+            "max_samples": chosen.get("max_samples"),
+        },
+        output=out,
+        force=force,
+    )
+
+
+def execute_score(plan: ScorePlan, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """The file's scores (qwenft.scoring.reward_scores), the rows written to plan.output
+    (atomically) when there is one."""
+    from qwenft import scoring
+
+    plan.target.ensure_built(progress)
+    s = plan.settings
+    result = scoring.reward_scores(
+        plan.target,
+        plan.data_path,
+        plan.kind,
+        template=plan.target.template,
+        default_system=plan.target.system,
+        enable_thinking=plan.target.enable_thinking,
+        cutoff_len=s["cutoff_len"],
+        max_samples=s.get("max_samples"),
+        batch_size=s["batch_size"],
+        progress=progress,
+    )
+    if plan.output is not None:
+        atomic_write_text(plan.output, score_lines(result["rows"]))
+    return result
+
+
+def score_lines(rows: list[dict[str, Any]]) -> str:
+    """Per-row scores as JSON lines."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def score_summary(result: dict[str, Any]) -> str:
+    """One line: what `qwenft score` found."""
+    t = result["tuned"]
+    if "pairs" in result:
+        n = result["pairs"]
+        return (
+            f"{n} pairs: chosen scored higher in {round(t['accuracy'] * n)} ({t['accuracy']:.1%}), "
+            f"mean margin {t['mean_margin']:+.3f} (chosen {t['mean_chosen_score']:.3f}, "
+            f"rejected {t['mean_rejected_score']:.3f})"
+        )
+    return (
+        f"{result['conversations']} conversations: mean score {t['mean_score']:.3f} "
+        f"(min {t['min_score']:.3f}, max {t['max_score']:.3f})"
+    )

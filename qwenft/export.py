@@ -44,6 +44,7 @@ from qwenft.models.llamacpp import (
     STOP_TOKENS,
     require_llama_cpp,
 )
+from qwenft.models.target import reward_refusal
 from qwenft.paths import qwenft_home
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
@@ -196,6 +197,9 @@ def plan_export(run_dir: Path, quant: str, *, force: bool = False) -> ExportPlan
             f"{run_dir} is {m.status}, not completed: there is no finished model to export",
             f"finish it first (qwenft resume {run_dir}), or export a completed run",
         )
+    refusal = reward_refusal(run_dir, m, "become a GGUF (llama.cpp has no value head)")
+    if refusal is not None:
+        raise refusal
     if Template(m.template).vision:
         raise QwenftError(
             f"{run_dir} is a vision-language run (template {m.template}): its GGUF would hold "

@@ -28,7 +28,7 @@ from qwenft.choices import DPO_LOSSES, DeepSpeed, Method, Stage, Tracker
 from qwenft.errors import QwenftError
 
 # The commands that offer knob options (their names as a person types them).
-TRAIN, PLAN, EVAL, DATA_CHECK = "train", "plan", "eval", "data check"
+TRAIN, PLAN, EVAL, DATA_CHECK, SCORE = "train", "plan", "eval", "data check", "score"
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ AT_LEAST_ZERO = Rule(lambda v: v >= 0, "0 or more")
 FRACTION = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
 WHOLE_NOT_ZERO = Rule(lambda v: v != 0 and float(v).is_integer(), "a whole number other than 0")
 
-PREFERENCE = tuple(s for s in Stage if s.facts.paired)
+# the stages of LLaMA-Factory's dpo stage (a pair loss with pref_beta; rm trains on pairs too)
+PREFERENCE = tuple(s for s in Stage if s.facts.lf_stage == Stage.DPO.value)
 ADAPTERS = tuple(m for m in Method if m.facts.adapter)
 ZERO3 = (DeepSpeed.Z3.value, DeepSpeed.Z3_OFFLOAD.value)
 WITH_DEEPSPEED = tuple(d.value for d in DeepSpeed if d != DeepSpeed.NONE)
@@ -227,7 +228,7 @@ _ROWS: tuple[Knob, ...] = (
         "--cutoff-len",
         help="Max tokens per sample; longer ones are cut (default: the recipe's; eval: the run's).",
         rule=POSITIVE_WHOLE("`qwenft data check --model M` suggests one"),
-        commands=(TRAIN, PLAN, EVAL, DATA_CHECK),
+        commands=(TRAIN, PLAN, EVAL, DATA_CHECK, SCORE),
     ),
     Knob(
         "preprocessing_num_workers",
@@ -885,6 +886,21 @@ _ROWS: tuple[Knob, ...] = (
     Knob("kto_chosen_weight", rule=AT_LEAST_ZERO("e.g. 1.0"), stages=(Stage.KTO,)),
     Knob("kto_rejected_weight", rule=AT_LEAST_ZERO("e.g. 1.0"), stages=(Stage.KTO,)),
     Knob("ref_model", stages=(Stage.DPO, Stage.KTO), section="method"),
+    Knob(
+        "load_best_model_at_end",
+        type=bool,
+        section="eval",
+        refuse=(
+            Refusal(
+                f'{LF} refuses it for a reward model ("RM and PPO stages do not support '
+                '`load_best_model_at_end`")',
+                "drop load_best_model_at_end; `qwenft eval` scores the run's held-out pairs",
+                values=(True,),
+                with_key="stage",
+                with_values=(Stage.RM.value,),
+            ),
+        ),
+    ),
     Knob("packing", stages=(Stage.SFT, Stage.PT)),
     Knob("neat_packing", stages=(Stage.SFT,)),
     Knob(
@@ -970,7 +986,7 @@ _ROWS: tuple[Knob, ...] = (
         "--batch-size",
         help="Sequences per forward (per_device_eval_batch_size; default 1).",
         rule=POSITIVE_WHOLE("e.g. 4"),
-        commands=(EVAL,),
+        commands=(EVAL, SCORE),
     ),
     Knob(
         "max_new_tokens",
@@ -985,7 +1001,7 @@ _ROWS: tuple[Knob, ...] = (
         "--max-samples",
         help="Use only the first N samples (of each --data file).",
         rule=POSITIVE_WHOLE("e.g. --max-samples 100"),
-        commands=(TRAIN, EVAL),
+        commands=(TRAIN, EVAL, SCORE),
     ),
 )
 

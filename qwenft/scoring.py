@@ -14,6 +14,8 @@ API (kept stable; other modules and tests call it):
   or an encoder side ``(untruncated_length, input_ids, labels)``;
 - ``encode_rows(path, encoder, max_samples)``: the file's valid rows with their encoded sides;
 - ``Scorer.expert_load(rows)``: how a mixture-of-experts model routes the rows' tokens;
+- ``Scorer.rewards(rows, ValueHead.of(target))`` and ``reward_scores``: a reward model's scores
+  (a run of --stage rm: `qwenft score`, and `qwenft eval` of such a run);
 - ``preference_margins``, ``feedback_shift``, ``text_perplexity``: a data file scored under the
   tuned model and (optionally) its starting model, as plain dicts (see each function).
 
@@ -33,7 +35,7 @@ from typing import Any
 
 from qwenft.choices import DataKind
 from qwenft.errors import QwenftError
-from qwenft.models.target import ModelTarget
+from qwenft.models.target import ModelTarget, value_head_path
 
 IGNORE_INDEX = -100  # LLaMA-Factory's (llamafactory.extras.constants.IGNORE_INDEX)
 DEFAULT_BATCH = 8
@@ -47,6 +49,30 @@ def _ids_labels(row: Row) -> tuple[list[int], list[int]]:
     if len(row) == 2:
         return list(row[0]), list(row[1])
     raise ValueError("a row is (input_ids, labels) or (untruncated length, input_ids, labels)")
+
+
+@dataclass
+class ValueHead:
+    """A reward model's value head: one linear layer, hidden size -> 1 (trl's ValueHead.summary,
+    saved by LLaMA-Factory as v_head.summary.weight / .bias in value_head.safetensors)."""
+
+    weight: Any  # torch tensor [1, hidden]
+    bias: Any  # torch tensor [1]
+    path: Path
+
+    @classmethod
+    def of(cls, target: ModelTarget) -> ValueHead:
+        """The target's value head: beside its adapter (a LoRA run), in its merged folder (merge
+        copies it) or among its own weights (a full or freeze run)."""
+        from safetensors.torch import load_file
+
+        path = value_head_path(target)
+        try:
+            tensors = load_file(str(path))
+            weight, bias = tensors["v_head.summary.weight"], tensors["v_head.summary.bias"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise QwenftError(f"cannot read the value head {path}: {exc}") from exc
+        return cls(weight.float(), bias.float(), path)
 
 
 @dataclass
@@ -152,6 +178,41 @@ class Scorer:
             "total": total.tolist(),
             "aux_loss": sum(aux) / len(aux) if aux else None,
         }
+
+    def rewards(self, rows: Iterable[Row], head: ValueHead) -> list[float]:
+        """A reward model's score of each row: its value head over the last hidden state at the
+        sequence's last token, as LLaMA-Factory's reward trainer scores a side (trl's
+        AutoModelForCausalLMWithValueHead: the head reads hidden_states[-1]; the pairwise
+        trainer gathers it at the last unpadded position)."""
+        import torch
+
+        seqs = [_ids_labels(r)[0] for r in rows]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        results: dict[int, float] = {}
+        weight = head.weight.to(self.device)
+        bias = head.bias.to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for k, i in enumerate(idx):
+                ids[k, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                mask[k, : len(seqs[i])] = 1
+            with torch.no_grad():
+                hidden = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                    logits_to_keep=1,  # the LM head's logits are not needed
+                ).hidden_states[-1]
+                last = mask.sum(-1).to(self.device) - 1
+                picked = hidden[torch.arange(len(idx), device=self.device), last]
+                values = (picked.to(weight.dtype) @ weight.T + bias).squeeze(-1)
+            for k, i in enumerate(idx):
+                results[i] = float(values[k])
+        return [results[i] for i in range(len(seqs))]
 
     def logprobs(self, rows: Iterable[Row]) -> list[float]:
         """The sum of the labelled tokens' log-probabilities of each row."""
@@ -532,6 +593,73 @@ def text_perplexity(
             }
             for k, (line, _, _) in enumerate(encoded)
         ],
+    }
+
+
+def reward_scores(
+    target: ModelTarget,
+    path: Path,
+    kind: str,
+    *,
+    template: str,
+    default_system: str | None,
+    enable_thinking: bool | None,
+    cutoff_len: int,
+    max_samples: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    progress: Callable[[str], None] = _silent,
+) -> dict[str, Any]:
+    """A reward model's scores of a file, each sequence encoded as LLaMA-Factory encodes it for
+    training (the chat template applied: the scores mean what the model was trained on).
+
+    preference pairs: {"pairs": n, "tuned": {"mean_margin", "accuracy" (fraction of pairs with
+    score(chosen) > score(rejected)), "mean_chosen_score", "mean_rejected_score"}, "rows":
+    [{"line", "chosen", "rejected", "margin"}]}; conversations (sft): {"conversations": n,
+    "tuned": {"mean_score", "min_score", "max_score"}, "rows": [{"line", "score"}]}."""
+    if kind not in (DataKind.PREFERENCE.value, DataKind.SFT.value):
+        raise QwenftError(
+            f"{path} holds {kind} data: a reward model scores conversations (messages ending "
+            "with an assistant turn) or chosen/rejected pairs",
+            "docs/data.md shows both shapes",
+        )
+    head = ValueHead.of(target)
+    encoded = _prepare(
+        target, path, kind, template, default_system, enable_thinking, cutoff_len, max_samples
+    )
+    seqs = [side for _, _, sides in encoded for side in sides]
+    what = "pairs" if kind == DataKind.PREFERENCE.value else "conversations"
+    progress(f"scoring {len(encoded)} {what} with {target.source or target.model_path} ...")
+    scorer = load_scorer(target, batch_size=batch_size)
+    try:
+        values = scorer.rewards(seqs, head)
+    finally:
+        scorer.close()
+    if kind == DataKind.SFT.value:
+        return {
+            "conversations": len(encoded),
+            "tuned": {
+                "mean_score": _mean(values),
+                "min_score": min(values),
+                "max_score": max(values),
+            },
+            "rows": [
+                {"line": line, "score": v} for (line, _, _), v in zip(encoded, values, strict=True)
+            ],
+        }
+    rows = [
+        {"line": line, "chosen": c, "rejected": r, "margin": c - r}
+        for (line, _, _), c, r in zip(encoded, values[0::2], values[1::2], strict=True)
+    ]
+    margins = [x["margin"] for x in rows]
+    return {
+        "pairs": len(rows),
+        "tuned": {
+            "mean_margin": _mean(margins),
+            "accuracy": sum(m > 0 for m in margins) / len(margins),
+            "mean_chosen_score": _mean([x["chosen"] for x in rows]),
+            "mean_rejected_score": _mean([x["rejected"] for x in rows]),
+        },
+        "rows": rows,
     }
 
 

@@ -54,7 +54,7 @@ from qwenft.choices import Template
 from qwenft.errors import Interrupted, JobFailed, QwenftError
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
-from qwenft.models.target import ModelTarget, resolve_target
+from qwenft.models.target import ModelTarget, refuse_reward_model, resolve_target
 from qwenft.proc import launcher
 from qwenft.runs.progress import surface_log
 from qwenft.serve_guard import (
@@ -194,6 +194,7 @@ def resolve_serve_target(
             "pass a run folder made by `qwenft train`, a model folder, or a preset",
         )
     target = resolve_target(spec, adapter, template, force)  # QwenftError: neither run nor model
+    refuse_reward_model(target, "serve chat completions")
     return target, target.template, target.run_dir
 
 

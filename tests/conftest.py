@@ -351,6 +351,29 @@ def moe_run(e2e_home: Qwenft) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rm_run(e2e_home: Qwenft) -> Path:
+    """The session's reward model: a LoRA on tiny-qwen2 with LLaMA-Factory's value head (--stage
+    rm), 20 steps on 32 pairs (builders.reward_pairs seed 1: sums answered vs dodged); held-out
+    pairs (seed 2) are `rm-held.jsonl` beside the session's data."""
+    from tests.helpers.builders import reward_pairs
+
+    root = e2e_home.cwd.parent
+    run = e2e_home.cwd / "runs" / "rm"
+
+    def make() -> None:
+        data = write_jsonl(root / "rm-pairs.jsonl", reward_pairs(1, 32))
+        write_jsonl(root / "rm-held.jsonl", reward_pairs(2, 16))
+        out = e2e_home(
+            "train", "--model", "tiny-qwen2", "--stage", "rm", "--data", data, "-o", run,
+            "--max-steps", "20", "--lr", "5e-3", *FEW,
+        )  # fmt: skip
+        (run.parent / "rm.stderr").write_text(out.stderr, encoding="utf-8")
+
+    made_once(root, "rm_run", make)
+    return run
+
+
+@pytest.fixture(scope="session")
 def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
     """Two quick runs after `lora_run` in the same home, on the same data: `qlora` (4-bit, same
     data arguments: reuses lora_run's tokenized data) and `cutoff96` (LoRA, another cutoff_len:

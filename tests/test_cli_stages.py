@@ -197,7 +197,7 @@ def test_loss_watch_lets_a_preference_loss_reach_zero(tmp_path: Path) -> None:
         "".join(json.dumps({"loss": x}) + "\n" for x in (0.7, 0.0, 0.0, 0.0))
     )
     assert "exactly 0" in LossWatch(tmp_path, stage="pt")()
-    for stage in ("dpo", "orpo", "simpo", "kto"):  # the pairs are separated: no alarm
+    for stage in ("dpo", "orpo", "simpo", "kto", "rm"):  # the pairs are separated: no alarm
         assert LossWatch(tmp_path, stage=stage)() is None
 
 

@@ -621,8 +621,18 @@ def test_cli_stage(app: typer.Typer) -> None:
     )
     assert auto.exit_code == 0, auto.output
     assert json.loads(auto.output)["stage"] == "dpo"
-    bad = invoke("plan", "-m", "qwen2.5-7b-instruct", "--stage", "ppo", app=app)
-    assert bad.exit_code == 2 and "unknown --stage 'ppo'" in bad.output
+    bad = invoke("plan", "-m", "qwen2.5-7b-instruct", "--stage", "ppx", app=app)
+    assert bad.exit_code == 2 and "unknown --stage 'ppx'" in bad.output
+    # PPO is refused with its reason and what to use instead, not as an unknown stage
+    ppo = invoke("plan", "-m", "qwen2.5-7b-instruct", "--stage", "ppo", app=app)
+    assert ppo.exit_code == 2 and "--stage ppo is not supported" in ppo.output
+    assert "trl <= 0.9.6" in ppo.output and "--stage dpo" in ppo.output
+    # a reward model: two sequences per pair, no reference model
+    rm = invoke(*base[:3], "--method", "full", "--stage", "rm", "--json", app=app)
+    assert rm.exit_code == 0, rm.output
+    rm_plan = json.loads(rm.output)
+    assert rm_plan["stage"] == "rm" and rm_plan["sequences_per_step"] == 2 * rm_plan["batch_size"]
+    assert rm_plan["breakdown"]["reference_model"] == 0
 
 
 def test_plan_module_imports_nothing_heavy() -> None:

@@ -75,13 +75,14 @@ def test_stage_renders_golden_yaml(stage: str, monkeypatch: pytest.MonkeyPatch) 
         "orpo": ("dpo", "orpo"),
         "simpo": ("dpo", "simpo"),
         "kto": ("kto", None),
+        "rm": ("rm", None),
     }[stage]
     assert cfg["stage"] == lf_stage and cfg.get("pref_loss") == loss
     assert ("simpo_gamma" in cfg) == (stage == "simpo")
     assert ("kto_chosen_weight" in cfg) == ("kto_rejected_weight" in cfg) == (stage == "kto")
     if stage == "pt":
         assert cfg["packing"] is True
-    if lf_stage == "dpo":  # length grouping needs `input_ids`, which pairwise data lacks
+    if Stage(stage).facts.paired:  # length grouping needs `input_ids`, which pairs lack
         assert cfg["train_sampling_strategy"] == "random"
     # one home: what settings resolves for the stage is what renders
     assert (

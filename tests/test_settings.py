@@ -320,11 +320,16 @@ def test_stage_knobs_are_checked_where_every_knob_is() -> None:
         ("simpo", "lora", {"pref_loss": "sigmoid"}, "--stage simpo sets pref_loss"),
         ("pt", "lora", {"pref_beta": 0.1}, "does nothing for --stage pt"),
         ("orpo", "full", {"lora_rank": 8}, "does nothing for --method full"),
+        ("rm", "lora", {"pref_beta": 0.1}, "does nothing for --stage rm"),
+        ("rm", "lora", {"load_best_model_at_end": True}, "RM and PPO stages do not support"),
     ]:
         with pytest.raises(QwenftError, match=message):
             resolve(stage, method, **knobs)
-    with pytest.raises(QwenftError, match="unknown --stage 'ppo'"):
+    with pytest.raises(QwenftError, match="unknown --stage 'ppx'"):
+        resolve("ppx")
+    with pytest.raises(QwenftError, match="--stage ppo is not supported: .*trl <= 0.9.6"):
         resolve("ppo")
+    assert resolve("sft", load_best_model_at_end=True).values["load_best_model_at_end"] is True
     # messages name the qwenft option
     for key, option in (
         ("pref_beta", "--beta"),

@@ -389,7 +389,9 @@ def _report_training(result: dict, as_json: bool = False) -> None:
         f"log: {result['log']}"
         + (f" | loss plot: {result['loss_plot']}" if result.get("loss_plot") else "")
     )
-    if not result["mergeable"]:  # its own weights, or a LoRA on a quantized base
+    if result.get("stage") == Stage.RM:  # a reward model: scores, never chats
+        err(f"next: qwenft score {result['run_dir']} FILE (conversations or pairs)")
+    elif not result["mergeable"]:  # its own weights, or a LoRA on a quantized base
         err(f"next: qwenft chat {result['run_dir']}")
     else:
         err(f"next: qwenft merge {result['run_dir']} (or qwenft chat {result['run_dir']})")
@@ -486,7 +488,10 @@ def merge(
     plan = plan_merge(run_dir, export_dir)
     with stdout_for_results():
         result = execute_merge(plan, progress=err, check=check, verify=verify, verbose=verbose)
-    err(f"next: qwenft chat {result['merged']}")
+    if plan.config.get("stage") == Stage.RM:
+        err(f"next: qwenft score {plan.run_dir} FILE (it reads the merged model now)")
+    else:
+        err(f"next: qwenft chat {result['merged']}")
     _print_result(plan.run_dir, result["merged"], as_json)
 
 
@@ -547,7 +552,7 @@ def chat(
     as `tool call: NAME ARGUMENTS` and the tool's result is read (`result of NAME>`) before the
     model goes on (docs/agents.md)."""
     from qwenft.chat import ChatSession, chat_thinking, load_tools, run_turn
-    from qwenft.models.target import resolve_target
+    from qwenft.models.target import refuse_reward_model, resolve_target
 
     tool_list = None
     if tools is not None:
@@ -562,6 +567,7 @@ def chat(
         resolved = gguf_target(target, template, force)
     else:
         resolved = resolve_target(target, adapter, template, force)
+        refuse_reward_model(resolved, "chat")
     session = ChatSession(
         resolved,
         max_new_tokens,
@@ -704,6 +710,7 @@ def _mount_subcommands() -> None:
     app.command("plan")(plan.plan)
     app.command("serve")(use.serve)
     app.command("eval")(use.eval_cmd)
+    app.command("score")(use.score)
 
 
 _mount_subcommands()

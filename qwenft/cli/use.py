@@ -1,4 +1,4 @@
-"""`qwenft serve` and `qwenft eval`: use a fine-tuned model. Mounted by qwenft.cli."""
+"""`qwenft serve`, `qwenft eval` and `qwenft score`: use a fine-tuned model. Mounted by qwenft.cli."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from qwenft.cli.common import (
     knob_options,
     stdout_for_results,
 )
-from qwenft.knobs import EVAL, NO_KNOBS, KnobValues
+from qwenft.knobs import EVAL, NO_KNOBS, SCORE, KnobValues
 from qwenft.serve_guard import DEFAULT_GUARD, KEY_ENV, GuardSettings
 
 
@@ -161,3 +161,56 @@ def eval_cmd(
     else:
         typer.echo(format_table(report), nl=False)
     err(f"report: {plan.out_dir}")
+
+
+@handle_errors
+@knob_options(SCORE)
+def score(
+    target: TargetArg,
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Conversations (messages ending with an assistant turn) or chosen/rejected pairs."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write the per-row scores (JSON lines) here, not to stdout."
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing --output; allow a --template/--thinking other than the run's.",
+        ),
+    ] = False,
+    template: TemplateOpt = None,
+    thinking: ThinkingOpt = Thinking.AUTO.value,
+    knobs: KnobValues = NO_KNOBS,  # the knob table's score options (knob_options)
+) -> None:
+    """Score conversations or pairs with a reward model (a run trained with --stage rm).
+
+    Each row is encoded as the run was trained (its chat template, system prompt and thinking
+    mode), so the scores mean what the model learned. One JSON line per row: {"line", "score"}
+    for a conversation, {"line", "chosen", "rejected", "margin"} for a pair; a summary on stderr."""
+    from qwenft.evaluate import execute_score, plan_score, score_lines, score_summary
+
+    plan = plan_score(
+        target,
+        data,
+        output=output,
+        force=force,
+        knobs=knobs,
+        template=template,
+        thinking=thinking,
+    )
+    with stdout_for_results():
+        result = execute_score(plan, progress=err)
+    sys.stderr.flush()
+    if plan.output is None:
+        typer.echo(score_lines(result["rows"]), nl=False)
+    err(score_summary(result))
+    if plan.output is not None:
+        err(f"scores: {plan.output}")

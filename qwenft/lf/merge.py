@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.choices import own_weights
+from qwenft.choices import Stage, own_weights
 from qwenft.errors import JobFailed, QwenftError
 from qwenft.fsutil import atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 from qwenft.lf import launcher as lf_launcher
 from qwenft.lf import render
 from qwenft.models import inference
 from qwenft.models.presets import quantization_label
-from qwenft.models.target import ModelTarget, resolve_target
+from qwenft.models.target import VALUE_HEAD, ModelTarget, resolve_target
 from qwenft.proc import launcher
 from qwenft.runs.lock import RunLock
 from qwenft.runs.manifest import Manifest, now_iso, read_manifest, update_manifest
@@ -80,6 +80,7 @@ def plan_merge(run_dir: Path, export_dir: Path | None = None) -> MergePlan:
         template=source.template,
         default_system=source.system,
         export_dir="<staging>",
+        reward=Stage(manifest.stage).facts.reward,
     )
     argv, env = lf_launcher.build_export_command(
         lf_launcher.find_llamafactory_cli(), run_dir / "merge.yaml", source.model_kind
@@ -238,6 +239,12 @@ def _merge_locked(
             )
         if not any(staging.glob("*.safetensors")):
             raise JobFailed("the export wrote no weights", f"read the log: {log_path}")
+        reward = plan.config.get("stage") == Stage.RM.value
+        if reward and not (staging / VALUE_HEAD).is_file():
+            raise JobFailed(
+                f"the export of a reward model has no value head ({VALUE_HEAD})",
+                f"read the log: {log_path}",
+            )
         fixes = fix_generation_config(staging)
         fixes += ensure_chat_template(staging, plan.source.model_path)
         for fix in fixes:
@@ -245,7 +252,11 @@ def _merge_locked(
         checks: dict[str, Any] = {"fixes": fixes}
         if check or verify:  # in this process: transformers' bars and warnings into merge.log
             inference.quiet(log_path)
-        if check:
+        if reward:  # LLaMA-Factory writes an Ollama Modelfile for any export; this is no chat model
+            (staging / "Modelfile").unlink(missing_ok=True)
+        if check and reward:
+            progress("a reward model generates no text: no stop check (qwenft score reads it)")
+        elif check:
             prompt = _first_user_message(data_path)
             progress("checking the merged model stops (a greedy answer to a trained question) ...")
             gen = generation_check(staging, plan.source.system, prompt)

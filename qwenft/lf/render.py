@@ -239,9 +239,17 @@ def build_train_config(spec: TrainSpec) -> dict[str, Any]:
 
 
 def build_merge_config(
-    model_path: str, adapter_dir: str, template: str, default_system: str, export_dir: str
+    model_path: str,
+    adapter_dir: str,
+    template: str,
+    default_system: str,
+    export_dir: str,
+    *,
+    reward: bool = False,
 ) -> dict[str, Any]:
-    """The export config for merging a LoRA/QLoRA adapter into its unquantized base."""
+    """The export config for merging a LoRA/QLoRA adapter into its unquantized base. A reward
+    model's (reward) says `stage: rm`, so LLaMA-Factory copies the value head beside the merged
+    weights (value_head.safetensors, from the adapter folder)."""
     cfg = {
         "model_name_or_path": model_path,
         "adapter_name_or_path": adapter_dir,
@@ -250,6 +258,8 @@ def build_merge_config(
         "export_dir": export_dir,
     }
     cfg.update(load_template("merge"))
+    if reward:
+        cfg["stage"] = "rm"
     return cfg
 
 

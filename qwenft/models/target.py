@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.choices import Thinking, own_weights
+from qwenft.choices import Stage, Thinking, own_weights
 from qwenft.errors import QwenftError
 from qwenft.models import presets
 from qwenft.runs.manifest import MANIFEST, Manifest, read_manifest
@@ -38,6 +38,26 @@ class ModelTarget:
             from qwenft.models.tiny import ensure_tiny_model
 
             ensure_tiny_model(self.tiny_preset, progress=progress)
+
+
+def reward_refusal(run_dir: Path, m: Manifest, doing: str) -> QwenftError | None:
+    """Why a run cannot `doing` (None: it can): a reward model (a run of --stage rm) scores
+    conversations and generates no text, so chat, serve and GGUF export refuse it."""
+    if m.stage not in Stage.values() or not Stage(m.stage).facts.reward:
+        return None
+    return QwenftError(
+        f"{run_dir} is a reward model (--stage rm): it scores answers and generates no text, so "
+        f"it cannot {doing}",
+        f"score conversations or chosen/rejected pairs with it: qwenft score {run_dir} FILE",
+    )
+
+
+def refuse_reward_model(target: ModelTarget, doing: str) -> None:
+    """reward_refusal of a target that is a run folder; raises it."""
+    if target.manifest is not None and target.run_dir is not None:
+        refusal = reward_refusal(target.run_dir, target.manifest, doing)
+        if refusal is not None:
+            raise refusal
 
 
 def check_template(trained: str, requested: str | None, force: bool) -> str:
@@ -118,6 +138,22 @@ def resolve_target(
     if adapter is not None:
         target.adapter_path = str(adapter_folder(Path(adapter)).absolute())
     return target
+
+
+VALUE_HEAD = "value_head.safetensors"  # a reward model's head (LLaMA-Factory's file name)
+
+
+def value_head_path(target: ModelTarget) -> Path:
+    """Where the target's value head is; QwenftError when it has none (not a reward model)."""
+    folders = [target.adapter_path, target.model_path, target.run_dir]
+    for folder in folders:
+        if folder and (Path(folder) / VALUE_HEAD).is_file():
+            return Path(folder) / VALUE_HEAD
+    raise QwenftError(
+        f"{target.source or target.model_path} has no value head ({VALUE_HEAD}): it is not a "
+        "reward model",
+        "score with a run trained with --stage rm (`qwenft runs` shows each run's stage)",
+    )
 
 
 PISSA_CONVERTED = "pissa_converted"

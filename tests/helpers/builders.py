@@ -56,6 +56,29 @@ def pair_rows(pairs: list[tuple[str, str]] = QA, wrong: list[str] = WRONG) -> li
     ]
 
 
+# Reward-model pairs: sums answered (chosen) or dodged (rejected) - a feature a tiny reward model
+# learns in a few steps and carries to sums it never saw.
+DODGES = ["I don't know.", "No idea, sorry.", "Ask someone else.", "Why would I tell you?"]
+
+
+def reward_pairs(seed: int, n: int) -> list[dict]:
+    """n preference pairs "What is A plus B?": chosen answers it, rejected dodges it."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        rows.append(
+            {
+                "messages": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                "chosen": {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                "rejected": {"role": "assistant", "content": rng.choice(DODGES)},
+            }
+        )
+    return rows
+
+
 def kto_rows(pairs: list[tuple[str, str]] = QA, wrong: list[str] = WRONG) -> list[dict]:
     """KTO rows: each question with its answer (label true) and with a wrong one (false)."""
     return [
