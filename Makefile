@@ -31,11 +31,14 @@ demo: setup
 #   test-model  the tiny models and tokenizers in-process, no LLaMA-Factory launch
 #   test-e2e    the real LLaMA-Factory in child processes
 # TEST_WORKERS pytest-xdist workers (default 2: this project's CI machines have 2 cores; the
-# session's trained runs are made once for all workers, tests/conftest.py)
+# session's trained runs are made once for all workers, tests/conftest.py). worksteal: a worker
+# that runs out of tests takes queued ones from the other (xdist's default hands them out ahead,
+# and one worker sat idle for minutes at the end while the other ran the long end-to-end tests)
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist worksteal
 
 test: setup-extras
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
+	$(PY) -m pytest -q $(XDIST) --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not model"
@@ -44,7 +47,7 @@ test-model: setup
 	$(PY) -m pytest -q -m "model and not e2e"
 
 test-e2e: setup-extras
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m e2e --durations=15
+	$(PY) -m pytest -q $(XDIST) -m e2e --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check qwenft tests scripts
