@@ -561,7 +561,7 @@ def from_run(
     was trained with. A --template or --thinking that differs from the run's is refused (the
     model learned the run's); so is a LoRA run that was not merged, with the command that merges
     it. Raises QwenftError."""
-    from qwenft.models.target import resolve_target
+    from qwenft.models.target import resolve_target, reward_refusal
     from qwenft.runs.manifest import MANIFEST
 
     run_dir = Path(run_dir).expanduser().absolute()
@@ -572,6 +572,9 @@ def from_run(
     target = resolve_target(str(run_dir))
     m = target.manifest
     assert m is not None
+    refusal = reward_refusal(run_dir, m, "be the start of a later stage")
+    if refusal is not None:
+        raise refusal
     if target.adapter_path is not None:
         raise QwenftError(
             f"--from {run_dir}: that {m.method} run has no merged model to start from (a later "

@@ -76,16 +76,17 @@ def _fake_run(folder: Path, **changes: object) -> Path:
 
 def test_a_reward_run_generates_nothing_and_score_needs_a_reward_model(tmp_path: Path) -> None:
     reward = _fake_run(tmp_path / "rm", stage="rm")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
     for args, doing in [
         (("chat", reward), "cannot chat"),
         (("serve", reward), "cannot serve chat completions"),
         (("export", reward), "cannot become a GGUF"),
+        (("train", "--from", reward, "--data", pairs, "--stage", "dpo"), "start of a later stage"),
     ]:
         result = invoke(*args)
         assert result.exit_code == 2, result.output
         assert "is a reward model (--stage rm)" in result.output and doing in result.output
         assert f"qwenft score {reward} FILE" in result.output
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
     lora = _fake_run(tmp_path / "lora")
     result = invoke("score", lora, pairs)
     assert result.exit_code == 2 and "has no value head" in result.output, result.output
