@@ -709,9 +709,7 @@ def _score_locked(plan: EvalPlan, progress: Callable[[str], None]) -> dict[str, 
             progress=progress,
         )
         rows = result.pop("rows")
-        atomic_write_text(
-            stage / SCORES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        )
+        atomic_write_text(stage / SCORES, score_lines(rows))
         report = build_score_report(plan, result, time.monotonic() - started)
         atomic_write_json(stage / REPORT_JSON, report)
         atomic_write_text(stage / REPORT_MD, format_table(report))
@@ -736,13 +734,11 @@ DEFAULT_SCORE_BATCH = 8  # sequences per forward
 
 @dataclass
 class ScorePlan:
-    spec: str
     target: ModelTarget
     data_path: Path
     kind: str  # sft (conversations) or preference (pairs)
     settings: dict[str, Any]  # cutoff_len, batch_size, max_samples
     output: Path | None  # the per-row scores' file (None: the caller prints them)
-    force: bool
 
 
 def plan_score(
@@ -782,7 +778,6 @@ def plan_score(
     if out is not None and not force:
         refuse_existing(out, "pass --force to replace it, or another --output")
     return ScorePlan(
-        spec=spec,
         target=target,
         data_path=report.path.resolve(),
         kind=report.kind,
@@ -792,7 +787,6 @@ def plan_score(
             "max_samples": chosen.get("max_samples"),
         },
         output=out,
-        force=force,
     )
 
 

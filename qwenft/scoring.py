@@ -616,12 +616,8 @@ def reward_scores(
     score(chosen) > score(rejected)), "mean_chosen_score", "mean_rejected_score"}, "rows":
     [{"line", "chosen", "rejected", "margin"}]}; conversations (sft): {"conversations": n,
     "tuned": {"mean_score", "min_score", "max_score"}, "rows": [{"line", "score"}]}."""
-    if kind not in (DataKind.PREFERENCE.value, DataKind.SFT.value):
-        raise QwenftError(
-            f"{path} holds {kind} data: a reward model scores conversations (messages ending "
-            "with an assistant turn) or chosen/rejected pairs",
-            "docs/data.md shows both shapes",
-        )
+    if kind not in (DataKind.PREFERENCE.value, DataKind.SFT.value):  # the callers refuse others
+        raise ValueError(f"a reward model scores sft or preference data, not {kind}")
     head = ValueHead.of(target)
     encoded = _prepare(
         target, path, kind, template, default_system, enable_thinking, cutoff_len, max_samples
