@@ -14,8 +14,9 @@ setup:
 # setup plus the optional extras, each from its own lock (requirements/<extra>.lock; they never
 # change requirements/cpu.lock): what `make test` needs. gguf: llama-cpp-python (built once);
 # optimizers: GaLore, APOLLO, BAdam; tracking: TensorBoard, MLflow, W&B; ray: Ray (--launcher ray);
-# vision: torchvision for the Qwen-VL processors (on the CPU install with its hook, docs/vision.md)
-EXTRAS ?= gguf optimizers tracking ray vision
+# vision: torchvision for the Qwen-VL processors (on the CPU install with its hook, docs/vision.md);
+# rl: TRL 1.x for --stage grpo, in its own folder of the venv (requirements/rl.lock says why)
+EXTRAS ?= gguf optimizers tracking ray vision rl
 setup-extras:
 	@QWENFT_EXTRAS="$(EXTRAS)" scripts/setup_env.sh
 

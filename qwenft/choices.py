@@ -145,12 +145,22 @@ class Mix(Choice):
 class DataKind(Choice):
     """What a data file holds, by its rows' shape (qwenft.data names it; each stage takes one):
     sft {"messages"}; preference {"messages" ending with a user turn, "chosen", "rejected"};
-    kto {"messages" ending with an assistant turn, "label": bool}; pt {"text"} or a .txt file."""
+    kto {"messages" ending with an assistant turn, "label": bool}; pt {"text"} or a .txt file;
+    prompt {"messages" ending with a user turn, and fields the rewards read} (grpo)."""
 
     SFT = "sft"
     PREFERENCE = "preference"
     KTO = "kto"
     PT = "pt"
+    PROMPT = "prompt"
+
+
+class Engine(Choice):
+    """What trains a stage: LLaMA-Factory (`llamafactory-cli train`), or TRL's trainer in
+    qwenft's own process (`python -m qwenft.rl.grpo`, the rl extra: qwenft.rl)."""
+
+    LLAMAFACTORY = "llamafactory"
+    TRL = "trl"
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,7 @@ class StageFacts:
     # trains a reward model (a value head that scores a conversation): it generates nothing, so
     # chat, serve and GGUF export refuse it and `qwenft score` reads it
     reward: bool = False
+    engine: Engine = Engine.LLAMAFACTORY  # what trains it
 
 
 class Stage(Choice):
@@ -181,6 +192,7 @@ class Stage(Choice):
     SIMPO = "simpo"
     KTO = "kto"
     RM = "rm"
+    GRPO = "grpo"
 
     @property
     def facts(self) -> StageFacts:
@@ -225,6 +237,15 @@ STAGE_FACTS = {
     # score(rejected)), the score being a value head's output at a sequence's last token; once the
     # pairs separate by ~10 it logs as 0.0 (its trainer log rounds to 4 decimals)
     Stage.RM: StageFacts("rm", DataKind.PREFERENCE, paired=True, zero_loss_ok=True, reward=True),
+    # GRPO on prompts with verifiable rewards, run by TRL (LLaMA-Factory 0.9.5 has no such stage):
+    # its loss is exactly 0 on a step where every completion of each prompt scored alike
+    Stage.GRPO: StageFacts(
+        "grpo",
+        DataKind.PROMPT,
+        zero_loss_ok=True,
+        figures=("reward", "reward_std", "kl", "completions/mean_length"),
+        engine=Engine.TRL,
+    ),
 }
 # Stages people ask for that qwenft refuses before anything is written: (why, what to use).
 UNSUPPORTED_STAGES = {
@@ -232,13 +253,9 @@ UNSUPPORTED_STAGES = {
         "LLaMA-Factory 0.9.5's PPO requires trl <= 0.9.6 (a version check that "
         "DISABLE_VERSION_CHECK does not lift), and trl 0.9.6 breaks its other stages and needs "
         "patches to run under transformers 5",
-        "train a preference stage instead: --stage dpo (or orpo, simpo, kto) on chosen/rejected "
-        "pairs; --stage rm trains a reward model that `qwenft score` reads",
-    ),
-    "grpo": (
-        "LLaMA-Factory 0.9.5 has no GRPO stage, and qwenft does not run one yet",
-        "--stage dpo (or orpo, simpo, kto) trains on chosen/rejected pairs; --stage rm trains a "
-        "reward model",
+        "--stage grpo (reinforcement with verifiable rewards, on prompts), or a preference "
+        "stage: --stage dpo (or orpo, simpo, kto) on chosen/rejected pairs; --stage rm trains a "
+        "reward model that `qwenft score` reads",
     ),
 }
 # The data kind each stage trains on, and each LLaMA-Factory stage's (dpo, orpo, simpo: pairs).

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from qwenft.choices import DPO_LOSSES, DeepSpeed, Method, Stage, Tracker
+from qwenft.choices import DPO_LOSSES, DeepSpeed, Engine, Method, Stage, Tracker
 from qwenft.errors import QwenftError
 
 # The commands that offer knob options (their names as a person types them).
@@ -118,7 +118,7 @@ class Knob:
 
     key: str  # LLaMA-Factory's name (or qwenft's own, with own=True)
     option: str | None = None  # the qwenft option ("--a/--no-a": a switch); None: --set only
-    type: type = int  # int | float | str | bool
+    type: type = int  # int | float | str | bool | list (a repeatable text option)
     help: str = ""
     rule: Rule | None = None  # the range; None: any value of the type
     stages: tuple[Stage, ...] = ()  # the stages that read it; (): every stage
@@ -856,9 +856,62 @@ _ROWS: tuple[Knob, ...] = (
         "pref_beta",
         "--beta",
         float,
-        "pref_beta: dpo/orpo/simpo/kto strength (default 0.1).",
-        POSITIVE("e.g. --beta 0.1 (LLaMA-Factory's default)"),
-        stages=(*PREFERENCE, Stage.KTO),
+        "pref_beta: dpo/orpo/simpo/kto strength (default 0.1); grpo: the KL coefficient "
+        "(default 0: no reference model).",
+        POSITIVE("e.g. --beta 0.1 (LLaMA-Factory's default; grpo's 0 is its recipe's default)"),
+        stages=(*PREFERENCE, Stage.KTO, Stage.GRPO),
+    ),
+    # GRPO's own (TRL's GRPOConfig names them; qwenft.rl.grpo passes them on)
+    Knob(
+        "reward_funcs",
+        "--reward",
+        list,
+        "grpo: a reward (repeat for several): match:FIELD, number:FIELD, regex:PATTERN, "
+        "tool_call, length:N, or PATH.py:FUNCTION (docs/rl.md).",
+        stages=(Stage.GRPO,),
+        section="method",
+    ),
+    Knob(
+        "reward_weights",
+        "--reward-weights",
+        str,
+        "grpo: the rewards' weights, a comma list in --reward order (default: all 1).",
+        stages=(Stage.GRPO,),
+        section="method",
+    ),
+    Knob(
+        "num_generations",
+        "--generations",
+        help="grpo: completions sampled per prompt, compared within their group (default 8).",
+        rule=Rule(lambda v: v >= 2, "2 or more", "e.g. --generations 8 (a group to compare)"),
+        stages=(Stage.GRPO,),
+        section="method",
+    ),
+    Knob(
+        "max_completion_length",
+        "--completion-len",
+        help="grpo: most tokens a sampled completion takes (default 256).",
+        rule=POSITIVE_WHOLE("e.g. --completion-len 256"),
+        stages=(Stage.GRPO,),
+        section="method",
+    ),
+    Knob(
+        "temperature",
+        "--temperature",
+        float,
+        "grpo: sampling temperature of the completions (default 1.0).",
+        POSITIVE("e.g. --temperature 1.0"),
+        stages=(Stage.GRPO,),
+        section="method",
+    ),
+    Knob(
+        "loss_type",
+        "--grpo-loss",
+        str,
+        "grpo: TRL's loss: dapo (default), grpo, dr_grpo, bnpo.",
+        stages=(Stage.GRPO,),
+        choices=("dapo", "grpo", "dr_grpo", "bnpo"),
+        section="method",
     ),
     Knob(
         "pref_loss",
@@ -1006,6 +1059,58 @@ _ROWS: tuple[Knob, ...] = (
 )
 
 
+# The train.yaml keys qwenft's GRPO process (qwenft.rl.grpo, TRL's GRPOTrainer) reads: by
+# LLaMA-Factory's name, the GRPOConfig argument it becomes (TRL_ARGS), or read by the process itself
+# (TRL_OWN). A --stage grpo run that sets any other key is refused (inapplicable): TRL would never see
+# it; the recipe's other keys are left out of its train.yaml.
+TRL_ARGS = {
+    "output_dir": "output_dir",
+    "per_device_train_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler_type",
+    "warmup_ratio": "warmup_ratio",
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "num_train_epochs": "num_train_epochs",
+    "max_steps": "max_steps",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit",
+    "seed": "seed",
+    "report_to": "report_to",
+    "logging_dir": "logging_dir",
+    "run_name": "run_name",
+    "num_generations": "num_generations",
+    "max_completion_length": "max_completion_length",
+    "temperature": "temperature",
+    "pref_beta": "beta",
+    "loss_type": "loss_type",
+}
+TRL_OWN = (
+    "stage",
+    "do_train",
+    "model_name_or_path",
+    "finetuning_type",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target",
+    "template",
+    "default_system",
+    "enable_thinking",
+    "max_samples",
+    "reward_funcs",
+    "reward_weights",
+    "bf16",
+    "disable_gradient_checkpointing",
+    "resume_from_checkpoint",
+    "data_file",
+)
+TRL_READS = frozenset((*TRL_ARGS, *TRL_OWN))
+
+
 def _with_switch(knob: Knob, rows: Mapping[str, Knob]) -> Knob:
     """A key that belongs to a switch (`requires`) applies where the switch applies and sits in
     its section of train.yaml, unless its own row says otherwise."""
@@ -1080,7 +1185,7 @@ class KnobValues(Mapping[str, Any]):
     @classmethod
     def from_options(cls, command: str, params: Mapping[str, Any]) -> KnobValues:
         """From the option values of a command (by parameter name, as knob_options passes them)."""
-        return cls({k.key: k.lf_value(params.get(k.param)) for k in offered(command)})
+        return cls({k.key: k.lf_value(params.get(k.param) or None) for k in offered(command)})
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -1156,7 +1261,17 @@ def inapplicable(keys: Mapping[str, Any], stage: str, method: str | None) -> lis
     """One problem for each key the run's stage or method would ignore in silence (method None:
     not chosen yet), and for a --pref-loss that is not a DPO loss qwenft offers."""
     problems = []
+    trl = Stage(stage).facts.engine == Engine.TRL
     for key, value in keys.items():
+        if trl and key not in TRL_READS:
+            problems.append(
+                QwenftError(
+                    f"{key_label(key)} does nothing for --stage {stage}: TRL trains it, and "
+                    "qwenft's GRPO process does not pass that key on",
+                    "drop it (docs/rl.md lists the keys a grpo run reads)",
+                )
+            )
+            continue
         knob = BY_KEY.get(key)
         if knob is None:
             continue

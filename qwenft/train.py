@@ -28,6 +28,7 @@ from qwenft.choices import (
     DEFAULT_OVERLENGTH,
     DataKind,
     DeepSpeed,
+    Engine,
     Launcher,
     Method,
     Overlength,
@@ -63,6 +64,7 @@ from qwenft.models import derived, moe_adapter, presets
 from qwenft.models.target import base_target
 from qwenft.paths import default_dataset_dir
 from qwenft.proc import launcher
+from qwenft.rl import engine as rl_engine
 from qwenft.runs import tracking
 from qwenft.runs.folder import check_new_run_dir, create_run_dir, default_run_dir
 from qwenft.runs.lock import RunLock, newest_complete_checkpoint, set_aside_incomplete_checkpoints
@@ -158,6 +160,8 @@ KIND_WHAT = {
     "answers)",
     DataKind.KTO: 'labelled answers (KTO data: "messages" with a boolean "label")',
     DataKind.PT: 'plain text (pt data: {"text": ...} rows or a .txt file)',
+    DataKind.PROMPT: 'prompts (grpo data: "messages" ending with the user turn, and the fields '
+    "the rewards read)",
 }
 KIND_FIX = {
     DataKind.SFT: 'give it {"messages": [...]} conversations ending with the assistant\'s answer',
@@ -167,6 +171,8 @@ KIND_FIX = {
     "undesirable one); `qwenft data convert` reads kto_tag and prompt/completion/label files",
     DataKind.PT: 'give it {"text": ...} rows or a .txt file (`qwenft data convert --from text` '
     "makes them from a corpus)",
+    DataKind.PROMPT: 'give it {"messages": [..., user], "answer": ...} rows: the prompt and the '
+    "fields --reward reads (docs/rl.md)",
 }
 
 
@@ -181,8 +187,8 @@ def check_data_fits(path: Path, stage: str) -> None:
         found = kinds.detect_file_kind(path)
     except QwenftError:
         return
-    if found is None or found == want:
-        return
+    if found is None or found == want or (want, found) == (DataKind.PROMPT, DataKind.SFT):
+        return  # prompt rows have sft's keys: check.require_valid holds them to the prompt rules
     found = DataKind(found)
     takers = stages_for(found)
     raise QwenftError(
@@ -274,6 +280,9 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     run = settings.resolve(replace(req, data=data, gpus=nproc, gpu_mem_gb=gpu_mem))
     settings.check_applies(run)
     check_split(mixture, run.overrides.get("val_size"))
+    trl = Stage(stage).facts.engine == Engine.TRL
+    if trl:
+        refuse_trl(req, run, mixture, nproc * req.nnodes, overlength)
     notes = placed + ([f"auto: {run.auto_why}"] if run.auto_why else [])
     if run.thinking_warning:
         notes.append(f"warning: {run.thinking_warning}")
@@ -363,6 +372,8 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
 
     # logging_steps, save_steps and the evaluation follow the run's length (settings.step_defaults)
     processes = nproc * req.nnodes
+    if trl:  # a grpo step's batch counts completions, num_generations of each prompt
+        n_samples *= int(run.values.get("num_generations", 1))
     derived = settings.step_defaults(
         {**run.values, **mix_keys}, {**run.overrides, **mix_keys}, n_samples, processes
     )
@@ -399,8 +410,10 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     if Template(model.template).vision:
         notes.append(vision_note(config))
     read = DataFiles((data, *(Path(r.path) for r in sources)), tuple(Path(r.path) for r in evals))
-    if "tokenized_path" not in config and (
-        req.nnodes == 1 or DataSpec.from_config(config).for_data(read).lf_tokenizes is None
+    if (
+        not trl
+        and "tokenized_path" not in config
+        and (req.nnodes == 1 or DataSpec.from_config(config).for_data(read).lf_tokenizes is None)
     ):
         # Each node tokenizes before its torchrun starts (tokenize_ahead), and a copy is renamed
         # into place whole, so nodes sharing a file system cannot race on the cache. Where
@@ -420,9 +433,16 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
     launch = req.launch
     if launch.kind == Launcher.RAY:
         config.update(ray_launch.config_keys(launch.workers))
+    if trl:  # what TRL reads; the rewards checked, a user's file found
+        config = rl_engine.grpo_config(config, data, Path.cwd(), processes)
     yaml_text = render.to_yaml(config, header=f"qwenft {what} fine-tune of {origin}")
     files["train.yaml"] = yaml_text
-    if launch.kind == Launcher.RAY:
+    if trl:
+        rl_dir = rl_engine.rl_path() if req.dry_run else rl_engine.require_extra()
+        argv, env = rl_engine.command(
+            run_dir / "train.yaml", lf_launcher.offline_env(model.kind), rl_dir
+        )
+    elif launch.kind == Launcher.RAY:
         argv, env = ray_launch.ray_command(run_dir / "train.yaml", launch.workers)
         env = {**lf_launcher.offline_env(model.kind), **env}
     else:
@@ -509,6 +529,72 @@ def plan_train(req: TrainRequest, gpus_seen: list[dict[str, Any]] | None = None)
         launch=launch,
         mixture=mixture if records else None,
     )
+
+
+def refuse_trl(
+    req: TrainRequest,
+    run: settings.RunSettings,
+    mixture: Mixture,
+    processes: int,
+    overlength: str,
+) -> None:
+    """A stage TRL trains (grpo): what qwenft's GRPO process does not do, refused with the reason
+    before anything is written (docs/rl.md)."""
+    stage = run.stage
+    problems: list[QwenftError] = []
+
+    def refuse(what: str, why: str, fix: str) -> None:
+        problems.append(QwenftError(f"--stage {stage} with {what}: {why}", fix))
+
+    if processes > 1:
+        refuse(
+            f"{processes} processes",
+            "qwenft's GRPO process runs on one device (its multi-process launch is not proven)",
+            "drop --gpus / --cpu-procs / --nnodes",
+        )
+    if run.deepspeed != DeepSpeed.NONE:
+        refuse(
+            f"--deepspeed {run.deepspeed}",
+            "DeepSpeed is for multi-process runs",
+            "--deepspeed none",
+        )
+    if req.launch.kind != Launcher.LOCAL:
+        refuse(
+            f"--launcher {req.launch.kind}",
+            "GRPO starts here only",
+            "drop --launcher (the run starts on this machine)",
+        )
+    if mixture.several or mixture.eval_paths:
+        refuse(
+            "several --data files or --eval-data",
+            "the GRPO process reads one prompt file",
+            "merge the prompts into one file (qwenft data mix), without --eval-data",
+        )
+    if overlength != DEFAULT_OVERLENGTH:
+        refuse(
+            f"--overlength {overlength}",
+            "prompts are never cut: a completion is sampled after the whole prompt",
+            "drop --overlength",
+        )
+    if run.method not in (Method.LORA, Method.FULL):
+        refuse(
+            f"--method {run.method}",
+            "TRL's GRPO trains a LoRA adapter or the whole model",
+            "--method lora (or full)",
+        )
+    if Template(run.model.template).vision:
+        refuse(
+            f"the vision-language model {run.model.spec}",
+            "qwenft's GRPO process loads text models only",
+            "a text Qwen model",
+        )
+    if run.initial_adapter:
+        refuse(
+            "LoRA on a mixture-of-experts model's experts",
+            "the expert adapter qwenft makes is read by LLaMA-Factory, not by TRL",
+            "--method full, or --no-lora-experts",
+        )
+    raise_all(problems)
 
 
 def _checked(path: Path, stage: str, kind: str) -> check.CheckReport:
@@ -637,6 +723,20 @@ def describe(plan: TrainPlan) -> list[str]:
         + (f", {sch['held_out']} held out" if sch.get("held_out") else "")
     ]
     lines.append(trains_line(m))
+    if "num_generations" in plan.config:  # grpo: a step's samples are completions
+        gens = int(plan.config["num_generations"])
+        lines.append(
+            f"grpo: {sch['samples'] // gens} prompts x {gens} completions each (of up to "
+            f"{plan.config.get('max_completion_length')} tokens, temperature "
+            f"{plan.config.get('temperature')}), scored by "
+            + ", ".join(plan.config["reward_funcs"])
+            + (
+                f" (weights {plan.config['reward_weights']})"
+                if plan.config.get("reward_weights")
+                else ""
+            )
+            + "; the samples below are completions"
+        )
     if sch:
         procs = sch["processes"]
         evaluation = (
@@ -666,6 +766,13 @@ def execute_train(
     for line in describe(plan):
         progress(line)
     ensure_base(plan.model, progress)
+    if Stage(plan.stage).facts.engine == Engine.TRL:  # reads its prompt file itself
+        run_dir = create_run_dir(plan.run_dir, plan.files)
+        progress(f"run folder: {run_dir}")
+        with RunLock(run_dir, "train") as lock:
+            return _launch(
+                run_dir, lock, plan.argv, plan.env, progress, None, verbose, stage=plan.stage
+            )
     refuse_cut_images(plan, progress)
     tokenized = cache_state(plan.data_spec, plan.data_files)  # before it is written
     try:
@@ -831,10 +938,15 @@ def _launch(
     )
     # With -v LLaMA-Factory's own progress bars are on stderr: no second progress line.
     loss_watch = LossWatch(run_dir, stage=stage)
+    trainer = (
+        "LLaMA-Factory"
+        if Stage(stage).facts.engine == Engine.LLAMAFACTORY
+        else "the GRPO process (TRL)"
+    )
     watch = (
         Monitor(loss_watch)
         if verbose
-        else Monitor(TrainProgress(run_dir, log_path, sys.stderr), loss_watch)
+        else Monitor(TrainProgress(run_dir, log_path, sys.stderr, trainer=trainer), loss_watch)
     )
     memory: dict[str, Any] = {}  # the launcher's peak of the whole process tree
     try:
@@ -887,7 +999,8 @@ def _launch(
     if code != 0:
         surface_log(log_path, progress)
         raise JobFailed(
-            f"llamafactory-cli train exited with code {code}",
+            f"{'llamafactory-cli train' if trainer == 'LLaMA-Factory' else trainer} exited with "
+            f"code {code}",
             f"read the log: {log_path}; {_resume_hint(run_dir)}",
             returncode=code,
         )
@@ -1169,7 +1282,10 @@ def _resume_locked(
             f"the weights {run_dir} started from are gone: {m.model.path}",
             f"merge its parent again (qwenft merge {m.parent_run}), or start a new run",
         )
-    kind = Stage(Stage.parse(m.stage, "stage")).facts.data.value
+    facts = Stage(Stage.parse(m.stage, "stage")).facts
+    if facts.engine == Engine.TRL:  # it reads its prompt file itself, and resumes by itself
+        return _launch(run_dir, lock, m.command, m.env, progress, None, verbose, stage=m.stage)
+    kind = facts.data.value
     # what LLaMA-Factory reads: the run's own copy (it travels with the folder), else the data
     # (its entry re-pointed at it when moved: the same content)
     own_copy = bool(ds.train_path) and is_inside(ds.train_path, run_dir)

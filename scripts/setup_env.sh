@@ -27,7 +27,8 @@ case "$MODE" in cpu|cuda) ;; *) echo "QWENFT_INSTALL must be auto, cpu or cuda (
 # they never change): gguf (llama-cpp-python, a source build of 6-12 minutes on 2 cores the first
 # time; pip's wheel cache makes later installs quick), optimizers (GaLore, APOLLO, BAdam),
 # tracking (TensorBoard, MLflow, W&B), ray (Ray, for `qwenft train --launcher ray`), vision
-# (torchvision, for the Qwen-VL processors; on the CPU path with the hook below, docs/vision.md).
+# (torchvision, for the Qwen-VL processors; on the CPU path with the hook below, docs/vision.md),
+# rl (TRL 1.x for --stage grpo, in its own folder of the venv: requirements/rl.lock says why).
 # `make demo` waits for none of them; the commands that need one, and `qwenft doctor`, say how to
 # add it.
 EXTRAS=${QWENFT_EXTRAS:-}
@@ -38,7 +39,17 @@ install_extra() {
   local stamp="$VENV/.qwenft-extra-$name"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   echo "setup: adding the $name extra ($(grep -m1 '^# extra:' "$lock" | cut -c10-))"
-  if [ "$MODE" = cpu ]; then
+  local overlay=""
+  if [ "$name" = rl ]; then
+    # trl 1.x and its datasets cannot live beside LLaMA-Factory's pins (requirements/rl.lock says
+    # why): on both install paths they go into their own folder in the venv, which only the GRPO
+    # process puts first on its PYTHONPATH (qwenft/rl/engine.py); written beside, then swapped in
+    overlay="$VENV/qwenft-rl"
+    rm -rf "$overlay.partial"
+    "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps --target "$overlay.partial" -r "$lock"
+    rm -rf "$overlay" && mv "$overlay.partial" "$overlay"
+    PYTHONPATH="$overlay" "$VENV/bin/python" -c 'from trl import GRPOConfig, GRPOTrainer'
+  elif [ "$MODE" = cpu ]; then
     if [ "$name" = vision ]; then
       # PyPI's torchvision is a CUDA build: its compiled ops cannot load beside CPU torch, and then
       # its import fails (operator torchvision::nms does not exist) unless those ops' schemas are
@@ -59,7 +70,7 @@ install_extra() {
   # the lock's own packages, as installed
   local pkgs
   pkgs=$(grep -oE '^[A-Za-z0-9_.-]+==[^ ;]+' "$lock" | tr '\n' ' ')
-  "$VENV/bin/python" - $pkgs <<'PY'
+  PYTHONPATH="$overlay" "$VENV/bin/python" - $pkgs <<'PY'
 import sys
 from importlib.metadata import version
 

@@ -308,10 +308,13 @@ def _print_dry_run(plan: Any) -> None:  # train.TrainPlan
     copy = plan.train_data if plan.train_data not in (None, plan.data_path) else None
     m = plan.manifest
     first = m.dataset.name
-    typer.echo(
-        f"# dataset {first} -> {copy or plan.data_path} (registered in "
-        f"{plan.dataset_dir})" + (f"; written at launch from {plan.data_path}" if copy else "")
-    )
+    if plan.config.get("data_file"):  # a TRL stage reads its prompt file itself
+        typer.echo(f"# prompts: {plan.data_path} (read by the GRPO process; not registered)")
+    else:
+        typer.echo(
+            f"# dataset {first} -> {copy or plan.data_path} (registered in "
+            f"{plan.dataset_dir})" + (f"; written at launch from {plan.data_path}" if copy else "")
+        )
     for rec in m.sources:
         typer.echo(f"# dataset {rec.name} -> {rec.path}")
     for rec in m.eval_data:

@@ -88,6 +88,8 @@ def knob_options(command: str) -> Callable[[F], F]:
             info = choice_option(knob.option, knob.choices, knob.help, knob.many)
         else:  # a switch's option is "--flag/--no-flag"
             info = typer.Option(knob.option, help=knob.help)
+        if knob.type is list:  # a repeatable option (--reward A --reward B)
+            return Annotated[list[str] | None, info]
         return Annotated[knob.type | None, info]
 
     return _bundle(

@@ -6,7 +6,10 @@ One file holds one kind, each the shape LLaMA-Factory 0.9.5 reads for one traini
 - preference (dpo, orpo, simpo): ``{"messages": [..., user], "chosen": {"role": "assistant",
   "content": ...}, "rejected": {...}}``, registered as sharegpt with ``ranking: true``;
 - kto: ``{"messages": [..., assistant], "label": true|false}``, the label is the ``kto_tag`` column;
-- pt: ``{"text": ...}``, or a .txt file read as LLaMA-Factory reads it: one document per line.
+- pt: ``{"text": ...}``, or a .txt file read as LLaMA-Factory reads it: one document per line;
+- prompt (grpo, trained by TRL: qwenft.rl): ``{"messages": [..., user], ...fields}``, every other
+  key a field the rewards read (``"answer"``, ``"tools"``, ...). A row of it has sft's keys, so it
+  is told apart only where the caller takes prompt data.
 
 sft rows may carry images (``"images": [paths]`` with ``<image>`` placeholders: qwenft.data.images,
 trained with --stage sft on a vision-language model); they are sft data, not a kind of their own.
@@ -29,11 +32,12 @@ from qwenft.data.images import MEDIA_KEYS, ImageRules, ImageTokens
 from qwenft.data.messages import ASSISTANT, FUNCTION_CALL, Checker, check_surrogates
 from qwenft.data.reader import Collector, iter_rows, jtype, open_data_file
 
-SFT, PREFERENCE, KTO, PT = (
+SFT, PREFERENCE, KTO, PT, PROMPT = (
     DataKind.SFT.value,
     DataKind.PREFERENCE.value,
     DataKind.KTO.value,
     DataKind.PT.value,
+    DataKind.PROMPT.value,
 )
 SIDES = ("chosen", "rejected")
 LABEL = "label"
@@ -46,6 +50,7 @@ SHAPES = {
     PREFERENCE: '{"messages": [..., user], "chosen": {...}, "rejected": {...}}',
     KTO: '{"messages": [..., assistant], "label": true|false}',
     PT: '{"text": "..."}',
+    PROMPT: '{"messages": [..., user], "answer": ...}',
 }
 
 _CONVERT = "convert it with `qwenft data convert FILE -o OUT.jsonl`"
@@ -211,7 +216,8 @@ class RowRules:
             row_keys = {PREFERENCE: SIDES, KTO: (LABEL,), PT: (TEXT,)}.get(kind, ())
             checker = Checker(
                 self.col,
-                context_only=kind == PREFERENCE,
+                context_only=kind in (PREFERENCE, PROMPT),
+                fields=kind == PROMPT,
                 row_keys=(*row_keys, *MEDIA_KEYS),
                 key_notes=_key_notes(kind),
             )
@@ -221,6 +227,8 @@ class RowRules:
     def check(self, obj: Any, line: int, raw: bytes = b"") -> bool:
         """Record the problems of one row; True if it has no errors."""
         kind = row_kind(obj)
+        if kind == SFT and self.expected == PROMPT:  # the same keys: the caller says which
+            kind = PROMPT
         if kind is not None and kind != self.kind:
             if self.kind is None:
                 self.kind, self.kind_line = kind, line

@@ -234,7 +234,9 @@ class Checker:
     context_only: the messages are a preference row's context, ending with the user turn (or a
     tool result) that the row's chosen and rejected answer. row_keys: top-level keys the caller's
     kind rules handle (no unknown-key warning). key_notes: why a key LLaMA-Factory knows is not
-    read for this kind of data (its warning says so, never "not used by LLaMA-Factory")."""
+    read for this kind of data (its warning says so, never "not used by LLaMA-Factory").
+    fields: every other top-level key is a field the rewards read (grpo's prompt data): kept,
+    its type checked across rows, never warned about."""
 
     def __init__(
         self,
@@ -243,6 +245,7 @@ class Checker:
         context_only: bool = False,
         row_keys: tuple[str, ...] = (),
         key_notes: dict[str, str] | None = None,
+        fields: bool = False,
     ) -> None:
         self.col = col
         self.types: dict[str, tuple[str, int]] = {}  # extra key -> (JSON type, first line)
@@ -250,6 +253,7 @@ class Checker:
         self.context_only = context_only
         self.row_keys = row_keys
         self.key_notes = key_notes or {}
+        self.fields = fields
         self._order = _CONTEXT_ORDER_RE if context_only else _ORDER_RE
 
     def _track_type(self, key: str, value: Any, line: int, fld: str) -> None:
@@ -297,6 +301,9 @@ class Checker:
             col.error("missing_messages", line, "messages", f'no "messages" list (keys: {keys})')
         for key, value in obj.items():
             if key in SAMPLE_KEYS or key in self.row_keys:
+                continue
+            if self.fields:
+                self._track_type(key, value, line, key)
                 continue
             note = self.key_notes.get(key)
             if note:
@@ -515,9 +522,14 @@ class Checker:
                     "bad_last_turn",
                     line,
                     f"messages[{len(roles) - 1}].role",
-                    f"the context ends with a {turns[-1]} turn: a preference row's messages end "
-                    "with the user turn that chosen and rejected answer (the answers go in chosen "
-                    "and rejected, not in messages)",
+                    f"the context ends with a {turns[-1]} turn: "
+                    + (
+                        "a prompt's messages end with the user turn that the sampled completions "
+                        'answer (the reference answer goes in a field, e.g. "answer")'
+                        if self.fields
+                        else "a preference row's messages end with the user turn that chosen and "
+                        "rejected answer (the answers go in chosen and rejected, not in messages)"
+                    ),
                 )
             return
         if turns[-1] not in (ASSISTANT, FUNCTION_CALL):

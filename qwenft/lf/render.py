@@ -54,6 +54,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "dataset": (
         "dataset",
+        "data_file",
         "mix_strategy",
         "interleave_probs",
         "eval_dataset",

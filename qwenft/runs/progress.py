@@ -63,9 +63,11 @@ def progress_line(
     elapsed_s: float | None = None,
     eta_s: float | None = None,
     eval_loss: float | None = None,
+    figures: dict[str, Any] | None = None,
 ) -> str:
     """`step 37/120 31% | loss 1.2345 | lr 9.50e-05 | 1,234 tok/s | 1:10 elapsed | ETA 2:15`;
-    the parts that are unknown are left out."""
+    the parts that are unknown are left out. figures: a trainer_log row; a GRPO step shows its, after the
+    loss: `reward 0.750 ± 0.46 | kl 0.0012 | completion 12.5 tokens`."""
     if step is not None and total:
         parts = [f"step {step}/{total} {100 * step // total}%"]
     else:
@@ -74,6 +76,17 @@ def progress_line(
         parts.append(f"loss {loss:.4f}")
     if isinstance(eval_loss, int | float):
         parts.append(f"eval loss {eval_loss:.4f}")
+    figures = figures or {}
+    if isinstance(figures.get("reward"), int | float):
+        spread = figures.get("reward_std")
+        parts.append(
+            f"reward {figures['reward']:.3f}"
+            + (f" ± {spread:.2f}" if isinstance(spread, int | float) else "")
+        )
+    if isinstance(figures.get("kl"), int | float):
+        parts.append(f"kl {figures['kl']:.4f}")
+    if isinstance(figures.get("completions/mean_length"), int | float):
+        parts.append(f"completion {figures['completions/mean_length']:.1f} tokens")
     if isinstance(lr, int | float):
         parts.append(f"lr {lr:.2e}")
     if isinstance(tokens_per_s, int | float) and tokens_per_s > 0:
@@ -128,7 +141,9 @@ class TrainProgress:
         min_gap_s: float = 5.0,
         heartbeat_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        trainer: str = "LLaMA-Factory",
     ) -> None:
+        """trainer: what starts the training, as the first line names it."""
         self.run_dir, self.log_path = Path(run_dir), Path(log_path)
         self.stream = stream if stream is not None else sys.stderr
         if tty is None:
@@ -140,7 +155,7 @@ class TrainProgress:
         self.resumed = self.skip_rows > 0
         self.offset = self.log_path.stat().st_size if self.log_path.is_file() else 0
         self.tail = ""
-        self.phase = "starting LLaMA-Factory"
+        self.phase = f"starting {trainer}"
         self.total: int | None = None
         self.step: int | None = None
         self.rows: list[dict[str, Any]] = []
@@ -248,6 +263,7 @@ class TrainProgress:
             elapsed_s=now - self.started,
             eta_s=eta,
             eval_loss=evals[-1]["eval_loss"] if evals else None,
+            figures=last,
         )
 
     def _show_phase(self) -> None:
