@@ -134,7 +134,9 @@ class Knob:
     refuse: tuple[Refusal, ...] = ()  # values (and combinations) refused before launch
     implies: tuple[tuple[str, Any], ...] = ()  # keys written beside a set value, unless set
     needs: tuple[Needs, ...] = ()  # what a value needs of the machine that trains
-    own: bool = False  # qwenft carries it out before launch; LLaMA-Factory has no such key
+    # LLaMA-Factory has no such key: qwenft carries it out before launch, or its GRPO process reads
+    # it (a TRL stage's: TRL_READS)
+    own: bool = False
     vision: bool = False  # read only for vision-language models (a *_vl template): vision_keys
 
     @property
@@ -869,6 +871,7 @@ _ROWS: tuple[Knob, ...] = (
         "grpo: a reward (repeat for several): match:FIELD, number:FIELD, regex:PATTERN, "
         "tool_call, length:N, or PATH.py:FUNCTION (docs/rl.md).",
         stages=(Stage.GRPO,),
+        own=True,
         section="method",
     ),
     Knob(
@@ -877,6 +880,7 @@ _ROWS: tuple[Knob, ...] = (
         str,
         "grpo: the rewards' weights, a comma list in --reward order (default: all 1).",
         stages=(Stage.GRPO,),
+        own=True,
         section="method",
     ),
     Knob(
@@ -885,6 +889,7 @@ _ROWS: tuple[Knob, ...] = (
         help="grpo: completions sampled per prompt, compared within their group (default 8).",
         rule=Rule(lambda v: v >= 2, "2 or more", "e.g. --generations 8 (a group to compare)"),
         stages=(Stage.GRPO,),
+        own=True,
         section="method",
     ),
     Knob(
@@ -893,6 +898,7 @@ _ROWS: tuple[Knob, ...] = (
         help="grpo: most tokens a sampled completion takes (default 256).",
         rule=POSITIVE_WHOLE("e.g. --completion-len 256"),
         stages=(Stage.GRPO,),
+        own=True,
         section="method",
     ),
     Knob(
@@ -902,6 +908,7 @@ _ROWS: tuple[Knob, ...] = (
         "grpo: sampling temperature of the completions (default 1.0).",
         POSITIVE("e.g. --temperature 1.0"),
         stages=(Stage.GRPO,),
+        own=True,
         section="method",
     ),
     Knob(
@@ -910,6 +917,7 @@ _ROWS: tuple[Knob, ...] = (
         str,
         "grpo: TRL's loss: dapo (default), grpo, dr_grpo, bnpo.",
         stages=(Stage.GRPO,),
+        own=True,
         choices=("dapo", "grpo", "dr_grpo", "bnpo"),
         section="method",
     ),
@@ -1185,7 +1193,9 @@ class KnobValues(Mapping[str, Any]):
     @classmethod
     def from_options(cls, command: str, params: Mapping[str, Any]) -> KnobValues:
         """From the option values of a command (by parameter name, as knob_options passes them)."""
-        return cls({k.key: k.lf_value(params.get(k.param) or None) for k in offered(command)})
+        # a repeatable option not given is an empty list: unset, as None
+        given = {k: None if v == [] else v for k, v in params.items()}
+        return cls({k.key: k.lf_value(given.get(k.param)) for k in offered(command)})
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]

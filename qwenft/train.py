@@ -998,9 +998,14 @@ def _launch(
     )
     if code != 0:
         surface_log(log_path, progress)
+        stopped = _stopped_reason(log_path) if trainer != "LLaMA-Factory" else None
+        if stopped:  # the GRPO process said why (a reward that failed): the reason, recorded
+            update_manifest(run_dir, reason=stopped)
         raise JobFailed(
-            f"{'llamafactory-cli train' if trainer == 'LLaMA-Factory' else trainer} exited with "
-            f"code {code}",
+            f"training stopped: {stopped}"
+            if stopped
+            else f"{'llamafactory-cli train' if trainer == 'LLaMA-Factory' else trainer} exited "
+            f"with code {code}",
             f"read the log: {log_path}; {_resume_hint(run_dir)}",
             returncode=code,
         )
@@ -1011,6 +1016,17 @@ def _launch(
         "mergeable": merge_refusal(run_dir, manifest) is None,  # what `next:` suggests
         **summary,
     }
+
+
+def _stopped_reason(log_path: Path) -> str | None:
+    """The reason qwenft's own training process gave for stopping (its last `qwenft: ` line in the
+    log: qwenft.rl.grpo), or None."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")[-64_000:]
+    except OSError:
+        return None
+    found = [line.split("qwenft: ", 1)[1] for line in text.splitlines() if "qwenft: " in line]
+    return found[-1].strip() if found else None
 
 
 EXPERT_LOAD_SAMPLES = 32  # training samples the expert load is counted on

@@ -49,10 +49,11 @@ def test_table_rows_are_sound() -> None:
         # generation length is one of its generating arguments, which the snapshot leaves out
         fields = args_snapshot.TABLE["fields"]
         assert knob.key in fields or knob.key == "max_new_tokens" or knob.own, knob.key
-        # written in a section of train.yaml, not under "other" (qwenft's own: never written)
+        # written in a section of train.yaml, not under "other" (qwenft's own: never written, or
+        # in the section its row names)
         placed = {k for keys in render.SECTIONS.values() for k in keys}
         assert knob.key in placed or knob.section in render.SECTIONS or knob.own, knob.key
-        assert knob.type in (int, float, str, bool)
+        assert knob.type in (int, float, str, bool, list)
         for command in knob.commands if knob.option else ():
             # one option name means one knob on each command
             assert options.setdefault((command, knob.flag), knob.key) == knob.key

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from qwenft.data.pipeline import ImageMeasure, Lengths, TokenStats
     from qwenft.data.reasoning import ThinkingPlan
 
-from qwenft.choices import ConvertFormat, Template, TextDocs, Thinking
+from qwenft.choices import ConvertFormat, DataKind, Template, TextDocs, Thinking
 from qwenft.cli.common import (
     JsonOpt,
     ThinkingOpt,
@@ -209,6 +209,14 @@ def check(
         choice_option("--template", Template.values(), "Override the model's template (as train)."),
     ] = None,
     thinking: ThinkingOpt = Thinking.AUTO.value,
+    kind: Annotated[
+        str | None,
+        choice_option(
+            "--kind",
+            DataKind.values(),
+            "Check as this kind (default: told from the rows); grpo's prompt files: --kind prompt.",
+        ),
+    ] = None,
     max_shown: Annotated[
         int, typer.Option("--max-shown", min=1, help="Problems shown per kind.")
     ] = 5,
@@ -236,7 +244,7 @@ def check(
         if len(files) > 1 and not as_json:
             typer.echo(f"== {file}")
         results.append(
-            _check_one(file, model, knobs, pixels, template, thinking, max_shown, as_json)
+            _check_one(file, model, knobs, pixels, template, thinking, max_shown, as_json, kind)
         )
     if len(files) > 1:
         total = {
@@ -280,6 +288,7 @@ def _check_one(
     thinking: str,
     max_shown: int,
     as_json: bool,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """`data check` of one file: its report printed (unless as_json); its counts and JSON."""
     from qwenft.data.check import check_file, format_report
@@ -289,11 +298,15 @@ def _check_one(
         pixels.get("image_max_pixels", DEFAULT_MAX_PIXELS),
         pixels.get("image_min_pixels", DEFAULT_MIN_PIXELS),
     )
-    report = check_file(file, image_tokens=image_tokens)
+    report = check_file(file, kind, image_tokens=image_tokens)
     cutoff_len = knobs.get("cutoff_len")
     stats = None
     note = ""
     want_stats = model is not None or cutoff_len is not None
+    if want_stats and report.kind == DataKind.PROMPT:
+        # a prompt's completions are sampled in training: there is no trained text to count
+        want_stats = False
+        note = "prompt data: tokens are not counted (the completions are sampled in training)"
     plan, plan_for = (None, "")
     if report.ok:
         plan, plan_for = _reasoning_plan(
@@ -331,6 +344,8 @@ def _check_one(
                 typer.echo(note)
         elif want_stats:
             typer.echo("token statistics skipped: fix the errors first")
+        elif note:
+            typer.echo(note)
     return {
         "json": data,
         "ok": report.ok,

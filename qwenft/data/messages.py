@@ -538,5 +538,6 @@ class Checker:
                 line,
                 f"messages[{len(roles) - 1}].role",
                 f"the sample ends with a {turns[-1]} turn: the last turn must be the assistant's "
-                "reply (LLaMA-Factory drops such samples)",
+                "reply (LLaMA-Factory drops such samples); prompts for --stage grpo end so: "
+                "`qwenft data check FILE --kind prompt`",
             )
