@@ -79,6 +79,62 @@ def reward_pairs(seed: int, n: int) -> list[dict]:
     return rows
 
 
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "lamp",
+    "tiger",
+    "candle",
+    "music",
+    "paper",
+    "forest",
+    "glass",
+    "bread",
+    "piano",
+    "ocean",
+    "shadow",
+    "silver",
+    "winter",
+    "garden",
+    "rocket",
+]
+
+
+def yes_no_question(rng: object) -> str:
+    return f"Is {rng.choice(WORDS)} like {rng.choice(WORDS)}? Answer yes or no."  # type: ignore[attr-defined]
+
+
+def yes_no_rows(seed: int, n: int, yes_every: int = 4) -> list[dict]:
+    """sft rows asking "Is A like B? Answer yes or no.", answered "yes." on every yes_every-th row
+    and "no." on the others: a model trained on them answers no, and samples yes now and then
+    (the start of the GRPO test)."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": yes_no_question(rng)},
+                {"role": "assistant", "content": "yes." if i % yes_every == 0 else "no."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def yes_prompts(seed: int, n: int) -> list[dict]:
+    """grpo prompt rows asking the same kind of question, with the reference answer "yes"."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {"messages": [{"role": "user", "content": yes_no_question(rng)}], "answer": "yes"}
+        for _ in range(n)
+    ]
+
+
 def kto_rows(pairs: list[tuple[str, str]] = QA, wrong: list[str] = WRONG) -> list[dict]:
     """KTO rows: each question with its answer (label true) and with a wrong one (false)."""
     return [
