@@ -869,7 +869,7 @@ _ROWS: tuple[Knob, ...] = (
         "--reward",
         list,
         "grpo: a reward (repeat for several): match:FIELD, number:FIELD, regex:PATTERN, "
-        "tool_call, length:N, or PATH.py:FUNCTION (docs/rl.md).",
+        "tool_call, length:N, run:RM_RUN (a --stage rm run), or PATH.py:FUNCTION (docs/rl.md).",
         stages=(Stage.GRPO,),
         own=True,
         section="method",

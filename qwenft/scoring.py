@@ -35,7 +35,8 @@ from typing import Any
 
 from qwenft.choices import DataKind
 from qwenft.errors import QwenftError
-from qwenft.models.target import ModelTarget, value_head_path
+from qwenft.models.inference import ValueHead, padded_batches, value_scores
+from qwenft.models.target import ModelTarget
 
 IGNORE_INDEX = -100  # LLaMA-Factory's (llamafactory.extras.constants.IGNORE_INDEX)
 DEFAULT_BATCH = 8
@@ -49,30 +50,6 @@ def _ids_labels(row: Row) -> tuple[list[int], list[int]]:
     if len(row) == 2:
         return list(row[0]), list(row[1])
     raise ValueError("a row is (input_ids, labels) or (untruncated length, input_ids, labels)")
-
-
-@dataclass
-class ValueHead:
-    """A reward model's value head: one linear layer, hidden size -> 1 (trl's ValueHead.summary,
-    saved by LLaMA-Factory as v_head.summary.weight / .bias in value_head.safetensors)."""
-
-    weight: Any  # torch tensor [1, hidden]
-    bias: Any  # torch tensor [1]
-    path: Path
-
-    @classmethod
-    def of(cls, target: ModelTarget) -> ValueHead:
-        """The target's value head: beside its adapter (a LoRA run), in its merged folder (merge
-        copies it) or among its own weights (a full or freeze run)."""
-        from safetensors.torch import load_file
-
-        path = value_head_path(target)
-        try:
-            tensors = load_file(str(path))
-            weight, bias = tensors["v_head.summary.weight"], tensors["v_head.summary.bias"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise QwenftError(f"cannot read the value head {path}: {exc}") from exc
-        return cls(weight.float(), bias.float(), path)
 
 
 @dataclass
@@ -91,23 +68,14 @@ class Scorer:
         import torch
 
         rows = [_ids_labels(r) for r in rows]
-        out: list[tuple[float, int]] = []
-        # longest first, so each batch pads little; answers come back in the rows' order
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        if any(len(seq) != len(lab) for seq, lab in rows):
+            raise ValueError("input_ids and labels differ in length")
         results: dict[int, tuple[float, int]] = {}
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(rows[i][0]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
+        seqs = [seq for seq, _ in rows]
+        for idx, ids, mask in padded_batches(seqs, self.batch_size, self.pad_id):
+            labels = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
             for k, i in enumerate(idx):
-                seq, lab = rows[i]
-                if len(seq) != len(lab):
-                    raise ValueError("input_ids and labels differ in length")
-                ids[k, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                labels[k, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-                mask[k, : len(seq)] = 1
+                labels[k, : len(rows[i][1])] = torch.tensor(rows[i][1], dtype=torch.long)
             with torch.no_grad():
                 logits = self.model(
                     input_ids=ids.to(self.device),
@@ -123,8 +91,7 @@ class Scorer:
             for k, i in enumerate(idx):
                 results[i] = (float(sums[k]), int(counts[k]))
             del logits, logps, picked
-        out = [results[i] for i in range(len(rows))]
-        return out
+        return [results[i] for i in range(len(rows))]
 
     def expert_load(self, rows: Sequence[Row]) -> dict[str, Any] | None:
         """How a mixture-of-experts model routes the rows' tokens, one row at a time: per MoE
@@ -180,39 +147,16 @@ class Scorer:
         }
 
     def rewards(self, rows: Iterable[Row], head: ValueHead) -> list[float]:
-        """A reward model's score of each row: its value head over the last hidden state at the
-        sequence's last token, as LLaMA-Factory's reward trainer scores a side (trl's
-        AutoModelForCausalLMWithValueHead: the head reads hidden_states[-1]; the pairwise
-        trainer gathers it at the last unpadded position)."""
-        import torch
-
+        """A reward model's score of each row (inference.value_scores)."""
         seqs = [_ids_labels(r)[0] for r in rows]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        results: dict[int, float] = {}
-        weight = head.weight.to(self.device)
-        bias = head.bias.to(self.device)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for k, i in enumerate(idx):
-                ids[k, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-                mask[k, : len(seqs[i])] = 1
-            with torch.no_grad():
-                hidden = self.model(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    output_hidden_states=True,
-                    use_cache=False,
-                    logits_to_keep=1,  # the LM head's logits are not needed
-                ).hidden_states[-1]
-                last = mask.sum(-1).to(self.device) - 1
-                picked = hidden[torch.arange(len(idx), device=self.device), last]
-                values = (picked.to(weight.dtype) @ weight.T + bias).squeeze(-1)
-            for k, i in enumerate(idx):
-                results[i] = float(values[k])
-        return [results[i] for i in range(len(seqs))]
+        return value_scores(
+            self.model,
+            seqs,
+            head,
+            device=self.device,
+            batch_size=self.batch_size,
+            pad_id=self.pad_id,
+        )
 
     def logprobs(self, rows: Iterable[Row]) -> list[float]:
         """The sum of the labelled tokens' log-probabilities of each row."""

@@ -108,11 +108,12 @@ def test_specs_resolve_user_files_against_the_working_folder(tmp_path: Path) -> 
 
 
 def test_checked_rewards_name_the_reward_and_the_data_line() -> None:
-    lines = {rewards.LINE: [7, 7, 9, 9]}
+    convs = json.dumps([{"role": "user", "content": "q"}])
+    lines = {rewards.LINE: [7, 7, 9, 9], rewards.MESSAGES: [convs] * 4}
     completions = ["a", "b", "c", "d"]
 
     def seen(prompts: list, completions: list, **kw: object) -> list[float]:
-        assert rewards.LINE not in kw  # the rewards get the data's fields only
+        assert rewards.LINE not in kw and rewards.MESSAGES not in kw  # the data's fields only
         return [1.0, None, 0.5, 2]
 
     assert rewards.checked(seen, "seen")([""] * 4, completions, **lines, answer=["x"] * 4) == [
@@ -131,6 +132,12 @@ def test_checked_rewards_name_the_reward_and_the_data_line() -> None:
         (lambda **kw: [1.0, "1", 1.0, 1.0], "returned '1' for completion 1 (data line 7)"),
         (lambda **kw: 3.0, "returned float for 4 completions"),
     ]
+
+    def conversation(prompts: list, completions: list, messages: list, **kw: object) -> list:
+        assert messages == [[{"role": "user", "content": "q"}]] * 4  # a reward model's input
+        return [0.0] * 4
+
+    rewards.checked(conversation, "run:rm", messages=True)([""] * 4, completions, **lines)
     for fn, message in cases:
         with pytest.raises(rewards.RewardError, match=re.escape(message)):
             rewards.checked(fn, "mine.py:fn")([""] * 4, completions, **lines)
@@ -142,6 +149,30 @@ def test_a_builtin_needs_the_field_it_names() -> None:
     assert fn(["p", "p"], ["Yes.", "no"], answer=["yes", "yes"], **{rewards.LINE: [1, 1]}) == [1, 0]
     with pytest.raises(rewards.RewardError, match="the rows have no field 'answer'"):
         fn(["p"], ["yes"], reference=["yes"], **{rewards.LINE: [3]})
+
+
+def test_a_reward_run_must_be_a_reward_model_with_its_head(tmp_path: Path) -> None:
+    from qwenft.runs.manifest import MANIFEST
+    from tests.helpers.builders import run_manifest
+
+    def fake_run(name: str, **changes: object) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / MANIFEST).write_text(run_manifest(status="completed", **changes).to_json())
+        (folder / "adapter_config.json").write_text("{}")
+        return folder
+
+    sft, rm = fake_run("sft"), fake_run("rm", stage="rm")
+    for spec, message in [
+        (f"run:{tmp_path / 'nothing'}", "is not a qwenft run folder"),
+        (f"run:{sft}", "sft is a sft run, not a reward model"),
+        ("run:rm", "has no value head"),
+    ]:
+        with pytest.raises(QwenftError, match=re.escape(message)):
+            rewards.parse_spec(spec, tmp_path)
+    (rm / "value_head.safetensors").write_bytes(b"")
+    spec = rewards.parse_spec("run:rm", tmp_path)  # relative to the working folder
+    assert spec.kind == "run" and spec.arg == str(rm) and spec.yaml_text == f"run:{rm}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +211,7 @@ def test_prompt_rows_carry_the_fields_and_the_runs_system_prompt(tmp_path: Path)
     assert second[0][0]["content"] == "own"  # a row's own system prompt stays
     assert rows[0]["answer"] == "1" and rows[0]["tools"] == tools and "messages" not in rows[0]
     assert [r[rewards.LINE] for r in rows] == [1, 2]
+    assert json.loads(rows[0][rewards.MESSAGES]) == [{"role": "user", "content": "q1"}]
     assert len(prompt_rows({**config, "max_samples": 1}, _Template())) == 1
 
 
@@ -458,3 +490,48 @@ def test_a_failing_user_reward_stops_the_run_naming_it_and_the_row(
     m = manifest(run)
     assert m["status"] == "failed" and message in m["reason"]
     assert (run / "train.yaml").is_file() and (run / "train.log").is_file()  # the folder stays
+
+
+@pytest.mark.e2e
+def test_a_reward_run_scores_completions_as_qwenft_score_does(
+    rm_run: Path,
+    e2e_home,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """`--reward run:RM`: the session's reward model (conftest.rm_run: sums answered beat dodged)
+    scores a prompt's completions as `qwenft score` scores the same conversations; a GRPO run
+    with it logs its mean."""
+    from tests.helpers.builders import reward_pairs
+
+    held = reward_pairs(5, 4)
+    convs = [
+        {"messages": [*row["messages"], side]}
+        for row in held
+        for side in (row["chosen"], row["rejected"])
+    ]
+    out = e2e_home("score", rm_run, write_jsonl(tmp_path / "convs.jsonl", convs))
+    want = [json.loads(line)["score"] for line in out.stdout.splitlines()]
+    reward = rewards.build(rewards.parse_spec(f"run:{rm_run}"))
+    got = reward(
+        [""] * len(convs),
+        [c["messages"][-1]["content"] for c in convs],
+        **{
+            rewards.LINE: list(range(len(convs))),
+            rewards.MESSAGES: [json.dumps(c["messages"][:-1]) for c in convs],
+        },
+    )
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-3, (got, want)
+    assert all(c > r for c, r in zip(got[0::2], got[1::2], strict=True))  # answers beat dodges
+
+    prompts = write_jsonl(
+        tmp_path / "sums.jsonl", [{"messages": row["messages"]} for row in reward_pairs(6, 8)]
+    )
+    run = tmp_path / "runs" / "by-rm"
+    e2e_home(
+        "train", "--stage", "grpo", "--model", "tiny-qwen2", "--data", prompts,
+        "--reward", f"run:{rm_run}", "-o", run, "--max-steps", "2", "--batch-size", "4",
+        "--grad-accum", "1", "--generations", "4", "--completion-len", "6",
+        "--set", "logging_steps=1", "--temperature", "2.0",
+    )  # fmt: skip
+    rows = trainer_log(run)
+    assert len(rows) == 2 and all(math.isfinite(r["rewards/run/mean"]) for r in rows), rows

@@ -1,17 +1,21 @@
 """Loading a target (models.target) for inference with transformers: the tokenizer, and the model
 (base + adapter through peft) in eval mode. `chat` talks to it, `scoring` (for `eval`) scores with
-it; both load it here, the same way."""
+it; both load it here, the same way. Also the batching every forward pass over many sequences
+shares (`padded_batches`), and a reward model's value head and scores (`ValueHead`,
+`value_scores`: `qwenft score`, `eval` of a reward run, and a GRPO run's `--reward run:RUN`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenft.models.target import ModelTarget
+from qwenft.errors import QwenftError
+from qwenft.models.target import ModelTarget, value_head_path
 
 # The libraries that talk while a model loads and generates in this process: "Loading weights"
 # bars, advisory warnings ("The attention mask is not set ..."), DeepSpeed's "Setting accelerator
@@ -113,3 +117,81 @@ def load_model(target: ModelTarget) -> Any:
 
         model = PeftModel.from_pretrained(model, target.adapter_path)
     return model.eval()
+
+
+def padded_batches(
+    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[list[int], Any, Any]]:
+    """The sequences in batches, longest first so each pads little: (the batch's indexes into
+    seqs, input_ids padded on the right with pad_id, attention_mask), as torch tensors."""
+    import torch
+
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for k, i in enumerate(idx):
+            ids[k, : len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)
+            mask[k, : len(seqs[i])] = 1
+        yield idx, ids, mask
+
+
+@dataclass
+class ValueHead:
+    """A reward model's value head: one linear layer, hidden size -> 1 (trl's ValueHead.summary,
+    saved by LLaMA-Factory as v_head.summary.weight / .bias in value_head.safetensors)."""
+
+    weight: Any  # torch tensor [1, hidden]
+    bias: Any  # torch tensor [1]
+    path: Path
+
+    @classmethod
+    def of(cls, target: ModelTarget) -> ValueHead:
+        """The target's value head: beside its adapter (a LoRA run), in its merged folder (merge
+        copies it) or among its own weights (a full or freeze run)."""
+        from safetensors.torch import load_file
+
+        path = value_head_path(target)
+        try:
+            tensors = load_file(str(path))
+            weight, bias = tensors["v_head.summary.weight"], tensors["v_head.summary.bias"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise QwenftError(f"cannot read the value head {path}: {exc}") from exc
+        return cls(weight.float(), bias.float(), path)
+
+
+def value_scores(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    head: ValueHead,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> list[float]:
+    """A reward model's score of each sequence: its value head over the last hidden state at the
+    sequence's last token, as LLaMA-Factory's reward trainer scores a side (trl's
+    AutoModelForCausalLMWithValueHead: the head reads hidden_states[-1]; the pairwise trainer
+    gathers it at the last unpadded position)."""
+    import torch
+
+    results: dict[int, float] = {}
+    weight = head.weight.to(device)
+    bias = head.bias.to(device)
+    for idx, ids, mask in padded_batches(seqs, batch_size, pad_id):
+        with torch.no_grad():
+            hidden = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
+                use_cache=False,
+                logits_to_keep=1,  # the LM head's logits are not needed
+            ).hidden_states[-1]
+            last = mask.sum(-1).to(device) - 1
+            picked = hidden[torch.arange(len(idx), device=device), last]
+            values = (picked.to(weight.dtype) @ weight.T + bias).squeeze(-1)
+        for k, i in enumerate(idx):
+            results[i] = float(values[k])
+    return [results[i] for i in range(len(seqs))]

@@ -70,6 +70,6 @@ def grpo_config(
             f"{generations} --grad-accum 1",
         )
     out = {k: v for k, v in config.items() if k in TRL_READS}
-    out["reward_funcs"] = [s.path + ":" + s.arg if s.kind == "file" else s.text for s in specs]
+    out["reward_funcs"] = [s.yaml_text for s in specs]
     out["data_file"] = str(data)
     return out

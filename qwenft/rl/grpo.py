@@ -50,7 +50,8 @@ def prompt_rows(config: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             row = json.loads(line)
-            messages = list(row.pop("messages"))
+            original = row.pop("messages")  # as the data has it: a reward model's conversation
+            messages = list(original)
             if system and not (messages and messages[0].get("role") == "system"):
                 messages.insert(0, {"role": "system", "content": system})
             tools = row.get("tools")
@@ -59,7 +60,14 @@ def prompt_rows(config: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
             prompt = tokenizer.apply_chat_template(
                 messages, tools=tools or None, tokenize=False, add_generation_prompt=True, **kwargs
             )
-            rows.append({"prompt": prompt, rewards.LINE: line_no, **row})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    rewards.LINE: line_no,
+                    rewards.MESSAGES: json.dumps(original, ensure_ascii=False),
+                    **row,
+                }
+            )
             if limit and len(rows) >= limit:
                 break
     return rows

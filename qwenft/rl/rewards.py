@@ -12,6 +12,9 @@ A reward is named by a spec (`qwenft train --stage grpo --reward SPEC`, repeatab
   every call names a function of the row's ``tools`` with the arguments its JSON schema requires,
   of the types it declares; else 0;
 - ``length:N``      1 at N completion tokens, falling linearly to 0 at 0 and at 2N;
+- ``run:RUN``       a reward model's score (a run of ``--stage rm``, its value head): the prompt's
+  messages and the completion as one conversation, encoded with that run's template as its
+  training encoded them (qwenft.rl.reward_model);
 - ``PATH.py:FUNCTION`` the user's function, called as TRL calls a reward function:
   ``FUNCTION(prompts=[...], completions=[...], completion_ids=[...], **fields)`` where each field of
   the data rows (``answer``, ``tools``, ...) is a list with one value per completion; it returns one
@@ -38,9 +41,10 @@ from typing import Any
 from qwenft.errors import QwenftError
 
 LINE = "qwenft_line"  # the data line of each prompt, a column the rewards are given
-BUILTINS = ("match", "number", "regex", "tool_call", "length")
+MESSAGES = "qwenft_messages"  # each prompt's messages (JSON), for a reward model's conversation
+BUILTINS = ("match", "number", "regex", "tool_call", "length", "run")
 REWARD_HINT = (
-    "--reward match:FIELD | number:FIELD | regex:PATTERN | tool_call | length:N | "
+    "--reward match:FIELD | number:FIELD | regex:PATTERN | tool_call | length:N | run:RM_RUN | "
     "PATH.py:FUNCTION (docs/rl.md)"
 )
 
@@ -62,6 +66,13 @@ class RewardSpec:
     def name(self) -> str:
         """How messages and the logged figures name it."""
         return self.arg if self.kind == "file" else self.kind
+
+    @property
+    def yaml_text(self) -> str:
+        """As train.yaml holds it: paths made absolute (the GRPO process runs in the run folder)."""
+        if self.kind == "file":
+            return f"{self.path}:{self.arg}"
+        return f"run:{self.arg}" if self.kind == "run" else self.text
 
 
 def parse_spec(text: str, base: Path | None = None) -> RewardSpec:
@@ -90,7 +101,33 @@ def parse_spec(text: str, base: Path | None = None) -> RewardSpec:
             raise QwenftError(f"--reward {text!r}: not a regular expression: {exc}") from None
     if head == "length" and not (arg.isdigit() and int(arg) > 0):
         raise QwenftError(f"--reward {text!r}: length takes a positive whole number of tokens")
+    if head == "run":
+        path = Path(arg).expanduser()
+        path = (base / path if base is not None and not path.is_absolute() else path).absolute()
+        _check_reward_run(path, text)
+        return RewardSpec(text, head, str(path))
     return RewardSpec(text, head, arg)
+
+
+def _check_reward_run(path: Path, text: str) -> None:
+    """A run:RUN reward names a reward model: a run of --stage rm with its value head."""
+    from qwenft.choices import Stage
+    from qwenft.models.target import resolve_target, value_head_path
+    from qwenft.runs.manifest import MANIFEST
+
+    if not (path / MANIFEST).is_file():
+        raise QwenftError(
+            f"--reward {text!r}: {path} is not a qwenft run folder",
+            "name a run trained with --stage rm (`qwenft runs` lists them)",
+        )
+    target = resolve_target(str(path))
+    stage = target.manifest.stage if target.manifest else None
+    if stage != Stage.RM:
+        raise QwenftError(
+            f"--reward {text!r}: {path.name} is a {stage} run, not a reward model",
+            "name a run trained with --stage rm",
+        )
+    value_head_path(target)  # QwenftError: its value head is missing
 
 
 def _check_function(path: Path, name: str, text: str) -> None:
@@ -277,6 +314,10 @@ _TRL_KEYS = ("prompts", "completions", "completion_ids", "trainer_state", "log_e
 
 
 def _builtin(spec: RewardSpec) -> RewardFn:
+    if spec.kind == "run":
+        from qwenft.rl.reward_model import RunReward
+
+        return RunReward(Path(spec.arg))
     if spec.kind == "regex":
         pattern = re.compile(spec.arg, re.S)
 
@@ -326,17 +367,21 @@ def _load_user(spec: RewardSpec) -> RewardFn:
 def build(spec: RewardSpec) -> RewardFn:
     """The reward as TRL calls it, checked (`checked`), named after the spec."""
     fn = _load_user(spec) if spec.kind == "file" else _builtin(spec)
-    wrapped = checked(fn, spec.text)
+    wrapped = checked(fn, spec.text, messages=spec.kind == "run")
     wrapped.__name__ = spec.name  # TRL logs rewards/<name>/mean
     return wrapped
 
 
-def checked(fn: RewardFn, label: str) -> RewardFn:
+def checked(fn: RewardFn, label: str, *, messages: bool = False) -> RewardFn:
     """fn, its output checked: one finite number (or None) per completion; RewardError naming the
-    reward and the data line of the first row it failed on, else."""
+    reward and the data line of the first row it failed on, else. messages: fn is also given
+    each prompt's messages (`messages=`: a reward model reads the conversation)."""
 
     def call(prompts: list, completions: list, **kw: Any) -> list[float | None]:
         lines = kw.pop(LINE, None)  # the rewards are given the data's fields only
+        convs = kw.pop(MESSAGES, None)
+        if messages:
+            kw["messages"] = [json.loads(m) for m in convs or ()]
         n = len(completions)
 
         def where(i: int = 0) -> str:
