@@ -15,6 +15,7 @@ from qwenft.lf import launcher as lf_launcher
 from qwenft.models.llamacpp import INSTALL_HINT as GGUF_INSTALL_HINT
 from qwenft.paths import qwenft_home
 from qwenft.proc import launcher
+from qwenft.rl import engine as rl_engine
 from qwenft.runs.manifest import package_versions
 
 SETUP = "run `make setup` (scripts/setup_env.sh) and use .venv/bin/qwenft"
@@ -96,6 +97,19 @@ def run_checks() -> list[Check]:
             )
         )
     checks += menu_checks()
+    rl = rl_engine.rl_path()
+    trl = sorted(rl.glob("trl-*.dist-info"))
+    checks.append(
+        Check(
+            "rl extra (trl)",
+            bool(trl),
+            f"{trl[0].name.removesuffix('.dist-info').replace('-', ' ')} in {rl}"
+            if trl
+            else "missing (needed for --stage grpo)",
+            rl_engine.RL_HINT,
+            required=False,
+        )
+    )
     gpus = _gpus()
     checks.append(
         Check("gpus", True, ", ".join(gpus) if gpus else "none (CPU training only)", required=False)

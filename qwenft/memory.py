@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from qwenft.choices import DeepSpeed, Method, Stage
+from qwenft.choices import DeepSpeed, Engine, Method, Stage
 from qwenft.errors import QwenftError
 from qwenft.models.coverage import (
     LORA_MODULES,
@@ -475,6 +475,13 @@ def estimate(inp: PlanInput) -> Plan:
             )
     if inp.stage == Stage.KTO.value:
         notes.append("kto also runs a no-grad forward of its KL batch (mismatched answers)")
+    if Stage(inp.stage).facts.engine == Engine.TRL:
+        notes.append(
+            f"{inp.stage}: planned as its training pass, {seqs} completions (prompt + completion "
+            f"up to {inp.cutoff_len} tokens) per device; sampling them first (generate, no "
+            "gradients) needs less, and --beta > 0 on a full run adds a reference copy "
+            "(docs/rl.md)"
+        )
     if inp.optimizer in LOW_RANK:
         notes.append(
             f"{OPTIMIZERS[inp.optimizer]}: AdamW states of every decoder linear weight at rank "
@@ -508,6 +515,8 @@ def estimate(inp: PlanInput) -> Plan:
         fix = (
             "--liger fuses them away"
             if inp.stage in (Stage.SFT.value, Stage.PT.value)
+            else "a shorter --completion-len shrinks them"
+            if Stage(inp.stage).facts.engine == Engine.TRL
             else "a shorter --cutoff-len shrinks them"
         )
         notes.append(f"logits and loss take {logits / GB:.1f} GB ({arch.vocab_size} vocab); {fix}")

@@ -344,6 +344,13 @@ def test_train_without_the_rl_extra_says_how_to_add_it(
     assert "make setup-extras" in result.output and not run.exists()
 
 
+def test_plan_says_what_a_grpo_step_holds() -> None:
+    result = invoke("plan", "--model", "qwen2.5-7b-instruct", "--stage", "grpo")
+    assert result.exit_code == 0, result.output
+    assert "grpo: planned as its training pass, 4 completions" in result.output
+    assert "a shorter --completion-len shrinks them" in result.output
+
+
 def test_data_check_reads_prompt_files_as_prompts(data_app: object, prompts: Path) -> None:
     from tests.helpers.cli import invoke_data
 
