@@ -363,7 +363,10 @@ DEFAULT_OVERLENGTH = Overlength.WARN
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-def auto_deepspeed(method: str) -> str:
+def auto_deepspeed(method: str, stage: str = "sft") -> str:
     """`--deepspeed auto`: ZeRO-3 for full fine-tuning (it partitions the weights, so the largest
-    models fit), no DeepSpeed for the parameter-efficient methods."""
+    models fit), no DeepSpeed for the parameter-efficient methods, nor for a stage TRL trains in
+    qwenft's one process (grpo)."""
+    if Stage(stage).facts.engine == Engine.TRL:
+        return DeepSpeed.NONE.value
     return DeepSpeed.Z3.value if method == Method.FULL else DeepSpeed.NONE.value

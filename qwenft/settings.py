@@ -296,7 +296,9 @@ def checked_overrides(req: RunRequest) -> dict[str, Any]:
     problems += knobs.inapplicable(overrides, req.stage, method)
     # what the knobs bring beside them (pissa_convert, the optimizers' optim), refused alike
     overrides.update(knobs.implied(overrides))
-    deepspeed = req.deepspeed if req.deepspeed != AUTO else method and auto_deepspeed(method)
+    deepspeed = (
+        req.deepspeed if req.deepspeed != AUTO else method and auto_deepspeed(method, req.stage)
+    )
     problems += knobs.refused(
         overrides,
         {
@@ -430,7 +432,7 @@ def resolve(req: RunRequest) -> RunSettings:
     experts = {k: overrides.pop(k) for k in moe_adapter.OWN_KEYS if k in overrides}
     quantized = model.extra.get("quantization")
     if quantized:
-        ds = deepspeed if deepspeed != AUTO else method != AUTO and auto_deepspeed(method)
+        ds = deepspeed if deepspeed != AUTO else method != AUTO and auto_deepspeed(method, stage)
         overrides = on_quantized_base(model, method, ds or DeepSpeed.NONE, overrides)
         method = Method.QLORA.value if method == AUTO else method
     settings = RunSettings(
@@ -451,7 +453,7 @@ def resolve(req: RunRequest) -> RunSettings:
     if method == AUTO:
         settings = _choose_method(settings, req)
     elif deepspeed == AUTO:
-        settings.deepspeed = auto_deepspeed(method)
+        settings.deepspeed = auto_deepspeed(method, stage)
     return moe_adapter.settle(settings, experts)
 
 

@@ -475,6 +475,29 @@ def test_grpo_raises_the_reward_and_the_merged_model_answers_as_rewarded(grpo_ru
 
 
 @pytest.mark.e2e
+def test_full_grpo_with_a_kl_term_writes_its_own_weights(
+    grpo_runs, e2e_home, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """--method full with --beta > 0: TRL keeps a reference model and logs the KL; the run folder
+    holds the whole model (no adapter), which chat loads as it is."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", yes_prompts(7, 8))
+    run = tmp_path / "runs" / "full"
+    e2e_home(
+        "train", "--stage", "grpo", "--method", "full", "--from", grpo_runs["sft"], "--data",
+        prompts, "--reward", "match:answer", "--beta", "0.1", "-o", run, "--max-steps", "3",
+        "--lr", "1e-4", "--batch-size", "8", "--grad-accum", "1", "--generations", "8",
+        "--completion-len", "6", "--set", "logging_steps=1", "--set", "save_steps=3",
+    )  # fmt: skip
+    m = manifest(run)
+    assert m["status"] == "completed" and m["method"] == "full" and m["deepspeed"] == "none"
+    rows = trainer_log(run)
+    assert len(rows) == 3 and all(math.isfinite(r["kl"]) for r in rows)
+    assert (run / "model.safetensors").is_file() and not (run / "adapter_config.json").exists()
+    out = e2e_home("chat", run, "--prompt", "Is lamp like paper? Answer yes or no.")
+    assert out.stdout.strip()  # it loads and answers
+
+
+@pytest.mark.e2e
 def test_a_failing_user_reward_stops_the_run_naming_it_and_the_row(
     qwenft,
     tmp_path: Path,  # noqa: ANN001
