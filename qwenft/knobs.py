@@ -912,6 +912,17 @@ _ROWS: tuple[Knob, ...] = (
         section="method",
     ),
     Knob(
+        "use_vllm",
+        "--vllm/--no-vllm",
+        bool,
+        "grpo: sample the completions with vLLM in the training process (a CUDA GPU and vllm; "
+        "default: transformers' generate).",
+        stages=(Stage.GRPO,),
+        own=True,
+        section="method",
+        needs=(Needs(cuda=True, packages=(("vllm", "vllm"),)),),
+    ),
+    Knob(
         "loss_type",
         "--grpo-loss",
         str,
@@ -1095,6 +1106,7 @@ TRL_ARGS = {
     "temperature": "temperature",
     "pref_beta": "beta",
     "loss_type": "loss_type",
+    "use_vllm": "use_vllm",  # with vllm_mode colocate (qwenft.rl.grpo): no separate server
 }
 TRL_OWN = (
     "stage",

@@ -10,6 +10,7 @@
 #                        [--out bench-gpu.json] [--work DIR]
 #   scripts/bench_gpu.sh --kernels [WORK_DIR]
 #   scripts/bench_gpu.sh --quantized [WORK_DIR]
+#   scripts/bench_gpu.sh --grpo [WORK_DIR]
 #
 # --kernels (issue 22): `qwenft train --attn fa2`, `--liger` and `--unsloth` on the tiny model, each
 # a --dry-run (the key is in train.yaml) and then 3 training steps whose train.log shows the kernel
@@ -18,6 +19,9 @@
 # --quantized (issue 22): the same for a LoRA on Qwen's own GPTQ and AWQ releases of
 # Qwen2.5-0.5B-Instruct (downloaded from the hub): train.yaml has no quantization_bit of qwenft's
 # and LLaMA-Factory's log shows it loaded the base's own quantization.
+# --grpo (issue 27): `qwenft train --stage grpo` on the tiny model, 4 steps of 8 completions, with
+# transformers' generate and then with --vllm (vLLM colocated in the GRPO process); each side's
+# wall time, or qwenft's refusal where vllm is not installed. Exits 1 if a run fails.
 #
 # On a machine without a CUDA GPU it says so and exits 0.
 set -euo pipefail
@@ -30,6 +34,36 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || \
     echo "bench_gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False or no nvidia-smi);"
     echo "bench_gpu: nothing to measure. Run it on a machine with an NVIDIA GPU (make setup picks the CUDA install)."
     exit 0
+fi
+
+if [ "${1:-}" = "--grpo" ]; then
+    WORK="$(realpath -m "${2:-$(mktemp -d -t qwenft-grpo-XXXX)}")"
+    mkdir -p "$WORK"
+    "$PY" -c '
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(16):
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"Count to {i % 5 + 3}."}]}) + "\n")
+' "$WORK/prompts.jsonl"
+    fails=0
+    for option in "" "--vllm"; do
+        name="grpo${option//-/}"
+        # shellcheck disable=SC2206  # an empty option adds nothing
+        cmd=(-m qwenft train --stage grpo --model tiny-qwen2 --data "$WORK/prompts.jsonl"
+             --reward length:8 --max-steps 4 --batch-size 8 --grad-accum 1 --generations 8
+             --completion-len 16 --set save_steps=1000 $option -o "$WORK/runs/$name")
+        start=$(date +%s)
+        if "$PY" "${cmd[@]}" >"$WORK/$name.out" 2>&1; then
+            echo "grpo ${option:-generate}: ok in $(( $(date +%s) - start )) s ($(grep -m1 '^grpo:' "$WORK/$name.out"))"
+        elif [ -n "$option" ] && grep -q "needs .*vllm package" "$WORK/$name.out"; then
+            echo "grpo $option: refused as expected: $(grep -m1 '^error:' "$WORK/$name.out")"
+        else
+            echo "grpo ${option:-generate}: FAIL: $(tail -n 3 "$WORK/$name.out")"
+            fails=1
+        fi
+    done
+    echo "grpo: logs in $WORK"
+    exit "$fails"
 fi
 
 if [ "${1:-}" = "--kernels" ] || [ "${1:-}" = "--quantized" ]; then

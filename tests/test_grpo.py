@@ -307,6 +307,7 @@ def test_a_user_reward_file_is_found_before_launch(
         (("--reward", "match:answer", "--gpus", "2"), "runs on one device"),
         (("--reward", "match:answer", "--pref-loss", "hinge"), "does nothing for --stage grpo"),
         (("--generations", "4"), "needs at least one --reward"),
+        (("--reward", "match:answer", "--vllm"), "--vllm needs"),  # a CUDA GPU, the vllm package
     ],
 )
 def test_grpo_refuses_what_it_cannot_do_and_writes_nothing(

@@ -98,6 +98,8 @@ def grpo_args(config: dict[str, Any], cuda: bool) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     args.setdefault("report_to", "none")
+    if args.get("use_vllm"):  # vLLM inside this process, sharing the GPU with training
+        args["vllm_mode"] = "colocate"
     return args
 
 
