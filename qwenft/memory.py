@@ -96,6 +96,64 @@ def has_reference_copy(stage: str, method: str) -> bool:
     return Stage(stage).facts.reference and Method(method).facts.own_weights
 
 
+IMAGE_MAX_PIXELS = 768 * 768  # LLaMA-Factory's image_max_pixels default (data.images has it too)
+
+
+@dataclass(frozen=True)
+class VisionCost:
+    """What a step's images cost in the vision tower: bytes kept for backward while the language
+    model's activations are alive (kept), and the line that says so."""
+
+    kept: float = 0.0
+    note: str = ""
+
+
+def image_patches(pixels: int, patch: int, merge: int) -> int:
+    """Patches of an image of at most `pixels` pixels: Qwen-VL's processor resizes it to whole
+    merge x merge groups of patch-sided patches (smart_resize), within the pixel budget."""
+    group = (patch * merge) ** 2
+    return max(1, pixels // group) * merge * merge
+
+
+def vision_activations(inp: PlanInput) -> VisionCost:
+    """The vision tower's activations for the step's images (Qwen2-VL's ViT: each image's patches
+    through depth blocks of hidden width, attention within the image; SDPA, so no patches^2
+    matrix is kept). Frozen (LLaMA-Factory's default, freeze_vision_tower) it keeps nothing for
+    backward: its forward runs one block at a time before the language model's, and its working set
+    is freed before the language model builds its own; the note says how large it is. Trained
+    (--train-vision): with gradient checkpointing each block's bf16 input is kept; without, every
+    block's activations."""
+    v = inp.arch.vision
+    if v is None:
+        return VisionCost()
+    if inp.images <= 0:
+        return VisionCost(
+            note="a vision-language model: its images are not in this plan; pass --data with "
+            "the image rows to count their tokens and the vision tower's activations"
+        )
+    patches = image_patches(inp.image_pixels, v.patch, v.merge)
+    images = inp.batch_size * inp.images
+    # one block per patch, bf16: two norms, q/k/v, the attention output and projection, the MLP's
+    # input, output and its intermediate tensors (three when gated)
+    block = BF16 * (8 * v.hidden + (3 if v.gated else 2) * v.intermediate) * patches * images
+    what = (
+        f"vision: {images} image(s) per device step of up to {patches} patches "
+        f"({patches // (v.merge * v.merge)} tokens each, in cutoff_len)"
+    )
+    if not inp.train_vision:
+        return VisionCost(
+            note=f"{what}; the vision tower is frozen: it keeps no activations, its forward "
+            f"needs {block / GB:.2f} GB at a time before the language model's"
+        )
+    if inp.gradient_checkpointing:
+        kept = v.depth * BF16 * v.hidden * patches * images + block
+    else:
+        kept = v.depth * block
+    return VisionCost(
+        kept, f"{what}; the vision tower trains: {kept / GB:.2f} GB kept for backward"
+    )
+
+
 @dataclass
 class PlanInput:
     """One training configuration to estimate."""
@@ -122,6 +180,11 @@ class PlanInput:
     layerwise: bool = False  # galore/apollo: each weight steps as its gradient arrives
     lora_experts: bool = True  # a mixture-of-experts model: LoRA covers its experts too
     train_router: bool = False  # ... and its router
+    # a vision-language model: images per sample (plan --data: the most in a row), each at most
+    # image_pixels (image_max_pixels), and whether the vision tower trains (--train-vision)
+    images: int = 0
+    image_pixels: int = IMAGE_MAX_PIXELS
+    train_vision: bool = False
 
 
 @dataclass
@@ -411,6 +474,9 @@ def estimate(inp: PlanInput) -> Plan:
         held = 2 if inp.gradient_checkpointing else arch.moe.sparse_layers(L)
         buffers += held * 2 * BF16 * expert_weights
     fwd_bwd = activations + logits + buffers + no_grad
+    vision = vision_activations(inp)
+    if vision.kept:
+        fwd_bwd += vision.kept
 
     # Optimizer step transient: DeepSpeed turns the bf16 gradient partition into an fp32 copy;
     # a non-fused AdamW allocates one more fp32 temporary of the stepped size.
@@ -434,6 +500,7 @@ def estimate(inp: PlanInput) -> Plan:
         phase = "forward/backward"
         breakdown.update(
             activations=activations,
+            vision_activations=vision.kept,
             logits_and_loss=logits,
             no_grad_forward=no_grad,
             buffers=buffers,
@@ -475,6 +542,8 @@ def estimate(inp: PlanInput) -> Plan:
             )
     if inp.stage == Stage.KTO.value:
         notes.append("kto also runs a no-grad forward of its KL batch (mismatched answers)")
+    if vision.note:
+        notes.append(vision.note)
     if Stage(inp.stage).facts.engine == Engine.TRL:
         notes.append(
             f"{inp.stage}: planned as its training pass, {seqs} completions (prompt + completion "

@@ -177,8 +177,9 @@ class RunSettings:
             return int(quantized["bits"])
         return int(bits) if bits else None
 
-    def plan_input(self) -> Any:
-        """The memory-plan input for this run (qwenft.memory.PlanInput): the one way it is built."""
+    def plan_input(self, images: int = 0) -> Any:
+        """The memory-plan input for this run (qwenft.memory.PlanInput): the one way it is built.
+        images: per sample, for a vision-language model (the most in a row of its data)."""
         from qwenft import memory
 
         if self.model.arch is None:
@@ -213,6 +214,9 @@ class RunSettings:
             optimizer=optimizer,
             optimizer_rank=int(v.get(f"{optimizer}_rank") or LOW_RANK_DEFAULT),
             layerwise=bool(v.get(f"{optimizer}_layerwise")),
+            images=images,
+            image_pixels=int(v.get("image_max_pixels") or memory.IMAGE_MAX_PIXELS),
+            train_vision=v.get("freeze_vision_tower") is False,
         )
 
 

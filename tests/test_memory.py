@@ -684,3 +684,36 @@ def test_measure_memory_without_a_gpu_says_so_and_exits_0(tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     assert "needs a CUDA GPU" in r.stdout
     assert not out.exists()
+
+
+def test_vision_tower_activations_are_counted_for_the_steps_images() -> None:
+    """A vision-language model's images: frozen (LLaMA-Factory's default) the tower keeps nothing
+    for backward and the note says what its forward needs; trained (--train-vision) it keeps each
+    block's bf16 input with gradient checkpointing, every block's activations without."""
+    from qwenft.memory import BF16, image_patches, vision_activations
+    from qwenft.models.presets import resolve_model
+
+    arch = resolve_model("qwen2.5-vl-7b-instruct").arch
+    v = arch.vision
+    assert (v.depth, v.hidden, v.intermediate, v.gated) == (32, 1280, 3420, True)
+    # 768*768 pixels: 752 groups of 2x2 patches of 14 pixels (752 image tokens)
+    assert image_patches(768 * 768, 14, 2) == 3008
+    base = PlanInput(arch=arch, batch_size=2, cutoff_len=2048)
+    none = vision_activations(base)
+    assert none.kept == 0 and "pass --data with the image rows" in none.note
+    frozen = vision_activations(PlanInput(arch=arch, batch_size=2, images=2))
+    assert frozen.kept == 0 and "frozen" in frozen.note and "4 image(s)" in frozen.note
+    trained = vision_activations(PlanInput(arch=arch, batch_size=2, images=2, train_vision=True))
+    block = BF16 * (8 * 1280 + 3 * 3420) * 3008 * 4
+    assert trained.kept == 32 * BF16 * 1280 * 3008 * 4 + block
+    no_ckpt = PlanInput(
+        arch=arch, batch_size=2, images=2, train_vision=True, gradient_checkpointing=False
+    )
+    assert vision_activations(no_ckpt).kept == 32 * block > trained.kept
+    # the peak grows by what the trained tower keeps; a text model has no such row
+    with_images = estimate(PlanInput(arch=arch, batch_size=2, images=2, train_vision=True))
+    without = estimate(PlanInput(arch=arch, batch_size=2, images=2))
+    assert with_images.breakdown["vision_activations"] == trained.kept
+    assert with_images.peak_bytes > without.peak_bytes
+    text = estimate(PlanInput(arch=resolve_model("qwen2.5-7b-instruct").arch))
+    assert not text.breakdown.get("vision_activations")

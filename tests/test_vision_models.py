@@ -454,3 +454,31 @@ def test_vision_params_equal_transformers_count(tiny_vl: Path) -> None:
         assert count(encoder) == PRESETS[name].arch.vision_params, name
     tiny = resolve_model(str(tiny_vl))  # a local folder: from its config.json
     assert tiny.family == "qwen2-vl" and tiny.arch == PRESETS["tiny-qwen2-vl"].arch
+
+
+def test_plan_with_image_data_counts_the_vision_tower(tiny_home: Path, tmp_path: Path) -> None:
+    """`plan --data` on image rows: the most images a row holds, and with --train-vision the
+    tower's kept activations in the breakdown."""
+    from PIL import Image
+
+    from tests.helpers.builders import write_jsonl
+
+    Image.new("RGB", (56, 56), (255, 0, 0)).save(tmp_path / "red.png")
+    row = {
+        "messages": [
+            {"role": "user", "content": "<image><image>Same colour?"},
+            {"role": "assistant", "content": "Yes."},
+        ],
+        "images": ["red.png", "red.png"],
+    }
+    data = write_jsonl(tmp_path / "pics.jsonl", [row])
+    args = ("plan", "--model", "tiny-qwen2-vl", "--data", data, "--json")
+    out = json.loads(invoke(*args, "--train-vision").stdout)
+    assert out["data"]["images"] == 2
+    assert out["breakdown"]["vision_activations"] > 0
+    frozen = json.loads(invoke(*args).stdout)
+    assert (
+        "vision_activations" not in frozen["breakdown"]
+        or not frozen["breakdown"]["vision_activations"]
+    )
+    assert any("the vision tower is frozen" in n for n in frozen["notes"])

@@ -39,6 +39,7 @@ _LABELS = {
     "optimizer_states": "optimizer states",
     "reference_model": "reference model (frozen)",
     "activations": "activations",
+    "vision_activations": "vision activations",
     "logits_and_loss": "logits + loss",
     "no_grad_forward": "reference/KL forward (no grad)",
     "buffers": "buffers (DeepSpeed/dequant)",
@@ -102,7 +103,7 @@ def plan(
     sized = _data_length(run, data, stage) if data else None
     if sized and sized["length"] < run.cutoff_len:
         run = resolved(KnobValues({**knobs, "cutoff_len": sized["length"]}))
-    inp = run.plan_input()  # carries the stage
+    inp = run.plan_input(images=sized["images"] if sized else 0)  # carries the stage
     result = run.auto_plan or memory.estimate(inp)
     why = run.auto_why
     if as_json:
@@ -125,6 +126,7 @@ def _data_length(run: Any, files: list[Path], stage: str) -> dict[str, Any]:
     (every block is full)."""
     from qwenft.cli.common import err
     from qwenft.data import check
+    from qwenft.data.images import most_images
     from qwenft.data.pipeline import DataSpec, file_stats
     from qwenft.models.target import base_target
 
@@ -132,9 +134,11 @@ def _data_length(run: Any, files: list[Path], stage: str) -> dict[str, Any]:
     target = base_target(run.model)
     target.ensure_built(progress=err)
     spec = DataSpec.from_settings(run, kind=kind)
-    longest, samples, lengths = 0, 0, []
+    longest, samples, lengths, images = 0, 0, [], 0
     for path in files:
-        check.require_valid(path, "nothing was planned", kind=kind)
+        report = check.require_valid(path, "nothing was planned", kind=kind)
+        if report.has_images:  # the most images one row holds (its vision tower's work)
+            images = max(images, most_images(path))
         stats = file_stats(path, spec, target.model_path, max_lines=None)
         longest = max(longest, stats.length.max)
         samples += stats.n_samples
@@ -154,7 +158,15 @@ def _data_length(run: Any, files: list[Path], stage: str) -> dict[str, Any]:
         f"data: {samples} samples ({'; '.join(lengths)}): sized for {length} tokens per "
         f"sequence, {why}"
     )
-    return {"samples": samples, "longest": longest, "length": length, "line": line}
+    if images:
+        line += f"; up to {images} image(s) a sample"
+    return {
+        "samples": samples,
+        "longest": longest,
+        "length": length,
+        "images": images,
+        "line": line,
+    }
 
 
 def _print_table(model: str, p: Any, why: str | None, inp: Any) -> None:  # memory.Plan, PlanInput

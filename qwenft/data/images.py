@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from qwenft.choices import DataKind
 from qwenft.data.messages import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
-from qwenft.data.reader import Collector, jtype
+from qwenft.data.reader import BAD, Collector, iter_rows, jtype, open_data_file
 from qwenft.errors import QwenftError
 
 IMAGES = "images"  # the row's column of image paths (the dataset entry maps it)
@@ -322,6 +322,18 @@ class ImageProblem(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind, self.message = kind, message
+
+
+def most_images(path: Path | str) -> int:
+    """The most images one row of a data file holds (0: none)."""
+    path, fh, mode = open_data_file(Path(path))
+    most = 0
+    with fh:
+        for _line, value, _raw in iter_rows(fh, mode, Collector()):
+            if value is not BAD and isinstance(value, dict):
+                refs = value.get(IMAGES)
+                most = max(most, len(refs) if isinstance(refs, list) else int(bool(refs)))
+    return most
 
 
 def media_dir(data: Path | str) -> str:

@@ -88,6 +88,37 @@ def vision_params(model_type: str, vision: dict, out_hidden: int) -> int:
 
 
 @dataclass(frozen=True)
+class VisionDims:
+    """What a Qwen-VL vision encoder's activations scale with (its config.json's vision_config)."""
+
+    depth: int  # ViT blocks
+    hidden: int
+    intermediate: int
+    patch: int  # pixels on a patch's side
+    merge: int  # spatial_merge_size: merge x merge patches make one image token
+    gated: bool  # a gated (SwiGLU) MLP: three intermediate-wide tensors, else two
+
+    @classmethod
+    def of(cls, model_type: str, vision: dict) -> VisionDims | None:
+        kind = model_type.removesuffix("_moe")
+        if kind == "qwen2_vl":
+            e = vision["embed_dim"]
+            i = e * vision.get("mlp_ratio", 4)
+        elif kind in ("qwen2_5_vl", "qwen3_vl"):
+            e, i = vision["hidden_size"], vision["intermediate_size"]
+        else:
+            return None
+        return cls(
+            vision["depth"],
+            e,
+            i,
+            vision.get("patch_size", 14),
+            vision.get("spatial_merge_size", 2),
+            kind == "qwen2_5_vl",
+        )
+
+
+@dataclass(frozen=True)
 class Arch:
     """Architecture numbers, as in the model's config.json."""
 
@@ -101,6 +132,7 @@ class Arch:
     head_dim: int | None = None  # Qwen3 sets it explicitly; otherwise hidden / heads
     vision_params: int = 0  # a vision-language model's vision encoder (vision_params())
     moe: Moe | None = None  # a mixture-of-experts model's experts (None: a dense model)
+    vision: VisionDims | None = None  # a vision-language model's encoder shape (plan's activations)
 
     @property
     def params(self) -> int:
@@ -288,8 +320,12 @@ TINY_VISION_QWEN2_VL = {
 }  # qwenft.models.tiny's tiny-qwen2-vl
 
 
-def _vl(arch: Arch, model_type: str, vision: dict) -> Arch:
-    return replace(arch, vision_params=vision_params(model_type, vision, arch.hidden_size))
+def _vl(arch: Arch, model_type: str, vision: dict, out_hidden: int | None = None) -> Arch:
+    return replace(
+        arch,
+        vision_params=vision_params(model_type, vision, out_hidden or arch.hidden_size),
+        vision=VisionDims.of(model_type, vision),
+    )
 
 
 TINY_ARCH_QWEN2_VL = _vl(TINY_ARCH, "qwen2_vl", TINY_VISION_QWEN2_VL)
@@ -438,7 +474,10 @@ class ResolvedModel:
             moe = arch.get("moe")
             if isinstance(moe, dict):
                 moe = Moe(**{**moe, "mlp_only_layers": tuple(moe.get("mlp_only_layers") or ())})
-            fields["arch"] = Arch(**{**arch, "moe": moe})
+            vision = arch.get("vision")
+            if isinstance(vision, dict):
+                vision = VisionDims(**vision)
+            fields["arch"] = Arch(**{**arch, "moe": moe, "vision": vision})
         return cls(**fields)
 
 
@@ -516,9 +555,7 @@ def _arch_from_config(cfg: dict) -> Arch | None:
         vision = cfg.get("vision_config")
         if isinstance(vision, dict):
             out = vision.get("out_hidden_size", arch.hidden_size)
-            arch = replace(
-                arch, vision_params=vision_params(str(cfg.get("model_type")), vision, out)
-            )
+            arch = _vl(arch, str(cfg.get("model_type")), vision, out)
         return arch
     except (KeyError, TypeError):
         return None
