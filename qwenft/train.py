@@ -568,7 +568,7 @@ def refuse_trl(
         refuse(
             "several --data files or --eval-data",
             "the GRPO process reads one prompt file",
-            "merge the prompts into one file (qwenft data mix), without --eval-data",
+            "put the prompts in one file, and drop --eval-data",
         )
     if overlength != DEFAULT_OVERLENGTH:
         refuse(
@@ -592,7 +592,7 @@ def refuse_trl(
         refuse(
             "LoRA on a mixture-of-experts model's experts",
             "the expert adapter qwenft makes is read by LLaMA-Factory, not by TRL",
-            "--method full, or --no-lora-experts",
+            "--method full, or --lora-experts off",
         )
     raise_all(problems)
 
@@ -710,32 +710,29 @@ def _every(n: Any, what: str) -> str:
 
 def describe(plan: TrainPlan) -> list[str]:
     """What will happen: the model, method and data; what it trains of the model; the run's length
-    and steps."""
+    and steps. A grpo step's batch is completions, num_generations of each prompt."""
     m, sch = plan.manifest, plan.schedule
     what = m.method if plan.stage == Stage.SFT else f"{plan.stage} {m.method}"
     origin = (
         f"run {plan.parent.run_dir.name} ({plan.parent.source})" if plan.parent else m.model.spec
     )
     data = m.data_line() if plan.mixture else plan.data_path.name
+    gens = int(plan.config.get("num_generations") or 0)
+    unit = {DataKind.PT: "texts", DataKind.PROMPT: "prompts"}.get(plan.kind, "samples")
     lines = [
         f"{what} fine-tune of {origin} (template {m.template}) on {data}: "
-        f"{sch['samples']} {'texts' if plan.kind == DataKind.PT else 'samples'}"
+        f"{sch['samples'] // (gens or 1)} {unit}"
         + (f", {sch['held_out']} held out" if sch.get("held_out") else "")
     ]
     lines.append(trains_line(m))
-    if "num_generations" in plan.config:  # grpo: a step's samples are completions
-        gens = int(plan.config["num_generations"])
+    if gens:
+        weights = plan.config.get("reward_weights")
         lines.append(
-            f"grpo: {sch['samples'] // gens} prompts x {gens} completions each (of up to "
+            f"grpo: {gens} completions of each prompt (up to "
             f"{plan.config.get('max_completion_length')} tokens, temperature "
             f"{plan.config.get('temperature')}), scored by "
             + ", ".join(plan.config["reward_funcs"])
-            + (
-                f" (weights {plan.config['reward_weights']})"
-                if plan.config.get("reward_weights")
-                else ""
-            )
-            + "; the samples below are completions"
+            + (f" (weights {weights})" if weights else "")
         )
     if sch:
         procs = sch["processes"]
@@ -749,8 +746,8 @@ def describe(plan: TrainPlan) -> list[str]:
             )
         lines.append(
             f"{'about ' if 'max_steps' not in plan.config else ''}{sch['steps']} steps of "
-            f"{sch['per_step']} samples (batch {sch['batch']} x grad-accum {sch['grad_accum']} x "
-            f"{procs} process{'es' if procs != 1 else ''}); "
+            f"{sch['per_step']} {'completions' if gens else 'samples'} (batch {sch['batch']} x "
+            f"grad-accum {sch['grad_accum']} x {procs} process{'es' if procs != 1 else ''}); "
             f"{_every(sch['logging_steps'], 'loss')}, {_every(sch['save_steps'], 'checkpoint')}, "
             f"{evaluation}"
         )

@@ -461,7 +461,7 @@ def test_grpo_raises_the_reward_and_the_merged_model_answers_as_rewarded(grpo_ru
     assert m["summary"]["stage_figures"]["reward"][1] == curve[-1]
     assert (run / "checkpoint-8").is_dir() and (run / "adapter_model.safetensors").is_file()
     stderr = (run.parent.parent.parent / "grpo.stderr").read_text()
-    assert "grpo: 32 prompts x 8 completions each" in stderr  # what the run will do
+    assert "on yes-prompts.jsonl: 32 prompts" in stderr and "8 completions of each prompt" in stderr
     assert "reward " in stderr and "grpo: reward" in stderr  # the progress line, the summary
 
     rng = random.Random(3)  # held-out questions: neither run saw them
