@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
 from qwenft.errors import QwenftError
 from qwenft.knobs import TRL_ARGS, as_number
 from qwenft.rl import rewards
@@ -39,17 +40,16 @@ FIGURES = ("reward", "reward_std", "kl", "completions/mean_length", "entropy")
 def prompt_rows(config: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
     """The data file's rows as GRPO's dataset: `prompt` (the text the model continues) and each
     other field of the row, plus the data line (rewards.LINE)."""
-    path = Path(config["data_file"])
     system = config.get("default_system")
     thinking = config.get("enable_thinking")
     limit = config.get("max_samples")
     kwargs = {} if thinking is None else {"enable_thinking": bool(thinking)}
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+    path, fh, mode = open_data_file(Path(config["data_file"]))  # .jsonl or a .json array
+    with fh:
+        for line_no, row, _raw in iter_rows(fh, mode, Collector()):
+            if row is BAD:  # `train` checked the file: only a file changed since gets here
+                raise QwenftError(f"{path}:{line_no} is not valid JSON (the file changed?)")
             original = row.pop("messages")  # as the data has it: a reward model's conversation
             messages = list(original)
             if system and not (messages and messages[0].get("role") == "system"):
@@ -134,14 +134,21 @@ class TrainerLog:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the run train.yaml describes; 3 (and the reason on stderr, as `qwenft: ...`, which
+    `train` reports as the run's) when a reward or the data stops it."""
     argv = sys.argv[1:] if argv is None else argv
     config = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8"))
-    run_dir = Path(config["output_dir"])
     try:
-        reward_funcs = [rewards.build(rewards.parse_spec(s)) for s in config["reward_funcs"]]
+        train(config)
     except (rewards.RewardError, QwenftError) as exc:
         print(f"qwenft: {exc}", file=sys.stderr, flush=True)
         return 3
+    return 0
+
+
+def train(config: dict[str, Any]) -> None:
+    run_dir = Path(config["output_dir"])
+    reward_funcs = [rewards.build(rewards.parse_spec(s)) for s in config["reward_funcs"]]
 
     import torch
     from datasets import Dataset
@@ -161,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.get("finetuning_type") == "lora":
         from peft import LoraConfig
 
+        rank = int(config.get("lora_rank", 8))
         peft_config = LoraConfig(
-            r=int(config.get("lora_rank", 8)),
-            lora_alpha=int(config.get("lora_alpha") or 2 * int(config.get("lora_rank", 8))),
+            r=rank,
+            lora_alpha=int(config.get("lora_alpha") or 2 * rank),
             lora_dropout=float(config.get("lora_dropout", 0.0)),
             target_modules=lora_targets(config.get("lora_target")),
             task_type="CAUSAL_LM",
@@ -185,18 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=peft_config,
         callbacks=[Logged()],
     )
-    try:
-        # as LLaMA-Factory does: a run folder with checkpoints continues from the newest
-        resume = config.get("resume_from_checkpoint") or get_last_checkpoint(str(run_dir))
-        result = trainer.train(resume_from_checkpoint=resume)
-    except rewards.RewardError as exc:
-        print(f"qwenft: {exc}", file=sys.stderr, flush=True)
-        return 3
+    # as LLaMA-Factory does: a run folder with checkpoints continues from the newest
+    resume = config.get("resume_from_checkpoint") or get_last_checkpoint(str(run_dir))
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir))
     tokenizer.save_pretrained(str(run_dir))
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    return 0
 
 
 if __name__ == "__main__":
