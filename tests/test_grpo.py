@@ -32,6 +32,10 @@ def test_builtin_rewards_score_what_they_name() -> None:
     assert rewards.match_score("Yes!", "YES") == 1.0
     assert rewards.match_score("yes, maybe", "yes") == 0.0
     assert rewards.match_score("anything", None) == 0.0
+    # a reasoning model's thoughts are not its answer
+    assert rewards.match_score("<think>maybe no</think>\n\nYes.", "yes") == 1.0
+    assert rewards.number_score("<think>3 or 4?</think> It is 4", 4) == 1.0
+    assert rewards.number_score("<think>4</think> I cannot say", 4) == 0.0
     assert rewards.number_score("so the total is 1,234.", "1234") == 1.0
     assert rewards.number_score("3 apples, then 5", 5) == 1.0  # the last number counts
     assert rewards.number_score("about -3.5 degrees", "-3.5") == 1.0

@@ -2,10 +2,10 @@
 
 A reward is named by a spec (`qwenft train --stage grpo --reward SPEC`, repeatable):
 
-- ``match:FIELD``   1 when the completion equals the row's FIELD (case, surrounding whitespace,
-  runs of spaces and a final ``.`` or ``!`` ignored), else 0;
-- ``number:FIELD``  1 when the last number in the completion equals the row's FIELD (a number, or
-  text holding one: ``"1,234"``, ``"-3.5"``), else 0;
+- ``match:FIELD``   1 when the completion's answer equals the row's FIELD (case, surrounding
+  whitespace, runs of spaces and a final ``.`` or ``!`` ignored), else 0;
+- ``number:FIELD``  1 when the last number in the completion's answer equals the row's FIELD (a
+  number, or text holding one: ``"1,234"``, ``"-3.5"``), else 0;
 - ``regex:PATTERN`` 1 when the whole completion (stripped) matches PATTERN (Python ``re``, ``.``
   matching newlines too), else 0: a format reward;
 - ``tool_call``     1 when the completion holds at least one ``<tool_call>{...}</tool_call>`` and
@@ -19,6 +19,9 @@ A reward is named by a spec (`qwenft train --stage grpo --reward SPEC`, repeatab
   ``FUNCTION(prompts=[...], completions=[...], completion_ids=[...], **fields)`` where each field of
   the data rows (``answer``, ``tools``, ...) is a list with one value per completion; it returns one
   float per completion (None: this reward does not apply to that completion).
+
+The answer of a completion is what follows its last ``</think>`` (a reasoning model's thoughts are
+not its answer), or all of it.
 
 Every reward's output is checked (`checked`): an exception, a list of the wrong length, or a value
 that is not a finite number (NaN, inf, text) stops the run with the reward's name and the data line
@@ -193,6 +196,11 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
+def answer_part(text: str) -> str:
+    """What a completion answers: after its last </think>, or all of it."""
+    return str(text).rpartition("</think>")[2]
+
+
 def normalize(text: str) -> str:
     """What match: compares: lower case, whitespace collapsed, a final . or ! dropped."""
     return _SPACES.sub(" ", str(text)).strip().lower().rstrip(".!").strip()
@@ -209,12 +217,12 @@ def last_number(text: str) -> float | None:
 
 
 def match_score(completion: str, want: Any) -> float:
-    return float(want is not None and normalize(completion) == normalize(str(want)))
+    return float(want is not None and normalize(answer_part(completion)) == normalize(str(want)))
 
 
 def number_score(completion: str, want: Any) -> float:
     want_n = want if isinstance(want, int | float) else last_number(str(want))
-    got = last_number(completion)
+    got = last_number(answer_part(completion))
     return float(got is not None and want_n is not None and math.isclose(got, want_n, abs_tol=1e-6))
 
 
