@@ -176,7 +176,7 @@ def test_a_reward_run_must_be_a_reward_model_with_its_head(tmp_path: Path) -> No
             rewards.parse_spec(spec, tmp_path)
     (rm / "value_head.safetensors").write_bytes(b"")
     spec = rewards.parse_spec("run:rm", tmp_path)  # relative to the working folder
-    assert spec.kind == "run" and spec.arg == str(rm) and spec.yaml_text == f"run:{rm}"
+    assert spec.kind == "run" and spec.path == str(rm) and spec.yaml_text == f"run:{rm}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,6 +311,7 @@ def test_a_user_reward_file_is_found_before_launch(
         (("--reward", "match:answer", "--gpus", "2"), "runs on one device"),
         (("--reward", "match:answer", "--pref-loss", "hinge"), "does nothing for --stage grpo"),
         (("--generations", "4"), "needs at least one --reward"),
+        (("--reward", "number:total"), "reads the field 'total', and prompts.jsonl:1 has none"),
         (("--reward", "match:answer", "--vllm"), "--vllm needs"),  # a CUDA GPU, the vllm package
     ],
 )

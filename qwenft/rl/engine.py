@@ -58,6 +58,7 @@ def grpo_config(
     against base, the working folder). Raises QwenftError."""
     specs = rewards.parse_specs(config.get("reward_funcs") or [], base)
     rewards.parse_weights(config.get("reward_weights"), len(specs))
+    rewards.check_fields(specs, data)
     batch = int(config.get("per_device_train_batch_size") or 1)
     accum = int(config.get("gradient_accumulation_steps") or 1)
     generations = int(config.get("num_generations") or 8)

@@ -63,7 +63,7 @@ class RewardSpec:
     text: str  # as given
     kind: str  # a BUILTINS name, or "file"
     arg: str = ""  # FIELD, PATTERN, N; for "file": the function's name
-    path: str = ""  # "file": the Python file (absolute once resolved)
+    path: str = ""  # "file": the Python file; "run": the reward run (absolute once resolved)
 
     @property
     def name(self) -> str:
@@ -75,7 +75,7 @@ class RewardSpec:
         """As train.yaml holds it: paths made absolute (the GRPO process runs in the run folder)."""
         if self.kind == "file":
             return f"{self.path}:{self.arg}"
-        return f"run:{self.arg}" if self.kind == "run" else self.text
+        return f"run:{self.path}" if self.kind == "run" else self.text
 
 
 def parse_spec(text: str, base: Path | None = None) -> RewardSpec:
@@ -108,7 +108,7 @@ def parse_spec(text: str, base: Path | None = None) -> RewardSpec:
         path = Path(arg).expanduser()
         path = (base / path if base is not None and not path.is_absolute() else path).absolute()
         _check_reward_run(path, text)
-        return RewardSpec(text, head, str(path))
+        return RewardSpec(text, head, path=str(path))
     return RewardSpec(text, head, arg)
 
 
@@ -170,6 +170,32 @@ def parse_specs(texts: Sequence[str], base: Path | None = None) -> list[RewardSp
     if dup:
         raise QwenftError(f"--reward {dup!r} is given twice", "give each reward once")
     return specs
+
+
+FIELD_REWARDS = ("match", "number")  # the built-ins that read a field of the row
+
+
+def check_fields(specs: Sequence[RewardSpec], path: Path) -> None:
+    """Every row of the prompt file has the fields the built-in rewards read (QwenftError naming
+    the first row without one): found before launch, not at the first step."""
+    from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
+
+    wanted = {s.arg: s.text for s in specs if s.kind in FIELD_REWARDS}
+    if not wanted:
+        return
+    path, fh, mode = open_data_file(path)
+    with fh:
+        for line, row, _raw in iter_rows(fh, mode, Collector()):
+            missing = [
+                f for f in wanted if row is not BAD and isinstance(row, dict) and f not in row
+            ]
+            if missing:
+                raise QwenftError(
+                    f"--reward {wanted[missing[0]]!r} reads the field {missing[0]!r}, and "
+                    f"{path.name}:{line} has none; nothing was started",
+                    f'give every prompt row its "{missing[0]}" (the reference the reward compares '
+                    "with)",
+                )
 
 
 def parse_weights(text: Any, n: int) -> list[float] | None:
@@ -315,7 +341,7 @@ def _field(spec: RewardSpec, kwargs: dict[str, Any], n: int) -> list[Any]:
             f"reward {spec.text!r}: the rows have no field {spec.arg!r} (fields: "
             f"{', '.join(sorted(k for k in kwargs if k not in _TRL_KEYS and k != LINE)) or 'none'})"
         )
-    return list(values) if len(values) == n else [values] * n
+    return list(values)
 
 
 _TRL_KEYS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -325,7 +351,7 @@ def _builtin(spec: RewardSpec) -> RewardFn:
     if spec.kind == "run":
         from qwenft.rl.reward_model import RunReward
 
-        return RunReward(Path(spec.arg))
+        return RunReward(Path(spec.path))
     if spec.kind == "regex":
         pattern = re.compile(spec.arg, re.S)
 
