@@ -59,17 +59,13 @@ class RunReward:
         ]
         sides = self.encoder.encode(samples)
         kept = [i for i, side in enumerate(sides) if side is not None]
-        values = (
-            inference.value_scores(
-                self.model,
-                [sides[i][1] for i in kept],
-                self.head,
-                device=self.device,
-                batch_size=self.batch_size,
-                pad_id=self.pad_id,
-            )
-            if kept
-            else []
+        values = inference.value_scores(
+            self.model,
+            [sides[i][1] for i in kept],
+            self.head,
+            device=self.device,
+            batch_size=self.batch_size,
+            pad_id=self.pad_id,
         )
         out: list[float | None] = [None] * len(samples)
         for i, value in zip(kept, values, strict=True):
