@@ -481,26 +481,38 @@ def test_grpo_raises_the_reward_and_the_merged_model_answers_as_rewarded(grpo_ru
 
 
 @pytest.mark.e2e
-def test_full_grpo_with_a_kl_term_writes_its_own_weights(
-    grpo_runs, e2e_home, tmp_path: Path
-) -> None:  # noqa: ANN001
+def test_full_grpo_with_a_kl_term_writes_its_own_weights(e2e_home, tmp_path: Path) -> None:  # noqa: ANN001
     """--method full with --beta > 0: TRL keeps a reference model and logs the KL; the run folder
-    holds the whole model (no adapter), which chat loads as it is."""
+    holds the whole model (no adapter), moved from the base, and chat loads it as it is. From the
+    base, whose completions of a prompt are all alike: a user reward that scores every other one
+    1 gives the group something to compare. Nothing is asked of its learning, so it does not wait
+    for the learning test's SFT start."""
+    from safetensors.numpy import load_file
+
     prompts = write_jsonl(tmp_path / "prompts.jsonl", yes_prompts(7, 8))
+    (tmp_path / "alternate.py").write_text(
+        "def every_other(completions, **kw):\n"
+        "    return [float(i % 2) for i in range(len(completions))]\n"
+    )
     run = tmp_path / "runs" / "full"
     e2e_home(
-        "train", "--stage", "grpo", "--method", "full", "--from", grpo_runs["sft"], "--data",
-        prompts, "--reward", "match:answer", "--beta", "0.1", "-o", run, "--max-steps", "3",
-        "--lr", "1e-4", "--batch-size", "8", "--grad-accum", "1", "--generations", "8",
-        "--completion-len", "6", "--set", "logging_steps=1", "--set", "save_steps=3",
+        "train", "--stage", "grpo", "--method", "full", "--model", "tiny-qwen2", "--data",
+        prompts, "--reward", f"{tmp_path / 'alternate.py'}:every_other", "--beta", "0.1", "-o", run,
+        "--max-steps", "3", "--lr", "1e-3", "--batch-size", "8", "--grad-accum", "1",
+        "--generations", "8", "--completion-len", "6", "--set", "logging_steps=1",
+        "--set", "save_steps=3", "--set", "warmup_ratio=0",
     )  # fmt: skip
     m = manifest(run)
     assert m["status"] == "completed" and m["method"] == "full" and m["deepspeed"] == "none"
     rows = trainer_log(run)
-    assert len(rows) == 3 and all(math.isfinite(r["kl"]) for r in rows)
+    assert len(rows) == 3 and all(math.isfinite(r["kl"]) for r in rows), rows
     assert (run / "model.safetensors").is_file() and not (run / "adapter_config.json").exists()
-    out = e2e_home("chat", run, "--prompt", "Is lamp like paper? Answer yes or no.")
-    assert out.stdout.strip()  # it loads and answers
+    tuned = load_file(str(run / "model.safetensors"))
+    base = load_file(str(Path(m["model"]["path"]) / "model.safetensors"))
+    assert any(
+        k in base and tuned[k].shape == base[k].shape and (tuned[k] != base[k]).any() for k in tuned
+    )  # trained
+    e2e_home("chat", run, "--prompt", "Is lamp like paper? Answer yes or no.")  # loads, answers
 
 
 @pytest.mark.e2e
