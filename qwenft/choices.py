@@ -162,6 +162,16 @@ class Engine(Choice):
     LLAMAFACTORY = "llamafactory"
     TRL = "trl"
 
+    @property
+    def shown(self) -> str:
+        """How the progress line names it while it starts."""
+        return "LLaMA-Factory" if self is Engine.LLAMAFACTORY else "the GRPO process (TRL)"
+
+    @property
+    def program(self) -> str:
+        """How a failure names what exited."""
+        return "llamafactory-cli train" if self is Engine.LLAMAFACTORY else self.shown
+
 
 @dataclass(frozen=True)
 class StageFacts:

@@ -935,15 +935,11 @@ def _launch(
     )
     # With -v LLaMA-Factory's own progress bars are on stderr: no second progress line.
     loss_watch = LossWatch(run_dir, stage=stage)
-    trainer = (
-        "LLaMA-Factory"
-        if Stage(stage).facts.engine == Engine.LLAMAFACTORY
-        else "the GRPO process (TRL)"
-    )
+    engine = Stage(stage).facts.engine
     watch = (
         Monitor(loss_watch)
         if verbose
-        else Monitor(TrainProgress(run_dir, log_path, sys.stderr, trainer=trainer), loss_watch)
+        else Monitor(TrainProgress(run_dir, log_path, sys.stderr, trainer=engine.shown), loss_watch)
     )
     memory: dict[str, Any] = {}  # the launcher's peak of the whole process tree
     try:
@@ -995,14 +991,13 @@ def _launch(
     )
     if code != 0:
         surface_log(log_path, progress)
-        stopped = _stopped_reason(log_path) if trainer != "LLaMA-Factory" else None
+        stopped = _stopped_reason(log_path) if engine == Engine.TRL else None
         if stopped:  # the GRPO process said why (a reward that failed): the reason, recorded
             update_manifest(run_dir, reason=stopped)
         raise JobFailed(
             f"training stopped: {stopped}"
             if stopped
-            else f"{'llamafactory-cli train' if trainer == 'LLaMA-Factory' else trainer} exited "
-            f"with code {code}",
+            else f"{engine.program} exited with code {code}",
             f"read the log: {log_path}; {_resume_hint(run_dir)}",
             returncode=code,
         )
@@ -1019,7 +1014,9 @@ def _stopped_reason(log_path: Path) -> str | None:
     """The reason qwenft's own training process gave for stopping (its last `qwenft: ` line in the
     log: qwenft.rl.grpo), or None."""
     try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")[-64_000:]
+        with open(log_path, "rb") as fh:  # its end: the reason is the process's last words
+            fh.seek(max(0, fh.seek(0, 2) - 64_000))
+            text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return None
     found = [line.split("qwenft: ", 1)[1] for line in text.splitlines() if "qwenft: " in line]
