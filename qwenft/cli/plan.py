@@ -5,8 +5,10 @@ Mounted by qwenft/cli/__init__.py with `app.command("plan")(plan)`. Imports noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -100,7 +102,12 @@ def plan(
         )
 
     run = resolved(knobs)
-    sized = _data_length(run, data, stage) if data else None
+    sized = None
+    if data:
+        # measuring loads the tokenizer (and an image processor), whose imports print to stdout
+        # (DeepSpeed's accelerator line): keep stdout for the result (--json)
+        with contextlib.redirect_stdout(sys.stderr):
+            sized = _data_length(run, data, stage)
     if sized and sized["length"] < run.cutoff_len:
         run = resolved(KnobValues({**knobs, "cutoff_len": sized["length"]}))
     inp = run.plan_input(images=sized["images"] if sized else 0)  # carries the stage
