@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from qwenft.choices import DeepSpeed, Engine, Method, Stage
+from qwenft.data.images import DEFAULT_MAX_PIXELS
 from qwenft.errors import QwenftError
 from qwenft.models.coverage import (
     LORA_MODULES,
@@ -94,9 +95,6 @@ def has_reference_copy(stage: str, method: str) -> bool:
     """A frozen reference model in memory: dpo/kto with full or freeze fine-tuning. LoRA and QLoRA
     disable the adapter for the reference pass (no second copy); orpo/simpo have no reference."""
     return Stage(stage).facts.reference and Method(method).facts.own_weights
-
-
-IMAGE_MAX_PIXELS = 768 * 768  # LLaMA-Factory's image_max_pixels default (data.images has it too)
 
 
 @dataclass(frozen=True)
@@ -183,7 +181,7 @@ class PlanInput:
     # a vision-language model: images per sample (plan --data: the most in a row), each at most
     # image_pixels (image_max_pixels), and whether the vision tower trains (--train-vision)
     images: int = 0
-    image_pixels: int = IMAGE_MAX_PIXELS
+    image_pixels: int = DEFAULT_MAX_PIXELS  # LLaMA-Factory's image_max_pixels default
     train_vision: bool = False
 
 

@@ -215,7 +215,7 @@ class RunSettings:
             optimizer_rank=int(v.get(f"{optimizer}_rank") or LOW_RANK_DEFAULT),
             layerwise=bool(v.get(f"{optimizer}_layerwise")),
             images=images,
-            image_pixels=int(v.get("image_max_pixels") or memory.IMAGE_MAX_PIXELS),
+            image_pixels=int(v.get("image_max_pixels") or memory.DEFAULT_MAX_PIXELS),
             train_vision=v.get("freeze_vision_tower") is False,
         )
 
