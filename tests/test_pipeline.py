@@ -154,3 +154,23 @@ def test_worker_processes_answer_in_order_and_a_dead_one_is_an_error() -> None:
     assert list(parallel.run_parts(_twice, tasks, 2, _no_encoder)) == [2 * n for n in range(7)]
     with pytest.raises(QwenftError, match="worker process died"):
         list(parallel.run_parts(_exit, [(1,)] * 3, 2, _no_encoder))
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference", "kto", "pt"])
+def test_tokenized_columns_are_declared_as_datasets_declares_them(kind: str) -> None:
+    """qwenft writes the tokenized dataset's schema and dataset_info.json without importing
+    `datasets`: what `datasets` makes of the same features (read back from that schema) is the
+    same schema, metadata included, and the same info. The column types themselves are held equal
+    to LLaMA-Factory's saved datasets by test_tokenize.py."""
+    from dataclasses import asdict
+
+    from datasets import DatasetInfo, Features
+
+    from qwenft.data.prepare import _INFO, _features
+
+    ours = _features(kind)
+    theirs = Features.from_arrow_schema(ours.arrow_schema)
+    assert ours.arrow_schema.equals(theirs.arrow_schema, check_metadata=True)
+    assert list(theirs) == [name for name, _, _ in ours.columns]
+    info = json.loads(json.dumps(asdict(DatasetInfo(features=theirs))))
+    assert {**_INFO, "features": ours.to_dict()} == info
