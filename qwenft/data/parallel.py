@@ -31,10 +31,12 @@ from typing import Any
 from qwenft.errors import QwenftError
 
 # Below MIN_BYTES_FOR_WORKERS of data one process tokenizes, in-process: its Rust tokenizer already
-# runs on every core, and worker processes add about 1 s (their start: interpreter, imports,
-# tokenizer; the rows sent to them). Measured on 2 cores (the fewest that have workers, where they
-# gain least), 1 KB chat samples: in-process 4.5 s against 5.2 s with 2 workers at 31 MB, 8.5 s
-# against 8.8 s at 63 MB (load 1.3-2.4). Each worker gets at least MIN_BYTES_PER_WORKER.
+# runs on every core. Measured on 2 cores (the fewest that have workers, where they gain least),
+# 1 KB chat samples, in one process against 2 forked workers: 0.9 s against 0.9 s at 2 MB, 1.6 s
+# against 1.6 s at 8 MB, 2.5 s against 2.6 s at 16 MB, 4.6 s against 4.5 s at 32 MB (spawned
+# workers, before they were forked: 8.5 s in-process against 8.8 s with them at 63 MB). Workers
+# start to gain where the Python side (a fifth) is worth parallelising; each gets at least
+# MIN_BYTES_PER_WORKER.
 MIN_BYTES_FOR_WORKERS = 64_000_000
 MIN_BYTES_PER_WORKER = 1_000_000
 PART_ROWS = 20_000  # the most rows of a part: what one task holds in memory, one file it writes
