@@ -18,12 +18,13 @@ from tests.helpers.e2e import Qwenft, losses, manifest, serve_until_ready
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "yellow": (255, 255, 0)}
 QUESTION = "What colour is this picture?"
-# All 8 rows a step, LoRA rank 32 at lr 1e-3 (5e-3 is unstable on this model): by 200 steps the
-# loss has fallen from about 30 to about 0.1; the criterion (the last 3 logged losses under a
-# twentieth of the first) leaves a wide margin.
-STEPS = 200
+# All 8 rows a step, LoRA rank 32 at lr 2e-3 (5e-3 is unstable on this model): the loss every 10
+# steps, measured here: 26.6, 8.7, 5.8, 2.8, 0.65, 0.30, 0.15, 0.064, 0.034, 0.021 (at lr 1e-3
+# it took 200 steps to reach about 0.1); the criterion (the last 3 logged losses under a twentieth
+# of the first) leaves a margin of 20x.
+STEPS = 100
 TRAIN = (
-    f"--max-steps {STEPS} --lr 1e-3 --batch-size 8 --grad-accum 1 --lora-rank 32 "
+    f"--max-steps {STEPS} --lr 2e-3 --batch-size 8 --grad-accum 1 --lora-rank 32 "
     "--cutoff-len 128 --val-size 0 --set lora_alpha=64 --set lr_scheduler_type=constant "
     "--set warmup_ratio=0 --set logging_steps=10 --set save_steps=1000"
 ).split()
