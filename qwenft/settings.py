@@ -181,6 +181,7 @@ class RunSettings:
         """The memory-plan input for this run (qwenft.memory.PlanInput): the one way it is built.
         images: per sample, for a vision-language model (the most in a row of its data)."""
         from qwenft import memory
+        from qwenft.data.images import DEFAULT_MAX_PIXELS
 
         if self.model.arch is None:
             raise QwenftError(
@@ -215,7 +216,7 @@ class RunSettings:
             optimizer_rank=int(v.get(f"{optimizer}_rank") or LOW_RANK_DEFAULT),
             layerwise=bool(v.get(f"{optimizer}_layerwise")),
             images=images,
-            image_pixels=int(v.get("image_max_pixels") or memory.DEFAULT_MAX_PIXELS),
+            image_pixels=int(v.get("image_max_pixels") or DEFAULT_MAX_PIXELS),
             train_vision=v.get("freeze_vision_tower") is False,
         )
 

@@ -79,7 +79,7 @@ from qwenft.runs.manifest import (
     relocate_train_yaml,
     update_manifest,
 )
-from qwenft.runs.progress import Monitor, TrainProgress, surface_log
+from qwenft.runs.progress import Monitor, TrainProgress, read_end, surface_log
 from qwenft.runs.watch import LossWatch, training_summary
 from qwenft.settings import RunRequest
 
@@ -1014,9 +1014,7 @@ def _stopped_reason(log_path: Path) -> str | None:
     """The reason qwenft's own training process gave for stopping (its last `qwenft: ` line in the
     log: qwenft.rl.grpo), or None."""
     try:
-        with open(log_path, "rb") as fh:  # its end: the reason is the process's last words
-            fh.seek(max(0, fh.seek(0, 2) - 64_000))
-            text = fh.read().decode("utf-8", errors="replace")
+        text = read_end(log_path, 64_000)  # the reason is the process's last words
     except OSError:
         return None
     found = [line.split("qwenft: ", 1)[1] for line in text.splitlines() if "qwenft: " in line]

@@ -378,14 +378,17 @@ def log_tail(text: str, n: int = 5) -> list[str]:
     return [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines[-n:]]
 
 
+def read_end(path: Path, n_bytes: int) -> str:
+    """The text of a log's last n_bytes (what a failed process said last); OSError if unreadable."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, 2) - n_bytes))
+        return fh.read().decode("utf-8", errors="replace")
+
+
 def surface_log(log_path: Path, progress: Callable[[str], None], tail_bytes: int = 256_000) -> None:
     """After a failure: print what matters in the log (else its last lines), naming the log."""
     try:
-        with open(log_path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - tail_bytes))
-            text = fh.read().decode("utf-8", errors="replace")
+        text = read_end(log_path, tail_bytes)
     except OSError:
         return
     found = log_findings(text)
