@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenft.errors import QwenftError
-from qwenft.fsutil import atomic_write_json, file_lock, staged_dir, umask_mode
+from qwenft.fsutil import atomic_write_json, atomic_write_text, file_lock, staged_dir, umask_mode
 from qwenft.paths import qwenft_home
 from qwenft.proc import launcher
 
@@ -42,7 +42,8 @@ DASHSCOPE_MEMBER = "dashscope/resources/qwen.tiktoken"
 VOCAB_ENV = "QWENFT_QWEN_TIKTOKEN"
 
 # Bump when the built files change, so caches built by an older qwenft are rebuilt.
-BUILD_VERSION = 1
+# 2: tokenizer.json with its merges as "a b" strings, compact (_write_merges_as_strings).
+BUILD_VERSION = 2
 MARKER_NAME = ".qwenft-tiny.json"
 SEED = 1234
 # Embeddings of std 0.5: with the default 0.02 and tied embeddings, logits stay within about
@@ -589,10 +590,28 @@ def _build_into(out: Path, preset: str, vocab_file: Path) -> None:
             transformers.utils.logging.enable_progress_bar()
     tokenizer = build_tokenizer(vocab_file, spec["family"])
     tokenizer.save_pretrained(out)
+    _write_merges_as_strings(out / "tokenizer.json")
     if "preprocessor" in spec:  # written as Qwen publishes it: no torchvision needed to build
         atomic_write_json(out / "preprocessor_config.json", spec["preprocessor"])
     if not (out / "model.safetensors").is_file():
         raise RuntimeError(f"save_pretrained wrote no model.safetensors in {out}")
+
+
+def _write_merges_as_strings(path: Path) -> None:
+    """Rewrites tokenizer.json with its merges as "a b" strings, as Qwen publishes its own, and
+    without indentation. transformers 5 writes each merge as a pair, and the tokenizer.json of the
+    Qwen vocabulary's 294,166 merges becomes 17.5 MB that Python's json parses in 0.29 s, where
+    this form (5.7 MB) takes 0.10 s: every LLaMA-Factory launch parses it six times (transformers
+    loads the tokenizer, then the processor). The tokenizer is the same: byte-level BPE tokens
+    hold no space (a space is "Ġ"), so each string splits back into its pair."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data["model"]["merges"]
+    if any(" " in a or " " in b for a, b in merges):
+        raise RuntimeError(f"a merge of {path} holds a space: it cannot be written as a string")
+    data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
 
 def ensure_tiny_model(
