@@ -238,6 +238,10 @@ def test_configs(qwen2_dir: Path, qwen3_dir: Path):
     assert (qwen2_dir / "tokenizer.json").read_bytes() == (
         qwen3_dir / "tokenizer.json"
     ).read_bytes()
+    # the merges as Qwen writes them (the form Python parses three times faster), all of them
+    merges = json.loads((qwen2_dir / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges[0] == "Ġ Ġ" and len(merges) == 294_166
+    assert (qwen2_dir / "tokenizer.json").stat().st_size < 8_000_000
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3"])
