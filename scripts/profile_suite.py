@@ -58,24 +58,31 @@ def sample(procs: dict[str, dict], ready: threading.Event, stop: threading.Event
 
 
 def kind(args: str) -> str:
-    """What a process is, from its command line."""
+    """What a process is, from its command line (test folders' paths hold "pytest": the more
+    telling names are looked for first)."""
     if "llamafactory-cli" in args or "llamafactory.cli" in args:
         found = re.search(r"llamafactory(?:-cli|\.cli) (\w+)", args)
         return f"LLaMA-Factory {found.group(1) if found else '?'}"
+    if "llamafactory/launcher.py" in args:
+        return "LLaMA-Factory train (a torchrun worker)"
     if found := re.search(r"-m qwenft(?:\.[\w.]+)? ?(\w*)", args):
         return f"qwenft {found.group(1) or '(module)'}"
     if "exec(eval(sys.stdin.readline()))" in args:
         return "pytest-xdist worker (in-process tests)"
     if "torchrun" in args or "torch.distributed.run" in args:
         return "torchrun"
-    if "pytest" in args:
-        return "pytest"
-    if " pip " in args or args.startswith("pip"):
+    if "ray/" in args:
+        return "Ray"
+    if "-m pip " in args or "pip-runner" in args or args.startswith("pip"):
         return "pip"
+    if "convert_hf_to_gguf" in args or "llama" in args.split(" ", 1)[0]:
+        return "llama.cpp"
     if "cc1plus" in args or "ninja" in args:
         return "C++ compiler (torch extensions)"
-    if "llama" in args or "gguf" in args:
-        return "llama.cpp"
+    if "-m pytest" in args:
+        return "pytest"
+    if "python" in args.split(" ", 1)[0]:
+        return "python, other"
     return "other"
 
 

@@ -261,8 +261,9 @@ def vocab_file() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_home(tmp_path_factory: pytest.TempPathFactory, vocab_file: Path) -> Path:
-    """The session's vocab and tiny models (built on first use, by whichever test needs one,
-    under models.tiny's own lock)."""
+    """The session's vocab, tiny models (built on first use, by whichever test needs one, under
+    models.tiny's own lock) and llama.cpp's converter (fetched by the first GGUF export: a
+    76.6 MB download and pip's metadata build of it, once instead of once per test)."""
     home = session_dir(tmp_path_factory, "qwenft-home")
 
     def make() -> None:
@@ -271,13 +272,14 @@ def shared_home(tmp_path_factory: pytest.TempPathFactory, vocab_file: Path) -> P
         if not link.is_symlink():
             link.symlink_to(vocab_file)
         (home / "models").mkdir(exist_ok=True)
+        (home / "llama.cpp").mkdir(exist_ok=True)
 
     made_once(home, "home", make)
     return home
 
 
 def _link_models(home: Path, shared_home: Path) -> Path:
-    for name in ("vocab", "models"):
+    for name in ("vocab", "models", "llama.cpp"):
         link = home / name
         if not link.exists():
             link.symlink_to(shared_home / name)
@@ -286,7 +288,8 @@ def _link_models(home: Path, shared_home: Path) -> Path:
 
 @pytest.fixture
 def tiny_home(shared_home: Path, isolated: Path) -> Path:
-    """This test's home, with the session's vocab and tiny models linked in (built on first use)."""
+    """This test's home, with the session's vocab, tiny models and llama.cpp converter linked in
+    (each made on first use)."""
     return _link_models(isolated, shared_home)
 
 
