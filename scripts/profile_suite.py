@@ -107,8 +107,9 @@ def main() -> int:
     seconds: Counter[str] = Counter()
     count: Counter[str] = Counter()
     for proc in procs.values():
-        seconds[kind(proc["args"])] += proc["ticks"] / HZ
-        count[kind(proc["args"])] += 1
+        name = kind(proc["args"])
+        seconds[name] += proc["ticks"] / HZ
+        count[name] += 1
     print(f"\n{' '.join(args.command)}: exit {code}, {wall:.0f} s, cores busy {busy:.0%}")
     print(f"{'CPU-s':>8} {'share':>6} {'procs':>6}  kind")
     for name, secs in seconds.most_common():
