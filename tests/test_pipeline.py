@@ -116,6 +116,32 @@ def test_token_stats_json_round_trip() -> None:
     assert "splits" not in as_json and as_json["length"]["max"] == 12
 
 
+def test_a_checked_jsonl_is_read_unparsed_into_the_same_batches(tmp_path: Path) -> None:
+    """data check --model measures a file that has just passed the check: its .jsonl rows go to
+    the workers as read (reader.jsonl_payloads), the same batches and counts as checking each row
+    again would give (a byte-order mark, blank and padded lines, CRLF endings)."""
+    from qwenft.data.tokens import checked_batches
+
+    rows = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": r, "content": "a"}]}
+        )
+        for i, r in enumerate(["assistant"] * 6)
+    ]
+    text = (
+        "\ufeff" + rows[0] + "\r\n\n  " + "\n".join(rows[1:4]) + "  \r\n\n\n" + "\n".join(rows[4:])
+    )
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(text.encode("utf-8"))
+    read: dict[str, int] = {}
+    checked: dict[str, int] = {}
+    again = list(checked_batches(path, "sft", 4, read))
+    fast = list(checked_batches(path, "sft", 4, checked, checked=True))
+    assert fast == again and read == checked == {"rows": 6, "skipped": 0}
+    assert [lines for lines, _ in fast] == [[1, 3, 4, 5], [8, 9]]
+    assert fast[0][1][0] == rows[0].encode()  # the mark and the line endings are not the row's
+
+
 def _twice(encoder: None, n: int) -> int:
     return 2 * n
 

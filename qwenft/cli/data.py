@@ -59,10 +59,10 @@ def _token_stats(
     kind: str = "sft",
     images: bool = False,
 ) -> tuple[TokenStats, ImageMeasure | None, str]:
-    """Token statistics under the settings `qwenft train` would use for this model and data (one
-    resolver: the recipe's cutoff_len, the family's system prompt, the thinking rule; the first
-    stage that trains on the data's kind, so pt's packing too), measured with the encoder train
-    builds (pipeline.DataSpec). With images: their tokens with the model's image processor and the
+    """Token statistics of a data file that has passed the check as `kind`, under the settings
+    `qwenft train` would use for this model and data (one resolver: the recipe's cutoff_len, the
+    family's system prompt, the thinking rule; the first stage that trains on the data's kind, so
+    pt's packing too), measured with the encoder train builds (pipeline.DataSpec). With images: their tokens with the model's image processor and the
     samples cutoff_len cuts inside them (pipeline.measure_images), and a note when the model has no
     image processor."""
     from qwenft import settings
@@ -83,7 +83,8 @@ def _token_stats(
     target = base_target(run.model)
     target.ensure_built(progress=err)
     data_spec = DataSpec.from_settings(run, kind=kind)
-    stats = file_stats(data, data_spec, target.model_path, model=spec)
+    # data check measures a file that has just passed the check (_check_one)
+    stats = file_stats(data, data_spec, target.model_path, model=spec, checked=True)
     if not images:
         return stats, None, ""
     measured = measure_images(data, data_spec, target.model_path)

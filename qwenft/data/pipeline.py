@@ -440,6 +440,7 @@ def file_stats(
     model: str | None = None,
     max_lines: int | None = 1000,
     encoder: LlamaFactoryEncoder | None = None,
+    checked: bool = False,
 ) -> TokenStats:
     """Token statistics of a data file under a spec, with the model's tokenizer (model: how the
     record names it, by default model_dir). Rows are checked as the spec's kind: those with check
@@ -447,7 +448,8 @@ def file_stats(
     are listed by line: the first max_lines (None: all).
 
     Measured on every core the spec's num_workers allows (qwenft.data.parallel, as qwenft writes
-    the tokenized data), or in this process with encoder, a loaded one of this spec."""
+    the tokenized data), or in this process with encoder, a loaded one of this spec. checked: the
+    file has just passed the check as the spec's kind (tokens.checked_batches)."""
     path = Path(path)
     counts: dict[str, int] = {}
     if encoder is None:
@@ -456,7 +458,7 @@ def file_stats(
     else:
         workers, build = 1, functools.partial(_given, encoder)
     measured = measure(
-        iter_token_sides(path, spec.kind, build, counts=counts, workers=workers),
+        iter_token_sides(path, spec.kind, build, counts=counts, workers=workers, checked=checked),
         cutoff_len=spec.seq_cutoff_len,
         kind=spec.kind,
         max_lines=max_lines,

@@ -150,6 +150,18 @@ def iter_rows(fh: IO[bytes], mode: str, col: Collector) -> Iterator[tuple[int, A
         yield from _iter_jsonl(fh, col)
 
 
+def jsonl_payloads(fh: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line, the row's JSON bytes) of each non-blank line of a .jsonl that has passed the check:
+    what iter_rows gives as its raw bytes, without decoding or parsing them (the reader of
+    tokenizing, whose workers parse the rows)."""
+    for lineno, raw in enumerate(fh, 1):
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[3:]
+        raw = raw.strip()
+        if raw:
+            yield lineno, raw
+
+
 def _iter_jsonl(fh: IO[bytes], col: Collector) -> Iterator[tuple[int, Any, bytes]]:
     readline = fh.readline
     lineno = 0

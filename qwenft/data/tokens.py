@@ -40,7 +40,7 @@ from qwenft.data import parallel
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
 from qwenft.data.images import ImageTokens
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, RowRules
-from qwenft.data.reader import BAD, Collector, iter_rows, open_data_file
+from qwenft.data.reader import BAD, Collector, iter_rows, jsonl_payloads, open_data_file
 from qwenft.errors import QwenftError
 
 LLAMAFACTORY_TESTED = ("0.9.5",)  # the versions whose preprocessing this module reproduces
@@ -889,24 +889,29 @@ def measure_part(
 
 
 def checked_batches(
-    path: Path, kind: str, batch_size: int = 1024, counts: dict[str, int] | None = None
+    path: Path,
+    kind: str,
+    batch_size: int = 1024,
+    counts: dict[str, int] | None = None,
+    *,
+    checked: bool = False,
 ) -> Iterator[Batch]:
     """Batches of the valid rows of a data file, checked as `kind` (rows of another kind are
     skipped), as (lines, one-line JSON bytes). counts, if given, receives "rows" (rows read) and
-    "skipped" (rows with check errors)."""
+    "skipped" (rows with check errors).
+
+    checked: the file has just passed the check as `kind` (every row valid): a .jsonl's rows are
+    then passed on unparsed (jsonl_payloads), as qwenft.data.prepare reads them; parsing and
+    checking each row again here was most of this process's serial work."""
     counts = counts if counts is not None else {}
     counts.update(rows=0, skipped=0)
     path, fh, mode = open_data_file(path)
-    col = Collector()
-    checker = RowRules(col, kind, mode)
     lines: list[int] = []
     raws: list[bytes] = []
     with fh:
-        for line, value, raw in iter_rows(fh, mode, col):
+        rows = jsonl_payloads(fh) if checked and mode == "jsonl" else _valid(fh, mode, kind, counts)
+        for line, raw in rows:
             counts["rows"] += 1
-            if value is BAD or not checker.check(value, line, raw):
-                counts["skipped"] += 1
-                continue
             lines.append(line)
             raws.append(raw)
             if len(lines) >= batch_size:
@@ -916,6 +921,19 @@ def checked_batches(
         yield lines, raws
 
 
+def _valid(fh: Any, mode: str, kind: str, counts: dict[str, int]) -> Iterator[tuple[int, bytes]]:
+    """(line, JSON bytes) of each row that passes the check as `kind`; the others counted in
+    counts["rows"] and counts["skipped"]."""
+    col = Collector()
+    checker = RowRules(col, kind, mode)
+    for line, value, raw in iter_rows(fh, mode, col):
+        if value is BAD or not checker.check(value, line, raw):
+            counts["rows"] += 1
+            counts["skipped"] += 1
+            continue
+        yield line, raw
+
+
 def iter_token_sides(
     path: Path,
     kind: str,
@@ -923,17 +941,19 @@ def iter_token_sides(
     batch_size: int = 1024,
     counts: dict[str, int] | None = None,
     workers: int = 1,
+    *,
+    checked: bool = False,
 ) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
     """(line, sides) for each valid sample in file order, a side being side_counts() of one
     sequence LLaMA-Factory trains on (a pair has two: chosen, rejected), measured by the encoder
     build() makes, in `workers` processes (qwenft.data.parallel.run_parts: parts of about
-    PART_ROWS rows). counts: as checked_batches, and "dropped" (rows LLaMA-Factory's processor
-    would drop), complete once the iterator is."""
+    PART_ROWS rows). counts and checked: as checked_batches; counts also gets "dropped" (rows
+    LLaMA-Factory's processor would drop), complete once the iterator is."""
     counts = counts if counts is not None else {}
 
     def parts() -> Iterator[tuple[list[Batch]]]:
         part: list[Batch] = []
-        for batch in checked_batches(path, kind, batch_size, counts):
+        for batch in checked_batches(path, kind, batch_size, counts, checked=checked):
             part.append(batch)
             if len(part) * batch_size >= parallel.PART_ROWS:
                 yield (part,)
