@@ -85,6 +85,14 @@ PY
 install_extras() {
   local name
   for name in $EXTRAS; do install_extra "$name"; done
+  compile_sources
+}
+# qwenft is installed editable: its modules are compiled when first imported, and where
+# PYTHONDONTWRITEBYTECODE is set (as on this project's CI machines) in every process, about
+# 0.15 CPU-seconds each. Compiled here once (up-to-date files are skipped; a stale .pyc is
+# ignored by Python, never used).
+compile_sources() {
+  "$VENV/bin/python" -m compileall -q qwenft >/dev/null
 }
 
 stamp_want="$MODE $(cat requirements/cpu.lock pyproject.toml | sha256sum | cut -c1-16)"
