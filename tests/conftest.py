@@ -398,15 +398,16 @@ def quick_runs(e2e_home: Qwenft, lora_run: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def merged_lora(e2e_home: Qwenft, lora_run: Path) -> Path:
-    """A copy of `lora_run` merged once (`qwenft merge --verify`; what it printed on stderr is in
-    `merge.stderr` beside the folder): the merge and chat test reads it, the DPO test starts from
-    it, the GGUF export test exports a copy of it."""
+    """A copy of `lora_run` merged once (`qwenft merge --verify`; what it printed is in
+    `merge.stdout` and `merge.stderr` beside the folder): the merge and chat test and the quiet
+    terminal test read it, the DPO test starts from it, the GGUF export test exports a copy."""
     run = e2e_home.cwd / "runs" / "lora-merged"
 
     def make() -> None:
         shutil.rmtree(run, ignore_errors=True)  # a merge that failed earlier in the session
         copy_run(lora_run, run)
         out = e2e_home("merge", run, "--verify")
+        (run.parent / "merge.stdout").write_text(out.stdout, encoding="utf-8")
         (run.parent / "merge.stderr").write_text(out.stderr, encoding="utf-8")
 
     made_once(e2e_home.cwd.parent, "merged_lora", make)

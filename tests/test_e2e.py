@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 from tests.helpers.builders import QA, chat_rows, write_jsonl
-from tests.helpers.e2e import LEARN_STEPS, QUICK, Qwenft, copy_run, losses, manifest
+from tests.helpers.e2e import (
+    LEARN_STEPS,
+    QUICK,
+    Qwenft,
+    assert_quiet,
+    copy_run,
+    losses,
+    manifest,
+)
 from tests.helpers.learning import LM, assert_learned, trained_rows
 
 
@@ -54,8 +62,9 @@ def test_trained_lora_merges_then_chats(
     rows = trained_rows(run, chat_file, tmp_path / "lf")
     for lm in (LM.of_run(run), LM.of_run(run, merged=False)):
         assert_learned(lm, rows)
-    # `qwenft chat` answers with the merged model and with base + adapter (unmerged): the same
-    # greedy answer, which stops before the token limit
+    # `qwenft chat` answers with the merged model and with base + adapter (unmerged, peft): the
+    # same greedy answer, which stops before the token limit; the terminal shows qwenft's lines
+    # only, nothing of what loading the models prints (issue 23; test_quiet.py)
     question = QA[0][0]
     out = qwenft("chat", run, "--prompt", question, "--max-new-tokens", "30")
     said = out.stdout.strip()
@@ -64,6 +73,8 @@ def test_trained_lora_merges_then_chats(
         "chat", "tiny-qwen2", "--adapter", run, "--prompt", question, "--max-new-tokens", "30"
     )
     assert out2.stdout.strip() == said
+    for what, printed in (("chat RUN", out), ("chat --adapter", out2)):
+        assert_quiet(printed.stdout + printed.stderr, what)
 
 
 def test_qlora_4bit_trains_then_merges(

@@ -56,6 +56,26 @@ SHORT = (
 ).split()
 
 
+# What must stay off a qwenft command's terminal while it loads models in its own process (issue
+# 23, part 4; tests/test_quiet.py): transformers' weight-loading bar (any tqdm bar: "%|"), its
+# advisory warnings, DeepSpeed's accelerator notice, bitsandbytes' kernel notice.
+NOISE = (
+    "Loading weights",
+    "%|",
+    "it/s]",
+    "Setting accelerator",
+    "The attention mask is not set",
+    "[transformers]",
+    "gemm_4bit_forward",
+    "Warning:",
+)
+
+
+def assert_quiet(output: str, what: str) -> None:
+    found = [n for n in NOISE if n in output]
+    assert not found, f"{what} printed {found}:\n{output[-3000:]}"
+
+
 class Qwenft:
     """Runs `python -m qwenft ARGS` in a child with the real llamafactory-cli (no stand-in).
 
