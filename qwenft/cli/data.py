@@ -62,9 +62,9 @@ def _token_stats(
     """Token statistics of a data file that has passed the check as `kind`, under the settings
     `qwenft train` would use for this model and data (one resolver: the recipe's cutoff_len, the
     family's system prompt, the thinking rule; the first stage that trains on the data's kind, so
-    pt's packing too), measured with the encoder train builds (pipeline.DataSpec). With images: their tokens with the model's image processor and the
-    samples cutoff_len cuts inside them (pipeline.measure_images), and a note when the model has no
-    image processor."""
+    pt's packing too), measured with the encoder train builds (pipeline.DataSpec). With images:
+    their tokens with the model's image processor and the samples cutoff_len cuts inside them
+    (pipeline.measure_images), and a note when the model has no image processor."""
     from qwenft import settings
     from qwenft.choices import stages_for
     from qwenft.data.pipeline import DataSpec, file_stats, measure_images
