@@ -124,9 +124,14 @@ def test_a_checked_jsonl_is_read_unparsed_into_the_same_batches(tmp_path: Path) 
 
     rows = [
         json.dumps(
-            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": r, "content": "a"}]}
+            {
+                "messages": [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
         )
-        for i, r in enumerate(["assistant"] * 6)
+        for i in range(6)
     ]
     text = (
         "\ufeff" + rows[0] + "\r\n\n  " + "\n".join(rows[1:4]) + "  \r\n\n\n" + "\n".join(rows[4:])
