@@ -52,6 +52,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def one_thread() -> bool:
+    """Whether the Rust tokenizer runs on one thread here: in a worker (_start), in a process
+    allowed one core, or with the tokenizers library's parallelism turned off."""
+    if os.environ.get("RAYON_NUM_THREADS") == "1" or cores() == 1:
+        return True
+    switch = os.environ.get("TOKENIZERS_PARALLELISM")  # the library's own reading of it
+    return switch is not None and switch.lower() in ("", "off", "false", "f", "no", "n", "0")
+
+
 def worker_count(requested: int | None, data_bytes: int) -> int:
     """Worker processes for data_bytes of data: the requested number (preprocessing_num_workers),
     at most the cores and one per MIN_BYTES_PER_WORKER; 1 (in-process) below
