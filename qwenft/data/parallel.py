@@ -1,5 +1,5 @@
 """Tokenizing on every core: the work cut into parts, each tokenized by a worker process with its
-own tokenizer (the Python side of tokenizing, a fifth of its time, runs on one core per process).
+own tokenizer on one core (for a Qwen tokenizer, the piece encoder: qwenft.data.piece_bpe).
 
 A part is a run of whole batches (LLaMA-Factory's map batches when qwenft writes the tokenized
 dataset, qwenft.data.prepare): KTO's KL pairs and pt's packed blocks depend only on the batches,
@@ -7,12 +7,13 @@ so any number of workers gives the same rows. Results come back in the parts' or
 
 How many workers: the run's `preprocessing_num_workers` (the recipe's, or `--data-workers`), at
 most the cores this process may run on; below MIN_BYTES_FOR_WORKERS of data, where workers cost
-more than they save, one process tokenizes in-process as before (with the Rust tokenizer's
-threads). This process builds the encoder once and the workers are forked from it, so they
-share its tokenizer instead of each starting an interpreter and loading one (about 2 CPU-seconds
-a worker). A fork is safe here: the tokenizers library turns its thread pool off in a child forked
-after the pool ran (its own at-fork handler), a worker that never saw it runs it on one thread
-(RAYON_NUM_THREADS), and a worker touches nothing but the encoder and its own output file. Where
+more than they save, one process tokenizes in-process (with the Rust tokenizer's threads). This
+process builds the encoder (and reads the rows) once and the workers are forked from it, so they
+share its tokenizer and rows instead of each starting an interpreter and loading one (about 2
+CPU-seconds a worker). A fork is safe here: the tokenizers library turns its thread pool off in a
+child forked after the pool ran (its own at-fork handler), a worker that never saw it runs it on
+one thread (RAYON_NUM_THREADS), and a worker touches nothing but the encoder and its own output
+file. Where
 fork does not exist, workers are spawned and build their own. The workers are children of this
 process, which waits for them: their CPU time is its children's.
 """
@@ -30,14 +31,14 @@ from typing import Any
 
 from qwenft.errors import QwenftError
 
-# Below MIN_BYTES_FOR_WORKERS of data one process tokenizes, in-process: its Rust tokenizer already
-# runs on every core. Measured on 2 cores (the fewest that have workers, where they gain least),
-# 1 KB chat samples, in one process against 2 forked workers: 0.9 s against 0.9 s at 2 MB, 1.6 s
-# against 1.6 s at 8 MB, 2.5 s against 2.6 s at 16 MB, 4.6 s against 4.5 s at 32 MB (spawned
-# workers, before they were forked: 8.5 s in-process against 8.8 s with them at 63 MB). Workers
-# start to gain where the Python side (a fifth) is worth parallelising; each gets at least
+# Below MIN_BYTES_FOR_WORKERS of data one process tokenizes, in-process, with the Rust tokenizer's
+# threads on every core. Workers, each a core, encode with the piece encoder (qwenft.data.piece_bpe,
+# for a Qwen tokenizer), which needs less than half the CPU. Measured on 2 cores (the fewest that
+# have workers, where they gain least), 1 KB chat samples, one process against 2 forked workers,
+# best of 3: 0.93 s against 0.86 s at 2 MB, 1.15 against 0.97 at 4 MB, 1.62 against 1.24 at 8 MB,
+# 2.53 against 1.61 at 16 MB, 4.53 against 2.49 at 32 MB. Each worker gets at least
 # MIN_BYTES_PER_WORKER.
-MIN_BYTES_FOR_WORKERS = 64_000_000
+MIN_BYTES_FOR_WORKERS = 2_000_000
 MIN_BYTES_PER_WORKER = 1_000_000
 PART_ROWS = 20_000  # the most rows of a part: what one task holds in memory, one file it writes
 
@@ -111,9 +112,11 @@ def run_parts(
     workers: int,
     build: Callable[[], Any],
 ) -> Iterator[Any]:
-    """fn(encoder, *task) of each task, in the tasks' order. With workers > 1 in that many worker
-    processes, each with the encoder build() makes (fn and build must pickle: module functions,
-    a DataSpec's bound `encoder` in a functools.partial); else in this process, with one.
+    """fn(made, *task) of each task, in the tasks' order, where made is what build() makes: an
+    encoder, or an encoder with the rows the tasks name (qwenft.data.prepare). With workers > 1 in
+    that many worker processes (fn and build must pickle: module functions, a DataSpec's bound
+    `encoder` in a functools.partial), each with what build() made in this process before they
+    were forked, or (spawned) its own; else in this process, with one.
 
     At most two tasks per worker are queued ahead. If a task fails, or the caller stops early,
     the queued tasks are cancelled and the running ones finished before this returns or raises:

@@ -54,7 +54,7 @@ from qwenft.data import cache, parallel
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT
 from qwenft.data.pipeline import DataFiles, DataSpec, TokenStats, file_stats, measure
 from qwenft.data.reader import BAD, Collector, iter_rows, jsonl_payloads, open_data_file
-from qwenft.data.tokens import Batch, LlamaFactoryEncoder, measure_part
+from qwenft.data.tokens import LlamaFactoryEncoder, measure_part
 from qwenft.errors import QwenftError
 from qwenft.fsutil import atomic_write_json, staged_dir
 
@@ -307,14 +307,34 @@ class _PartWriter:
         self.sink.close()
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """What a part's worker works with: its encoder and every row with its line. Forked workers
+    share the rows with this process, so a task names its rows instead of carrying them (sending
+    them was a third of this process's work while the workers tokenized)."""
+
+    encoder: LlamaFactoryEncoder
+    rows: list[Any]
+    lines: list[int]
+
+
+def _with_rows(
+    build: Callable[[], LlamaFactoryEncoder], rows: list[Any], lines: list[int]
+) -> _Rows:
+    return _Rows(build(), rows, lines)
+
+
 def _write_part(
-    encoder: LlamaFactoryEncoder, batches: list[Batch], path: Path
+    context: _Rows, part: list[list[int]], path: Path
 ) -> tuple[list[tuple[int, list[tuple[int, int, int]]]], int]:
-    """One part of a split, tokenized (in a worker process, or in this one) and written at path:
-    (tokens.measure_part's (line, sides) of its samples, rows written)."""
-    writer = _PartWriter(path, _features(encoder.kind))
+    """One part of a split (its batches, as row indices), tokenized (in a worker process, or in
+    this one) and written at path: (tokens.measure_part's (line, sides) of its samples, rows
+    written)."""
+    rows, lines = context.rows, context.lines
+    batches = [([lines[i] for i in batch], [rows[i] for i in batch]) for batch in part]
+    writer = _PartWriter(path, _features(context.encoder.kind))
     try:
-        measured = measure_part(encoder, batches, writer.write)
+        measured = measure_part(context.encoder, batches, writer.write)
     finally:
         writer.close()
     return measured, writer.rows
@@ -375,7 +395,7 @@ def write_tokenized(
     try:
         with staged_dir(out_dir, hint="a tokenized dataset is never overwritten") as staging:
 
-            def tasks() -> Iterator[tuple[list[Batch], Path]]:
+            def tasks() -> Iterator[tuple[list[list[int]], Path]]:
                 for name, order in splits.items():
                     (staging / name).mkdir()
                     batches = [
@@ -386,9 +406,11 @@ def write_tokenized(
                     for k, part in enumerate(cut):  # the shards save_to_disk would name
                         path = staging / name / f"data-{k:05d}-of-{len(cut):05d}.arrow"
                         parts.append((name, path, sum(map(len, part))))
-                        yield [([lines[i] for i in p], [rows[i] for i in p]) for p in part], path
+                        yield part, path
 
-            build = functools.partial(spec.encoder, str(model_dir))
+            build = functools.partial(
+                _with_rows, functools.partial(spec.encoder, str(model_dir)), rows, lines
+            )
             results = parallel.run_parts(_write_part, tasks(), workers, build)
             for k, (part, rows_written) in enumerate(results):  # parts[k]: made as k was sent
                 name, path, size = parts[k]
