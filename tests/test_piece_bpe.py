@@ -34,7 +34,7 @@ def test_both_regex_engines_split_alike_every_character_the_encoder_takes() -> N
 
     rust = Split(Regex(piece_bpe.QWEN_SPLIT), behavior="isolated", invert=False)
     findall = regex.compile(piece_bpe.QWEN_SPLIT).findall
-    unknown = piece_bpe._unknown_to_either().search
+    unknown = piece_bpe.unknown_to_either().search
     taken = [chr(c) for c in range(0x10000) if c < 0x80 or unknown(chr(c)) is None]
     assert len(taken) > 40_000  # CJK included
     differ = []
@@ -47,11 +47,9 @@ def test_both_regex_engines_split_alike_every_character_the_encoder_takes() -> N
 
 
 def test_the_encoder_refuses_what_it_cannot_prove() -> None:
-    assert (
-        piece_bpe._unknown_to_either().search("plain ascii, 北京 数据 café Ελληνικά 모델") is None
-    )
+    assert piece_bpe.unknown_to_either().search("plain ascii, 北京 数据 café Ελληνικά 모델") is None
     for text in ("emoji 😀", "\u0378 unassigned", "rupee \u20b9 (Unicode 6.0)", "tag \U000e0001"):
-        assert piece_bpe._unknown_to_either().search(text) is not None, text
+        assert piece_bpe.unknown_to_either().search(text) is not None, text
 
 
 def test_one_thread_is_where_the_rust_tokenizer_has_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,14 +68,13 @@ def _byte_chars() -> dict[int, str]:
 
 
 @functools.cache
-def _unknown_to_either() -> re.Pattern:
-    """Matches a character outside ASCII that is not a BMP character assigned both in Unicode 3.2
-    and in this Python's data."""
-    old, now = unicodedata.ucd_3_2_0, unicodedata
+def unassigned(*databases: Any) -> re.Pattern:
+    """Matches a character that one of these Unicode databases (`unicodedata`, its `ucd_3_2_0`)
+    does not know (an unassigned BMP code point, a surrogate), or any character beyond the BMP."""
     ranges: list[list[int]] = []
-    for cp in range(0x80, 0x10000):
+    for cp in range(0x80, 0x10000):  # ASCII is assigned in every version
         c = chr(cp)
-        if old.category(c) in ("Cn", "Cs") or now.category(c) in ("Cn", "Cs"):
+        if any(db.category(c) in ("Cn", "Cs") for db in databases):
             if ranges and ranges[-1][1] == cp - 1:
                 ranges[-1][1] = cp
             else:
@@ -84,6 +83,12 @@ def _unknown_to_either() -> re.Pattern:
     return re.compile(
         "[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]"
     )
+
+
+def unknown_to_either() -> re.Pattern:
+    """Matches a character that is not ASCII nor a BMP character assigned both in Unicode 3.2 and
+    in this Python's data: what both regex engines may class differently."""
+    return unassigned(unicodedata.ucd_3_2_0, unicodedata)
 
 
 class PieceEncoder:
@@ -99,7 +104,7 @@ class PieceEncoder:
         # tokenizer's leftmost-longest matching finds it
         longest_first = sorted(added, key=len, reverse=True)
         self._split_added = re.compile(f"({'|'.join(map(re.escape, longest_first))})").split
-        self._unknown = _unknown_to_either().search
+        self._unknown = unknown_to_either().search
         self._pieces: dict[str, list[int]] = {}
 
     @classmethod

@@ -23,10 +23,8 @@ match (qwenft.data.pipeline.not_reproduced: LLaMA-Factory then tokenizes the dat
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import sys
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +38,7 @@ from qwenft.data import parallel
 from qwenft.data.check import ASSISTANT, FUNCTION_CALL, SYSTEM, TOOL, USER
 from qwenft.data.images import ImageTokens
 from qwenft.data.kinds import KTO, PREFERENCE, PT, SFT, RowRules
-from qwenft.data.piece_bpe import PieceEncoder
+from qwenft.data.piece_bpe import PieceEncoder, unassigned
 from qwenft.data.reader import BAD, Collector, iter_rows, jsonl_payloads, open_data_file
 from qwenft.errors import QwenftError
 
@@ -201,23 +199,6 @@ def _transformers_tokenizer(model: str) -> Any:
     return backend
 
 
-@functools.cache
-def _unassigned_bmp() -> re.Pattern:
-    """Matches a character this Python's Unicode data does not know (an unassigned BMP code point,
-    a surrogate) or any character beyond the BMP."""
-    ranges: list[list[int]] = []
-    for cp in range(0x10000):
-        if unicodedata.category(chr(cp)) in ("Cn", "Cs"):
-            if ranges and ranges[-1][1] == cp - 1:
-                ranges[-1][1] = cp
-            else:
-                ranges.append([cp, cp])
-    ranges.append([0x10000, sys.maxunicode])
-    return re.compile(
-        "[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]"
-    )
-
-
 class NfcStable:
     """Tells the texts NFC leaves as they are, whatever Unicode version the Rust tokenizer's
     normalizer knows, so that they can skip it (an eighth of the tokenizer's time on chat text).
@@ -228,7 +209,7 @@ class NfcStable:
     the segments between added tokens the tokenizer normalizes one by one."""
 
     def __init__(self) -> None:
-        self._unknown = _unassigned_bmp().search
+        self._unknown = unassigned(unicodedata).search
 
     def __call__(self, text: str) -> bool:
         return text.isascii() or (
