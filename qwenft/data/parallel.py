@@ -13,9 +13,8 @@ share its tokenizer and rows instead of each starting an interpreter and loading
 CPU-seconds a worker). A fork is safe here: the tokenizers library turns its thread pool off in a
 child forked after the pool ran (its own at-fork handler), a worker that never saw it runs it on
 one thread (RAYON_NUM_THREADS), and a worker touches nothing but the encoder and its own output
-file. Where
-fork does not exist, workers are spawned and build their own. The workers are children of this
-process, which waits for them: their CPU time is its children's.
+file. Where fork does not exist, workers are spawned and build their own. The workers are
+children of this process, which waits for them: their CPU time is its children's.
 """
 
 from __future__ import annotations

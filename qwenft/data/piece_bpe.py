@@ -20,10 +20,10 @@ The ids are the Rust tokenizer's, by construction, for the texts `takes` accepts
   (leftmost-longest; none strips spaces or needs a whole word, as in every Qwen tokenizer), and
   the text between them encoded piece by piece;
 - NFC leaves it as it is (the encoder's NfcStable; the normalizer is then a no-op);
-- every character is one both regex engines classify alike: ASCII, or a BMP character assigned in
-  Unicode 3.2 and in this Python's data. Where the Rust regex (Oniguruma) and `regex` differ, it is
-  over characters one of them does not know yet (tests/test_piece_bpe.py compares the two splits
-  in 18 contexts for every code point);
+- every character is one both regex engines class alike: ASCII, or a BMP character assigned in
+  Unicode 3.2 and in this Python's data. Run over every code point in 18 contexts, the Rust regex
+  (Oniguruma) and `regex` split differently only around characters one of them does not know yet
+  (docs/data.md); tests/test_piece_bpe.py runs both over every character taken;
 - each piece then goes through the BPE model alone, as the Rust tokenizer hands it each piece.
 """
 
@@ -123,7 +123,7 @@ class PieceEncoder:
         if json.loads(pre.__getstate__()) != _PRE_TOKENIZER or tokenizer.encode_special_tokens:
             return None
         added = tokenizer.get_added_tokens_decoder().values()
-        if not added or any(
+        if not added or any(  # (none at all: no split pattern; every Qwen tokenizer has them)
             t.normalized or t.lstrip or t.rstrip or t.single_word or not t.content for t in added
         ):
             return None
