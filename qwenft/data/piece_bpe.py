@@ -54,8 +54,8 @@ _PRE_TOKENIZER = {
     ],
 }
 # What is remembered: pieces of at most MAX_PIECE_CHARS characters (words; a run of CJK text is
-# one piece, seldom seen twice), MAX_PIECES of them (about 250 bytes each). Past that, a piece
-# goes to the Rust BPE every time; those met first, which fill it, are mostly the frequent ones.
+# one piece, seldom seen twice), MAX_PIECES of them (38 MiB when full, on natural text). Past that,
+# a piece goes to the Rust BPE every time; those met first, which fill it, are mostly frequent.
 MAX_PIECE_CHARS = 16
 MAX_PIECES = 100_000
 
