@@ -216,6 +216,12 @@ class NfcStable:
             unicodedata.is_normalized("NFC", text) and self._unknown(text) is None
         )
 
+    @staticmethod
+    def in_nfc(text: str) -> bool:
+        """Whether the text is in NFC by this Python's data: the whole answer for a text whose
+        characters that data all knows."""
+        return text.isascii() or unicodedata.is_normalized("NFC", text)
+
 
 # --- LLaMA-Factory's qwen templates ---------------------------------------------------------------
 
@@ -637,12 +643,14 @@ class LlamaFactoryEncoder:
         for t in texts:
             if not t:
                 continue
-            if not self._stable(t):
-                rest.append(t)
-            elif pieces is not None and pieces.takes(t):
+            # the characters of a text the piece encoder takes are all known to this Python's
+            # data: it is NFC-stable if it is in NFC, without NfcStable's scan for unknown ones
+            if pieces is not None and pieces.takes(t) and NfcStable.in_nfc(t):
                 python.append(t)
-            else:
+            elif self._stable(t):
                 stable.append(t)
+            else:
+                rest.append(t)
         return rest, stable, python
 
     def encode_parts(
